@@ -1,0 +1,258 @@
+"""The `Dispatcher` interface: move routed token rows to the ranks that own their experts and back.
+
+Letters used in tensor names and docstrings throughout nmoe-comm:
+
+- ``T``: tokens on this rank (the caller's batch, flattened).
+- ``K``: routed slots per token (top-k).
+- ``D``: hidden size of a row.
+- ``E``: experts in the whole expert-parallel group (global expert ids are ``0 .. E-1``).
+- ``W``: ranks in the expert-parallel group; rank ``r`` owns the contiguous block of experts
+  ``[r * E_local, (r + 1) * E_local)`` with ``E_local = E // W``.
+- ``R``: rows received by this rank for its own experts (``sum(counts_E)``); ``R <= capacity``.
+
+The contract every backend keeps (and `nmoe_comm.reference` spells out in plain torch):
+
+1. **Layout.** ``dispatch`` returns the received rows expert-contiguous: all rows of local expert 0,
+   then local expert 1, ... Inside one expert, rows are ordered by ``(src_rank, token, slot)``
+   ascending. This order is part of the contract, so every backend's output is bitwise equal to
+   the reference, not merely equal up to a permutation.
+2. **Combine.** ``combine`` returns, for every source token ``t``,
+   ``out[t] = sum_k gates[t, k] * y(t, k)`` accumulated in float32 in the fixed order
+   ``k = 0, 1, ..., K-1``: ``acc = g0*y0; acc = acc + g1*y1; ...`` where every product and every
+   sum is rounded to float32 separately (no fused multiply-add), then cast to ``y``'s dtype.
+   Results are therefore bitwise reproducible run to run and across backends.
+3. **Backward.** The gradient of ``dispatch`` is a combine without gates (a sum over the K slot
+   rows of each token, same fixed order: ``acc = g0; acc = acc + g1; ...``); the gradient of
+   ``combine`` sends ``gate * dOut[t]`` to each row (one float32 product, cast to ``y``'s dtype)
+   and returns ``dGates[t, k] = <dOut[t], y(t, k)>`` computed in float32. The summation order of
+   that dot product over ``D`` is the backend's own (a reduction inside one row, like any GEMV),
+   so ``dGates`` agrees across backends to float32 rounding, not bitwise; everything else in
+   rules 1-3 is bitwise.
+4. **Capacity.** A dispatch that would hand a rank more than ``capacity`` rows raises
+   `CapacityError` naming the rows needed; rows are never dropped silently.
+5. **Collectiveness.** In a group of several ranks, every rank calls every method the same number
+   of times in the same order, including ranks that send or receive no rows.
+
+"float32" above is the accumulation dtype for float32, bfloat16 and float16 rows. float64 rows
+(accepted by ``local`` and `nmoe_comm.reference` so that gradients can be checked with
+`torch.autograd.gradcheck`) accumulate in float64 by the same rules; GPU backends may reject them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: Row dtypes every backend accepts; ``local`` and the reference also accept float64.
+ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def accumulation_dtype(row_dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and products are rounded to for rows of ``row_dtype``: float64 for float64
+    rows, float32 for everything else (see the note under the contract)."""
+    return torch.float64 if row_dtype == torch.float64 else torch.float32
+
+
+class CapacityError(RuntimeError):
+    """A dispatch would deliver more rows to a rank than its buffers hold."""
+
+    def __init__(self, rank: int, rows_needed: int, capacity: int):
+        self.rank = rank
+        self.rows_needed = rows_needed
+        self.capacity = capacity
+        super().__init__(
+            f"dispatch routes {rows_needed} rows to rank {rank}, above its capacity of {capacity} "
+            f"rows; construct the dispatcher with capacity >= {rows_needed} (the worst case is "
+            f"tokens_per_rank * top_k * world_size)"
+        )
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What `Dispatcher.combine` and the backward passes need to route results back.
+
+    Attributes:
+        num_tokens: ``T``, tokens on this (source) rank.
+        top_k: ``K``.
+        hidden: ``D``.
+        dtype: dtype of the dispatched rows.
+        gates_TK: float32 ``[T, K]`` gate weights used by `combine` unless others are passed.
+        expert_ids_TK: int64 ``[T, K]`` global expert ids, as given to `dispatch`.
+        state: backend-private routing state (index maps, buffer offsets). Treat as opaque.
+    """
+
+    num_tokens: int
+    top_k: int
+    hidden: int
+    dtype: torch.dtype
+    gates_TK: torch.Tensor
+    expert_ids_TK: torch.Tensor
+    state: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """The result of `Dispatcher.dispatch` on one rank.
+
+    Attributes:
+        x_RD: ``[R, D]`` received rows in the layout of the module docstring, dtype of ``x_TD``.
+        counts_E: int64 ``[E_local]`` rows per local expert, on the rows' device.
+        gates_R: float32 ``[R]`` the gate of each received row (its ``gates_TK[t, k]``).
+        handle: routing state for `Dispatcher.combine` and the backward passes.
+    """
+
+    x_RD: torch.Tensor
+    counts_E: torch.Tensor
+    gates_R: torch.Tensor
+    handle: DispatchHandle
+
+    @property
+    def offsets_E1(self) -> torch.Tensor:
+        """int64 ``[E_local + 1]``: row offsets of each local expert's segment, starting at 0."""
+        zero = torch.zeros(1, dtype=torch.int64, device=self.counts_E.device)
+        return torch.cat([zero, torch.cumsum(self.counts_E, 0)])
+
+
+class Dispatcher(ABC):
+    """Moves routed token rows to expert owners and results back. See the module docstring.
+
+    Args:
+        num_experts: ``E``, experts in the whole group; must be divisible by ``world_size``.
+        capacity: the most rows one rank may receive in one dispatch (``R`` bound). Buffers are
+            sized from it, never from the routing of the moment.
+        world_size: ``W``, ranks in the expert-parallel group.
+        rank: this rank's index in the group, ``0 <= rank < W``.
+    """
+
+    #: Short backend name reported at start-up (``local``, ``ipc``, ``nvshmem``, ``nccl``).
+    name: str = "abstract"
+
+    def __init__(self, num_experts: int, capacity: int, world_size: int = 1, rank: int = 0):
+        if num_experts <= 0:
+            raise ValueError(f"num_experts must be positive, got {num_experts}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        if num_experts % world_size != 0:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by world_size={world_size}; every "
+                f"rank must own the same number of experts"
+            )
+        if capacity <= 0:
+            raise ValueError(f"capacity must be positive, got {capacity}")
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self.world_size = world_size
+        self.rank = rank
+
+    @property
+    def num_local_experts(self) -> int:
+        """``E_local = E // W``."""
+        return self.num_experts // self.world_size
+
+    @abstractmethod
+    def dispatch(
+        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor
+    ) -> Dispatched:
+        """Send each token's row to the owner of each of its K experts.
+
+        Args:
+            x_TD: ``[T, D]`` rows, float32 / bfloat16 / float16, contiguous. ``T`` may be 0.
+            expert_ids_TK: ``[T, K]`` int32/int64 global expert ids in ``[0, E)``. A token may
+                name the same expert in two slots; each slot is a separate row.
+            gates_TK: ``[T, K]`` gate weights (any float dtype; kept as float32).
+
+        Returns:
+            `Dispatched` for this rank's experts.
+
+        Raises:
+            CapacityError: a rank would receive more than ``capacity`` rows.
+            ValueError: shapes, dtypes, devices or expert ids are invalid (the message names
+                the argument).
+        """
+
+    @abstractmethod
+    def combine(
+        self,
+        y_RD: torch.Tensor,
+        handle: DispatchHandle,
+        gates_TK: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Return each row to its source and reduce: ``out[t] = sum_k gates[t, k] * y(t, k)``.
+
+        Args:
+            y_RD: ``[R, D']`` results for the rows this rank received, in the dispatch layout.
+                ``D'`` may differ from the dispatched ``D``.
+            handle: the handle of the matching `dispatch`.
+            gates_TK: ``[T, K]`` gates to apply (any float dtype, rounded to float32); defaults
+                to ``handle.gates_TK``.
+
+        Returns:
+            ``[T, D']`` in ``y_RD``'s dtype, reduced in float32 in the fixed order of rule 2.
+        """
+
+    @abstractmethod
+    def dispatch_backward(self, grad_x_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Gradient of `dispatch` w.r.t. ``x_TD``: ``dx[t] = sum_k grad(t, k)`` (rule 3).
+
+        Args:
+            grad_x_RD: ``[R, D]`` gradient for the received rows.
+            handle: the handle of the matching `dispatch`.
+
+        Returns:
+            ``[T, D]`` in ``grad_x_RD``'s dtype, reduced in float32 in slot order.
+        """
+
+    @abstractmethod
+    def combine_backward(
+        self,
+        grad_out_TD: torch.Tensor,
+        y_RD: torch.Tensor,
+        handle: DispatchHandle,
+        gates_TK: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of `combine` w.r.t. ``y_RD`` and the gates.
+
+        Args:
+            grad_out_TD: ``[T, D']`` gradient of the combined output.
+            y_RD: ``[R, D']`` the rows that were combined (saved from the forward).
+            handle: the handle of the matching `dispatch`.
+            gates_TK: the gates the forward used; defaults to ``handle.gates_TK``.
+
+        Returns:
+            ``(grad_y_RD, grad_gates_TK)``: ``grad_y_RD[row] = gate(row) * grad_out[t(row)]``
+            (computed in float32, cast to ``y_RD``'s dtype) and float32 ``[T, K]``
+            ``grad_gates[t, k] = <grad_out[t], y(t, k)>`` summed in float32.
+        """
+
+    @classmethod
+    def buffer_size_hint(
+        cls, *, capacity: int, hidden: int, dtype: torch.dtype, world_size: int = 1
+    ) -> int:
+        """Bytes this backend allocates on one rank for ``capacity`` rows of ``hidden`` elements.
+
+        Args:
+            capacity: the dispatcher's ``capacity`` (rows one rank may receive).
+            hidden: ``D``, elements per row (the larger of the dispatched and combined widths).
+            dtype: dtype of the rows.
+            world_size: ``W``; backends whose buffers scale with the group size use it.
+
+        Returns:
+            An upper bound in bytes: persistent buffers for backends that keep them, the
+            transient workspace of one dispatch + combine for backends that allocate per call.
+        """
+        raise NotImplementedError(f"{cls.__name__} does not define buffer_size_hint")
+
+    def destroy(self) -> None:  # noqa: B027 (optional hook: a backend without resources keeps it)
+        """Release buffers and communication resources. The dispatcher is unusable afterwards."""
+
+    def describe(self) -> str:
+        """One line for the start-up report."""
+        return (
+            f"{self.name} (rank {self.rank}/{self.world_size}, experts {self.num_experts}, "
+            f"local {self.num_local_experts}, capacity {self.capacity} rows)"
+        )

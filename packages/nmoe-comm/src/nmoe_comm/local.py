@@ -1,0 +1,245 @@
+"""``local``: the one-device `Dispatcher` (world size 1), pure torch, on CPU or GPU.
+
+With one rank every routed row stays on the device, so dispatch is a stable sort of the
+``T * K`` slots by expert id followed by a row gather, and combine gathers each slot's result
+back and reduces over the K slots. Results are bitwise equal to `nmoe_comm.reference` with one
+rank. Letters as in `nmoe_comm.dispatcher`.
+
+Host synchronisation: none on the data path. ``R = T * K`` is known from shapes, so the capacity
+check is free, and per-expert counts come from a ``searchsorted`` on the device. The one sync is
+the expert-id range check (`nmoe_comm.validation.check_expert_id_range`), which reads the ids;
+construct with ``validate=False`` to skip it once the router is trusted (an out-of-range id then
+yields undefined ``counts_E`` instead of an error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmoe_comm.dispatcher import (
+    CapacityError,
+    Dispatched,
+    Dispatcher,
+    DispatchHandle,
+    accumulation_dtype,
+)
+from nmoe_comm.registry import register_backend
+from nmoe_comm.validation import (
+    check_dispatch_inputs,
+    check_expert_id_range,
+    check_gates,
+    check_rows,
+    check_tensor,
+)
+
+
+@dataclass(frozen=True)
+class LocalRouting:
+    """`DispatchHandle.state` of a `LocalDispatcher` dispatch.
+
+    Attributes:
+        row_of_slot_TK: int64 ``[T, K]``: the row of ``x_RD`` that slot ``(t, k)`` went to.
+        slot_of_row_R: int64 ``[R]``: for each row, the flat slot ``t * K + k`` it came from.
+        dispatcher_id: ``id()`` of the dispatcher that made the handle (checked on use).
+    """
+
+    row_of_slot_TK: torch.Tensor
+    slot_of_row_R: torch.Tensor
+    dispatcher_id: int
+
+
+class LocalDispatcher(Dispatcher):
+    """Dispatch/combine on one device, no communication.
+
+    Args:
+        num_experts: ``E``.
+        capacity: the most rows one dispatch may produce (``T * K``); more raises `CapacityError`.
+        world_size: must be 1 (use an expert-parallel backend for more ranks).
+        rank: must be 0.
+        validate: check that expert ids lie in ``[0, E)``, which costs one device-to-host
+            synchronisation per dispatch on a GPU. Shapes, dtypes and devices are always checked
+            (from metadata, no sync).
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        num_experts: int,
+        capacity: int,
+        world_size: int = 1,
+        rank: int = 0,
+        *,
+        validate: bool = True,
+    ):
+        if world_size != 1:
+            raise ValueError(
+                f"the local backend runs one rank, got world_size={world_size}; use an "
+                f"expert-parallel backend (ipc, nvshmem, nccl) for more"
+            )
+        super().__init__(num_experts, capacity, world_size, rank)
+        self.validate = validate
+        self._destroyed = False
+
+    @classmethod
+    def buffer_size_hint(
+        cls, *, capacity: int, hidden: int, dtype: torch.dtype, world_size: int = 1
+    ) -> int:
+        """Transient bytes one dispatch + combine allocates for ``capacity`` rows (an upper bound).
+
+        The local backend keeps no buffers between calls. A dispatch allocates ``x_RD``
+        (``capacity * hidden`` elements of ``dtype``), float32 ``gates_R`` and four int64 index
+        vectors of ``capacity`` entries (ids, sorted ids, both index maps). A combine holds, per
+        slot, a gathered ``[T, hidden]`` row block in ``dtype`` and in the accumulation dtype, the
+        product, the running sum and the output; ``T <= capacity``. ``world_size`` is ignored.
+        """
+        item = torch.empty(0, dtype=dtype).element_size()
+        acc = torch.empty(0, dtype=accumulation_dtype(dtype)).element_size()
+        dispatch_bytes = capacity * (hidden * item + 4 + 4 * 8)
+        combine_bytes = capacity * hidden * (2 * item + 3 * acc)
+        return dispatch_bytes + combine_bytes
+
+    def destroy(self) -> None:
+        """Mark the dispatcher unusable (it holds no buffers)."""
+        self._destroyed = True
+
+    def _check_live(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this LocalDispatcher was destroyed; create a new one")
+
+    def _routing(self, handle: object) -> LocalRouting:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
+        state = handle.state
+        if not isinstance(state, LocalRouting) or state.dispatcher_id != id(self):
+            raise ValueError(
+                "handle was not produced by this LocalDispatcher's dispatch; pass the handle of "
+                "the matching dispatch (Dispatched.handle)"
+            )
+        return state
+
+    def dispatch(
+        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor
+    ) -> Dispatched:
+        """See `Dispatcher.dispatch`; float64 rows are also accepted."""
+        self._check_live()
+        num_tokens, top_k, hidden = check_dispatch_inputs(x_TD, expert_ids_TK, gates_TK)
+        num_rows = num_tokens * top_k
+        if num_rows > self.capacity:
+            raise CapacityError(self.rank, num_rows, self.capacity)
+        if self.validate:
+            check_expert_id_range(expert_ids_TK, self.num_experts)
+        device = x_TD.device
+
+        ids_N = expert_ids_TK.reshape(-1).to(torch.int64)
+        # Stable: inside one expert, slots keep their (token, slot) order, as rule 1 requires.
+        sorted_ids_R, slot_of_row_R = torch.sort(ids_N, stable=True)
+        row_of_slot_N = torch.empty_like(slot_of_row_R).scatter_(
+            0, slot_of_row_R, torch.arange(num_rows, device=device)
+        )
+        expert_bounds = torch.arange(self.num_experts + 1, device=device)
+        offsets_E1 = torch.searchsorted(sorted_ids_R, expert_bounds)
+        gates_f32_TK = gates_TK.detach().to(torch.float32)
+
+        handle = DispatchHandle(
+            num_tokens=num_tokens,
+            top_k=top_k,
+            hidden=hidden,
+            dtype=x_TD.dtype,
+            gates_TK=gates_f32_TK,
+            expert_ids_TK=expert_ids_TK.to(torch.int64),
+            state=LocalRouting(
+                row_of_slot_TK=row_of_slot_N.view(num_tokens, top_k),
+                slot_of_row_R=slot_of_row_R,
+                dispatcher_id=id(self),
+            ),
+        )
+        return Dispatched(
+            x_RD=x_TD.index_select(0, slot_of_row_R // top_k),
+            counts_E=torch.diff(offsets_E1),
+            gates_R=gates_f32_TK.reshape(-1).index_select(0, slot_of_row_R),
+            handle=handle,
+        )
+
+    def _sum_slots(
+        self, y_RD: torch.Tensor, routing: LocalRouting, gates_TK: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Rule 2 (rule 3 without gates): per slot, gather ``y(t, k)`` and accumulate, each
+        product and sum its own op so that each is rounded on its own."""
+        acc_dtype = accumulation_dtype(y_RD.dtype)
+        if gates_TK is not None:
+            gates_TK = gates_TK.to(acc_dtype)
+        acc = None
+        for k in range(routing.row_of_slot_TK.shape[1]):
+            term = y_RD.index_select(0, routing.row_of_slot_TK[:, k]).to(acc_dtype)
+            if gates_TK is not None:
+                term = gates_TK[:, k, None] * term
+            acc = term if acc is None else acc + term
+        return acc.to(y_RD.dtype)
+
+    def combine(
+        self,
+        y_RD: torch.Tensor,
+        handle: DispatchHandle,
+        gates_TK: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See `Dispatcher.combine`; float64 rows accumulate in float64."""
+        self._check_live()
+        routing = self._routing(handle)
+        y_RD = check_rows("y_RD", y_RD, routing.slot_of_row_R.numel(),
+                          device=routing.slot_of_row_R.device)
+        gates_TK = check_gates(gates_TK, handle, y_RD.device)
+        return self._sum_slots(y_RD, routing, gates_TK)
+
+    def dispatch_backward(self, grad_x_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """See `Dispatcher.dispatch_backward`."""
+        self._check_live()
+        routing = self._routing(handle)
+        grad_x_RD = check_rows("grad_x_RD", grad_x_RD, routing.slot_of_row_R.numel(),
+                               hidden=handle.hidden, device=routing.slot_of_row_R.device)
+        return self._sum_slots(grad_x_RD, routing, None)
+
+    def combine_backward(
+        self,
+        grad_out_TD: torch.Tensor,
+        y_RD: torch.Tensor,
+        handle: DispatchHandle,
+        gates_TK: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `Dispatcher.combine_backward`; ``grad_gates`` is float64 for float64 rows."""
+        self._check_live()
+        routing = self._routing(handle)
+        device = routing.slot_of_row_R.device
+        y_RD = check_rows("y_RD", y_RD, routing.slot_of_row_R.numel(), device=device)
+        grad_out_TD = check_tensor("grad_out_TD", grad_out_TD, ndim=2, device=device)
+        if tuple(grad_out_TD.shape) != (handle.num_tokens, y_RD.shape[1]):
+            raise ValueError(
+                f"grad_out_TD has shape {tuple(grad_out_TD.shape)}, expected "
+                f"{(handle.num_tokens, y_RD.shape[1])} ([T, D'] with D' = y_RD.shape[1])"
+            )
+        gates_TK = check_gates(gates_TK, handle, device)
+        acc_dtype = accumulation_dtype(y_RD.dtype)
+        grad_out_TD = grad_out_TD.to(acc_dtype)
+        gates_TK = gates_TK.to(acc_dtype)
+        top_k = handle.top_k
+
+        slot_of_row_R = routing.slot_of_row_R
+        gate_R = gates_TK.reshape(-1).index_select(0, slot_of_row_R)
+        grad_out_RD = grad_out_TD.index_select(0, slot_of_row_R // top_k)
+        grad_y_RD = (gate_R[:, None] * grad_out_RD).to(y_RD.dtype)
+
+        dots = []
+        for k in range(top_k):
+            y_TD = y_RD.index_select(0, routing.row_of_slot_TK[:, k]).to(acc_dtype)
+            dots.append((grad_out_TD * y_TD).sum(dim=-1))
+        grad_gates_TK = torch.stack(dots, dim=1)
+        return grad_y_RD, grad_gates_TK
+
+
+register_backend(
+    "local",
+    LocalDispatcher,
+    summary="one device (CPU or GPU), pure torch; world size 1",
+)

@@ -1,0 +1,161 @@
+"""The backend registry: pick a `Dispatcher` backend by name, once, at construction.
+
+Backends register themselves when their module is imported (``local`` always; the GPU backends
+once built). Asking for a backend that cannot run is an error naming what is missing; nothing
+falls back to another backend.
+
+Example::
+
+    import nmoe_comm
+    dispatcher = nmoe_comm.create_dispatcher("local", num_experts=64, capacity=4096 * 8)
+    print("moe dispatcher:", dispatcher.describe())
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nmoe_comm.dispatcher import Dispatcher
+
+
+class BackendUnavailableError(RuntimeError):
+    """A known dispatcher backend cannot run here (not built, or missing hardware/libraries)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One registered backend.
+
+    Attributes:
+        name: the name `create_dispatcher` takes.
+        cls: the `Dispatcher` subclass.
+        summary: one line for listings.
+        missing: returns what this machine lacks to run the backend, or None when it can run.
+    """
+
+    name: str
+    cls: type[Dispatcher]
+    summary: str
+    missing: Callable[[], str | None]
+
+
+_REGISTERED: dict[str, Backend] = {}
+
+#: Backends designed but not yet built: name -> what it is and what it will need.
+PLANNED: dict[str, str] = {
+    "ipc": "CUDA IPC over NVLink inside one node; will need CUDA GPUs on one host and "
+    "nmoe_kernels._C built with the comm kernels",
+    "nvshmem": "NVSHMEM (nvshmem4py), inside and across nodes; will need CUDA GPUs, NVSHMEM and "
+    "nvshmem4py",
+    "nccl": "torch.distributed all_to_all over NCCL, the portable baseline; will need CUDA GPUs "
+    "and an initialised NCCL process group",
+}
+
+
+def register_backend(
+    name: str,
+    cls: type[Dispatcher],
+    *,
+    summary: str,
+    missing: Callable[[], str | None] | None = None,
+) -> None:
+    """Make ``cls`` available to `create_dispatcher` as ``name``.
+
+    Args:
+        name: backend name (also ``cls.name``).
+        cls: a concrete `Dispatcher` subclass whose constructor takes
+            ``(num_experts, capacity, world_size, rank, **options)``.
+        summary: one line describing the backend.
+        missing: called by `create_dispatcher`; returns a sentence naming what this machine
+            lacks (library, GPU, build), or None when the backend can run. Default: always runs.
+    """
+    if name in _REGISTERED and _REGISTERED[name].cls is not cls:
+        raise ValueError(f"dispatcher backend {name!r} is already registered by another class")
+    _REGISTERED[name] = Backend(name, cls, summary, missing or (lambda: None))
+
+
+def available_backends() -> list[str]:
+    """Names of the registered (built) backends, sorted."""
+    return sorted(_REGISTERED)
+
+
+def _backend(name: str) -> Backend:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    available = ", ".join(available_backends()) or "none"
+    if name in PLANNED:
+        raise BackendUnavailableError(
+            f"dispatcher backend {name!r} is not yet built in this nmoe-comm ({PLANNED[name]}); "
+            f"available now: {available}"
+        )
+    raise ValueError(
+        f"unknown dispatcher backend {name!r}; available: {available}; planned, not yet built: "
+        f"{', '.join(PLANNED)}"
+    )
+
+
+def _check_options(backend: Backend, options: dict[str, object]) -> None:
+    params = inspect.signature(backend.cls.__init__).parameters
+    accepted = [p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"dispatcher backend {backend.name!r} has no option(s) {', '.join(unknown)}; its "
+            f"options are: {', '.join(accepted) or 'none'}"
+        )
+
+
+def create_dispatcher(
+    name: str,
+    *,
+    num_experts: int,
+    capacity: int,
+    world_size: int = 1,
+    rank: int = 0,
+    **backend_options: object,
+) -> Dispatcher:
+    """Build the dispatcher backend ``name``.
+
+    Args:
+        name: one of `available_backends` (``local`` now; ``ipc``, ``nvshmem``, ``nccl`` later).
+        num_experts: ``E``, experts in the whole expert-parallel group, divisible by
+            ``world_size``.
+        capacity: the most rows one rank may receive per dispatch (the worst case is
+            ``tokens_per_rank * top_k * world_size``).
+        world_size: ``W``, ranks in the group (1 for ``local``).
+        rank: this rank, ``0 <= rank < world_size``.
+        **backend_options: keyword options of that backend (``local``: ``validate``).
+
+    Raises:
+        ValueError: unknown backend (the message lists the available ones), unknown option or
+            bad argument.
+        BackendUnavailableError: the backend is known but not built, or this machine lacks
+            what it needs (the message says what).
+    """
+    backend = _backend(name)
+    missing = backend.missing()
+    if missing is not None:
+        raise BackendUnavailableError(f"dispatcher backend {name!r} cannot run here: {missing}")
+    _check_options(backend, backend_options)
+    return backend.cls(num_experts, capacity, world_size, rank, **backend_options)
+
+
+def buffer_size_hint(
+    name: str, *, capacity: int, hidden: int, dtype: torch.dtype, world_size: int = 1
+) -> int:
+    """Bytes backend ``name`` needs on one rank; see `Dispatcher.buffer_size_hint`.
+
+    Args:
+        name: a registered backend.
+        capacity: rows one rank may receive.
+        hidden: ``D``, elements per row.
+        dtype: dtype of the rows.
+        world_size: ``W``.
+    """
+    return _backend(name).cls.buffer_size_hint(
+        capacity=capacity, hidden=hidden, dtype=dtype, world_size=world_size
+    )

@@ -1,0 +1,269 @@
+"""The MoE layer: sigmoid router, dispatch through a `Dispatcher`, grouped expert MLPs, combine.
+
+Letters: T tokens, K routed slots per token, D model width, E experts (global), E_local experts
+held by this rank, R rows this rank received, F expert hidden size.
+
+Data flow (inventory section 3): router -> ``(gates_TK, expert_ids_TK)`` -> dispatch ->
+``x_RD`` (expert-contiguous, ``counts_E``) -> expert SwiGLU MLPs -> ``y_RD`` -> combine
+(``sum_k gate * y`` in float32, fixed slot order) -> plus shared experts.
+
+Expert weights are stored stacked: ``w13 [E_local, D, 2F]`` with the gate projection in columns
+``[:F]`` and the up projection in ``[F:]`` (one GEMM makes both; the fused kernels use the same
+layout) and ``w2 [E_local, F, D]``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmoe_comm import Dispatcher
+from nmoe_comm import autograd as comm_autograd
+from nmoe_core.config import ModelConfig
+from nmoe_core.mlp import MLP
+
+# The local dispatcher a layer uses until training attaches one sized from its capacity.
+_UNBOUNDED_CAPACITY = 2**31 - 1
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def swiglu(h_R2F: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``h = [gate | up]`` along the last dim, computed in float32
+    (float64 for float64 input) and rounded once to the input dtype."""
+    gate, up = h_R2F.to(torch.promote_types(h_R2F.dtype, torch.float32)).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(h_R2F.dtype)
+
+
+def _grouped_mm_usable(x_RD: torch.Tensor, w13: torch.Tensor) -> bool:
+    return (
+        x_RD.is_cuda
+        and x_RD.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x_RD.device)[0] >= 9
+        and x_RD.shape[1] % 8 == 0
+        and w13.shape[2] % 16 == 0
+    )
+
+
+def expert_mlp_torch(
+    x_RD: torch.Tensor, counts_E: torch.Tensor, w13_ED2F: torch.Tensor, w2_EFD: torch.Tensor
+) -> torch.Tensor:
+    """Per-expert SwiGLU MLP over an expert-contiguous row layout, in plain PyTorch.
+
+    Rows ``offsets[e] : offsets[e+1]`` (``offsets = cumsum(counts)``) go through expert ``e``:
+    ``y = swiglu(x @ w13[e]) @ w2[e]``. On a Hopper-or-newer GPU in bf16 this uses
+    ``torch._grouped_mm`` (no host synchronisation); elsewhere a loop over experts, which reads
+    the counts on the host.
+
+    Args:
+        x_RD: ``[R, D]`` rows.
+        counts_E: int ``[E_local]`` rows per expert, summing to ``R``.
+        w13_ED2F: ``[E_local, D, 2F]`` gate|up weights.
+        w2_EFD: ``[E_local, F, D]`` down weights.
+
+    Returns:
+        ``[R, D]`` in the compute dtype (the autocast dtype when autocast is on).
+    """
+    dtype = _autocast_dtype(x_RD.device) or x_RD.dtype
+    x_RD, w13_ED2F, w2_EFD = x_RD.to(dtype), w13_ED2F.to(dtype), w2_EFD.to(dtype)
+    if _grouped_mm_usable(x_RD, w13_ED2F):
+        offsets = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h = torch._grouped_mm(x_RD, w13_ED2F, offs=offsets)
+        return torch._grouped_mm(swiglu(h), w2_EFD, offs=offsets)
+    segments = torch.split(x_RD, counts_E.tolist())
+    outputs = [
+        swiglu(seg @ w13_ED2F[e]) @ w2_EFD[e] for e, seg in enumerate(segments) if seg.shape[0]
+    ]
+    if not outputs:
+        return x_RD.new_zeros(0, w2_EFD.shape[2])
+    return torch.cat(outputs)
+
+
+class Router(nn.Module):
+    """Sigmoid router with loss-free balancing bias (inventory 2.3).
+
+    Scores ``s = sigmoid(x W^T)`` in float32; experts are chosen by ``topk(s + bias)``; gate
+    weights are the chosen *unbiased* scores, normalised to sum 1 per token, times
+    ``routed_scaling_factor``. ``bias`` is a float32 buffer moved by `update_bias`, not trained.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, routed_scaling_factor: float):
+        super().__init__()
+        self.top_k = top_k
+        self.routed_scaling_factor = routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(gates_TK, expert_ids_TK int64, normalised_TK)``; gates and normalised
+        weights are float32 (float64 for float64 inputs)."""
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            scores_TE = torch.sigmoid(F.linear(x_TD.to(dtype), self.weight.to(dtype)))
+        expert_ids_TK = torch.topk(scores_TE + self.bias, self.top_k, dim=-1).indices
+        chosen_TK = scores_TE.gather(1, expert_ids_TK)
+        normalised_TK = chosen_TK / chosen_TK.sum(-1, keepdim=True).clamp_min(1e-12)
+        return normalised_TK * self.routed_scaling_factor, expert_ids_TK, normalised_TK
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor, rate: float, clamp: float) -> None:
+        """Loss-free balancing step: ``bias -= rate * (s - mean(s))``, ``s = sign(load - mean)``.
+
+        ``load_E`` holds routed-row counts (or fractions) per expert, summed over every rank
+        that shares this router.
+        """
+        fraction = load_E.float() / load_E.float().sum().clamp_min(1.0)
+        sign = torch.sign(fraction - 1.0 / fraction.numel())
+        self.bias.sub_(rate * (sign - sign.mean())).clamp_(-clamp, clamp)
+
+
+class GroupedExperts(nn.Module):
+    """``E_local`` SwiGLU experts stored stacked (see the module docstring for the layout).
+
+    Args:
+        num_local_experts: experts held here.
+        expert_offset: global id of the first local expert (``ep_rank * E_local``).
+        dim: ``D``. inter_dim: ``F``.
+    """
+
+    def __init__(self, num_local_experts: int, expert_offset: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.num_local_experts = num_local_experts
+        self.expert_offset = expert_offset
+        self.inter_dim = inter_dim
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, dim, 2 * inter_dim))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, inter_dim, dim))
+        # Muon orthogonalises gate and up separately (nmoe_core.optim reads this).
+        self.w13.muon_col_blocks = 2
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int, layer_id: int, std_in: float, std_out: float) -> None:
+        """Initialise each expert from a generator keyed by its *global* id, so a model split
+        over expert-parallel ranks holds exactly the slices of the single-rank model."""
+        for local in range(self.num_local_experts):
+            key = f"{seed}/{layer_id}/expert/{self.expert_offset + local}".encode()
+            gen = torch.Generator().manual_seed(zlib.crc32(key))
+            w13 = torch.empty(self.w13.shape[1:])
+            w2 = torch.empty(self.w2.shape[1:])
+            nn.init.trunc_normal_(w13, std=std_in, a=-2 * std_in, b=2 * std_in, generator=gen)
+            nn.init.trunc_normal_(w2, std=std_out, a=-2 * std_out, b=2 * std_out, generator=gen)
+            self.w13[local].copy_(w13)
+            self.w2[local].copy_(w2)
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return expert_mlp_torch(x_RD, counts_E, self.w13, self.w2)
+
+
+class MoE(nn.Module):
+    """Routed experts plus shared experts, through a `Dispatcher` (inventory 2.2-2.3, 3).
+
+    Args:
+        cfg: the model config (``cfg.moe`` sizes the layer).
+        layer_id: index of the block (for initialisation).
+        ep_rank, ep_world_size: this rank's place in the expert-parallel group; the layer holds
+            experts ``[ep_rank * E_local, (ep_rank + 1) * E_local)``.
+
+    A `LocalDispatcher` is used until `set_dispatcher` attaches another (training does, sized from
+    its capacity). After each training forward, `load_counts` holds the routed rows per global
+    expert since the last `update_router_bias`, and `aux_loss` the Switch-style balance loss.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, ep_rank: int = 0, ep_world_size: int = 1):
+        super().__init__()
+        moe = cfg.moe
+        if moe.n_routed_experts % ep_world_size:
+            raise ValueError(
+                f"moe.n_routed_experts={moe.n_routed_experts} is not divisible by the expert-"
+                f"parallel world size {ep_world_size}"
+            )
+        self.layer_id = layer_id
+        self.num_experts = moe.n_routed_experts
+        self.top_k = moe.n_activated_experts
+        self.aux_loss_alpha = moe.aux_loss_alpha
+        self.bias_clamp = moe.router_bias_clamp
+        local = moe.n_routed_experts // ep_world_size
+        self.router = Router(cfg.dim, moe.n_routed_experts, self.top_k, moe.routed_scaling_factor)
+        self.experts = GroupedExperts(local, ep_rank * local, cfg.dim, moe.moe_inter_dim)
+        self.shared = (
+            MLP(cfg.dim, moe.n_shared_experts * moe.moe_inter_dim)
+            if moe.n_shared_experts
+            else None
+        )
+        self.register_buffer(
+            "load_counts", torch.zeros(moe.n_routed_experts, dtype=torch.int64), persistent=False
+        )
+        self.aux_loss: torch.Tensor | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._ep = (ep_rank, ep_world_size)
+
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        if dispatcher.num_experts != self.num_experts:
+            raise ValueError(
+                f"dispatcher serves {dispatcher.num_experts} experts, layer {self.layer_id} has "
+                f"{self.num_experts}"
+            )
+        if (dispatcher.rank, dispatcher.world_size) != self._ep:
+            raise ValueError(
+                f"dispatcher is rank {dispatcher.rank}/{dispatcher.world_size} but layer "
+                f"{self.layer_id} was built for expert-parallel rank {self._ep[0]}/{self._ep[1]}"
+            )
+        self.dispatcher = dispatcher
+
+    def _dispatcher(self) -> Dispatcher:
+        if self.dispatcher is None:
+            if self._ep[1] != 1:
+                raise RuntimeError(
+                    f"layer {self.layer_id} is expert-parallel over {self._ep[1]} ranks; attach a "
+                    f"multi-rank dispatcher with set_dispatcher before the forward"
+                )
+            from nmoe_comm import create_dispatcher
+
+            self.dispatcher = create_dispatcher(
+                "local", num_experts=self.num_experts, capacity=_UNBOUNDED_CAPACITY
+            )
+        return self.dispatcher
+
+    def _balance_loss(self, normalised_TK: torch.Tensor, expert_ids_TK: torch.Tensor):
+        """Switch-style ``E * sum_e importance_e * load_e`` (both as fractions; inventory 2.3)."""
+        importance = torch.zeros(self.num_experts, device=normalised_TK.device)
+        importance = importance.index_add(0, expert_ids_TK.flatten(), normalised_TK.flatten())
+        load = torch.bincount(expert_ids_TK.flatten(), minlength=self.num_experts).float()
+        importance = importance / importance.sum().clamp_min(1e-12)
+        load = load / load.sum().clamp_min(1.0)
+        return self.num_experts * (importance * load).sum()
+
+    @torch.no_grad()
+    def update_router_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """Apply one loss-free balancing step from ``load_E`` and reset `load_counts`."""
+        self.router.update_bias(load_E.to(self.router.bias.device), rate, self.bias_clamp)
+        self.load_counts.zero_()
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        gates_TK, expert_ids_TK, normalised_TK = self.router(x_TD)
+        if self.training:
+            with torch.no_grad():
+                self.load_counts += torch.bincount(
+                    expert_ids_TK.flatten(), minlength=self.num_experts
+                )
+            self.aux_loss = (
+                self._balance_loss(normalised_TK, expert_ids_TK) if self.aux_loss_alpha else None
+            )
+        compute_dtype = _autocast_dtype(x_TD.device)
+        rows_TD = x_TD.to(compute_dtype) if compute_dtype is not None else x_TD
+        dispatcher = self._dispatcher()
+        dispatched = comm_autograd.dispatch(dispatcher, rows_TD, expert_ids_TK, gates_TK.detach())
+        y_RD = self.experts(dispatched.x_RD, dispatched.counts_E)
+        out_TD = comm_autograd.combine(dispatcher, y_RD, dispatched.handle, gates_TK)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        return out_TD.view(shape)

@@ -1,0 +1,158 @@
+"""The MoE layer on the torch path against a naive per-token loop; router balancing; aux loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
+from nmoe_core.moe import MoE, expert_mlp_torch
+
+
+def _cfg(experts=8, top_k=3, shared=1, aux=0.0, scaling=1.0) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=64, dim=16, n_layers=2, inter_dim=32,
+        attention=AttentionConfig(n_heads=2),
+        moe=MoEConfig(n_routed_experts=experts, n_activated_experts=top_k, n_shared_experts=shared,
+                      moe_inter_dim=12, n_dense_layers=0, aux_loss_alpha=aux,
+                      routed_scaling_factor=scaling),
+        tokenizer="custom", eos_token_id=0,
+    )
+
+
+def _init(module, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+
+
+def naive_moe(layer: MoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """Token by token, slot by slot, in float64: route, run each chosen expert, weight, sum."""
+    router = layer.router
+    out = torch.zeros_like(x_TD, dtype=torch.float64)
+    w13, w2 = layer.experts.w13.double(), layer.experts.w2.double()
+    f = layer.experts.inter_dim
+    for t in range(x_TD.shape[0]):
+        x = x_TD[t].double()
+        scores = torch.sigmoid(router.weight.double() @ x)
+        chosen = torch.topk(scores + router.bias.double(), layer.top_k).indices
+        gates = scores[chosen] / scores[chosen].sum() * router.routed_scaling_factor
+        for gate, e in zip(gates, chosen.tolist(), strict=True):
+            h = x @ w13[e]
+            out[t] += gate * ((F.silu(h[:f]) * h[f:]) @ w2[e])
+        if layer.shared is not None:
+            s = layer.shared
+            out[t] += s.w2.weight.double() @ (
+                F.silu(s.w1.weight.double() @ x) * (s.w3.weight.double() @ x)
+            )
+    return out
+
+
+@pytest.mark.parametrize("top_k,shared,scaling", [(1, 0, 1.0), (3, 1, 2.5), (8, 2, 1.0)])
+def test_moe_equals_per_token_loop(top_k, shared, scaling):
+    seed = torch.seed()
+    cfg = _cfg(top_k=top_k, shared=shared, scaling=scaling)
+    layer = MoE(cfg, layer_id=0).double()
+    _init(layer, seed)
+    x = torch.randn(3, 7, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    got = layer(x).reshape(-1, 16)
+    want = naive_moe(layer, x.reshape(-1, 16))
+    # Gates cross the dispatcher as float32 (its contract), so agreement is to float32 rounding.
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-6), f"seed {seed}"
+
+
+def test_moe_gradients_match_naive():
+    seed = torch.seed()
+    cfg = _cfg(top_k=2, shared=1)
+    layer = MoE(cfg, layer_id=0).double()
+    _init(layer, seed)
+    x = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    grads_fast = torch.autograd.grad(layer(x).square().sum(), [x, *layer.parameters()])
+    grads_naive = torch.autograd.grad(naive_moe(layer, x).square().sum(), [x, *layer.parameters()])
+    for name, a, b in zip(["x"] + [n for n, _ in layer.named_parameters()], grads_fast,
+                          grads_naive, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), f"grad {name} differs, seed {seed}"
+
+
+def test_empty_expert_and_all_rows_on_one_expert():
+    seed = torch.seed()
+    cfg = _cfg(experts=4, top_k=1, shared=0)
+    layer = MoE(cfg, layer_id=0).double()
+    _init(layer, seed)
+    with torch.no_grad():
+        layer.router.bias.copy_(torch.tensor([0.0, 100.0, 0.0, 0.0]))  # everything to expert 1
+    x = torch.randn(9, 16, dtype=torch.float64)
+    got = layer(x)
+    assert torch.allclose(got, naive_moe(layer, x), atol=1e-6), f"seed {seed}"
+    assert layer.load_counts.tolist() == [0, 9, 0, 0]
+
+
+def test_expert_mlp_segments_against_loop():
+    seed = torch.seed()
+    counts = torch.tensor([0, 1, 5, 0, 3])
+    x = torch.randn(9, 8, dtype=torch.float64)
+    w13 = torch.randn(5, 8, 6, dtype=torch.float64)
+    w2 = torch.randn(5, 3, 8, dtype=torch.float64)
+    got = expert_mlp_torch(x, counts, w13, w2)
+    owner = torch.repeat_interleave(torch.arange(5), counts)
+    for r in range(9):
+        h = x[r] @ w13[owner[r]]
+        want = (F.silu(h[:3]) * h[3:]) @ w2[owner[r]]
+        assert torch.allclose(got[r], want, atol=1e-12), f"row {r}, seed {seed}"
+
+
+def test_router_bias_moves_toward_balance():
+    seed = torch.seed()
+    torch.manual_seed(seed)
+    cfg = _cfg(experts=8, top_k=2, shared=0)
+    layer = MoE(cfg, layer_id=0)
+    with torch.no_grad():
+        layer.router.weight.normal_(std=0.1)
+        layer.router.weight[:2, :8] += 0.5  # experts 0 and 1 attract most tokens
+    x = torch.randn(1024, 16)
+    x[:, :8] = x[:, :8].abs()
+
+    def route():
+        layer.load_counts.zero_()
+        layer(x)
+        load = layer.load_counts.clone()
+        return (load.max() / load.float().mean()).item(), load
+
+    before, load = route()
+    for _ in range(400):
+        layer.update_router_bias(load, rate=0.005)
+        _, load = route()
+    after, _ = route()
+    assert before > 2.5, f"setup not skewed enough ({before}), seed {seed}"
+    # Sign-based steps of 0.005 keep the load within a band around balance, not exactly at it.
+    assert after < 1.6, f"imbalance {before:.2f} -> {after:.2f}, seed {seed}"
+    assert layer.router.bias[:2].max() < layer.router.bias[2:].min(), f"seed {seed}"
+
+
+def test_aux_loss_value():
+    cfg = _cfg(experts=4, top_k=1, shared=0, aux=0.5)
+    layer = MoE(cfg, layer_id=0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = 10.0
+    x = torch.zeros(6, 16)
+    x[:, 0] = 1.0  # all tokens to expert 2
+    layer(x)
+    # importance and load both concentrate on one expert: E * 1 * 1 = 4
+    assert torch.allclose(layer.aux_loss, torch.tensor(4.0))
+    # Random routing: the loss equals E * sum_e importance_e * load_e written out by hand.
+    seed = torch.seed()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        layer.router.weight.normal_()
+    x = torch.randn(40, 16)
+    layer(x)
+    scores = torch.sigmoid(x @ layer.router.weight.T)
+    ids = scores.argmax(-1)
+    importance = torch.zeros(4).index_add(0, ids, torch.ones(40))  # top-1: normalised gate is 1
+    load = torch.bincount(ids, minlength=4).float()
+    want = 4 * ((importance / importance.sum()) * (load / load.sum())).sum()
+    assert torch.allclose(layer.aux_loss, want, atol=1e-6), f"seed {seed}"
+    layer.aux_loss.backward()

@@ -1,0 +1,20 @@
+// nmoe_kernels._C: one PYBIND11_MODULE that registers each domain's bindings.
+//
+// Tensors cross the boundary as DLPack capsules (see dlpack_tensor.h), so this module does not
+// link libtorch and works with any torch version.
+#include <pybind11/pybind11.h>
+
+#include "build_info.h"
+#include "quant/quant_api.h"
+
+// Bump on any binding signature or behaviour change, with a one-line reason:
+//   1: first release (quantize_fp8_1x128, dequantize_fp8_1x128).
+constexpr int kAbiVersion = 1;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nmoe-kernels compiled ops (CUDA C++); see nmoe_kernels for the Python API";
+  m.attr("ABI_VERSION") = kAbiVersion;
+  m.attr("WITH_CUDA") = static_cast<bool>(NMOE_WITH_CUDA);
+  m.attr("CUDA_ARCHS") = NMOE_CUDA_ARCHS;
+  nmoe::quant::register_apis(m);
+}

@@ -1,0 +1,133 @@
+// Python bindings for the quantization ops: argument checks at the boundary, then the launchers.
+#include "quant_api.h"
+
+#include <cstdint>
+#include <string>
+
+#include "../build_info.h"
+#include "../dlpack_tensor.h"
+#include "fp8_quant_1x128.h"
+
+namespace nmoe::quant {
+namespace {
+
+constexpr int64_t kBlockK = 128;
+constexpr int64_t kTmaAlignFloats = 4;  // TMA needs 16-byte aligned global strides
+
+int64_t num_col_blocks(const TensorView& x) {
+  if (x.size(1) % kBlockK != 0) {
+    x.fail("the last dim K=" + std::to_string(x.size(1)) + " must be a multiple of 128 (" +
+           x.describe() + "); pad K or use nmoe_kernels.reference");
+  }
+  return x.size(1) / kBlockK;
+}
+
+void check_fp8(const TensorView& t) {
+  t.check_dtype({ScalarType::kFloat8E4M3FN, ScalarType::kUInt8});
+}
+
+void quantize_fp8_1x128(const py::object& x_capsule, const py::object& x_fp8_capsule,
+                        const py::object& scales_capsule, bool ue8m0, bool scales_mn_major,
+                        std::uintptr_t stream) {
+  require_cuda_build("quantize_fp8_1x128");
+  const TensorView x(x_capsule, "x");
+  const TensorView x_fp8(x_fp8_capsule, "x_fp8");
+  const TensorView scales(scales_capsule, "scales");
+
+  x.check_dtype({ScalarType::kBFloat16, ScalarType::kFloat32});
+  x.check_cuda();
+  if (x.ndim() != 2) x.fail("expected a 2-D tensor [M, K], got " + x.describe());
+  x.check_contiguous();
+  x.check_aligned(16);
+  const int64_t num_rows = x.size(0);
+  const int64_t num_blocks = num_col_blocks(x);
+
+  check_fp8(x_fp8);
+  x_fp8.check_same_device(x);
+  x_fp8.check_shape({num_rows, x.size(1)});
+  x_fp8.check_contiguous();
+  x_fp8.check_aligned(16);
+
+  scales.check_dtype({ScalarType::kFloat32});
+  scales.check_same_device(x);
+  const int64_t scales_ld = (num_rows + kTmaAlignFloats - 1) / kTmaAlignFloats * kTmaAlignFloats;
+  if (scales_mn_major) {
+    scales.check_shape({num_blocks, scales_ld});
+  } else {
+    scales.check_shape({num_rows, num_blocks});
+  }
+  scales.check_contiguous();
+  scales.check_aligned(4);
+
+#if NMOE_WITH_CUDA
+  launch_fp8_quant_1x128(x.data(), x.dtype() == ScalarType::kBFloat16, x_fp8.data(),
+                         static_cast<float*>(scales.data()), num_rows, x.size(1), scales_mn_major,
+                         scales_ld, ue8m0, x.device_id(), stream);
+#else
+  (void)ue8m0;
+  (void)stream;
+#endif
+}
+
+void dequantize_fp8_1x128(const py::object& x_fp8_capsule, const py::object& scales_capsule,
+                          const py::object& out_capsule, std::uintptr_t stream) {
+  require_cuda_build("dequantize_fp8_1x128");
+  const TensorView x_fp8(x_fp8_capsule, "x_fp8");
+  const TensorView scales(scales_capsule, "scales");
+  const TensorView out(out_capsule, "out");
+
+  check_fp8(x_fp8);
+  x_fp8.check_cuda();
+  if (x_fp8.ndim() != 2) x_fp8.fail("expected a 2-D tensor [M, K], got " + x_fp8.describe());
+  x_fp8.check_contiguous();
+  x_fp8.check_aligned(16);
+  const int64_t num_rows = x_fp8.size(0);
+  const int64_t num_blocks = num_col_blocks(x_fp8);
+
+  scales.check_dtype({ScalarType::kFloat32});
+  scales.check_same_device(x_fp8);
+  scales.check_shape({num_rows, num_blocks});
+  // Strides of size-1 dims are never used (their index is always 0), so they are not checked.
+  const bool row_major = (num_blocks <= 1 || scales.stride(1) == 1) &&
+                         (num_rows <= 1 || scales.stride(0) == num_blocks);
+  const bool mn_major = (num_rows <= 1 || scales.stride(0) == 1) &&
+                        (num_blocks <= 1 || scales.stride(1) >= num_rows);
+  if (!row_major && !mn_major) {
+    scales.fail("expected row-major strides (" + std::to_string(num_blocks) +
+                ", 1) or MN-major strides (1, ld >= M), got (" + std::to_string(scales.stride(0)) +
+                ", " + std::to_string(scales.stride(1)) + ")");
+  }
+  scales.check_aligned(4);
+
+  out.check_dtype({ScalarType::kBFloat16, ScalarType::kFloat32});
+  out.check_same_device(x_fp8);
+  out.check_shape({num_rows, x_fp8.size(1)});
+  out.check_contiguous();
+  out.check_aligned(16);
+
+#if NMOE_WITH_CUDA
+  launch_fp8_dequant_1x128(x_fp8.data(), static_cast<const float*>(scales.data()),
+                           scales.stride(0), scales.stride(1), out.data(),
+                           out.dtype() == ScalarType::kBFloat16, num_rows, x_fp8.size(1),
+                           x_fp8.device_id(), stream);
+#else
+  (void)stream;
+#endif
+}
+
+}  // namespace
+
+void register_apis(py::module_& m) {
+  m.def("quantize_fp8_1x128", &quantize_fp8_1x128, py::arg("x"), py::arg("x_fp8"),
+        py::arg("scales"), py::arg("ue8m0"), py::arg("scales_mn_major"), py::arg("stream"),
+        "Quantize x [M, K] (bf16/fp32) to E4M3 x_fp8 [M, K] and fp32 scales per 1x128 block.\n"
+        "All tensors are DLPack capsules; outputs are written in place on `stream`. scales is\n"
+        "[M, K/128] row-major, or [K/128, align(M, 4)] when scales_mn_major. Use\n"
+        "nmoe_kernels.quantize_fp8_1x128, which checks arguments and allocates outputs.");
+  m.def("dequantize_fp8_1x128", &dequantize_fp8_1x128, py::arg("x_fp8"), py::arg("scales"),
+        py::arg("out"), py::arg("stream"),
+        "out [M, K] (bf16/fp32) = x_fp8 [M, K] * scales [M, K/128] (row-major or MN-major\n"
+        "strides). Use nmoe_kernels.dequantize_fp8_1x128.");
+}
+
+}  // namespace nmoe::quant

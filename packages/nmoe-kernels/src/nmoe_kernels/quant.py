@@ -1,0 +1,167 @@
+"""FP8 blockscaled quantization on the GPU (CUDA kernels in nmoe_kernels._C).
+
+Shape letters: M rows, K the quantized dim (K % 128 == 0), Kb = K / 128.
+
+Each op is bit-identical to its reference in `nmoe_kernels.reference.quantization` (same scale
+rule and float32 operations; see that module's docstring). Arguments are checked here, outputs
+are allocated with torch (or taken from ``out``), and the kernel runs on the current CUDA stream
+of the input's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmoe_kernels import _extension
+from nmoe_kernels.reference.quantization import SCALE_LAYOUTS
+
+__all__ = ["dequantize_fp8_1x128", "quantize_fp8_1x128"]
+
+_QUANT_INPUTS = (torch.bfloat16, torch.float32)
+_DEQUANT_OUTPUTS = (torch.bfloat16, torch.float32)
+
+
+def _check_2d_blocked(op: str, name: str, t: torch.Tensor) -> tuple[int, int]:
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D [M, K], got shape {tuple(t.shape)}")
+    if t.shape[1] % 128 != 0:
+        raise ValueError(
+            f"{op}: K = {name}.shape[1] = {t.shape[1]} must be a multiple of 128; pad K"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous; call .contiguous() first")
+    if t.data_ptr() % 16 != 0:
+        raise ValueError(f"{op}: {name} must start at a 16-byte aligned address; .clone() it")
+    return t.shape[0], t.shape[1]
+
+
+def _check_out(op: str, name: str, t, shape, dtype, device, strides=None) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        got = f"{t.dtype}{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{op}: {name} must be {dtype}{tuple(shape)}, got {got}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+    if strides is not None and t.numel() and tuple(t.stride()) != tuple(strides):
+        raise ValueError(f"{op}: {name} must have strides {tuple(strides)}, got {t.stride()}")
+
+
+def _mn_major_storage(op: str, scales: torch.Tensor, num_blocks: int, aligned: int):
+    """The [Kb, M_aligned] storage behind an MN-major [M, Kb] scales view from a previous call."""
+    needed = (scales.storage_offset() + num_blocks * aligned) * scales.element_size()
+    if scales.untyped_storage().nbytes() < needed:
+        raise ValueError(f"{op}: out scales view has too small a storage for [{num_blocks}, "
+                         f"{aligned}]; pass the scales returned by a previous call")
+    return torch.as_strided(scales, (num_blocks, aligned), (aligned, 1))
+
+
+def quantize_fp8_1x128(
+    x_MK: torch.Tensor,
+    *,
+    ue8m0: bool = False,
+    scale_layout: str = "row_major",
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations to FP8 E4M3 with one float32 scale per 1x128 block along K (CUDA).
+
+    scale = max(amax(|block|) / 448, 2^-126), rounded up to a power of two when ``ue8m0``;
+    x_fp8 = E4M3 RNE saturating(x * (1 / scale)). Bitwise equal to
+    `nmoe_kernels.reference.quantize_fp8_1x128`.
+
+    Args:
+        x_MK: [M, K] bfloat16 or float32 CUDA tensor, contiguous, K % 128 == 0, 16-byte aligned,
+            finite values.
+        ue8m0: round scales up to powers of two (exactly representable as UE8M0 exponents).
+        scale_layout: "row_major": scales [M, Kb] contiguous. "mn_major_tma_aligned": scales as a
+            [M, Kb] view with strides (1, M_aligned) over storage [Kb, M_aligned], M_aligned = M
+            rounded up to 4, pad entries zero (the layout DeepGEMM-style FP8 GEMMs read via TMA).
+        out: optional (x_fp8 [M, K] float8_e4m3fn, scales) to write into, as returned by an
+            earlier call with the same shape and scale_layout.
+
+    Returns:
+        (x_fp8 [M, K] float8_e4m3fn, scales [M, Kb] float32 in ``scale_layout``).
+    """
+    op = "quantize_fp8_1x128"
+    device = _extension.check_cuda_tensors(op, x_MK=x_MK)
+    if x_MK.dtype not in _QUANT_INPUTS:
+        raise ValueError(f"{op}: x_MK must be bfloat16 or float32, got {x_MK.dtype}")
+    if scale_layout not in SCALE_LAYOUTS:
+        raise ValueError(f"{op}: scale_layout must be one of {SCALE_LAYOUTS}, got {scale_layout!r}")
+    num_rows, num_cols = _check_2d_blocked(op, "x_MK", x_MK)
+    num_blocks = num_cols // 128
+    aligned = (num_rows + 3) // 4 * 4
+    mn_major = scale_layout == "mn_major_tma_aligned"
+    compiled = _extension.compiled_module(op)
+
+    if out is None:
+        x_fp8 = torch.empty(num_rows, num_cols, dtype=torch.float8_e4m3fn, device=device)
+        if mn_major:
+            storage = torch.empty(num_blocks, aligned, dtype=torch.float32, device=device)
+            scales = storage[:, :num_rows].t()
+        else:
+            scales = torch.empty(num_rows, num_blocks, dtype=torch.float32, device=device)
+            storage = scales
+    else:
+        x_fp8, scales = out
+        _check_out(op, "out[0]", x_fp8, (num_rows, num_cols), torch.float8_e4m3fn, device,
+                   (num_cols, 1))
+        expected_strides = (1, aligned) if mn_major else (num_blocks, 1)
+        _check_out(op, "out[1]", scales, (num_rows, num_blocks), torch.float32, device,
+                   expected_strides)
+        storage = _mn_major_storage(op, scales, num_blocks, aligned) if mn_major else scales
+
+    compiled.quantize_fp8_1x128(
+        _extension.capsule(x_MK),
+        _extension.capsule(x_fp8),
+        _extension.capsule(storage),
+        bool(ue8m0),
+        mn_major,
+        _extension.stream_handle(device),
+    )
+    return x_fp8, scales
+
+
+def dequantize_fp8_1x128(
+    x_fp8_MK: torch.Tensor,
+    scales_MKb: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize FP8 1x128 blocks: out = float(x_fp8) * scale, rounded to ``out_dtype`` (CUDA).
+
+    Bitwise equal to `nmoe_kernels.reference.dequantize_fp8_1x128`.
+
+    Args:
+        x_fp8_MK: [M, K] float8_e4m3fn CUDA tensor, contiguous, K % 128 == 0.
+        scales_MKb: [M, K/128] float32 on the same device, row-major or MN-major (strides
+            (1, ld) with ld >= M, as returned with scale_layout="mn_major_tma_aligned").
+        out_dtype: torch.bfloat16 or torch.float32.
+        out: optional [M, K] ``out_dtype`` contiguous tensor to write into.
+
+    Returns:
+        [M, K] ``out_dtype``.
+    """
+    op = "dequantize_fp8_1x128"
+    device = _extension.check_cuda_tensors(op, x_fp8_MK=x_fp8_MK, scales_MKb=scales_MKb)
+    if x_fp8_MK.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{op}: x_fp8_MK must be float8_e4m3fn, got {x_fp8_MK.dtype}")
+    if scales_MKb.dtype != torch.float32:
+        raise ValueError(f"{op}: scales_MKb must be float32, got {scales_MKb.dtype}")
+    if out_dtype not in _DEQUANT_OUTPUTS:
+        raise ValueError(f"{op}: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+    num_rows, num_cols = _check_2d_blocked(op, "x_fp8_MK", x_fp8_MK)
+    if tuple(scales_MKb.shape) != (num_rows, num_cols // 128):
+        raise ValueError(f"{op}: scales_MKb must have shape {(num_rows, num_cols // 128)}, got "
+                         f"{tuple(scales_MKb.shape)}")
+    compiled = _extension.compiled_module(op)
+    if out is None:
+        out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=device)
+    else:
+        _check_out(op, "out", out, (num_rows, num_cols), out_dtype, device, (num_cols, 1))
+    compiled.dequantize_fp8_1x128(
+        _extension.capsule(x_fp8_MK),
+        _extension.capsule(scales_MKb),
+        _extension.capsule(out),
+        _extension.stream_handle(device),
+    )
+    return out

@@ -1,0 +1,58 @@
+"""Pure-PyTorch reference ops (CPU or GPU), one function per op of nmoe-kernels.
+
+The compiled ops are tested against these (bitwise for data movement and quantization), and the
+layers above use them on machines without a GPU. Modules:
+
+- `quantization`: FP8 1x128 / 128x128, MXFP8 1x32 and NVFP4 quantize / dequantize.
+- `grouped_gemm`: per-expert GEMMs over the contiguous expert-sorted layout (fwd, dgrad, wgrad,
+  FP8 blockscaled).
+- `activation`: SwiGLU and the interleaved W13 column convention.
+- `permutation`: permute tokens to expert-contiguous rows and unpermute with gate weighting.
+"""
+
+from nmoe_kernels.reference.activation import (
+    interleave_w13,
+    split_w13,
+    swiglu,
+    swiglu_interleaved,
+)
+from nmoe_kernels.reference.grouped_gemm import (
+    grouped_gemm,
+    grouped_gemm_dgrad,
+    grouped_gemm_fp8_blockscaled,
+    grouped_gemm_wgrad,
+)
+from nmoe_kernels.reference.permutation import permute, unpermute
+from nmoe_kernels.reference.quantization import (
+    dequantize_fp8_1x128,
+    dequantize_fp8_128x128,
+    dequantize_mxfp8_1x32,
+    dequantize_nvfp4,
+    quantize_fp8_1x128,
+    quantize_fp8_128x128,
+    quantize_mxfp8_1x32,
+    quantize_nvfp4,
+    to_mn_major_tma_aligned,
+)
+
+__all__ = [
+    "dequantize_fp8_128x128",
+    "dequantize_fp8_1x128",
+    "dequantize_mxfp8_1x32",
+    "dequantize_nvfp4",
+    "grouped_gemm",
+    "grouped_gemm_dgrad",
+    "grouped_gemm_fp8_blockscaled",
+    "grouped_gemm_wgrad",
+    "interleave_w13",
+    "permute",
+    "quantize_fp8_128x128",
+    "quantize_fp8_1x128",
+    "quantize_mxfp8_1x32",
+    "quantize_nvfp4",
+    "split_w13",
+    "swiglu",
+    "swiglu_interleaved",
+    "to_mn_major_tma_aligned",
+    "unpermute",
+]
