@@ -57,12 +57,11 @@ def _reference_step(p, buf, g, lr, mu, wd, update_rms, col_blocks):
     u = (1 - mu) * g + mu * buf
     mats = u.unsqueeze(0) if u.dim() == 2 else u
     out = torch.empty_like(mats)
-    nb = mats.shape[-1] // col_blocks
     for e in range(mats.shape[0]):
         for j in range(col_blocks):
-            block = mats[e, :, j * nb:(j + 1) * nb]
+            block = mats[e, :, j::col_blocks]  # interleaved blocks: column c is in block c % B
             ortho = _closed_form(block.unsqueeze(0))[0]
-            out[e, :, j * nb:(j + 1) * nb] = ortho * update_rms * math.sqrt(max(block.shape))
+            out[e, :, j::col_blocks] = ortho * update_rms * math.sqrt(max(block.shape))
     out = out.view_as(u)
     p = p * (1 - lr * wd) - lr * out
     return p, buf
@@ -151,17 +150,18 @@ def test_col_blocks_equal_separate_matrices():
     num_e, d, f = 3, 10, 6
     fused = torch.nn.Parameter(torch.randn(num_e, d, 2 * f))
     fused.muon_col_blocks = 2
-    gate = torch.nn.Parameter(fused.detach()[..., :f].clone())
-    up = torch.nn.Parameter(fused.detach()[..., f:].clone())
+    # Interleaved W13: column 2j is gate j, column 2j+1 is up j.
+    gate = torch.nn.Parameter(fused.detach()[..., 0::2].clone())
+    up = torch.nn.Parameter(fused.detach()[..., 1::2].clone())
     opt_fused = Muon([fused], lr=0.05, weight_decay=0.1)
     opt_split = Muon([gate, up], lr=0.05, weight_decay=0.1)
     for _ in range(3):
         g = torch.randn(num_e, d, 2 * f)
         fused.grad = g.clone()
-        gate.grad, up.grad = g[..., :f].clone(), g[..., f:].clone()
+        gate.grad, up.grad = g[..., 0::2].clone(), g[..., 1::2].clone()
         opt_fused.step()
         opt_split.step()
-    joined = torch.cat([gate.detach(), up.detach()], dim=-1)
+    joined = torch.stack([gate.detach(), up.detach()], dim=-1).reshape(num_e, d, 2 * f)
     err = (fused.detach() - joined).abs().max().item()
     assert err <= 1e-6, f"seed={seed} max err {err:.3g}"
 

@@ -88,6 +88,15 @@ def test_non_tty_unknown_total():
     bar.close()
 
 
+def test_initial_count_is_not_in_the_rate():
+    clock, out = FakeClock(), io.StringIO()
+    bar = Progress(1000, "train", stream=out, min_interval=0.5, initial=600, clock=clock)
+    clock.now += 20.0
+    bar.update(40)  # resumed at 600: 40 steps in 20 s, 360 to go
+    assert out.getvalue() == "train: 640/1000 it (64%), 2.0 it/s, eta 3m00s\n"
+    bar.close()
+
+
 def test_tty_bar_fill_and_throttle():
     clock, out = FakeClock(), io.StringIO()
     bar = Progress(1000, "desc", stream=out, min_interval=0.5, clock=clock, is_tty=True)

@@ -50,11 +50,13 @@ def test_binding_rejects_cpu_tensors_naming_the_argument():
     scales = torch.empty(4, 2)
     if not C.WITH_CUDA:
         pytest.skip("_C was built without CUDA ops")
-    with pytest.raises(ValueError, match=r"^x: expected a CUDA tensor, got bfloat16\[4, 256\] on cpu"):
+    cpu_error = r"^x: expected a CUDA tensor, got bfloat16\[4, 256\] on cpu"
+    with pytest.raises(ValueError, match=cpu_error):
         C.quantize_fp8_1x128(to_dlpack(x), to_dlpack(x_fp8), to_dlpack(scales), False, False, 0)
     with pytest.raises(ValueError, match=r"^x: expected dtype bfloat16 or float32, got int32"):
-        C.quantize_fp8_1x128(to_dlpack(x.int()), to_dlpack(x_fp8), to_dlpack(scales), False,
-                             False, 0)
+        C.quantize_fp8_1x128(
+            to_dlpack(x.int()), to_dlpack(x_fp8), to_dlpack(scales), False, False, 0
+        )
     with pytest.raises(ValueError, match="x: expected a DLPack capsule"):
         C.quantize_fp8_1x128(x, to_dlpack(x_fp8), to_dlpack(scales), False, False, 0)
     with pytest.raises(ValueError, match=r"^x_fp8: expected a CUDA tensor, got float8_e4m3fn"):
@@ -72,9 +74,17 @@ def test_no_cuda_build_raises_built_without_nvcc(tmp_path):
     if cmake is None or shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("needs cmake and a C++ compiler")
     build = tmp_path / "build"
-    configure = [cmake, "-S", str(PACKAGE_DIR), "-B", str(build), "-DNMOE_KERNELS_WITH_CUDA=OFF",
-                 f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Debug",
-                 "-DCMAKE_CXX_FLAGS_DEBUG=-O0"]
+    configure = [
+        cmake,
+        "-S",
+        str(PACKAGE_DIR),
+        "-B",
+        str(build),
+        "-DNMOE_KERNELS_WITH_CUDA=OFF",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        "-DCMAKE_BUILD_TYPE=Debug",
+        "-DCMAKE_CXX_FLAGS_DEBUG=-O0",
+    ]
     if shutil.which("ninja") or Path(sys.executable).with_name("ninja").exists():
         configure += ["-G", "Ninja"]
     for command in (configure, [cmake, "--build", str(build), "-j", "2"]):

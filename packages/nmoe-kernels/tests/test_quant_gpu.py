@@ -79,7 +79,8 @@ def test_quantize_fp8_1x128_is_bitwise_equal_to_reference(rows, cols, dtype, ue8
         mn_major = layout == "mn_major_tma_aligned"
         x_fp8, scales, storage = poisoned_outputs(rows, cols, mn_major, x_gpu.device)
         got_fp8, got_scales = nmoe_kernels.quantize_fp8_1x128(
-            x_gpu, ue8m0=ue8m0, scale_layout=layout, out=(x_fp8, scales))
+            x_gpu, ue8m0=ue8m0, scale_layout=layout, out=(x_fp8, scales)
+        )
         assert got_fp8 is x_fp8 and got_scales is scales
         assert_bitwise_equal(got_fp8, want_fp8, f"x_fp8 ({layout})")
         assert_bitwise_equal(got_scales, want_scales, f"scales ({layout})")
@@ -104,8 +105,9 @@ def test_dequantize_fp8_1x128_is_bitwise_equal_to_reference(rows, cols, out_dtyp
     scales = torch.exp2(torch.randint(-100, 100, (rows, cols // 128)).float())
     scales *= 1 + torch.rand_like(scales)  # arbitrary float32 scales, not only powers of two
     want = ref.dequantize_fp8_1x128(x_fp8, scales, out_dtype)
-    mn_scales = ref.to_mn_major_tma_aligned(scales)
-    for scale_arg in (scales.cuda(), mn_scales.cuda()):
+    mn_scales = ref.to_mn_major_tma_aligned(scales.cuda())  # built on the GPU: keeps its strides
+    assert rows == 1 or mn_scales.stride()[0] == 1
+    for scale_arg in (scales.cuda(), mn_scales):
         out = torch.full((rows, cols), float("nan"), dtype=out_dtype, device="cuda")
         got = nmoe_kernels.dequantize_fp8_1x128(x_fp8.cuda(), scale_arg, out_dtype, out=out)
         assert got is out
@@ -115,8 +117,7 @@ def test_dequantize_fp8_1x128_is_bitwise_equal_to_reference(rows, cols, out_dtyp
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_quantize_dequantize_round_trip_matches_reference(ue8m0):
     x = spread_input(300, 1024, torch.bfloat16)
-    got = nmoe_kernels.dequantize_fp8_1x128(
-        *nmoe_kernels.quantize_fp8_1x128(x.cuda(), ue8m0=ue8m0))
+    got = nmoe_kernels.dequantize_fp8_1x128(*nmoe_kernels.quantize_fp8_1x128(x.cuda(), ue8m0=ue8m0))
     want = ref.dequantize_fp8_1x128(*ref.quantize_fp8_1x128(x, ue8m0=ue8m0))
     assert_bitwise_equal(got, want, "dequant(quant(x))")
 
@@ -148,15 +149,14 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="contiguous"):
         nmoe_kernels.quantize_fp8_1x128(x.t().contiguous().t())
     with pytest.raises(ValueError, match="16-byte aligned"):
-        nmoe_kernels.quantize_fp8_1x128(x.view(-1)[1:1 + 7 * 256].view(7, 256))
+        nmoe_kernels.quantize_fp8_1x128(x.view(-1)[1 : 1 + 7 * 256].view(7, 256))
     with pytest.raises(ValueError, match="bfloat16 or float32"):
         nmoe_kernels.quantize_fp8_1x128(x.half())
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         nmoe_kernels.quantize_fp8_1x128(x.cpu())
     x_fp8, scales = nmoe_kernels.quantize_fp8_1x128(x)
     with pytest.raises(ValueError, match=r"out\[1\] must have strides"):
-        nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned",
-                                        out=(x_fp8, scales))
+        nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned", out=(x_fp8, scales))
     with pytest.raises(ValueError, match="scales_MKb must have shape"):
         nmoe_kernels.dequantize_fp8_1x128(x_fp8, scales[:, :1])
     with pytest.raises(ValueError, match="out_dtype"):

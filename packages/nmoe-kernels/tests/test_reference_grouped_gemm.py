@@ -59,10 +59,14 @@ def test_grouped_gemm_fwd_dgrad_wgrad_match_loops(name, counts, out_dtype):
     assert y.dtype == dx.dtype == dw.dtype == out_dtype
     assert dw.shape == (num_experts, hidden, out_dim)
 
-    y_exact, y_abs = torch.zeros(num_rows, out_dim, dtype=torch.float64), torch.zeros(
-        num_rows, out_dim, dtype=torch.float64)
-    dx_exact, dx_abs = torch.zeros(num_rows, hidden, dtype=torch.float64), torch.zeros(
-        num_rows, hidden, dtype=torch.float64)
+    y_exact, y_abs = (
+        torch.zeros(num_rows, out_dim, dtype=torch.float64),
+        torch.zeros(num_rows, out_dim, dtype=torch.float64),
+    )
+    dx_exact, dx_abs = (
+        torch.zeros(num_rows, hidden, dtype=torch.float64),
+        torch.zeros(num_rows, hidden, dtype=torch.float64),
+    )
     dw_exact = torch.zeros(num_experts, hidden, out_dim, dtype=torch.float64)
     dw_abs = torch.zeros_like(dw_exact)
     for e in range(num_experts):
@@ -77,7 +81,7 @@ def test_grouped_gemm_fwd_dgrad_wgrad_match_loops(name, counts, out_dtype):
     assert_within_fp32_bound(dx, dx_exact, dx_abs, out_dim, out_dtype, f"dgrad {name}")
     max_rows = max(counts)
     assert_within_fp32_bound(dw, dw_exact, dw_abs, max(max_rows, 1), out_dtype, f"wgrad {name}")
-    assert torch.all(y[sum(counts):] == 0) and torch.all(dx[sum(counts):] == 0)
+    assert torch.all(y[sum(counts) :] == 0) and torch.all(dx[sum(counts) :] == 0)
     for e, count in enumerate(counts):
         if count == 0:
             assert torch.all(dw[e] == 0)

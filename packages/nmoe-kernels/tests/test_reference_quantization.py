@@ -196,9 +196,12 @@ def test_fp8_block_max_maps_to_448_and_zero_blocks(ue8m0):
 
 def test_fp8_ue8m0_scales_are_powers_of_two():
     x = spread_input((8, 1024), 128, torch.bfloat16)
-    for scales in (ref.quantize_fp8_1x128(x, ue8m0=True)[1],
-                   ref.quantize_fp8_128x128(x.view(1, 8, 1024).expand(16, 8, 1024)
-                                            .reshape(128, 1024), ue8m0=True)[1]):
+    for scales in (
+        ref.quantize_fp8_1x128(x, ue8m0=True)[1],
+        ref.quantize_fp8_128x128(
+            x.view(1, 8, 1024).expand(16, 8, 1024).reshape(128, 1024), ue8m0=True
+        )[1],
+    ):
         mantissa, _ = torch.frexp(scales.double())
         assert torch.all(mantissa == 0.5), scales
 
@@ -239,8 +242,9 @@ def test_fp8_quantize_dequantize_is_idempotent(ue8m0):
 def test_mxfp8_and_nvfp4_round_trip_is_idempotent():
     x = spread_input((4, 256), 32, torch.float32)
     once = ref.dequantize_mxfp8_1x32(*ref.quantize_mxfp8_1x32(x), torch.float32)
-    assert torch.equal(ref.dequantize_mxfp8_1x32(*ref.quantize_mxfp8_1x32(once), torch.float32),
-                       once)
+    assert torch.equal(
+        ref.dequantize_mxfp8_1x32(*ref.quantize_mxfp8_1x32(once), torch.float32), once
+    )
     y = torch.randn(4, 256)
     packed, scales, g = ref.quantize_nvfp4(y)
     once = ref.dequantize_nvfp4(packed, scales, g, torch.float32)

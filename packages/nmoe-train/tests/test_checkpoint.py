@@ -195,10 +195,14 @@ def test_two_ranks_with_barrier(tmp_path, gen):
     def rank_main(rank: int) -> None:
         try:
             with Checkpointer(tmp_path, rank=rank, world_size=2, barrier=barrier.wait) as ckpt:
-                for step in (7, 8):
+                for step in (7, 8, 8):  # step 8 twice: the re-save must not race the rename
                     # Rank 1 passes different "shared" tensors: only rank 0's may be written.
                     mine = shared if rank == 0 else {k: v + 1 for k, v in shared.items()}
                     ckpt.save(step, mine, locals_[rank], {"step": step}, {"cursor": rank * 10})
+                    ckpt.wait()
+                    # Once wait() returns on any rank, the checkpoint is final (rank 0 cannot
+                    # replace it before this rank reaches the next save's first barrier).
+                    assert (tmp_path / step_dir_name(step) / MANIFEST).is_file()
         except BaseException as e:
             errors.append(e)
             barrier.abort()
@@ -318,3 +322,16 @@ def test_round_trip_from_cuda(tmp_path, gen):
     assert all(t.is_cuda for t in got_shared.values())
     _assert_same({k: v.cpu() for k, v in got_shared.items()}, expected[0], gen.initial_seed())
     _assert_same({k: v.cpu() for k, v in got_local.items()}, expected[1], gen.initial_seed())
+
+
+def test_same_step_saved_twice_keeps_the_second(tmp_path, gen, caplog):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(10, {"w": torch.zeros(4)}, {}, {"n": 1})
+        second = torch.randn(4, generator=gen)
+        with caplog.at_level("INFO", logger="nmoe_train.checkpoint"):
+            ckpt.save(10, {"w": second}, {}, {"n": 2})
+            ckpt.wait()
+    assert not any(r.levelname == "WARNING" for r in caplog.records)
+    shared, _, meta, _ = ckpt.load(ckpt.latest())
+    assert torch.equal(shared["w"], second) and meta == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, step_dir_name(10)]

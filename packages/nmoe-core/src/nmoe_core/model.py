@@ -27,7 +27,7 @@ from nmoe_core.attention import KVCache, LayerCache, build_attention
 from nmoe_core.config import ModelConfig
 from nmoe_core.loss import chunked_cross_entropy
 from nmoe_core.mlp import MLP
-from nmoe_core.moe import GroupedExperts, MoE, Router
+from nmoe_core.moe import GroupedExperts, MoE, Router, trunc_normal_
 from nmoe_core.norm import RMSNorm
 
 
@@ -183,13 +183,11 @@ class Transformer(nn.Module):
             if param is self.embed.weight:
                 nn.init.normal_(value, std=std, generator=gen)
             elif param is self.head.weight:
-                s = self.cfg.dim**-0.5
-                nn.init.trunc_normal_(value, std=s, a=-2 * s, b=2 * s, generator=gen)
+                trunc_normal_(value, self.cfg.dim**-0.5, gen)
             elif param.dim() == 1:
                 value.fill_(1.0)
             else:
-                s = out_std.get(id(param), std)
-                nn.init.trunc_normal_(value, std=s, a=-2 * s, b=2 * s, generator=gen)
+                trunc_normal_(value, out_std.get(id(param), std), gen)
             param.copy_(value)
 
     # ----------------------------------------------------------------------------------------

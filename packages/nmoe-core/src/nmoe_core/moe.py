@@ -7,9 +7,10 @@ Data flow (inventory section 3): router -> ``(gates_TK, expert_ids_TK)`` -> disp
 ``x_RD`` (expert-contiguous, ``counts_E``) -> expert SwiGLU MLPs -> ``y_RD`` -> combine
 (``sum_k gate * y`` in float32, fixed slot order) -> plus shared experts.
 
-Expert weights are stored stacked: ``w13 [E_local, D, 2F]`` with the gate projection in columns
-``[:F]`` and the up projection in ``[F:]`` (one GEMM makes both; the fused kernels use the same
-layout) and ``w2 [E_local, F, D]``.
+Expert weights are stored stacked: ``w13 [E_local, D, 2F]`` with the gate and up projections
+interleaved (column ``2j`` is gate ``j``, ``2j+1`` is up ``j``; one GEMM makes both, and a fused
+SwiGLU epilogue finds each pair in adjacent accumulator columns: the layout of
+`nmoe_kernels.reference.interleave_w13`) and ``w2 [E_local, F, D]``.
 """
 
 from __future__ import annotations
@@ -35,10 +36,27 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+@torch.no_grad()
+def trunc_normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``tensor`` from N(0, std) truncated to ``[-2 std, 2 std]`` by redrawing the values that
+    fall outside (exact rejection sampling; ~30x faster on CPU than ``nn.init.trunc_normal_``'s
+    inverse-CDF method, which matters for billions of expert weights)."""
+    tensor.normal_(0.0, std, generator=generator)
+    flat = tensor.view(-1)
+    outside = torch.nonzero(flat.abs() > 2 * std).squeeze(1)
+    while outside.numel():
+        redraw = torch.empty(outside.numel(), dtype=tensor.dtype, device=tensor.device)
+        redraw.normal_(0.0, std, generator=generator)
+        flat[outside] = redraw
+        outside = outside[redraw.abs() > 2 * std]
+    return tensor
+
+
 def swiglu(h_R2F: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``h = [gate | up]`` along the last dim, computed in float32
-    (float64 for float64 input) and rounded once to the input dtype."""
-    gate, up = h_R2F.to(torch.promote_types(h_R2F.dtype, torch.float32)).chunk(2, dim=-1)
+    """``silu(gate) * up`` for interleaved ``h`` (gate in even columns, up in odd ones), computed
+    in float32 (float64 for float64 input) and rounded once to the input dtype."""
+    h = h_R2F.to(torch.promote_types(h_R2F.dtype, torch.float32))
+    gate, up = h[..., 0::2], h[..., 1::2]
     return (F.silu(gate) * up).to(h_R2F.dtype)
 
 
@@ -66,7 +84,7 @@ def expert_mlp_torch(
     Args:
         x_RD: ``[R, D]`` rows.
         counts_E: int ``[E_local]`` rows per expert, summing to ``R``.
-        w13_ED2F: ``[E_local, D, 2F]`` gate|up weights.
+        w13_ED2F: ``[E_local, D, 2F]`` gate/up weights, interleaved (module docstring).
         w2_EFD: ``[E_local, F, D]`` down weights.
 
     Returns:
@@ -141,7 +159,7 @@ class GroupedExperts(nn.Module):
         self.inter_dim = inter_dim
         self.w13 = nn.Parameter(torch.empty(num_local_experts, dim, 2 * inter_dim))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, inter_dim, dim))
-        # Muon orthogonalises gate and up separately (nmoe_core.optim reads this).
+        # Muon orthogonalises gate (even columns) and up (odd columns) separately.
         self.w13.muon_col_blocks = 2
 
     @torch.no_grad()
@@ -151,12 +169,8 @@ class GroupedExperts(nn.Module):
         for local in range(self.num_local_experts):
             key = f"{seed}/{layer_id}/expert/{self.expert_offset + local}".encode()
             gen = torch.Generator().manual_seed(zlib.crc32(key))
-            w13 = torch.empty(self.w13.shape[1:])
-            w2 = torch.empty(self.w2.shape[1:])
-            nn.init.trunc_normal_(w13, std=std_in, a=-2 * std_in, b=2 * std_in, generator=gen)
-            nn.init.trunc_normal_(w2, std=std_out, a=-2 * std_out, b=2 * std_out, generator=gen)
-            self.w13[local].copy_(w13)
-            self.w2[local].copy_(w2)
+            self.w13[local].copy_(trunc_normal_(torch.empty(self.w13.shape[1:]), std_in, gen))
+            self.w2[local].copy_(trunc_normal_(torch.empty(self.w2.shape[1:]), std_out, gen))
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return expert_mlp_torch(x_RD, counts_E, self.w13, self.w2)

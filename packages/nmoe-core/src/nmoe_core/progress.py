@@ -9,9 +9,9 @@ and, when the stream is not a terminal (logs, CI, ``nohup``), writes a plain lin
 
     train: 420/1000 it (42%), 35.1 it/s, eta 17s
 
-The rate is the average since the bar was created (count / elapsed), so it and the ETA are exact
-for steady work and never jump around. `format_duration` and `format_count` are the human
-formatting helpers used here and by ``n mon`` / ``n viz``.
+The rate is the average since the bar was created (items done since then / elapsed), so it and
+the ETA are exact for steady work and never jump around. `format_duration` and `format_count` are
+the human formatting helpers used here and by ``n mon`` / ``n viz``.
 """
 
 from __future__ import annotations
@@ -120,6 +120,8 @@ class Progress:
         stream: where to write; a terminal (``stream.isatty()``) gets the redrawn bar.
         min_interval: seconds between terminal redraws (> 0); non-terminal streams get a line at
             most every ``min_interval * 20`` seconds.
+        initial: the count already done before this bar started (a resumed run's step); it is
+            shown in the count but not in the rate.
         clock: a monotonic clock in seconds (tests pass a fake one).
         is_tty: overrides ``stream.isatty()``.
     """
@@ -132,11 +134,14 @@ class Progress:
         stream: TextIO | None = None,
         min_interval: float = 0.5,
         *,
+        initial: int = 0,
         clock: Callable[[], float] = time.monotonic,
         is_tty: bool | None = None,
     ) -> None:
         if total is not None and (not isinstance(total, int) or total < 0):
             raise ValueError(f"total must be a non-negative int or None, got {total!r}")
+        if not isinstance(initial, int) or initial < 0:
+            raise ValueError(f"initial must be a non-negative int, got {initial!r}")
         if not min_interval > 0:
             raise ValueError(f"min_interval must be > 0 seconds, got {min_interval!r}")
         self.total = total
@@ -144,7 +149,8 @@ class Progress:
         self.unit = unit
         self.stream = sys.stderr if stream is None else stream
         self.min_interval = float(min_interval)
-        self.count = 0
+        self.count = initial
+        self.initial = initial
         self.postfix: dict[str, Any] = {}
         self._clock = clock
         if is_tty is None:
@@ -205,7 +211,7 @@ class Progress:
     # -- formatting -----------------------------------------------------------------------------
 
     def _rate(self, elapsed: float) -> float:
-        return self.count / elapsed if elapsed > 0 else math.nan
+        return (self.count - self.initial) / elapsed if elapsed > 0 else math.nan
 
     def _postfix_text(self) -> str:
         return " ".join(f"{k}={_format_value(v)}" for k, v in self.postfix.items())

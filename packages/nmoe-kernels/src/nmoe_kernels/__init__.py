@@ -2,19 +2,35 @@
 
 `nmoe_kernels.reference` holds one pure-PyTorch function per op; the compiled ops in this package
 are tested against them. Imports without a GPU (the CUDA ops raise a clear error when called
-without one).
+without one). The ops are loaded lazily, so ``import nmoe_kernels`` does not import torch.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from nmoe_kernels._abi import ABIMismatchError, compiled_abi_version, require_abi
-from nmoe_kernels.quant import dequantize_fp8_1x128, quantize_fp8_1x128
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ABIMismatchError",
-    "__version__",
-    "compiled_abi_version",
-    "dequantize_fp8_1x128",
-    "quantize_fp8_1x128",
-    "require_abi",
-]
+# Public op name -> module that defines it (imported on first access).
+_LAZY = {
+    "quantize_fp8_1x128": "nmoe_kernels.quant",
+    "dequantize_fp8_1x128": "nmoe_kernels.quant",
+}
+
+__all__ = ["ABIMismatchError", "__version__", "compiled_abi_version", "require_abi", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nmoe_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -62,7 +62,8 @@ def check_cuda_tensors(op: str, **tensors: torch.Tensor) -> torch.device:
 
 
 def capsule(tensor: torch.Tensor) -> object:
-    """A DLPack capsule of ``tensor`` (float8 tensors go through a uint8 view)."""
+    """A DLPack capsule of ``tensor`` (detached; float8 tensors go through a uint8 view)."""
+    tensor = tensor.detach()
     if tensor.dtype == torch.float8_e4m3fn:
         tensor = tensor.view(torch.uint8)
     return to_dlpack(tensor)

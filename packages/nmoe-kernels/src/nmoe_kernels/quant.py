@@ -49,8 +49,10 @@ def _mn_major_storage(op: str, scales: torch.Tensor, num_blocks: int, aligned: i
     """The [Kb, M_aligned] storage behind an MN-major [M, Kb] scales view from a previous call."""
     needed = (scales.storage_offset() + num_blocks * aligned) * scales.element_size()
     if scales.untyped_storage().nbytes() < needed:
-        raise ValueError(f"{op}: out scales view has too small a storage for [{num_blocks}, "
-                         f"{aligned}]; pass the scales returned by a previous call")
+        raise ValueError(
+            f"{op}: out scales view has too small a storage for [{num_blocks}, "
+            f"{aligned}]; pass the scales returned by a previous call"
+        )
     return torch.as_strided(scales, (num_blocks, aligned), (aligned, 1))
 
 
@@ -102,11 +104,13 @@ def quantize_fp8_1x128(
             storage = scales
     else:
         x_fp8, scales = out
-        _check_out(op, "out[0]", x_fp8, (num_rows, num_cols), torch.float8_e4m3fn, device,
-                   (num_cols, 1))
+        _check_out(
+            op, "out[0]", x_fp8, (num_rows, num_cols), torch.float8_e4m3fn, device, (num_cols, 1)
+        )
         expected_strides = (1, aligned) if mn_major else (num_blocks, 1)
-        _check_out(op, "out[1]", scales, (num_rows, num_blocks), torch.float32, device,
-                   expected_strides)
+        _check_out(
+            op, "out[1]", scales, (num_rows, num_blocks), torch.float32, device, expected_strides
+        )
         storage = _mn_major_storage(op, scales, num_blocks, aligned) if mn_major else scales
 
     compiled.quantize_fp8_1x128(
@@ -148,11 +152,15 @@ def dequantize_fp8_1x128(
     if scales_MKb.dtype != torch.float32:
         raise ValueError(f"{op}: scales_MKb must be float32, got {scales_MKb.dtype}")
     if out_dtype not in _DEQUANT_OUTPUTS:
-        raise ValueError(f"{op}: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+        raise ValueError(
+            f"{op}: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}"
+        )
     num_rows, num_cols = _check_2d_blocked(op, "x_fp8_MK", x_fp8_MK)
     if tuple(scales_MKb.shape) != (num_rows, num_cols // 128):
-        raise ValueError(f"{op}: scales_MKb must have shape {(num_rows, num_cols // 128)}, got "
-                         f"{tuple(scales_MKb.shape)}")
+        raise ValueError(
+            f"{op}: scales_MKb must have shape {(num_rows, num_cols // 128)}, got "
+            f"{tuple(scales_MKb.shape)}"
+        )
     compiled = _extension.compiled_module(op)
     if out is None:
         out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=device)

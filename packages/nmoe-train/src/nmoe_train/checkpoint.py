@@ -24,14 +24,16 @@ A save goes through three stages:
 3. Finalisation, at the next `save`, `wait` or `close` on the main thread of every rank: join the
    writer, call ``barrier()``, then rank 0 checks that every rank's done marker is present, writes
    ``manifest.json``, renames ``step_0000100.tmp`` to ``step_0000100`` (atomic), points
-   ``latest`` at it and prunes to the newest ``keep_last`` complete checkpoints.
+   ``latest`` at it and prunes to the newest ``keep_last`` complete checkpoints; a second
+   ``barrier()`` follows, so when `wait` returns on any rank the checkpoint is final.
 
 A crash at any point leaves either a complete, verifiable checkpoint or a ``.tmp`` directory that
 `latest` reports and skips. `latest` returns the newest checkpoint whose files all match the
 manifest; anything else is named in a warning (``logging``) and in `Checkpointer.problems`.
 
 Collective contract: with ``world_size > 1`` every rank must call `save`, `wait` and `close` in
-the same order (they call ``barrier()`` when a save is pending), from the main thread.
+the same order (each calls ``barrier()`` twice when a save is pending), from the main thread.
+Errors (a failed write on any rank) are raised after both barriers, so no rank is left waiting.
 
 Resharding (loading with a different world size) is not supported yet; `Checkpointer.load` says so.
 """
@@ -355,6 +357,7 @@ class Checkpointer:
         self._pinned: dict[tuple[str, str], torch.Tensor] = {}
         self._closed = False
         self._versions: dict[str, str] | None = None
+        self._last_published: int | None = None  # rank 0: the step this object last finalised
         # Called in the writer thread with each destination path before it is written; tests use
         # it to slow the writer down or make it fail.
         self._before_write: Callable[[Path], None] | None = None
@@ -504,6 +507,12 @@ class Checkpointer:
     # -- finalisation ---------------------------------------------------------------------------
 
     def _finalize_pending(self) -> None:
+        """Join the writer; barrier; rank 0 publishes; barrier; then raise any error.
+
+        Every rank calls both barriers whatever failed, so an error on one rank cannot leave the
+        others waiting. The second barrier means that once this returns on any rank, the
+        checkpoint is final (or failed) and the next save cannot race rank 0's rename.
+        """
         job = self._pending
         if job is None:
             return
@@ -511,16 +520,26 @@ class Checkpointer:
         self._thread.join()
         error, self._error = self._error, None
         self._pending, self._thread = None, None
-        if self.world_size > 1:
-            assert self.barrier is not None
-            self.barrier()  # every rank reaches it, even one whose writer failed: no deadlock
+        self._barrier()
+        publish_error: BaseException | None = None
+        if self.rank == 0 and error is None:
+            try:
+                self._publish(job)
+            except BaseException as e:  # raised below, after the second barrier
+                publish_error = e
+        self._barrier()
         if error is not None:
             raise CheckpointError(
                 f"writing checkpoint {job.tmp_dir} failed on rank {self.rank}: "
                 f"{type(error).__name__}: {error}"
             ) from error
-        if self.rank == 0:
-            self._publish(job)
+        if publish_error is not None:
+            raise publish_error
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            assert self.barrier is not None
+            self.barrier()
 
     def _publish(self, job: _Job) -> None:
         """Rank 0: manifest, atomic rename, ``latest`` pointer, pruning."""
@@ -563,7 +582,10 @@ class Checkpointer:
             (job.tmp_dir / _done_file(r)).unlink()
         final = self.root / step_dir_name(job.step)
         if final.exists():
-            log.warning("replacing existing checkpoint %s with the one just written", final)
+            # Saving the same step twice in one run (e.g. periodic save + final save) is routine;
+            # overwriting a checkpoint left by an earlier run deserves a warning.
+            log_level = logging.INFO if job.step == self._last_published else logging.WARNING
+            log.log(log_level, "replacing existing checkpoint %s with the one just written", final)
             old = self.root / (final.name + ".replaced")
             if old.exists():
                 shutil.rmtree(old)
@@ -572,6 +594,7 @@ class Checkpointer:
             shutil.rmtree(old)
         else:
             os.rename(job.tmp_dir, final)
+        self._last_published = job.step
         _write_text(self.root / LATEST, final.name + "\n", self.fsync)
         if self.fsync:
             _fsync_dir(self.root)

@@ -23,9 +23,12 @@ The momentum buffer is kept in float32 whatever the parameter dtype (the origina
 where the (1 - mu) * g increments of a mu = 0.95 EMA are largely rounded away), and the parameter
 update is computed in float32 and rounded once to the parameter dtype.
 
-A parameter may carry an int attribute ``muon_col_blocks`` (default 1): its last dim is then split
-into that many equal column blocks, each orthogonalized and scaled as its own matrix (the fused
-expert W13 stack ``[E, D, 2F]`` has 2 blocks: gate ``[..., :F]`` and up ``[..., F:]``).
+A parameter may carry an int attribute ``muon_col_blocks`` (default 1): its columns are then
+dealt into that many *interleaved* blocks, column ``c`` belonging to block ``c % col_blocks``,
+each orthogonalized and scaled as its own matrix. The fused expert W13 stack ``[E, D, 2F]`` stores
+gate and up interleaved (column ``2j`` is gate ``j``, ``2j+1`` is up ``j``: the layout of
+`nmoe_kernels.reference.interleave_w13`, which the fused SwiGLU epilogues read), so it has 2
+blocks: gate ``[..., 0::2]`` and up ``[..., 1::2]``.
 
 Gradients must already be averaged across data-parallel ranks when ``step`` runs (the original
 forgot this for Muon-managed params, inventory §4.2 caveat a); that is the trainer's job.
@@ -87,17 +90,18 @@ def newton_schulz_orthogonalize(
 
 
 def _split_col_blocks(x_EMN: torch.Tensor, col_blocks: int) -> torch.Tensor:
-    """[E, M, N] -> [E * col_blocks, M, N / col_blocks] (block j of matrix e at e*col_blocks+j)."""
+    """[E, M, N] -> [E * col_blocks, M, N / col_blocks]: block j of matrix e (columns
+    ``j, j + col_blocks, ...``) lands at index ``e * col_blocks + j``."""
     num_e, m, n = x_EMN.shape
     nb = n // col_blocks
-    return x_EMN.view(num_e, m, col_blocks, nb).permute(0, 2, 1, 3).reshape(-1, m, nb)
+    return x_EMN.view(num_e, m, nb, col_blocks).permute(0, 3, 1, 2).reshape(-1, m, nb)
 
 
 def _merge_col_blocks(x_BMN: torch.Tensor, num_e: int, col_blocks: int) -> torch.Tensor:
     """Inverse of `_split_col_blocks`."""
     _, m, nb = x_BMN.shape
-    x_EMCN = x_BMN.view(num_e, col_blocks, m, nb).permute(0, 2, 1, 3)
-    return x_EMCN.reshape(num_e, m, col_blocks * nb)
+    x_EMNC = x_BMN.view(num_e, col_blocks, m, nb).permute(0, 2, 3, 1)
+    return x_EMNC.reshape(num_e, m, nb * col_blocks)
 
 
 def muon_update(
@@ -118,8 +122,8 @@ def muon_update(
         momentum: mu in [0, 1).
         update_rms: target RMS of the returned update (> 0).
         ns_steps: Newton-Schulz iterations (>= 1).
-        col_blocks: number of equal column blocks of the last dim orthogonalized separately
-            (must divide N).
+        col_blocks: number of interleaved column blocks (column ``c`` in block
+            ``c % col_blocks``) orthogonalized separately (must divide N).
         ns_dtype: ``"float32"`` or ``"bfloat16"``.
 
     Returns:

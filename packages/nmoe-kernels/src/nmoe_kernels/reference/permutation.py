@@ -83,13 +83,15 @@ def unpermute(
     if not isinstance(src_index_R, torch.Tensor) or src_index_R.dtype not in _INTS:
         raise ValueError(f"{op}: src_index_R must be an int32 or int64 tensor")
     if src_index_R.shape != (y_RD.shape[0],):
-        raise ValueError(f"{op}: src_index_R must be [R] = [{y_RD.shape[0]}], got "
-                         f"{tuple(src_index_R.shape)}")
+        raise ValueError(
+            f"{op}: src_index_R must be [R] = [{y_RD.shape[0]}], got {tuple(src_index_R.shape)}"
+        )
     if not isinstance(gates_TK, torch.Tensor) or gates_TK.dim() != 2:
         raise ValueError(f"{op}: gates_TK must be a 2-D tensor [T, K]")
     if gates_TK.shape[0] != num_tokens:
-        raise ValueError(f"{op}: gates_TK has {gates_TK.shape[0]} rows but num_tokens is "
-                         f"{num_tokens}")
+        raise ValueError(
+            f"{op}: gates_TK has {gates_TK.shape[0]} rows but num_tokens is {num_tokens}"
+        )
     top_k = gates_TK.shape[1]
     num_slots = num_tokens * top_k
     index = src_index_R.long()

@@ -153,12 +153,14 @@ def dequantize_fp8_1x128(
     _check_dtype(op, "x_fp8_MK", x_fp8_MK, torch.float8_e4m3fn)
     _check_dtype(op, "scales_MKb", scales_MKb, torch.float32)
     if x_fp8_MK.dim() != 2 or x_fp8_MK.shape[1] % 128 != 0:
-        raise ValueError(f"{op}: x_fp8_MK must be [M, K] with K % 128 == 0, got "
-                         f"{tuple(x_fp8_MK.shape)}")
+        raise ValueError(
+            f"{op}: x_fp8_MK must be [M, K] with K % 128 == 0, got {tuple(x_fp8_MK.shape)}"
+        )
     expected = (x_fp8_MK.shape[0], x_fp8_MK.shape[1] // 128)
     if tuple(scales_MKb.shape) != expected:
-        raise ValueError(f"{op}: scales_MKb must have shape {expected}, got "
-                         f"{tuple(scales_MKb.shape)}")
+        raise ValueError(
+            f"{op}: scales_MKb must have shape {expected}, got {tuple(scales_MKb.shape)}"
+        )
     scale = scales_MKb.repeat_interleave(128, dim=1)
     return (x_fp8_MK.float() * scale).to(out_dtype)
 
@@ -205,8 +207,10 @@ def dequantize_fp8_128x128(
     _check_dtype(op, "scales", scales, torch.float32)
     *lead, rows, cols = w_fp8.shape
     if rows % 128 or cols % 128 or tuple(scales.shape) != (*lead, rows // 128, cols // 128):
-        raise ValueError(f"{op}: w_fp8 {tuple(w_fp8.shape)} and scales {tuple(scales.shape)} "
-                         "must be [..., R, C] and [..., R/128, C/128] with R, C % 128 == 0")
+        raise ValueError(
+            f"{op}: w_fp8 {tuple(w_fp8.shape)} and scales {tuple(scales.shape)} "
+            "must be [..., R, C] and [..., R/128, C/128] with R, C % 128 == 0"
+        )
     scale = scales.repeat_interleave(128, dim=-2).repeat_interleave(128, dim=-1)
     return (w_fp8.float() * scale).to(out_dtype)
 
@@ -220,7 +224,7 @@ def e8m0_to_float(scale_bytes: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_mxfp8_1x32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize to MXFP8: E4M3 elements, one UE8M0 scale per 32 consecutive elements of the last dim.
+    """Quantize to MXFP8: E4M3 elements, one UE8M0 scale per 32 consecutive elements along K.
 
     The scale is 2^ceil(log2(amax / 448)) (the module's FP8 rule with ue8m0, block 32), so no
     element saturates; it is stored as its biased exponent byte (bias 127, never 0 or 255 for
@@ -257,8 +261,10 @@ def dequantize_mxfp8_1x32(
     _check_dtype(op, "x_fp8", x_fp8, torch.float8_e4m3fn)
     _check_dtype(op, "scales", scales, torch.uint8)
     if x_fp8.shape[-1] % 32 or tuple(scales.shape) != (*x_fp8.shape[:-1], x_fp8.shape[-1] // 32):
-        raise ValueError(f"{op}: x_fp8 {tuple(x_fp8.shape)} and scales {tuple(scales.shape)} "
-                         "must be [..., K] and [..., K/32] with K % 32 == 0")
+        raise ValueError(
+            f"{op}: x_fp8 {tuple(x_fp8.shape)} and scales {tuple(scales.shape)} "
+            "must be [..., K] and [..., K/32] with K % 32 == 0"
+        )
     scale = e8m0_to_float(scales).repeat_interleave(32, dim=-1)
     return (x_fp8.float() * scale).to(out_dtype)
 
@@ -337,8 +343,9 @@ def quantize_nvfp4(
     else:
         _check_dtype(op, "global_scale", global_scale, torch.float32)
         if global_scale.dim() != 0:
-            raise ValueError(f"{op}: global_scale must be a 0-dim tensor, got "
-                             f"{tuple(global_scale.shape)}")
+            raise ValueError(
+                f"{op}: global_scale must be a 0-dim tensor, got {tuple(global_scale.shape)}"
+            )
     global_scale = global_scale.to(x.device)
     *lead, cols = x.shape
     blocks = x.float().reshape(*lead, cols // 16, 16)
@@ -373,7 +380,9 @@ def dequantize_nvfp4(
     _check_dtype(op, "global_scale", global_scale, torch.float32)
     cols = x_packed.shape[-1] * 2
     if cols % 16 or tuple(scales.shape) != (*x_packed.shape[:-1], cols // 16):
-        raise ValueError(f"{op}: x_packed {tuple(x_packed.shape)} and scales "
-                         f"{tuple(scales.shape)} must be [..., K/2] and [..., K/16], K % 16 == 0")
+        raise ValueError(
+            f"{op}: x_packed {tuple(x_packed.shape)} and scales "
+            f"{tuple(scales.shape)} must be [..., K/2] and [..., K/16], K % 16 == 0"
+        )
     effective = (scales.float() * global_scale).repeat_interleave(16, dim=-1)
     return (e2m1_to_float(unpack_fp4(x_packed)) * effective).to(out_dtype)

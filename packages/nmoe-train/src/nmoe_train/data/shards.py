@@ -123,10 +123,13 @@ def read_index(path: Path) -> np.ndarray:
         DataError: missing file, wrong magic/version, or a size that disagrees with the header.
     """
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: index file is missing; re-run `n data prep`")
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read index file ({e.strerror}); re-run `n data prep`")
+        raise DataError(f"{path}: cannot read index file ({e.strerror}); "
+                        f"re-run `n data prep`") from None
     if len(raw) < _INDEX_HEADER.size:
         raise DataError(f"{path}: index file is truncated ({len(raw)} bytes < 32-byte header)")
     magic, version, num_docs, _ = _INDEX_HEADER.unpack_from(raw)
@@ -186,7 +189,8 @@ class ShardWriter:
 
     def add(self, doc_tokens: np.ndarray) -> None:
         """Append one document (a 1-D integer array that already ends with EOS)."""
-        self._docs.append(doc_tokens)
+        # A copy in the shard dtype: never a view that would keep a larger buffer alive.
+        self._docs.append(np.array(doc_tokens, dtype=self.dtype))
         self._num_tokens += len(doc_tokens)
         if self._num_tokens >= self.shard_tokens:
             self._flush()
@@ -204,7 +208,7 @@ class ShardWriter:
         shard_path, index_path = split_dir / f"{stem}.npy", split_dir / f"{stem}.idx"
         lengths = np.fromiter((len(d) for d in self._docs), dtype=np.int64, count=len(self._docs))
         ends = np.cumsum(lengths)
-        tokens = np.concatenate(self._docs).astype(self.dtype, copy=False)
+        tokens = np.concatenate(self._docs)
         tmp = shard_path.with_name(shard_path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.save(f, tokens, allow_pickle=False)
@@ -254,7 +258,8 @@ def read_manifest(dataset_dir: Path) -> dict[str, Any]:
         raise DataError(f"{path}: unreadable manifest ({e}); re-run `n data prep`") from None
     missing = [k for k in _REQUIRED_FIELDS if k not in manifest]
     if missing:
-        raise DataError(f"{path}: manifest lacks field(s) {', '.join(missing)}; re-run `n data prep`")
+        raise DataError(f"{path}: manifest lacks field(s) {', '.join(missing)}; "
+                        f"re-run `n data prep`")
     if manifest["format"] != FORMAT_NAME or manifest["format_version"] != FORMAT_VERSION:
         raise DataError(f"{path}: format {manifest['format']!r} version "
                         f"{manifest['format_version']} is not supported (expected {FORMAT_NAME!r} "

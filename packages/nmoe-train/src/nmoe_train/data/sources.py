@@ -14,7 +14,7 @@ Source specs (`open_source`):
 - ``hf:owner/name[:subset][@split]``: a Hugging Face dataset through ``datasets.load_dataset``
   (streaming), field ``text_field``, split ``split`` unless ``@split`` is given. Offline
   (``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``, or the hub does not answer within 3 s) only
-  the local cache is used, and a dataset not in it is a `DataError` saying so.
+  the local cache is used (not streamed), and a dataset not in it is a `DataError` saying so.
 - ``builtin:NAME``: a corpus shipped with nmoe (`nmoe_train.data.corpus.BUILTIN_CORPORA`).
 
 Document ids (they decide the train/val split, so they are stable across runs and machines):
@@ -127,11 +127,11 @@ class FileSource(Source):
                                 f"{', '.join(_ALL_SUFFIXES)}")
             return [(path, path.name)]
         found = []
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            rel = file.relative_to(path)
-            if any(part.startswith(".") for part in rel.parts) or _suffix_kind(file) is None:
+        files = [(p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file()]
+        for rel, file in sorted(files):  # sorted by relative path string: same on every OS
+            if any(part.startswith(".") for part in rel.split("/")) or _suffix_kind(file) is None:
                 continue
-            found.append((file, f"{path.resolve().name}/{rel.as_posix()}"))
+            found.append((file, f"{path.resolve().name}/{rel}"))
         if not found:
             raise DataError(f"source directory {str(path)!r} holds no files ending in "
                             f"{', '.join(_ALL_SUFFIXES)}")
@@ -255,21 +255,20 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 @contextlib.contextmanager
 def _offline_mode(offline: bool) -> Iterator[None]:
-    """Make ``datasets`` / ``huggingface_hub`` use only the local cache while active.
+    """Make ``datasets`` use only its local cache while active.
 
-    Both read their offline switch once at import; setting it here honours an environment that
-    changed since, and avoids their long retry loops when the hub is unreachable.
+    ``datasets`` reads its offline switch once, at import; setting it here honours an environment
+    that changed since, and skips its long retry loop when the hub is unreachable.
     """
     import datasets.config
-    import huggingface_hub.constants
 
-    saved = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    saved = datasets.config.HF_HUB_OFFLINE
     if offline:
-        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+        datasets.config.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+        datasets.config.HF_HUB_OFFLINE = saved
 
 
 class HFSource(Source):
@@ -296,9 +295,9 @@ class HFSource(Source):
         self._offline = _env_offline() or not _hub_reachable()
         label = f"{self.name}" + (f" (subset {self.subset})" if self.subset else "")
         try:
-            with _offline_mode(self._offline):
+            with _offline_mode(self._offline):  # offline: the cached Arrow files, memory-mapped
                 return datasets.load_dataset(self.name, self.subset, split=self.split,
-                                             streaming=True)
+                                             streaming=not self._offline)
         except Exception as e:
             if self._offline:
                 why = ("offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)"

@@ -1,0 +1,252 @@
+"""The training configuration: model, optimizer, data, run length, parallelism, checkpoints.
+
+One typed config (pydantic, unknown keys are errors) built from a preset name or a TOML file, then
+changed by ``key=value`` overrides with dotted keys (``steps=200``,
+``model.moe.n_routed_experts=16``, ``optim.lr_dense=1e-3``). TOML strings may reference
+``${NMOE_*}`` environment variables (``${NMOE_DATA:-/data}`` gives a default); any other
+variable, or an unset one without default, is an error naming it.
+
+`TrainConfig.fingerprint` hashes what changes the math of a step (model, optimizer, data order,
+batch shape, seed, precision) and leaves out run length, logging, checkpoint cadence and targets,
+so a run can be resumed with a larger ``steps``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nmoe_core.config import ModelConfig, apply_overrides
+from nmoe_core.optim.config import OptimizerConfig
+from nmoe_core.presets import model_preset, optimizer_preset
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSourceConfig(_Config):
+    """One dataset of a mixture: a prepared dataset directory or ``builtin:NAME``."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
+class DataConfig(_Config):
+    """Where tokens come from. ``sources`` is a weighted mixture (one source: weight ignored)."""
+
+    sources: list[DataSourceConfig] = Field(
+        default_factory=lambda: [DataSourceConfig(path="builtin:shakespeare")]
+    )
+    val_source: str | None = Field(
+        None, description="dataset for validation; default: the first source's val split"
+    )
+    data_root: str = Field(
+        "~/.cache/nmoe/data", description="where builtin datasets are prepared and cached"
+    )
+    synthetic: bool = Field(
+        False, description="random tokens instead of data (throughput runs only; no val)"
+    )
+
+
+class ParallelConfig(_Config):
+    """How the run spreads over ranks (under torchrun)."""
+
+    expert_parallel: Literal["none", "all"] = Field(
+        "none", description="'all': experts split over every rank; 'none': replicated"
+    )
+    dispatcher: Literal["local", "nccl", "ipc", "nvshmem"] = Field(
+        "nccl", description="dispatcher backend for expert parallelism"
+    )
+    zero2_chunk_mb: int = Field(256, ge=1, description="reduce-scatter/all-gather chunk size")
+
+
+class TrainConfig(_Config):
+    """Everything one training run needs. See the module docstring for overrides."""
+
+    preset: str = "custom"
+    model: ModelConfig
+    optim: OptimizerConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    # Run length and batch shape
+    steps: int = Field(1000, ge=1)
+    seq_len: int = Field(1024, ge=2)
+    global_batch: int = Field(32, ge=1, description="sequences per optimizer step, all ranks")
+    micro_batch: int = Field(0, ge=0, description="sequences per forward per rank (0: all)")
+    seed: int = 0
+    # Numerics and devices
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on GPU (fp32 master weights), fp32 on CPU"
+    )
+    activation_checkpointing: bool = False
+    cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: torch's default)")
+    # Validation and stopping
+    val_every: int = Field(100, ge=0, description="steps between validations (0: never)")
+    val_sequences: int = Field(64, ge=1, description="validation sequences (all ranks)")
+    target_loss: float | None = Field(None, description="stop once val loss <= this")
+    max_time_s: float | None = Field(None, gt=0, description="stop after this much training time")
+    # Bookkeeping
+    runs_root: str = "runs"
+    run_name: str | None = None
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only end)")
+    keep_checkpoints: int = Field(3, ge=1)
+    resume: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        max_pos = self.model.attention.max_position_embeddings
+        if self.seq_len > max_pos:
+            raise ValueError(
+                f"seq_len={self.seq_len} exceeds model.attention.max_position_embeddings={max_pos}"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex) of the fields that change the math of a step (module docstring)."""
+        math = {
+            "model": self.model.model_dump(mode="json"),
+            "optim": self.optim.model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json", exclude={"data_root"}),
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "precision": self.precision,
+            "expert_parallel": self.parallel.expert_parallel,
+        }
+        blob = json.dumps(math, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Training presets (model + optimizer from nmoe_core.presets, plus run shape and targets)
+
+
+def _train_preset(name: str) -> dict[str, Any]:
+    runs: dict[str, dict[str, Any]] = {
+        "tiny": dict(steps=3000, seq_len=256, global_batch=16, val_every=50, val_sequences=64,
+                     target_loss=5.6, log_every=10, precision="auto", cpu_threads=0),
+        "super": dict(steps=12000, seq_len=2048, global_batch=256, micro_batch=8, val_every=128,
+                      val_sequences=5120, target_loss=3.28, log_every=10),
+        "ultra": dict(steps=100000, seq_len=2048, global_batch=256, micro_batch=8, val_every=128,
+                      val_sequences=5120, target_loss=3.28),
+        "moonlet": dict(steps=10000, seq_len=4096, global_batch=8, micro_batch=1, val_every=500,
+                        val_sequences=64),
+        "moonlight": dict(steps=10000, seq_len=4096, global_batch=64, micro_batch=1,
+                          val_every=500, val_sequences=256,
+                          parallel=dict(expert_parallel="all", dispatcher="nccl")),
+    }
+    if name not in runs:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(runs)}")
+    return runs[name]
+
+
+PRESET_NAMES = ("tiny", "super", "ultra", "moonlet", "moonlight")
+
+
+def preset_config(name: str) -> TrainConfig:
+    """The training config of preset ``name``."""
+    fields = _train_preset(name)
+    return TrainConfig(
+        preset=name, model=model_preset(name), optim=optimizer_preset(name), **fields
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# TOML with ${NMOE_*} variables
+
+_VAR = re.compile(r"\$\{([^}:]*)(?::-([^}]*))?\}")
+
+
+class ConfigFileError(ValueError):
+    """A config file is unreadable or uses a variable it may not."""
+
+
+def expand_variables(value: Any, where: str = "") -> Any:
+    """Expand ``${NMOE_X}`` / ``${NMOE_X:-default}`` in every string of a TOML tree."""
+    if isinstance(value, dict):
+        return {k: expand_variables(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_variables(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if not re.fullmatch(r"NMOE_[A-Z0-9_]+", name):
+            raise ConfigFileError(
+                f"{where}: variable ${{{name}}} is not allowed; config files may only use "
+                f"${{NMOE_*}} variables (upper case, e.g. ${{NMOE_DATA}})"
+            )
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigFileError(
+            f"{where}: variable ${{{name}}} is not set; export it or write ${{{name}:-default}}"
+        )
+
+    expanded = _VAR.sub(substitute, value)
+    if "${" in expanded:
+        raise ConfigFileError(f"{where}: malformed variable reference in {value!r}")
+    return expanded
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_toml(path: Path) -> TrainConfig:
+    """Read a TOML config. A top-level ``preset = "NAME"`` starts from that preset and the rest
+    of the file overrides it; otherwise the file must give ``model`` and ``optim`` in full."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigFileError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigFileError(f"{path}: invalid TOML: {err}") from None
+    raw = expand_variables(raw)
+    preset = raw.get("preset")
+    if preset and preset != "custom":
+        raw = _deep_merge(preset_config(preset).model_dump(), raw)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigFileError(f"{path}: {problems}") from None
+
+
+def resolve_config(spec: str, overrides: list[str]) -> TrainConfig:
+    """``spec`` is a preset name or a TOML path; ``overrides`` are ``key=value`` strings."""
+    if spec in PRESET_NAMES:
+        cfg = preset_config(spec)
+    elif spec.endswith(".toml") or Path(spec).exists():
+        cfg = load_toml(Path(spec))
+    else:
+        raise ConfigFileError(
+            f"{spec!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor a TOML file"
+        )
+    parsed: dict[str, str] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigFileError(f"override {item!r} is not key=value (e.g. steps=100)")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = value
+    return apply_overrides(cfg, parsed) if parsed else cfg

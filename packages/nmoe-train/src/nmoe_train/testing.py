@@ -1,0 +1,31 @@
+"""Helpers for nmoe-train's own tests and for users testing configs: run ``n`` in a subprocess
+with a model small enough to step in well under a second on a CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A model small enough that a CPU step takes well under a second.
+SMALL = [
+    "model.dim=64", "model.n_layers=2", "model.inter_dim=128", "model.attention.n_heads=2",
+    "model.attention.local_window=16", "model.moe.n_routed_experts=4",
+    "model.moe.n_activated_experts=2", "model.moe.moe_inter_dim=32", "model.moe.n_dense_layers=1",
+    "seq_len=32", "global_batch=8", "val_sequences=8", "log_every=1", "cpu_threads=1",
+]
+
+
+def run_n(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600,
+          torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Run ``n ARGS`` (or ``torchrun -m nmoe_train ARGS``) in a subprocess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    full_env.update(env or {})
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={torchrun}", "-m", "nmoe_train", *args]
+    else:
+        cmd = [sys.executable, "-m", "nmoe_train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)

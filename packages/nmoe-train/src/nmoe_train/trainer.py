@@ -1,0 +1,585 @@
+"""The training loop: one process on CPU or one GPU, or torchrun over several GPUs or nodes.
+
+A step: set the learning rates (WSD) -> for each micro-batch, forward (bf16 autocast on GPU) and
+backward of the loss normalised by the global target count -> sum gradients over ranks (ZeRO-2
+reduce-scatter) -> clip by the global norm -> optimizer step on owned shards -> all-gather ->
+router-bias update from the loads summed over ranks -> metrics. Validation every ``val_every``
+steps on a held-out split; the run stops at ``steps``, at ``target_loss`` or at ``max_time_s``.
+Checkpoints are asynchronous and a run resumes exactly from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nmoe_core.model import Transformer
+from nmoe_core.progress import Progress, format_count, format_duration
+from nmoe_core.weights import flatten_optimizer_state, unflatten_optimizer_state
+from nmoe_train.checkpoint import Checkpointer
+from nmoe_train.config import TrainConfig
+from nmoe_train.distributed import (
+    DistInfo,
+    SingleProcessOptimizer,
+    Zero2Optimizer,
+    all_reduce_sum,
+    init_distributed,
+)
+from nmoe_train.metrics import MetricsDB
+
+# Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; matched on torch.cuda.get_device_name().
+_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "GB200": 2500.0, "A100": 312.0}
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run reports."""
+
+    run_id: str
+    run_dir: Path
+    status: str  # completed | target_reached | time_limit | failed_nan
+    steps: int
+    tokens: int
+    train_time_s: float
+    final_val_loss: float | None
+    target_reached: bool
+    step_to_target: int | None = None
+    tokens_to_target: int | None = None
+    time_to_target_s: float | None = None
+    tokens_per_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+def _hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the GPU by name, None on CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in sorted(_PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 * N_active`` (non-embedding active parameters: every matmul
+    weight a token passes through, the lm head included, routed experts counted top-k of E)
+    plus causal attention ``6 * L * H * d_qk * S`` (half of the PaLM ``12 L H Q T`` term)."""
+    cfg = model.cfg
+    counts = model.num_params()
+    n_active = counts["active"] - counts["embedding"]
+    att = cfg.attention
+    if att.kind == "mla":
+        qk_dim = att.qk_nope_head_dim + att.qk_rope_head_dim
+        v_dim = att.v_head_dim
+    else:
+        qk_dim = v_dim = cfg.head_dim
+    attn = 3 * cfg.n_layers * att.n_heads * (qk_dim + v_dim) * seq_len
+    return 6.0 * n_active + attn
+
+
+class Trainer:
+    """Builds everything a run needs from a `TrainConfig` and runs it (`run`)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None, quiet: bool = False):
+        self.cfg = cfg
+        self.quiet = quiet
+        device_kind = self._device_kind()
+        self.dist: DistInfo = init_distributed(device_kind)
+        self.device = self.dist.device
+        self.precision = cfg.precision if cfg.precision != "auto" else (
+            "bf16-mixed" if device_kind == "cuda" else "fp32"
+        )
+        if device_kind == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        self.fingerprint = cfg.fingerprint()
+        self.run_id, self.run_dir = self._run_identity(run_dir)
+        self._build_model()
+        self._build_optimizer()
+        self._build_data()
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", keep_last=cfg.keep_checkpoints, rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            barrier=dist.barrier if self.dist.is_distributed else None,
+        )
+        self.metrics = MetricsDB(self.run_dir / "metrics.db") if self.dist.is_main else None
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_time_s = 0.0
+        self.val_history: list[tuple[int, float]] = []
+        self.target: dict[str, Any] | None = None
+        self.resumed_from: Path | None = None
+        self._saved_step: int | None = None
+        if cfg.resume:
+            self._maybe_resume()
+
+    # ----------------------------------------------------------------------------------------
+    # Setup
+
+    def _device_kind(self) -> str:
+        want = self.cfg.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but torch sees no CUDA GPU")
+        if want == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return want
+
+    def _run_identity(self, run_dir: Path | None) -> tuple[str, Path]:
+        cfg = self.cfg
+        name = cfg.run_name or f"{cfg.preset}-{self.fingerprint[:8]}"
+        run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root).expanduser() / name
+        if self.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_distributed:
+            dist.barrier()
+        return name, run_dir
+
+    def _build_model(self) -> None:
+        cfg, info = self.cfg, self.dist
+        expert_parallel = cfg.parallel.expert_parallel == "all" and info.world_size > 1
+        ep_rank, ep_world = (info.rank, info.world_size) if expert_parallel else (0, 1)
+        model = Transformer(cfg.model, ep_rank=ep_rank, ep_world_size=ep_world, seed=cfg.seed)
+        self.model = model.to(self.device)
+        self.expert_parallel = expert_parallel
+        if expert_parallel:
+            from nmoe_comm import create_dispatcher
+
+            micro = cfg.micro_batch or cfg.global_batch // info.world_size
+            capacity = micro * cfg.seq_len * cfg.model.moe.n_activated_experts * info.world_size
+            self.model.set_dispatchers(lambda layer: create_dispatcher(
+                cfg.parallel.dispatcher, num_experts=layer.num_experts, capacity=capacity,
+                world_size=info.world_size, rank=info.rank))
+        if cfg.activation_checkpointing:
+            self._enable_checkpointing()
+
+    def _enable_checkpointing(self) -> None:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.model.layers:
+            forward = block.forward
+
+            def wrapped(x, start_pos=0, cache=None, _forward=forward):
+                if cache is not None or not torch.is_grad_enabled():
+                    return _forward(x, start_pos, cache)
+                return checkpoint(_forward, x, start_pos, None, use_reentrant=False)
+
+            block.forward = wrapped
+
+    def _local_param_ids(self) -> set[int]:
+        if not self.expert_parallel:
+            return set()
+        return {id(p) for _, p in self.model.param_kinds()["expert"]}
+
+    def _build_optimizer(self) -> None:
+        cfg, info = self.cfg, self.dist
+        if info.is_distributed:
+            self.optimizer: Any = Zero2Optimizer(
+                self.model, cfg.optim, self._local_param_ids(), info.rank, info.world_size,
+                chunk_bytes=cfg.parallel.zero2_chunk_mb << 20,
+            )
+        else:
+            self.optimizer = SingleProcessOptimizer(self.model, cfg.optim)
+
+    def _dataset_dirs(self) -> list[tuple[Path, float]]:
+        from nmoe_train.data import ensure_builtin_dataset
+
+        root = Path(self.cfg.data.data_root).expanduser()
+        out = []
+        for source in self.cfg.data.sources:
+            if source.path.startswith("builtin:"):
+                name = source.path.split(":", 1)[1]
+                if self.dist.is_main:
+                    path = ensure_builtin_dataset(name, root, self.cfg.model.tokenizer,
+                                                  progress=not self.quiet)
+                if self.dist.is_distributed:
+                    dist.barrier()
+                path = ensure_builtin_dataset(name, root, self.cfg.model.tokenizer, progress=False)
+            else:
+                path = Path(source.path).expanduser()
+            out.append((path, source.weight))
+        return out
+
+    def _build_data(self) -> None:
+        from nmoe_train.data import TokenLoader
+
+        cfg, info = self.cfg, self.dist
+        if cfg.global_batch % info.world_size:
+            raise ValueError(
+                f"global_batch={cfg.global_batch} must be divisible by the world size "
+                f"{info.world_size}"
+            )
+        self.local_batch = cfg.global_batch // info.world_size
+        self.micro_batch = cfg.micro_batch or self.local_batch
+        if self.local_batch % self.micro_batch:
+            raise ValueError(
+                f"micro_batch={self.micro_batch} must divide the per-rank batch "
+                f"{self.local_batch} (global_batch / world_size)"
+            )
+        if cfg.data.synthetic:
+            self.train_loader = None
+            self.val_dataset = None
+            self._synthetic_gen = torch.Generator().manual_seed(cfg.seed * 7919 + info.rank)
+            return
+        datasets = self._dataset_dirs()
+        self.train_loader = TokenLoader(
+            datasets, "train", cfg.seq_len, cfg.global_batch, info.rank, info.world_size,
+            seed=cfg.seed,
+        )
+        self.val_dataset = Path(cfg.data.val_source).expanduser() if cfg.data.val_source else (
+            datasets[0][0]
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _shared_and_local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        local_ids = self._local_param_ids()
+        shared, local = {}, {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            (local if id(tensor) in local_ids else shared)[name] = tensor.detach()
+        opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
+        for key, tensor in opt_tensors.items():
+            local[f"optimizer/{key}"] = tensor
+        local["rng/cpu"] = torch.get_rng_state()
+        self._opt_meta = opt_meta
+        return shared, local
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint this step (asynchronous); metrics up to it are flushed to disk first, so a
+        run killed later resumes with a database that matches the checkpoint's timeline."""
+        if self._saved_step == self.step:
+            return
+        self._saved_step = self.step
+        if self.metrics is not None:
+            self.metrics.flush()
+        shared, local = self._shared_and_local_state()
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_time_s": self.train_time_s,
+            "fingerprint": self.fingerprint,
+            "run_id": self.run_id,
+            "config": self.cfg.model_dump(mode="json"),
+            "val_history": self.val_history,
+            "target": self.target,
+        }
+        rank_meta = {
+            "optimizer": self._opt_meta,
+            "loader": self.train_loader.state_dict() if self.train_loader else None,
+        }
+        self.checkpointer.save(self.step, shared, local, meta, rank_meta)
+
+    def _maybe_resume(self) -> None:
+        latest = self.checkpointer.latest()
+        for problem in self.checkpointer.problems:
+            self._print(f"checkpoint skipped: {problem}")
+        if latest is None:
+            return
+        shared, local, meta, rank_meta = self.checkpointer.load(latest, device=self.device)
+        if meta["fingerprint"] != self.fingerprint:
+            raise RuntimeError(
+                f"{latest} was written by a run with config fingerprint {meta['fingerprint']}, "
+                f"this config has {self.fingerprint}: model, optimizer or data order changed. "
+                f"Use another run_name, or resume=false to start over"
+            )
+        state = {**shared, **{k: v for k, v in local.items() if "/" not in k}}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{latest}: model state mismatch (missing {missing}, unexpected "
+                               f"{unexpected})")
+        opt_tensors = {k[len("optimizer/"):]: v for k, v in local.items()
+                       if k.startswith("optimizer/")}
+        self.optimizer.load_state_dict(
+            unflatten_optimizer_state(opt_tensors, rank_meta["optimizer"])
+        )
+        torch.set_rng_state(local["rng/cpu"].cpu())
+        if self.train_loader is not None and rank_meta.get("loader"):
+            self.train_loader.load_state_dict(rank_meta["loader"])
+        self.step = int(meta["step"])
+        self.tokens_seen = int(meta["tokens_seen"])
+        self.train_time_s = float(meta["train_time_s"])
+        self.val_history = [tuple(x) for x in meta.get("val_history", [])]
+        self.target = meta.get("target")
+        self.resumed_from = latest
+        self._saved_step = self.step
+
+    # ----------------------------------------------------------------------------------------
+    # One step
+
+    def _autocast(self):
+        if self.precision == "bf16-mixed":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.train_loader is None:
+            vocab = self.cfg.model.vocab_size
+            tokens = torch.randint(0, vocab, (self.local_batch, self.cfg.seq_len + 1),
+                                   generator=self._synthetic_gen)
+            return tokens[:, :-1], tokens[:, 1:]
+        return self.train_loader.next_batch()
+
+    def _count_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        ignore = self.model.ignore_index
+        count = (targets != ignore).sum().to(torch.float64).reshape(1)
+        return all_reduce_sum(count.to(self.device)).clamp_min(1.0)
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        lrs = self.optimizer.set_lr(self.step, self.tokens_seen)
+        inputs, targets = self._next_batch()
+        global_targets = self._count_targets(targets)
+        n_micro = self.local_batch // self.micro_batch
+        n_total_micro = n_micro * self.dist.world_size
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # lm sum, mtp, aux, n
+        mtp_weight = cfg.model.mtp_weight(self.tokens_seen)
+        self.model.train()
+        for micro in range(n_micro):
+            rows = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
+            x = inputs[rows].to(self.device, non_blocking=True)
+            y = targets[rows].to(self.device, non_blocking=True)
+            with self._autocast():
+                out = self.model(x, y, mtp_weight=mtp_weight)
+            loss = out.lm_loss_sum / global_targets.to(out.lm_loss_sum.dtype)
+            if out.mtp_loss is not None:
+                loss = loss + mtp_weight * out.mtp_loss / n_total_micro
+                totals[1] += out.mtp_loss.detach().double()
+            if out.aux_loss is not None:
+                loss = loss + cfg.model.moe.aux_loss_alpha * out.aux_loss / n_total_micro
+                totals[2] += out.aux_loss.detach().double()
+            loss.backward()
+            totals[0] += out.lm_loss_sum.detach().double()
+            totals[3] += 1
+        self.optimizer.reduce_gradients()
+        grad_norm = all_reduce_sum(self.optimizer.grad_norm_sq_local().double().reshape(1)).sqrt()
+        if cfg.optim.grad_clip is not None and grad_norm.item() > cfg.optim.grad_clip:
+            self.optimizer.scale_gradients(cfg.optim.grad_clip / (grad_norm.item() + 1e-6))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        loads = all_reduce_sum(self.model.router_loads().to(self.device))
+        self.model.update_router_biases(
+            loads, cfg.model.moe.router_bias_update_rate * lrs["router_lr_scale"]
+        )
+        all_reduce_sum(totals)
+        self.step += 1
+        self.tokens_seen += cfg.global_batch * cfg.seq_len
+        stats = {
+            "train/loss": (totals[0] / global_targets).item(),
+            "train/grad_norm": grad_norm.item(),
+            "tokens_seen": float(self.tokens_seen),
+        }
+        if totals[1]:
+            stats["train/mtp_loss"] = (totals[1] / totals[3]).item()
+        if totals[2]:
+            stats["train/aux_loss"] = (totals[2] / totals[3]).item()
+        for name, value in lrs.items():
+            if name != "router_lr_scale":
+                stats[f"lr/{name}"] = value
+        stats.update(self._router_stats(loads))
+        return stats
+
+    @staticmethod
+    def _router_stats(loads: torch.Tensor) -> dict[str, float]:
+        stats = {}
+        for i, load in enumerate(loads.double().cpu()):
+            mean = load.mean().clamp_min(1e-9)
+            stats[f"router/layer_{i:02d}/cv"] = (load.std(unbiased=False) / mean).item()
+            stats[f"router/layer_{i:02d}/max_load"] = (load.max() / mean).item()
+            stats[f"router/layer_{i:02d}/dead"] = float((load == 0).sum())
+        return stats
+
+    # ----------------------------------------------------------------------------------------
+    # Validation
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean next-token loss over the first ``val_sequences`` windows of the val split."""
+        if self.val_dataset is None:
+            return None
+        from nmoe_train.data import TokenLoader
+
+        cfg, info = self.cfg, self.dist
+        val_global = max(info.world_size, cfg.val_sequences // info.world_size * info.world_size)
+        loader = TokenLoader(self.val_dataset, "val", cfg.seq_len, val_global, info.rank,
+                             info.world_size, seed=0, shuffle=False)
+        inputs, targets = loader.next_batch()
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(0, inputs.shape[0], self.micro_batch):
+            x = inputs[start : start + self.micro_batch].to(self.device)
+            y = targets[start : start + self.micro_batch].to(self.device)
+            with self._autocast():
+                out = self.model(x, y)
+            totals[0] += out.lm_loss_sum.double()
+            totals[1] += out.num_targets.double()
+        self.model.train()
+        all_reduce_sum(totals)
+        return (totals[0] / totals[1].clamp_min(1)).item()
+
+    # ----------------------------------------------------------------------------------------
+    # The loop
+
+    def _print(self, message: str) -> None:
+        if self.dist.is_main and not self.quiet:
+            progress = getattr(self, "_progress", None)
+            if progress is not None:
+                progress.write(message)
+            else:
+                print(message, file=sys.stderr, flush=True)
+
+    def startup_report(self) -> list[str]:
+        cfg, info = self.cfg, self.dist
+        counts = self.model.num_params()
+        moe = cfg.model.moe
+        dispatcher = self.model.moe_layers()[0].dispatcher if self.model.moe_layers() else None
+        dispatcher_name = cfg.parallel.dispatcher if self.expert_parallel else "local"
+        arch = "cpu"
+        if self.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(self.device)
+            arch = f"sm_{major}{minor}"
+        lines = [
+            f"run {self.run_id}  ->  {self.run_dir}",
+            f"device {_hardware_name(self.device)} x{info.world_size}, precision {self.precision}"
+            f", fingerprint {self.fingerprint}",
+            f"model {cfg.preset}: {format_count(counts['total'])} params, "
+            f"{format_count(counts['active'])} active/token, {cfg.model.n_layers} layers, "
+            f"dim {cfg.model.dim}, experts {moe.n_routed_experts} top-{moe.n_activated_experts} "
+            f"+{moe.n_shared_experts} shared",
+            f"moe backend: {moe.backend} ({arch}, {self.precision}), "
+            f"dispatcher {dispatcher_name}"
+            + (f", capacity {dispatcher.capacity} rows" if dispatcher is not None else ""),
+            f"batch {cfg.global_batch} x {cfg.seq_len} tokens/step (micro {self.micro_batch}/rank)"
+            f", steps {cfg.steps}, target {cfg.target_loss}",
+            f"data: {self.train_loader.describe() if self.train_loader else 'synthetic tokens'}",
+        ]
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            lines.append(f"gpu memory: {total / 2**30:.1f} GiB total, {free / 2**30:.1f} free")
+        lines += ["optimizer: " + line for line in self.optimizer.param_groups_summary()]
+        if self.resumed_from:
+            lines.append(f"resumed from {self.resumed_from} at step {self.step}")
+        return lines
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        for line in self.startup_report():
+            self._print(line)
+        if self.metrics is not None:
+            self.metrics.start_run(self.run_id, cfg.preset, cfg.model_dump(mode="json"),
+                                   self.fingerprint, self.dist.world_size,
+                                   resume_step=self.step if self.resumed_from else None)
+        flops_tok = flops_per_token(self.model, cfg.seq_len)
+        peak = peak_tflops(self.device)
+        status, losses = "completed", []
+        self._progress = None
+        if self.dist.is_main and not self.quiet and sys.stderr.isatty():
+            self._progress = Progress(cfg.steps, "train", unit="step", initial=self.step)
+        progress = self._progress
+        try:
+            while self.step < cfg.steps:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t0 = time.perf_counter()
+                stats = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.train_time_s += dt
+                losses.append(stats["train/loss"])
+                tokens_per_s = cfg.global_batch * cfg.seq_len / dt
+                stats["throughput/tokens_per_s"] = tokens_per_s
+                stats["throughput/tokens_per_s_per_gpu"] = tokens_per_s / self.dist.world_size
+                stats["throughput/ms_per_step"] = dt * 1000
+                if peak:
+                    stats["efficiency/mfu"] = (
+                        flops_tok * tokens_per_s / self.dist.world_size / (peak * 1e12)
+                    )
+                if self.device.type == "cuda":
+                    stats["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if not math.isfinite(stats["train/loss"]):
+                    status = "failed_nan"
+                    self._print(f"step {self.step}: non-finite loss, stopping")
+                    break
+                status = self._after_step(stats, progress)
+                if status != "running":
+                    break
+                status = "completed"
+        finally:
+            if progress is not None:
+                progress.close()
+        return self._finish(status, losses)
+
+    def _after_step(self, stats: dict[str, float], progress) -> str:
+        cfg = self.cfg
+        result = "running"
+        if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+            val = self.validate()
+            if val is not None:
+                stats["val/loss"] = val
+                self.val_history.append((self.step, val))
+                self._print(f"step {self.step}: val loss {val:.4f} "
+                            f"({format_duration(self.train_time_s)} of training)")
+                if cfg.target_loss is not None and val <= cfg.target_loss and not self.target:
+                    self.target = {"step": self.step, "tokens": self.tokens_seen,
+                                   "train_time_s": self.train_time_s, "val_loss": val}
+                    result = "target_reached"
+        if self.metrics is not None:
+            self.metrics.log(self.step, stats)
+        if progress is not None:
+            progress.update(1, loss=f"{stats['train/loss']:.3f}",
+                            tok_s=format_count(stats["throughput/tokens_per_s"]))
+        if progress is None and (self.step % cfg.log_every == 0 or self.step == 1):
+            lr = stats.get("lr/dense", stats.get("lr/matrix", 0.0))
+            self._print(
+                f"step {self.step}/{cfg.steps} | loss {stats['train/loss']:.4f} | lr {lr:.2e} | "
+                f"grad {stats['train/grad_norm']:.2f} | "
+                f"{format_count(stats['throughput/tokens_per_s'])} tok/s | "
+                f"{stats['throughput/ms_per_step']:.0f} ms/step"
+            )
+        if cfg.max_time_s and self.train_time_s >= cfg.max_time_s and result == "running":
+            result = "time_limit"
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        return result
+
+    def _finish(self, status: str, losses: list[float]) -> TrainResult:
+        self.save_checkpoint()
+        self.checkpointer.close()
+        final_val = self.val_history[-1][1] if self.val_history else None
+        tokens_per_s = self.tokens_seen / self.train_time_s if self.train_time_s else 0.0
+        target = self.target or {}
+        result = TrainResult(
+            run_id=self.run_id, run_dir=self.run_dir, status=status, steps=self.step,
+            tokens=self.tokens_seen, train_time_s=self.train_time_s, final_val_loss=final_val,
+            target_reached=bool(self.target), step_to_target=target.get("step"),
+            tokens_to_target=target.get("tokens"), time_to_target_s=target.get("train_time_s"),
+            tokens_per_s=tokens_per_s, losses=losses,
+        )
+        if self.metrics is not None:
+            results = {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in result.__dict__.items() if k != "losses"}
+            self.metrics.finish(status, results)
+            self.metrics.close()
+            (self.run_dir / "result.json").write_text(json.dumps(results, indent=2))
+        self._print(
+            f"{status}: {self.step} steps, {format_count(self.tokens_seen)} tokens in "
+            f"{format_duration(self.train_time_s)} ({format_count(tokens_per_s)} tokens/s)"
+            + (f", val loss {final_val:.4f}" if final_val is not None else "")
+        )
+        return result
+

@@ -1,0 +1,88 @@
+"""Training config: presets, overrides with suggestions, TOML variables, fingerprint."""
+
+from __future__ import annotations
+
+import pytest
+
+from nmoe_core.config import ConfigKeyError
+from nmoe_train.config import ConfigFileError, load_toml, preset_config, resolve_config
+
+
+def test_preset_and_typed_overrides():
+    cfg = resolve_config(
+        "tiny", ["steps=12", "model.moe.n_routed_experts=16", "optim.lr_dense=1e-3"]
+    )
+    assert cfg.steps == 12 and cfg.model.moe.n_routed_experts == 16
+    assert cfg.optim.lr_dense == 1e-3 and cfg.preset == "tiny"
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ConfigKeyError, match="did you mean steps"):
+        resolve_config("tiny", ["stepz=3"])
+    with pytest.raises(ConfigKeyError, match="model.moe.n_routed_experts"):
+        resolve_config("tiny", ["model.moe.n_routed_expert=3"])
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ValueError, match="steps"):
+        resolve_config("tiny", ["steps=many"])
+    with pytest.raises(ValueError, match="seq_len"):
+        resolve_config("tiny", ["seq_len=100000"])
+    with pytest.raises(ConfigFileError, match="key=value"):
+        resolve_config("tiny", ["steps"])
+    with pytest.raises(ConfigFileError, match="neither a preset"):
+        resolve_config("tinyy", [])
+
+
+def test_toml_with_nmoe_variables(tmp_path, monkeypatch):
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'preset = "tiny"\n'
+        'steps = 7\n'
+        'runs_root = "${NMOE_RUNS}/x"\n'
+        '[data]\n'
+        'data_root = "${NMOE_DATA_ROOT:-/tmp/default}"\n'
+        '[model.moe]\n'
+        'n_routed_experts = 4\n'
+    )
+    monkeypatch.setenv("NMOE_RUNS", "/scratch")
+    monkeypatch.delenv("NMOE_DATA_ROOT", raising=False)
+    cfg = load_toml(path)
+    assert cfg.steps == 7 and cfg.runs_root == "/scratch/x"
+    assert cfg.data.data_root == "/tmp/default" and cfg.model.moe.n_routed_experts == 4
+    assert cfg.model.dim == preset_config("tiny").model.dim  # rest comes from the preset
+
+
+@pytest.mark.parametrize("value,message", [
+    ("${HOME}/x", "HOME.*not allowed"),
+    ("${NMOE_UNSET_VARIABLE}", "NMOE_UNSET_VARIABLE.*not set"),
+    ("${nmoe_lower}", "not allowed"),
+])
+def test_toml_variable_errors_name_the_variable(tmp_path, monkeypatch, value, message):
+    monkeypatch.delenv("NMOE_UNSET_VARIABLE", raising=False)
+    path = tmp_path / "bad.toml"
+    path.write_text(f'preset = "tiny"\nruns_root = "{value}"\n')
+    with pytest.raises(ConfigFileError, match=message):
+        load_toml(path)
+
+
+def test_toml_unknown_key_and_syntax(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('preset = "tiny"\n[optim]\nlr_dens = 1.0\n')
+    with pytest.raises(ConfigFileError, match="optim.lr_dens"):
+        load_toml(path)
+    path.write_text("steps = = 3\n")
+    with pytest.raises(ConfigFileError, match="invalid TOML"):
+        load_toml(path)
+    with pytest.raises(ConfigFileError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_fingerprint_covers_math_not_run_length():
+    base = preset_config("tiny")
+    same = resolve_config("tiny", ["steps=99999", "log_every=3", "checkpoint_every=7",
+                                   "target_loss=1.0", "run_name=x", "val_every=5"])
+    assert base.fingerprint() == same.fingerprint()
+    for change in ["seed=1", "optim.lr_dense=1e-2", "model.dim=192", "global_batch=32",
+                   "seq_len=128", 'data.sources=[{"path": "/elsewhere"}]']:
+        assert resolve_config("tiny", [change]).fingerprint() != base.fingerprint(), change
