@@ -32,12 +32,14 @@ def seed():
     return s
 
 
-def test_chunked_cross_entropy_matches_full_logits(seed):
+@pytest.mark.parametrize("keep_bytes", [0, 2**20])
+def test_chunked_cross_entropy_matches_full_logits(seed, keep_bytes):
     hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
     targets[::5] = -100
-    loss_sum, count = chunked_cross_entropy(hidden, weight, targets, chunk_size=8)
+    loss_sum, count = chunked_cross_entropy(hidden, weight, targets, chunk_size=8,
+                                            keep_bytes=keep_bytes)
     want = F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100, reduction="sum")
     assert count == (targets != -100).sum()
     assert torch.allclose(loss_sum, want, atol=1e-10), f"seed {seed}"

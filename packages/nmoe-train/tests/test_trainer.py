@@ -96,15 +96,16 @@ def test_bad_override_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_speedrun_tiny_shortened_writes_leaderboard(tmp_path, data_root):
-    """The README's first command, shortened: a few hundred steps of the tiny preset."""
-    result = run_n(["speedrun", "tiny", f"data.data_root={data_root}", "steps=60",
-                    "val_every=20", "target_loss=7.0", "cpu_threads=2"], tmp_path,
+    """The README's first command, shortened: 40 steps of the tiny preset."""
+    result = run_n(["speedrun", "tiny", f"data.data_root={data_root}", "steps=40",
+                    "val_every=20", "target_loss=6.3", "cpu_threads=2"], tmp_path,
                    env={"OMP_NUM_THREADS": "2"}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     board = json.loads((tmp_path / "runs" / "LEADERBOARD.json").read_text())
     entry = board["runs"][-1]
     assert entry["config"] == "tiny" and entry["target_reached"] is True
-    assert entry["final_loss"] <= 7.0 and entry["hardware"] == "cpu"
+    # 6.3 is below the corpus's unigram entropy (6.43 nats/token).
+    assert entry["final_loss"] <= 6.3 and entry["hardware"] == "cpu"
     assert {"config", "hardware", "n_gpus", "dtype", "final_loss", "tokens", "steps",
             "wall_time_s", "target_reached", "date", "run_id"} <= set(entry)
     run_dir = tmp_path / "runs" / entry["run_id"]

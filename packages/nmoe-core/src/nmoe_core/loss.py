@@ -2,7 +2,8 @@
 
 The forward walks the rows in chunks, keeping only each row's log-sum-exp; the backward
 recomputes each chunk's logits to form ``softmax - onehot``. Peak memory is one chunk of logits
-(``chunk_size x V`` float32) instead of all of them.
+(``chunk_size x V`` float32) instead of all of them. Where memory is plentiful (a CPU run of a
+small model) the caller may let the forward keep the probabilities (``keep_bytes``).
 """
 
 from __future__ import annotations
@@ -10,29 +11,47 @@ from __future__ import annotations
 import torch
 
 
+def _softmax_chunk(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: ``logits`` becomes ``softmax(logits)``; returns it and the row log-sum-exp.
+    One max pass, one fused subtract-exp pass, one sum, one divide: no temporaries of the
+    chunk's size."""
+    row_max = logits.amax(dim=-1, keepdim=True)
+    probs = logits.sub_(row_max).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    return probs, (total.log_() + row_max).squeeze(1)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, targets_N, ignore_index: int, chunk_size: int):
-        num_rows = hidden_ND.shape[0]
+    def forward(ctx, hidden_ND, weight_VD, targets_N, ignore_index: int, chunk_size: int,
+                keep_bytes: int):
+        num_rows, vocab = hidden_ND.shape[0], weight_VD.shape[0]
         acc = torch.promote_types(hidden_ND.dtype, torch.float32)
+        keep = num_rows * vocab * acc.itemsize <= keep_bytes
         lse_N = torch.empty(num_rows, dtype=acc, device=hidden_ND.device)
         loss_sum = torch.zeros((), dtype=acc, device=hidden_ND.device)
         valid_N = targets_N != ignore_index
         safe_targets = torch.where(valid_N, targets_N, 0)
+        kept = []
         for start in range(0, num_rows, chunk_size):
             end = min(start + chunk_size, num_rows)
             logits = (hidden_ND[start:end] @ weight_VD.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            lse_N[start:end] = lse
             target_logit = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
+            probs, lse = _softmax_chunk(logits)
+            lse_N[start:end] = lse
             loss_sum += ((lse - target_logit) * valid_N[start:end]).sum()
+            if keep:
+                kept.append(probs)
         ctx.save_for_backward(hidden_ND, weight_VD, safe_targets, valid_N, lse_N)
         ctx.chunk_size = chunk_size
+        ctx.kept = kept
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_loss):
         hidden_ND, weight_VD, targets_N, valid_N, lse_N = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None
         grad_hidden = torch.empty_like(hidden_ND) if ctx.needs_input_grad[0] else None
         acc = lse_N.dtype
         grad_weight = (
@@ -40,10 +59,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[1]
             else None
         )
-        for start in range(0, hidden_ND.shape[0], ctx.chunk_size):
+        for index, start in enumerate(range(0, hidden_ND.shape[0], ctx.chunk_size)):
             end = min(start + ctx.chunk_size, hidden_ND.shape[0])
             h = hidden_ND[start:end]
-            probs = ((h @ weight_VD.t()).to(acc) - lse_N[start:end, None]).exp_()
+            if kept:
+                probs = kept[index]
+            else:
+                probs = ((h @ weight_VD.t()).to(acc) - lse_N[start:end, None]).exp_()
             rows = torch.arange(end - start, device=h.device)
             probs[rows, targets_N[start:end]] -= 1.0
             probs *= (valid_N[start:end].to(acc) * grad_loss)[:, None]
@@ -54,7 +76,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 grad_weight += (g.t() @ h).to(acc)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VD.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -63,6 +85,7 @@ def chunked_cross_entropy(
     targets_N: torch.Tensor,
     ignore_index: int = -100,
     chunk_size: int = 8192,
+    keep_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets`` and the count it covers.
 
@@ -73,6 +96,9 @@ def chunked_cross_entropy(
             excluded from the sum and the count.
         ignore_index: target value to skip.
         chunk_size: rows per chunk; peak extra memory is ``chunk_size * V`` float32.
+        keep_bytes: when all ``N * V`` probabilities fit in this many bytes, the forward keeps
+            them for the backward instead of recomputing the logits there (one matmul and two
+            elementwise passes fewer; worth it on CPU). 0 always recomputes.
 
     Returns:
         ``(loss_sum, count)``: float32 (float64 for float64 inputs) scalar sum of per-row losses
@@ -87,6 +113,6 @@ def chunked_cross_entropy(
     if targets_N.shape != hidden_ND.shape[:1]:
         raise ValueError(f"targets_N {tuple(targets_N.shape)} must be [{hidden_ND.shape[0]}]")
     loss_sum = _ChunkedCrossEntropy.apply(
-        hidden_ND, weight_VD, targets_N.long(), ignore_index, chunk_size
+        hidden_ND, weight_VD, targets_N.long(), ignore_index, chunk_size, keep_bytes
     )
     return loss_sum, (targets_N != ignore_index).sum()

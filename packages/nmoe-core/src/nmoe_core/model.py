@@ -147,6 +147,9 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg, d) for d in range(cfg.mtp_depth))
         self.ignore_index = cfg.eos_token_id if cfg.loss_mask_eos else -100
+        # Bytes of softmax probabilities the loss may keep from forward to backward instead of
+        # recomputing the logits (`nmoe_core.loss`); a memory/speed trade set by the runtime.
+        self.loss_keep_bytes = 0
         self.init_weights(seed)
 
     # ----------------------------------------------------------------------------------------
@@ -275,7 +278,8 @@ class Transformer(nn.Module):
             labels = targets_BS[:, depth + 1 : depth + 1 + length]
             hid, w = self._loss_inputs(module.norm(h_BSD).reshape(-1, h_BSD.shape[-1]))
             loss_sum, _ = chunked_cross_entropy(
-                hid, w, labels.reshape(-1), self.ignore_index, self.cfg.loss_chunk_size
+                hid, w, labels.reshape(-1), self.ignore_index, self.cfg.loss_chunk_size,
+                self.loss_keep_bytes,
             )
             losses.append(loss_sum / (batch * seq))
         if not losses:
@@ -318,7 +322,8 @@ class Transformer(nn.Module):
             )
         hid, weight = self._loss_inputs(hidden.reshape(-1, hidden.shape[-1]))
         loss_sum, count = chunked_cross_entropy(
-            hid, weight, targets_BS.reshape(-1), self.ignore_index, self.cfg.loss_chunk_size
+            hid, weight, targets_BS.reshape(-1), self.ignore_index, self.cfg.loss_chunk_size,
+            self.loss_keep_bytes,
         )
         out.lm_loss_sum, out.num_targets = loss_sum, count
         out.lm_loss = loss_sum / count.clamp_min(1)

@@ -98,10 +98,11 @@ def _speedrun_optimizer() -> OptimizerConfig:
 
 
 def _tiny_optimizer() -> OptimizerConfig:
+    # Tuned for the CPU speedrun: ~300 steps of 4096 tokens; cosine decay over the last 700k.
     return OptimizerConfig(
         lr_dense=3e-3, lr_expert=3e-3, lr_router=3e-3, lr_muon=0.02, weight_decay=0.1,
-        use_muon=True, warmup_steps=20, hold_tokens=int(1e9), decay_tokens=int(1e9),
-        decay_floor=1e-5,
+        use_muon=True, warmup_steps=20, hold_tokens=500_000, decay_tokens=700_000,
+        decay_floor=1e-4,
     )
 
 

@@ -117,7 +117,7 @@ def speedrun_main(argv: list[str]) -> int:
         print(format_leaderboard(board))
         verdict = "reached" if result.target_reached else "did NOT reach"
         print(f"\nspeedrun {preset}: {verdict} target {cfg.target_loss} "
-              f"(val loss {entry['final_loss']}) in {entry['steps']} steps, "
+              f"(val loss {entry['final_loss']:.4f}) in {entry['steps']} steps, "
               f"{entry['wall_time_s']:.1f} s of training", file=sys.stderr)
     return 0 if result.target_reached else 1
 

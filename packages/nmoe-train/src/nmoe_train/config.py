@@ -98,6 +98,7 @@ class TrainConfig(_Config):
     runs_root: str = "runs"
     run_name: str | None = None
     log_every: int = Field(10, ge=1)
+    checkpoints: bool = Field(True, description="write checkpoints at all (false: throughput runs)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only end)")
     keep_checkpoints: int = Field(3, ge=1)
     resume: bool = True
@@ -133,8 +134,9 @@ class TrainConfig(_Config):
 
 def _train_preset(name: str) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {
-        "tiny": dict(steps=3000, seq_len=256, global_batch=16, val_every=50, val_sequences=64,
-                     target_loss=5.6, log_every=10, precision="auto", cpu_threads=0),
+        # Shakespeare (gpt2): unigram entropy 6.43 nats/token; 4.9 is perplexity 134 vs 620.
+        "tiny": dict(steps=400, seq_len=256, global_batch=16, val_every=25, val_sequences=64,
+                     target_loss=4.9, log_every=10),
         "super": dict(steps=12000, seq_len=2048, global_batch=256, micro_batch=8, val_every=128,
                       val_sequences=5120, target_loss=3.28, log_every=10),
         "ultra": dict(steps=100000, seq_len=2048, global_batch=256, micro_batch=8, val_every=128,

@@ -155,6 +155,9 @@ class Trainer:
         ep_rank, ep_world = (info.rank, info.world_size) if expert_parallel else (0, 1)
         model = Transformer(cfg.model, ep_rank=ep_rank, ep_world_size=ep_world, seed=cfg.seed)
         self.model = model.to(self.device)
+        if self.device.type == "cpu":
+            # Plenty of host memory, little compute: keep the loss's softmax for the backward.
+            self.model.loss_keep_bytes = 2 << 30
         self.expert_parallel = expert_parallel
         if expert_parallel:
             from nmoe_comm import create_dispatcher
@@ -262,7 +265,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Checkpoint this step (asynchronous); metrics up to it are flushed to disk first, so a
         run killed later resumes with a database that matches the checkpoint's timeline."""
-        if self._saved_step == self.step:
+        if self._saved_step == self.step or not self.cfg.checkpoints:
             return
         self._saved_step = self.step
         if self.metrics is not None:

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU runs (H100/H200): build, GPU tests, benchmarks and training smoke runs, in stages.
+#
+#   bash ci/gpu.sh STAGE [STAGE ...]
+#
+# Stages:
+#   setup        install every package editable (compiles nmoe_kernels._C with nvcc)
+#   tests        pytest -m "gpu or multigpu" over the whole repository
+#   bench-quant  the FP8 1x128 quantization benchmark (nmoe-kernels/bench)
+#   train-super  `n train super` for a few steps on the built-in corpus; reports tokens/s
+#
+# Logs and results go to $OUT (default ./gpu-out). Offline machines get the missing Python
+# packages from the wheelhouse (../shared/tools/gpu-wheelhouse): run each part's stash.sh first;
+# this script then puts them on PYTHONPATH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+[ -d /root/nmoe-boot ] && export PYTHONPATH=/root/nmoe-boot${PYTHONPATH:+:$PYTHONPATH}
+# NVLink multicast stays off on shared machines.
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1
+PY=${PYTHON:-python3}
+status=0
+
+stage_setup() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
+    | tee -a "$OUT/gpu.txt"
+  local pkgs=()
+  for p in packages/nmoe-*; do [ -f "$p/pyproject.toml" ] && pkgs+=(-e "$p"); done
+  local t0=$SECONDS
+  "$PY" -m pip install -q --no-build-isolation --no-deps --no-index "${pkgs[@]}" \
+    > "$OUT/setup.log" 2>&1 || { tail -40 "$OUT/setup.log"; return 1; }
+  echo "setup: installed ${pkgs[*]} in $((SECONDS - t0)) s" | tee -a "$OUT/gpu.txt"
+  "$PY" -c 'import nmoe_kernels._C as C; print("nmoe_kernels._C abi", C.ABI_VERSION, "cuda",
+C.WITH_CUDA, C.CUDA_ARCHS)' | tee -a "$OUT/gpu.txt"
+}
+
+stage_tests() {
+  "$PY" -m pytest -q -m "gpu or multigpu" -p no:cacheprovider --timeout=900 \
+    --junitxml="$OUT/gpu-tests.xml" packages tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
+stage_bench_quant() {
+  "$PY" packages/nmoe-kernels/bench/bench_quant.py --json "$OUT/bench_quant.json" 2>&1 \
+    | tee "$OUT/bench_quant.log" | tail -20
+  return "${PIPESTATUS[0]}"
+}
+
+stage_train_super() {
+  local runs=/tmp/nmoe-runs
+  rm -rf "$runs"
+  n train super steps=${SUPER_STEPS:-6} global_batch=${SUPER_BATCH:-32} \
+    micro_batch=${SUPER_MICRO:-8} val_every=0 checkpoints=false log_every=1 \
+    runs_root=$runs run_name=super-smoke data.data_root=/tmp/nmoe-data 2>&1 \
+    | tee "$OUT/train-super.log" | tail -25
+  local rc=${PIPESTATUS[0]}
+  cp "$runs/super-smoke/metrics.db" "$OUT/train-super-metrics.db" 2>/dev/null
+  cp "$runs/super-smoke/result.json" "$OUT/train-super-result.json" 2>/dev/null
+  return "$rc"
+}
+
+for stage in "$@"; do
+  echo "=== $stage ==="
+  fn="stage_${stage//-/_}"
+  if ! declare -F "$fn" >/dev/null; then echo "unknown stage $stage" >&2; exit 2; fi
+  "$fn" || { echo "stage $stage FAILED"; status=1; }
+done
+exit $status
