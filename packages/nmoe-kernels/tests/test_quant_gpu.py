@@ -44,8 +44,11 @@ def spread_input(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     got, want = got.cpu(), want.cpu()
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    got_bytes = got.contiguous().view(torch.uint8).view(got.shape[0], -1)
-    want_bytes = want.contiguous().view(torch.uint8).view(want.shape[0], -1)
+    # A fresh row-major copy: .contiguous() keeps odd strides on size-1 dims, which view() rejects.
+    got_bytes = torch.empty(got.shape, dtype=got.dtype).copy_(got).view(torch.uint8)
+    want_bytes = torch.empty(want.shape, dtype=want.dtype).copy_(want).view(torch.uint8)
+    got_bytes = got_bytes.view(got.shape[0], -1)
+    want_bytes = want_bytes.view(want.shape[0], -1)
     bad = (got_bytes != want_bytes).nonzero()
     if bad.numel():
         row, byte = bad[0].tolist()
