@@ -93,10 +93,24 @@ class MoEConfig(_Config):
     router_bias_update_rate: float = Field(1e-3, ge=0, description="loss-free balancing gamma")
     router_bias_clamp: float = Field(16.0, gt=0)
     aux_loss_alpha: float = Field(0.0, ge=0, description="Switch-style aux loss weight (0 = off)")
-    backend: Literal["torch"] = Field("torch", description="expert compute backend")
+    backend: Literal["torch", "fused"] = Field(
+        "torch",
+        description="expert compute: 'torch' (plain PyTorch, any device) or 'fused' (nmoe-kernels"
+        " grouped GEMMs with fused SwiGLU and recomputing autograd; Hopper GPUs)",
+    )
+    recipe: Literal["bf16", "fp8"] = Field(
+        "bf16",
+        description="fused-path precision: 'bf16' (all expert GEMMs BF16) or 'fp8' (forward and "
+        "dgrad expert GEMMs in FP8 E4M3 with 1x128 activation / 128x128 weight scales; BF16 "
+        "wgrad; float32/BF16 master weights)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
+        if self.recipe == "fp8" and self.backend != "fused":
+            raise ValueError(
+                "moe.recipe='fp8' needs moe.backend='fused' (the torch backend runs BF16/FP32)"
+            )
         if self.n_activated_experts > self.n_routed_experts:
             raise ValueError(
                 f"moe.n_activated_experts={self.n_activated_experts} exceeds "

@@ -175,6 +175,16 @@ class GroupedExperts(nn.Module):
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return expert_mlp_torch(x_RD, counts_E, self.w13, self.w2)
 
+    def fused_kernels(self, device: torch.device):
+        """The `nmoe_core.fused` kernel provider (Hopper kernels unless one was assigned to
+        ``self.kernels``, e.g. `ReferenceExpertKernels` in tests)."""
+        kernels = getattr(self, "kernels", None)
+        if kernels is None:
+            from nmoe_core.fused import HopperExpertKernels
+
+            kernels = self.kernels = HopperExpertKernels(device)
+        return kernels
+
 
 class MoE(nn.Module):
     """Routed experts plus shared experts, through a `Dispatcher` (inventory 2.2-2.3, 3).
@@ -202,6 +212,8 @@ class MoE(nn.Module):
         self.num_experts = moe.n_routed_experts
         self.top_k = moe.n_activated_experts
         self.aux_loss_alpha = moe.aux_loss_alpha
+        self.backend = moe.backend
+        self.recipe = moe.recipe
         self.bias_clamp = moe.router_bias_clamp
         local = moe.n_routed_experts // ep_world_size
         self.router = Router(cfg.dim, moe.n_routed_experts, self.top_k, moe.routed_scaling_factor)
@@ -254,6 +266,17 @@ class MoE(nn.Module):
         load = load / load.sum().clamp_min(1.0)
         return self.num_experts * (importance * load).sum()
 
+    def _fused(self, dispatcher: Dispatcher, dispatched, gates_TK: torch.Tensor) -> torch.Tensor:
+        from nmoe_core.fused import fused_expert_forward
+
+        if self.recipe != "bf16":
+            raise NotImplementedError(
+                f"moe.recipe={self.recipe!r} is not wired into the fused path yet; use 'bf16'"
+            )
+        kernels = self.experts.fused_kernels(dispatched.x_RD.device)
+        return fused_expert_forward(dispatcher, dispatched, gates_TK, self.experts.w13,
+                                    self.experts.w2, kernels)
+
     @torch.no_grad()
     def update_router_bias(self, load_E: torch.Tensor, rate: float) -> None:
         """Apply one loss-free balancing step from ``load_E`` and reset `load_counts`."""
@@ -276,8 +299,11 @@ class MoE(nn.Module):
         rows_TD = x_TD.to(compute_dtype) if compute_dtype is not None else x_TD
         dispatcher = self._dispatcher()
         dispatched = comm_autograd.dispatch(dispatcher, rows_TD, expert_ids_TK, gates_TK.detach())
-        y_RD = self.experts(dispatched.x_RD, dispatched.counts_E)
-        out_TD = comm_autograd.combine(dispatcher, y_RD, dispatched.handle, gates_TK)
+        if self.backend == "fused":
+            out_TD = self._fused(dispatcher, dispatched, gates_TK)
+        else:
+            y_RD = self.experts(dispatched.x_RD, dispatched.counts_E)
+            out_TD = comm_autograd.combine(dispatcher, y_RD, dispatched.handle, gates_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
         return out_TD.view(shape)

@@ -159,14 +159,17 @@ class Trainer:
             # Plenty of host memory, little compute: keep the loss's softmax for the backward.
             self.model.loss_keep_bytes = 2 << 30
         self.expert_parallel = expert_parallel
-        if expert_parallel:
-            from nmoe_comm import create_dispatcher
+        # Every MoE layer gets a dispatcher whose capacity is the worst case of one micro-batch
+        # (all of its rows, from every expert-parallel rank, on one rank): buffers and scratch are
+        # sized from it, never from the routing of the moment.
+        micro = cfg.micro_batch or cfg.global_batch // info.world_size
+        self.capacity = micro * cfg.seq_len * cfg.model.moe.n_activated_experts * ep_world
+        backend = cfg.parallel.dispatcher if expert_parallel else "local"
+        from nmoe_comm import create_dispatcher
 
-            micro = cfg.micro_batch or cfg.global_batch // info.world_size
-            capacity = micro * cfg.seq_len * cfg.model.moe.n_activated_experts * info.world_size
-            self.model.set_dispatchers(lambda layer: create_dispatcher(
-                cfg.parallel.dispatcher, num_experts=layer.num_experts, capacity=capacity,
-                world_size=info.world_size, rank=info.rank))
+        self.model.set_dispatchers(lambda layer: create_dispatcher(
+            backend, num_experts=layer.num_experts, capacity=self.capacity,
+            world_size=ep_world, rank=ep_rank))
         if cfg.activation_checkpointing:
             self._enable_checkpointing()
 
@@ -450,7 +453,8 @@ class Trainer:
         counts = self.model.num_params()
         moe = cfg.model.moe
         dispatcher = self.model.moe_layers()[0].dispatcher if self.model.moe_layers() else None
-        dispatcher_name = cfg.parallel.dispatcher if self.expert_parallel else "local"
+        dispatcher_name = dispatcher.name if dispatcher is not None else "none"
+        recipe = moe.recipe if moe.backend == "fused" else self.precision
         arch = "cpu"
         if self.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(self.device)
@@ -463,7 +467,7 @@ class Trainer:
             f"{format_count(counts['active'])} active/token, {cfg.model.n_layers} layers, "
             f"dim {cfg.model.dim}, experts {moe.n_routed_experts} top-{moe.n_activated_experts} "
             f"+{moe.n_shared_experts} shared",
-            f"moe backend: {moe.backend} ({arch}, {self.precision}), "
+            f"moe backend: {moe.backend} ({arch}, {recipe}), "
             f"dispatcher {dispatcher_name}"
             + (f", capacity {dispatcher.capacity} rows" if dispatcher is not None else ""),
             f"batch {cfg.global_batch} x {cfg.seq_len} tokens/step (micro {self.micro_batch}/rank)"
