@@ -8,6 +8,8 @@
 #   tests        pytest -m "gpu or multigpu" over the whole repository
 #   bench-quant  the FP8 1x128 quantization benchmark (nmoe-kernels/bench)
 #   train-super  `n train super` for a few steps on the built-in corpus; reports tokens/s
+#   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
+#                BENCH_MICRO); tokens/s, MFU, peak memory
 #
 # Logs and results go to $OUT (default ./gpu-out). Offline machines get the missing Python
 # packages from the wheelhouse (../shared/tools/gpu-wheelhouse): run each part's stash.sh first;
@@ -60,6 +62,14 @@ stage_train_super() {
   cp "$runs/super-smoke/metrics.db" "$OUT/train-super-metrics.db" 2>/dev/null
   cp "$runs/super-smoke/result.json" "$OUT/train-super-result.json" 2>/dev/null
   return "$rc"
+}
+
+stage_bench_train() {
+  # shellcheck disable=SC2086
+  "$PY" packages/nmoe-train/bench/bench_train.py --json "$OUT/bench_train.json" \
+    --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16} --micro-batches ${BENCH_MICRO:-8 16} \
+    --steps "${BENCH_STEPS:-5}" 2>&1 | tee "$OUT/bench_train.log" | tail -20
+  return "${PIPESTATUS[0]}"
 }
 
 for stage in "$@"; do
