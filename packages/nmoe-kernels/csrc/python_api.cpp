@@ -5,11 +5,13 @@
 #include <pybind11/pybind11.h>
 
 #include "build_info.h"
+#include "permute/permute_api.h"
 #include "quant/quant_api.h"
 
 // Bump on any binding signature or behaviour change, with a one-line reason:
 //   1: first release (quantize_fp8_1x128, dequantize_fp8_1x128).
-constexpr int kAbiVersion = 1;
+//   2: adds quantize_fp8_128x128, swiglu_quantize_fp8_1x128, permute, gather_rows, unpermute.
+constexpr int kAbiVersion = 2;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nmoe-kernels compiled ops (CUDA C++); see nmoe_kernels for the Python API";
@@ -17,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("WITH_CUDA") = static_cast<bool>(NMOE_WITH_CUDA);
   m.attr("CUDA_ARCHS") = NMOE_CUDA_ARCHS;
   nmoe::quant::register_apis(m);
+  nmoe::permute::register_apis(m);
 }

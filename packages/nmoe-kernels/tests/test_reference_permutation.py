@@ -88,6 +88,16 @@ def test_permute_unpermute_round_trip_with_unit_gates_is_exact():
     assert torch.equal(ref.unpermute(rows, src, torch.ones(20, 1), 20), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_gather_rows_matches_loop(dtype):
+    x = torch.randn(13, 10).to(dtype)
+    index = torch.randint(0, 13, (40,))  # repeats allowed
+    for idx in (index, index.int(), index[:0]):
+        got = ref.gather_rows(x, idx)
+        want = torch.stack([x[int(i)] for i in idx]) if idx.numel() else x[:0]
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_bad_routing_inputs():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
@@ -98,3 +108,7 @@ def test_bad_routing_inputs():
         ref.unpermute(torch.randn(2, 8), torch.tensor([1, 1]), torch.ones(4, 1), 4)
     with pytest.raises(ValueError, match=r"T\*K=4"):
         ref.unpermute(torch.randn(1, 8), torch.tensor([4]), torch.ones(4, 1), 4)
+    with pytest.raises(ValueError, match=r"\[0, T=4\)"):
+        ref.gather_rows(x, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="1-D int32 or int64"):
+        ref.gather_rows(x, torch.zeros(3))

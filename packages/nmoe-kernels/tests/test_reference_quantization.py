@@ -100,6 +100,72 @@ def test_fp8_128x128_matches_block_loop_with_expert_dim(ue8m0):
     assert torch.equal(back, expected)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_fp8_128x128_partial_last_block_row_and_transpose_match_block_loop(transpose):
+    """N = 200 rows: the second block row holds 72 rows; transpose=True reads w as [E, K, N]."""
+    w_ENK = spread_input((2, 200, 256), 128, torch.float32)
+    w_ENK[1, 128:] *= 2.0**-40  # the partial block row gets its own (small) scale
+    arg = w_ENK.transpose(1, 2).contiguous() if transpose else w_ENK
+    w_fp8, scales = ref.quantize_fp8_128x128(arg, transpose=transpose)
+    assert w_fp8.shape == (2, 200, 256) and w_fp8.is_contiguous() and scales.shape == (2, 2, 2)
+    values, got_bytes = w_ENK.numpy(), fp8_bytes(w_fp8)
+    for e in range(2):
+        for rb in range(2):
+            for cb in range(2):
+                rows = slice(rb * 128, min(rb * 128 + 128, 200))
+                cols = slice(cb * 128, cb * 128 + 128)
+                codes, scale = loop_block(values[e, rows, cols].reshape(-1), ue8m0=False)
+                assert scales[e, rb, cb].numpy().tobytes() == scale.tobytes(), (e, rb, cb)
+                np.testing.assert_array_equal(got_bytes[e, rows, cols].reshape(-1), codes)
+    back = ref.dequantize_fp8_128x128(w_fp8, scales, torch.float32)
+    per_row = scales.repeat_interleave(128, 1)[:, :200].repeat_interleave(128, 2)
+    assert torch.equal(back, w_fp8.float() * per_row)
+
+
+def loop_swiglu_quantize(h: torch.Tensor, ue8m0: bool):
+    """Per element in numpy float32 (exp values taken from torch.exp, whose ulp error is not under
+    test), then `loop_block` per 1x128 block of the F-wide result."""
+    h32 = h.float()
+    exp_neg_gate = torch.exp(-h32[:, 0::2]).numpy()
+    values = h32.numpy()
+    rows, features = exp_neg_gate.shape
+    y = np.empty((rows, features), dtype=np.float32)
+    one = np.float32(1)
+    for r in range(rows):
+        for j in range(features):
+            gate, up = values[r, 2 * j], values[r, 2 * j + 1]
+            silu = np.float32(gate / np.float32(one + exp_neg_gate[r, j]))
+            y[r, j] = np.float32(silu * up)
+    codes = np.empty((rows, features), dtype=np.uint8)
+    scales = np.empty((rows, features // 128), dtype=np.float32)
+    for r in range(rows):
+        for b in range(features // 128):
+            cols = slice(b * 128, b * 128 + 128)
+            codes[r, cols], scales[r, b] = loop_block(y[r, cols], ue8m0)
+    return codes, scales
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_swiglu_quantize_fp8_1x128_matches_element_loop(dtype, ue8m0):
+    h = torch.randn(5, 512, dtype=torch.float64) * 4
+    h *= torch.exp2(torch.randint(-20, 20, (5, 1)).double())  # rows of different magnitude
+    h[0, :256] = 0.0  # an all-zero output block
+    h[1, 0:256:2] = -200.0  # exp(200) overflows to inf: silu = -0.0
+    h = h.to(dtype)
+    y_fp8, scales = ref.swiglu_quantize_fp8_1x128(h, ue8m0=ue8m0)
+    assert y_fp8.shape == (5, 256) and scales.shape == (5, 2)
+    want_codes, want_scales = loop_swiglu_quantize(h, ue8m0)
+    np.testing.assert_array_equal(fp8_bytes(y_fp8), want_codes)
+    assert scales.numpy().tobytes() == want_scales.tobytes()
+    assert scales[0, 0] == 2.0**-126 and torch.all(y_fp8[0, :128].float() == 0)
+    mn_fp8, mn_scales = ref.swiglu_quantize_fp8_1x128(
+        h, ue8m0=ue8m0, scale_layout="mn_major_tma_aligned"
+    )
+    assert torch.equal(mn_fp8.view(torch.uint8), y_fp8.view(torch.uint8))
+    assert mn_scales.stride() == (1, 8) and torch.equal(mn_scales, scales)
+
+
 def test_mxfp8_1x32_matches_block_loop():
     x = spread_input((3, 4, 96), 32, torch.float32)
     x_fp8, scale_bytes = ref.quantize_mxfp8_1x32(x)
@@ -297,5 +363,9 @@ def test_bad_inputs_name_the_argument():
         ref.dequantize_fp8_1x128(torch.zeros(2, 128), torch.ones(2, 1))
     with pytest.raises(ValueError, match="multiple of 16"):
         ref.quantize_nvfp4(torch.randn(2, 24))
-    with pytest.raises(ValueError, match="dim -2 of w"):
-        ref.quantize_fp8_128x128(torch.randn(100, 128))
+    with pytest.raises(ValueError, match=r"K of w \[..., N, K\]: dim -1 is 100"):
+        ref.quantize_fp8_128x128(torch.randn(128, 100))
+    with pytest.raises(ValueError, match=r"K of w \[..., K, N\] \(transpose=True\): dim -2"):
+        ref.quantize_fp8_128x128(torch.randn(100, 128), transpose=True)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ref.swiglu_quantize_fp8_1x128(torch.randn(4, 128))

@@ -89,6 +89,20 @@ def test_corrupted_checkpoint_is_refused_by_name(tmp_path, data_root):
     assert "resumed from" in again.stderr and "step_0000002" in again.stderr
 
 
+def test_eval_every_logs_eval_metrics(tmp_path, data_root):
+    """Evaluations run in-process on schedule through nmoe-eval's hook; results reach the DB."""
+    args = _args(data_root, tmp_path, "ev", "steps=4", "val_every=0", "eval_every=2",
+                 "eval_tasks=arc_easy", "eval_max_examples=6")
+    result = run_n(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "ev" / "metrics.db") as conn:
+        rows = conn.execute(
+            "SELECT step, value FROM metrics WHERE key = 'eval/arc_easy/acc' ORDER BY step"
+        ).fetchall()
+    assert [step for step, _ in rows] == [2, 4]
+    assert all(0.0 <= value <= 1.0 for _, value in rows)
+
+
 def test_bad_override_is_a_clear_error(tmp_path):
     bad = run_n(["train", "tiny", "stepz=3"], tmp_path)
     assert bad.returncode == 2 and "did you mean steps" in bad.stderr
@@ -98,7 +112,8 @@ def test_bad_override_is_a_clear_error(tmp_path):
 def test_speedrun_tiny_shortened_writes_leaderboard(tmp_path, data_root):
     """The README's first command, shortened: 40 steps of the tiny preset."""
     result = run_n(["speedrun", "tiny", f"data.data_root={data_root}", "steps=40",
-                    "val_every=20", "target_loss=6.3", "cpu_threads=2"], tmp_path,
+                    "val_every=20", "target_loss=6.3", "cpu_threads=2", "eval_max_examples=10"],
+                   tmp_path,
                    env={"OMP_NUM_THREADS": "2"}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     board = json.loads((tmp_path / "runs" / "LEADERBOARD.json").read_text())
@@ -106,6 +121,8 @@ def test_speedrun_tiny_shortened_writes_leaderboard(tmp_path, data_root):
     assert entry["config"] == "tiny" and entry["target_reached"] is True
     # 6.3 is below the corpus's unigram entropy (6.43 nats/token).
     assert entry["final_loss"] <= 6.3 and entry["hardware"] == "cpu"
+    # The end-of-speedrun CORE run (offline subset through nmoe-eval's training hook).
+    assert entry["core_score"] is not None and entry["core_tasks"] >= 10
     assert {"config", "hardware", "n_gpus", "dtype", "final_loss", "tokens", "steps",
             "wall_time_s", "target_reached", "date", "run_id"} <= set(entry)
     run_dir = tmp_path / "runs" / entry["run_id"]

@@ -7,7 +7,7 @@ import nmoe_kernels
 
 # Inclusive range of nmoe_kernels._C ABI versions this package was written against.
 KERNELS_ABI_MIN = 1
-KERNELS_ABI_MAX = 1
+KERNELS_ABI_MAX = 2
 nmoe_kernels.require_abi("nmoe-core", KERNELS_ABI_MIN, KERNELS_ABI_MAX)
 
 __version__ = "0.1.0"

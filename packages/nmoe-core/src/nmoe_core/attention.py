@@ -7,6 +7,13 @@ All kinds go through `attend`, which calls `torch.nn.functional.scaled_dot_produ
 with the causal (and, for a window, banded) mask. Every module accepts a `LayerCache` for
 incremental decoding: keys/values of earlier positions are kept, new queries attend to them, and
 the result equals a full re-forward of the whole prefix.
+
+Batched decoding of prompts of different lengths uses left padding: a `KVCache` built with
+``pad_lengths_B`` knows that row ``b``'s first ``pad_lengths_B[b]`` slots are padding. Slot ``s``
+of row ``b`` then holds position ``s - pad_lengths_B[b]`` (RoPE rotates by that position), and no
+query attends to a padding key, so each row computes exactly what it would compute alone. A
+padding query attends only to itself (a row with no allowed key would give NaN, which would then
+leak through the padding keys' projections into later layers' masked-out scores).
 """
 
 from __future__ import annotations
@@ -21,14 +28,25 @@ from nmoe_core.rope import RotaryEmbedding
 
 
 class LayerCache:
-    """Keys/values (or MLA latents) of one layer for positions ``0 .. length-1``.
+    """Keys/values (or MLA latents) of one layer for slots ``0 .. length-1``.
 
     Tensors are stored ``[B, max_len, ...]`` and allocated on the first `update`.
+    ``pad_lengths_B`` (int64 ``[B]`` or None) is the left padding of each row, shared with the
+    owning `KVCache`.
     """
 
-    def __init__(self, max_len: int):
+    def __init__(self, max_len: int, pad_lengths_B: torch.Tensor | None = None):
         self.max_len = max_len
+        self.pad_lengths_B = pad_lengths_B
         self.tensors: dict[str, torch.Tensor] = {}
+
+    def positions(self, start_pos: int, num_new: int) -> torch.Tensor | None:
+        """int64 ``[B, num_new]`` RoPE positions of slots ``start_pos ..`` (padding slots get 0),
+        or None without left padding (positions equal slots)."""
+        if self.pad_lengths_B is None:
+            return None
+        slots = torch.arange(start_pos, start_pos + num_new, device=self.pad_lengths_B.device)
+        return (slots.unsqueeze(0) - self.pad_lengths_B.unsqueeze(1)).clamp_min(0)
 
     def update(self, name: str, new_BSX: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Write ``new_BSX`` at ``start_pos`` and return positions ``0 .. start_pos + S - 1``."""
@@ -45,24 +63,55 @@ class LayerCache:
 
 
 class KVCache:
-    """Per-layer caches for a whole model (main blocks only; MTP is not cached)."""
+    """Per-layer caches for a whole model (main blocks only; MTP is not cached).
 
-    def __init__(self, n_layers: int, max_len: int):
+    Args:
+        n_layers: number of blocks (``len(model.layers)``).
+        max_len: slots per row (prompt slots, padding included, plus tokens to generate).
+        pad_lengths_B: optional int64 ``[B]`` left padding of each row, on the model's device;
+            each value in ``[0, max_len)``. With it, ``start_pos`` of `Transformer.forward` counts
+            slots (padding included) and row ``b``'s real tokens sit at positions
+            ``slot - pad_lengths_B[b]`` (module docstring).
+    """
+
+    def __init__(self, n_layers: int, max_len: int, pad_lengths_B: torch.Tensor | None = None):
+        if pad_lengths_B is not None:
+            if pad_lengths_B.dim() != 1 or pad_lengths_B.dtype != torch.int64:
+                raise ValueError(
+                    f"pad_lengths_B must be int64 [B], got {pad_lengths_B.dtype} "
+                    f"{tuple(pad_lengths_B.shape)}"
+                )
+            if pad_lengths_B.numel() and not (
+                0 <= int(pad_lengths_B.min()) and int(pad_lengths_B.max()) < max_len
+            ):
+                raise ValueError(f"pad_lengths_B values must lie in [0, max_len={max_len})")
         self.max_len = max_len
-        self.layers = [LayerCache(max_len) for _ in range(n_layers)]
+        self.pad_lengths_B = pad_lengths_B
+        self.layers = [LayerCache(max_len, pad_lengths_B) for _ in range(n_layers)]
 
 
 def attention_mask(
-    num_queries: int, num_keys: int, q_start: int, window: int | None, device: torch.device
+    num_queries: int,
+    num_keys: int,
+    q_start: int,
+    window: int | None,
+    device: torch.device,
+    pad_lengths_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean ``[S, L]`` mask: query at absolute position ``q_start + i`` sees key ``j`` when
-    ``j <= q_start + i`` and, with a window, ``j > q_start + i - window``."""
+    """Boolean mask: query at slot ``q_start + i`` sees key ``j`` when ``j <= q_start + i`` and,
+    with a window, ``j > q_start + i - window``. Shape ``[S, L]``; with ``pad_lengths_B`` (int64
+    ``[B]`` left padding) ``[B, 1, S, L]``, where keys ``j < pad_lengths_B[b]`` are hidden too and a
+    padding query sees only itself (module docstring)."""
     q_pos = torch.arange(q_start, q_start + num_queries, device=device).unsqueeze(1)
     k_pos = torch.arange(num_keys, device=device).unsqueeze(0)
     allowed = k_pos <= q_pos
     if window is not None:
         allowed = allowed & (k_pos > q_pos - window)
-    return allowed
+    if pad_lengths_B is None:
+        return allowed
+    real_key = k_pos.unsqueeze(0) >= pad_lengths_B.view(-1, 1, 1)  # [B, 1, L]
+    allowed = (allowed.unsqueeze(0) & real_key) | (k_pos == q_pos).unsqueeze(0)
+    return allowed.unsqueeze(1)
 
 
 def attend(
@@ -73,19 +122,21 @@ def attend(
     q_start: int = 0,
     window: int | None = None,
     scale: float | None = None,
+    pad_lengths_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (optionally windowed) softmax attention; returns ``[B, H, S, E]``.
 
-    ``G`` may divide ``H`` (grouped-query attention). Queries are at absolute positions
-    ``q_start .. q_start + S - 1``; keys at ``0 .. L - 1``.
+    ``G`` may divide ``H`` (grouped-query attention). Queries are at slots
+    ``q_start .. q_start + S - 1``; keys at ``0 .. L - 1``. ``pad_lengths_B`` (int64 ``[B]``)
+    hides each row's left padding (`attention_mask`).
     """
     num_q, num_k = q_BHSD.shape[2], k_BGLD.shape[2]
     gqa = q_BHSD.shape[1] != k_BGLD.shape[1]
-    if window is None and q_start == 0 and num_q == num_k:
+    if window is None and q_start == 0 and num_q == num_k and pad_lengths_B is None:
         return F.scaled_dot_product_attention(
             q_BHSD, k_BGLD, v_BGLE, is_causal=True, scale=scale, enable_gqa=gqa
         )
-    mask = attention_mask(num_q, num_k, q_start, window, q_BHSD.device)
+    mask = attention_mask(num_q, num_k, q_start, window, q_BHSD.device, pad_lengths_B)
     return F.scaled_dot_product_attention(
         q_BHSD, k_BGLD, v_BGLE, attn_mask=mask, scale=scale, enable_gqa=gqa
     )
@@ -130,8 +181,9 @@ class MultiHeadAttention(nn.Module):
         q = self.wq(x_BSD).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x_BSD).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BSD).view(batch, seq, self.n_kv_heads, self.head_dim)
-        q = self.rope(q, start_pos)
-        k = self.rope(k, start_pos)
+        positions = cache.positions(start_pos, seq) if cache is not None else None
+        q = self.rope(q, start_pos, positions)
+        k = self.rope(k, start_pos, positions)
         if cache is not None:
             k = cache.update("k", k, start_pos)
             v = cache.update("v", v, start_pos)
@@ -141,6 +193,7 @@ class MultiHeadAttention(nn.Module):
             v.transpose(1, 2),
             q_start=start_pos,
             window=self.window,
+            pad_lengths_B=cache.pad_lengths_B if cache is not None else None,
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
@@ -202,11 +255,12 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.wq(x_BSD)
         q = q.view(batch, seq, heads, self.nope + self.rope_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        q = torch.cat([q_nope, self.rope(q_pe, start_pos)], dim=-1)
+        positions = cache.positions(start_pos, seq) if cache is not None else None
+        q = torch.cat([q_nope, self.rope(q_pe, start_pos, positions)], dim=-1)
 
         latent, k_pe = self.wkv_a(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
-        k_pe = self.rope(k_pe.unsqueeze(2), start_pos)
+        k_pe = self.rope(k_pe.unsqueeze(2), start_pos, positions)
         if cache is not None:
             latent = cache.update("latent", latent, start_pos)
             k_pe = cache.update("k_pe", k_pe, start_pos)
@@ -221,6 +275,7 @@ class MultiHeadLatentAttention(nn.Module):
             q_start=start_pos,
             window=self.window,
             scale=self.scale,
+            pad_lengths_B=cache.pad_lengths_B if cache is not None else None,
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, heads * self.v_dim))
 

@@ -302,7 +302,9 @@ class Transformer(nn.Module):
             targets_BS: int64 ``[B, S]`` next-token ids (usually ``tokens`` shifted by one), or
                 None to return only hidden states. Targets equal to the ignore index (``eos``
                 with ``loss_mask_eos``, else -100) are not counted.
-            start_pos: absolute position of ``tokens_BS[:, 0]`` (incremental decoding).
+            start_pos: absolute position of ``tokens_BS[:, 0]`` (incremental decoding); with a
+                left-padded cache (``KVCache(..., pad_lengths_B)``) the cache slot, padding
+                included.
             cache: a `KVCache` to read and extend (decoding); MTP is skipped when given.
             mtp_weight: lambda for the MTP loss; defaults to ``cfg.mtp_lambda``.
         """

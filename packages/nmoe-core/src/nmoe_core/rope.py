@@ -64,16 +64,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (angles.cos() * concentration).float(), persistent=False)
         self.register_buffer("sin", (angles.sin() * concentration).float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Rotate ``x [B, S, H, dim]`` at positions ``start_pos .. start_pos + S - 1``."""
+    def forward(
+        self, x: torch.Tensor, start_pos: int = 0, positions_BS: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rotate ``x [B, S, H, dim]`` at positions ``start_pos .. start_pos + S - 1``, or, when
+        ``positions_BS`` (int64 ``[B, S]``, values in ``[0, max_positions)``) is given, at those
+        per-row positions (left-padded batched decoding: position = slot - left padding, so
+        ``start_pos + S`` still bounds them and is checked against the table)."""
         seq = x.shape[1]
-        if start_pos + seq > self.cos.shape[0]:
+        if start_pos + seq > self.cos.shape[0]:  # slots bound the (left-padded) positions too
             raise ValueError(
                 f"position {start_pos + seq} exceeds the RoPE table ({self.cos.shape[0]}); raise "
                 f"attention.max_position_embeddings"
             )
-        cos = self.cos[start_pos : start_pos + seq].view(1, seq, 1, -1)
-        sin = self.sin[start_pos : start_pos + seq].view(1, seq, 1, -1)
+        if positions_BS is not None:
+            cos = self.cos[positions_BS].unsqueeze(2)  # [B, S, 1, dim/2]
+            sin = self.sin[positions_BS].unsqueeze(2)
+        else:
+            cos = self.cos[start_pos : start_pos + seq].view(1, seq, 1, -1)
+            sin = self.sin[start_pos : start_pos + seq].view(1, seq, 1, -1)
         compute = torch.promote_types(x.dtype, torch.float32)
         cos, sin = cos.to(compute), sin.to(compute)
         x1, x2 = x.to(compute).chunk(2, dim=-1)

@@ -6,7 +6,9 @@
 
 #include "../build_info.h"
 #include "../dlpack_tensor.h"
+#include "fp8_quant_128x128.h"
 #include "fp8_quant_1x128.h"
+#include "swiglu_quant_fp8_1x128.h"
 
 namespace nmoe::quant {
 namespace {
@@ -115,6 +117,109 @@ void dequantize_fp8_1x128(const py::object& x_fp8_capsule, const py::object& sca
 #endif
 }
 
+void quantize_fp8_128x128(const py::object& w_capsule, const py::object& w_fp8_capsule,
+                          const py::object& scales_capsule, bool ue8m0, bool transpose,
+                          std::uintptr_t stream) {
+  require_cuda_build("quantize_fp8_128x128");
+  const TensorView w(w_capsule, "w");
+  const TensorView w_fp8(w_fp8_capsule, "w_fp8");
+  const TensorView scales(scales_capsule, "scales");
+
+  w.check_dtype({ScalarType::kBFloat16, ScalarType::kFloat32});
+  w.check_cuda();
+  if (w.ndim() != 3) {
+    w.fail(std::string("expected a 3-D tensor ") + (transpose ? "[E, K, N]" : "[E, N, K]") +
+           ", got " + w.describe());
+  }
+  w.check_contiguous();
+  w.check_aligned(16);
+  const int64_t num_mats = w.size(0);
+  const int64_t n = transpose ? w.size(2) : w.size(1);
+  const int64_t k = transpose ? w.size(1) : w.size(2);
+  if (k % kBlockK != 0) {
+    w.fail("K=" + std::to_string(k) + " (dim " + (transpose ? "1" : "2") + " of " +
+           w.describe() + ") must be a multiple of 128; pad K");
+  }
+  if (transpose && n % 8 != 0) {
+    w.fail("with transpose, N=" + std::to_string(n) + " (dim 2 of " + w.describe() +
+           ") must be a multiple of 8 (16-byte rows); pad N or transpose with torch first");
+  }
+  const int64_t n_blocks = (n + kBlockK - 1) / kBlockK;
+  if (num_mats > kMaxGridYZ || (transpose ? k / kBlockK : n_blocks) > kMaxGridYZ) {
+    w.fail("too large for one launch (E and the row blocks of the source must be <= 65535): " +
+           w.describe());
+  }
+
+  check_fp8(w_fp8);
+  w_fp8.check_same_device(w);
+  w_fp8.check_shape({num_mats, n, k});
+  w_fp8.check_contiguous();
+  w_fp8.check_aligned(16);
+
+  scales.check_dtype({ScalarType::kFloat32});
+  scales.check_same_device(w);
+  scales.check_shape({num_mats, n_blocks, k / kBlockK});
+  scales.check_contiguous();
+  scales.check_aligned(4);
+
+#if NMOE_WITH_CUDA
+  launch_fp8_quant_128x128(w.data(), w.dtype() == ScalarType::kBFloat16, w_fp8.data(),
+                           static_cast<float*>(scales.data()), num_mats, w.size(1), w.size(2),
+                           transpose, ue8m0, w.device_id(), stream);
+#else
+  (void)ue8m0;
+  (void)stream;
+#endif
+}
+
+void swiglu_quantize_fp8_1x128(const py::object& h_capsule, const py::object& y_fp8_capsule,
+                               const py::object& scales_capsule, bool ue8m0, bool scales_mn_major,
+                               std::uintptr_t stream) {
+  require_cuda_build("swiglu_quantize_fp8_1x128");
+  const TensorView h(h_capsule, "h");
+  const TensorView y_fp8(y_fp8_capsule, "y_fp8");
+  const TensorView scales(scales_capsule, "scales");
+
+  h.check_dtype({ScalarType::kBFloat16, ScalarType::kFloat32});
+  h.check_cuda();
+  if (h.ndim() != 2) h.fail("expected a 2-D tensor [M, 2F], got " + h.describe());
+  h.check_contiguous();
+  h.check_aligned(16);
+  if (h.size(1) % (2 * kBlockK) != 0) {
+    h.fail("the last dim 2F=" + std::to_string(h.size(1)) + " must be a multiple of 256 (F % 128 "
+           "== 0), got " + h.describe() + "; pad F");
+  }
+  const int64_t num_rows = h.size(0);
+  const int64_t num_features = h.size(1) / 2;
+  const int64_t num_blocks = num_features / kBlockK;
+
+  check_fp8(y_fp8);
+  y_fp8.check_same_device(h);
+  y_fp8.check_shape({num_rows, num_features});
+  y_fp8.check_contiguous();
+  y_fp8.check_aligned(16);
+
+  scales.check_dtype({ScalarType::kFloat32});
+  scales.check_same_device(h);
+  const int64_t scales_ld = (num_rows + kTmaAlignFloats - 1) / kTmaAlignFloats * kTmaAlignFloats;
+  if (scales_mn_major) {
+    scales.check_shape({num_blocks, scales_ld});
+  } else {
+    scales.check_shape({num_rows, num_blocks});
+  }
+  scales.check_contiguous();
+  scales.check_aligned(4);
+
+#if NMOE_WITH_CUDA
+  launch_swiglu_quant_fp8_1x128(h.data(), h.dtype() == ScalarType::kBFloat16, y_fp8.data(),
+                                static_cast<float*>(scales.data()), num_rows, num_features,
+                                scales_mn_major, scales_ld, ue8m0, h.device_id(), stream);
+#else
+  (void)ue8m0;
+  (void)stream;
+#endif
+}
+
 }  // namespace
 
 void register_apis(py::module_& m) {
@@ -128,6 +233,16 @@ void register_apis(py::module_& m) {
         py::arg("out"), py::arg("stream"),
         "out [M, K] (bf16/fp32) = x_fp8 [M, K] * scales [M, K/128] (row-major or MN-major\n"
         "strides). Use nmoe_kernels.dequantize_fp8_1x128.");
+  m.def("quantize_fp8_128x128", &quantize_fp8_128x128, py::arg("w"), py::arg("w_fp8"),
+        py::arg("scales"), py::arg("ue8m0"), py::arg("transpose"), py::arg("stream"),
+        "Quantize weights w [E, N, K] (or [E, K, N] with transpose) bf16/fp32 to E4M3 w_fp8\n"
+        "[E, N, K] and fp32 scales [E, ceil(N/128), K/128], one per 128x128 block. Outputs are\n"
+        "written in place on `stream`. Use nmoe_kernels.quantize_fp8_128x128.");
+  m.def("swiglu_quantize_fp8_1x128", &swiglu_quantize_fp8_1x128, py::arg("h"), py::arg("y_fp8"),
+        py::arg("scales"), py::arg("ue8m0"), py::arg("scales_mn_major"), py::arg("stream"),
+        "y = silu(h[:, 0::2]) * h[:, 1::2] of h [M, 2F] (bf16/fp32) quantized to E4M3 y_fp8\n"
+        "[M, F] with fp32 scales per 1x128 block ([M, F/128] row-major, or [F/128, align(M, 4)]\n"
+        "when scales_mn_major). Use nmoe_kernels.swiglu_quantize_fp8_1x128.");
 }
 
 }  // namespace nmoe::quant

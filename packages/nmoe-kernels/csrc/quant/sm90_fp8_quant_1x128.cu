@@ -1,12 +1,7 @@
 // FP8 E4M3 blockscaled quantization of activations, one fp32 scale per 1x128 block along K.
 //
-// Rule (bit-identical to nmoe_kernels.reference.quantize_fp8_1x128; change both together):
-//   amax  = max |x| over the 128 elements (as float32)
-//   scale = amax / 448                      (IEEE fp32 division)
-//   scale = 2^-126 if scale < 2^-126        (smallest normal fp32: 1/scale stays finite and an
-//                                            all-zero block gets scale 2^-126)
-//   ue8m0: scale = 2^ceil(log2(scale))      (round the fp32 bit pattern up to a power of two)
-//   x_fp8 = cvt.rn.satfinite.e4m3(x * (1 / scale))   (fp32 reciprocal, fp32 multiply, RNE)
+// Rule (bit-identical to nmoe_kernels.reference.quantize_fp8_1x128): amax = max |x| over the 128
+// elements (as float32), then the scale rule of fp8_scale.cuh.
 //
 // One group of 128 / kVec threads owns one 1x128 block: each thread does one 16-byte load
 // (8 bf16 or 4 fp32), the group reduces amax with xor-shuffles, and every thread converts and
@@ -20,17 +15,13 @@
 
 #include "../cuda_check.h"
 #include "fp8_quant_1x128.h"
+#include "fp8_scale.cuh"
 
 namespace nmoe::quant {
 namespace {
 
 constexpr int kBlockK = 128;
 constexpr int kThreads = 256;
-constexpr float kE4M3Max = 448.0f;
-constexpr uint32_t kMinScaleBits = 0x00800000u;  // 2^-126
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
@@ -39,21 +30,6 @@ __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
-}
-
-// amax is passed as the bit pattern of a non-negative float (or a NaN, which stays NaN).
-template <bool kUe8m0>
-__device__ __forceinline__ float block_scale(uint32_t amax_bits) {
-  float scale = __fdiv_rn(__uint_as_float(amax_bits), kE4M3Max);
-  const float min_scale = __uint_as_float(kMinScaleBits);
-  scale = scale < min_scale ? min_scale : scale;  // written so that NaN passes through
-  if constexpr (kUe8m0) {
-    uint32_t bits = __float_as_uint(scale);
-    const bool finite = (bits & 0x7F800000u) != 0x7F800000u;
-    if (finite && (bits & 0x007FFFFFu) != 0u) bits = (bits + 0x00800000u) & 0x7F800000u;
-    scale = __uint_as_float(bits);
-  }
-  return scale;
 }
 
 template <typename T, bool kUe8m0, bool kMnMajor>
@@ -91,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (!valid) return;
 
-  const float scale = block_scale<kUe8m0>(amax_bits);
+  const float scale = fp8_block_scale<kUe8m0>(amax_bits);
   const float inv_scale = __frcp_rn(scale);
   uint32_t words[kVec / 4];  // 4 E4M3 bytes per word, element i in byte i % 4
 #pragma unroll

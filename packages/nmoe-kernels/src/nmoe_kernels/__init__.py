@@ -18,6 +18,18 @@ __version__ = "0.1.0"
 _LAZY = {
     "quantize_fp8_1x128": "nmoe_kernels.quant",
     "dequantize_fp8_1x128": "nmoe_kernels.quant",
+    "quantize_fp8_128x128": "nmoe_kernels.quant",
+    "swiglu_quantize_fp8_1x128": "nmoe_kernels.quant",
+    "permute": "nmoe_kernels.permutation",
+    "unpermute": "nmoe_kernels.permutation",
+    "gather_rows": "nmoe_kernels.permutation",
+    "grouped_gemm_bf16": "nmoe_kernels.grouped_gemm",
+    "grouped_gemm_bf16_swiglu": "nmoe_kernels.grouped_gemm",
+    "grouped_gemm_bf16_dgrad": "nmoe_kernels.grouped_gemm",
+    "grouped_gemm_bf16_wgrad": "nmoe_kernels.grouped_gemm",
+    "grouped_gemm_fp8_blockscaled": "nmoe_kernels.grouped_gemm_fp8",
+    "grouped_gemm_fp8_swiglu_quant": "nmoe_kernels.grouped_gemm_fp8",
+    "fp8_weights_to_nk": "nmoe_kernels.grouped_gemm_fp8",
 }
 
 __all__ = ["ABIMismatchError", "__version__", "compiled_abi_version", "require_abi", *_LAZY]

@@ -94,6 +94,14 @@ class TrainConfig(_Config):
     val_sequences: int = Field(64, ge=1, description="validation sequences (all ranks)")
     target_loss: float | None = Field(None, description="stop once val loss <= this")
     max_time_s: float | None = Field(None, gt=0, description="stop after this much training time")
+    # In-training evaluation (needs nmoe-eval installed; found through the entry point group
+    # `nmoe.train_hooks`)
+    eval_every: int = Field(0, ge=0, description="steps between evaluations (0: never)")
+    eval_tasks: str = Field("core", description="tasks for eval_every, e.g. 'core' or 'core,mmlu'")
+    eval_max_examples: int | None = Field(500, ge=1, description="examples per task (None: all)")
+    final_eval_tasks: str | None = Field(
+        None, description="tasks evaluated once when the run ends (speedruns: 'core')"
+    )
     # Bookkeeping
     runs_root: str = "runs"
     run_name: str | None = None
@@ -136,9 +144,11 @@ def _train_preset(name: str) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {
         # Shakespeare (gpt2): unigram entropy 6.43 nats/token; 4.9 is perplexity 134 vs 620.
         "tiny": dict(steps=400, seq_len=256, global_batch=16, val_every=25, val_sequences=64,
-                     target_loss=4.9, log_every=10),
+                     target_loss=4.9, log_every=10, final_eval_tasks="core",
+                     eval_max_examples=100),
         "super": dict(steps=12000, seq_len=2048, global_batch=256, micro_batch=8, val_every=128,
-                      val_sequences=5120, target_loss=3.28, log_every=10),
+                      val_sequences=5120, target_loss=3.28, log_every=10,
+                      final_eval_tasks="core", eval_max_examples=1000),
         "ultra": dict(steps=100000, seq_len=2048, global_batch=256, micro_batch=8, val_every=128,
                       val_sequences=5120, target_loss=3.28),
         "moonlet": dict(steps=10000, seq_len=4096, global_batch=8, micro_batch=1, val_every=500,

@@ -56,13 +56,16 @@ def format_leaderboard(board: dict[str, Any], limit: int = 20) -> str:
     if not runs:
         return "leaderboard is empty: run `n speedrun` to add an entry"
     header = (f"{'config':<8} {'hardware':<22} {'gpus':>4} {'dtype':<10} {'loss':>7} "
-              f"{'tokens':>14} {'steps':>7} {'wall s':>9} {'target':>6}  {'date':<10} run")
+              f"{'CORE':>7} {'tokens':>14} {'steps':>7} {'wall s':>9} {'target':>6}  "
+              f"{'date':<10} run")
     lines = [header, "-" * len(header)]
     for e in runs[:limit]:
         lines.append(
             f"{e.get('config', '?'):<8} {str(e.get('hardware', '?'))[:22]:<22} "
             f"{e.get('n_gpus', 0):>4} {e.get('dtype', '?'):<10} "
-            f"{(e.get('final_loss') or float('nan')):>7.4f} {e.get('tokens', 0):>14,} "
+            f"{(e.get('final_loss') or float('nan')):>7.4f} "
+            f"{(e.get('core_score') if e.get('core_score') is not None else float('nan')):>7.4f} "
+            f"{e.get('tokens', 0):>14,} "
             f"{e.get('steps', 0):>7} {(e.get('wall_time_s') or 0.0):>9.1f} "
             f"{'yes' if e.get('target_reached') else 'no':>6}  {str(e.get('date', ''))[:10]:<10} "
             f"{e.get('run_id', '')}"
@@ -88,6 +91,8 @@ def make_entry(cfg, result, hardware: str, n_gpus: int, precision: str) -> dict[
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run_id": result.run_id,
         "tokens_per_s": round(result.tokens_per_s, 1),
+        "core_score": result.eval.get("eval/core"),
+        "core_tasks": result.eval.get("eval/core/num_tasks"),
         "fingerprint": cfg.fingerprint(),
     }
 

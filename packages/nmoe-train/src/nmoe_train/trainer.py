@@ -57,6 +57,7 @@ class TrainResult:
     time_to_target_s: float | None = None
     tokens_per_s: float = 0.0
     losses: list[float] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
 
 
 def _hardware_name(device: torch.device) -> str:
@@ -125,6 +126,11 @@ class Trainer:
         self.target: dict[str, Any] | None = None
         self.resumed_from: Path | None = None
         self._saved_step: int | None = None
+        self.eval_hook = None
+        if cfg.eval_every or cfg.final_eval_tasks:
+            from nmoe_train.hooks import require_eval_hook
+
+            self.eval_hook = require_eval_hook()
         if cfg.resume:
             self._maybe_resume()
 
@@ -437,6 +443,20 @@ class Trainer:
         all_reduce_sum(totals)
         return (totals[0] / totals[1].clamp_min(1)).item()
 
+    def evaluate(self, tasks: str) -> dict[str, float]:
+        """Run nmoe-eval's tasks in-process on every rank in lockstep (outside the train clock)."""
+        cfg, info = self.cfg, self.dist
+        t0 = time.perf_counter()
+        results = self.eval_hook(
+            self.model, cfg.model.tokenizer, tasks, cfg.eval_max_examples, info.rank,
+            info.world_size, all_reduce_sum if info.is_distributed else None, self.device,
+            max_len=cfg.seq_len, max_batch_tokens=self.micro_batch * cfg.seq_len,
+        )
+        core = results.get("eval/core")
+        self._print(f"step {self.step}: eval {tasks} in {time.perf_counter() - t0:.1f} s"
+                    + (f", CORE {core:.4f}" if core is not None else ""))
+        return results
+
     # ----------------------------------------------------------------------------------------
     # The loop
 
@@ -545,6 +565,8 @@ class Trainer:
                     self.target = {"step": self.step, "tokens": self.tokens_seen,
                                    "train_time_s": self.train_time_s, "val_loss": val}
                     result = "target_reached"
+        if cfg.eval_every and self.step % cfg.eval_every == 0:
+            stats.update(self.evaluate(cfg.eval_tasks))
         if self.metrics is not None:
             self.metrics.log(self.step, stats)
         if progress is not None:
@@ -567,6 +589,11 @@ class Trainer:
     def _finish(self, status: str, losses: list[float]) -> TrainResult:
         self.save_checkpoint()
         self.checkpointer.close()
+        final_eval: dict[str, float] = {}
+        if self.cfg.final_eval_tasks and status != "failed_nan":
+            final_eval = self.evaluate(self.cfg.final_eval_tasks)
+            if self.metrics is not None:
+                self.metrics.log(self.step, final_eval)
         final_val = self.val_history[-1][1] if self.val_history else None
         tokens_per_s = self.tokens_seen / self.train_time_s if self.train_time_s else 0.0
         target = self.target or {}
@@ -575,7 +602,7 @@ class Trainer:
             tokens=self.tokens_seen, train_time_s=self.train_time_s, final_val_loss=final_val,
             target_reached=bool(self.target), step_to_target=target.get("step"),
             tokens_to_target=target.get("tokens"), time_to_target_s=target.get("train_time_s"),
-            tokens_per_s=tokens_per_s, losses=losses,
+            tokens_per_s=tokens_per_s, losses=losses, eval=final_eval,
         )
         if self.metrics is not None:
             results = {k: (str(v) if isinstance(v, Path) else v)

@@ -3,11 +3,13 @@
 The compiled ops are tested against these (bitwise for data movement and quantization), and the
 layers above use them on machines without a GPU. Modules:
 
-- `quantization`: FP8 1x128 / 128x128, MXFP8 1x32 and NVFP4 quantize / dequantize.
+- `quantization`: FP8 1x128 / 128x128, MXFP8 1x32 and NVFP4 quantize / dequantize, SwiGLU + FP8
+  1x128 quantization.
 - `grouped_gemm`: per-expert GEMMs over the contiguous expert-sorted layout (fwd, dgrad, wgrad,
   FP8 blockscaled).
 - `activation`: SwiGLU and the interleaved W13 column convention.
-- `permutation`: permute tokens to expert-contiguous rows and unpermute with gate weighting.
+- `permutation`: permute tokens to expert-contiguous rows, unpermute with gate weighting, gather
+  rows.
 """
 
 from nmoe_kernels.reference.activation import (
@@ -22,7 +24,7 @@ from nmoe_kernels.reference.grouped_gemm import (
     grouped_gemm_fp8_blockscaled,
     grouped_gemm_wgrad,
 )
-from nmoe_kernels.reference.permutation import permute, unpermute
+from nmoe_kernels.reference.permutation import gather_rows, permute, unpermute
 from nmoe_kernels.reference.quantization import (
     dequantize_fp8_1x128,
     dequantize_fp8_128x128,
@@ -32,6 +34,7 @@ from nmoe_kernels.reference.quantization import (
     quantize_fp8_128x128,
     quantize_mxfp8_1x32,
     quantize_nvfp4,
+    swiglu_quantize_fp8_1x128,
     to_mn_major_tma_aligned,
 )
 
@@ -40,6 +43,7 @@ __all__ = [
     "dequantize_fp8_1x128",
     "dequantize_mxfp8_1x32",
     "dequantize_nvfp4",
+    "gather_rows",
     "grouped_gemm",
     "grouped_gemm_dgrad",
     "grouped_gemm_fp8_blockscaled",
@@ -53,6 +57,7 @@ __all__ = [
     "split_w13",
     "swiglu",
     "swiglu_interleaved",
+    "swiglu_quantize_fp8_1x128",
     "to_mn_major_tma_aligned",
     "unpermute",
 ]

@@ -52,6 +52,30 @@ def permute(
     return x_RD, counts_E, src_index_R
 
 
+def gather_rows(x_TD: torch.Tensor, index_R: torch.Tensor) -> torch.Tensor:
+    """Copy rows: ``out_RD[r] = x_TD[index_R[r]]``.
+
+    Args:
+        x_TD: [T, D] tensor (any dtype).
+        index_R: [R] int32/int64 row indices in [0, T); repeats allowed.
+
+    Returns:
+        out_RD [R, D], x's dtype.
+    """
+    op = "gather_rows"
+    if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2:
+        raise ValueError(f"{op}: x_TD must be a 2-D tensor [T, D]")
+    if not isinstance(index_R, torch.Tensor) or index_R.dtype not in _INTS or index_R.dim() != 1:
+        raise ValueError(f"{op}: index_R must be a 1-D int32 or int64 tensor [R]")
+    index = index_R.long()
+    if index.numel() and (index.min() < 0 or index.max() >= x_TD.shape[0]):
+        raise ValueError(
+            f"{op}: index_R must lie in [0, T={x_TD.shape[0]}), got range "
+            f"[{int(index.min())}, {int(index.max())}]"
+        )
+    return x_TD[index]
+
+
 def unpermute(
     y_RD: torch.Tensor,
     src_index_R: torch.Tensor,

@@ -1,12 +1,14 @@
 """Pure-torch reference for the blockscaled quantization formats (CPU or GPU).
 
 Shape letters: M rows, K the dim the blocks run along (the GEMM reduction dim), N the other
-weight dim, E experts, Kb = K / block size.
+weight dim, E experts, Kb = K / block size, F the SwiGLU output dim (its input h_M2F is [M, 2F]).
 
 Formats (one function pair per format; the compiled ops are tested bitwise against these):
 
 - FP8 1x128 (activations): E4M3 elements, one float32 scale per 1x128 block along K.
-- FP8 128x128 (weights): E4M3 elements, one float32 scale per 128x128 block of the last two dims.
+- FP8 128x128 (weights): E4M3 elements, one float32 scale per 128x128 block of the last two dims
+  (weights [..., N, K], K-major; optionally read from [..., K, N] and transposed).
+- SwiGLU + FP8 1x128: SwiGLU of an interleaved W13 GEMM output, then the FP8 1x128 format.
 - MXFP8 1x32: E4M3 elements, one UE8M0 scale (uint8 exponent byte, bias 127) per 32 elements.
 - NVFP4: E2M1 elements packed two per uint8 (low nibble first), one E4M3 scale per 16 elements,
   and one float32 global scale per tensor.
@@ -166,27 +168,43 @@ def dequantize_fp8_1x128(
 
 
 def quantize_fp8_128x128(
-    w: torch.Tensor, *, ue8m0: bool = False
+    w: torch.Tensor, *, ue8m0: bool = False, transpose: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize weights to FP8 E4M3 with one float32 scale per 128x128 block of the last 2 dims.
 
+    The result is laid out [..., N, K] (K-major, the layout Hopper FP8 WGMMA reads for the B
+    operand) with K the GEMM reduction dim. Blocks are aligned at row 0 and column 0; when N is
+    not a multiple of 128 the last block row holds the remaining N % 128 rows (its amax runs over
+    those rows only), so scales are [..., ceil(N/128), K/128].
+
     Args:
-        w: [..., R, C] float32, bfloat16 or float16 with R % 128 == 0 and C % 128 == 0, e.g. one
-            weight [N, K], or expert weights [E, N, K] / [E, K, N] (the block grid is symmetric).
+        w: float32, bfloat16 or float16 weights, finite values. With ``transpose=False``:
+            [..., N, K], e.g. one weight [N, K] or experts [E, N, K]. With ``transpose=True``:
+            [..., K, N] (e.g. expert weights [E, K, N] as used by ``x @ w``), quantized as
+            ``w.transpose(-1, -2)`` and returned transposed, i.e. [..., N, K] contiguous.
+            K % 128 == 0; N is any size.
         ue8m0: round each scale up to a power of two.
+        transpose: read ``w`` as [..., K, N] (see ``w``).
 
     Returns:
-        (w_fp8 [..., R, C] float8_e4m3fn, scales [..., R/128, C/128] float32).
+        (w_fp8 [..., N, K] float8_e4m3fn contiguous, scales [..., ceil(N/128), K/128] float32).
     """
     op = "quantize_fp8_128x128"
-    _check_input(op, "w", w, 128, min_dim=2)
-    if w.shape[-2] % 128 != 0:
-        raise ValueError(f"{op}: dim -2 of w ({w.shape[-2]}) must be a multiple of 128; pad it")
+    _check_input(op, "w", w, 1, min_dim=2)
+    if transpose:
+        w = w.transpose(-1, -2)
     *lead, rows, cols = w.shape
-    blocks = w.float().reshape(*lead, rows // 128, 128, cols // 128, 128)
+    if cols % 128 != 0:
+        dims = "[..., K, N] (transpose=True): dim -2" if transpose else "[..., N, K]: dim -1"
+        raise ValueError(f"{op}: K of w {dims} is {cols}, it must be a multiple of 128; pad it")
+    row_blocks = (rows + 127) // 128
+    padded = w.float().new_zeros(*lead, row_blocks * 128, cols)
+    padded[..., :rows, :] = w.float()  # zero rows do not change any block's amax
+    blocks = padded.reshape(*lead, row_blocks, 128, cols // 128, 128)
     amax = blocks.abs().amax(dim=(-3, -1), keepdim=True)
     w_fp8, scales = _quantize_blocks(blocks, amax, ue8m0)
-    return w_fp8.reshape(w.shape), scales.reshape(*lead, rows // 128, cols // 128)
+    w_fp8 = w_fp8.reshape(*lead, row_blocks * 128, cols)[..., :rows, :].contiguous()
+    return w_fp8, scales.reshape(*lead, row_blocks, cols // 128)
 
 
 def dequantize_fp8_128x128(
@@ -195,24 +213,63 @@ def dequantize_fp8_128x128(
     """Inverse of `quantize_fp8_128x128`.
 
     Args:
-        w_fp8: [..., R, C] float8_e4m3fn, R and C multiples of 128.
-        scales: [..., R/128, C/128] float32.
+        w_fp8: [..., N, K] float8_e4m3fn, K % 128 == 0, N any size.
+        scales: [..., ceil(N/128), K/128] float32.
         out_dtype: output dtype.
 
     Returns:
-        [..., R, C] ``out_dtype`` = w_fp8 * scale (float32 product, then rounded).
+        [..., N, K] ``out_dtype`` = w_fp8 * scale (float32 product, then rounded).
     """
     op = "dequantize_fp8_128x128"
     _check_dtype(op, "w_fp8", w_fp8, torch.float8_e4m3fn)
     _check_dtype(op, "scales", scales, torch.float32)
     *lead, rows, cols = w_fp8.shape
-    if rows % 128 or cols % 128 or tuple(scales.shape) != (*lead, rows // 128, cols // 128):
+    row_blocks = (rows + 127) // 128
+    if cols % 128 or tuple(scales.shape) != (*lead, row_blocks, cols // 128):
         raise ValueError(
             f"{op}: w_fp8 {tuple(w_fp8.shape)} and scales {tuple(scales.shape)} "
-            "must be [..., R, C] and [..., R/128, C/128] with R, C % 128 == 0"
+            "must be [..., N, K] and [..., ceil(N/128), K/128] with K % 128 == 0"
         )
-    scale = scales.repeat_interleave(128, dim=-2).repeat_interleave(128, dim=-1)
+    scale = scales.repeat_interleave(128, dim=-2)[..., :rows, :].repeat_interleave(128, dim=-1)
     return (w_fp8.float() * scale).to(out_dtype)
+
+
+def swiglu_quantize_fp8_1x128(
+    h_M2F: torch.Tensor, *, ue8m0: bool = False, scale_layout: str = "row_major"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU of an interleaved W13 output, quantized to FP8 E4M3 with 1x128 scales along F.
+
+    With ``h = h_M2F.float()``, gate = h[:, 0::2] and up = h[:, 1::2] (the W13 convention of
+    `nmoe_kernels.reference.activation`), this is exactly the float32 sequence
+
+        e    = exp(-gate)                  (torch.exp)
+        silu = gate / (1 + e)              (float32 add, then IEEE float32 division)
+        y    = silu * up                   (float32 product; never rounded to bf16)
+        (y_fp8, scales) = quantize_fp8_1x128(y, ue8m0=ue8m0, scale_layout=scale_layout)
+
+    i.e. ``quantize_fp8_1x128(swiglu_interleaved(h_M2F.float()))`` with SiLU written out. The
+    CUDA op performs the same operations one by one (``expf``, ``__fadd_rn``, ``__fdiv_rn``,
+    ``__fmul_rn``): on a GPU, where torch.exp is CUDA's ``expf``, the two agree bitwise; the CPU
+    torch.exp may differ from ``expf`` by a few ulps, which can move an FP8 code by one step
+    and a (non-UE8M0) scale by a few ulps.
+
+    Args:
+        h_M2F: [M, 2F] float32, bfloat16 or float16, F % 128 == 0, finite values whose SwiGLU
+            products stay finite.
+        ue8m0: round each scale up to a power of two.
+        scale_layout: "row_major" or "mn_major_tma_aligned", as in `quantize_fp8_1x128`.
+
+    Returns:
+        (y_fp8 [M, F] float8_e4m3fn, scales [M, F/128] float32 in ``scale_layout``).
+    """
+    op = "swiglu_quantize_fp8_1x128"
+    _check_input(op, "h_M2F", h_M2F, 256, min_dim=2)
+    if h_M2F.dim() != 2:
+        raise ValueError(f"{op}: h_M2F must be 2-D [M, 2F], got shape {tuple(h_M2F.shape)}")
+    h = h_M2F.float()
+    gate, up = h[:, 0::2], h[:, 1::2]
+    silu = gate / (1.0 + torch.exp(-gate))
+    return quantize_fp8_1x128(silu * up, ue8m0=ue8m0, scale_layout=scale_layout)
 
 
 def e8m0_to_float(scale_bytes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,255 @@
+"""Benchmark the FP8 blockscaled grouped GEMMs (CuTeDSL, sm_90a) against torch on one GPU.
+
+    python packages/nmoe-kernels/bench/bench_grouped_fp8.py [--json out.json] [--shapes a,b]
+
+Shapes (routed rows M = tokens x top-k, experts E, hidden D, expert dim F):
+super (32768 x 7, D 768, F 384, E 256), moonlight (16384 x 6, D 2048, F 1408, E 64),
+dsv3-local (8192 x 8, D 7168, F 2048, E 32); tokens are routed uniformly at random, so segment
+lengths are arbitrary (no padding to tile multiples). Plus DeepGEMM's grouped GEMM shape
+(4 groups x 8192 rows, N 4096, K 7168).
+
+Rows:
+- ``w13_fp8``: `grouped_gemm_fp8_blockscaled` on the W13 GEMM ([M, D] x [E, 2F, D]) vs
+  ``torch._scaled_grouped_mm`` with rowwise scales (A [M, D] fp8 row-major, B [E, D, 2F] fp8
+  column-major, scale_a [M], scale_b [E, 2F], cumulative int32 offs) -- same FLOPs, coarser
+  scaling.
+- ``w13_swiglu_quant_fp8``: the fused W13 + SwiGLU + FP8 quantize kernel vs the same baseline.
+- ``mlp_fwd_fp8``: quantize_fp8_1x128 (CUDA) + fused W13 + W2 FP8 GEMM vs the BF16 torch path
+  (``torch._grouped_mm`` W13, silu(gate) * up, ``torch._grouped_mm`` W2).
+- ``deepgemm_shape``: `grouped_gemm_fp8_blockscaled` vs ``torch._scaled_grouped_mm``.
+
+Time is the median of CUDA-event timings after warm-up; inputs are random (never zeros) and far
+larger than L2. TFLOP/s counts 2 * M * K * N per GEMM. JSON rows carry op, shape, dtype, time,
+TFLOP/s, baseline, ratio, device name, torch, CUDA and driver versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+
+import torch
+import torch.nn.functional as F
+
+import nmoe_kernels
+from nmoe_kernels import reference as ref
+
+MOE_SHAPES = {
+    # name: (tokens, top_k, hidden D, expert dim F, experts E)
+    "super": (32768, 7, 768, 384, 256),
+    "moonlight": (16384, 6, 2048, 1408, 64),
+    "dsv3-local": (8192, 8, 7168, 2048, 32),
+}
+DEEPGEMM_SHAPE = (4, 8192, 4096, 7168)  # groups, rows per group, N, K
+
+
+def median_ms(fn, iters: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def routed_offsets(num_tokens: int, top_k: int, num_experts: int, gen) -> torch.Tensor:
+    """Cumulative [E + 1] offsets of uniformly random top-k routing (distinct experts/token)."""
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    expert_ids = scores.topk(top_k, dim=1).indices.flatten()
+    counts = torch.bincount(expert_ids, minlength=num_experts)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+
+
+def quantized_weights(num_experts: int, n: int, k: int):
+    """Random [E, N, K] bf16 weights -> (fp8 [E, N, K], 128x128 scales, rowwise fp8 + scales)."""
+    w = torch.randn(num_experts, n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+    wq, ws = ref.quantize_fp8_128x128(w)
+    amax = w.float().abs().amax(dim=2).clamp_min(1e-12)  # [E, N] rowwise (per output column)
+    w_row = (w.float() / (amax / 448.0).unsqueeze(2)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return w, wq, ws, w_row, (amax / 448.0).contiguous()
+
+
+def rowwise_quant(x: torch.Tensor):
+    amax = x.float().abs().amax(dim=1).clamp_min(1e-12)
+    scale = (amax / 448.0).contiguous()
+    return (x.float() / scale.unsqueeze(1)).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def scaled_grouped_mm(xq_row, x_scale, w_row_ENK, w_scale_EN, ends):
+    """torch's rowwise-scaled FP8 grouped GEMM: B passed [E, K, N] column-major."""
+    return torch._scaled_grouped_mm(
+        xq_row,
+        w_row_ENK.transpose(-2, -1),
+        x_scale,
+        w_scale_EN,
+        offs=ends,
+        out_dtype=torch.bfloat16,
+    )
+
+
+def row(op, shape, ms, flops, baseline, baseline_ms, env):
+    return dict(
+        op=op,
+        shape=shape,
+        dtype="fp8_e4m3 blockscaled -> bf16",
+        time_ms=ms,
+        tflops=flops / ms / 1e9,
+        baseline=baseline,
+        baseline_ms=baseline_ms,
+        baseline_tflops=flops / baseline_ms / 1e9 if baseline_ms else None,
+        ratio=baseline_ms / ms if baseline_ms else None,
+        **env,
+    )
+
+
+def bench_moe(name: str, env: dict, gen) -> list[dict]:
+    num_tokens, top_k, d, f, num_experts = MOE_SHAPES[name]
+    offsets = routed_offsets(num_tokens, top_k, num_experts, gen).cuda()
+    ends = offsets[1:].contiguous()
+    num_rows = num_tokens * top_k
+    x = torch.randn(num_rows, d, device="cuda", dtype=torch.bfloat16)
+    xq, xs = nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+    w13, w13q, w13s, w13_row, w13_row_scale = quantized_weights(num_experts, 2 * f, d)
+    w2, w2q, w2s, _, _ = quantized_weights(num_experts, d, f)
+    xq_row, x_row_scale = rowwise_quant(x)
+    shape = dict(rows=num_rows, D=d, F=f, E=num_experts)
+    w13_flops = 2 * num_rows * d * 2 * f
+    w2_flops = 2 * num_rows * f * d
+    rows = []
+
+    base_name = "torch._scaled_grouped_mm rowwise"
+    try:
+        base_ms = median_ms(
+            lambda: scaled_grouped_mm(xq_row, x_row_scale, w13_row, w13_row_scale, ends)
+        )
+    except Exception as err:  # report, keep going
+        print(f"  {name}: torch._scaled_grouped_mm failed: {type(err).__name__}: {err}")
+        base_ms = None
+    ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, w13q, w13s, offsets))
+    rows.append(row("w13_fp8", shape, ms, w13_flops, base_name, base_ms, env))
+    ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_swiglu_quant(xq, xs, w13q, w13s, offsets))
+    rows.append(row("w13_swiglu_quant_fp8", shape, ms, w13_flops, base_name, base_ms, env))
+
+    def fp8_mlp():
+        q, s = nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+        a, a_s = nmoe_kernels.grouped_gemm_fp8_swiglu_quant(q, s, w13q, w13s, offsets)
+        return nmoe_kernels.grouped_gemm_fp8_blockscaled(a, a_s, w2q, w2s, offsets)
+
+    w13_EKN = w13.transpose(1, 2)  # [E, D, 2F] column-major view
+    w2_EKN = w2.transpose(1, 2)  # [E, F, D] column-major view
+
+    def bf16_mlp():
+        h = torch._grouped_mm(x, w13_EKN, offs=ends)
+        a = F.silu(h[:, 0::2]) * h[:, 1::2]
+        return torch._grouped_mm(a, w2_EKN, offs=ends)
+
+    try:
+        bf16_ms = median_ms(bf16_mlp)
+    except Exception as err:
+        print(f"  {name}: bf16 torch._grouped_mm path failed: {type(err).__name__}: {err}")
+        bf16_ms = None
+    ms = median_ms(fp8_mlp)
+    rows.append(
+        row(
+            "mlp_fwd_fp8",
+            shape,
+            ms,
+            w13_flops + w2_flops,
+            "bf16 torch._grouped_mm W13 + silu*up + W2",
+            bf16_ms,
+            env,
+        )
+    )
+    return rows
+
+
+def bench_deepgemm(env: dict) -> list[dict]:
+    groups, rows_per_group, n, k = DEEPGEMM_SHAPE
+    num_rows = groups * rows_per_group
+    offsets = torch.arange(0, num_rows + 1, rows_per_group, dtype=torch.int32, device="cuda")
+    x = torch.randn(num_rows, k, device="cuda", dtype=torch.bfloat16)
+    xq, xs = nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+    _, wq, ws, w_row, w_row_scale = quantized_weights(groups, n, k)
+    xq_row, x_row_scale = rowwise_quant(x)
+    flops = 2 * num_rows * n * k
+    try:
+        base_ms = median_ms(
+            lambda: scaled_grouped_mm(xq_row, x_row_scale, w_row, w_row_scale, offsets[1:])
+        )
+    except Exception as err:
+        print(f"  deepgemm: torch._scaled_grouped_mm failed: {type(err).__name__}: {err}")
+        base_ms = None
+    ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets))
+    shape = dict(groups=groups, rows_per_group=rows_per_group, N=n, K=k)
+    base_name = "torch._scaled_grouped_mm rowwise"
+    return [row("deepgemm_shape", shape, ms, flops, base_name, base_ms, env)]
+
+
+def driver_version() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write result rows to this file")
+    parser.add_argument(
+        "--shapes",
+        default="super,moonlight,dsv3-local,deepgemm",
+        help="comma-separated subset of super,moonlight,dsv3-local,deepgemm",
+    )
+    args = parser.parse_args()
+    env = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        driver=driver_version(),
+    )
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name in args.shapes.split(","):
+        if name == "deepgemm":
+            rows += bench_deepgemm(env)
+        else:
+            rows += bench_moe(name, env, gen)
+        torch.cuda.empty_cache()
+
+    print(
+        f"device: {env['device']}  torch {env['torch']}  CUDA {env['cuda']}  "
+        f"driver {env['driver']}"
+    )
+    print(
+        f"{'op':<22}{'shape':<44}{'ms':>9}{'TFLOP/s':>9}{'base ms':>9}{'base TF':>9}{'ratio':>7}"
+    )
+    for r in rows:
+        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+        if r["baseline_ms"]:
+            base = f"{r['baseline_ms']:9.3f}{r['baseline_tflops']:9.1f}{r['ratio']:7.2f}"
+        else:
+            base = f"{'n/a':>9}{'n/a':>9}{'n/a':>7}"
+        print(f"{r['op']:<22}{shape:<44}{r['time_ms']:9.3f}{r['tflops']:9.1f}{base}")
+    print("baselines: w13_* and deepgemm_shape vs torch._scaled_grouped_mm (rowwise scales); "
+          "mlp_fwd_fp8 vs bf16 torch._grouped_mm W13 + silu*up + W2")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CuTeDSL kernels (nvidia-cutlass-dsl), compiled at first use; import needs the DSL installed."""

@@ -1,0 +1,117 @@
+"""Device-side tile schedule for grouped GEMMs over a contiguous, expert-sorted row layout.
+
+Shape letters: E experts, M rows (expert-sorted), BM / BN tile sizes along the GEMM's M / N.
+
+The host never reads the expert offsets: a persistent CTA copies ``offsets_E1`` into shared
+memory once (`build_expert_table`), turns the segment lengths into a cumulative count of output
+tiles (M tiles x N tiles per segment) with one warp-level prefix sum, and then maps every linear
+tile index to (segment, M tile, N tile) with a forward walk over that table (`locate_tile`).
+Segment ``E`` is the padding after the last expert (rows ``offsets[E]:M``); kernels give it zero
+output.
+
+Tile order inside a segment ("raster"): "m" sweeps the N tiles of one block of BM rows before the
+next block (consecutive CTAs share rows of A); "n" sweeps the M tiles of one N tile first
+(consecutive CTAs share a column block of the expert's weights). A CTA's linear indices only grow
+(``blockIdx.x + i * gridDim.x``), so the walk state is carried from one tile to the next and each
+CTA walks the table at most once.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32
+
+# Largest expert count the shared-memory tables hold (two int32 tables of MAX_EXPERTS + 2).
+MAX_EXPERTS = 1024
+TABLE_LEN = MAX_EXPERTS + 2
+RASTERS = ("m", "n")
+
+
+@cute.jit
+def build_expert_table(
+    mOffsets: cute.Tensor,
+    num_experts: Int32,
+    num_rows: Int32,
+    sOffsets: cute.Tensor,
+    sTileStart: cute.Tensor,
+    tile_m: cutlass.Constexpr[int],
+    num_n_tiles: cutlass.Constexpr[int],
+    num_threads: cutlass.Constexpr[int],
+):
+    """Fill the per-CTA schedule tables; every thread of the CTA must call this.
+
+    After the call (and the CTA barrier it ends with):
+      sOffsets[i]   = offsets[i] clamped to [0, M] for i <= E, and sOffsets[E + 1] = M (the end
+                      of the padding);
+      sTileStart[i] = number of output tiles of segments 0..i-1 (i <= E + 1): a segment of L rows
+                      has ceil(L / tile_m) * num_n_tiles tiles.
+    """
+    tidx, _, _ = cute.arch.thread_idx()
+    num_segments = num_experts + 1
+    for i in range(tidx, num_experts + 2, num_threads):
+        bound = num_rows
+        if i <= num_experts:
+            # Clamped into [0, M]: malformed offsets cannot make a kernel touch memory outside
+            # its tensors (their results are unspecified).
+            bound = cutlass.max(cutlass.min(mOffsets[i], num_rows), Int32(0))
+        sOffsets[i] = bound
+    cute.arch.sync_threads()
+    for i in range(tidx, num_segments, num_threads):
+        length = cutlass.max(sOffsets[i + 1] - sOffsets[i], Int32(0))
+        sTileStart[i + 1] = (length + (tile_m - 1)) // tile_m * num_n_tiles
+    if tidx == 0:
+        sTileStart[0] = Int32(0)
+    cute.arch.sync_threads()
+    warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+    if warp_idx == 0:
+        lane = cute.arch.lane_idx()
+        carry = Int32(0)
+        for base in range(0, num_segments, 32):
+            i = base + lane
+            count = Int32(0)
+            if i < num_segments:
+                count = sTileStart[i + 1]
+            for shift in cutlass.range_constexpr(5):
+                delta = 1 << shift
+                neighbour = cute.arch.shuffle_sync_up(count, delta)
+                if lane >= delta:
+                    count = count + neighbour
+            count = count + carry
+            if i < num_segments:
+                sTileStart[i + 1] = count
+            carry = cute.arch.shuffle_sync(count, 31)
+    cute.arch.sync_threads()
+
+
+@cute.jit
+def locate_tile(
+    linear_idx: Int32,
+    segment: Int32,
+    sTileStart: cute.Tensor,
+    num_segments: Int32,
+    num_n_tiles: cutlass.Constexpr[int],
+    raster: cutlass.Constexpr[str],
+):
+    """Map a linear tile index to (is_valid, segment, m_tile_in_segment, n_tile).
+
+    ``segment`` is the walk state from the previous call (0 for the first); it is returned
+    advanced. Indices past the last tile give is_valid False.
+    """
+    is_valid = linear_idx < sTileStart[num_segments]
+    seg = segment
+    if is_valid:
+        while sTileStart[seg + 1] <= linear_idx:
+            seg = seg + 1
+    first = sTileStart[seg]
+    local = linear_idx - first
+    m_tile = Int32(0)
+    n_tile = Int32(0)
+    if cutlass.const_expr(raster == "m"):
+        m_tile = local // num_n_tiles
+        n_tile = local - m_tile * num_n_tiles
+    else:
+        num_m_tiles = cutlass.max((sTileStart[seg + 1] - first) // num_n_tiles, Int32(1))
+        n_tile = local // num_m_tiles
+        m_tile = local - n_tile * num_m_tiles
+    return is_valid, seg, m_tile, n_tile

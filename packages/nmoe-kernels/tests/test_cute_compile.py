@@ -1,0 +1,83 @@
+"""The CuTeDSL BF16 grouped GEMM kernels compile for sm_90a on a machine without a GPU.
+
+Each configuration is compiled (no launch) and its PTX is checked for what the kernel design
+promises: WGMMA m64nBNk16 bf16 -> f32 with the operand majorness of the op (transpose flags),
+TMA bulk-tensor loads, the producer/consumer register split (setmaxnreg 40 / 232), no local
+memory (spills would show as .local), the SwiGLU epilogue's exp only in the SwiGLU kernel, and
+the async-proxy fence of the wgrad tail zeroing. About 1 s per compile on one core.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl")
+
+from nmoe_kernels.cute.grouped_gemm_bf16 import (  # noqa: E402
+    GroupedGemmBf16Sm90,
+    choose_tile_n,
+    compile_kernel,
+)
+
+# (op, K, N, weights stored [E, N, K], expected BN, expected (transpose A, transpose B) of wgmma)
+CONFIGS = [
+    ("fwd", 768, 768, False, 256, (0, 1)),
+    ("fwd", 768, 768, True, 256, (0, 0)),  # [E, N, K] weights: K-major B
+    ("swiglu", 2048, 2816, False, 256, (0, 1)),
+    ("dgrad", 384, 768, False, 192, (0, 0)),  # super W2 dgrad: dx [M, F=384]
+    ("dgrad", 1408, 2048, True, 128, (0, 1)),  # moonlight W2 dgrad, [E, N, K] weights
+    ("wgrad", 768, 768, False, 256, (1, 1)),
+]
+
+
+@pytest.mark.parametrize(("op", "dim_k", "dim_n", "weight_nk", "tile_n", "transpose"), CONFIGS)
+def test_kernel_compiles_for_sm90a(op, dim_k, dim_n, weight_nk, tile_n, transpose):
+    kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, weight_nk=weight_nk)
+    assert kernel.tile_n == tile_n
+    compiled = compile_kernel(op, dim_k, dim_n, "sm_90a", keep_ptx=True, weight_nk=weight_nk)
+    ptx = compiled.artifacts.PTX
+    if os.path.isfile(ptx):  # with CUTE_DSL_DUMP_DIR set, CuTeDSL returns the file's path
+        ptx = open(ptx).read()
+    assert ".target sm_90a" in ptx
+    wgmma = re.findall(
+        rf"wgmma\.mma_async\.sync\.aligned\.m64n{tile_n}k16\.f32\.bf16\.bf16 .*?, p, 1,\s*1, "
+        r"(\d), (\d);",
+        ptx,
+    )
+    assert wgmma, f"no m64n{tile_n}k16 bf16 WGMMA in the PTX"
+    assert {tuple(int(f) for f in flags) for flags in wgmma} == {transpose}
+    # 4 k16 blocks per 64-wide k tile, one WGMMA each.
+    assert len(wgmma) == 4
+    assert "cp.async.bulk.tensor" in ptx and "mbarrier.arrive.expect_tx" in ptx
+    assert "setmaxnreg.dec.sync.aligned.u32 \t40" in ptx.replace("u32 40", "u32 \t40")
+    assert "setmaxnreg.inc.sync.aligned.u32 \t232" in ptx.replace("u32 232", "u32 \t232")
+    assert ".local" not in ptx, "local memory in the kernel (register spill or stack array)"
+    assert ("ex2.approx" in ptx) == (op == "swiglu")
+    assert ("fence.proxy.async.shared::cta" in ptx) == (op == "wgrad")
+    # 16-byte global stores in the predicated epilogue.
+    assert "st.global.v4.b32" in ptx
+
+
+def test_tile_and_stage_choice():
+    # BN minimises padding of the GEMM N (ties to the wider tile); SwiGLU always uses 256.
+    assert [choose_tile_n(n, "fwd") for n in (768, 384, 1408, 2048, 7168, 2816)] == [
+        256,
+        192,
+        128,
+        256,
+        256,
+        256,
+    ]
+    assert choose_tile_n(384, "swiglu") == 256
+    for op, dim_k, dim_n in [("fwd", 768, 768), ("dgrad", 384, 768), ("dgrad", 1408, 2048)]:
+        kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n)
+        stage_bytes = (128 + kernel.tile_n) * 64 * 2
+        assert kernel.num_stages >= 4
+        assert kernel.num_stages * stage_bytes + 2 * kernel.epi_wg_elems * 2 < 232448
+    with pytest.raises(ValueError, match="multiples of 8"):
+        GroupedGemmBf16Sm90("fwd", 770, 768)
+    with pytest.raises(ValueError, match="op must be one of"):
+        GroupedGemmBf16Sm90("bwd", 768, 768)

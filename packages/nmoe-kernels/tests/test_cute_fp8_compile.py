@@ -1,0 +1,112 @@
+"""The CuTeDSL FP8 grouped GEMM kernels compile for sm_90a without a GPU (CPU test).
+
+Each kernel is compiled with all shapes symbolic and its PTX is checked for the instructions the
+design depends on: FP8 wgmma m64n128k32 with fp32 accumulators (4 per 128-deep K block), two
+TMA tile loads per stage (A 2-D, B 3-D over experts; the scales are plain loads), warpgroup register
+reallocation, no local-memory spills, and in the fused epilogue the IEEE scale division and
+reciprocal of the reference rule, quad shuffles for the row amax, saturating RNE E4M3 packing and
+(with UE8M0) the integer round-up of the scale. Also: the FP8 weight re-layout helper is a
+bitwise transpose of the 128x128 quantization.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from nmoe_kernels import reference as ref
+
+pytest.importorskip("cutlass")
+
+
+def compiled_ptx(epilogue: str, ue8m0: bool, ptx_dir) -> str:
+    from nmoe_kernels.cute.grouped_gemm_fp8 import compile_kernel
+
+    return compile_kernel(epilogue, ue8m0, ptx_dir=str(ptx_dir)).artifacts.PTX
+
+
+def count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text))
+
+
+@pytest.mark.parametrize(
+    ("epilogue", "ue8m0"),
+    [("bf16", False), ("swiglu_quant", False), ("swiglu_quant", True)],
+)
+def test_kernel_compiles_for_sm90a(epilogue, ue8m0, tmp_path):
+    ptx = compiled_ptx(epilogue, ue8m0, tmp_path)
+    assert ".target sm_90a" in ptx
+    assert count(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3", ptx) == 4
+    assert count(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx) == 1  # promotion after each block
+    assert count(r"cp\.async\.bulk\.tensor\.2d\.shared::cta\.global", ptx) == 1  # A [M, K]
+    assert count(r"cp\.async\.bulk\.tensor\.3d\.shared::cta\.global", ptx) == 1  # B [E, N, K]
+    assert count(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40", ptx) == 1
+    assert count(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232", ptx) == 1
+    assert ".local" not in ptx, "register spills to local memory"
+    assert count(r"st\.global\.v4", ptx) >= 1  # 16-byte predicated row stores
+    if epilogue == "swiglu_quant":
+        assert count(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx) == 16  # 32 values per thread
+        assert count(r"shfl\.sync\.bfly\.b32", ptx) == 4  # 2 rows x 2 quad steps
+        assert count(r"div\.rn\.f32\s+%r\d+, %r\d+, 0f43E00000", ptx) == 2  # amax / 448, IEEE
+        assert count(r"rcp\.rn\.f32", ptx) == 2  # 1 / scale, correctly rounded
+        assert "div.approx" not in ptx and "div.full" not in ptx
+        assert (count(r"8388607;", ptx) == 2) == ue8m0  # scale round-up to a power of two
+    else:
+        assert "cvt.rn.satfinite.e4m3x2.f32" not in ptx
+        assert count(r"cvt\.rn\.bf16x2\.f32|cvt\.rn\.bf16\.f32", ptx) >= 32
+
+
+def test_kernel_config_fits_shared_memory():
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    for epilogue in g.EPILOGUES:
+        config = g.kernel_config(epilogue)
+        stage = g._stage_bytes(config.tile_m, config.tile_n)
+        epi = g._epilogue_smem_bytes(epilogue, config.tile_m, config.tile_n)
+        assert config.num_stages >= 4
+        assert config.num_stages * stage + epi + 2048 <= 232448
+
+
+def test_grid_size_bounds_the_tile_count():
+    """grid_size never exceeds the tiles of any segmentation (or the SM count)."""
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    config = g.kernel_config("bf16")
+    gen = torch.Generator().manual_seed(torch.seed())
+    for _ in range(200):
+        num_experts = int(torch.randint(1, 40, (1,), generator=gen))
+        counts = torch.randint(0, 400, (num_experts,), generator=gen)
+        pad = int(torch.randint(0, 200, (1,), generator=gen))
+        num_rows = int(counts.sum()) + pad
+        n = 128 * int(torch.randint(1, 5, (1,), generator=gen))
+        tiles = sum((int(c) + config.tile_m - 1) // config.tile_m for c in [*counts, pad])
+        tiles *= n // config.tile_n
+        grid = g.grid_size(num_rows, n, num_experts, config, 10**9)
+        assert grid >= max(tiles, 1)  # every tile gets a CTA when SMs are plenty
+        assert g.grid_size(num_rows, n, num_experts, config, 132) <= 132
+
+
+def test_fp8_weights_to_nk_is_the_transposed_quantization(torch_seed):
+    from nmoe_kernels.grouped_gemm_fp8 import fp8_weights_to_nk
+
+    w_EKN = torch.randn(3, 256, 384) * torch.rand(3, 1, 384)
+    wq, ws = ref.quantize_fp8_128x128(w_EKN)
+    wq_nk, ws_nk = fp8_weights_to_nk(wq, ws)
+    want_q, want_s = ref.quantize_fp8_128x128(w_EKN.transpose(1, 2).contiguous())
+    assert torch.equal(wq_nk.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(ws_nk, want_s)
+    assert wq_nk.is_contiguous() and ws_nk.is_contiguous()
+
+
+def test_wrappers_reject_cpu_tensors_with_a_clear_error():
+    from nmoe_kernels.grouped_gemm_fp8 import grouped_gemm_fp8_blockscaled
+
+    xq = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
+    xs = torch.ones(4, 1)
+    wq = torch.zeros(1, 128, 128, dtype=torch.float8_e4m3fn)
+    ws = torch.ones(1, 1, 1)
+    offsets = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="x_fp8_MK must be a CUDA tensor"):
+        grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets)

@@ -1,0 +1,260 @@
+"""FP8 blockscaled grouped GEMMs (CuTeDSL, sm_90a) against the torch references (one GPU).
+
+Inputs are drawn fresh per run (seed printed by conftest): activations with per-row magnitudes
+spread over 2^-4..2^4, weights ~N(0, 1) * 2^-4 with per-128-block magnitudes spread over 2^-2..2^2,
+quantized with `reference.quantize_fp8_1x128` (MN-major scales) and
+`reference.quantize_fp8_128x128`, so kernel and reference see the same FP8 codes and scales.
+Outputs are poisoned (NaN / 0xFF codes) before each call. Expert segments cover lengths 0, 1,
+127, 128, 129, random, all rows on one expert, E in {1, 8, 32, 256}, and padding rows after the
+last expert (which must come back zero, as in the reference).
+
+Tolerances. Only the accumulation order differs from the reference, but Hopper's FP8 wgmma keeps
+about 14 mantissa bits inside one 128-deep K block (the reason the DeepSeek-V3 recipe promotes
+every 128 K into fp32; the reference accumulates in fp32, error ~K * 2^-24). So:
+
+- bf16 GEMM: |y - y64| <= 2^-8 |y64| + 2^-11 (|x| @ |w|)(m, n), against a float64 GEMM of the
+  dequantized operands: one bf16 rounding (unit roundoff 2^-8 relative) plus per-block partial
+  sums rounded to ~14 bits (a few roundings of 2^-14 relative to the block's sum |x_k w_k|).
+- fused SwiGLU + quantize: see `test_grouped_gemm_fp8_swiglu_quant` -- near-bitwise against the
+  unfused chain on the bf16 kernel's output (same accumulators), and a propagated error bound
+  against float64 (E4M3 codes of small values may move by many steps under GEMM-level
+  differences, so codes are only compared step-wise against the same-accumulator chain).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmoe_kernels import reference as ref
+
+pytestmark = pytest.mark.gpu
+
+E4M3_MIN_SCALE = 2.0**-126
+
+
+@pytest.fixture(autouse=True)
+def _require_hopper():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the FP8 grouped GEMM kernels need an sm_90a GPU (H100/H200)")
+
+
+def segment_counts(case: str, gen: torch.Generator) -> tuple[list[int], int]:
+    """(rows per expert, padding rows after the last expert) for a named case."""
+    if case == "E1":
+        return [333], 3
+    if case == "E8_edges":
+        return [0, 1, 127, 128, 129, 0, 64, 255], 5
+    if case == "E8_all_on_one":
+        return [0, 0, 0, 1000, 0, 0, 0, 0], 0
+    if case == "E32_random":
+        return torch.randint(0, 300, (32,), generator=gen).tolist(), 7
+    if case == "E256_random":
+        counts = torch.randint(0, 40, (256,), generator=gen)
+        counts[torch.randperm(256, generator=gen)[:64]] = 0
+        return counts.tolist(), 1
+    raise ValueError(case)
+
+
+CASES = ["E1", "E8_edges", "E8_all_on_one", "E32_random", "E256_random"]
+
+
+def make_problem(counts: list[int], pad: int, k: int, n: int, gen: torch.Generator):
+    num_experts = len(counts)
+    num_rows = sum(counts) + pad
+    x = torch.randn(num_rows, k, generator=gen, dtype=torch.float64)
+    x *= torch.exp2(torch.randint(-4, 5, (num_rows, 1), generator=gen).double())
+    w = torch.randn(num_experts, n, k, generator=gen, dtype=torch.float64) * 2.0**-4
+    block_scale = torch.exp2(
+        torch.randint(-2, 3, (num_experts, n // 128, 1, k // 128, 1), generator=gen).double()
+    )
+    w = (w.view(num_experts, n // 128, 128, k // 128, 128) * block_scale).view(num_experts, n, k)
+    x = x.to(torch.bfloat16).cuda()
+    w = w.to(torch.bfloat16).cuda()
+    xq, xs = ref.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+    wq, ws = ref.quantize_fp8_128x128(w)  # [E, N, K], scales [E, N/128, K/128]
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    return xq, xs, wq, ws, offsets.cuda()
+
+
+def float64_gemm(xq, xs, wq, ws, offsets):
+    """(y64, |x| @ |w|) per expert in float64 on the dequantized operands; padding rows zero."""
+    x = ref.dequantize_fp8_1x128(xq, xs, torch.float32).double()
+    w = ref.dequantize_fp8_128x128(wq, ws, torch.float32).double()
+    y = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float64, device=x.device)
+    bound = torch.zeros_like(y)
+    bounds = offsets.tolist()
+    for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if end > start:
+            y[start:end] = x[start:end] @ w[e].t()
+            bound[start:end] = x[start:end].abs() @ w[e].abs().t()
+    return y, bound
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_grouped_gemm_fp8_blockscaled_matches_float64(case, torch_seed):
+    from nmoe_kernels.grouped_gemm_fp8 import grouped_gemm_fp8_blockscaled
+
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts, pad = segment_counts(case, gen)
+    k, n = (1024, 384) if case != "E256_random" else (256, 256)
+    xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
+    out = torch.full((xq.shape[0], n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    y = grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets, out=out)
+    torch.cuda.synchronize()
+    assert y.data_ptr() == out.data_ptr()
+
+    y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
+    err = (y.double() - y64).abs()
+    tol = 2.0**-8 * y64.abs() + 2.0**-11 * bound
+    bad = ~(err <= tol)  # NaN (an unwritten poisoned element) counts as bad
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} elements off; first at "
+        f"{bad.nonzero()[0].tolist()}: got {y[bad][0].item()}, want {y64[bad][0].item()} "
+        f"(tol {tol[bad][0].item():.3g})"
+    )
+    end = int(offsets[-1])
+    assert torch.equal(y[end:], torch.zeros_like(y[end:])), "padding rows must be zero"
+
+    # The reference op itself (fp32 accumulation) on the [E, K, N] weights: same bound.
+    w_EKN, ws_EKbNb = wq.transpose(1, 2), ws.transpose(1, 2)
+    y_ref = ref.grouped_gemm_fp8_blockscaled(xq, xs, w_EKN, ws_EKbNb, offsets)
+    assert ((y.double() - y_ref.double()).abs() <= tol + 2.0**-8 * y64.abs()).all()
+
+
+def test_grouped_gemm_fp8_long_k(torch_seed):
+    """DeepSeek-V3's K = 7168 (56 K blocks, several pipeline wraps) on a few experts."""
+    from nmoe_kernels.grouped_gemm_fp8 import grouped_gemm_fp8_blockscaled
+
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts = torch.randint(1, 400, (4,), generator=gen).tolist()
+    xq, xs, wq, ws, offsets = make_problem(counts, 0, 7168, 512, gen)
+    y = grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets)
+    y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
+    tol = 2.0**-8 * y64.abs() + 2.0**-11 * bound
+    assert ((y.double() - y64).abs() <= tol).all()
+
+
+def ordered_codes(q: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes as integers ordered like their values (adjacent values differ by 1)."""
+    bits = q.view(torch.uint8).to(torch.int32)
+    magnitude = bits & 0x7F
+    return torch.where(bits >= 0x80, -magnitude, magnitude)
+
+
+def poisoned_swiglu_out(num_rows: int, f: int):
+    a = torch.full((num_rows, f), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    aligned = (num_rows + 3) // 4 * 4
+    storage = torch.full((f // 128, aligned), float("nan"), device="cuda")
+    storage[:, num_rows:] = 0.0
+    return a, storage[:, :num_rows].t()
+
+
+def swiglu_float64_tolerance(y64, bound, scales_MFb):
+    """(a64, tol): float64 SwiGLU of the exact GEMM and the bound on |dequant(kernel) - a64|.
+
+    GEMM error per output (validated by the bf16 GEMM tests): dh = 2^-8 |h| + 2^-11 (|x| @ |w|).
+    Through a = silu(g) * u (|silu'| <= 1.1): |da| <= 1.1 |u| dg + (|silu(g)| + 1.1 dg) du;
+    then a is rounded to bf16 (2^-8) and to E4M3 (half a step: 2^-4 relative for normals,
+    2^-10 * scale below the normal range).
+    """
+    g, u = y64[:, 0::2], y64[:, 1::2]
+    dg = 2.0**-8 * g.abs() + 2.0**-11 * bound[:, 0::2]
+    du = 2.0**-8 * u.abs() + 2.0**-11 * bound[:, 1::2]
+    silu = g * torch.sigmoid(g)
+    a64 = silu * u
+    da = 1.1 * u.abs() * dg + (silu.abs() + 1.1 * dg) * du
+    scale = scales_MFb.double().repeat_interleave(128, dim=1)
+    return a64, 1.1 * (da + (2.0**-4 + 2.0**-7) * a64.abs()) + 2.0**-9 * scale
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_grouped_gemm_fp8_swiglu_quant(case, ue8m0, torch_seed):
+    """Fused W13 + SwiGLU + quantize against (1) the unfused chain on the bf16 kernel's output
+    and (2) the float64 SwiGLU of the exact GEMM.
+
+    (1) The fused and the bf16 kernel run the same wgmma on the same 64-row windows with the same
+    promotion arithmetic, so their fp32 accumulators agree bit for bit and
+    quantize_fp8_1x128(swiglu_interleaved(bf16 kernel output)) may differ only where silu's
+    exp (torch's vs the kernel's) rounds differently: scales within 2^-6 (UE8M0: equal or one
+    power of two), codes within one E4M3 step, at most 1% of codes / scales different.
+    (2) |dequant(kernel) - a64| <= the propagated bound of `swiglu_float64_tolerance`.
+    """
+    from nmoe_kernels.grouped_gemm_fp8 import (
+        grouped_gemm_fp8_blockscaled,
+        grouped_gemm_fp8_swiglu_quant,
+    )
+
+    if ue8m0 and case not in ("E8_edges", "E32_random"):
+        pytest.skip("UE8M0 scales are covered on two segment mixes")
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts, pad = segment_counts(case, gen)
+    k, f = (768, 384) if case != "E256_random" else (256, 128)
+    xq, xs, wq, ws, offsets = make_problem(counts, pad, k, 2 * f, gen)
+    num_rows = xq.shape[0]
+    out = poisoned_swiglu_out(num_rows, f)
+    a_fp8, a_scales = grouped_gemm_fp8_swiglu_quant(xq, xs, wq, ws, offsets, ue8m0=ue8m0, out=out)
+    torch.cuda.synchronize()
+    assert a_fp8.data_ptr() == out[0].data_ptr() and a_scales.data_ptr() == out[1].data_ptr()
+    assert torch.isfinite(a_scales).all(), "unwritten scales (poison NaN)"
+
+    # (1) the unfused chain on the bf16 kernel's GEMM output
+    h = grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets)
+    q_chain, s_chain = ref.quantize_fp8_1x128(ref.swiglu_interleaved(h), ue8m0=ue8m0)
+    ratio = a_scales / s_chain
+    if ue8m0:
+        assert ((ratio == 1) | (ratio == 2) | (ratio == 0.5)).all(), "UE8M0 scales off by > 2x"
+    else:
+        worst = (ratio - 1).abs().max().item()
+        assert worst <= 2.0**-6, f"scales differ by {worst:.3g} relative (bound 2^-6)"
+    scale_diffs = int((ratio != 1).sum())
+    assert scale_diffs <= 0.01 * ratio.numel() + 1, f"{scale_diffs} scales differ"
+    step = (ordered_codes(a_fp8) - ordered_codes(q_chain)).abs()
+    assert step.max().item() <= 1, (
+        f"an E4M3 code moved by {step.max().item()} steps at {(step > 1).nonzero()[0].tolist()}"
+    )
+    flips = int((step == 1).sum())
+    assert flips <= 0.01 * step.numel() + 1, f"{flips} of {step.numel()} codes differ by a step"
+    print(f"{case} ue8m0={ue8m0}: {flips} of {step.numel()} codes, {scale_diffs} scales differ")
+
+    # (2) float64
+    y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
+    a64, tol = swiglu_float64_tolerance(y64, bound, a_scales)
+    deq = ref.dequantize_fp8_1x128(a_fp8, a_scales, torch.float32).double()
+    bad = ~((deq - a64).abs() <= tol)
+    assert not bad.any(), (
+        f"{int(bad.sum())} values off; first at {bad.nonzero()[0].tolist()}: got "
+        f"{deq[bad][0].item()}, want {a64[bad][0].item()} (tol {tol[bad][0].item():.3g})"
+    )
+
+    end = int(offsets[-1])
+    assert (a_fp8[end:].view(torch.uint8) == 0).all(), "padding rows must quantize to zero"
+    assert (a_scales[end:] == E4M3_MIN_SCALE).all(), "padding rows get the 2^-126 scale"
+    aligned = (num_rows + 3) // 4 * 4
+    storage = torch.as_strided(a_scales, (f // 128, aligned), (aligned, 1))
+    assert (storage[:, num_rows:] == 0).all(), "scale storage padding must stay zero"
+
+
+def test_fp8_expert_mlp_chains_w13_into_w2(torch_seed):
+    """quantize -> W13 + SwiGLU + quantize -> W2 against the same chain on the references."""
+    import nmoe_kernels
+    from nmoe_kernels.grouped_gemm_fp8 import (
+        grouped_gemm_fp8_blockscaled,
+        grouped_gemm_fp8_swiglu_quant,
+    )
+
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts, pad = segment_counts("E8_edges", gen)
+    d, f = 512, 256
+    xq, xs, w13q, w13s, offsets = make_problem(counts, pad, d, 2 * f, gen)
+    w2 = (torch.randn(8, d, f, generator=gen) * 2.0**-4).to(torch.bfloat16).cuda()
+    w2q, w2s = ref.quantize_fp8_128x128(w2)
+    aq, a_s = grouped_gemm_fp8_swiglu_quant(xq, xs, w13q, w13s, offsets)
+    y = grouped_gemm_fp8_blockscaled(aq, a_s, w2q, w2s, offsets)
+    # W2 on the kernel's own activations must match float64 exactly as the plain GEMM does.
+    y64, bound = float64_gemm(aq, a_s, w2q, w2s, offsets)
+    assert ((y.double() - y64).abs() <= 2.0**-8 * y64.abs() + 2.0**-11 * bound).all()
+    assert callable(nmoe_kernels.grouped_gemm_fp8_swiglu_quant)
