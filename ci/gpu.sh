@@ -8,6 +8,10 @@
 #   tests        pytest -m "gpu or multigpu" over the whole repository
 #   bench-quant  the FP8 1x128 quantization benchmark (nmoe-kernels/bench)
 #   train-super  `n train super` for a few steps on the built-in corpus; reports tokens/s
+#   eval-bundle  unpack .gpu-extra/eval_bundle.tgz (the offline CORE bundle built on a CPU machine
+#                with `n eval prep-core`) into ~/.cache/nmoe/eval
+#   tests-quick  the GPU tests of the fused path, eval, checkpoints and the FP8 quant op only
+#   super-eval   train super for a few steps, save a weights-only checkpoint, `n eval` it (CORE)
 #   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
 #                BENCH_MICRO); tokens/s, MFU, peak memory
 #
@@ -61,6 +65,36 @@ stage_train_super() {
   local rc=${PIPESTATUS[0]}
   cp "$runs/super-smoke/metrics.db" "$OUT/train-super-metrics.db" 2>/dev/null
   cp "$runs/super-smoke/result.json" "$OUT/train-super-result.json" 2>/dev/null
+  return "$rc"
+}
+
+stage_eval_bundle() {
+  mkdir -p ~/.cache/nmoe/eval && tar -C ~/.cache/nmoe/eval -xzf .gpu-extra/eval_bundle.tgz
+  ls ~/.cache/nmoe/eval/eval_bundle | head -3
+}
+
+stage_tests_quick() {
+  "$PY" -m pytest -q -m "gpu" -p no:cacheprovider --timeout=600 \
+    --junitxml="$OUT/gpu-tests-quick.xml" \
+    packages/nmoe-kernels/tests/test_quant_gpu.py packages/nmoe-core/tests/test_fused_gpu.py \
+    packages/nmoe-core/tests/test_optim_builder.py packages/nmoe-core/tests/test_generate.py \
+    packages/nmoe-eval/tests packages/nmoe-train/tests/test_checkpoint.py \
+    packages/nmoe-train/tests/test_fused_training_gpu.py 2>&1 | tee "$OUT/gpu-tests-quick.log" \
+    | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
+stage_super_eval() {
+  local runs=/tmp/nmoe-runs
+  rm -rf "$runs/super-eval"
+  n train super steps=${SUPER_STEPS:-8} global_batch=32 micro_batch=8 val_every=0 \
+    checkpoint_optimizer=false final_eval_tasks=null log_every=4 runs_root=$runs \
+    run_name=super-eval data.data_root=/tmp/nmoe-data 2>&1 | tail -4
+  local t0=$SECONDS
+  n eval "$runs/super-eval" --tasks core --max-examples "${EVAL_EXAMPLES:-200}" \
+    --out "$OUT/super-eval.json" 2>&1 | tee "$OUT/super-eval.log" | tail -22
+  local rc=${PIPESTATUS[0]}
+  echo "n eval (load checkpoint + CORE) took $((SECONDS - t0)) s wall" | tee -a "$OUT/super-eval.log"
   return "$rc"
 }
 

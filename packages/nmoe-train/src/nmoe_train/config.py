@@ -107,6 +107,10 @@ class TrainConfig(_Config):
     run_name: str | None = None
     log_every: int = Field(10, ge=1)
     checkpoints: bool = Field(True, description="write checkpoints at all (false: throughput runs)")
+    checkpoint_optimizer: bool = Field(
+        True, description="include optimizer state (false: weights only, for evaluation; such a "
+        "checkpoint cannot be resumed exactly)"
+    )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only end)")
     keep_checkpoints: int = Field(3, ge=1)
     resume: bool = True

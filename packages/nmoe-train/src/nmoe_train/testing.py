@@ -14,6 +14,7 @@ SMALL = [
     "model.attention.local_window=16", "model.moe.n_routed_experts=4",
     "model.moe.n_activated_experts=2", "model.moe.moe_inter_dim=32", "model.moe.n_dense_layers=1",
     "seq_len=32", "global_batch=8", "val_sequences=8", "log_every=1", "cpu_threads=1",
+    "final_eval_tasks=null",
 ]
 
 

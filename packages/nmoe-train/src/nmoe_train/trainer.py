@@ -264,9 +264,11 @@ class Trainer:
         shared, local = {}, {}
         for name, tensor in self.model.state_dict(keep_vars=True).items():
             (local if id(tensor) in local_ids else shared)[name] = tensor.detach()
-        opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
-        for key, tensor in opt_tensors.items():
-            local[f"optimizer/{key}"] = tensor
+        opt_meta = None
+        if self.cfg.checkpoint_optimizer:
+            opt_tensors, opt_meta = flatten_optimizer_state(self.optimizer.state_dict())
+            for key, tensor in opt_tensors.items():
+                local[f"optimizer/{key}"] = tensor
         local["rng/cpu"] = torch.get_rng_state()
         self._opt_meta = opt_meta
         return shared, local
@@ -314,6 +316,11 @@ class Trainer:
         if missing or unexpected:
             raise RuntimeError(f"{latest}: model state mismatch (missing {missing}, unexpected "
                                f"{unexpected})")
+        if rank_meta.get("optimizer") is None:
+            raise RuntimeError(
+                f"{latest} holds weights only (written with checkpoint_optimizer=false) and cannot"
+                f" be resumed exactly; use resume=false to start a new run"
+            )
         opt_tensors = {k[len("optimizer/"):]: v for k, v in local.items()
                        if k.startswith("optimizer/")}
         self.optimizer.load_state_dict(
