@@ -12,6 +12,9 @@
 #                with `n eval prep-core`) into ~/.cache/nmoe/eval
 #   tests-quick  the GPU tests of the fused path, eval, checkpoints and the FP8 quant op only
 #   super-eval   train super for a few steps, save a weights-only checkpoint, `n eval` it (CORE)
+#   comm-tests   nmoe-comm multi-GPU tests (every backend on 2 and 4 GPUs where present)
+#   bench-comm   nmoe-comm dispatch/combine bench on 2 and 4 GPUs (nccl baseline, ipc, nvshmem)
+#   train-ep     `n train super` under torchrun on all GPUs, experts split over ranks (ipc)
 #   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
 #                BENCH_MICRO); tokens/s, MFU, peak memory
 #
@@ -96,6 +99,42 @@ stage_super_eval() {
   local rc=${PIPESTATUS[0]}
   echo "n eval (load checkpoint + CORE) took $((SECONDS - t0)) s wall" | tee -a "$OUT/super-eval.log"
   return "$rc"
+}
+
+ngpus() { nvidia-smi -L | wc -l; }
+
+stage_comm_tests() {
+  local rc=0
+  for backend in ipc nccl nvshmem; do
+    "$PY" -m pytest -q -m multigpu -p no:cacheprovider --timeout=300 -ra \
+      packages/nmoe-comm/tests/test_multigpu.py -k "$backend" 2>&1 \
+      | tee "$OUT/comm-tests-$backend.log" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  done
+  return $rc
+}
+
+stage_bench_comm() {
+  local rc=0 n
+  for n in 2 $(ngpus); do
+    [ "$n" -le "$(ngpus)" ] || continue
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
+      packages/nmoe-comm/bench/bench_dispatch.py --json "$OUT/bench_comm_$n.json" 2>&1 \
+      | tee "$OUT/bench_comm_$n.log" | tail -16
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+    [ "$(ngpus)" = 2 ] && break
+  done
+  return $rc
+}
+
+stage_train_ep() {
+  local n; n=$(ngpus)
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" -m nmoe_train train super \
+    steps=${EP_STEPS:-6} global_batch=$((8 * n)) micro_batch=8 val_every=0 checkpoints=false \
+    log_every=1 parallel.expert_parallel=all parallel.dispatcher=${EP_DISPATCHER:-ipc} \
+    model.moe.backend=${EP_BACKEND:-fused} data.synthetic=true runs_root=/tmp/nmoe-runs \
+    run_name=super-ep$n resume=false final_eval_tasks=null 2>&1 | tee "$OUT/train-ep.log" | tail -14
+  return "${PIPESTATUS[0]}"
 }
 
 stage_bench_train() {

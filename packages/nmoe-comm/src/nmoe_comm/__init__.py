@@ -1,17 +1,18 @@
 """nmoe-comm: expert-parallel dispatch/combine behind one `Dispatcher` interface.
 
-`create_dispatcher` picks a backend by name (``local``: one device, pure torch; the GPU backends
-``ipc``, ``nvshmem`` and ``nccl`` are planned). `nmoe_comm.reference` gives the exact expected
-result of a dispatch over any number of ranks, simulated in one process; `nmoe_comm.autograd`
-makes dispatch and combine differentiable for the MoE layer. The contract every backend keeps is
-in `nmoe_comm.dispatcher`.
+`create_dispatcher` picks a backend by name: ``local`` (one device, pure torch), ``nccl``
+(torch.distributed all_to_all; NCCL on GPUs, gloo on CPUs), ``ipc`` (CUDA IPC inside one node)
+and ``nvshmem`` (NVSHMEM through nvshmem4py, inside and across nodes). `nmoe_comm.reference`
+gives the exact expected result of a dispatch over any number of ranks, simulated in one
+process; `nmoe_comm.autograd` makes dispatch and combine differentiable for the MoE layer. The
+contract every backend keeps is in `nmoe_comm.dispatcher`.
 """
 
 import nmoe_kernels
 
 # Inclusive range of nmoe_kernels._C ABI versions this package was written against.
 KERNELS_ABI_MIN = 1
-KERNELS_ABI_MAX = 1
+KERNELS_ABI_MAX = 2
 nmoe_kernels.require_abi("nmoe-comm", KERNELS_ABI_MIN, KERNELS_ABI_MAX)
 
 from nmoe_comm.dispatcher import (  # noqa: E402
@@ -20,7 +21,10 @@ from nmoe_comm.dispatcher import (  # noqa: E402
     Dispatcher,
     DispatchHandle,
 )
+from nmoe_comm.ipc import IpcDispatcher  # noqa: E402
 from nmoe_comm.local import LocalDispatcher  # noqa: E402
+from nmoe_comm.nccl import NcclDispatcher  # noqa: E402
+from nmoe_comm.nvshmem import NvshmemDispatcher  # noqa: E402
 from nmoe_comm.registry import (  # noqa: E402
     BackendUnavailableError,
     available_backends,
@@ -37,7 +41,10 @@ __all__ = [
     "Dispatched",
     "DispatchHandle",
     "Dispatcher",
+    "IpcDispatcher",
     "LocalDispatcher",
+    "NcclDispatcher",
+    "NvshmemDispatcher",
     "available_backends",
     "buffer_size_hint",
     "create_dispatcher",

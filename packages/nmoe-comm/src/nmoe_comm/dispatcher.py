@@ -9,6 +9,7 @@ Letters used in tensor names and docstrings throughout nmoe-comm:
 - ``W``: ranks in the expert-parallel group; rank ``r`` owns the contiguous block of experts
   ``[r * E_local, (r + 1) * E_local)`` with ``E_local = E // W``.
 - ``R``: rows received by this rank for its own experts (``sum(counts_E)``); ``R <= capacity``.
+- ``G``: FP8 scale groups per row, ``D / 128`` (one float32 scale per 1x128 block, rule 6).
 
 The contract every backend keeps (and `nmoe_comm.reference` spells out in plain torch):
 
@@ -32,6 +33,14 @@ The contract every backend keeps (and `nmoe_comm.reference` spells out in plain 
    `CapacityError` naming the rows needed; rows are never dropped silently.
 5. **Collectiveness.** In a group of several ranks, every rank calls every method the same number
    of times in the same order, including ranks that send or receive no rows.
+6. **FP8 dispatch.** ``dispatch(..., fp8=True)`` quantizes every row at its source to FP8 E4M3
+   with one float32 scale per 1x128 block along ``D`` (`nmoe_kernels.quantize_fp8_1x128` on a
+   GPU, `nmoe_kernels.reference.quantize_fp8_1x128` on the CPU; the two are bitwise equal) and
+   moves the FP8 row and its scales instead of the row: ``x_RD`` is float8_e4m3fn ``[R, D]`` and
+   ``x_scales_RG`` float32 ``[R, G]``, bitwise equal to quantizing the reference's rows (the
+   quantization is per row, so it commutes with moving rows). Needs bfloat16 or float32 rows and
+   ``D % 128 == 0``. Everything else is unchanged: ``gates_R``, ``counts_E``, the handle, and
+   every backward (which take and return gradients in the dtype of ``x_TD``).
 
 "float32" above is the accumulation dtype for float32, bfloat16 and float16 rows. float64 rows
 (accepted by ``local`` and `nmoe_comm.reference` so that gradients can be checked with
@@ -102,12 +111,16 @@ class Dispatched:
         counts_E: int64 ``[E_local]`` rows per local expert, on the rows' device.
         gates_R: float32 ``[R]`` the gate of each received row (its ``gates_TK[t, k]``).
         handle: routing state for `Dispatcher.combine` and the backward passes.
+        x_scales_RG: float32 ``[R, G]`` row-major scales of an FP8 dispatch (rule 6): row ``r``
+            dequantizes as ``x_RD[r].float() * x_scales_RG[r].repeat_interleave(128)``. None
+            unless the dispatch was called with ``fp8=True``.
     """
 
     x_RD: torch.Tensor
     counts_E: torch.Tensor
     gates_R: torch.Tensor
     handle: DispatchHandle
+    x_scales_RG: torch.Tensor | None = None
 
     @property
     def offsets_E1(self) -> torch.Tensor:
@@ -156,7 +169,12 @@ class Dispatcher(ABC):
 
     @abstractmethod
     def dispatch(
-        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor
+        self,
+        x_TD: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        gates_TK: torch.Tensor,
+        *,
+        fp8: bool = False,
     ) -> Dispatched:
         """Send each token's row to the owner of each of its K experts.
 
@@ -165,6 +183,8 @@ class Dispatcher(ABC):
             expert_ids_TK: ``[T, K]`` int32/int64 global expert ids in ``[0, E)``. A token may
                 name the same expert in two slots; each slot is a separate row.
             gates_TK: ``[T, K]`` gate weights (any float dtype; kept as float32).
+            fp8: quantize the rows at the source and move FP8 rows plus scales (rule 6; needs
+                bfloat16/float32 rows and ``D % 128 == 0``).
 
         Returns:
             `Dispatched` for this rank's experts.
@@ -231,7 +251,13 @@ class Dispatcher(ABC):
 
     @classmethod
     def buffer_size_hint(
-        cls, *, capacity: int, hidden: int, dtype: torch.dtype, world_size: int = 1
+        cls,
+        *,
+        capacity: int,
+        hidden: int,
+        dtype: torch.dtype,
+        world_size: int = 1,
+        max_send_rows: int | None = None,
     ) -> int:
         """Bytes this backend allocates on one rank for ``capacity`` rows of ``hidden`` elements.
 
@@ -240,6 +266,9 @@ class Dispatcher(ABC):
             hidden: ``D``, elements per row (the larger of the dispatched and combined widths).
             dtype: dtype of the rows.
             world_size: ``W``; backends whose buffers scale with the group size use it.
+            max_send_rows: the most slots (``T * K``) one rank sends per dispatch, for backends
+                that keep a per-slot return buffer (``ipc``, ``nvshmem``); None means
+                ``capacity``.
 
         Returns:
             An upper bound in bytes: persistent buffers for backends that keep them, the

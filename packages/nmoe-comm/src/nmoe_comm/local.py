@@ -25,6 +25,7 @@ from nmoe_comm.dispatcher import (
     DispatchHandle,
     accumulation_dtype,
 )
+from nmoe_comm.quantization import check_fp8_rows, quantize_rows_fp8
 from nmoe_comm.registry import register_backend
 from nmoe_comm.validation import (
     check_dispatch_inputs,
@@ -85,7 +86,13 @@ class LocalDispatcher(Dispatcher):
 
     @classmethod
     def buffer_size_hint(
-        cls, *, capacity: int, hidden: int, dtype: torch.dtype, world_size: int = 1
+        cls,
+        *,
+        capacity: int,
+        hidden: int,
+        dtype: torch.dtype,
+        world_size: int = 1,
+        max_send_rows: int | None = None,
     ) -> int:
         """Transient bytes one dispatch + combine allocates for ``capacity`` rows (an upper bound).
 
@@ -93,7 +100,8 @@ class LocalDispatcher(Dispatcher):
         (``capacity * hidden`` elements of ``dtype``), float32 ``gates_R`` and four int64 index
         vectors of ``capacity`` entries (ids, sorted ids, both index maps). A combine holds, per
         slot, a gathered ``[T, hidden]`` row block in ``dtype`` and in the accumulation dtype, the
-        product, the running sum and the output; ``T <= capacity``. ``world_size`` is ignored.
+        product, the running sum and the output; ``T <= capacity``. ``world_size`` and
+        ``max_send_rows`` are ignored.
         """
         item = torch.empty(0, dtype=dtype).element_size()
         acc = torch.empty(0, dtype=accumulation_dtype(dtype)).element_size()
@@ -121,11 +129,18 @@ class LocalDispatcher(Dispatcher):
         return state
 
     def dispatch(
-        self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor
+        self,
+        x_TD: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        gates_TK: torch.Tensor,
+        *,
+        fp8: bool = False,
     ) -> Dispatched:
-        """See `Dispatcher.dispatch`; float64 rows are also accepted."""
+        """See `Dispatcher.dispatch`; float64 rows are also accepted (without ``fp8``)."""
         self._check_live()
         num_tokens, top_k, hidden = check_dispatch_inputs(x_TD, expert_ids_TK, gates_TK)
+        if fp8:
+            check_fp8_rows(x_TD)
         num_rows = num_tokens * top_k
         if num_rows > self.capacity:
             raise CapacityError(self.rank, num_rows, self.capacity)
@@ -156,11 +171,21 @@ class LocalDispatcher(Dispatcher):
                 dispatcher_id=id(self),
             ),
         )
+        token_of_row_R = slot_of_row_R // top_k
+        scales_RG = None
+        if fp8:
+            x_fp8_TD, scales_TG = quantize_rows_fp8(x_TD)
+            x_RD = x_fp8_TD.view(torch.uint8).index_select(0, token_of_row_R)
+            x_RD = x_RD.view(torch.float8_e4m3fn)
+            scales_RG = scales_TG.index_select(0, token_of_row_R)
+        else:
+            x_RD = x_TD.index_select(0, token_of_row_R)
         return Dispatched(
-            x_RD=x_TD.index_select(0, slot_of_row_R // top_k),
+            x_RD=x_RD,
             counts_E=torch.diff(offsets_E1),
             gates_R=gates_f32_TK.reshape(-1).index_select(0, slot_of_row_R),
             handle=handle,
+            x_scales_RG=scales_RG,
         )
 
     def _sum_slots(

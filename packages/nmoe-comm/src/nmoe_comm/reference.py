@@ -30,12 +30,14 @@ from nmoe_comm.dispatcher import (
     DispatchHandle,
     accumulation_dtype,
 )
+from nmoe_comm.quantization import check_fp8_rows
 from nmoe_comm.validation import (
     check_dispatch_inputs,
     check_expert_id_range,
     check_gates,
     check_rows,
 )
+from nmoe_kernels import reference as kernels_reference
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def dispatch(
     gates: Sequence[torch.Tensor],
     num_experts: int,
     capacity: int | None = None,
+    *,
+    fp8: bool = False,
 ) -> list[Dispatched]:
     """Dispatch every rank's rows to the experts' owners.
 
@@ -90,10 +94,13 @@ def dispatch(
         gates: ``W`` float ``[T_r, K]`` gate weights (kept as float32).
         num_experts: ``E``, divisible by ``W = len(xs)``.
         capacity: the most rows one rank may receive; None for no limit.
+        fp8: quantize each rank's rows with `nmoe_kernels.reference.quantize_fp8_1x128` and move
+            the FP8 rows and their scales (contract rule 6).
 
     Returns:
         ``W`` `Dispatched`, entry ``o`` holding what rank ``o`` receives; each handle's ``state``
-        is a `ReferenceState`.
+        is a `ReferenceState`. With ``fp8`` each ``x_RD`` is float8_e4m3fn and ``x_scales_RG``
+        holds the scales.
 
     Raises:
         CapacityError: for the lowest rank that would receive more than ``capacity`` rows.
@@ -147,7 +154,7 @@ def dispatch(
 
     # All ranks' tokens stacked: rank s's token t is global token token_offset[s] + t.
     token_offset = _offsets([x.shape[0] for x in xs], device)
-    x_all = torch.cat(list(xs))
+    x_all, scales_all = _rows_to_move(xs, fp8)
     gates_all = torch.cat([g.detach().float() for g in gates])
 
     # The inverse map, per source: where each of its slots landed.
@@ -179,15 +186,32 @@ def dispatch(
             expert_ids_TK=ids[owner],
             state=state,
         )
+        x_RD = x_all[token_all]
         received.append(
             Dispatched(
-                x_RD=x_all[token_all],
+                x_RD=x_RD.view(torch.float8_e4m3fn) if fp8 else x_RD,
                 counts_E=torch.tensor(counts[owner], dtype=torch.int64, device=device),
                 gates_R=gates_all[token_all, src_slot[owner]],
                 handle=handle,
+                x_scales_RG=None if scales_all is None else scales_all[token_all],
             )
         )
     return received
+
+
+def _rows_to_move(
+    xs: Sequence[torch.Tensor], fp8: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All ranks' rows stacked, as they travel: the rows themselves, or (rule 6) their FP8
+    quantization as uint8 (indexable on every device) plus the float32 ``[T, G]`` scales."""
+    if not fp8:
+        return torch.cat(list(xs)), None
+    quantized = []
+    for x in xs:
+        check_fp8_rows(x)
+        quantized.append(kernels_reference.quantize_fp8_1x128(x))
+    rows = torch.cat([q.view(torch.uint8) for q, _ in quantized])
+    return rows, torch.cat([s for _, s in quantized])
 
 
 def _offsets(sizes: Sequence[int], device: torch.device) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The backend registry: pick a `Dispatcher` backend by name, once, at construction.
 
-Backends register themselves when their module is imported (``local`` always; the GPU backends
-once built). Asking for a backend that cannot run is an error naming what is missing; nothing
-falls back to another backend.
+Backends register themselves when `nmoe_comm` imports their modules (``local``, ``nccl``,
+``ipc``, ``nvshmem``; each imports without a GPU). Asking for a backend that cannot run is an
+error naming what is missing (no compiled transport, no GPU, nvshmem4py, an uninitialised
+torch.distributed); nothing falls back to another backend.
 
 Example::
 
@@ -46,14 +47,7 @@ class Backend:
 _REGISTERED: dict[str, Backend] = {}
 
 #: Backends designed but not yet built: name -> what it is and what it will need.
-PLANNED: dict[str, str] = {
-    "ipc": "CUDA IPC over NVLink inside one node; will need CUDA GPUs on one host and "
-    "nmoe_kernels._C built with the comm kernels",
-    "nvshmem": "NVSHMEM (nvshmem4py), inside and across nodes; will need CUDA GPUs, NVSHMEM and "
-    "nvshmem4py",
-    "nccl": "torch.distributed all_to_all over NCCL, the portable baseline; will need CUDA GPUs "
-    "and an initialised NCCL process group",
-}
+PLANNED: dict[str, str] = {}
 
 
 def register_backend(
@@ -92,10 +86,8 @@ def _backend(name: str) -> Backend:
             f"dispatcher backend {name!r} is not yet built in this nmoe-comm ({PLANNED[name]}); "
             f"available now: {available}"
         )
-    raise ValueError(
-        f"unknown dispatcher backend {name!r}; available: {available}; planned, not yet built: "
-        f"{', '.join(PLANNED)}"
-    )
+    planned = f"; planned, not yet built: {', '.join(PLANNED)}" if PLANNED else ""
+    raise ValueError(f"unknown dispatcher backend {name!r}; available: {available}{planned}")
 
 
 def _check_options(backend: Backend, options: dict[str, object]) -> None:
@@ -121,14 +113,16 @@ def create_dispatcher(
     """Build the dispatcher backend ``name``.
 
     Args:
-        name: one of `available_backends` (``local`` now; ``ipc``, ``nvshmem``, ``nccl`` later).
+        name: one of `available_backends`: ``local``, ``nccl``, ``ipc``, ``nvshmem``.
         num_experts: ``E``, experts in the whole expert-parallel group, divisible by
             ``world_size``.
         capacity: the most rows one rank may receive per dispatch (the worst case is
             ``tokens_per_rank * top_k * world_size``).
         world_size: ``W``, ranks in the group (1 for ``local``).
         rank: this rank, ``0 <= rank < world_size``.
-        **backend_options: keyword options of that backend (``local``: ``validate``).
+        **backend_options: keyword options of that backend (``local``: ``validate``;
+            ``nccl``: ``group``; ``ipc`` / ``nvshmem``: ``hidden`` (required), ``dtype``,
+            ``max_send_rows``, ``group``, ``device``, ``timeout_s``).
 
     Raises:
         ValueError: unknown backend (the message lists the available ones), unknown option or
@@ -145,17 +139,26 @@ def create_dispatcher(
 
 
 def buffer_size_hint(
-    name: str, *, capacity: int, hidden: int, dtype: torch.dtype, world_size: int = 1
+    name: str,
+    *,
+    capacity: int,
+    hidden: int,
+    dtype: torch.dtype,
+    world_size: int = 1,
+    max_send_rows: int | None = None,
 ) -> int:
     """Bytes backend ``name`` needs on one rank; see `Dispatcher.buffer_size_hint`.
 
     Args:
         name: a registered backend.
         capacity: rows one rank may receive.
-        hidden: ``D``, elements per row.
-        dtype: dtype of the rows.
+        hidden: ``D``, elements per row (the widest of the dispatched and combined rows).
+        dtype: dtype of the rows (the widest).
         world_size: ``W``.
+        max_send_rows: the most slots ``T * K`` one rank sends (``ipc``, ``nvshmem``); None
+            means ``capacity``.
     """
     return _backend(name).cls.buffer_size_hint(
-        capacity=capacity, hidden=hidden, dtype=dtype, world_size=world_size
+        capacity=capacity, hidden=hidden, dtype=dtype, world_size=world_size,
+        max_send_rows=max_send_rows,
     )

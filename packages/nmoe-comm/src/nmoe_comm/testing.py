@@ -1,12 +1,19 @@
-"""Helpers for testing dispatcher backends: random routing and bitwise comparison.
+"""Helpers for testing dispatcher backends: random routing, bitwise comparison, and the
+multi-rank checks every expert-parallel backend runs (`check_group_case`).
 
-Shared by this package's tests and by the GPU backends' tests, so that every backend is checked
-against `nmoe_comm.reference` with the same inputs. Letters as in `nmoe_comm.dispatcher`.
+Shared by this package's tests, the gloo CPU tests of ``nccl`` and the torchrun GPU worker
+(``tests/multigpu_worker.py``), so that every backend is checked against `nmoe_comm.reference`
+with the same inputs. Letters as in `nmoe_comm.dispatcher`.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import torch
+
+from nmoe_comm import reference
 
 
 def random_routing(
@@ -47,6 +54,10 @@ def random_routing(
     return pool[choice_TK].to(device), gates_TK.to(device)
 
 
+def _scalar(value: torch.Tensor) -> float | int:
+    return value.double().item() if value.is_floating_point() else value.item()
+
+
 def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Raise AssertionError unless the tensors have equal shape, dtype and bits.
 
@@ -60,7 +71,7 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
         )
     a, e = actual.detach().cpu().contiguous(), expected.detach().cpu().contiguous()
     if a.is_floating_point():
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         differ = a.view(bits) != e.view(bits)
     else:
         differ = a != e
@@ -69,9 +80,357 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     first = tuple(int(i) for i in torch.nonzero(differ)[0])
     message = (
         f"{what}: {int(differ.sum())} of {a.numel()} elements differ; first at {first}: "
-        f"got {a[first].item()!r}, expected {e[first].item()!r}"
+        f"got {_scalar(a[first])!r}, expected {_scalar(e[first])!r}"
     )
     if a.is_floating_point():
         diff = (a.double() - e.double()).abs()
         message += f"; max abs diff {diff.max().item():.3e}"
     raise AssertionError(message)
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-rank checks: one process per rank (gloo on CPU, torchrun on GPUs), every rank's result
+# compared bitwise with `nmoe_comm.reference` run over all ranks' inputs.
+
+
+@dataclass(frozen=True)
+class GroupCase:
+    """Inputs of one multi-rank check; rank ``r`` gets ``tokens[r % len(tokens)]`` tokens.
+
+    Attributes:
+        tokens: tokens per rank (the pattern repeats over ranks); 0 gives a rank without rows.
+        top_k: ``K``.
+        hidden: ``D`` of the dispatched rows.
+        out_hidden: ``D'`` of the combined rows.
+        routing: "distinct" (K different experts per token), "repeat" (slots drawn
+            independently), "one" (every slot of every rank on expert 1), "avoid_last_rank"
+            (no slot names an expert of the last rank, which then receives nothing).
+    """
+
+    tokens: tuple[int, ...]
+    top_k: int
+    hidden: int
+    out_hidden: int
+    routing: str
+
+
+#: The cases every multi-rank backend runs (CPU over gloo and GPU); ``E = 4 * W``.
+GROUP_CASES: dict[str, GroupCase] = {
+    "random": GroupCase((37, 29, 41, 33), 4, 100, 11, "distinct"),
+    "repeat": GroupCase((31, 17, 26), 4, 36, 36, "repeat"),
+    "avoid_last_rank": GroupCase((25, 30), 2, 64, 40, "avoid_last_rank"),
+    "all_on_one": GroupCase((19, 23), 3, 40, 8, "one"),
+    "top1": GroupCase((29, 21), 1, 72, 72, "distinct"),
+    "top8": GroupCase((23, 27), 8, 136, 130, "distinct"),
+    "no_tokens_on_rank1": GroupCase((21, 0, 17), 2, 48, 24, "distinct"),
+}
+
+#: Larger cases for the GPU backends (multi-block launches, 16-byte vector paths).
+GPU_GROUP_CASES: dict[str, GroupCase] = {
+    "decode": GroupCase((128,), 8, 7168, 7168, "distinct"),
+    "prefill": GroupCase((1024, 777), 6, 2048, 2048, "distinct"),
+}
+
+#: FP8 dispatch cases (``D % 128 == 0``).
+FP8_GROUP_CASES: dict[str, GroupCase] = {
+    "fp8_random": GroupCase((37, 0, 29), 4, 256, 256, "distinct"),
+    "fp8_decode": GroupCase((128,), 8, 7168, 7168, "distinct"),
+}
+
+
+def group_num_experts(world_size: int) -> int:
+    """``E`` of the multi-rank checks: 4 experts per rank."""
+    return 4 * world_size
+
+
+def group_capacity(cases: dict[str, GroupCase], world_size: int) -> int:
+    """A capacity that holds every case's worst-case routing (``max T * K * W``)."""
+    return max(max(c.tokens) * c.top_k for c in cases.values()) * world_size
+
+
+def _case_generator(seed: int, rank: int, name: str, what: str) -> torch.Generator:
+    key = f"{seed}/{rank}/{name}/{what}".encode()
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:6], "little"))
+
+
+def rank_inputs(
+    case: GroupCase, name: str, rank: int, world_size: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_TD, expert_ids_TK, gates_TK)`` of rank ``rank`` for ``case`` (CPU tensors)."""
+    gen = _case_generator(seed, rank, name, "inputs")
+    num_tokens = case.tokens[rank % len(case.tokens)]
+    num_experts = group_num_experts(world_size)
+    if case.routing == "one":
+        ids = torch.full((num_tokens, case.top_k), 1, dtype=torch.int64)
+        gates = torch.rand(num_tokens, case.top_k, generator=gen)
+    else:
+        allowed = None
+        if case.routing == "avoid_last_rank":
+            allowed = torch.arange(num_experts - num_experts // world_size)
+        ids, gates = random_routing(num_tokens, case.top_k, num_experts, generator=gen,
+                                    distinct=case.routing != "repeat", allowed_experts=allowed)
+    x = torch.randn(num_tokens, case.hidden, generator=gen).to(dtype)
+    return x, ids, gates
+
+
+def _rand_rows(gen: torch.Generator, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=gen).to(dtype)
+
+
+def dot_tolerance(abs_dots: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Worst-case difference of two float32 (float64) dot products of ``length`` terms summed in
+    different orders: ``2 * gamma_n * sum |a_i b_i|`` with ``gamma_n = n u / (1 - n u)``
+    (recursive summation bound), ``u`` the unit roundoff; ``abs_dots`` holds ``sum |a_i b_i|``."""
+    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    gamma = length * unit / (1 - length * unit)
+    return 2 * gamma * abs_dots.double() + 1e-30
+
+
+def check_group_case(
+    dispatcher,
+    name: str,
+    case: GroupCase,
+    dtype: torch.dtype,
+    seed: int,
+    gather,
+    device: torch.device | str,
+    *,
+    fp8: bool = False,
+) -> None:
+    """Run every method of ``dispatcher`` (this rank) and compare with the reference.
+
+    Args:
+        dispatcher: this rank's multi-rank `Dispatcher` (``E = group_num_experts(W)``).
+        name: the case's name (part of the seeds and of every message).
+        case: the inputs.
+        dtype: row dtype.
+        seed: shared by all ranks; each rank draws its own inputs from it.
+        gather: ``gather(obj) -> [obj of rank 0, obj of rank 1, ...]`` (an all_gather_object).
+        device: where this rank's tensors live.
+        fp8: run the FP8 dispatch (rule 6).
+
+    Raises:
+        AssertionError naming the case, dtype, rank, seed and the first differing element.
+    """
+    rank, world_size = dispatcher.rank, dispatcher.world_size
+    tag = f"case {name}, {dtype}, fp8={fp8}, rank {rank}/{world_size}, seed {seed}"
+    num_experts = group_num_experts(world_size)
+    x, ids, gates = rank_inputs(case, name, rank, world_size, dtype, seed)
+    xs, idss, gatess = zip(*gather((x, ids, gates)))
+    want = reference.dispatch(list(xs), list(idss), list(gatess), num_experts, fp8=fp8)
+    handles = [w.handle for w in want]
+    got = dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device), fp8=fp8)
+    mine = want[rank]
+    for field in ("x_RD", "counts_E", "gates_R", "x_scales_RG"):
+        if getattr(mine, field) is None:
+            assert getattr(got, field) is None, f"{tag}: {field} should be None"
+            continue
+        assert_bitwise_equal(getattr(got, field), getattr(mine, field), f"{tag}: {field}")
+    assert_bitwise_equal(got.offsets_E1, mine.offsets_E1, f"{tag}: offsets_E1")
+    assert (got.handle.num_tokens, got.handle.top_k, got.handle.hidden, got.handle.dtype) == (
+        mine.handle.num_tokens, mine.handle.top_k, mine.handle.hidden, mine.handle.dtype), tag
+
+    num_rows = mine.x_RD.shape[0]
+    gen = _case_generator(seed, rank, name, "grads")
+    y = _rand_rows(gen, num_rows, case.out_hidden, dtype)
+    other_gates = torch.rand(x.shape[0], case.top_k, generator=gen).to(torch.bfloat16)
+    grad_x = _rand_rows(gen, num_rows, case.hidden, dtype)
+    grad_out = _rand_rows(gen, x.shape[0], case.out_hidden, dtype)
+    ys, other, grad_xs, grad_outs = zip(*gather((y, other_gates, grad_x, grad_out)))
+
+    assert_bitwise_equal(dispatcher.combine(y.to(device), got.handle),
+                         reference.combine(ys, handles)[rank], f"{tag}: combine")
+    assert_bitwise_equal(dispatcher.combine(y.to(device), got.handle, other_gates.to(device)),
+                         reference.combine(ys, handles, other)[rank],
+                         f"{tag}: combine with explicit gates")
+    assert_bitwise_equal(dispatcher.dispatch_backward(grad_x.to(device), got.handle),
+                         reference.dispatch_backward(grad_xs, handles)[rank],
+                         f"{tag}: dispatch_backward")
+    grad_y, grad_gates = dispatcher.combine_backward(grad_out.to(device), y.to(device),
+                                                     got.handle, other_gates.to(device))
+    want_grad_ys, want_grad_gates = reference.combine_backward(grad_outs, ys, handles, other)
+    assert_bitwise_equal(grad_y, want_grad_ys[rank], f"{tag}: combine_backward grad_y")
+    abs_dots = reference.combine_backward([g.abs() for g in grad_outs], [v.abs() for v in ys],
+                                          handles)[1][rank]
+    got_dots, want_dots = grad_gates.detach().cpu().double(), want_grad_gates[rank].double()
+    assert grad_gates.dtype == want_grad_gates[rank].dtype, f"{tag}: grad_gates dtype"
+    bound = dot_tolerance(abs_dots, case.out_hidden, dtype)
+    excess = (got_dots - want_dots).abs() - bound
+    assert not bool((excess > 0).any()), (
+        f"{tag}: combine_backward grad_gates off by more than the summation-order bound at "
+        f"{tuple(torch.nonzero(excess > 0)[0].tolist())}"
+    )
+
+
+def check_capacity_error(dispatcher, seed: int, gather, device) -> None:
+    """A dispatch routing more than ``capacity`` rows to a rank raises `CapacityError` on every
+    rank, naming the same owner and row count as the reference; the dispatcher keeps working.
+
+    ``dispatcher.capacity`` must be below the busiest owner's rows of the "all_on_one" case
+    (every slot on expert 1, owned by rank 0).
+    """
+    from nmoe_comm.dispatcher import CapacityError
+
+    name, case = "all_on_one", GROUP_CASES["all_on_one"]
+    rank, world_size = dispatcher.rank, dispatcher.world_size
+    x, ids, gates = rank_inputs(case, name, rank, world_size, torch.float32, seed)
+    xs, idss, gatess = zip(*gather((x, ids, gates)))
+    try:
+        reference.dispatch(list(xs), list(idss), list(gatess), group_num_experts(world_size),
+                           capacity=dispatcher.capacity)
+    except CapacityError as err:
+        want = (err.rank, err.rows_needed, err.capacity)
+    else:
+        raise AssertionError(f"capacity {dispatcher.capacity} is not exceeded by {name}")
+    try:
+        dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device))
+    except CapacityError as err:
+        assert (err.rank, err.rows_needed, err.capacity) == want, (
+            f"rank {rank}: CapacityError{(err.rank, err.rows_needed, err.capacity)}, "
+            f"reference says {want}")
+    else:
+        raise AssertionError(f"rank {rank}: no CapacityError (reference: {want})")
+
+
+def all_gather_objects(group=None):
+    """``gather(obj)`` over torch.distributed: every rank's ``obj`` in rank order (tensors are
+    moved to the CPU first, so a gloo group can carry them)."""
+    import torch.distributed as dist
+
+    def gather(obj):
+        obj = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in obj)
+        out = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+    return gather
+
+
+def run_group_checks(
+    dispatcher,
+    seed: int,
+    gather,
+    device,
+    *,
+    cases: dict[str, GroupCase],
+    dtypes: tuple[torch.dtype, ...],
+    fp8_cases: dict[str, GroupCase] | None = None,
+    log=None,
+) -> None:
+    """`check_group_case` for every case and dtype, then the FP8 cases (bfloat16, float32)."""
+    for name, case in cases.items():
+        for dtype in dtypes:
+            check_group_case(dispatcher, name, case, dtype, seed, gather, device)
+            if log:
+                log(f"ok {dispatcher.name} {name} {dtype}")
+    for name, case in (fp8_cases or {}).items():
+        for dtype in (torch.bfloat16, torch.float32):
+            check_group_case(dispatcher, name, case, dtype, seed, gather, device, fp8=True)
+            if log:
+                log(f"ok {dispatcher.name} {name} {dtype} fp8")
+
+
+def gloo_worker(rank: int, world_size: int, init_file: str, seed: int) -> None:
+    """One CPU rank of the ``nccl``-over-gloo test (``torch.multiprocessing.spawn`` target):
+    every `GROUP_CASES` case in bfloat16 and float32, float64 rows, FP8 dispatch, interleaved
+    calls, a bad expert id on one rank, the capacity error (then a dispatch that fits), the
+    registry path and destroy."""
+    import torch.distributed as dist
+
+    import nmoe_comm
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    try:
+        gather = all_gather_objects()
+        num_experts = group_num_experts(world_size)
+        capacity = group_capacity({**GROUP_CASES, **FP8_GROUP_CASES}, world_size)
+        dispatcher = nmoe_comm.create_dispatcher("nccl", num_experts=num_experts,
+                                                 capacity=capacity, world_size=world_size,
+                                                 rank=rank)
+        fp8_cases = {"fp8_random": FP8_GROUP_CASES["fp8_random"]}
+        run_group_checks(dispatcher, seed, gather, "cpu", cases=GROUP_CASES,
+                         dtypes=(torch.bfloat16, torch.float32), fp8_cases=fp8_cases)
+        check_group_case(dispatcher, "repeat", GROUP_CASES["repeat"], torch.float64, seed,
+                         gather, "cpu")
+        check_interleaved_calls(dispatcher, seed, gather, "cpu")
+        check_collective_errors(dispatcher, seed, gather, "cpu")
+        small = nmoe_comm.create_dispatcher("nccl", num_experts=num_experts, capacity=40,
+                                            world_size=world_size, rank=rank)
+        check_capacity_error(small, seed, gather, "cpu")
+        check_group_case(small, "top1", GroupCase((13,), 1, 20, 20, "distinct"), torch.float32,
+                         seed, gather, "cpu")
+        small.destroy()
+        try:
+            small.combine(torch.zeros(0, 1), None)
+        except RuntimeError as err:
+            assert "destroyed" in str(err), err
+        else:
+            raise AssertionError("a destroyed dispatcher must refuse work")
+    finally:
+        dist.destroy_process_group()
+
+
+def check_interleaved_calls(dispatcher, seed: int, gather, device) -> None:
+    """Two dispatches in a row, then their combines and backwards in reverse order: exercises
+    buffer reuse between calls (the entry barriers of `nmoe_comm.rdep`), bitwise vs reference."""
+    rank, world_size = dispatcher.rank, dispatcher.world_size
+    num_experts = group_num_experts(world_size)
+    runs = []
+    for name in ("random", "top8"):
+        case = GROUP_CASES[name]
+        x, ids, gates = rank_inputs(case, name, rank, world_size, torch.bfloat16, seed)
+        xs, idss, gatess = zip(*gather((x, ids, gates)))
+        want = reference.dispatch(list(xs), list(idss), list(gatess), num_experts)
+        got = dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device))
+        assert_bitwise_equal(got.x_RD, want[rank].x_RD, f"interleaved {name}: x_RD")
+        runs.append((name, case, x, got, [w.handle for w in want]))
+    for name, case, x, got, handles in reversed(runs):
+        gen = _case_generator(seed, rank, name, "interleaved")
+        y = _rand_rows(gen, got.x_RD.shape[0], case.out_hidden, torch.bfloat16)
+        grad_x = _rand_rows(gen, got.x_RD.shape[0], case.hidden, torch.bfloat16)
+        grad_out = _rand_rows(gen, x.shape[0], case.out_hidden, torch.bfloat16)
+        ys, grad_xs, grad_outs = zip(*gather((y, grad_x, grad_out)))
+        tag = f"interleaved {name}, rank {rank}, seed {seed}"
+        want_grad_y = reference.combine_backward(grad_outs, ys, handles)[0][rank]
+        for _ in range(2):  # the same call twice in a row
+            assert_bitwise_equal(dispatcher.combine(y.to(device), got.handle),
+                                 reference.combine(ys, handles)[rank], f"{tag}: combine")
+        for _ in range(2):
+            assert_bitwise_equal(dispatcher.dispatch_backward(grad_x.to(device), got.handle),
+                                 reference.dispatch_backward(grad_xs, handles)[rank],
+                                 f"{tag}: dispatch_backward")
+        for _ in range(2):
+            grad_y, _ = dispatcher.combine_backward(grad_out.to(device), y.to(device), got.handle)
+            assert_bitwise_equal(grad_y, want_grad_y, f"{tag}: combine_backward")
+
+
+def check_collective_errors(dispatcher, seed: int, gather, device) -> None:
+    """An expert id outside ``[0, E)`` on rank 0 only, then too many slots on the last rank
+    only: every rank raises ValueError naming the culprit, and the dispatcher keeps working.
+    Backends whose errors are collective run this (``ipc``, ``nvshmem``, ``nccl``)."""
+    rank, world_size = dispatcher.rank, dispatcher.world_size
+    name, case = "top1", GROUP_CASES["top1"]
+    x, ids, gates = rank_inputs(case, name, rank, world_size, torch.float32, seed)
+    bad_ids = ids.clone()
+    if rank == 0 and bad_ids.numel():
+        bad_ids[0, 0] = group_num_experts(world_size)
+    try:
+        dispatcher.dispatch(x.to(device), bad_ids.to(device), gates.to(device))
+    except ValueError as err:
+        assert "expert_ids_TK" in str(err), err
+    else:
+        raise AssertionError(f"rank {rank}: an out-of-range expert id on rank 0 did not raise")
+    limit = getattr(dispatcher, "max_send_rows", None)
+    if limit is not None:
+        many = limit + 1 if rank == world_size - 1 else 1
+        big_x = torch.zeros(many, case.hidden, dtype=torch.float32)
+        big_ids = torch.zeros(many, 1, dtype=torch.int64)
+        try:
+            dispatcher.dispatch(big_x.to(device), big_ids.to(device),
+                                torch.ones(many, 1).to(device))
+        except ValueError as err:
+            assert "max_send_rows" in str(err), err
+        else:
+            raise AssertionError(f"rank {rank}: T*K above max_send_rows did not raise")
+    check_group_case(dispatcher, name, case, torch.float32, seed, gather, device)

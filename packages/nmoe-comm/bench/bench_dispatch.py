@@ -1,0 +1,263 @@
+"""Benchmark dispatch + combine of the expert-parallel backends against ``nccl`` (torchrun).
+
+    NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+    python -m torch.distributed.run --standalone --nproc_per_node 8 \
+        packages/nmoe-comm/bench/bench_dispatch.py [--backends nccl ipc nvshmem] [--fp8] \
+        [--json out.json]
+
+Shapes (tokens per rank T, hidden D, top-k K): (4096, 7168, 8), (16384, 768, 8), (8192, 2048, 6)
+and the decode size (128, 7168, 8); bfloat16 rows, ``E`` experts (default 256) routed uniformly
+at random (K distinct per token), a fresh rotation of 4 input sets (never the same inputs twice
+in a row). Each timed iteration starts from a barrier with the GPUs idle and records CUDA events
+around ``dispatch`` (including its one host synchronisation) and ``combine`` of the dispatched
+rows; the reported time is the median over iterations of the slowest rank. GB/s per rank counts
+the bytes that cross devices (rows to or from other ranks, payload only), averaged over ranks,
+divided by that time. The baseline is ``nccl`` measured in the same run; ``ratio`` = nccl time /
+backend time. ``--fp8`` adds FP8 dispatch rows (``backend+fp8``). Before timing, each backend's
+``x_RD`` and combined output are compared with nccl's on the same inputs (``match`` column).
+Rank 0 prints a table and writes JSON rows (op, shape, dtype, time, GB/s, baseline, ratio,
+card, GPU count, torch, CUDA and driver versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+
+for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
+                      ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+    os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import nmoe_comm  # noqa: E402
+from nmoe_comm.rdep import BufferLayout  # noqa: E402
+
+SHAPES = [(4096, 7168, 8), (16384, 768, 8), (8192, 2048, 6), (128, 7168, 8)]
+LARGE = SHAPES[:3]
+DECODE = (128, 7168, 8)
+ROTATIONS = 4
+
+
+def _driver_version() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _capacity(tokens: int, top_k: int) -> int:
+    # Uniform routing: R is about T*K per rank with a spread of ~sqrt(T*K); 1.5x plus slack.
+    return int(tokens * top_k * 1.5) + 256
+
+
+def _inputs(shape, num_experts, rank, device):
+    tokens, hidden, top_k = shape
+    gen = torch.Generator(device=device).manual_seed(1234 + 7919 * rank)
+    sets = []
+    for _ in range(ROTATIONS):
+        x = torch.randn(tokens, hidden, generator=gen, device=device).to(torch.bfloat16)
+        scores = torch.rand(tokens, num_experts, generator=gen, device=device)
+        ids = scores.topk(top_k, dim=1).indices
+        gates = torch.rand(tokens, top_k, generator=gen, device=device)
+        sets.append((x, ids, gates))
+    return sets
+
+
+def _cross_bytes(ids: torch.Tensor, num_experts: int, world: int, rank: int, row_bytes: int):
+    """(dispatch bytes this rank sends off-device, combine bytes it sends off-device)."""
+    owner = ids // (num_experts // world)
+    sent = int((owner != rank).sum())
+    counts = torch.zeros(world, dtype=torch.int64, device=ids.device)
+    counts.index_add_(0, owner.flatten(), torch.ones_like(owner.flatten()))
+    gathered = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(gathered, counts)
+    received_from_others = sum(int(g[rank]) for r, g in enumerate(gathered) if r != rank)
+    return sent * row_bytes, received_from_others * row_bytes
+
+
+def _barrier(device) -> None:
+    flag = torch.ones(1, device=device)
+    dist.all_reduce(flag)
+    torch.cuda.synchronize(device)
+
+
+def _make(backend: str, shape, num_experts, world, rank):
+    tokens, hidden, top_k = shape
+    options = {} if backend == "nccl" else {
+        "hidden": hidden, "dtype": torch.bfloat16, "max_send_rows": tokens * top_k}
+    return nmoe_comm.create_dispatcher(backend, num_experts=num_experts,
+                                       capacity=_capacity(tokens, top_k), world_size=world,
+                                       rank=rank, **options)
+
+
+def _run(dispatcher, sets, fp8, iters, warmup, device, y_pool):
+    """Median (dispatch_ms, combine_ms) of this rank, and the first rotation's outputs."""
+    def step(j):
+        x, ids, gates = sets[j % ROTATIONS]
+        received = dispatcher.dispatch(x, ids, gates, fp8=fp8)
+        y = y_pool[: received.x_RD.shape[0]] if fp8 else received.x_RD
+        return received, y
+
+    first = step(0)
+    reference_out = (first[0].x_RD, dispatcher.combine(first[1], first[0].handle))
+    for j in range(warmup):
+        received, y = step(j)
+        dispatcher.combine(y, received.handle)
+    dispatch_ms, combine_ms = [], []
+    for j in range(iters):
+        _barrier(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        events[0].record()
+        received, y = step(j)
+        events[1].record()
+        dispatcher.combine(y, received.handle)
+        events[2].record()
+        events[2].synchronize()
+        dispatch_ms.append(events[0].elapsed_time(events[1]))
+        combine_ms.append(events[1].elapsed_time(events[2]))
+    return statistics.median(dispatch_ms), statistics.median(combine_ms), reference_out
+
+
+def _slowest(value: float, device) -> float:
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def _mean(value: float, device) -> float:
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _bench_shape(shape, variants, args, world, rank, device, meta):
+    tokens, hidden, top_k = shape
+    sets = _inputs(shape, args.experts, rank, device)
+    y_pool = None  # bfloat16 expert outputs to combine after an FP8 dispatch
+    if any(fp8 for _, fp8 in variants):
+        y_pool = torch.randn(_capacity(tokens, top_k), hidden, device=device).to(torch.bfloat16)
+    rows, baseline = [], None
+    for backend, fp8 in variants:
+        name = backend + ("+fp8" if fp8 else "")
+        try:
+            dispatcher = _make(backend, shape, args.experts, world, rank)
+        except (nmoe_comm.BackendUnavailableError, RuntimeError) as err:
+            if rank == 0:
+                print(f"  {name}: unavailable: {err}")
+            continue
+        d_ms, c_ms, outs = _run(dispatcher, sets, fp8, args.iters, args.warmup, device, y_pool)
+        dispatcher.destroy()
+        payload = hidden + hidden // 32 if fp8 else hidden * 2
+        send, back = _cross_bytes(sets[0][1], args.experts, world, rank, hidden * 2)
+        send = send // (hidden * 2) * payload
+        if backend == "nccl" and not fp8:
+            baseline = outs
+        match = None
+        if baseline is not None and not fp8:
+            match = bool(torch.equal(outs[0], baseline[0]) and torch.equal(outs[1], baseline[1]))
+            match = _slowest(0.0 if match else 1.0, device) == 0.0
+        d_ms, c_ms = _slowest(d_ms, device), _slowest(c_ms, device)
+        send, back = _mean(send, device), _mean(back, device)
+        for op, ms, nbytes in (("dispatch", d_ms, send), ("combine", c_ms, back),
+                               ("dispatch+combine", d_ms + c_ms, send + back)):
+            rows.append(dict(op=op, backend=name, shape=list(shape), experts=args.experts,
+                             dtype="bfloat16", time_us=ms * 1e3, gb_per_s=nbytes / ms / 1e6,
+                             match=match, **meta))
+    base = {r["op"]: r["time_us"] for r in rows if r["backend"] == "nccl"}
+    for r in rows:
+        r["baseline"] = "nccl"
+        r["baseline_us"] = base.get(r["op"])
+        r["ratio"] = base[r["op"]] / r["time_us"] if r["op"] in base else None
+    return rows
+
+
+def _verdicts(rows) -> list[str]:
+    def time(backend, shape, op="dispatch+combine"):
+        for r in rows:
+            if r["backend"] == backend and tuple(r["shape"]) == shape and r["op"] == op:
+                return r["time_us"]
+        return None
+
+    lines = []
+    for shape in LARGE:
+        nccl, ipc = time("nccl", shape), time("ipc", shape)
+        if nccl and ipc:
+            ok = nccl / ipc >= 1.3
+            lines.append(f"ipc >= 1.3x nccl end to end at {shape}: {nccl / ipc:.2f}x "
+                         f"{'PASS' if ok else 'MISS'}")
+    for op, limit in (("dispatch", 60.0), ("combine", 80.0)):
+        us = time("ipc", DECODE, op)
+        if us:
+            lines.append(f"ipc decode {op} < {limit:.0f} us: {us:.1f} us "
+                         f"{'PASS' if us < limit else 'MISS'}")
+    for shape in SHAPES:
+        ipc, nvs = time("ipc", shape), time("nvshmem", shape)
+        if ipc and nvs:
+            lines.append(f"nvshmem within 15% of ipc at {shape}: {nvs / ipc:.2f}x "
+                         f"{'PASS' if nvs <= 1.15 * ipc else 'MISS'}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["nccl", "ipc", "nvshmem"])
+    parser.add_argument("--fp8", action="store_true", help="also time FP8 dispatch")
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--shapes", default="all", help="'all' or e.g. '4096x7168x8,128x7168x8'")
+    parser.add_argument("--json", help="rank 0 writes the result rows here")
+    args = parser.parse_args()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank)
+    dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = SHAPES if args.shapes == "all" else [
+        tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if "nccl" not in args.backends:
+        args.backends.insert(0, "nccl")  # the baseline is always measured in the same run
+    if "nvshmem" in args.backends:  # one heap for the whole run (dispatchers come and go)
+        largest = max(BufferLayout.plan(capacity=_capacity(t, k), hidden=d, dtype=torch.bfloat16,
+                                        world_size=world, num_experts=args.experts,
+                                        max_send_rows=t * k).total_bytes for t, d, k in shapes)
+        os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(int(largest * 1.25) + (512 << 20)))
+    variants = [(b, False) for b in args.backends]
+    if args.fp8:
+        variants += [(b, True) for b in args.backends]
+    meta = dict(device=torch.cuda.get_device_name(device), gpus=world, torch=torch.__version__,
+                cuda=torch.version.cuda, driver=_driver_version() if rank == 0 else None)
+    rows = []
+    for shape in shapes:
+        if rank == 0:
+            print(f"shape T={shape[0]} D={shape[1]} K={shape[2]}, E={args.experts}, {world} GPUs")
+        rows += _bench_shape(shape, variants, args, world, rank, device, meta)
+    if rank == 0:
+        print(f"\n{meta['device']} x{world}, torch {meta['torch']}, CUDA {meta['cuda']}, "
+              f"driver {meta['driver']}")
+        print(f"{'backend':<14}{'T x D x K':>18}{'op':>18}{'us':>10}{'GB/s/rank':>11}"
+              f"{'x nccl':>8}{'match':>7}")
+        for r in rows:
+            ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+            print(f"{r['backend']:<14}{'x'.join(map(str, r['shape'])):>18}{r['op']:>18}"
+                  f"{r['time_us']:>10.1f}{r['gb_per_s']:>11.1f}{ratio:>8}{str(r['match']):>7}")
+        print("\n" + "\n".join(_verdicts(rows)))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    if "nvshmem" in args.backends:
+        from nmoe_comm import nvshmem
+
+        nvshmem.finalize()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+// nmoe_comm._C: device memory, CUDA IPC handles and the RDEP kernels of the ipc/nvshmem backends.
+//
+// An internal module: nmoe_comm/_extension.py and nmoe_comm/rdep.py check every tensor (dtype,
+// device, shape, contiguity, alignment) and pass raw device pointers as integers, so the hot
+// path pays no DLPack conversion (tens of microseconds per dispatch at decode sizes would be a
+// large share of the budget). Like nmoe_kernels._C it does not link libtorch, and kernels run on
+// the torch stream passed in as an integer. Built without nvcc it only reports WITH_CUDA=False.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#ifndef NMOE_WITH_CUDA
+#define NMOE_WITH_CUDA 0
+#endif
+#ifndef NMOE_CUDA_ARCHS
+#define NMOE_CUDA_ARCHS ""
+#endif
+
+#if NMOE_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include "cuda_check.h"
+#include "rdep.h"
+#endif
+
+namespace py = pybind11;
+
+// Bump on any binding signature or behaviour change, with a one-line reason:
+//   1: first release (alloc/IPC, Rdep: route_plan, scatter_slots, unpack, return_rows,
+//      reduce_slots, owner_grad, gather_dots, barrier).
+constexpr int kAbiVersion = 1;
+
+#if NMOE_WITH_CUDA
+namespace nmoe::comm {
+namespace {
+
+using Ptr = std::uintptr_t;
+
+template <typename T>
+T* as(Ptr p) {
+  return reinterpret_cast<T*>(p);
+}
+
+cudaStream_t stream_of(Ptr s) { return reinterpret_cast<cudaStream_t>(s); }
+
+Ptr alloc(int device, int64_t nbytes) {
+  CudaDeviceGuard guard(device, "nmoe_comm alloc");
+  void* ptr = nullptr;
+  NMOE_CUDA_CHECK(cudaMalloc(&ptr, static_cast<size_t>(nbytes)), "nmoe_comm alloc");
+  NMOE_CUDA_CHECK(cudaMemset(ptr, 0, static_cast<size_t>(nbytes)), "nmoe_comm alloc");
+  NMOE_CUDA_CHECK(cudaDeviceSynchronize(), "nmoe_comm alloc");
+  return reinterpret_cast<Ptr>(ptr);
+}
+
+void free_device(int device, Ptr ptr) {
+  CudaDeviceGuard guard(device, "nmoe_comm free");
+  NMOE_CUDA_CHECK(cudaFree(as<void>(ptr)), "nmoe_comm free");
+}
+
+py::bytes ipc_handle(int device, Ptr ptr) {
+  CudaDeviceGuard guard(device, "nmoe_comm ipc_handle");
+  cudaIpcMemHandle_t handle;
+  NMOE_CUDA_CHECK(cudaIpcGetMemHandle(&handle, as<void>(ptr)), "nmoe_comm ipc_handle");
+  return py::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+Ptr ipc_open(int device, const py::bytes& handle_bytes) {
+  CudaDeviceGuard guard(device, "nmoe_comm ipc_open");
+  const std::string raw = handle_bytes;
+  cudaIpcMemHandle_t handle;
+  if (raw.size() != sizeof(handle)) {
+    throw std::invalid_argument("nmoe_comm ipc_open: a CUDA IPC handle has " +
+                                std::to_string(sizeof(handle)) + " bytes, got " +
+                                std::to_string(raw.size()));
+  }
+  std::memcpy(&handle, raw.data(), sizeof(handle));
+  void* ptr = nullptr;
+  NMOE_CUDA_CHECK(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess),
+                  "nmoe_comm ipc_open");
+  return reinterpret_cast<Ptr>(ptr);
+}
+
+void ipc_close(int device, Ptr ptr) {
+  CudaDeviceGuard guard(device, "nmoe_comm ipc_close");
+  NMOE_CUDA_CHECK(cudaIpcCloseMemHandle(as<void>(ptr)), "nmoe_comm ipc_close");
+}
+
+bool can_access_peer(int device, int peer) {
+  if (device == peer) return true;
+  int ok = 0;
+  NMOE_CUDA_CHECK(cudaDeviceCanAccessPeer(&ok, device, peer), "nmoe_comm can_access_peer");
+  return ok != 0;
+}
+
+int sm_count(int device) {
+  int count = 0;
+  NMOE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+                  "nmoe_comm sm_count");
+  return count;
+}
+
+// Checks a row dtype code from Python (0 float32, 1 bfloat16, 2 float16).
+RowDtype row_dtype(int code, const char* what) {
+  if (code < kF32 || code > kF16) {
+    throw std::invalid_argument(std::string("nmoe_comm: ") + what + " dtype code " +
+                                std::to_string(code) + " is not 0 (float32), 1 (bfloat16) or 2 "
+                                "(float16)");
+  }
+  return static_cast<RowDtype>(code);
+}
+
+// The persistent state of one dispatcher: its buffer layout and peer table (see rdep.h).
+class Rdep {
+ public:
+  Rdep(int device, int rank, int world, int num_experts, int64_t capacity, int64_t max_send_rows,
+       Ptr peer_bases, Ptr local_base, Ptr stage, int64_t signal_off, int64_t counter_off,
+       int64_t counts_off, int64_t counts_src_off, int64_t recv_off, int64_t recv_stride,
+       int64_t ret_off, int64_t ret_stride, int64_t dots_off, uint64_t timeout_ns)
+      : device_(device) {
+    if (world < 1 || world > kMaxRanks || rank < 0 || rank >= world ||
+        num_experts % world != 0 || recv_stride % 16 != 0 || ret_stride % 16 != 0) {
+      throw std::invalid_argument("nmoe_comm Rdep: inconsistent group or layout");
+    }
+    g_.peer_bases = as<const int64_t>(peer_bases);
+    g_.local_base = as<char>(local_base);
+    g_.stage = as<char>(stage);
+    g_.signal_off = signal_off;
+    g_.counter_off = counter_off;
+    g_.counts_off = counts_off;
+    g_.counts_src_off = counts_src_off;
+    g_.recv_off = recv_off;
+    g_.recv_stride = recv_stride;
+    g_.ret_off = ret_off;
+    g_.ret_stride = ret_stride;
+    g_.dots_off = dots_off;
+    g_.capacity = capacity;
+    g_.max_send_rows = max_send_rows;
+    g_.rank = rank;
+    g_.world = world;
+    g_.num_experts = num_experts;
+    g_.local_experts = num_experts / world;
+    g_.timeout_ns = timeout_ns;
+    int64_t smem = 0;
+    route_plan_warps(num_experts, world, &smem);  // throws when E does not fit
+    sm_count_ = sm_count(device);
+  }
+
+  void route_plan(Ptr ids, bool ids_int64, int64_t num_slots, int32_t local_flags, Ptr send_pos,
+                  Ptr land_index, Ptr counts_E, Ptr info, int flags, uint64_t epoch, Ptr stream) {
+    CudaDeviceGuard guard(device_, "route_plan");
+    launch_route_plan(g_, as<const void>(ids), ids_int64, num_slots, local_flags,
+                      as<int32_t>(send_pos), as<int32_t>(land_index), as<int64_t>(counts_E),
+                      as<int64_t>(info), flags, epoch, stream_of(stream));
+  }
+
+  void scatter_slots(Ptr ids, bool ids_int64, int64_t num_slots, int top_k, Ptr send_pos,
+                     Ptr land_index, Ptr src0, int64_t stride0, int64_t bytes0, Ptr src1,
+                     int64_t stride1, int64_t bytes1, Ptr gates, Ptr info, uint64_t epoch,
+                     Ptr stream) {
+    CudaDeviceGuard guard(device_, "scatter_slots");
+    launch_scatter_slots(g_, as<const void>(ids), ids_int64, num_slots, top_k,
+                         as<const int32_t>(send_pos), as<const int32_t>(land_index),
+                         Payload{as<const char>(src0), stride0, bytes0},
+                         Payload{as<const char>(src1), stride1, bytes1}, as<const float>(gates),
+                         as<const int64_t>(info), epoch, sm_count_, stream_of(stream));
+  }
+
+  void unpack(int64_t num_rows, Ptr out0, int64_t bytes0, Ptr out1, int64_t bytes1, Ptr gates_R,
+              Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R, Ptr stream) {
+    CudaDeviceGuard guard(device_, "unpack");
+    launch_unpack(g_, num_rows, as<char>(out0), bytes0, as<char>(out1), bytes1,
+                  as<float>(gates_R), as<int32_t>(src_rank_R), as<int32_t>(ret_index_R),
+                  as<int32_t>(land_row_R), sm_count_, stream_of(stream));
+  }
+
+  void return_rows(int64_t num_rows, Ptr rows, int64_t row_bytes, Ptr src_rank_R,
+                   Ptr ret_index_R, Ptr land_row_R, uint64_t epoch, Ptr stream) {
+    CudaDeviceGuard guard(device_, "return_rows");
+    launch_return_rows(g_, num_rows, as<const char>(rows), row_bytes,
+                       as<const int32_t>(src_rank_R), as<const int32_t>(ret_index_R),
+                       as<const int32_t>(land_row_R), epoch, sm_count_, stream_of(stream));
+  }
+
+  void reduce_slots(int dtype, int64_t num_tokens, int top_k, int64_t hidden, Ptr send_pos,
+                    Ptr gates, Ptr out, Ptr stream) {
+    CudaDeviceGuard guard(device_, "reduce_slots");
+    launch_reduce_slots(g_, row_dtype(dtype, "row"), num_tokens, top_k, hidden,
+                        as<const int32_t>(send_pos), as<const float>(gates), as<void>(out),
+                        sm_count_, stream_of(stream));
+  }
+
+  void owner_grad(int y_dtype, int grad_out_dtype, int64_t num_rows, int64_t hidden, Ptr y,
+                  Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R, Ptr grad_y, uint64_t epoch,
+                  Ptr stream) {
+    CudaDeviceGuard guard(device_, "owner_grad");
+    launch_owner_grad(g_, row_dtype(y_dtype, "y"), row_dtype(grad_out_dtype, "grad_out"),
+                      num_rows, hidden, as<const void>(y), as<const int32_t>(src_rank_R),
+                      as<const int32_t>(ret_index_R), as<const int32_t>(land_row_R),
+                      as<void>(grad_y), epoch, sm_count_, stream_of(stream));
+  }
+
+  void gather_dots(int64_t num_slots, Ptr send_pos, Ptr out, Ptr stream) {
+    CudaDeviceGuard guard(device_, "gather_dots");
+    launch_gather_dots(g_, num_slots, as<const int32_t>(send_pos), as<float>(out),
+                       stream_of(stream));
+  }
+
+  void barrier(uint64_t epoch, Ptr stream) {
+    CudaDeviceGuard guard(device_, "barrier");
+    launch_barrier(g_, epoch, stream_of(stream));
+  }
+
+ private:
+  int device_;
+  int sm_count_ = 0;
+  Layout g_{};
+};
+
+}  // namespace
+}  // namespace nmoe::comm
+#endif  // NMOE_WITH_CUDA
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nmoe-comm compiled transport (CUDA IPC, RDEP kernels); see nmoe_comm.rdep";
+  m.attr("ABI_VERSION") = kAbiVersion;
+  m.attr("WITH_CUDA") = static_cast<bool>(NMOE_WITH_CUDA);
+  m.attr("CUDA_ARCHS") = NMOE_CUDA_ARCHS;
+#if NMOE_WITH_CUDA
+  using namespace nmoe::comm;
+  m.def("device_count", [] {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return count;
+  });
+  m.def("alloc", &alloc, py::arg("device"), py::arg("nbytes"));
+  m.def("free", &free_device, py::arg("device"), py::arg("ptr"));
+  m.def("ipc_handle", &ipc_handle, py::arg("device"), py::arg("ptr"));
+  m.def("ipc_open", &ipc_open, py::arg("device"), py::arg("handle"));
+  m.def("ipc_close", &ipc_close, py::arg("device"), py::arg("ptr"));
+  m.def("can_access_peer", &can_access_peer, py::arg("device"), py::arg("peer"));
+  m.def("sm_count", &sm_count, py::arg("device"));
+  m.attr("ROUTE") = static_cast<int>(kRoute);
+  m.attr("EXCHANGE") = static_cast<int>(kExchange);
+  m.attr("PLAN") = static_cast<int>(kPlan);
+  m.attr("TRAILER_BYTES") = kTrailerBytes;
+  m.attr("MAX_RANKS") = kMaxRanks;
+  py::class_<Rdep>(m, "Rdep")
+      .def(py::init<int, int, int, int, int64_t, int64_t, Ptr, Ptr, Ptr, int64_t, int64_t,
+                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t>(),
+           py::arg("device"), py::arg("rank"), py::arg("world"), py::arg("num_experts"),
+           py::arg("capacity"), py::arg("max_send_rows"), py::arg("peer_bases"),
+           py::arg("local_base"), py::arg("stage"), py::arg("signal_off"),
+           py::arg("counter_off"), py::arg("counts_off"), py::arg("counts_src_off"),
+           py::arg("recv_off"), py::arg("recv_stride"), py::arg("ret_off"),
+           py::arg("ret_stride"), py::arg("dots_off"), py::arg("timeout_ns"))
+      .def("route_plan", &Rdep::route_plan)
+      .def("scatter_slots", &Rdep::scatter_slots)
+      .def("unpack", &Rdep::unpack)
+      .def("return_rows", &Rdep::return_rows)
+      .def("reduce_slots", &Rdep::reduce_slots)
+      .def("owner_grad", &Rdep::owner_grad)
+      .def("gather_dots", &Rdep::gather_dots)
+      .def("barrier", &Rdep::barrier);
+#endif
+}

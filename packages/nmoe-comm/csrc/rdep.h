@@ -1,0 +1,111 @@
+// RDEP data movement over peer memory: the kernels behind nmoe_comm's `ipc` and `nvshmem` backends.
+//
+// Every rank owns one buffer with the same layout (`Layout`); `peer_bases[p]` is rank p's buffer
+// as a pointer this GPU can load from / store to (CUDA IPC mapping, or nvshmem_ptr), or 0 when p
+// is not reachable by loads/stores (another node under NVSHMEM): rows for such a peer are written
+// to this rank's staging area instead and moved by the host with NVSHMEM puts.
+//
+// Letters: T tokens, K slots per token, N = T*K slots of this rank, E experts, W ranks, L = E/W
+// local experts, R rows received. Orders used throughout (see nmoe_comm/rdep.py):
+//   send order    this rank's slots sorted by (expert, token, slot): owner-major.
+//   landing order rows on an owner by (source, local expert, token, slot): each source's rows are
+//                 one contiguous chunk, so one put moves them.
+//   contract order rows by (local expert, source, token, slot) (nmoe_comm.dispatcher rule 1).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace nmoe::comm {
+
+constexpr int kMaxRanks = 1024;
+constexpr int kTrailerBytes = 16;  // per landing row: float gate, 12 bytes reserved
+
+// Byte offsets of the regions of one rank's buffer (identical on every rank), and the groups's
+// shape. Passed to every kernel by value.
+struct Layout {
+  const int64_t* peer_bases;  // device array [W]: each rank's buffer base here, 0 = not mapped
+  char* local_base;           // this rank's buffer
+  char* stage;                // staging for unmapped peers (nullptr when every peer is mapped)
+  int64_t signal_off;         // uint64 [W]: barrier epoch last received from each rank
+  int64_t counter_off;        // uint32 [8]: last-block counters, one per kernel kind
+  int64_t counts_off;         // int32 [W][E + 1]: count matrix C; row s written by rank s
+  int64_t counts_src_off;     // int32 [E + 1]: this rank's count row (NVSHMEM fcollect source)
+  int64_t recv_off;           // landing rows [capacity][recv_stride]: payloads + trailer
+  int64_t recv_stride;
+  int64_t ret_off;            // returned rows [max_send_rows][ret_stride], in send order
+  int64_t ret_stride;
+  int64_t dots_off;           // float [max_send_rows], in send order
+  int64_t capacity;
+  int64_t max_send_rows;
+  int rank;
+  int world;
+  int num_experts;
+  int local_experts;
+  unsigned long long timeout_ns;  // barrier spin limit, then trap
+};
+
+// Status a dispatch plan writes to info[0] (info[1], info[2]: details; info[3]: R of this rank).
+enum PlanStatus : int64_t {
+  kOk = 0,
+  kOverCapacity = 1,  // info[1] = lowest owner over capacity, info[2] = its rows
+  kBadExpertId = 2,   // info[1] = lowest rank with an id outside [0, E)
+  kTooManySlots = 3,  // info[1] = lowest rank sending more than max_send_rows slots
+  kRowTooWide = 4,    // info[1] = lowest rank whose rows do not fit the landing stride
+};
+
+// Bits a rank ORs into column E of its count row (read by every rank's plan).
+enum CountFlags : int32_t { kFlagBadId = 1, kFlagTooManySlots = 2, kFlagRowTooWide = 4 };
+
+// route_plan flags.
+enum RouteFlags : int { kRoute = 1, kExchange = 2, kPlan = 4 };
+
+// Last-block counters (index into the uint32 [8] counter region).
+enum CounterSlot : int { kCounterScatter = 0, kCounterReturn = 1, kCounterOwnerGrad = 2 };
+
+enum RowDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct Payload {
+  const char* src;  // row t starts at src + t * stride
+  int64_t stride;   // bytes between rows
+  int64_t bytes;    // bytes per row (0: no payload)
+};
+
+void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
+                       int32_t local_flags, int32_t* send_pos, int32_t* land_index,
+                       int64_t* counts_E, int64_t* info, int flags, unsigned long long epoch,
+                       cudaStream_t stream);
+
+void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
+                          int top_k, const int32_t* send_pos, const int32_t* land_index,
+                          Payload p0, Payload p1, const float* gates, const int64_t* info,
+                          unsigned long long epoch, int sm_count, cudaStream_t stream);
+
+void launch_unpack(const Layout& g, int64_t num_rows, char* out0, int64_t bytes0, char* out1,
+                   int64_t bytes1, float* gates_R, int32_t* src_rank_R, int32_t* ret_index_R,
+                   int32_t* land_row_R, int sm_count, cudaStream_t stream);
+
+void launch_return_rows(const Layout& g, int64_t num_rows, const char* rows, int64_t row_bytes,
+                        const int32_t* src_rank_R, const int32_t* ret_index_R,
+                        const int32_t* land_row_R, unsigned long long epoch, int sm_count,
+                        cudaStream_t stream);
+
+void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, int top_k,
+                         int64_t hidden, const int32_t* send_pos, const float* gates, void* out,
+                         int sm_count, cudaStream_t stream);
+
+void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int64_t num_rows,
+                       int64_t hidden, const void* y, const int32_t* src_rank_R,
+                       const int32_t* ret_index_R, const int32_t* land_row_R, void* grad_y,
+                       unsigned long long epoch, int sm_count, cudaStream_t stream);
+
+void launch_gather_dots(const Layout& g, int64_t num_slots, const int32_t* send_pos, float* out,
+                        cudaStream_t stream);
+
+void launch_barrier(const Layout& g, unsigned long long epoch, cudaStream_t stream);
+
+// Dynamic shared memory route_plan needs for E experts and W ranks, and the warps it routes with.
+int route_plan_warps(int num_experts, int world, int64_t* smem_bytes);
+
+}  // namespace nmoe::comm

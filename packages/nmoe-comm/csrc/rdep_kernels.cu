@@ -1,0 +1,762 @@
+// RDEP kernels: route/plan, scatter to owners, unpack to contract order, return to sources,
+// slot reduction, the combine backward at the owner, and the GPU-side barrier. See rdep.h for
+// the buffer layout and the orders; nmoe_comm/rdep.py for the algorithm they implement.
+//
+// Memory ordering across GPUs: a writer stores its rows (to peer memory mapped over NVLink, or
+// locally), every writing thread executes __threadfence_system(), the block synchronises, and
+// one thread per peer publishes the barrier epoch with st.release.sys; a reader spins with
+// ld.acquire.sys until every peer's epoch arrived, and reads the rows in a later kernel.
+// Arithmetic that the contract fixes (slot sums, gate products) uses __fmul_rn / __fadd_rn so
+// that nvcc never fuses it into an FMA.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.h"
+#include "rdep.h"
+
+namespace nmoe::comm {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kBlockThreads = 256;  // multi-block kernels: 8 warps, one row per warp
+constexpr int kWarpsPerBlock = kBlockThreads / kWarp;
+constexpr int kRouteThreads = 1024;
+constexpr int64_t kRouteSmemBudget = 200 * 1024;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------------- primitives
+
+__device__ __forceinline__ unsigned long long global_timer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ void store_release_sys(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long load_acquire_sys(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ int64_t warp_sum(int64_t v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+__device__ __forceinline__ char* peer_base(const Layout& g, int rank) {
+  return reinterpret_cast<char*>(g.peer_bases[rank]);
+}
+
+// Every rank publishes `epoch` to every peer, then waits until every peer's `epoch` arrived.
+// Called by all threads of one block; a no-op for epoch 0 (the NVSHMEM backend barriers on the
+// host stream instead).
+__device__ void block_barrier(const Layout& g, unsigned long long epoch) {
+  __threadfence_system();  // every thread: its stores are ordered before the block's signal
+  __syncthreads();
+  if (epoch != 0) {
+    for (int p = threadIdx.x; p < g.world; p += blockDim.x) {
+      auto* slot = reinterpret_cast<unsigned long long*>(peer_base(g, p) + g.signal_off) + g.rank;
+      store_release_sys(slot, epoch);
+    }
+    for (int p = threadIdx.x; p < g.world; p += blockDim.x) {
+      const auto* mine =
+          reinterpret_cast<const unsigned long long*>(g.local_base + g.signal_off) + p;
+      const unsigned long long start = global_timer();
+      while (load_acquire_sys(mine) < epoch) {
+        if (global_timer() - start > g.timeout_ns) {
+          printf(
+              "nmoe_comm: rank %d waited %.0f s in barrier %llu for rank %d, which is behind or "
+              "gone; every rank must call every dispatcher method in the same order\n",
+              g.rank, g.timeout_ns * 1e-9, epoch, p);
+          __trap();
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// True in exactly one block: the last to finish. Every thread's prior stores are fenced first.
+__device__ bool last_block_done(const Layout& g, int slot) {
+  __shared__ bool is_last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    auto* counter = reinterpret_cast<unsigned int*>(g.local_base + g.counter_off) + slot;
+    const unsigned int before = atomicAdd(counter, 1u);
+    is_last = before == gridDim.x - 1;
+    if (is_last) atomicExch(counter, 0u);  // ready for the next launch
+  }
+  __syncthreads();
+  return is_last;
+}
+
+// Ends a multi-block kernel: with an epoch, the last block runs the completion barrier.
+__device__ void finish_grid(const Layout& g, int slot, unsigned long long epoch) {
+  if (epoch == 0) {
+    __threadfence_system();
+    return;
+  }
+  if (last_block_done(g, slot)) block_barrier(g, epoch);
+}
+
+template <typename V>
+__device__ __forceinline__ void warp_copy_as(char* dst, const char* src, int64_t nbytes,
+                                             int lane) {
+  constexpr int kUnroll = 4;
+  const int64_t n = nbytes / static_cast<int64_t>(sizeof(V));
+  const V* s = reinterpret_cast<const V*>(src);
+  V* d = reinterpret_cast<V*>(dst);
+  for (int64_t base = lane; base < n; base += kWarp * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kWarp;
+      if (i < n) v[u] = s[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * kWarp;
+      if (i < n) d[i] = v[u];
+    }
+  }
+}
+
+// One warp copies `nbytes` with the widest access that the addresses and length allow.
+__device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t nbytes, int lane) {
+  const auto bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                    static_cast<uintptr_t>(nbytes);
+  if ((bits & 15) == 0) {
+    warp_copy_as<uint4>(dst, src, nbytes, lane);
+  } else if ((bits & 7) == 0) {
+    warp_copy_as<uint2>(dst, src, nbytes, lane);
+  } else if ((bits & 3) == 0) {
+    warp_copy_as<unsigned int>(dst, src, nbytes, lane);
+  } else if ((bits & 1) == 0) {
+    warp_copy_as<unsigned short>(dst, src, nbytes, lane);
+  } else {
+    warp_copy_as<unsigned char>(dst, src, nbytes, lane);
+  }
+}
+
+// In-place exclusive prefix sum of a[0, n) (shared memory) by the whole block; returns the total.
+// blockDim.x must be a multiple of 32.
+__device__ int32_t block_exclusive_scan(int32_t* a, int n) {
+  __shared__ int32_t warp_totals[kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int num_warps = blockDim.x / kWarp;
+  const int per_thread = (n + blockDim.x - 1) / blockDim.x;
+  const int begin = min(n, static_cast<int>(threadIdx.x) * per_thread);
+  const int end = min(n, begin + per_thread);
+  int32_t sum = 0;
+  for (int i = begin; i < end; ++i) sum += a[i];
+  int32_t inclusive = sum;
+  for (int off = 1; off < kWarp; off *= 2) {
+    const int32_t up = __shfl_up_sync(kFullMask, inclusive, off);
+    if (lane >= off) inclusive += up;
+  }
+  if (lane == kWarp - 1) warp_totals[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int32_t v = lane < num_warps ? warp_totals[lane] : 0;
+    for (int off = 1; off < kWarp; off *= 2) {
+      const int32_t up = __shfl_up_sync(kFullMask, v, off);
+      if (lane >= off) v += up;
+    }
+    warp_totals[lane] = v;
+  }
+  __syncthreads();
+  int32_t running = inclusive - sum + (warp > 0 ? warp_totals[warp - 1] : 0);
+  for (int i = begin; i < end; ++i) {
+    const int32_t c = a[i];
+    a[i] = running;
+    running += c;
+  }
+  const int32_t total = warp_totals[kWarp - 1];
+  __syncthreads();
+  return total;
+}
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+// ------------------------------------------------------------------------------- route / plan
+
+// Source side of a dispatch, one block of 1024 threads.
+//   kRoute:    count this rank's slots per expert and give each slot its send position
+//              (stable: (token, slot) order inside an expert), with warp-private histograms.
+//   kExchange: store this rank's count row into row `rank` of every peer's count matrix, then
+//              barrier (CUDA IPC). Without it the row goes to counts_src for an NVSHMEM fcollect.
+//   kPlan:     from the full count matrix: status (bad ids, capacity...), counts_E of this
+//              rank, and each slot's landing index on its owner.
+template <typename IdT>
+__global__ void __launch_bounds__(kRouteThreads)
+    route_plan_kernel(Layout g, const IdT* __restrict__ ids, int64_t num_slots, int route_warps,
+                      int32_t local_flags, int32_t* __restrict__ send_pos,
+                      int32_t* __restrict__ land_index, int64_t* __restrict__ counts_E,
+                      int64_t* __restrict__ info, int flags, unsigned long long epoch) {
+  extern __shared__ int32_t smem[];
+  __shared__ int32_t any_bad_id;
+  __shared__ int64_t owner_rows[kMaxRanks];
+  __shared__ int32_t land_off[kMaxRanks];
+  __shared__ int64_t status;
+  const int E = g.num_experts, W = g.world, L = g.local_experts, me = g.rank;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int num_warps = blockDim.x / kWarp;
+  int32_t* hist = smem;                     // [route_warps][E]
+  int32_t* start = hist + route_warps * E;  // [E]: counts, then their exclusive prefix sums
+  int32_t* C = start + E;                   // [W][E + 1]
+  const int64_t chunk = (num_slots + route_warps - 1) / route_warps;
+  const int64_t begin = min(num_slots, warp * chunk);
+  const int64_t end = min(num_slots, begin + chunk);
+
+  if (flags & kRoute) {
+    for (int i = threadIdx.x; i < route_warps * E; i += blockDim.x) hist[i] = 0;
+    if (threadIdx.x == 0) any_bad_id = 0;
+    __syncthreads();
+    if (warp < route_warps) {
+      int32_t* h = hist + warp * E;
+      bool bad = false;
+      for (int64_t base = begin; base < end; base += kWarp) {
+        const int64_t i = base + lane;
+        int e = -1;
+        if (i < end) {
+          const int64_t id = static_cast<int64_t>(ids[i]);
+          if (id >= 0 && id < E) {
+            e = static_cast<int>(id);
+          } else {
+            bad = true;
+          }
+        }
+        const unsigned peers = __match_any_sync(kFullMask, e);
+        if (e >= 0 && lane == __ffs(peers) - 1) h[e] += __popc(peers);
+        __syncwarp();
+      }
+      if (__any_sync(kFullMask, bad) && lane == 0) atomicOr(&any_bad_id, 1);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      int32_t running = 0;
+      for (int w = 0; w < route_warps; ++w) {
+        const int32_t c = hist[w * E + e];
+        hist[w * E + e] = running;
+        running += c;
+      }
+      start[e] = running;
+    }
+    __syncthreads();
+    const int32_t row_flags = local_flags | (any_bad_id ? kFlagBadId : 0);
+    if (flags & kExchange) {
+      for (int idx = threadIdx.x; idx < W * (E + 1); idx += blockDim.x) {
+        const int p = idx / (E + 1), e = idx % (E + 1);
+        auto* row = reinterpret_cast<int32_t*>(peer_base(g, p) + g.counts_off) +
+                    static_cast<int64_t>(me) * (E + 1);
+        row[e] = e < E ? start[e] : row_flags;
+      }
+      block_barrier(g, epoch);
+    } else {
+      auto* row = reinterpret_cast<int32_t*>(g.local_base + g.counts_src_off);
+      for (int e = threadIdx.x; e <= E; e += blockDim.x) row[e] = e < E ? start[e] : row_flags;
+    }
+    block_exclusive_scan(start, E);
+    if (warp < route_warps) {
+      int32_t* h = hist + warp * E;
+      const unsigned lanes_below = (1u << lane) - 1u;
+      for (int64_t base = begin; base < end; base += kWarp) {
+        const int64_t i = base + lane;
+        int e = -1;
+        if (i < end) {
+          const int64_t id = static_cast<int64_t>(ids[i]);
+          if (id >= 0 && id < E) e = static_cast<int>(id);
+        }
+        const unsigned peers = __match_any_sync(kFullMask, e);
+        if (e >= 0) send_pos[i] = start[e] + h[e] + __popc(peers & lanes_below);
+        else if (i < end) send_pos[i] = -1;
+        __syncwarp();
+        if (e >= 0 && lane == __ffs(peers) - 1) h[e] += __popc(peers);
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+  }
+  if (!(flags & kPlan)) return;
+
+  // The count matrix is complete: after the exchange barrier, or after the host's fcollect.
+  const auto* counts = reinterpret_cast<const volatile int32_t*>(g.local_base + g.counts_off);
+  for (int idx = threadIdx.x; idx < W * (E + 1); idx += blockDim.x) C[idx] = counts[idx];
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) start[e] = C[me * (E + 1) + e];
+  __syncthreads();
+  block_exclusive_scan(start, E);  // start[o * L]: first send position of owner o
+  for (int o = warp; o < W; o += num_warps) {
+    int64_t total = 0, before = 0;
+    for (int idx = lane; idx < W * L; idx += kWarp) {
+      const int s = idx / L;
+      const int32_t c = C[s * (E + 1) + o * L + idx % L];
+      total += c;
+      if (s < me) before += c;
+    }
+    total = warp_sum(total);
+    before = warp_sum(before);
+    if (lane == 0) {
+      owner_rows[o] = total;
+      land_off[o] = static_cast<int32_t>(before);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t code = kOk, arg1 = 0, arg2 = 0;
+    const int32_t checks[3] = {kFlagBadId, kFlagTooManySlots, kFlagRowTooWide};
+    const int64_t codes[3] = {kBadExpertId, kTooManySlots, kRowTooWide};
+    for (int c = 0; c < 3 && code == kOk; ++c) {
+      for (int s = 0; s < W; ++s) {
+        if (C[s * (E + 1) + E] & checks[c]) {
+          code = codes[c];
+          arg1 = s;
+          break;
+        }
+      }
+    }
+    for (int o = 0; o < W && code == kOk; ++o) {
+      if (owner_rows[o] > g.capacity) {
+        code = kOverCapacity;
+        arg1 = o;
+        arg2 = owner_rows[o];
+      }
+    }
+    info[0] = code;
+    info[1] = arg1;
+    info[2] = arg2;
+    info[3] = owner_rows[me];
+    status = code;
+  }
+  for (int e = threadIdx.x; e < L; e += blockDim.x) {
+    int64_t c = 0;
+    for (int s = 0; s < W; ++s) c += C[s * (E + 1) + me * L + e];
+    counts_E[e] = c;
+  }
+  __syncthreads();
+  if (status != kOk) return;
+  for (int64_t i = threadIdx.x; i < num_slots; i += blockDim.x) {
+    const int owner = static_cast<int>(static_cast<int64_t>(ids[i]) / L);
+    land_index[i] = land_off[owner] + (send_pos[i] - start[owner * L]);
+  }
+}
+
+// --------------------------------------------------------------------------- moving the rows
+
+// Each slot's row (payload 0, payload 1, gate trailer) to its owner's landing row, or to this
+// rank's staging at its send position when the owner is not mapped. Skipped (barrier kept) when
+// the plan failed.
+template <typename IdT>
+__global__ void __launch_bounds__(kBlockThreads)
+    scatter_slots_kernel(Layout g, const IdT* __restrict__ ids, int64_t num_slots, int top_k,
+                         const int32_t* __restrict__ send_pos,
+                         const int32_t* __restrict__ land_index, Payload p0, Payload p1,
+                         int64_t p1_offset, const float* __restrict__ gates,
+                         const int64_t* __restrict__ info, unsigned long long epoch) {
+  const bool skip = info != nullptr && info[0] != kOk;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       !skip && i < num_slots; i += num_warps) {
+    const int owner = static_cast<int>(static_cast<int64_t>(ids[i]) / g.local_experts);
+    const int64_t token = i / top_k;
+    char* peer = peer_base(g, owner);
+    char* row = peer != nullptr
+                    ? peer + g.recv_off + static_cast<int64_t>(land_index[i]) * g.recv_stride
+                    : g.stage + static_cast<int64_t>(send_pos[i]) * g.recv_stride;
+    warp_copy(row, p0.src + token * p0.stride, p0.bytes, lane);
+    if (p1.bytes > 0) warp_copy(row + p1_offset, p1.src + token * p1.stride, p1.bytes, lane);
+    if (lane == 0) *reinterpret_cast<float*>(row + g.recv_stride - kTrailerBytes) = gates[i];
+  }
+  finish_grid(g, kCounterScatter, epoch);
+}
+
+// Owner side of a dispatch: landing order -> contract order, with the per-row routing the
+// handle keeps (source rank, index in the source's send order, landing row).
+__global__ void __launch_bounds__(kBlockThreads)
+    unpack_kernel(Layout g, int64_t num_rows, char* __restrict__ out0, int64_t bytes0,
+                  char* __restrict__ out1, int64_t bytes1, int64_t p1_offset,
+                  float* __restrict__ gates_R, int32_t* __restrict__ src_rank_R,
+                  int32_t* __restrict__ ret_index_R, int32_t* __restrict__ land_row_R) {
+  extern __shared__ int32_t smem[];
+  const int W = g.world, L = g.local_experts, E = g.num_experts, me = g.rank;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  int32_t* contract_start = smem;                // [L * W], (local expert, source) order
+  int32_t* land_start = contract_start + L * W;  // [W * L], (source, local expert) order
+  int32_t* land_base = land_start + W * L;       // [W]
+  int32_t* send_off = land_base + W;             // [W]: source s's first row for me, send order
+  const auto* C = reinterpret_cast<const int32_t*>(g.local_base + g.counts_off);
+  for (int idx = threadIdx.x; idx < L * W; idx += blockDim.x) {
+    const int s = idx / L, e = idx % L;
+    const int32_t c = C[s * (E + 1) + me * L + e];
+    land_start[idx] = c;
+    contract_start[e * W + s] = c;
+  }
+  __syncthreads();
+  block_exclusive_scan(land_start, W * L);
+  block_exclusive_scan(contract_start, L * W);
+  for (int s = warp; s < W; s += kWarpsPerBlock) {
+    int64_t before = 0;
+    for (int e = lane; e < me * L; e += kWarp) before += C[s * (E + 1) + e];
+    before = warp_sum(before);
+    if (lane == 0) {
+      send_off[s] = static_cast<int32_t>(before);
+      land_base[s] = land_start[s * L];
+    }
+  }
+  __syncthreads();
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; r < num_rows;
+       r += num_warps) {
+    int lo = 0, hi = L * W - 1;  // the last block starting at or before r (the non-empty one)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (contract_start[mid] <= r) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const int e = lo / W, s = lo % W;
+    const int32_t land = land_start[s * L + e] + static_cast<int32_t>(r - contract_start[lo]);
+    const char* src = g.local_base + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
+    warp_copy(out0 + r * bytes0, src, bytes0, lane);
+    if (bytes1 > 0) warp_copy(out1 + r * bytes1, src + p1_offset, bytes1, lane);
+    if (lane == 0) {
+      gates_R[r] = *reinterpret_cast<const float*>(src + g.recv_stride - kTrailerBytes);
+      src_rank_R[r] = s;
+      ret_index_R[r] = send_off[s] + (land - land_base[s]);
+      land_row_R[r] = land;
+    }
+  }
+}
+
+// Owner -> source: row r to its source's return buffer at its send position (or to staging at
+// its landing row when the source is not mapped).
+__global__ void __launch_bounds__(kBlockThreads)
+    return_rows_kernel(Layout g, int64_t num_rows, const char* __restrict__ rows,
+                       int64_t row_bytes, const int32_t* __restrict__ src_rank_R,
+                       const int32_t* __restrict__ ret_index_R,
+                       const int32_t* __restrict__ land_row_R, unsigned long long epoch) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       r < num_rows; r += num_warps) {
+    char* peer = peer_base(g, src_rank_R[r]);
+    char* dst = peer != nullptr
+                    ? peer + g.ret_off + static_cast<int64_t>(ret_index_R[r]) * g.ret_stride
+                    : g.stage + static_cast<int64_t>(land_row_R[r]) * g.ret_stride;
+    warp_copy(dst, rows + r * row_bytes, row_bytes, lane);
+  }
+  finish_grid(g, kCounterReturn, epoch);
+}
+
+// Source: out[t] = sum_k gate[t, k] * ret[send_pos[t, k]] in float32, slot order, every product
+// and sum rounded on its own (contract rule 2); without gates the plain sum (rule 3).
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    reduce_slots_kernel(const char* __restrict__ ret, int64_t ret_stride, int64_t num_tokens,
+                        int top_k, int64_t hidden, const int32_t* __restrict__ send_pos,
+                        const float* __restrict__ gates, T* __restrict__ out) {
+  const int64_t groups = hidden / kVec;
+  const int64_t total = num_tokens * groups;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < total;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = item / groups, col = (item % groups) * kVec;
+    float acc[kVec];
+    for (int k = 0; k < top_k; ++k) {
+      const int64_t pos = send_pos[t * top_k + k];
+      const auto* row = reinterpret_cast<const T*>(ret + pos * ret_stride) + col;
+      const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
+      const float gate = gates != nullptr ? gates[t * top_k + k] : 1.0f;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float y = to_f32(v.v[j]);
+        const float term = gates != nullptr ? __fmul_rn(gate, y) : y;
+        acc[j] = k == 0 ? term : __fadd_rn(acc[j], term);
+      }
+    }
+    Pack<T, kVec> o;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) o.v[j] = from_f32<T>(acc[j]);
+    *reinterpret_cast<Pack<T, kVec>*>(out + t * hidden + col) = o;
+  }
+}
+
+// Owner side of combine_backward: landing row = dOut[t] of the row's slot plus its gate;
+// grad_y[r] = gate * dOut (one float32 product), dot[r] = <dOut[t], y[r]> in float32, written to
+// the source's dots buffer at the row's send position.
+template <typename Ty, typename Tgo>
+__global__ void __launch_bounds__(kBlockThreads)
+    owner_grad_kernel(Layout g, int64_t num_rows, int64_t hidden, const Ty* __restrict__ y,
+                      const int32_t* __restrict__ src_rank_R,
+                      const int32_t* __restrict__ ret_index_R,
+                      const int32_t* __restrict__ land_row_R, Ty* __restrict__ grad_y,
+                      unsigned long long epoch) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       r < num_rows; r += num_warps) {
+    const int32_t land = land_row_R[r];
+    const char* landed = g.local_base + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
+    const auto* grad_out = reinterpret_cast<const Tgo*>(landed);
+    const float gate = *reinterpret_cast<const float*>(landed + g.recv_stride - kTrailerBytes);
+    float dot = 0.0f;
+    for (int64_t d = lane; d < hidden; d += kWarp) {
+      const float go = to_f32(grad_out[d]);
+      grad_y[r * hidden + d] = from_f32<Ty>(__fmul_rn(gate, go));
+      dot = fmaf(go, to_f32(y[r * hidden + d]), dot);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) {
+      char* peer = peer_base(g, src_rank_R[r]);
+      float* dst = peer != nullptr ? reinterpret_cast<float*>(peer + g.dots_off) + ret_index_R[r]
+                                   : reinterpret_cast<float*>(g.stage) + land;
+      *dst = dot;
+    }
+  }
+  finish_grid(g, kCounterOwnerGrad, epoch);
+}
+
+__global__ void gather_dots_kernel(Layout g, int64_t num_slots,
+                                   const int32_t* __restrict__ send_pos, float* __restrict__ out) {
+  const auto* dots = reinterpret_cast<const float*>(g.local_base + g.dots_off);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < num_slots;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = dots[send_pos[i]];
+  }
+}
+
+__global__ void barrier_kernel(Layout g, unsigned long long epoch) { block_barrier(g, epoch); }
+
+// ---------------------------------------------------------------------------------- launchers
+
+int grid_for_rows(int64_t rows, int sm_count) {
+  const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 4LL * sm_count)));
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes, const char* op) {
+  if (bytes > 48 * 1024) {
+    NMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(bytes)),
+                    op);
+  }
+}
+
+int64_t p1_offset(const Payload& p0) { return (p0.bytes + 15) / 16 * 16; }
+
+}  // namespace
+
+int route_plan_warps(int num_experts, int world, int64_t* smem_bytes) {
+  const int64_t fixed = (static_cast<int64_t>(num_experts) +
+                         static_cast<int64_t>(world) * (num_experts + 1)) * 4;
+  const int64_t per_warp = static_cast<int64_t>(num_experts) * 4;
+  const int64_t warps = std::min<int64_t>(kRouteThreads / kWarp,
+                                          (kRouteSmemBudget - fixed) / per_warp);
+  if (warps < 1 || world > kMaxRanks) {
+    throw std::runtime_error(
+        "nmoe_comm: " + std::to_string(num_experts) + " experts over " + std::to_string(world) +
+        " ranks do not fit the routing kernel's shared memory (at most about 6000 experts for 8 "
+        "ranks, and at most " + std::to_string(kMaxRanks) + " ranks)");
+  }
+  *smem_bytes = fixed + warps * per_warp;
+  return static_cast<int>(warps);
+}
+
+void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
+                       int32_t local_flags, int32_t* send_pos, int32_t* land_index,
+                       int64_t* counts_E, int64_t* info, int flags, unsigned long long epoch,
+                       cudaStream_t stream) {
+  int64_t smem = 0;
+  const int warps = route_plan_warps(g.num_experts, g.world, &smem);
+  if (ids_int64) {
+    allow_smem(route_plan_kernel<int64_t>, smem, "route_plan");
+    route_plan_kernel<int64_t><<<1, kRouteThreads, smem, stream>>>(
+        g, static_cast<const int64_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
+        counts_E, info, flags, epoch);
+  } else {
+    allow_smem(route_plan_kernel<int32_t>, smem, "route_plan");
+    route_plan_kernel<int32_t><<<1, kRouteThreads, smem, stream>>>(
+        g, static_cast<const int32_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
+        counts_E, info, flags, epoch);
+  }
+  NMOE_CUDA_CHECK_LAUNCH("route_plan");
+}
+
+void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
+                          int top_k, const int32_t* send_pos, const int32_t* land_index,
+                          Payload p0, Payload p1, const float* gates, const int64_t* info,
+                          unsigned long long epoch, int sm_count, cudaStream_t stream) {
+  const int grid = grid_for_rows(num_slots, sm_count);
+  if (ids_int64) {
+    scatter_slots_kernel<int64_t><<<grid, kBlockThreads, 0, stream>>>(
+        g, static_cast<const int64_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
+        p1_offset(p0), gates, info, epoch);
+  } else {
+    scatter_slots_kernel<int32_t><<<grid, kBlockThreads, 0, stream>>>(
+        g, static_cast<const int32_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
+        p1_offset(p0), gates, info, epoch);
+  }
+  NMOE_CUDA_CHECK_LAUNCH("scatter_slots");
+}
+
+void launch_unpack(const Layout& g, int64_t num_rows, char* out0, int64_t bytes0, char* out1,
+                   int64_t bytes1, float* gates_R, int32_t* src_rank_R, int32_t* ret_index_R,
+                   int32_t* land_row_R, int sm_count, cudaStream_t stream) {
+  if (num_rows == 0) return;
+  const int64_t smem = (2LL * g.num_experts + 2LL * g.world) * 4;
+  allow_smem(unpack_kernel, smem, "unpack");
+  const Payload p0{nullptr, 0, bytes0};
+  unpack_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, smem, stream>>>(
+      g, num_rows, out0, bytes0, out1, bytes1, p1_offset(p0), gates_R, src_rank_R, ret_index_R,
+      land_row_R);
+  NMOE_CUDA_CHECK_LAUNCH("unpack");
+}
+
+void launch_return_rows(const Layout& g, int64_t num_rows, const char* rows, int64_t row_bytes,
+                        const int32_t* src_rank_R, const int32_t* ret_index_R,
+                        const int32_t* land_row_R, unsigned long long epoch, int sm_count,
+                        cudaStream_t stream) {
+  return_rows_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, 0, stream>>>(
+      g, num_rows, rows, row_bytes, src_rank_R, ret_index_R, land_row_R, epoch);
+  NMOE_CUDA_CHECK_LAUNCH("return_rows");
+}
+
+template <typename T>
+void reduce_slots_typed(const Layout& g, int64_t num_tokens, int top_k, int64_t hidden,
+                        const int32_t* send_pos, const float* gates, void* out, int sm_count,
+                        cudaStream_t stream) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vector = (hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const int64_t items = num_tokens * (vector ? hidden / kVec : hidden);
+  if (items == 0) return;
+  const int grid = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>((items + kBlockThreads - 1) / kBlockThreads, 8LL * sm_count)));
+  const char* ret = g.local_base + g.ret_off;
+  if (vector) {
+    reduce_slots_kernel<T, kVec><<<grid, kBlockThreads, 0, stream>>>(
+        ret, g.ret_stride, num_tokens, top_k, hidden, send_pos, gates, static_cast<T*>(out));
+  } else {
+    reduce_slots_kernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(
+        ret, g.ret_stride, num_tokens, top_k, hidden, send_pos, gates, static_cast<T*>(out));
+  }
+  NMOE_CUDA_CHECK_LAUNCH("reduce_slots");
+}
+
+void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, int top_k,
+                         int64_t hidden, const int32_t* send_pos, const float* gates, void* out,
+                         int sm_count, cudaStream_t stream) {
+  switch (dtype) {
+    case kF32:
+      return reduce_slots_typed<float>(g, num_tokens, top_k, hidden, send_pos, gates, out,
+                                       sm_count, stream);
+    case kBF16:
+      return reduce_slots_typed<__nv_bfloat16>(g, num_tokens, top_k, hidden, send_pos, gates,
+                                               out, sm_count, stream);
+    case kF16:
+      return reduce_slots_typed<__half>(g, num_tokens, top_k, hidden, send_pos, gates, out,
+                                        sm_count, stream);
+  }
+}
+
+template <typename Ty, typename Tgo>
+void owner_grad_typed(const Layout& g, int64_t num_rows, int64_t hidden, const void* y,
+                      const int32_t* src_rank_R, const int32_t* ret_index_R,
+                      const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
+                      int sm_count, cudaStream_t stream) {
+  owner_grad_kernel<Ty, Tgo><<<grid_for_rows(num_rows, sm_count), kBlockThreads, 0, stream>>>(
+      g, num_rows, hidden, static_cast<const Ty*>(y), src_rank_R, ret_index_R, land_row_R,
+      static_cast<Ty*>(grad_y), epoch);
+  NMOE_CUDA_CHECK_LAUNCH("owner_grad");
+}
+
+template <typename Ty>
+void owner_grad_go(const Layout& g, RowDtype go_dtype, int64_t num_rows, int64_t hidden,
+                   const void* y, const int32_t* src_rank_R, const int32_t* ret_index_R,
+                   const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
+                   int sm_count, cudaStream_t stream) {
+  switch (go_dtype) {
+    case kF32:
+      return owner_grad_typed<Ty, float>(g, num_rows, hidden, y, src_rank_R, ret_index_R,
+                                         land_row_R, grad_y, epoch, sm_count, stream);
+    case kBF16:
+      return owner_grad_typed<Ty, __nv_bfloat16>(g, num_rows, hidden, y, src_rank_R,
+                                                 ret_index_R, land_row_R, grad_y, epoch,
+                                                 sm_count, stream);
+    case kF16:
+      return owner_grad_typed<Ty, __half>(g, num_rows, hidden, y, src_rank_R, ret_index_R,
+                                          land_row_R, grad_y, epoch, sm_count, stream);
+  }
+}
+
+void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int64_t num_rows,
+                       int64_t hidden, const void* y, const int32_t* src_rank_R,
+                       const int32_t* ret_index_R, const int32_t* land_row_R, void* grad_y,
+                       unsigned long long epoch, int sm_count, cudaStream_t stream) {
+  switch (y_dtype) {
+    case kF32:
+      return owner_grad_go<float>(g, go_dtype, num_rows, hidden, y, src_rank_R, ret_index_R,
+                                  land_row_R, grad_y, epoch, sm_count, stream);
+    case kBF16:
+      return owner_grad_go<__nv_bfloat16>(g, go_dtype, num_rows, hidden, y, src_rank_R,
+                                          ret_index_R, land_row_R, grad_y, epoch, sm_count,
+                                          stream);
+    case kF16:
+      return owner_grad_go<__half>(g, go_dtype, num_rows, hidden, y, src_rank_R, ret_index_R,
+                                   land_row_R, grad_y, epoch, sm_count, stream);
+  }
+}
+
+void launch_gather_dots(const Layout& g, int64_t num_slots, const int32_t* send_pos, float* out,
+                        cudaStream_t stream) {
+  if (num_slots == 0) return;
+  const int grid = static_cast<int>(std::min<int64_t>((num_slots + 255) / 256, 1024));
+  gather_dots_kernel<<<grid, 256, 0, stream>>>(g, num_slots, send_pos, out);
+  NMOE_CUDA_CHECK_LAUNCH("gather_dots");
+}
+
+void launch_barrier(const Layout& g, unsigned long long epoch, cudaStream_t stream) {
+  barrier_kernel<<<1, kWarp, 0, stream>>>(g, epoch);
+  NMOE_CUDA_CHECK_LAUNCH("barrier");
+}
+
+}  // namespace nmoe::comm

@@ -1,0 +1,540 @@
+"""RDEP over peer memory: the engine shared by the ``ipc`` and ``nvshmem`` backends.
+
+Every rank allocates one buffer, once, sized from ``capacity`` (`BufferLayout`); every rank can
+store into every peer's buffer (CUDA IPC mappings, or NVSHMEM's ``nvshmem_ptr``). There is no
+all-to-all: sources write their rows straight into the owners' buffers, owners write results
+straight back. The kernels are in ``csrc/rdep_kernels.cu``; this module checks arguments, sizes
+the outputs and sequences the launches. Letters as in `nmoe_comm.dispatcher`; ``N = T * K``
+slots of this rank, ``L = E / W`` local experts.
+
+Three orders of rows (all follow from the count matrix ``C [W, E]``, ``C[s, e]`` = slots of rank
+``s`` routed to expert ``e``, by prefix sums; nothing is sorted on the owner):
+
+- **send order**: a source's slots sorted by (expert, token, slot), stable; owner-major.
+- **landing order**: an owner's rows by (source, local expert, token, slot); each source's rows
+  for one owner are one contiguous chunk of its send order (so one put can move them).
+- **contract order**: (local expert, source, token, slot), the layout of rule 1.
+
+Dispatch (``route_plan`` -> ``scatter_slots`` -> one host sync -> ``unpack``):
+
+1. ``route_plan`` (one block): per-expert counts of this rank's slots and each slot's send
+   position (warp-private histograms, no sort); the count row goes to every peer's count matrix
+   (CUDA IPC: direct stores, then a GPU barrier; NVSHMEM: an ``fcollect`` on the stream); then,
+   from the full matrix, each slot's landing row on its owner, this rank's ``counts_E``, and a
+   status that every rank computes identically: a bad expert id anywhere, a rank sending more
+   than ``max_send_rows`` slots, rows too wide for the buffer, or an owner over ``capacity``.
+2. ``scatter_slots``: one warp per slot stores the row (or its FP8 quantization and scales) and
+   the gate into the owner's landing row; nothing is written when the status is not OK, so
+   overflow is decided before any write. The last block runs the completion barrier.
+3. The one host synchronisation per dispatch: the status and ``R`` (the shape of ``x_RD``) are
+   read; errors raise on every rank alike (`CapacityError`, ValueError).
+4. ``unpack``: landing order -> contract order into fresh ``x_RD`` / ``gates_R`` tensors (the
+   buffer is reused by the next call, so the rows are copied out once), plus per-row routing.
+
+Combine and ``dispatch_backward``: ``return_rows`` stores each row into its source's return
+buffer at the slot's send position (barrier), ``reduce_slots`` sums each token's K slots in
+fixed order with float32 products and sums rounded separately (rule 2). ``combine_backward``:
+``scatter_slots`` sends ``dOut[t]`` and the gate to each slot's landing row (the forward's), the
+owner forms ``grad_y`` and ``<dOut, y>`` per row and stores the dot at the source
+(``owner_grad``), the source gathers ``dGates``. None of these synchronise with the host.
+
+Reuse of the buffer: each call's writes are followed by a barrier before they are read, and a
+region read *after* a call's last barrier (``RECV``/``COUNTS`` by ``unpack``, ``RET`` by
+``reduce_slots``, ``DOTS`` by the gather) gets an extra entry barrier before the next call that
+writes it (two dispatches in a row, two combines in a row); the usual dispatch, combine,
+dispatch, ... alternation needs none. Ranks with no rows join every barrier (rule 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmoe_comm import _extension
+from nmoe_comm.dispatcher import (
+    ROW_DTYPES,
+    CapacityError,
+    Dispatched,
+    Dispatcher,
+    DispatchHandle,
+)
+from nmoe_comm.quantization import check_fp8_rows, quantize_rows_fp8
+from nmoe_comm.validation import check_dispatch_inputs, check_gates, check_rows, check_tensor
+
+RECV, COUNTS, RET, DOTS = "recv", "counts", "ret", "dots"
+
+_ALIGN = 128
+_TRAILER_BYTES = 16  # per landing row: float32 gate, 12 bytes reserved
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Plan status codes (csrc/rdep.h PlanStatus) and count-row flags (CountFlags).
+_OK, _OVER_CAPACITY, _BAD_ID, _TOO_MANY_SLOTS, _ROW_TOO_WIDE = 0, 1, 2, 3, 4
+_FLAG_TOO_MANY_SLOTS, _FLAG_ROW_TOO_WIDE = 2, 4
+_ROUTE, _EXCHANGE, _PLAN = 1, 2, 4
+
+
+def _align(value: int, to: int = _ALIGN) -> int:
+    return (value + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """Byte offsets of one rank's buffer (the same on every rank; csrc/rdep.h ``Layout``).
+
+    Attributes:
+        row_bytes: the widest row payload, ``hidden * dtype.itemsize`` rounded up to 16.
+        recv_stride: bytes per landing row: payload plus a 16-byte trailer (the gate).
+        ret_stride: bytes per returned row.
+        signal_off, counter_off, counts_off, counts_src_off, recv_off, ret_off, dots_off: region
+            offsets (barrier epochs ``[W]`` u64; last-block counters; count matrix
+            ``[W, E+1]`` i32; this rank's count row ``[E+1]`` i32; landing rows ``[capacity]``;
+            returned rows ``[max_send_rows]``; dots ``[max_send_rows]`` f32).
+        total_bytes: the whole buffer.
+        stage_bytes: the staging area for peers without load/store access (NVSHMEM across
+            nodes): the larger of a dispatch's staged rows and a combine's.
+    """
+
+    row_bytes: int
+    recv_stride: int
+    ret_stride: int
+    signal_off: int
+    counter_off: int
+    counts_off: int
+    counts_src_off: int
+    recv_off: int
+    ret_off: int
+    dots_off: int
+    total_bytes: int
+    stage_bytes: int
+
+    @classmethod
+    def plan(
+        cls,
+        *,
+        capacity: int,
+        hidden: int,
+        dtype: torch.dtype,
+        world_size: int,
+        num_experts: int,
+        max_send_rows: int,
+    ) -> BufferLayout:
+        """The layout for ``capacity`` landing rows and ``max_send_rows`` returned rows of up
+        to ``hidden`` elements of ``dtype``."""
+        row_bytes = _align(hidden * torch.empty(0, dtype=dtype).element_size(), 16)
+        recv_stride = row_bytes + _TRAILER_BYTES
+        offsets, cursor = {}, 0
+        for name, size in (
+            ("signal_off", 8 * world_size),
+            ("counter_off", 4 * 8),
+            ("counts_off", 4 * world_size * (num_experts + 1)),
+            ("counts_src_off", 4 * (num_experts + 1)),
+            ("recv_off", capacity * recv_stride),
+            ("ret_off", max_send_rows * row_bytes),
+            ("dots_off", 4 * max_send_rows),
+        ):
+            offsets[name] = cursor
+            cursor = _align(cursor + size)
+        stage = max(max_send_rows * recv_stride, capacity * row_bytes)
+        return cls(row_bytes=row_bytes, recv_stride=recv_stride, ret_stride=row_bytes,
+                   total_bytes=cursor, stage_bytes=_align(stage), **offsets)
+
+
+@dataclass(frozen=True)
+class RdepRouting:
+    """`DispatchHandle.state` of an `RdepDispatcher` dispatch.
+
+    Attributes:
+        send_pos_N: int32 ``[N]``: each slot's position in this rank's send order.
+        land_index_N: int32 ``[N]``: each slot's landing row on its owner.
+        src_rank_R: int32 ``[R]``: the source of each received row.
+        ret_index_R: int32 ``[R]``: each row's position in its source's send order.
+        land_row_R: int32 ``[R]``: each row's landing row here.
+        send_chunks: ``(owner, rows, send_start, landing_start)`` for owners this rank cannot
+            store to (NVSHMEM puts); empty when every peer is mapped.
+        recv_chunks: ``(source, rows, landing_start, send_start)`` for sources this rank cannot
+            store to.
+        dispatcher_id: ``id()`` of the dispatcher that made the handle (checked on use).
+    """
+
+    send_pos_N: torch.Tensor
+    land_index_N: torch.Tensor
+    src_rank_R: torch.Tensor
+    ret_index_R: torch.Tensor
+    land_row_R: torch.Tensor
+    send_chunks: tuple[tuple[int, int, int, int], ...]
+    recv_chunks: tuple[tuple[int, int, int, int], ...]
+    dispatcher_id: int
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class RdepDispatcher(Dispatcher):
+    """The RDEP algorithm over a peer-memory transport; `IpcDispatcher` and `NvshmemDispatcher`
+    provide the buffer, the peer table and the barriers. Not constructed directly.
+
+    Subclass contract: call `_attach` once the buffer exists on every rank, and implement
+    `_count_exchange` / `_stream_barrier` / `_put` when ``_device_barriers`` is False.
+    """
+
+    #: True: barriers run inside the kernels (CUDA IPC). False: the kernels skip them and the
+    #: subclass barriers on the stream (NVSHMEM).
+    _device_barriers = True
+
+    def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
+                     timeout_s: float) -> None:
+        if not isinstance(hidden, int) or hidden <= 0:
+            raise ValueError(f"hidden must be a positive int (the widest row, in elements), got "
+                             f"{hidden!r}")
+        if dtype not in ROW_DTYPES:
+            raise ValueError(f"dtype must be one of {ROW_DTYPES} (sizes the rows), got {dtype}")
+        if max_send_rows is None:
+            max_send_rows = self.capacity
+        if max_send_rows <= 0:
+            raise ValueError(f"max_send_rows must be positive, got {max_send_rows}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.hidden, self.row_dtype, self.max_send_rows = hidden, dtype, max_send_rows
+        self.timeout_s = timeout_s
+        self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
+                                        world_size=self.world_size, num_experts=self.num_experts,
+                                        max_send_rows=max_send_rows)
+        self._epoch = 0
+        self._consumed: frozenset[str] = frozenset()
+        self._destroyed = False
+
+    def _attach(self, device: torch.device, local_base: int, peer_bases: list[int],
+                stage: int) -> None:
+        """Build the kernels' view of the group once every rank's buffer is mapped here."""
+        c_module = _extension.compiled_module()
+        self.device = device
+        self._unmapped = tuple(p for p, base in enumerate(peer_bases) if base == 0)
+        self._peer_bases = torch.tensor(peer_bases, dtype=torch.int64, device=device)
+        self._info = torch.zeros(8, dtype=torch.int64, device=device)
+        layout = self.layout
+        self._rdep = c_module.Rdep(
+            device.index, self.rank, self.world_size, self.num_experts, self.capacity,
+            self.max_send_rows, self._peer_bases.data_ptr(), local_base, stage,
+            layout.signal_off, layout.counter_off, layout.counts_off, layout.counts_src_off,
+            layout.recv_off, layout.recv_stride, layout.ret_off, layout.ret_stride,
+            layout.dots_off, int(self.timeout_s * 1e9))
+        self._local_base = local_base
+        self._stage = stage
+
+    def describe(self) -> str:
+        """One line for the start-up report, with the buffer this rank holds."""
+        return (f"{super().describe()}, hidden {self.hidden} {str(self.row_dtype)[6:]}, "
+                f"buffer {self.layout.total_bytes / 2**20:.0f} MiB"
+                + (f", {len(self._unmapped)} peers via puts" if self._unmapped else ""))
+
+    # ------------------------------------------------------------------------ transport hooks
+
+    def _count_exchange(self, stream: int) -> None:
+        """NVSHMEM: gather every rank's count row into the count matrix (on the stream)."""
+        raise NotImplementedError
+
+    def _stream_barrier(self, stream: int) -> None:
+        """NVSHMEM: a barrier over the group, ordered on the stream."""
+        raise NotImplementedError
+
+    def _put(self, stream: int, pe: int, dst_off: int, src_stage_off: int, nbytes: int) -> None:
+        """NVSHMEM: copy ``nbytes`` from this rank's staging area to rank ``pe``'s buffer."""
+        raise NotImplementedError
+
+    def _next_epoch(self) -> int:
+        """Epoch of the next in-kernel barrier (0: the kernel skips it)."""
+        if not self._device_barriers:
+            return 0
+        self._epoch += 1
+        return self._epoch
+
+    def _barrier(self, stream: int) -> None:
+        if self._device_barriers:
+            self._rdep.barrier(self._next_epoch(), stream)
+        else:
+            self._stream_barrier(stream)
+
+    def _completed(self, stream: int, puts) -> None:
+        """After a write kernel: NVSHMEM moves the staged chunks and barriers; CUDA IPC already
+        barriered inside the kernel."""
+        if self._device_barriers:
+            return
+        for pe, dst_off, src_off, nbytes in puts:
+            if nbytes:
+                self._put(stream, pe, dst_off, src_off, nbytes)
+        self._stream_barrier(stream)
+
+    def _before_writing(self, regions: frozenset[str], stream: int) -> None:
+        """Entry barrier when the previous call read one of ``regions`` after its last barrier."""
+        if self._consumed & regions:
+            self._barrier(stream)
+        self._consumed = frozenset()
+
+    # -------------------------------------------------------------------------------- checks
+
+    def _check_live(self) -> None:
+        if self._destroyed:
+            raise RuntimeError(f"this {type(self).__name__} was destroyed; create a new one")
+
+    def _routing(self, handle: object) -> RdepRouting:
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
+        state = handle.state
+        if not isinstance(state, RdepRouting) or state.dispatcher_id != id(self):
+            raise ValueError(
+                f"handle was not produced by this {type(self).__name__}'s dispatch; pass the "
+                f"handle of the matching dispatch (Dispatched.handle)"
+            )
+        return state
+
+    def _rows(self, name: str, rows: object, count: int, hidden: int | None = None):
+        rows = check_rows(name, rows, count, hidden=hidden, device=self.device)
+        if rows.dtype not in ROW_DTYPES:
+            raise ValueError(f"{name} has dtype {rows.dtype}; the {self.name} backend moves "
+                             f"float32, bfloat16 or float16 rows")
+        if rows.shape[1] * rows.element_size() > self.layout.ret_stride:
+            raise ValueError(
+                f"{name} rows have {rows.shape[1] * rows.element_size()} bytes, above the "
+                f"{self.layout.ret_stride} the buffer was sized for (hidden={self.hidden}, "
+                f"dtype={self.row_dtype}); construct the dispatcher with a larger hidden/dtype"
+            )
+        return rows.contiguous()
+
+    # ------------------------------------------------------------------------------ dispatch
+
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        expert_ids_TK: torch.Tensor,
+        gates_TK: torch.Tensor,
+        *,
+        fp8: bool = False,
+    ) -> Dispatched:
+        """See `Dispatcher.dispatch` and the module docstring; one host synchronisation."""
+        self._check_live()
+        num_tokens, top_k, hidden = check_dispatch_inputs(x_TD, expert_ids_TK, gates_TK,
+                                                          row_dtypes=ROW_DTYPES)
+        check_tensor("x_TD", x_TD, ndim=2, device=self.device)
+        if fp8:
+            check_fp8_rows(x_TD)
+        num_slots = num_tokens * top_k
+        payloads = quantize_rows_fp8(x_TD) if fp8 else (x_TD,)
+        widths = [p.shape[1] * p.element_size() for p in payloads]
+        local_flags = 0
+        if num_slots > self.max_send_rows:
+            local_flags |= _FLAG_TOO_MANY_SLOTS
+        if _align(widths[0], 16) + (widths[1] if fp8 else 0) > self.layout.row_bytes:
+            local_flags |= _FLAG_ROW_TOO_WIDE
+        ids = expert_ids_TK.contiguous()
+        gates_N = gates_TK.detach().to(torch.float32).contiguous().view(-1)
+        device = self.device
+        send_pos, land_index = torch.empty(2, num_slots, dtype=torch.int32, device=device)
+        counts_E = torch.empty(self.num_local_experts, dtype=torch.int64, device=device)
+        stream = _extension.current_stream(device)
+        is64 = ids.dtype == torch.int64
+
+        self._before_writing(frozenset({COUNTS, RECV}), stream)
+        self._route_and_plan((ids.data_ptr(), is64, num_slots, local_flags, send_pos.data_ptr(),
+                              land_index.data_ptr(), counts_E.data_ptr(), self._info.data_ptr()),
+                             stream)
+        p1 = payloads[1] if fp8 else None
+        self._rdep.scatter_slots(
+            ids.data_ptr(), is64, num_slots, top_k, send_pos.data_ptr(), land_index.data_ptr(),
+            payloads[0].data_ptr(), widths[0], widths[0], _ptr(p1), widths[1] if fp8 else 0,
+            widths[1] if fp8 else 0, gates_N.data_ptr(), self._info.data_ptr(),
+            self._next_epoch(), stream)
+        status, counts_host = self._read_plan()  # the one host synchronisation
+        send_chunks, recv_chunks = self._chunks(counts_host)
+        if status[0] != _OK:
+            self._completed(stream, ())
+            self._raise_plan_error(status, num_slots, widths)
+        self._completed(stream, self._send_puts(send_chunks, self.layout.recv_stride))
+
+        num_rows = int(status[3])
+        x_RD = torch.empty(num_rows, hidden, dtype=payloads[0].dtype, device=device)
+        scales_RG = torch.empty(num_rows, payloads[1].shape[1], dtype=torch.float32,
+                                device=device) if fp8 else None
+        gates_R = torch.empty(num_rows, dtype=torch.float32, device=device)
+        src_rank_R, ret_index_R, land_row_R = torch.empty(3, num_rows, dtype=torch.int32,
+                                                          device=device)
+        self._rdep.unpack(num_rows, x_RD.data_ptr(), widths[0], _ptr(scales_RG),
+                          widths[1] if fp8 else 0, gates_R.data_ptr(), src_rank_R.data_ptr(),
+                          ret_index_R.data_ptr(), land_row_R.data_ptr(), stream)
+        self._consumed = frozenset({COUNTS, RECV})
+        handle = DispatchHandle(
+            num_tokens=num_tokens, top_k=top_k, hidden=hidden, dtype=x_TD.dtype,
+            gates_TK=gates_N.view(num_tokens, top_k),
+            expert_ids_TK=ids.to(torch.int64),
+            state=RdepRouting(send_pos_N=send_pos, land_index_N=land_index,
+                              src_rank_R=src_rank_R, ret_index_R=ret_index_R,
+                              land_row_R=land_row_R, send_chunks=send_chunks,
+                              recv_chunks=recv_chunks, dispatcher_id=id(self)))
+        return Dispatched(x_RD=x_RD, counts_E=counts_E, gates_R=gates_R, handle=handle,
+                          x_scales_RG=scales_RG)
+
+    def _route_and_plan(self, args: tuple, stream: int) -> None:
+        """Step 1 of the module docstring: one launch with the count exchange and its barrier
+        inside (CUDA IPC), or route, fcollect, plan (NVSHMEM)."""
+        if self._device_barriers:
+            self._rdep.route_plan(*args, _ROUTE | _EXCHANGE | _PLAN, self._next_epoch(), stream)
+            return
+        self._rdep.route_plan(*args, _ROUTE, 0, stream)
+        self._count_exchange(stream)
+        self._rdep.route_plan(*args, _PLAN, 0, stream)
+
+    def _read_plan(self) -> tuple[list[int], torch.Tensor | None]:
+        """The plan's status (and, with unmapped peers, the count matrix) on the host."""
+        if not self._unmapped:
+            return self._info.tolist(), None
+        counts = self._counts_view().to(torch.int64).flatten()
+        both = torch.cat([self._info, counts]).cpu()
+        width = self.num_experts + 1
+        return both[:8].tolist(), both[8:].view(self.world_size, width)[:, :self.num_experts]
+
+    def _counts_view(self) -> torch.Tensor:
+        """The count matrix as a tensor (NVSHMEM backend only, which keeps one)."""
+        raise NotImplementedError
+
+    def _raise_plan_error(self, status: list[int], num_slots: int, widths: list[int]) -> None:
+        self._consumed = frozenset()
+        code, arg1, arg2 = status[0], int(status[1]), int(status[2])
+        who = "this rank" if arg1 == self.rank else f"rank {arg1}"
+        if code == _OVER_CAPACITY:
+            raise CapacityError(arg1, arg2, self.capacity)
+        if code == _BAD_ID:
+            raise ValueError(
+                f"expert_ids_TK: {who} passed expert ids outside [0, {self.num_experts}); ids are "
+                f"global expert indices below num_experts={self.num_experts}")
+        if code == _TOO_MANY_SLOTS:
+            mine = f" (this rank: {num_slots})" if arg1 != self.rank else f" ({num_slots})"
+            raise ValueError(
+                f"x_TD: {who} sends more slots T*K than max_send_rows={self.max_send_rows}"
+                f"{mine}; construct the dispatcher with max_send_rows >= tokens * top_k")
+        raise ValueError(
+            f"x_TD: {who} dispatches rows of {sum(widths)} bytes, wider than the buffer's "
+            f"{self.layout.row_bytes} (hidden={self.hidden}, dtype={self.row_dtype}); construct "
+            f"the dispatcher with a larger hidden/dtype")
+
+    def _chunks(self, counts: torch.Tensor | None):
+        """Host-side chunk lists for the peers this rank cannot store to (see RdepRouting)."""
+        if counts is None:
+            return (), ()
+        me, local = self.rank, self.num_local_experts
+        per_owner = counts.view(self.world_size, self.world_size, local)  # [s, o, l]
+        to_owner = per_owner.sum(dim=2)  # [s, o]
+        send_start = torch.cumsum(to_owner[me], 0) - to_owner[me]
+        land_start = torch.cumsum(to_owner[:, me], 0) - to_owner[:, me]
+        send = tuple((o, int(to_owner[me, o]), int(send_start[o]),
+                      int(to_owner[:me, o].sum())) for o in self._unmapped)
+        recv = tuple((s, int(to_owner[s, me]), int(land_start[s]),
+                      int(to_owner[s, :me].sum())) for s in self._unmapped)
+        return send, recv
+
+    def _send_puts(self, chunks, stride: int):
+        """Puts moving staged send-order rows to the owners' landing rows."""
+        recv_off = self.layout.recv_off
+        return [(o, recv_off + land * stride, start * stride, rows * stride)
+                for o, rows, start, land in chunks]
+
+    def _return_puts(self, chunks, region_off: int, stride: int):
+        """Puts moving staged landing-order rows back to the sources' send-order rows."""
+        return [(s, region_off + send * stride, land * stride, rows * stride)
+                for s, rows, land, send in chunks]
+
+    # ------------------------------------------------------------------ combine and backward
+
+    def _return_and_reduce(self, y_RD, handle, routing, gates_N) -> torch.Tensor:
+        stream = _extension.current_stream(self.device)
+        num_rows = routing.land_row_R.numel()
+        self._before_writing(frozenset({RET}), stream)
+        self._rdep.return_rows(num_rows, y_RD.data_ptr(), y_RD.shape[1] * y_RD.element_size(),
+                               routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
+                               routing.land_row_R.data_ptr(), self._next_epoch(), stream)
+        self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.ret_off,
+                                                  self.layout.ret_stride))
+        out = torch.empty(handle.num_tokens, y_RD.shape[1], dtype=y_RD.dtype, device=self.device)
+        self._rdep.reduce_slots(_DTYPE_CODE[y_RD.dtype], handle.num_tokens, handle.top_k,
+                                y_RD.shape[1], routing.send_pos_N.data_ptr(), _ptr(gates_N),
+                                out.data_ptr(), stream)
+        self._consumed = frozenset({RET})
+        return out
+
+    def combine(
+        self,
+        y_RD: torch.Tensor,
+        handle: DispatchHandle,
+        gates_TK: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See `Dispatcher.combine`; no host synchronisation."""
+        self._check_live()
+        routing = self._routing(handle)
+        y_RD = self._rows("y_RD", y_RD, routing.land_row_R.numel())
+        gates_N = check_gates(gates_TK, handle, self.device).to(torch.float32).contiguous()
+        return self._return_and_reduce(y_RD, handle, routing, gates_N.view(-1))
+
+    def dispatch_backward(self, grad_x_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """See `Dispatcher.dispatch_backward`; no host synchronisation."""
+        self._check_live()
+        routing = self._routing(handle)
+        grad_x_RD = self._rows("grad_x_RD", grad_x_RD, routing.land_row_R.numel(),
+                               hidden=handle.hidden)
+        return self._return_and_reduce(grad_x_RD, handle, routing, None)
+
+    def combine_backward(
+        self,
+        grad_out_TD: torch.Tensor,
+        y_RD: torch.Tensor,
+        handle: DispatchHandle,
+        gates_TK: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `Dispatcher.combine_backward`; no host synchronisation."""
+        self._check_live()
+        routing = self._routing(handle)
+        num_rows = routing.land_row_R.numel()
+        y_RD = self._rows("y_RD", y_RD, num_rows)
+        grad_out_TD = self._rows("grad_out_TD", grad_out_TD, handle.num_tokens,
+                                 hidden=y_RD.shape[1])
+        gates_N = check_gates(gates_TK, handle, self.device).to(torch.float32).contiguous()
+        ids = handle.expert_ids_TK
+        stream = _extension.current_stream(self.device)
+        width = grad_out_TD.shape[1] * grad_out_TD.element_size()
+
+        self._before_writing(frozenset({RECV}), stream)
+        self._rdep.scatter_slots(
+            ids.data_ptr(), True, ids.numel(), handle.top_k, routing.send_pos_N.data_ptr(),
+            routing.land_index_N.data_ptr(), grad_out_TD.data_ptr(), width, width, 0, 0, 0,
+            gates_N.data_ptr(), 0, self._next_epoch(), stream)
+        self._completed(stream, self._send_puts(routing.send_chunks, self.layout.recv_stride))
+        grad_y_RD = torch.empty_like(y_RD)
+        self._rdep.owner_grad(_DTYPE_CODE[y_RD.dtype], _DTYPE_CODE[grad_out_TD.dtype], num_rows,
+                              y_RD.shape[1], y_RD.data_ptr(), routing.src_rank_R.data_ptr(),
+                              routing.ret_index_R.data_ptr(), routing.land_row_R.data_ptr(),
+                              grad_y_RD.data_ptr(), self._next_epoch(), stream)
+        self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.dots_off, 4))
+        grad_gates_TK = torch.empty(handle.num_tokens, handle.top_k, dtype=torch.float32,
+                                    device=self.device)
+        self._rdep.gather_dots(ids.numel(), routing.send_pos_N.data_ptr(),
+                               grad_gates_TK.data_ptr(), stream)
+        self._consumed = frozenset({DOTS})
+        return grad_y_RD, grad_gates_TK
+
+    @classmethod
+    def buffer_size_hint(
+        cls,
+        *,
+        capacity: int,
+        hidden: int,
+        dtype: torch.dtype,
+        world_size: int = 1,
+        max_send_rows: int | None = None,
+        num_experts: int = 256,
+    ) -> int:
+        """Persistent bytes per rank: `BufferLayout.total_bytes` (the count matrix assumes
+        ``num_experts``, 256 by default; it is a few KiB either way). Per-call outputs
+        (``x_RD``, ``gates_R``, index vectors) are allocated by torch on top."""
+        layout = BufferLayout.plan(
+            capacity=capacity, hidden=hidden, dtype=dtype, world_size=world_size,
+            num_experts=num_experts,
+            max_send_rows=capacity if max_send_rows is None else max_send_rows)
+        return layout.total_bytes
