@@ -74,11 +74,14 @@ def test_fused_bf16_matches_torch_backend(case):
         assert results[1][2][3] == x.shape[0] * x.shape[1]
     assert _rel(results[1][0], results[0][0]) < 2e-2, f"forward, seed {seed}"
     names = ["x"] + [n for n, _ in ref.named_parameters()]
+    # A gradient that is zero in exact arithmetic (the router's with top-1: the normalised gate
+    # is x/x = 1) is rounding noise in both paths; the absolute term covers it.
+    scale = max(g.float().norm().item() for g in results[0][1])
     for name, a, b in zip(names, results[1][1], results[0][1], strict=True):
-        if b.abs().max() == 0:
-            assert a.abs().max() == 0, f"{name} should be zero, seed {seed}"
-            continue
-        assert _rel(a, b) < 2e-2, f"grad {name}: rel err {_rel(a, b):.3g}, seed {seed}"
+        err = (a.float() - b.float()).norm().item()
+        assert err <= 2e-2 * b.float().norm().item() + 1e-5 * scale, (
+            f"grad {name}: rel err {_rel(a, b):.3g}, seed {seed}"
+        )
 
 
 def test_fused_is_bitwise_deterministic():

@@ -46,6 +46,21 @@ def test_data_parallel_matches_single_process(tmp_path, data_root):
     assert a[5] < a[1]
 
 
+def test_expert_parallel_matches_single_process(tmp_path, data_root):
+    """Experts split over 2 gloo ranks (nccl backend over gloo) == all experts in one process."""
+    common = ["steps=4", "val_every=4"]
+    single = run_n(_args(data_root, tmp_path, "single", *common), tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ep = run_n(_args(data_root, tmp_path, "ep", *common, "parallel.expert_parallel=all",
+                     "parallel.dispatcher=nccl"), tmp_path, torchrun=2)
+    assert ep.returncode == 0, ep.stderr[-3000:]
+    assert "dispatcher nccl" in ep.stderr
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ep")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 2e-4 * abs(a[step]), (step, a[step], b[step])
+
+
 def test_exact_resume_after_kill(tmp_path, data_root):
     """Kill a run (SIGKILL) after its step-3 checkpoint; the resumed run's per-step losses equal
     an uninterrupted run's bitwise."""

@@ -171,11 +171,15 @@ class Trainer:
         micro = cfg.micro_batch or cfg.global_batch // info.world_size
         self.capacity = micro * cfg.seq_len * cfg.model.moe.n_activated_experts * ep_world
         backend = cfg.parallel.dispatcher if expert_parallel else "local"
+        options: dict = {}
+        if backend in ("ipc", "nvshmem"):  # buffers sized once: widest row and its dtype
+            options = dict(hidden=cfg.model.dim, device=self.device, dtype=(
+                torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32))
         from nmoe_comm import create_dispatcher
 
         self.model.set_dispatchers(lambda layer: create_dispatcher(
             backend, num_experts=layer.num_experts, capacity=self.capacity,
-            world_size=ep_world, rank=ep_rank))
+            world_size=ep_world, rank=ep_rank, **options))
         if cfg.activation_checkpointing:
             self._enable_checkpointing()
 
