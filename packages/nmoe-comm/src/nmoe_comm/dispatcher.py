@@ -276,8 +276,27 @@ class Dispatcher(ABC):
         """
         raise NotImplementedError(f"{cls.__name__} does not define buffer_size_hint")
 
-    def destroy(self) -> None:  # noqa: B027 (optional hook: a backend without resources keeps it)
-        """Release buffers and communication resources. The dispatcher is unusable afterwards."""
+    def destroy(self) -> None:
+        """Release buffers and communication resources. The dispatcher is unusable afterwards
+        (backends with resources extend this and call it)."""
+        self._destroyed = True
+
+    def _check_live(self) -> None:
+        """Raise if `destroy` was called."""
+        if getattr(self, "_destroyed", False):
+            raise RuntimeError(f"this {type(self).__name__} was destroyed; create a new one")
+
+    def _routing(self, handle: object, state_type: type) -> Any:
+        """The backend state of ``handle``, checked to come from this dispatcher's dispatch."""
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
+        state = handle.state
+        if not isinstance(state, state_type) or getattr(state, "dispatcher_id", None) != id(self):
+            raise ValueError(
+                f"handle was not produced by this {type(self).__name__}'s dispatch; pass the "
+                f"handle of the matching dispatch (Dispatched.handle)"
+            )
+        return state
 
     def describe(self) -> str:
         """One line for the start-up report."""

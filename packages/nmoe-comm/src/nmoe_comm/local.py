@@ -109,24 +109,8 @@ class LocalDispatcher(Dispatcher):
         combine_bytes = capacity * hidden * (2 * item + 3 * acc)
         return dispatch_bytes + combine_bytes
 
-    def destroy(self) -> None:
-        """Mark the dispatcher unusable (it holds no buffers)."""
-        self._destroyed = True
 
-    def _check_live(self) -> None:
-        if self._destroyed:
-            raise RuntimeError("this LocalDispatcher was destroyed; create a new one")
 
-    def _routing(self, handle: object) -> LocalRouting:
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
-        state = handle.state
-        if not isinstance(state, LocalRouting) or state.dispatcher_id != id(self):
-            raise ValueError(
-                "handle was not produced by this LocalDispatcher's dispatch; pass the handle of "
-                "the matching dispatch (Dispatched.handle)"
-            )
-        return state
 
     def dispatch(
         self,
@@ -212,7 +196,7 @@ class LocalDispatcher(Dispatcher):
     ) -> torch.Tensor:
         """See `Dispatcher.combine`; float64 rows accumulate in float64."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, LocalRouting)
         y_RD = check_rows("y_RD", y_RD, routing.slot_of_row_R.numel(),
                           device=routing.slot_of_row_R.device)
         gates_TK = check_gates(gates_TK, handle, y_RD.device)
@@ -221,7 +205,7 @@ class LocalDispatcher(Dispatcher):
     def dispatch_backward(self, grad_x_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """See `Dispatcher.dispatch_backward`."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, LocalRouting)
         grad_x_RD = check_rows("grad_x_RD", grad_x_RD, routing.slot_of_row_R.numel(),
                                hidden=handle.hidden, device=routing.slot_of_row_R.device)
         return self._sum_slots(grad_x_RD, routing, None)
@@ -235,7 +219,7 @@ class LocalDispatcher(Dispatcher):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See `Dispatcher.combine_backward`; ``grad_gates`` is float64 for float64 rows."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, LocalRouting)
         device = routing.slot_of_row_R.device
         y_RD = check_rows("y_RD", y_RD, routing.slot_of_row_R.numel(), device=device)
         grad_out_TD = check_tensor("grad_out_TD", grad_out_TD, ndim=2, device=device)

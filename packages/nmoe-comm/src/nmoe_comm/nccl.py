@@ -151,24 +151,8 @@ class NcclDispatcher(Dispatcher):
         combine_bytes = capacity * row + send * row + send * hidden * (item + 3 * acc)
         return dispatch_bytes + combine_bytes
 
-    def destroy(self) -> None:
-        """Mark the dispatcher unusable (it keeps no buffers; the group stays the caller's)."""
-        self._destroyed = True
 
-    def _check_live(self) -> None:
-        if self._destroyed:
-            raise RuntimeError("this NcclDispatcher was destroyed; create a new one")
 
-    def _routing(self, handle: object) -> NcclRouting:
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
-        state = handle.state
-        if not isinstance(state, NcclRouting) or state.dispatcher_id != id(self):
-            raise ValueError(
-                "handle was not produced by this NcclDispatcher's dispatch; pass the handle of "
-                "the matching dispatch (Dispatched.handle)"
-            )
-        return state
 
     def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]):
         """Rows of ``send`` (split by ``send_splits`` over the owners) -> received rows."""
@@ -335,7 +319,7 @@ class NcclDispatcher(Dispatcher):
     ) -> torch.Tensor:
         """See `Dispatcher.combine`; no host synchronisation."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, NcclRouting)
         y_RD = self._checked_rows("y_RD", y_RD, routing)
         gates_TK = check_gates(gates_TK, handle, y_RD.device)
         return self._sum_slots(self._return_rows(y_RD, routing), routing, gates_TK)
@@ -343,7 +327,7 @@ class NcclDispatcher(Dispatcher):
     def dispatch_backward(self, grad_x_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """See `Dispatcher.dispatch_backward`; no host synchronisation."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, NcclRouting)
         grad_x_RD = self._checked_rows("grad_x_RD", grad_x_RD, routing, hidden=handle.hidden)
         return self._sum_slots(self._return_rows(grad_x_RD, routing), routing, None)
 
@@ -356,7 +340,7 @@ class NcclDispatcher(Dispatcher):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See `Dispatcher.combine_backward`; no host synchronisation."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, NcclRouting)
         y_RD = self._checked_rows("y_RD", y_RD, routing)
         device = y_RD.device
         grad_out_TD = check_tensor("grad_out_TD", grad_out_TD, ndim=2,

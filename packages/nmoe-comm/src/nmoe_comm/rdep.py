@@ -273,20 +273,7 @@ class RdepDispatcher(Dispatcher):
 
     # -------------------------------------------------------------------------------- checks
 
-    def _check_live(self) -> None:
-        if self._destroyed:
-            raise RuntimeError(f"this {type(self).__name__} was destroyed; create a new one")
 
-    def _routing(self, handle: object) -> RdepRouting:
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
-        state = handle.state
-        if not isinstance(state, RdepRouting) or state.dispatcher_id != id(self):
-            raise ValueError(
-                f"handle was not produced by this {type(self).__name__}'s dispatch; pass the "
-                f"handle of the matching dispatch (Dispatched.handle)"
-            )
-        return state
 
     def _rows(self, name: str, rows: object, count: int, hidden: int | None = None):
         rows = check_rows(name, rows, count, hidden=hidden, device=self.device)
@@ -468,7 +455,7 @@ class RdepDispatcher(Dispatcher):
     ) -> torch.Tensor:
         """See `Dispatcher.combine`; no host synchronisation."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, RdepRouting)
         y_RD = self._rows("y_RD", y_RD, routing.land_row_R.numel())
         gates_N = check_gates(gates_TK, handle, self.device).to(torch.float32).contiguous()
         return self._return_and_reduce(y_RD, handle, routing, gates_N.view(-1))
@@ -476,7 +463,7 @@ class RdepDispatcher(Dispatcher):
     def dispatch_backward(self, grad_x_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """See `Dispatcher.dispatch_backward`; no host synchronisation."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, RdepRouting)
         grad_x_RD = self._rows("grad_x_RD", grad_x_RD, routing.land_row_R.numel(),
                                hidden=handle.hidden)
         return self._return_and_reduce(grad_x_RD, handle, routing, None)
@@ -490,7 +477,7 @@ class RdepDispatcher(Dispatcher):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """See `Dispatcher.combine_backward`; no host synchronisation."""
         self._check_live()
-        routing = self._routing(handle)
+        routing = self._routing(handle, RdepRouting)
         num_rows = routing.land_row_R.numel()
         y_RD = self._rows("y_RD", y_RD, num_rows)
         grad_out_TD = self._rows("grad_out_TD", grad_out_TD, handle.num_tokens,
