@@ -35,23 +35,6 @@ bool decode_dtype(const DLDataType& dt, ScalarType* out) {
   }
 }
 
-int64_t element_size(ScalarType type) {
-  switch (type) {
-    case ScalarType::kUInt8:
-    case ScalarType::kFloat8E4M3FN:
-      return 1;
-    case ScalarType::kFloat16:
-    case ScalarType::kBFloat16:
-      return 2;
-    case ScalarType::kInt32:
-    case ScalarType::kFloat32:
-      return 4;
-    case ScalarType::kInt64:
-      return 8;
-  }
-  return 1;
-}
-
 std::string join(const std::vector<int64_t>& values) {
   std::ostringstream out;
   for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];

@@ -109,9 +109,6 @@ class LocalDispatcher(Dispatcher):
         combine_bytes = capacity * hidden * (2 * item + 3 * acc)
         return dispatch_bytes + combine_bytes
 
-
-
-
     def dispatch(
         self,
         x_TD: torch.Tensor,

@@ -151,9 +151,6 @@ class NcclDispatcher(Dispatcher):
         combine_bytes = capacity * row + send * row + send * hidden * (item + 3 * acc)
         return dispatch_bytes + combine_bytes
 
-
-
-
     def _all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]):
         """Rows of ``send`` (split by ``send_splits`` over the owners) -> received rows."""
         recv = send.new_empty((sum(recv_splits), *send.shape[1:]))

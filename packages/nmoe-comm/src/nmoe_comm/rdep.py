@@ -273,8 +273,6 @@ class RdepDispatcher(Dispatcher):
 
     # -------------------------------------------------------------------------------- checks
 
-
-
     def _rows(self, name: str, rows: object, count: int, hidden: int | None = None):
         rows = check_rows(name, rows, count, hidden=hidden, device=self.device)
         if rows.dtype not in ROW_DTYPES:

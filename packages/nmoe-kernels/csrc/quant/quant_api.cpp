@@ -28,6 +28,32 @@ void check_fp8(const TensorView& t) {
   t.check_dtype({ScalarType::kFloat8E4M3FN, ScalarType::kUInt8});
 }
 
+// The outputs of an op that writes FP8 [num_rows, num_cols] with one fp32 scale per 1x128 block:
+// checks both against `like` and returns the scales' leading dimension (rows, or rows rounded up
+// to the TMA alignment for the MN-major layout).
+int64_t check_fp8_1x128_outputs(const TensorView& out_fp8, const TensorView& scales,
+                                const TensorView& like, int64_t num_rows, int64_t num_cols,
+                                bool scales_mn_major) {
+  check_fp8(out_fp8);
+  out_fp8.check_same_device(like);
+  out_fp8.check_shape({num_rows, num_cols});
+  out_fp8.check_contiguous();
+  out_fp8.check_aligned(16);
+
+  const int64_t num_blocks = num_cols / kBlockK;
+  scales.check_dtype({ScalarType::kFloat32});
+  scales.check_same_device(like);
+  const int64_t scales_ld = (num_rows + kTmaAlignFloats - 1) / kTmaAlignFloats * kTmaAlignFloats;
+  if (scales_mn_major) {
+    scales.check_shape({num_blocks, scales_ld});
+  } else {
+    scales.check_shape({num_rows, num_blocks});
+  }
+  scales.check_contiguous();
+  scales.check_aligned(4);
+  return scales_ld;
+}
+
 void quantize_fp8_1x128(const py::object& x_capsule, const py::object& x_fp8_capsule,
                         const py::object& scales_capsule, bool ue8m0, bool scales_mn_major,
                         std::uintptr_t stream) {
@@ -42,24 +68,9 @@ void quantize_fp8_1x128(const py::object& x_capsule, const py::object& x_fp8_cap
   x.check_contiguous();
   x.check_aligned(16);
   const int64_t num_rows = x.size(0);
-  const int64_t num_blocks = num_col_blocks(x);
-
-  check_fp8(x_fp8);
-  x_fp8.check_same_device(x);
-  x_fp8.check_shape({num_rows, x.size(1)});
-  x_fp8.check_contiguous();
-  x_fp8.check_aligned(16);
-
-  scales.check_dtype({ScalarType::kFloat32});
-  scales.check_same_device(x);
-  const int64_t scales_ld = (num_rows + kTmaAlignFloats - 1) / kTmaAlignFloats * kTmaAlignFloats;
-  if (scales_mn_major) {
-    scales.check_shape({num_blocks, scales_ld});
-  } else {
-    scales.check_shape({num_rows, num_blocks});
-  }
-  scales.check_contiguous();
-  scales.check_aligned(4);
+  num_col_blocks(x);  // K % 128 == 0, with a clear error
+  const int64_t scales_ld =
+      check_fp8_1x128_outputs(x_fp8, scales, x, num_rows, x.size(1), scales_mn_major);
 
 #if NMOE_WITH_CUDA
   launch_fp8_quant_1x128(x.data(), x.dtype() == ScalarType::kBFloat16, x_fp8.data(),
@@ -191,24 +202,9 @@ void swiglu_quantize_fp8_1x128(const py::object& h_capsule, const py::object& y_
   }
   const int64_t num_rows = h.size(0);
   const int64_t num_features = h.size(1) / 2;
-  const int64_t num_blocks = num_features / kBlockK;
 
-  check_fp8(y_fp8);
-  y_fp8.check_same_device(h);
-  y_fp8.check_shape({num_rows, num_features});
-  y_fp8.check_contiguous();
-  y_fp8.check_aligned(16);
-
-  scales.check_dtype({ScalarType::kFloat32});
-  scales.check_same_device(h);
-  const int64_t scales_ld = (num_rows + kTmaAlignFloats - 1) / kTmaAlignFloats * kTmaAlignFloats;
-  if (scales_mn_major) {
-    scales.check_shape({num_blocks, scales_ld});
-  } else {
-    scales.check_shape({num_rows, num_blocks});
-  }
-  scales.check_contiguous();
-  scales.check_aligned(4);
+  const int64_t scales_ld =
+      check_fp8_1x128_outputs(y_fp8, scales, h, num_rows, num_features, scales_mn_major);
 
 #if NMOE_WITH_CUDA
   launch_swiglu_quant_fp8_1x128(h.data(), h.dtype() == ScalarType::kBFloat16, y_fp8.data(),
