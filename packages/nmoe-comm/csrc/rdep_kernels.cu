@@ -573,13 +573,28 @@ int grid_for_rows(int64_t rows, int sm_count) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 4LL * sm_count)));
 }
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, int64_t bytes, const char* op) {
-  if (bytes > 48 * 1024) {
-    NMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(bytes)),
-                    op);
+// Raises a kernel's dynamic shared memory limit when `bytes` needs it. The default limit is
+// 48 KiB minus the kernel's static shared memory, so the static part counts too (route_plan has
+// 12 KiB of it: comparing only the dynamic bytes against 48 KiB failed on 4 ranks x 256 experts).
+// The limit is raised per device and only when a larger size comes, so launches skip the call.
+template <auto kKernel>
+void allow_smem(int64_t bytes, const char* op) {
+  constexpr int kMaxDevices = 64;
+  static int64_t static_bytes = -1;
+  static int64_t raised[kMaxDevices] = {};
+  if (static_bytes < 0) {
+    cudaFuncAttributes attr{};
+    NMOE_CUDA_CHECK(cudaFuncGetAttributes(&attr, kKernel), op);
+    static_bytes = static_cast<int64_t>(attr.sharedSizeBytes);
   }
+  if (bytes + static_bytes <= 48 * 1024) return;
+  int device = 0;
+  NMOE_CUDA_CHECK(cudaGetDevice(&device), op);
+  if (device >= 0 && device < kMaxDevices && raised[device] >= bytes) return;
+  NMOE_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes)),
+                  op);
+  if (device >= 0 && device < kMaxDevices) raised[device] = bytes;
 }
 
 int64_t p1_offset(const Payload& p0) { return (p0.bytes + 15) / 16 * 16; }
@@ -609,12 +624,12 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
   int64_t smem = 0;
   const int warps = route_plan_warps(g.num_experts, g.world, &smem);
   if (ids_int64) {
-    allow_smem(route_plan_kernel<int64_t>, smem, "route_plan");
+    allow_smem<route_plan_kernel<int64_t>>(smem, "route_plan");
     route_plan_kernel<int64_t><<<1, kRouteThreads, smem, stream>>>(
         g, static_cast<const int64_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
         counts_E, info, flags, epoch);
   } else {
-    allow_smem(route_plan_kernel<int32_t>, smem, "route_plan");
+    allow_smem<route_plan_kernel<int32_t>>(smem, "route_plan");
     route_plan_kernel<int32_t><<<1, kRouteThreads, smem, stream>>>(
         g, static_cast<const int32_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
         counts_E, info, flags, epoch);
@@ -644,7 +659,7 @@ void launch_unpack(const Layout& g, int64_t num_rows, char* out0, int64_t bytes0
                    int32_t* land_row_R, int sm_count, cudaStream_t stream) {
   if (num_rows == 0) return;
   const int64_t smem = (2LL * g.num_experts + 2LL * g.world) * 4;
-  allow_smem(unpack_kernel, smem, "unpack");
+  allow_smem<unpack_kernel>(smem, "unpack");
   const Payload p0{nullptr, 0, bytes0};
   unpack_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, smem, stream>>>(
       g, num_rows, out0, bytes0, out1, bytes1, p1_offset(p0), gates_R, src_rank_R, ret_index_R,

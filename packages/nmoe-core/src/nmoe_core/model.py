@@ -131,10 +131,19 @@ class Transformer(nn.Module):
         seed: initialisation seed. Initialisation depends only on ``(cfg, seed)``: every tensor
             draws from its own generator keyed by its name (experts by their global id), so the
             result is the same on any device, rank layout or global RNG state.
+        init: run `init_weights`. ``False`` leaves torch's default initialisation, for callers
+            that load every weight right after (checkpoint loading builds the model under
+            ``torch.device("cuda")`` this way instead of drawing billions of values on the CPU).
     """
 
     def __init__(
-        self, cfg: ModelConfig, *, ep_rank: int = 0, ep_world_size: int = 1, seed: int = 0
+        self,
+        cfg: ModelConfig,
+        *,
+        ep_rank: int = 0,
+        ep_world_size: int = 1,
+        seed: int = 0,
+        init: bool = True,
     ):
         super().__init__()
         self.cfg = cfg
@@ -150,7 +159,8 @@ class Transformer(nn.Module):
         # Bytes of softmax probabilities the loss may keep from forward to backward instead of
         # recomputing the logits (`nmoe_core.loss`); a memory/speed trade set by the runtime.
         self.loss_keep_bytes = 0
-        self.init_weights(seed)
+        if init:
+            self.init_weights(seed)
 
     # ----------------------------------------------------------------------------------------
     # Initialisation (inventory 2.2)

@@ -162,7 +162,10 @@ def load_checkpoint(
     if "model" not in config:
         raise ValueError(f"{step_dir}/meta.json has no config.model; not an nmoe-train checkpoint")
     model_cfg = ModelConfig.model_validate(config["model"])
-    model = Transformer(model_cfg)
+    # Every weight comes from the checkpoint: build on the target device and skip the seeded
+    # initialisation (it draws on the CPU; minutes for a multi-billion-parameter model).
+    with torch.device(device):
+        model = Transformer(model_cfg, init=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{step_dir}: weights do not match config.model (missing {missing}, "
