@@ -17,10 +17,16 @@ Rows:
 - ``mlp_fwd_fp8``: quantize_fp8_1x128 (CUDA) + fused W13 + W2 FP8 GEMM vs the BF16 torch path
   (``torch._grouped_mm`` W13, silu(gate) * up, ``torch._grouped_mm`` W2).
 - ``deepgemm_shape``: `grouped_gemm_fp8_blockscaled` vs ``torch._scaled_grouped_mm``.
+- With ``--clusters 1x1,2x2,1x2o,...``: the same GEMMs (``w13_fp8``, ``w13_swiglu_quant_fp8``,
+  ``deepgemm_shape``) once more per listed kernel variant -- cluster shape (CTAs along M x along
+  N; the kernel's TMA multicast setting), suffix ``o`` for the overlapped-promotion mainloop --
+  as rows ``<op>[c<variant>]``, timed in the same run as the default kernel.
 
-Time is the median of CUDA-event timings after warm-up; inputs are random (never zeros) and far
-larger than L2. TFLOP/s counts 2 * M * K * N per GEMM. JSON rows carry op, shape, dtype, time,
-TFLOP/s, baseline, ratio, device name, torch, CUDA and driver versions.
+Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
+(launch overhead hidden, as in triton's do_bench; before 2026-11-26 each call was timed after a
+sync, which counted the host wrapper's launch overhead as GPU time); inputs are random (never
+zeros) and far larger than L2. TFLOP/s counts 2 * M * K * N per GEMM. JSON rows carry op,
+shape, dtype, time, TFLOP/s, baseline, ratio, device name, torch, CUDA and driver versions.
 """
 
 from __future__ import annotations
@@ -45,19 +51,43 @@ MOE_SHAPES = {
 DEEPGEMM_SHAPE = (4, 8192, 4096, 7168)  # groups, rows per group, N, K
 
 
+def cuda_quantizer_available() -> bool:
+    """Whether nmoe_kernels' CUDA extension (quantize_fp8_1x128) is built and loads."""
+    try:
+        from nmoe_kernels import _C
+
+        return bool(_C.WITH_CUDA)
+    except (ImportError, AttributeError):
+        return False
+
+
+HAVE_CUDA_QUANT = cuda_quantizer_available()
+
+
+def quantize_1x128(x: torch.Tensor):
+    """FP8 1x128 quantization with MN-major scales (CUDA kernel, else the torch reference)."""
+    if HAVE_CUDA_QUANT:
+        return nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+    return ref.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+
+
 def median_ms(fn, iters: int = 20, warmup: int = 5) -> float:
+    """Median GPU time of ``fn`` from CUDA events around each call, the calls enqueued back to
+    back (one sync at the end, as triton's do_bench): host-side launch overhead overlaps the
+    previous call's kernels instead of being timed as idle GPU time."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(iters)
+    ]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def routed_offsets(num_tokens: int, top_k: int, num_experts: int, gen) -> torch.Tensor:
@@ -95,7 +125,47 @@ def scaled_grouped_mm(xq_row, x_scale, w_row_ENK, w_scale_EN, ends):
     )
 
 
+def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
+    """A callable launching the low-level kernel compiled for ``variant`` = "<M>x<N>[o]"."""
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    num_rows, k = xq.shape
+    num_experts, n, _ = wq.shape
+    aligned = (num_rows + 3) // 4 * 4
+    if epilogue == "bf16":
+        out = torch.empty(num_rows, n, dtype=torch.bfloat16, device="cuda")
+        out_sf = out
+    else:
+        out = torch.empty(num_rows, n // 2, dtype=torch.float8_e4m3fn, device="cuda")
+        out_sf = torch.empty(n // 2 // 128, aligned, device="cuda")
+    overlap = variant.endswith("o")
+    cluster = tuple(int(v) for v in variant.rstrip("o").split("x"))
+    compiled = g.compile_kernel(epilogue, False, cluster=cluster, overlap=overlap)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    ptrs = [t.data_ptr() for t in (xq, xs, wq, ws, out, out_sf, offsets)]
+
+    def run():
+        g.launch(
+            compiled, epilogue, *ptrs, num_rows, n, k, num_experts, aligned, num_sms,
+            torch.cuda.current_stream().cuda_stream, cluster=cluster,
+        )  # fmt: skip
+
+    return run
+
+
+def cluster_rows(op, epilogue, clusters, operands, shape, flops, base_name, base_ms, env):
+    rows = []
+    for variant in clusters:
+        fn = cluster_variant(epilogue, variant, *operands)
+        ms = median_ms(fn)
+        name = f"{op}[c{variant}]"
+        rows.append(row(name, shape, ms, flops, base_name, base_ms, env))
+    return rows
+
+
 def row(op, shape, ms, flops, baseline, baseline_ms, env):
+    ratio = f"{baseline_ms / ms:.2f}x" if baseline_ms else "n/a"
+    print(f"  {op}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s, {ratio} of baseline", flush=True)
     return dict(
         op=op,
         shape=shape,
@@ -110,13 +180,13 @@ def row(op, shape, ms, flops, baseline, baseline_ms, env):
     )
 
 
-def bench_moe(name: str, env: dict, gen) -> list[dict]:
+def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
     num_tokens, top_k, d, f, num_experts = MOE_SHAPES[name]
     offsets = routed_offsets(num_tokens, top_k, num_experts, gen).cuda()
     ends = offsets[1:].contiguous()
     num_rows = num_tokens * top_k
     x = torch.randn(num_rows, d, device="cuda", dtype=torch.bfloat16)
-    xq, xs = nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+    xq, xs = quantize_1x128(x)
     w13, w13q, w13s, w13_row, w13_row_scale = quantized_weights(num_experts, 2 * f, d)
     w2, w2q, w2s, _, _ = quantized_weights(num_experts, d, f)
     xq_row, x_row_scale = rowwise_quant(x)
@@ -137,6 +207,11 @@ def bench_moe(name: str, env: dict, gen) -> list[dict]:
     rows.append(row("w13_fp8", shape, ms, w13_flops, base_name, base_ms, env))
     ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_swiglu_quant(xq, xs, w13q, w13s, offsets))
     rows.append(row("w13_swiglu_quant_fp8", shape, ms, w13_flops, base_name, base_ms, env))
+    operands = (xq, xs, w13q, w13s, offsets)
+    for op, epilogue in (("w13_fp8", "bf16"), ("w13_swiglu_quant_fp8", "swiglu_quant")):
+        rows += cluster_rows(
+            op, epilogue, clusters, operands, shape, w13_flops, base_name, base_ms, env
+        )
 
     def fp8_mlp():
         q, s = nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
@@ -151,6 +226,9 @@ def bench_moe(name: str, env: dict, gen) -> list[dict]:
         a = F.silu(h[:, 0::2]) * h[:, 1::2]
         return torch._grouped_mm(a, w2_EKN, offs=ends)
 
+    if not HAVE_CUDA_QUANT:
+        print(f"  {name}: mlp_fwd_fp8 left out (nmoe_kernels._C not built)")
+        return rows
     try:
         bf16_ms = median_ms(bf16_mlp)
     except Exception as err:
@@ -171,12 +249,12 @@ def bench_moe(name: str, env: dict, gen) -> list[dict]:
     return rows
 
 
-def bench_deepgemm(env: dict) -> list[dict]:
+def bench_deepgemm(env: dict, clusters=()) -> list[dict]:
     groups, rows_per_group, n, k = DEEPGEMM_SHAPE
     num_rows = groups * rows_per_group
     offsets = torch.arange(0, num_rows + 1, rows_per_group, dtype=torch.int32, device="cuda")
     x = torch.randn(num_rows, k, device="cuda", dtype=torch.bfloat16)
-    xq, xs = nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
+    xq, xs = quantize_1x128(x)
     _, wq, ws, w_row, w_row_scale = quantized_weights(groups, n, k)
     xq_row, x_row_scale = rowwise_quant(x)
     flops = 2 * num_rows * n * k
@@ -190,7 +268,12 @@ def bench_deepgemm(env: dict) -> list[dict]:
     ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets))
     shape = dict(groups=groups, rows_per_group=rows_per_group, N=n, K=k)
     base_name = "torch._scaled_grouped_mm rowwise"
-    return [row("deepgemm_shape", shape, ms, flops, base_name, base_ms, env)]
+    rows = [row("deepgemm_shape", shape, ms, flops, base_name, base_ms, env)]
+    operands = (xq, xs, wq, ws, offsets)
+    rows += cluster_rows(
+        "deepgemm_shape", "bf16", clusters, operands, shape, flops, base_name, base_ms, env
+    )
+    return rows
 
 
 def driver_version() -> str:
@@ -214,20 +297,34 @@ def main() -> None:
         default="super,moonlight,dsv3-local,deepgemm",
         help="comma-separated subset of super,moonlight,dsv3-local,deepgemm",
     )
+    parser.add_argument(
+        "--clusters",
+        default="",
+        help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o (CTAs along M x along N; "
+        "o: overlapped promotion)",
+    )
     args = parser.parse_args()
+    clusters = [c for c in args.clusters.split(",") if c]
     env = dict(
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
         cuda=torch.version.cuda,
         driver=driver_version(),
     )
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    resident = {size: g._max_active_clusters(size, torch.cuda.current_device()) for size in (2, 4)}
+    print(f"{num_sms} SMs; co-resident clusters of 2 / 4 CTAs: {resident[2]} / {resident[4]}")
+    if g._probe_error:
+        print(f"  occupancy query failed: {g._probe_error}")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
         if name == "deepgemm":
-            rows += bench_deepgemm(env)
+            rows += bench_deepgemm(env, clusters)
         else:
-            rows += bench_moe(name, env, gen)
+            rows += bench_moe(name, env, gen, clusters)
         torch.cuda.empty_cache()
 
     print(
@@ -235,7 +332,7 @@ def main() -> None:
         f"driver {env['driver']}"
     )
     print(
-        f"{'op':<22}{'shape':<44}{'ms':>9}{'TFLOP/s':>9}{'base ms':>9}{'base TF':>9}{'ratio':>7}"
+        f"{'op':<28}{'shape':<44}{'ms':>9}{'TFLOP/s':>9}{'base ms':>9}{'base TF':>9}{'ratio':>7}"
     )
     for r in rows:
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
@@ -243,7 +340,7 @@ def main() -> None:
             base = f"{r['baseline_ms']:9.3f}{r['baseline_tflops']:9.1f}{r['ratio']:7.2f}"
         else:
             base = f"{'n/a':>9}{'n/a':>9}{'n/a':>7}"
-        print(f"{r['op']:<22}{shape:<44}{r['time_ms']:9.3f}{r['tflops']:9.1f}{base}")
+        print(f"{r['op']:<28}{shape:<44}{r['time_ms']:9.3f}{r['tflops']:9.1f}{base}")
     print("baselines: w13_* and deepgemm_shape vs torch._scaled_grouped_mm (rowwise scales); "
           "mlp_fwd_fp8 vs bf16 torch._grouped_mm W13 + silu*up + W2")
     if args.json:

@@ -2,7 +2,8 @@
 
 Each kernel is compiled with all shapes symbolic and its PTX is checked for the instructions the
 design depends on: FP8 wgmma m64n128k32 with fp32 accumulators (4 per 128-deep K block), two
-TMA tile loads per stage (A 2-D, B 3-D over experts; the scales are plain loads), warpgroup register
+TMA tile loads per stage (A 2-D, B 3-D over experts; the scales are plain loads) that multicast to
+the cluster exactly when the cluster shares that operand (A along N, B along M), warpgroup register
 reallocation, no local-memory spills, and in the fused epilogue the IEEE scale division and
 reciprocal of the reference rule, quad shuffles for the row amax, saturating RNE E4M3 packing and
 (with UE8M0) the integer round-up of the scale. Also: the FP8 weight re-layout helper is a
@@ -21,10 +22,13 @@ from nmoe_kernels import reference as ref
 pytest.importorskip("cutlass")
 
 
-def compiled_ptx(epilogue: str, ue8m0: bool, ptx_dir) -> str:
+def compiled_ptx(epilogue: str, ue8m0: bool, ptx_dir, cluster=None, overlap=None) -> str:
     from nmoe_kernels.cute.grouped_gemm_fp8 import compile_kernel
 
-    return compile_kernel(epilogue, ue8m0, ptx_dir=str(ptx_dir)).artifacts.PTX
+    compiled = compile_kernel(
+        epilogue, ue8m0, ptx_dir=str(ptx_dir), cluster=cluster, overlap=overlap
+    )
+    return compiled.artifacts.PTX
 
 
 def count(pattern: str, text: str) -> int:
@@ -32,16 +36,42 @@ def count(pattern: str, text: str) -> int:
 
 
 @pytest.mark.parametrize(
-    ("epilogue", "ue8m0"),
-    [("bf16", False), ("swiglu_quant", False), ("swiglu_quant", True)],
+    ("epilogue", "ue8m0", "cluster", "overlap"),
+    [
+        ("bf16", False, None, None),
+        ("bf16", False, (1, 1), False),
+        ("bf16", False, (2, 2), False),
+        ("bf16", False, (1, 2), True),
+        ("swiglu_quant", False, None, None),
+        ("swiglu_quant", True, None, None),
+        ("swiglu_quant", False, (2, 1), True),
+    ],
 )
-def test_kernel_compiles_for_sm90a(epilogue, ue8m0, tmp_path):
-    ptx = compiled_ptx(epilogue, ue8m0, tmp_path)
+def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, tmp_path):
+    from nmoe_kernels.cute.grouped_gemm_fp8 import kernel_config
+
+    config = kernel_config(epilogue, ue8m0, cluster, overlap)
+    ptx = compiled_ptx(epilogue, ue8m0, tmp_path, cluster, overlap)
     assert ".target sm_90a" in ptx
-    assert count(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3", ptx) == 4
-    assert count(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx) == 1  # promotion after each block
-    assert count(r"cp\.async\.bulk\.tensor\.2d\.shared::cta\.global", ptx) == 1  # A [M, K]
-    assert count(r"cp\.async\.bulk\.tensor\.3d\.shared::cta\.global", ptx) == 1  # B [E, N, K]
+    wgmma = r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3"
+    if config.overlap:
+        # 4 wgmma per block; blocks issued at 4 sites (first, loop x 2, even-count tail), each
+        # followed by wait_group 1 except the first; wait_group 0 before the last promotion
+        assert count(wgmma, ptx) == 16
+        assert count(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx) == 3
+        assert count(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx) == 2
+    else:
+        assert count(wgmma, ptx) == 4
+        assert count(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx) == 1  # promote per block
+    local = r"\.shared::cta\.global\.tile\.mbarrier::complete_tx::bytes\.L2"
+    mcast = r"\.shared::cluster\.global\.tile\.mbarrier::complete_tx::bytes\.multicast::cluster"
+    a_load = mcast if config.cluster_n > 1 else local  # A [M, K]
+    b_load = mcast if config.cluster_m > 1 else local  # B [E, N, K]
+    assert count(r"cp\.async\.bulk\.tensor\.2d" + a_load, ptx) == 1
+    assert count(r"cp\.async\.bulk\.tensor\.3d" + b_load, ptx) == 1
+    assert count(r"cp\.async\.bulk\.tensor", ptx) == 2
+    # a consumer releases a stage to the other CTAs of the cluster through mapa'd barriers
+    assert (count(r"mapa\.shared::cluster", ptx) >= 1) == (config.cluster_size > 1)
     assert count(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40", ptx) == 1
     assert count(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232", ptx) == 1
     assert ".local" not in ptx, "register spills to local memory"
@@ -73,19 +103,25 @@ def test_grid_size_bounds_the_tile_count():
     """grid_size never exceeds the tiles of any segmentation (or the SM count)."""
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
-    config = g.kernel_config("bf16")
     gen = torch.Generator().manual_seed(torch.seed())
-    for _ in range(200):
-        num_experts = int(torch.randint(1, 40, (1,), generator=gen))
-        counts = torch.randint(0, 400, (num_experts,), generator=gen)
-        pad = int(torch.randint(0, 200, (1,), generator=gen))
-        num_rows = int(counts.sum()) + pad
-        n = 128 * int(torch.randint(1, 5, (1,), generator=gen))
-        tiles = sum((int(c) + config.tile_m - 1) // config.tile_m for c in [*counts, pad])
-        tiles *= n // config.tile_n
-        grid = g.grid_size(num_rows, n, num_experts, config, 10**9)
-        assert grid >= max(tiles, 1)  # every tile gets a CTA when SMs are plenty
-        assert g.grid_size(num_rows, n, num_experts, config, 132) <= 132
+    for cluster in [(1, 1), (1, 2), (2, 1), (2, 2)]:
+        config = g.kernel_config("bf16", cluster=cluster)
+        for _ in range(100):
+            num_experts = int(torch.randint(1, 40, (1,), generator=gen))
+            counts = torch.randint(0, 400, (num_experts,), generator=gen)
+            pad = int(torch.randint(0, 200, (1,), generator=gen))
+            num_rows = int(counts.sum()) + pad
+            n = 128 * int(torch.randint(1, 5, (1,), generator=gen))
+            rows = config.tile_m * config.cluster_m
+            tiles = sum((int(c) + rows - 1) // rows for c in [*counts, pad])
+            tiles *= -(-(n // config.tile_n) // config.cluster_n)  # cluster tiles along N
+            grid = g.grid_size(num_rows, n, num_experts, config, 10**9)
+            # every cluster tile gets a cluster when SMs are plenty; whole clusters only
+            assert grid >= max(tiles, 1) * config.cluster_size
+            assert grid % config.cluster_size == 0
+            assert g.grid_size(num_rows, n, num_experts, config, 132) <= 132
+            capped = g.grid_size(num_rows, n, num_experts, config, 132, 30)
+            assert capped <= 30 * config.cluster_size
 
 
 def test_fp8_weights_to_nk_is_the_transposed_quantization(torch_seed):

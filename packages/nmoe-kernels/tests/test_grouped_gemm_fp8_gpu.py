@@ -23,6 +23,8 @@ every 128 K into fp32; the reference accumulates in fp32, error ~K * 2^-24). So:
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -258,3 +260,69 @@ def test_fp8_expert_mlp_chains_w13_into_w2(torch_seed):
     y64, bound = float64_gemm(aq, a_s, w2q, w2s, offsets)
     assert ((y.double() - y64).abs() <= 2.0**-8 * y64.abs() + 2.0**-11 * bound).all()
     assert callable(nmoe_kernels.grouped_gemm_fp8_swiglu_quant)
+
+
+# (cluster (CTAs along M, N), overlapped promotion)
+VARIANTS = [((1, 1), False), ((1, 2), False), ((2, 1), False), ((2, 2), False), ((1, 1), True),
+            ((1, 2), True), ((2, 2), True)]  # fmt: skip
+
+
+@functools.cache
+def compiled_variant(epilogue, cluster, overlap):
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    return g.compile_kernel(epilogue, False, cluster=cluster, overlap=overlap)
+
+
+def run_cluster_variant(epilogue, cluster, xq, xs, wq, ws, offsets, overlap=False):
+    """Launch the kernel compiled for ``cluster`` (CTAs along M, N) and ``overlap`` on poisoned
+    outputs."""
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    num_rows, k = xq.shape
+    num_experts, n, _ = wq.shape
+    aligned = (num_rows + 3) // 4 * 4
+    if epilogue == "bf16":
+        out = torch.full((num_rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        out_sf = out
+    else:
+        out, out_sf = poisoned_swiglu_out(num_rows, n // 2)
+    compiled = compiled_variant(epilogue, cluster, overlap)
+    g.launch(
+        compiled, epilogue, xq.data_ptr(), xs.data_ptr(), wq.data_ptr(), ws.data_ptr(),
+        out.data_ptr(), out_sf.data_ptr(), offsets.data_ptr(), num_rows, n, k, num_experts,
+        aligned, torch.cuda.get_device_properties(0).multi_processor_count,
+        torch.cuda.current_stream().cuda_stream, cluster=cluster,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    return out.view(torch.int16) if epilogue == "bf16" else (out.view(torch.uint8), out_sf)
+
+
+@pytest.mark.parametrize("epilogue", ["bf16", "swiglu_quant"])
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
+    """Every cluster shape (TMA multicast of A along N, of B along M; CTA tiles past a segment or
+    past N when the cluster tile overhangs) and the overlapped-promotion mainloop write the same
+    bits as the one-CTA kernel: each output row sees the same wgmma K blocks and promotion
+    arithmetic in the same order. N is 3 tiles (odd), so a cluster along N has a CTA tile past
+    N; K is 5 blocks at E <= 32 (odd: the overlapped loop's tail) and 4 at E = 256 (even). The
+    one-CTA bf16 kernel is checked against float64.
+    """
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts, pad = segment_counts(case, gen)
+    k = 512 if case == "E256_random" else 640
+    n = 384 if epilogue == "bf16" else 768  # 3 CTA tiles along N either way
+    xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
+    want = run_cluster_variant(epilogue, (1, 1), xq, xs, wq, ws, offsets)
+    if epilogue == "bf16":
+        y = want.view(torch.bfloat16)
+        y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
+        assert ((y.double() - y64).abs() <= 2.0**-8 * y64.abs() + 2.0**-11 * bound).all()
+    for cluster, overlap in VARIANTS[1:]:
+        got = run_cluster_variant(epilogue, cluster, xq, xs, wq, ws, offsets, overlap)
+        name = f"cluster {cluster}, overlap {overlap}"
+        if epilogue == "bf16":
+            assert torch.equal(got, want), f"{name}: bf16 output differs from the one-CTA kernel"
+        else:
+            assert torch.equal(got[0], want[0]), f"{name}: FP8 codes differ"
+            assert torch.equal(got[1], want[1]), f"{name}: scales differ"

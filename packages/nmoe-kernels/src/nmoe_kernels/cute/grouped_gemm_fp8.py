@@ -17,7 +17,8 @@ Operands (all device pointers, row-major unless stated):
 
 Math (per output element, fp32 throughout): for every 128-wide K block kb, WGMMA accumulates
 sum_k x_fp8 * w_fp8 into a fresh register accumulator, which is then promoted into the main fp32
-accumulator as ``acc += (xs[m, kb] * ws[e, n // 128, kb]) * partial``.
+accumulator as ``acc += (xs[m, kb] * ws[e, n // 128, kb]) * partial``, in kb order (every kernel
+variant below gives the same bits).
 
 Epilogues:
 
@@ -35,16 +36,34 @@ warpgroups 1-2 run WGMMA, each on a 64 x 128 sub-tile (so each warpgroup's colum
 128-wide weight-scale block). Each thread loads the A scales of its two accumulator rows and the
 warpgroup's weight scale with plain loads issued before the stage wait, so their latency hides
 behind the wait and the block's wgmma. (The scales are not loaded by TMA: a tile's first row is
-arbitrary, and a TMA box of the MN-major scale column starting at an inner coordinate that is not
-16-byte aligned faults with "illegal instruction" on H200.)
+arbitrary, and a TMA box of the MN-major scale column starting at an inner coordinate that is
+not 16-byte aligned faults with "illegal instruction" on H200.)
+
+Overlapped promotion (``KernelConfig.overlap``, the default): a warpgroup issues the wgmma of
+block kb into one of two register accumulators before it waits for block kb - 1 (wait_group 1)
+and promotes it, so the promotion FFMAs and the stage release run while the tensor cores work.
+The K loop handles two blocks per trip in straight-line code, so ptxas can tell which
+accumulator is in flight and does not serialize the wgmmas. Without it, each block's wgmma is
+waited for (wait_group 0) before its promotion, and the tensor cores idle meanwhile unless the
+other warpgroup fills in. On one H200 the overlap is worth 1.2-1.4x.
+
+Clusters (``KernelConfig.cluster_m`` x ``cluster_n``, default 1 x 1): the CTAs of a cluster
+along N share the A tile and those along M the B tile; each loads its slice of a shared tile and
+TMA-multicasts it to its partners, and a consumer warp releases a stage to every CTA that writes
+into it. A cluster takes cluster tiles (cluster_m x cluster_n CTA tiles of one segment); a CTA
+tile past its segment's rows or past N (odd tile counts) runs the mainloop and stores nothing.
+On one H200, clusters of 2 stayed within run-to-run noise of 1 x 1 with the overlapped
+mainloop, so they are not the default (see bench/results/fp8_H200.txt).
+
 Tiles: "bf16" uses 128 x 128 (warpgroups stacked along M); "swiglu_quant" uses 64 x 256
 (warpgroups side by side along N), so one tile holds the 128 SwiGLU outputs of a quantization
 block and the row amax is reduced in the tile (quad shuffles, then the two warpgroups exchange
-through smem). The tile scheduler walks (segment, m-tile, n-tile) in order: a CTA takes linear
-tiles bid, bid + grid, ... and advances a cursor over the device offsets, so segments need no
-padding and no host sync. A tile's A rows may run past its segment (they belong to the next
-expert or are TMA zero fill); the epilogue stores only rows of the tile's own segment, via smem
-and predicated 16-byte stores. Padding rows (segment E) get zero output without a mainloop.
+through smem). The tile scheduler walks (segment, cluster m-tile, cluster n-tile) in order: a
+cluster takes linear cluster tiles c, c + clusters, ... and advances a cursor over the device
+offsets, so segments need no padding and no host sync. A tile's A rows may run past its segment
+(they belong to the next expert or are TMA zero fill); the epilogue stores only rows of the
+tile's own segment, via smem and predicated 16-byte stores. Padding rows (segment E) get zero
+output without a mainloop.
 """
 
 from __future__ import annotations
@@ -77,6 +96,12 @@ WG_TILE_M = 64  # rows of one MMA warpgroup (wgmma m64)
 FP8_MAX = 448.0
 MIN_SCALE = 2.0**-126
 _NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes the last expert
+# (CTAs along M, CTAs along N) of a cluster, per epilogue, and whether the mainloop promotes K
+# block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/fp8_H200.txt, the
+# module docstring): the overlapped promotion pays everywhere, clusters did not beat run-to-run
+# noise.
+DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
+DEFAULT_OVERLAP = {"bf16": True, "swiglu_quant": True}
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,13 @@ class KernelConfig:
     tile_m: int
     tile_n: int
     num_stages: int
+    cluster_m: int = 1  # CTAs of a cluster along M: they share (multicast) the B tile
+    cluster_n: int = 1  # CTAs of a cluster along N: they share (multicast) the A tile
+    overlap: bool = False  # promote K block kb - 1 while the wgmma of block kb runs
+
+    @property
+    def cluster_size(self) -> int:
+        return self.cluster_m * self.cluster_n
 
     @property
     def wg_layout(self) -> tuple[int, int]:
@@ -104,17 +136,37 @@ def _epilogue_smem_bytes(epilogue: str, tile_m: int, tile_n: int) -> int:
     return tile_m * (tile_n // 2 + 16) + 2 * tile_m * 4
 
 
-def kernel_config(epilogue: str, ue8m0: bool = False) -> KernelConfig:
-    """The tile shape and stage count used for ``epilogue`` ("bf16" or "swiglu_quant")."""
+def kernel_config(
+    epilogue: str,
+    ue8m0: bool = False,
+    cluster: tuple[int, int] | None = None,
+    overlap: bool | None = None,
+) -> KernelConfig:
+    """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
+
+    ``cluster`` = (CTAs along M, CTAs along N), each 1 or 2; None picks `DEFAULT_CLUSTER`.
+    ``overlap``: promote each K block while the next block's wgmma runs (two in-flight block
+    accumulators); None picks `DEFAULT_OVERLAP`.
+    """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    cluster_m, cluster_n = DEFAULT_CLUSTER[epilogue] if cluster is None else cluster
+    if cluster_m not in (1, 2) or cluster_n not in (1, 2):
+        raise ValueError(f"cluster must be (1 or 2, 1 or 2), got {cluster!r}")
     tile_m, tile_n = (128, 128) if epilogue == "bf16" else (64, 256)
     smem_capacity = 232448  # sm_90: 227 KiB of dynamic shared memory per CTA
     reserved = 2048  # mbarriers, alignment padding
     free = smem_capacity - reserved - _epilogue_smem_bytes(epilogue, tile_m, tile_n)
     num_stages = min(8, free // _stage_bytes(tile_m, tile_n))
     return KernelConfig(
-        epilogue, bool(ue8m0 and epilogue == "swiglu_quant"), tile_m, tile_n, num_stages
+        epilogue,
+        bool(ue8m0 and epilogue == "swiglu_quant"),
+        tile_m,
+        tile_n,
+        num_stages,
+        cluster_m,
+        cluster_n,
+        DEFAULT_OVERLAP[epilogue] if overlap is None else bool(overlap),
     )
 
 
@@ -135,6 +187,10 @@ class GroupedGemmFp8Kernel:
         self.producer_regs = 40
         self.mma_regs = 232
         self.fused = config.epilogue == "swiglu_quant"
+        self.cluster_m = config.cluster_m
+        self.cluster_n = config.cluster_n
+        self.cluster_size = config.cluster_size
+        self.cluster_rows = self.tile_m * self.cluster_m
         self.ab_dtype = cutlass.Float8E4M3FN
         self.acc_dtype = Float32
 
@@ -209,12 +265,23 @@ class GroupedGemmFp8Kernel:
             LayoutEnum.ROW_MAJOR, tile_mnk, self.ab_dtype, self.num_stages
         )
 
+        # A is shared by the CTAs of a cluster along N, B by those along M: each of the sharing
+        # CTAs loads a slice of the tile and multicasts it to all of them.
         g2s = cute.nvgpu.cpasync.CopyBulkTensorTileG2SOp()
+        g2s_mcast = cute.nvgpu.cpasync.CopyBulkTensorTileG2SMulticastOp()
         tma_a, m_a_tma = cute.nvgpu.cpasync.make_tiled_tma_atom(
-            g2s, m_a, cute.slice_(a_smem_staged, (None, None, 0)), (tile_m, BLOCK_K)
+            g2s_mcast if const_expr(self.cluster_n > 1) else g2s,
+            m_a,
+            cute.slice_(a_smem_staged, (None, None, 0)),
+            (tile_m, BLOCK_K),
+            num_multicast=self.cluster_n,
         )
         tma_b, m_b_tma = cute.nvgpu.cpasync.make_tiled_tma_atom(
-            g2s, m_b, cute.slice_(b_smem_staged, (None, None, 0)), (tile_n, BLOCK_K)
+            g2s_mcast if const_expr(self.cluster_m > 1) else g2s,
+            m_b,
+            cute.slice_(b_smem_staged, (None, None, 0)),
+            (tile_n, BLOCK_K),
+            num_multicast=self.cluster_m,
         )
 
         if const_expr(self.fused):
@@ -274,6 +341,7 @@ class GroupedGemmFp8Kernel:
         ).launch(
             grid=[num_ctas, 1, 1],
             block=[self.num_threads, 1, 1],
+            cluster=[self.cluster_size, 1, 1],
             min_blocks_per_mp=1,
             stream=stream,
         )
@@ -294,12 +362,13 @@ class GroupedGemmFp8Kernel:
         seg_end: Int32,
         expert_tiles: Int32,
     ):
-        """Move the segment cursor forward until it holds linear tile ``tile``.
+        """Move the segment cursor forward until it holds linear cluster tile ``tile``.
 
-        The cursor is (segment, m-tiles of the segments before it, its rows [start, end), its
-        m-tile count). Segments 0..E-1 are the experts; segment E is the padding rows
-        [offsets[E], M), whose tiles get zero GEMM output. Past segment E the count is
-        _NO_MORE_TILES and the segment index is E + 1.
+        A cluster tile is cluster_m x cluster_n CTA tiles (rows of one segment); ``num_n_tiles``
+        counts cluster tiles along N. The cursor is (segment, cluster m-tiles of the segments
+        before it, its rows [start, end), its cluster m-tile count). Segments 0..E-1 are the
+        experts; segment E is the padding rows [offsets[E], M), whose tiles get zero GEMM output.
+        Past segment E the count is _NO_MORE_TILES and the segment index is E + 1.
         """
         m_tile = tile // num_n_tiles
         while m_tile >= tiles_before + expert_tiles:
@@ -310,7 +379,7 @@ class GroupedGemmFp8Kernel:
                 seg_end = m_offsets[expert + 1]
             else:
                 seg_end = num_rows
-            expert_tiles = (seg_end - seg_start + (self.tile_m - 1)) // self.tile_m
+            expert_tiles = (seg_end - seg_start + (self.cluster_rows - 1)) // self.cluster_rows
             if expert > num_experts:
                 expert_tiles = Int32(_NO_MORE_TILES)
         return expert, tiles_before, seg_start, seg_end, expert_tiles
@@ -318,8 +387,43 @@ class GroupedGemmFp8Kernel:
     @cute.jit
     def _first_cursor(self, m_offsets: cute.Tensor):
         seg_end = m_offsets[1]
-        expert_tiles = (seg_end + (self.tile_m - 1)) // self.tile_m
+        expert_tiles = (seg_end + (self.cluster_rows - 1)) // self.cluster_rows
         return Int32(0), Int32(0), Int32(0), seg_end, expert_tiles
+
+    @cute.jit
+    def _cluster_position(self):
+        """(cluster index, cluster count, CTA coordinate along M, along N in the cluster)."""
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        if const_expr(self.cluster_size == 1):
+            return Int32(bid), Int32(grid), Int32(0), Int32(0)
+        rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        return (
+            Int32(bid) // self.cluster_size,
+            Int32(grid) // self.cluster_size,
+            rank % self.cluster_m,
+            rank // self.cluster_m,
+        )
+
+    @cute.jit
+    def _cta_tile(
+        self,
+        tile: Int32,
+        num_n_groups: Int32,
+        tiles_before: Int32,
+        seg_start: Int32,
+        m_rank: Int32,
+        n_rank: Int32,
+    ):
+        """(first row, n-tile) of this CTA's tile in linear cluster tile ``tile``.
+
+        The row may lie past the segment (its last cluster tile is partly empty) and the n-tile
+        past N (an odd n-tile count); such CTA tiles run the mainloop but store nothing.
+        """
+        m_group = tile // num_n_groups
+        n_group = tile - m_group * num_n_groups
+        row0 = seg_start + ((m_group - tiles_before) * self.cluster_m + m_rank) * self.tile_m
+        return row0, n_group * self.cluster_n + n_rank
 
     @cute.kernel
     def kernel(
@@ -358,15 +462,20 @@ class GroupedGemmFp8Kernel:
         tx_bytes = cute.size_in_bytes(
             self.ab_dtype, cute.slice_(a_smem_staged, (None, None, 0))
         ) + cute.size_in_bytes(self.ab_dtype, cute.slice_(b_smem_staged, (None, None, 0)))
+        # A stage of this CTA is written by the CTAs sharing its row (A) or column (B) of the
+        # cluster, so each consumer warp releases it to all of them (cluster_m + cluster_n - 1
+        # arrivals per warp on every such CTA's empty barrier). With a cluster, create() also
+        # syncs the cluster after the barrier init, before any multicast or remote arrive.
+        mcast_peers = self.cluster_m + self.cluster_n - 1
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.pipe_barriers.data_ptr(),
             num_stages=self.num_stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
             consumer_group=pipeline.CooperativeGroup(
-                pipeline.Agent.Thread, self.num_mma_threads // 32
+                pipeline.Agent.Thread, mcast_peers * self.num_mma_threads // 32
             ),
             tx_count=tx_bytes,
-            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
+            cta_layout_vmnk=cute.make_layout((1, self.cluster_m, self.cluster_n, 1)),
         )
         num_n_tiles = cute.size(m_b_tma, mode=[0]) // self.tile_n
         num_k_blocks = cute.size(m_b_tma, mode=[1]) // BLOCK_K
@@ -378,7 +487,7 @@ class GroupedGemmFp8Kernel:
                 self._producer(
                     tma_a, m_a_tma, tma_b, m_b_tma, s_a, s_b, mainloop, m_offsets, num_experts,
                     num_rows, num_n_tiles, num_k_blocks,
-                )
+                )  # fmt: skip
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
             self._consumer(
@@ -403,51 +512,74 @@ class GroupedGemmFp8Kernel:
         num_n_tiles: Int32,
         num_k_blocks: Int32,
     ):
-        """One warp: TMA loads of the A and B tiles of every K block of this CTA's tiles."""
+        """One warp: TMA loads of the A and B tiles of every K block of this CTA's tiles.
+
+        In a cluster, this CTA loads its slice of the A tile (1 / cluster_n of the rows) and of
+        the B tile (1 / cluster_m) and multicasts each to the CTAs that share it.
+        """
         tile_m = self.tile_m
-        bid, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
+        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        cta_layout = cute.make_layout((self.cluster_m, self.cluster_n))
+        cta_coord = (m_rank, n_rank)
+        a_mcast_mask = cute.make_layout_image_mask(cta_layout, cta_coord, mode=1)
+        b_mcast_mask = cute.make_layout_image_mask(cta_layout, cta_coord, mode=0)
+        num_n_groups = (num_n_tiles + self.cluster_n - 1) // self.cluster_n
         # B: (TMA, n_tile, k_block, expert), fixed over the kernel.
         g_b = cute.local_tile(m_b_tma, (self.tile_n, BLOCK_K), (None, None, None))
         t_b_s, t_b_g = cute.nvgpu.cpasync.tma_partition(
-            tma_b, 0, cute.make_layout(1), cute.group_modes(s_b, 0, 2), cute.group_modes(g_b, 0, 2)
-        )
+            tma_b, m_rank, cute.make_layout(self.cluster_m),
+            cute.group_modes(s_b, 0, 2), cute.group_modes(g_b, 0, 2),
+        )  # fmt: skip
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
-        tile = Int32(bid)
+        tile = Int32(cluster_id)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._first_cursor(m_offsets)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-            tile, num_n_tiles, m_offsets, num_experts, num_rows,
+            tile, num_n_groups, m_offsets, num_experts, num_rows,
             expert, tiles_before, seg_start, seg_end, expert_tiles,
         )  # fmt: skip
         while expert <= num_experts:
-            m_tile = tile // num_n_tiles
-            n_tile = tile - m_tile * num_n_tiles
-            row0 = seg_start + (m_tile - tiles_before) * tile_m
+            row0, n_tile = self._cta_tile(
+                tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank
+            )
+            # A CTA tile past the N edge (odd tile count) loads the last column block: it keeps
+            # the cluster's pipeline going, and its epilogue stores nothing.
+            n_tile = cutlass.min(n_tile, num_n_tiles - 1)
             if expert < num_experts:  # the padding segment loads nothing
                 g_a = cute.local_tile(
                     cute.domain_offset((row0, 0), m_a_tma), (tile_m, BLOCK_K), (0, None)
                 )
                 t_a_s, t_a_g = cute.nvgpu.cpasync.tma_partition(
-                    tma_a, 0, cute.make_layout(1),
+                    tma_a, n_rank, cute.make_layout(self.cluster_n),
                     cute.group_modes(s_a, 0, 2), cute.group_modes(g_a, 0, 2),
                 )  # fmt: skip
                 for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)
-                    cute.copy(
-                        tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)], tma_bar_ptr=barrier
-                    )
-                    cute.copy(
-                        tma_b,
-                        t_b_g[(None, n_tile, kb, expert)],
-                        t_b_s[(None, state.index)],
-                        tma_bar_ptr=barrier,
-                    )
+                    if const_expr(self.cluster_n > 1):
+                        cute.copy(
+                            tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
+                            tma_bar_ptr=barrier, mcast_mask=a_mcast_mask,
+                        )  # fmt: skip
+                    else:
+                        cute.copy(
+                            tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
+                            tma_bar_ptr=barrier,
+                        )  # fmt: skip
+                    if const_expr(self.cluster_m > 1):
+                        cute.copy(
+                            tma_b, t_b_g[(None, n_tile, kb, expert)], t_b_s[(None, state.index)],
+                            tma_bar_ptr=barrier, mcast_mask=b_mcast_mask,
+                        )  # fmt: skip
+                    else:
+                        cute.copy(
+                            tma_b, t_b_g[(None, n_tile, kb, expert)], t_b_s[(None, state.index)],
+                            tma_bar_ptr=barrier,
+                        )  # fmt: skip
                     mainloop.producer_commit(state)
                     state.advance()
-            tile = tile + grid
+            tile = tile + num_clusters
             expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-                tile, num_n_tiles, m_offsets, num_experts, num_rows,
+                tile, num_n_groups, m_offsets, num_experts, num_rows,
                 expert, tiles_before, seg_start, seg_end, expert_tiles,
             )  # fmt: skip
         mainloop.producer_tail(state)
@@ -475,8 +607,8 @@ class GroupedGemmFp8Kernel:
     ):
         """Two MMA warpgroups: blockscaled mainloop with per-K-block promotion, then epilogue."""
         tile_m, tile_n = self.tile_m, self.tile_n
-        bid, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
+        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        num_n_groups = (num_n_tiles + self.cluster_n - 1) // self.cluster_n
         wg_tidx = mma_tidx - mma_wg * self.threads_per_wg
         wg_n_idx = mma_wg % self.wg_n  # this warpgroup's 128-column block inside the tile
 
@@ -489,6 +621,8 @@ class GroupedGemmFp8Kernel:
         t_c_coord = thr_mma.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
         acc = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
         partial = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
+        # second in-flight block accumulator of the overlapped mainloop (unused otherwise)
+        partial_b = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
         # wgmma m64 accumulator fragment ((2, 2, N/8), 1, 1): value v sits in row
         # base + 8 * ((v // 2) % 2) and column base + (v % 2) + 8 * (v // 4).
         row_lo = t_c_coord[0][0]
@@ -498,24 +632,38 @@ class GroupedGemmFp8Kernel:
         mma_barrier = pipeline.NamedBarrier(barrier_id=3, num_threads=self.num_mma_threads)
 
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
-        tile = Int32(bid)
+        release_state = pipeline.make_pipeline_state(
+            pipeline.PipelineUserType.Consumer, self.num_stages
+        )  # the overlapped mainloop releases one block behind `state`
+        tile = Int32(cluster_id)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._first_cursor(m_offsets)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-            tile, num_n_tiles, m_offsets, num_experts, num_rows,
+            tile, num_n_groups, m_offsets, num_experts, num_rows,
             expert, tiles_before, seg_start, seg_end, expert_tiles,
         )  # fmt: skip
         while expert <= num_experts:
-            m_tile = tile // num_n_tiles
-            n_tile = tile - m_tile * num_n_tiles
-            row0 = seg_start + (m_tile - tiles_before) * tile_m
+            row0, n_tile = self._cta_tile(
+                tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank
+            )
+            # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
             valid_rows = cutlass.min(seg_end - row0, tile_m)
+            if n_tile >= num_n_tiles:
+                valid_rows = Int32(0)
+                n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
             n_block = n_tile * (tile_n // SCALE_BLOCK_N) + wg_n_idx
             # rows past M only feed rows that are never stored: clamp their scale reads
             sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
             sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
 
             acc.fill(0.0)
-            if expert < num_experts:  # padding rows get a zero product
+            if const_expr(self.config.overlap):
+                if expert < num_experts:  # padding rows get a zero product
+                    state, release_state, tiled_mma = self._mainloop_overlapped(
+                        tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
+                        release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, expert,
+                        num_k_blocks,
+                    )  # fmt: skip
+            elif expert < num_experts:  # padding rows get a zero product
                 for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
                     # The scale loads issue before the wait; their latency hides behind it and
                     # the block's wgmma.
@@ -553,11 +701,117 @@ class GroupedGemmFp8Kernel:
                     wg_barrier,
                 )
             cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
-            tile = tile + grid
+            tile = tile + num_clusters
             expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-                tile, num_n_tiles, m_offsets, num_experts, num_rows,
+                tile, num_n_groups, m_offsets, num_experts, num_rows,
                 expert, tiles_before, seg_start, seg_end, expert_tiles,
             )  # fmt: skip
+
+    @cute.jit
+    def _issue_block(self, tiled_mma, partial, t_c_ra, t_c_rb, stage: Int32, num_mma_k: int):
+        """wgmma of one 128-deep K block (smem stage ``stage``) into a fresh ``partial``."""
+        cute.nvgpu.warpgroup.fence()
+        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+        for kk in cutlass.range_constexpr(num_mma_k):
+            coord = (None, None, kk, stage)
+            cute.gemm(tiled_mma, partial, t_c_ra[coord], t_c_rb[coord], partial)
+            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+        cute.nvgpu.warpgroup.commit_group()
+        return tiled_mma  # rebound by the caller: its runtime field changed inside control flow
+
+    @cute.jit
+    def _promote(self, acc, partial, scale_lo: Float32, scale_hi: Float32):
+        """acc += scale * partial, with the row scale of each accumulator value's row."""
+        for v in cutlass.range_constexpr(cute.size(acc)):
+            if const_expr((v // 2) % 2 == 0):
+                acc[v] = acc[v] + scale_lo * partial[v]
+            else:
+                acc[v] = acc[v] + scale_hi * partial[v]
+
+    @cute.jit
+    def _mainloop_overlapped(
+        self,
+        tiled_mma: cute.TiledMma,
+        t_c_ra: cute.Tensor,
+        t_c_rb: cute.Tensor,
+        acc: cute.Tensor,
+        partial_a: cute.Tensor,
+        partial_b: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+    ):
+        """The K loop with promotion behind the tensor cores: the wgmma of block kb is issued
+        before block kb - 1 is promoted, so the promotion FFMAs overlap it. Blocks alternate
+        between two register accumulators (even kb: ``partial_a``, odd: ``partial_b``); a stage
+        is released once its block's wgmma has completed (wait_group 1). The loop body is
+        straight-line (two blocks per trip) so that ptxas sees which accumulator is in flight.
+        """
+        num_mma_k = cute.size(t_c_ra, mode=[2])
+        scale_b = m_sfb[(n_block, 0, expert)]
+        prev_lo = m_sfa[(sfa_row_lo, 0)] * scale_b
+        prev_hi = m_sfa[(sfa_row_hi, 0)] * scale_b
+        mainloop.consumer_wait(state)
+        tiled_mma = self._issue_block(tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k)
+        state.advance()
+        for kb in cutlass.range(1, num_k_blocks - 1, 2, unroll=1):
+            # block kb -> partial_b; then promote block kb - 1 (partial_a)
+            scale_b = m_sfb[(n_block, kb, expert)]
+            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
+            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            state.advance()
+            cute.nvgpu.warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_a, prev_lo, prev_hi)
+            # block kb + 1 -> partial_a; then promote block kb (partial_b)
+            scale_b = m_sfb[(n_block, kb + 1, expert)]
+            prev_lo = m_sfa[(sfa_row_lo, kb + 1)] * scale_b
+            prev_hi = m_sfa[(sfa_row_hi, kb + 1)] * scale_b
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            state.advance()
+            cute.nvgpu.warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_b, cur_lo, cur_hi)
+        if num_k_blocks % 2 == 0:  # one block left: it goes to partial_b
+            kb = num_k_blocks - 1
+            scale_b = m_sfb[(n_block, kb, expert)]
+            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
+            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            state.advance()
+            cute.nvgpu.warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_a, prev_lo, prev_hi)
+            cute.nvgpu.warpgroup.wait_group(0)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_b, cur_lo, cur_hi)
+        else:
+            cute.nvgpu.warpgroup.wait_group(0)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_a, prev_lo, prev_hi)
+        return state, release_state, tiled_mma
 
     @cute.jit
     def _epilogue_bf16(
@@ -721,14 +975,98 @@ class GroupedGemmFp8Kernel:
         return scale
 
 
-def grid_size(num_rows: int, n: int, num_experts: int, config: KernelConfig, num_sms: int) -> int:
-    """Persistent CTAs to launch: at most one per SM and never more than the tile upper bound.
+def grid_size(
+    num_rows: int,
+    n: int,
+    num_experts: int,
+    config: KernelConfig,
+    num_sms: int,
+    max_clusters: int | None = None,
+) -> int:
+    """Persistent CTAs to launch: whole clusters, at most one CTA per SM (and at most
+    ``max_clusters`` clusters, the device's co-resident limit), never more than the cluster-tile
+    upper bound.
 
-    Each of the E + 1 segments (experts, then padding) adds at most one partial m-tile, so
-    m-tiles <= M // tile_m + E + 1.
+    Each of the E + 1 segments (experts, then padding) adds at most one partial cluster m-tile,
+    so cluster m-tiles <= M // (tile_m * cluster_m) + E + 1; cluster n-tiles =
+    ceil(N / tile_n / cluster_n).
     """
-    max_tiles = (num_rows // config.tile_m + num_experts + 1) * (n // config.tile_n)
-    return max(1, min(num_sms, max_tiles))
+    cluster_rows = config.tile_m * config.cluster_m
+    n_groups = -(-(n // config.tile_n) // config.cluster_n)
+    max_tiles = (num_rows // cluster_rows + num_experts + 1) * n_groups
+    clusters = num_sms // config.cluster_size
+    if max_clusters is not None:
+        clusters = min(clusters, max_clusters)
+    return config.cluster_size * max(1, min(clusters, max_tiles))
+
+
+# An empty kernel whose occupancy stands in for this kernel's: one CTA per SM (its shared memory
+# use), 384 threads, clustered.
+_PROBE_PTX = b""".version 8.0
+.target sm_90a
+.address_size 64
+.visible .entry nmoe_cluster_probe()
+{
+    ret;
+}
+\0"""
+_PROBE_SMEM_BYTES = 200 * 1024  # > half of an SM's shared memory: one CTA per SM, as ours
+_probe_error: str | None = None  # why the last occupancy query failed (reported by the bench)
+_resident_clusters: dict[tuple[int, int], int] = {}  # (cluster size, device) -> clusters
+
+
+def _max_active_clusters(cluster_size: int, device: int) -> int | None:
+    """Clusters of ``cluster_size`` one-CTA-per-SM blocks that CUDA device ``device`` (the
+    current one) runs at once, or None if the driver's occupancy query fails (then every SM is
+    assumed usable). Successful answers are cached.
+
+    Clusters of 4 do not tile every GPC of a 132-SM Hopper; a persistent grid of more clusters
+    than fit would run the excess clusters in a second wave.
+    """
+    global _probe_error
+    if (cluster_size, device) in _resident_clusters:
+        return _resident_clusters[(cluster_size, device)]
+    from cuda.bindings import driver
+
+    def check(result):
+        err, *values = result
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"{err}")
+        return values[0] if values else None
+
+    try:
+        context = check(driver.cuCtxGetCurrent())
+        if context is None or int(context) == 0:
+            # no context bound to this thread yet: bind the device's primary context (torch's)
+            dev = check(driver.cuDeviceGet(device))
+            check(driver.cuCtxSetCurrent(check(driver.cuDevicePrimaryCtxRetain(dev))))
+        module = check(driver.cuModuleLoadData(_PROBE_PTX))
+        func = check(driver.cuModuleGetFunction(module, b"nmoe_cluster_probe"))
+        check(
+            driver.cuFuncSetAttribute(
+                func,
+                driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                _PROBE_SMEM_BYTES,
+            )
+        )
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = cluster_size, 1, 1
+        config.blockDimX, config.blockDimY, config.blockDimZ = 384, 1, 1
+        config.sharedMemBytes = _PROBE_SMEM_BYTES
+        value = driver.CUlaunchAttributeValue()
+        value.clusterDim.x, value.clusterDim.y, value.clusterDim.z = cluster_size, 1, 1
+        attr = driver.CUlaunchAttribute()
+        attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+        attr.value = value
+        config.attrs = [attr]
+        config.numAttrs = 1
+        clusters = int(check(driver.cuOccupancyMaxActiveClusters(func, config)))
+        check(driver.cuModuleUnload(module))
+        _resident_clusters[(cluster_size, device)] = clusters
+        return clusters
+    except Exception as err:  # an optimization aid, never a reason to fail a GEMM
+        _probe_error = f"{type(err).__name__}: {err}"
+        return None
 
 
 def _pointer_args(epilogue: str, a, sfa, b, sfb, out, out_sf, offsets) -> tuple:
@@ -746,13 +1084,22 @@ def _pointer_args(epilogue: str, a, sfa, b, sfb, out, out_sf, offsets) -> tuple:
     )
 
 
-def compile_kernel(epilogue: str, ue8m0: bool = False, *, ptx_dir: str | None = None):
+def compile_kernel(
+    epilogue: str,
+    ue8m0: bool = False,
+    *,
+    ptx_dir: str | None = None,
+    cluster: tuple[int, int] | None = None,
+    overlap: bool | None = None,
+):
     """Compile the kernel for ``epilogue`` for sm_90a (all shapes symbolic); needs no GPU.
 
-    Returns the compiled callable that `launch` runs. With ``ptx_dir`` the PTX is also written
-    there and kept in the result's ``.artifacts.PTX``.
+    Returns the compiled callable that `launch` runs (pass `launch` the same ``cluster``). With
+    ``ptx_dir`` the PTX is also written there and kept in the result's ``.artifacts.PTX``.
+    ``cluster`` = (CTAs along M, along N), None for `DEFAULT_CLUSTER`; ``overlap`` as in
+    `kernel_config`.
     """
-    kernel = GroupedGemmFp8Kernel(kernel_config(epilogue, ue8m0))
+    kernel = GroupedGemmFp8Kernel(kernel_config(epilogue, ue8m0, cluster, overlap))
     pointers = _pointer_args(epilogue, 0, 0, 0, 0, 0, 0, 0)
     sizes = tuple(Int32(v) for v in (128, 256, 128, 1, 128, 1))
     options = "--gpu-arch=sm_90a"
@@ -778,9 +1125,20 @@ def launch(
     rows_aligned: int,
     num_sms: int,
     stream: int,
+    *,
+    cluster: tuple[int, int] | None = None,
 ) -> None:
-    """Run a `compile_kernel` result on device addresses (the wrapper validates them)."""
-    num_ctas = grid_size(num_rows, n, num_experts, kernel_config(epilogue), num_sms)
+    """Run a `compile_kernel` result on device addresses (the wrapper validates them).
+
+    ``cluster`` must be the one the kernel was compiled with.
+    """
+    config = kernel_config(epilogue, cluster=cluster)
+    max_clusters = None
+    if config.cluster_size > 1:
+        import torch
+
+        max_clusters = _max_active_clusters(config.cluster_size, torch.cuda.current_device())
+    num_ctas = grid_size(num_rows, n, num_experts, config, num_sms, max_clusters)
     compiled(
         *_pointer_args(epilogue, a, sfa, b, sfb, out, out_sf, offsets),
         Int32(num_rows),
