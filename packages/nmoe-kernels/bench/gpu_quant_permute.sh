@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU iteration for the weight / SwiGLU quantization and permute kernels: build _C (sm_90a
-# only, for speed), run their GPU tests and the benchmark. Logs and JSON go to $OUT.
+# One GPU iteration for the weight / SwiGLU quantization, SwiGLU backward and permute kernels:
+# build _C (sm_90a only, for speed), run their GPU tests and the benchmarks. Logs and JSON go to
+# $OUT.
 #
 #   OUT=/tmp/out [TESTS="..."] bash packages/nmoe-kernels/bench/gpu_quant_permute.sh [bench args]
 set -uo pipefail
@@ -16,7 +17,7 @@ NMOE_CUDA_ARCHS=90a "$PY" -m pip install -q --no-build-isolation --no-deps --no-
   -e packages/nmoe-kernels > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $((SECONDS - t0)) s"
 t0=$SECONDS
-TESTS=${TESTS:-"test_quant_weights_gpu.py test_permute_gpu.py test_quant_gpu.py"}
+TESTS=${TESTS:-"test_quant_weights_gpu.py test_permute_gpu.py test_quant_gpu.py test_swiglu_backward_gpu.py"}
 # shellcheck disable=SC2086  # TESTS is a list of file names
 "$PY" -m pytest -q -s -m gpu -p no:cacheprovider \
   $(printf 'packages/nmoe-kernels/tests/%s ' $TESTS) > "$OUT/tests.log" 2>&1
@@ -26,4 +27,6 @@ grep -E "codes differing" "$OUT/tests.log" | sort | uniq -c | sort -rn | head -8
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30
 "$PY" packages/nmoe-kernels/bench/bench_quant_permute.py --json "$OUT/bench.json" "$@" 2>&1 \
   | tee "$OUT/bench.log"
+"$PY" packages/nmoe-kernels/bench/bench_swiglu_bwd.py --json "$OUT/bench_swiglu_bwd.json" 2>&1 \
+  | tee "$OUT/bench_swiglu_bwd.log"
 exit $rc

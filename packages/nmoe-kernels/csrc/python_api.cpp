@@ -11,6 +11,9 @@
 // Bump on any binding signature or behaviour change, with a one-line reason:
 //   1: first release (quantize_fp8_1x128, dequantize_fp8_1x128).
 //   2: adds quantize_fp8_128x128, swiglu_quantize_fp8_1x128, permute, gather_rows, unpermute.
+//      Later additions that leave every existing binding unchanged (a consumer that checks for
+//      the new name with hasattr keeps working on either build) do not bump:
+//      + swiglu_backward_gated (the fused MoE SwiGLU backward).
 constexpr int kAbiVersion = 2;
 
 PYBIND11_MODULE(_C, m) {

@@ -8,6 +8,7 @@
 #include "../dlpack_tensor.h"
 #include "fp8_quant_128x128.h"
 #include "fp8_quant_1x128.h"
+#include "swiglu_backward_gated.h"
 #include "swiglu_quant_fp8_1x128.h"
 
 namespace nmoe::quant {
@@ -216,6 +217,83 @@ void swiglu_quantize_fp8_1x128(const py::object& h_capsule, const py::object& y_
 #endif
 }
 
+// A bf16 [num_rows, cols] contiguous, 16-byte aligned tensor on `like`'s device.
+void check_bf16_matrix(const TensorView& t, const TensorView& like, int64_t num_rows,
+                       int64_t cols) {
+  t.check_dtype({ScalarType::kBFloat16});
+  t.check_same_device(like);
+  t.check_shape({num_rows, cols});
+  t.check_contiguous();
+  t.check_aligned(16);
+}
+
+void swiglu_backward_gated(const py::object& h_capsule, const py::object& da_capsule,
+                           const py::object& gates_capsule, const py::object& dh_capsule,
+                           const py::object& ag_capsule, const py::object& dgate_capsule,
+                           const py::object& dh_fp8_capsule, const py::object& dh_scales_capsule,
+                           bool ue8m0, bool scales_mn_major, std::uintptr_t stream) {
+  require_cuda_build("swiglu_backward_gated");
+  const TensorView h(h_capsule, "h");
+  const TensorView da(da_capsule, "da");
+  const TensorView gates(gates_capsule, "gates");
+  const TensorView dh(dh_capsule, "dh");
+  const TensorView ag(ag_capsule, "ag");
+  const TensorView dgate(dgate_capsule, "dgate");
+
+  h.check_dtype({ScalarType::kBFloat16});
+  h.check_cuda();
+  if (h.ndim() != 2) h.fail("expected a 2-D tensor [R, 2F], got " + h.describe());
+  if (h.size(1) % (2 * kBlockK) != 0) {
+    h.fail("the last dim 2F=" + std::to_string(h.size(1)) + " must be a multiple of 256 (F % 128 "
+           "== 0), got " + h.describe() + "; pad F");
+  }
+  h.check_contiguous();
+  h.check_aligned(16);
+  const int64_t num_rows = h.size(0);
+  const int64_t num_features = h.size(1) / 2;
+  check_bf16_matrix(da, h, num_rows, num_features);
+  gates.check_dtype({ScalarType::kFloat32});
+  gates.check_same_device(h);
+  gates.check_shape({num_rows});
+  gates.check_contiguous();
+  check_bf16_matrix(dh, h, num_rows, 2 * num_features);
+  check_bf16_matrix(ag, h, num_rows, num_features);
+  dgate.check_dtype({ScalarType::kFloat32});
+  dgate.check_same_device(h);
+  dgate.check_shape({num_rows});
+  dgate.check_contiguous();
+
+  const bool quantize = !dh_fp8_capsule.is_none();
+  if (quantize == dh_scales_capsule.is_none()) {
+    throw py::value_error(
+        "swiglu_backward_gated: pass both dh_fp8 and dh_scales (to quantize dh) or neither");
+  }
+  void* dh_fp8_data = nullptr;
+  float* dh_scales_data = nullptr;
+  int64_t scales_ld = 0;
+  if (quantize) {
+    const TensorView dh_fp8(dh_fp8_capsule, "dh_fp8");
+    const TensorView dh_scales(dh_scales_capsule, "dh_scales");
+    scales_ld = check_fp8_1x128_outputs(dh_fp8, dh_scales, h, num_rows, 2 * num_features,
+                                        scales_mn_major);
+    dh_fp8_data = dh_fp8.data();
+    dh_scales_data = static_cast<float*>(dh_scales.data());
+  }
+
+#if NMOE_WITH_CUDA
+  launch_swiglu_backward_gated(h.data(), da.data(), static_cast<const float*>(gates.data()),
+                               dh.data(), ag.data(), static_cast<float*>(dgate.data()),
+                               dh_fp8_data, dh_scales_data, num_rows, num_features,
+                               scales_mn_major, scales_ld, ue8m0, h.device_id(), stream);
+#else
+  (void)dh_fp8_data;
+  (void)dh_scales_data;
+  (void)scales_ld;
+  (void)ue8m0;
+  (void)stream;
+#endif
+}
+
 }  // namespace
 
 void register_apis(py::module_& m) {
@@ -239,6 +317,13 @@ void register_apis(py::module_& m) {
         "y = silu(h[:, 0::2]) * h[:, 1::2] of h [M, 2F] (bf16/fp32) quantized to E4M3 y_fp8\n"
         "[M, F] with fp32 scales per 1x128 block ([M, F/128] row-major, or [F/128, align(M, 4)]\n"
         "when scales_mn_major). Use nmoe_kernels.swiglu_quantize_fp8_1x128.");
+  m.def("swiglu_backward_gated", &swiglu_backward_gated, py::arg("h"), py::arg("da"),
+        py::arg("gates"), py::arg("dh"), py::arg("ag"), py::arg("dgate"), py::arg("dh_fp8"),
+        py::arg("dh_scales"), py::arg("ue8m0"), py::arg("scales_mn_major"), py::arg("stream"),
+        "Gated SwiGLU backward: from h [R, 2F] (bf16, interleaved gate/up), da [R, F] (bf16) and\n"
+        "gates [R] (fp32) write dh [R, 2F] bf16, ag = gates * swiglu(h) [R, F] bf16 and dgate\n"
+        "[R] fp32; with dh_fp8 / dh_scales (else None) also the E4M3 1x128 quantization of dh.\n"
+        "Use nmoe_kernels.swiglu_backward_gated.");
 }
 
 }  // namespace nmoe::quant

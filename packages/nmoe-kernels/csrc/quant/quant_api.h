@@ -1,5 +1,5 @@
 // Registers the quantization bindings on `_C`: quantize_fp8_1x128, dequantize_fp8_1x128,
-// quantize_fp8_128x128, swiglu_quantize_fp8_1x128.
+// quantize_fp8_128x128, swiglu_quantize_fp8_1x128, swiglu_backward_gated.
 #pragma once
 
 #include <pybind11/pybind11.h>

@@ -20,6 +20,7 @@ _LAZY = {
     "dequantize_fp8_1x128": "nmoe_kernels.quant",
     "quantize_fp8_128x128": "nmoe_kernels.quant",
     "swiglu_quantize_fp8_1x128": "nmoe_kernels.quant",
+    "swiglu_backward_gated": "nmoe_kernels.activation",
     "permute": "nmoe_kernels.permutation",
     "unpermute": "nmoe_kernels.permutation",
     "gather_rows": "nmoe_kernels.permutation",

@@ -7,7 +7,7 @@ layers above use them on machines without a GPU. Modules:
   1x128 quantization.
 - `grouped_gemm`: per-expert GEMMs over the contiguous expert-sorted layout (fwd, dgrad, wgrad,
   FP8 blockscaled).
-- `activation`: SwiGLU and the interleaved W13 column convention.
+- `activation`: SwiGLU, its gated backward and the interleaved W13 column convention.
 - `permutation`: permute tokens to expert-contiguous rows, unpermute with gate weighting, gather
   rows.
 """
@@ -16,6 +16,7 @@ from nmoe_kernels.reference.activation import (
     interleave_w13,
     split_w13,
     swiglu,
+    swiglu_backward_gated,
     swiglu_interleaved,
 )
 from nmoe_kernels.reference.grouped_gemm import (
@@ -56,6 +57,7 @@ __all__ = [
     "quantize_nvfp4",
     "split_w13",
     "swiglu",
+    "swiglu_backward_gated",
     "swiglu_interleaved",
     "swiglu_quantize_fp8_1x128",
     "to_mn_major_tma_aligned",
