@@ -311,13 +311,14 @@ def main() -> None:
         cuda=torch.version.cuda,
         driver=driver_version(),
     )
-    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+    from nmoe_kernels.cute import occupancy
 
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    resident = {size: g._max_active_clusters(size, torch.cuda.current_device()) for size in (2, 4)}
+    device = torch.cuda.current_device()
+    resident = {size: occupancy.max_active_clusters(size, device) for size in (2, 4)}
     print(f"{num_sms} SMs; co-resident clusters of 2 / 4 CTAs: {resident[2]} / {resident[4]}")
-    if g._probe_error:
-        print(f"  occupancy query failed: {g._probe_error}")
+    if occupancy._probe_error:
+        print(f"  occupancy query failed: {occupancy._probe_error}")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
