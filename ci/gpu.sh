@@ -15,6 +15,14 @@
 #   comm-tests   nmoe-comm multi-GPU tests (every backend on 2 and 4 GPUs where present)
 #   bench-comm   nmoe-comm dispatch/combine bench on 2 and 4 GPUs (nccl baseline, ipc, nvshmem)
 #   train-ep     `n train super` under torchrun on all GPUs, experts split over ranks (ipc)
+#   fp8-parity   `n train super` twice from the same seed on the fused path, recipe bf16 then fp8
+#                (PARITY_STEPS, default 300); fails when FP8's final validation loss is more
+#                than 1.5% above BF16's
+#   hopper-train on 4 GPUs at once (one job per GPU): bench-train with --profile on GPU 0 (torch
+#                bf16, fused bf16, fused fp8; micro-batches 8 and 16), fp8-parity on GPUs 1 and 2,
+#                the GPU tests of the fused path and its kernels on GPU 3
+#   comm-check   nmoe-comm multi-GPU tests (COMM_TESTS: a pytest -k expression), then the 4-GPU
+#                dispatch bench with the sync-free and dedup variants and the decode breakdown
 #   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
 #                BENCH_MICRO); tokens/s, MFU, peak memory
 #
@@ -137,12 +145,89 @@ stage_train_ep() {
   return "${PIPESTATUS[0]}"
 }
 
+stage_fp8_parity() {
+  # PARITY_GPUS="1 2": run the two trainings at once, bf16 on the first GPU, fp8 on the second.
+  local runs=/tmp/nmoe-runs steps=${PARITY_STEPS:-300} recipe i=0
+  local -a gpus=(${PARITY_GPUS:-})
+  : > "$OUT/fp8-parity.log"
+  for recipe in bf16 fp8; do
+    rm -rf "$runs/parity-$recipe"
+    local cmd=(n train super steps="$steps" global_batch=8 micro_batch=8 val_every=$((steps / 3))
+      val_sequences=32 checkpoints=false log_every=25 final_eval_tasks=null
+      model.moe.backend=fused model.moe.recipe="$recipe" runs_root=$runs
+      run_name="parity-$recipe" data.data_root=/tmp/nmoe-data-$recipe)
+    if [ ${#gpus[@]} -ge 2 ]; then
+      CUDA_VISIBLE_DEVICES=${gpus[$i]} "${cmd[@]}" > "$OUT/parity-$recipe.log" 2>&1 &
+    else
+      "${cmd[@]}" > "$OUT/parity-$recipe.log" 2>&1
+    fi
+    i=$((i + 1))
+  done
+  wait
+  for recipe in bf16 fp8; do
+    grep -E "^step|val|completed|Error|error" "$OUT/parity-$recipe.log" | tail -8 \
+      | sed "s/^/[$recipe] /" | tee -a "$OUT/fp8-parity.log"
+  done
+  "$PY" - "$runs" <<'PYEOF' 2>&1 | tee -a "$OUT/fp8-parity.log"
+import json, sys
+runs = sys.argv[1]
+res = {r: json.load(open(f"{runs}/parity-{r}/result.json")) for r in ("bf16", "fp8")}
+val = {r: res[r]["final_val_loss"] for r in res}
+tps = {r: res[r]["tokens_per_s"] for r in res}
+gap = val["fp8"] / val["bf16"] - 1
+print(f"fp8 parity: val loss bf16 {val['bf16']:.4f}, fp8 {val['fp8']:.4f} ({gap:+.2%}; limit "
+      f"+1.5%); tokens/s bf16 {tps['bf16']:.0f}, fp8 {tps['fp8']:.0f}")
+sys.exit(0 if gap <= 0.015 else 1)
+PYEOF
+  return "${PIPESTATUS[0]}"
+}
+
 stage_bench_train() {
   # shellcheck disable=SC2086
   "$PY" packages/nmoe-train/bench/bench_train.py --json "$OUT/bench_train.json" \
     --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16} --micro-batches ${BENCH_MICRO:-8 16} \
     --steps "${BENCH_STEPS:-5}" 2>&1 | tee "$OUT/bench_train.log" | tail -20
   return "${PIPESTATUS[0]}"
+}
+
+stage_hopper_train() {
+  CUDA_VISIBLE_DEVICES=0 timeout 540 "$PY" packages/nmoe-train/bench/bench_train.py \
+    --json "$OUT/bench_train.json" --variants torch:bf16 fused:bf16 fused:fp8 \
+    --micro-batches ${BENCH_MICRO:-8 16} --steps "${BENCH_STEPS:-6}" --profile "$OUT/profile" \
+    > "$OUT/bench_train.log" 2>&1 &
+  local bench=$!
+  (PARITY_GPUS="1 2" stage_fp8_parity > "$OUT/fp8-parity-stage.log" 2>&1) &
+  local parity=$!
+  CUDA_VISIBLE_DEVICES=3 timeout 540 "$PY" -m pytest -q -m "gpu or slow" -p no:cacheprovider \
+    -rfEs packages/nmoe-kernels/tests/test_swiglu_backward_gpu.py \
+    packages/nmoe-kernels/tests/test_grouped_gemm_fp8_gpu.py \
+    packages/nmoe-core/tests/test_fused_gpu.py packages/nmoe-train/tests/test_fused_training_gpu.py \
+    > "$OUT/gpu-tests.log" 2>&1
+  local rc=$?
+  tail -25 "$OUT/gpu-tests.log"
+  wait $parity || rc=1
+  tail -6 "$OUT/fp8-parity.log"
+  wait $bench || rc=1
+  tail -40 "$OUT/bench_train.log"
+  return $rc
+}
+
+stage_comm_check() {
+  local rc=0
+  "$PY" -m pytest -q -m multigpu -p no:cacheprovider --timeout=300 -rfEs \
+    packages/nmoe-comm/tests/test_multigpu.py -k "${COMM_TESTS:-ipc or (nvshmem and 4 and not free)}" \
+    > "$OUT/comm-tests.log" 2>&1 || rc=1
+  tail -12 "$OUT/comm-tests.log"
+  local n; n=$(ngpus)
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
+    packages/nmoe-comm/bench/bench_dispatch.py --sync-free --dedup \
+    --json "$OUT/bench_comm_$n.json" > "$OUT/bench_comm_$n.log" 2>&1 || rc=1
+  grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_comm_$n.log" | tail -60
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
+    packages/nmoe-comm/bench/bench_dispatch.py --backends ipc --breakdown --dedup \
+    > "$OUT/breakdown_$n.log" 2>&1 || rc=1
+  grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/breakdown_$n.log" | tail -40
+  return $rc
 }
 
 for stage in "$@"; do
