@@ -24,7 +24,6 @@ from torch import nn
 from nmoe_comm import Dispatcher
 from nmoe_comm import autograd as comm_autograd
 from nmoe_core.config import ModelConfig
-from nmoe_core.fused import ExpertWeightCache, check_fp8_shapes, fused_expert_forward
 from nmoe_core.mlp import MLP
 
 # The local dispatcher a layer uses until training attaches one sized from its capacity.
@@ -59,16 +58,6 @@ def swiglu(h_R2F: torch.Tensor) -> torch.Tensor:
     h = h_R2F.to(torch.promote_types(h_R2F.dtype, torch.float32))
     gate, up = h[..., 0::2], h[..., 1::2]
     return (F.silu(gate) * up).to(h_R2F.dtype)
-
-
-def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 ``[num_experts]``: how often each expert id occurs in ``expert_ids`` (any shape, ids
-    in ``[0, num_experts)``). Equals ``torch.bincount(ids, minlength=num_experts)`` without its
-    host synchronisation (CUDA bincount reads the largest id to size its output); integer
-    scatter-adds, so deterministic."""
-    ids = expert_ids.reshape(-1).to(torch.int64)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    return counts.scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def _grouped_mm_usable(x_RD: torch.Tensor, w13: torch.Tensor) -> bool:
@@ -172,8 +161,6 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_local_experts, inter_dim, dim))
         # Muon orthogonalises gate (even columns) and up (odd columns) separately.
         self.w13.muon_col_blocks = 2
-        # Quantized copies for the fused FP8 recipe (not module state: never saved or loaded).
-        self.weight_cache = ExpertWeightCache()
 
     @torch.no_grad()
     def reset_parameters(self, seed: int, layer_id: int, std_in: float, std_out: float) -> None:
@@ -197,16 +184,6 @@ class GroupedExperts(nn.Module):
 
             kernels = self.kernels = HopperExpertKernels(device)
         return kernels
-
-    def fp8_weights(self, kernels):
-        """The FP8 copies of ``w13`` and ``w2`` for the fused FP8 recipe, quantized by ``kernels``
-        on first use after `invalidate_weight_cache` (see `nmoe_core.fused.ExpertWeightCache`)."""
-        return self.weight_cache.fp8(self.w13, self.w2, kernels)
-
-    def invalidate_weight_cache(self) -> None:
-        """Drop the quantized weight copies; call after every change of ``w13``/``w2`` (the
-        trainer does, once per optimizer step)."""
-        self.weight_cache.invalidate()
 
 
 class MoE(nn.Module):
@@ -284,28 +261,21 @@ class MoE(nn.Module):
         """Switch-style ``E * sum_e importance_e * load_e`` (both as fractions; inventory 2.3)."""
         importance = torch.zeros(self.num_experts, device=normalised_TK.device)
         importance = importance.index_add(0, expert_ids_TK.flatten(), normalised_TK.flatten())
-        load = expert_counts(expert_ids_TK, self.num_experts).float()
+        load = torch.bincount(expert_ids_TK.flatten(), minlength=self.num_experts).float()
         importance = importance / importance.sum().clamp_min(1e-12)
         load = load / load.sum().clamp_min(1.0)
         return self.num_experts * (importance * load).sum()
 
     def _fused(self, dispatcher: Dispatcher, dispatched, gates_TK: torch.Tensor) -> torch.Tensor:
-        """The fused backend (`nmoe_core.fused`): experts and the gated combine in one autograd
-        function, in the recipe ``self.recipe``."""
-        experts = self.experts
-        kernels = experts.fused_kernels(dispatched.x_RD.device)
-        fp8_weights = None
-        if self.recipe == "fp8":
-            check_fp8_shapes(experts.w13.shape[1], experts.inter_dim)
-            kernels.require_recipe("fp8")
-            fp8_weights = experts.fp8_weights(kernels)
-        return fused_expert_forward(dispatcher, dispatched, gates_TK, experts.w13, experts.w2,
-                                    kernels, fp8_weights)
+        from nmoe_core.fused import fused_expert_forward
 
-    def invalidate_weight_cache(self) -> None:
-        """Drop the experts' quantized weight copies (FP8 recipe); the trainer calls this after
-        every optimizer step, so each step quantizes the weights once, not per micro-batch."""
-        self.experts.invalidate_weight_cache()
+        if self.recipe != "bf16":
+            raise NotImplementedError(
+                f"moe.recipe={self.recipe!r} is not wired into the fused path yet; use 'bf16'"
+            )
+        kernels = self.experts.fused_kernels(dispatched.x_RD.device)
+        return fused_expert_forward(dispatcher, dispatched, gates_TK, self.experts.w13,
+                                    self.experts.w2, kernels)
 
     @torch.no_grad()
     def update_router_bias(self, load_E: torch.Tensor, rate: float) -> None:
@@ -319,7 +289,9 @@ class MoE(nn.Module):
         gates_TK, expert_ids_TK, normalised_TK = self.router(x_TD)
         if self.training:
             with torch.no_grad():
-                self.load_counts += expert_counts(expert_ids_TK, self.num_experts)
+                self.load_counts += torch.bincount(
+                    expert_ids_TK.flatten(), minlength=self.num_experts
+                )
             self.aux_loss = (
                 self._balance_loss(normalised_TK, expert_ids_TK) if self.aux_loss_alpha else None
             )
