@@ -122,8 +122,7 @@ def create_dispatcher(
         rank: this rank, ``0 <= rank < world_size``.
         **backend_options: keyword options of that backend (``local``: ``validate``;
             ``nccl``: ``group``; ``ipc`` / ``nvshmem``: ``hidden`` (required), ``dtype``,
-            ``max_send_rows``, ``group``, ``device``, ``timeout_s``, ``dedup_rows``;
-            ``nvshmem`` also ``peer_access``).
+            ``max_send_rows``, ``group``, ``device``, ``timeout_s``).
 
     Raises:
         ValueError: unknown backend (the message lists the available ones), unknown option or
