@@ -9,22 +9,139 @@ the median tokens/s of the steps after the first (compile/warm-up) step, MFU (tr
 `nmoe_train.trainer.flops_per_token` counts them, over the card's dense bf16 peak) and the peak
 memory, plus each variant's ratio to ``torch:bf16`` at the same micro-batch, measured in the same
 process on the same card.
+
+``--profile DIR``: after the timed steps of each variant, one more full step (forward, backward,
+optimizer) runs under torch.profiler (CPU + CUDA activities) inside named ranges (see
+`nmoe_train.step_profile`): ``nmoe/step`` around it, ``nmoe/forward`` around the model call,
+``nmoe/backward`` around ``loss.backward()``, ``nmoe/optimizer`` around ``optimizer.step``,
+and ``nmoe/router`` / ``nmoe/dispatch`` / ``nmoe/combine`` / ``nmoe/experts`` / ``nmoe/loss``
+around the routers, the dispatcher calls, the expert MLPs and the loss (forward and backward).
+It writes DIR/<variant>-mb<micro>.trace.json (chrome trace), .kernels.txt (the profiler's
+kernel table) and .breakdown.json, and prints the GPU time per category and the idle time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 
+def _ranged(name: str, fn):
+    """``fn`` wrapped in ``torch.profiler.record_function(name)``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _step_ranges(trainer):
+    """Wrap the parts of a training step in the `nmoe_train.step_profile.RANGES` ranges for the
+    duration of the block (instance and class attributes patched, then restored)."""
+    from nmoe_core import loss as loss_module
+    from nmoe_core import moe as moe_module
+    from nmoe_train.step_profile import RANGES
+
+    patches = []  # (owner, attribute, original, had_own_attribute)
+
+    def patch(owner, attribute, range_name, static=False):
+        original = getattr(owner, attribute, None)
+        if original is None:
+            return
+        own = attribute in vars(owner)
+        raw = vars(owner)[attribute] if own else original
+        if static and isinstance(raw, staticmethod):
+            setattr(owner, attribute, staticmethod(_ranged(range_name, raw.__func__)))
+        else:
+            setattr(owner, attribute, _ranged(range_name, original))
+        patches.append((owner, attribute, raw, own))
+
+    patch(trainer.model, "forward", RANGES.forward)
+    patch(trainer.optimizer, "step", RANGES.optimizer)
+    patch(torch.Tensor, "backward", RANGES.backward)
+    patch(moe_module.Router, "forward", RANGES.router)
+    patch(moe_module.GroupedExperts, "forward", RANGES.experts)
+    try:
+        from nmoe_core import fused as fused_module
+    except ImportError:
+        fused_module = None
+    for name in ("_ExpertMLP", "_ExpertMLPFp8"):
+        function = getattr(fused_module, name, None)
+        if function is not None:
+            patch(function, "forward", RANGES.experts, static=True)
+            patch(function, "backward", RANGES.experts, static=True)
+    for name in dir(loss_module):
+        function = getattr(loss_module, name)
+        if isinstance(function, type) and issubclass(function, torch.autograd.Function):
+            patch(function, "forward", RANGES.loss, static=True)
+            patch(function, "backward", RANGES.loss, static=True)
+    seen = set()
+    for layer in trainer.model.moe_layers():
+        dispatcher = layer.dispatcher
+        if dispatcher is None or id(dispatcher) in seen:
+            continue
+        seen.add(id(dispatcher))
+        for method in ("dispatch", "dispatch_backward", "rows_to_sources"):
+            patch(dispatcher, method, RANGES.dispatch)
+        for method in ("combine", "combine_backward"):
+            patch(dispatcher, method, RANGES.combine)
+    try:
+        yield
+    finally:
+        for owner, attribute, raw, own in reversed(patches):
+            if own:
+                setattr(owner, attribute, raw)
+            else:
+                delattr(owner, attribute)
+
+
+def profile_step(trainer, out_dir: Path, label: str) -> dict:
+    """Profile one more training step of ``trainer``; write the trace, the kernel table and the
+    category breakdown under ``out_dir`` and return the breakdown (microseconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nmoe_train.step_profile import (
+        RANGES,
+        format_breakdown,
+        gpu_time_breakdown,
+        kernel_events_from_chrome_trace,
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace_path = out_dir / f"{label}.trace.json"
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with _step_ranges(trainer), torch.profiler.record_function(RANGES.step):
+            torch.cuda.synchronize()
+            trainer.train_step()
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace_path))
+    (out_dir / f"{label}.kernels.txt").write_text(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=80)
+    )
+    with open(trace_path) as handle:
+        events, ranges = kernel_events_from_chrome_trace(json.load(handle))
+    if RANGES.step not in ranges:
+        raise RuntimeError(f"{trace_path}: no {RANGES.step} range in the trace")
+    totals = gpu_time_breakdown(events, *ranges[RANGES.step])
+    (out_dir / f"{label}.breakdown.json").write_text(json.dumps(totals, indent=2))
+    print(format_breakdown(f"GPU time of one step, {label} ({torch.cuda.get_device_name()}):",
+                           totals))
+    return totals
+
+
 def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
-                seq_len: int) -> dict:
+                seq_len: int, profile_dir: Path | None = None) -> dict:
     from nmoe_train.config import resolve_config
     from nmoe_train.trainer import Trainer, flops_per_token, peak_tflops
 
@@ -54,6 +171,9 @@ def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
     }
+    if profile_dir is not None:
+        totals = profile_step(trainer, profile_dir, f"{backend}-{recipe}-mb{micro}")
+        row["profile_ms"] = {key: value / 1000 for key, value in totals.items()}
     del trainer
     gc.collect()
     torch.cuda.empty_cache()
@@ -68,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="profile one more step per variant; write traces and tables to DIR")
     args = parser.parse_args(argv)
     rows = []
     for variant in args.variants:
@@ -75,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         for micro in args.micro_batches:
             try:
                 rows.append(run_variant(args.preset, backend, recipe, micro, args.steps,
-                                        args.seq_len))
+                                        args.seq_len, args.profile))
             except torch.OutOfMemoryError:
                 print(f"{variant} micro-batch {micro}: out of memory", file=sys.stderr)
                 gc.collect()

@@ -60,6 +60,16 @@ def swiglu(h_R2F: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(h_R2F.dtype)
 
 
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[num_experts]``: how often each expert id occurs in ``expert_ids`` (any shape, ids
+    in ``[0, num_experts)``). Equals ``torch.bincount(ids, minlength=num_experts)`` without its
+    host synchronisation (CUDA bincount reads the largest id to size its output); integer
+    scatter-adds, so deterministic."""
+    ids = expert_ids.reshape(-1).to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def _grouped_mm_usable(x_RD: torch.Tensor, w13: torch.Tensor) -> bool:
     return (
         x_RD.is_cuda
@@ -261,7 +271,7 @@ class MoE(nn.Module):
         """Switch-style ``E * sum_e importance_e * load_e`` (both as fractions; inventory 2.3)."""
         importance = torch.zeros(self.num_experts, device=normalised_TK.device)
         importance = importance.index_add(0, expert_ids_TK.flatten(), normalised_TK.flatten())
-        load = torch.bincount(expert_ids_TK.flatten(), minlength=self.num_experts).float()
+        load = expert_counts(expert_ids_TK, self.num_experts).float()
         importance = importance / importance.sum().clamp_min(1e-12)
         load = load / load.sum().clamp_min(1.0)
         return self.num_experts * (importance * load).sum()
@@ -289,9 +299,7 @@ class MoE(nn.Module):
         gates_TK, expert_ids_TK, normalised_TK = self.router(x_TD)
         if self.training:
             with torch.no_grad():
-                self.load_counts += torch.bincount(
-                    expert_ids_TK.flatten(), minlength=self.num_experts
-                )
+                self.load_counts += expert_counts(expert_ids_TK, self.num_experts)
             self.aux_loss = (
                 self._balance_loss(normalised_TK, expert_ids_TK) if self.aux_loss_alpha else None
             )

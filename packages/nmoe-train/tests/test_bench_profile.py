@@ -1,0 +1,86 @@
+"""The training bench's profiling ranges (`bench/bench_train.py --profile`) on a CPU step: the
+ranges appear in a torch.profiler trace where the categorisation expects them, leave the step's
+results unchanged, and every patched attribute is restored afterwards."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from nmoe_core import moe as moe_module
+from nmoe_train.config import resolve_config
+from nmoe_train.step_profile import RANGES
+from nmoe_train.testing import SMALL
+from nmoe_train.trainer import Trainer
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_train.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trainer(tmp_path: Path, name: str) -> Trainer:
+    cfg = resolve_config("tiny", [*SMALL, "data.synthetic=true", "checkpoints=false",
+                                  "resume=false", "val_every=0", "steps=3",
+                                  "model.moe.backend=torch", f"runs_root={tmp_path}",
+                                  f"run_name={name}"])
+    return Trainer(cfg, quiet=True)
+
+
+def _user_ranges(trace_path: Path) -> list[tuple[float, float, str, int]]:
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    return [(e["ts"], e["ts"] + e["dur"], e["name"], e["tid"]) for e in events
+            if e.get("cat") == "user_annotation" and e["name"].startswith("nmoe/")]
+
+
+def test_step_ranges_cover_the_step_and_change_nothing(tmp_path):
+    bench = _bench()
+    plain, ranged = _trainer(tmp_path, "plain"), _trainer(tmp_path, "ranged")
+    originals = (moe_module.Router.forward, torch.Tensor.backward,
+                 moe_module.GroupedExperts.forward)
+    want = plain.train_step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with bench._step_ranges(ranged), torch.profiler.record_function(RANGES.step):
+            got = ranged.train_step()
+    assert got == want  # same losses, norms and router statistics, bit for bit
+    assert (moe_module.Router.forward, torch.Tensor.backward,
+            moe_module.GroupedExperts.forward) == originals
+    assert "forward" not in vars(ranged.model) and "step" not in vars(ranged.optimizer)
+    for layer in ranged.model.moe_layers():
+        assert "dispatch" not in vars(layer.dispatcher)
+        assert "combine" not in vars(layer.dispatcher)
+
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    ranges = _user_ranges(trace)
+    names = [name for _, _, name, _ in ranges]
+    num_moe = len(ranged.model.moe_layers())
+    assert names.count(RANGES.step) == 1
+    assert names.count(RANGES.forward) == 1 and names.count(RANGES.backward) == 1
+    assert names.count(RANGES.optimizer) == 1
+    assert names.count(RANGES.router) == num_moe
+    # forward: one dispatch and one combine per MoE layer; backward: the combine's gradient is
+    # a dispatch and the dispatch's a combine (or their *_backward methods).
+    assert names.count(RANGES.dispatch) >= 2 * num_moe
+    assert names.count(RANGES.combine) >= 2 * num_moe
+    assert names.count(RANGES.experts) == num_moe and names.count(RANGES.loss) >= 2
+
+    def span(name):
+        return next((start, end) for start, end, n, _ in ranges if n == name)
+
+    step, forward, backward, optimizer = (span(n) for n in (
+        RANGES.step, RANGES.forward, RANGES.backward, RANGES.optimizer))
+    assert step[0] <= forward[0] < forward[1] <= backward[0] < backward[1] <= optimizer[0]
+    assert optimizer[1] <= step[1]
+    for start, end, name, _ in ranges:
+        if name in (RANGES.router, RANGES.experts):
+            assert forward[0] <= start and end <= forward[1], name
+        if name in (RANGES.dispatch, RANGES.combine, RANGES.loss):
+            assert forward[0] <= start and end <= backward[1], name

@@ -1,0 +1,39 @@
+"""The training step's hot path reads nothing back from the device per dispatch: the local
+dispatcher the trainer builds skips the expert-id range check (ids come from the router's top-k,
+in range by construction), and the step's statistics still count every routed row."""
+
+from __future__ import annotations
+
+import pytest
+
+import nmoe_comm.local
+from nmoe_train.config import resolve_config
+from nmoe_train.testing import SMALL
+from nmoe_train.trainer import Trainer
+
+
+def test_train_step_does_not_check_expert_ids_per_dispatch(tmp_path, monkeypatch):
+    cfg = resolve_config("tiny", [*SMALL, "data.synthetic=true", "checkpoints=false",
+                                  "resume=false", "val_every=0", "steps=2",
+                                  f"runs_root={tmp_path}", "run_name=syncs"])
+    trainer = Trainer(cfg, quiet=True)
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("check_expert_id_range ran on the training hot path")
+
+    monkeypatch.setattr(nmoe_comm.local, "check_expert_id_range", fail)
+    stats = trainer.train_step()
+    assert not calls
+    # The loads still count every routed slot: T * K per layer (global batch x seq_len x top-k).
+    tokens = cfg.global_batch * cfg.seq_len
+    top_k = cfg.model.moe.n_activated_experts
+    num_moe = len(trainer.model.moe_layers())
+    assert num_moe >= 1
+    # max_load / mean * mean = the busiest expert's rows; mean = T * K / E for every layer.
+    mean = tokens * top_k / cfg.model.moe.n_routed_experts
+    for layer in range(num_moe):
+        busiest = stats[f"router/layer_{layer:02d}/max_load"] * mean
+        assert busiest == pytest.approx(round(busiest), abs=1e-6)
+        assert mean <= busiest <= tokens
