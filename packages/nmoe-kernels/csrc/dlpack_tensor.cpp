@@ -137,6 +137,7 @@ void TensorView::check_shape(std::initializer_list<int64_t> expected) const {
 }
 
 void TensorView::check_contiguous() const {
+  if (numel() == 0) return;  // no element to address: any strides describe the same empty tensor
   int64_t running = 1;
   for (int d = ndim() - 1; d >= 0; --d) {
     if (shape_[d] != 1 && strides_[d] != running) {

@@ -35,3 +35,31 @@ def test_binding_checks_h_first_naming_it():
         C.swiglu_backward_gated(to_dlpack(h.float()), *rest, None, None, False, True, 0)
     with pytest.raises(ValueError, match=r"^h: expected a CUDA tensor, got bfloat16\[2, 256\]"):
         C.swiglu_backward_gated(to_dlpack(h), *rest, None, None, False, True, 0)
+
+
+def _as_cuda_capsule(tensor: torch.Tensor) -> object:
+    """A DLPack capsule of a CPU tensor relabelled as cuda:0 (DLTensor.device.device_type is the
+    int32 after the data pointer). Only for zero-row calls, whose launchers return before any
+    CUDA call: it runs the binding's host-side checks on a machine without a GPU."""
+    import ctypes
+
+    capsule = to_dlpack(tensor)
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    ctypes.c_int32.from_address(get(capsule, b"dltensor") + 8).value = 2  # kDLCUDA
+    return capsule
+
+
+@pytest.mark.parametrize("mn_major", [True, False])
+def test_zero_rows_pass_the_checks_with_empty_scale_storage(mn_major):
+    # Regression: the MN-major scale storage of 0 rows is float32[blocks, 0]; torch gives it
+    # strides (1, 1), which the contiguity check rejected although an empty tensor has no layout.
+    if not C.WITH_CUDA:
+        pytest.skip("_C was built without CUDA ops")
+    features = 128
+    h = torch.empty(0, 2 * features, dtype=torch.bfloat16)
+    storage = torch.empty(2, 0) if mn_major else torch.empty(0, 2)
+    args = [h, torch.empty(0, features, dtype=torch.bfloat16), torch.empty(0), torch.empty_like(h),
+            torch.empty(0, features, dtype=torch.bfloat16), torch.empty(0),
+            torch.empty(0, 2 * features, dtype=torch.uint8), storage]
+    C.swiglu_backward_gated(*[_as_cuda_capsule(t) for t in args], False, mn_major, 0)
