@@ -152,7 +152,7 @@ stage_fp8_parity() {
   : > "$OUT/fp8-parity.log"
   for recipe in bf16 fp8; do
     rm -rf "$runs/parity-$recipe"
-    local cmd=(n train super steps="$steps" global_batch=8 micro_batch=8 val_every=$((steps / 3))
+    local cmd=(timeout "${PARITY_TIMEOUT:-540}" n train super steps="$steps" global_batch=8 micro_batch=8 val_every=$((steps / 3))
       val_sequences=32 checkpoints=false log_every=25 final_eval_tasks=null
       model.moe.backend=fused model.moe.recipe="$recipe" runs_root=$runs
       run_name="parity-$recipe" data.data_root=/tmp/nmoe-data-$recipe)
@@ -191,6 +191,9 @@ stage_bench_train() {
 }
 
 stage_hopper_train() {
+  # Four CPU-heavy processes at once (model initialisation, data preparation, compilation): give
+  # each a quarter of the cores; oversubscribed OpenMP threads spin and stall them all.
+  export OMP_NUM_THREADS=$(( $(nproc) / 4 > 0 ? $(nproc) / 4 : 1 ))
   CUDA_VISIBLE_DEVICES=0 timeout 540 "$PY" packages/nmoe-train/bench/bench_train.py \
     --json "$OUT/bench_train.json" --variants torch:bf16 fused:bf16 fused:fp8 \
     --micro-batches ${BENCH_MICRO:-8 16} --steps "${BENCH_STEPS:-6}" --profile "$OUT/profile" \

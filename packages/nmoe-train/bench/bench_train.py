@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         backend, recipe = variant.split(":")
         for micro in args.micro_batches:
             try:
-                rows.append(run_variant(args.preset, backend, recipe, micro, args.steps,
-                                        args.seq_len, args.profile))
+                row = run_variant(args.preset, backend, recipe, micro, args.steps, args.seq_len,
+                                  args.profile)
             except torch.OutOfMemoryError:
                 print(f"{variant} micro-batch {micro}: out of memory", file=sys.stderr)
                 gc.collect()
@@ -207,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{variant} micro-batch {micro}: {type(err).__name__}: {err}",
                       file=sys.stderr)
                 break
+            rows.append(row)
+            # Progress, and partial results that survive a time limit.
+            print(f"{variant} micro-batch {micro}: {row['tokens_per_s']:.0f} tokens/s, "
+                  f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_gib']:.1f} GiB", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2))
     base = {r["micro_batch"]: r for r in rows if r["backend"] == "torch"}
     print(f"{'variant':<12} {'micro':>5} {'tok/s':>10} {'ms/step':>9} {'MFU':>6} {'peak GiB':>9} "
           f"{'x torch':>8} {'mem x':>6}")

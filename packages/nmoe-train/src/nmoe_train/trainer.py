@@ -110,6 +110,9 @@ class Trainer:
             torch.set_num_threads(cfg.cpu_threads)
         self.fingerprint = cfg.fingerprint()
         self.run_id, self.run_dir = self._run_identity(run_dir)
+        # The seeded initialisation draws every weight on the CPU (tens of seconds for billions
+        # of expert weights): say what is happening before the startup report.
+        self._print(f"run {self.run_id}: building the model, optimizer and data on {self.device}")
         self._build_model()
         self._build_optimizer()
         self._build_data()
