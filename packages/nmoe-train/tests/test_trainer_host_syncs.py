@@ -5,6 +5,7 @@ in range by construction), and the step's statistics still count every routed ro
 from __future__ import annotations
 
 import pytest
+import torch
 
 import nmoe_comm.local
 from nmoe_train.config import resolve_config
@@ -37,3 +38,16 @@ def test_train_step_does_not_check_expert_ids_per_dispatch(tmp_path, monkeypatch
         busiest = stats[f"router/layer_{layer:02d}/max_load"] * mean
         assert busiest == pytest.approx(round(busiest), abs=1e-6)
         assert mean <= busiest <= tokens
+
+
+@pytest.mark.parametrize(("name", "device", "world", "local", "want"), [
+    ("auto", "cuda", 4, 4, "ipc"),      # one node of GPUs: CUDA IPC
+    ("auto", "cuda", 16, 8, "nccl"),    # several nodes
+    ("auto", "cpu", 2, 2, "nccl"),      # CPU ranks: nccl backend over gloo
+    ("nvshmem", "cuda", 4, 4, "nvshmem"),
+    ("nccl", "cuda", 4, 4, "nccl"),
+])
+def test_auto_dispatcher_is_ipc_inside_one_gpu_node(name, device, world, local, want):
+    from nmoe_train.trainer import resolve_dispatcher
+
+    assert resolve_dispatcher(name, torch.device(device), world, local) == want

@@ -91,11 +91,20 @@ def test_zero2_matches_single_process(tmp_path, use_muon, clip):
     norm = _train(model, SingleProcessOptimizer(model, _opt_cfg(use_muon)), _batches(seed), 0, 1,
                   clip)
     assert abs(got["norm"] - norm) <= 1e-5 * norm, f"grad norm {got['norm']} vs {norm}, seed {seed}"
+    max_step = max(_opt_cfg(use_muon).lr_muon, _opt_cfg(use_muon).lr_dense)
     for name, want in model.state_dict().items():
         have = got["state"][name]
         # Summing two half-batch gradients differs from one full-batch gradient only by float32
-        # rounding; three steps of AdamW/Muon keep that at the 1e-6 level.
-        assert torch.allclose(have, want, atol=2e-5, rtol=1e-4), (
-            f"{name}: max diff {(have - want).abs().max():.3g}, seed {seed}"
+        # rounding, which three steps of AdamW/Muon keep at the 1e-6 level for almost every
+        # element. AdamW divides each element's step by its own gradient's magnitude, though, so
+        # an element whose gradient nearly cancels (|g| at the rounding level of its summands)
+        # can step visibly differently (seen: 2.6e-5 in one element of 2048). Such elements must
+        # be rare (at most 2, or 0.1%) and each within one step size per step; a wrong shard or
+        # reduction would move many elements.
+        diff = (have - want).abs()
+        far = int((~torch.isclose(have, want, atol=2e-5, rtol=1e-4)).sum())
+        assert far <= max(2, want.numel() // 1000) and diff.max() <= 2 * max_step * STEPS, (
+            f"{name}: {far} of {want.numel()} elements off, max diff {diff.max():.3g}, "
+            f"seed {seed}"
         )
     assert not torch.equal(model.embed.weight, Transformer(_model_cfg(), seed=seed).embed.weight)

@@ -62,8 +62,10 @@ class ParallelConfig(_Config):
     expert_parallel: Literal["none", "all"] = Field(
         "none", description="'all': experts split over every rank; 'none': replicated"
     )
-    dispatcher: Literal["local", "nccl", "ipc", "nvshmem"] = Field(
-        "nccl", description="dispatcher backend for expert parallelism"
+    dispatcher: Literal["auto", "local", "nccl", "ipc", "nvshmem"] = Field(
+        "auto",
+        description="dispatcher backend for expert parallelism; auto: ipc when every rank drives "
+        "a CUDA GPU of one node (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE), nccl otherwise",
     )
     zero2_chunk_mb: int = Field(256, ge=1, description="reduce-scatter/all-gather chunk size")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -94,6 +95,16 @@ def flops_per_token(model: Transformer, seq_len: int) -> float:
     return 6.0 * n_active + attn
 
 
+def resolve_dispatcher(name: str, device: torch.device, world_size: int,
+                       local_world_size: int) -> str:
+    """The dispatcher backend ``parallel.dispatcher`` names; ``auto`` is ``ipc`` (CUDA IPC, the
+    fastest inside a node) when every rank drives a CUDA GPU of one node, else ``nccl`` (any
+    device, any number of nodes; over gloo on CPU)."""
+    if name != "auto":
+        return name
+    return "ipc" if device.type == "cuda" and local_world_size == world_size else "nccl"
+
+
 class Trainer:
     """Builds everything a run needs from a `TrainConfig` and runs it (`run`)."""
 
@@ -173,7 +184,9 @@ class Trainer:
         # sized from it, never from the routing of the moment.
         micro = cfg.micro_batch or cfg.global_batch // info.world_size
         self.capacity = micro * cfg.seq_len * cfg.model.moe.n_activated_experts * ep_world
-        backend = cfg.parallel.dispatcher if expert_parallel else "local"
+        backend = resolve_dispatcher(cfg.parallel.dispatcher, self.device, info.world_size,
+                                     int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+        backend = backend if expert_parallel else "local"
         options: dict = {}
         if backend == "local":
             # The ids come from the router's top-k over E columns, so they are in range by
