@@ -121,6 +121,39 @@ def routing_cases(quick: bool):
         del x, y, src, token_index
 
 
+def time_cases(cases, baseline: str, baseline_iters: int) -> list[dict]:
+    """Time each ``(op, shape, bytes, kernel_fn, baseline_fn)`` case against its baseline on the
+    current GPU; print one table row per case and return the JSON rows."""
+    device = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    rows = []
+    for op, shape, nbytes, kernel, reference in cases:
+        ms = median_ms(kernel, iters=30, warmup=5)
+        base_ms = median_ms(reference, iters=baseline_iters, warmup=1)
+        row = dict(
+            op=op,
+            shape=shape,
+            dtype="bfloat16",
+            time_us=ms * 1e3,
+            gb_per_s=nbytes / ms / 1e6,
+            bytes=nbytes,
+            baseline=baseline,
+            baseline_us=base_ms * 1e3,
+            ratio=base_ms / ms,
+            device=device,
+            compute_capability=f"{props.major}.{props.minor}",
+            torch=torch.__version__,
+            cuda=torch.version.cuda,
+        )
+        rows.append(row)
+        print(
+            f"{op:<36}{shape:>34}{row['time_us']:>10.1f}{row['gb_per_s']:>8.0f}"
+            f"{row['baseline_us']:>11.1f}{row['ratio']:>8.1f}"
+        )
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write result rows to this file")
@@ -133,38 +166,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    props = torch.cuda.get_device_properties(0)
     rows = []
-    header = f"{'op':<34}{'shape':>34}{'us':>10}{'GB/s':>8}{'ref us':>11}{'x ref':>8}"
+    header = f"{'op':<36}{'shape':>34}{'us':>10}{'GB/s':>8}{'base us':>11}{'x base':>8}"
     print(header)
     print("-" * len(header))
     groups = {"weights": weight_cases, "swiglu": swiglu_cases, "routing": routing_cases}
     for name in args.groups.split(","):
-        cases = groups[name]
-        for op, shape, nbytes, kernel, baseline in cases(args.quick):
-            ms = median_ms(kernel, iters=30, warmup=5)
-            ref_ms = median_ms(baseline, iters=5, warmup=1)
-            row = dict(
-                op=op,
-                shape=shape,
-                dtype="bfloat16",
-                time_us=ms * 1e3,
-                gb_per_s=nbytes / ms / 1e6,
-                bytes=nbytes,
-                baseline="nmoe_kernels.reference (eager torch, same GPU)",
-                baseline_us=ref_ms * 1e3,
-                ratio=ref_ms / ms,
-                device=device,
-                compute_capability=f"{props.major}.{props.minor}",
-                torch=torch.__version__,
-                cuda=torch.version.cuda,
-            )
-            rows.append(row)
-            print(
-                f"{op:<34}{shape:>34}{row['time_us']:>10.1f}{row['gb_per_s']:>8.0f}"
-                f"{row['baseline_us']:>11.1f}{row['ratio']:>8.1f}"
-            )
-            torch.cuda.empty_cache()
+        rows += time_cases(groups[name](args.quick),
+                           "nmoe_kernels.reference (eager torch, same GPU)", baseline_iters=5)
     print(f"device: {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     if args.json:
         with open(args.json, "w") as f:

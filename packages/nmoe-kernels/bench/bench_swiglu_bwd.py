@@ -21,27 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+from bench_quant_permute import time_cases  # same directory: the shared timing and table row
 
 import nmoe_kernels
-
-
-def median_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def unfused_torch(h_R2F: torch.Tensor, da_RF: torch.Tensor, gates_R: torch.Tensor):
@@ -94,37 +79,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
-    props = torch.cuda.get_device_properties(0)
     shapes = [(131072, 384), (65536, 1408), (65536, 2048)] if not args.quick else [(16384, 768)]
     rows = []
-    header = f"{'op':<36}{'shape':>20}{'us':>10}{'GB/s':>8}{'torch us':>11}{'x torch':>9}"
+    header = f"{'op':<36}{'shape':>34}{'us':>10}{'GB/s':>8}{'torch us':>11}{'x torch':>8}"
     print(header)
     print("-" * len(header))
     for num_rows, num_features in shapes:
-        for op, shape, nbytes, kernel, baseline in bench_shape(num_rows, num_features):
-            ms = median_ms(kernel, iters=30, warmup=5)
-            base_ms = median_ms(baseline, iters=10, warmup=2)
-            row = dict(
-                op=op,
-                shape=shape,
-                dtype="bfloat16",
-                time_us=ms * 1e3,
-                gb_per_s=nbytes / ms / 1e6,
-                bytes=nbytes,
-                baseline="unfused eager torch sequence of the MoE expert backward (same GPU)",
-                baseline_us=base_ms * 1e3,
-                ratio=base_ms / ms,
-                device=device,
-                compute_capability=f"{props.major}.{props.minor}",
-                torch=torch.__version__,
-                cuda=torch.version.cuda,
-            )
-            rows.append(row)
-            print(
-                f"{op:<36}{shape:>20}{row['time_us']:>10.1f}{row['gb_per_s']:>8.0f}"
-                f"{row['baseline_us']:>11.1f}{row['ratio']:>9.1f}"
-            )
-        torch.cuda.empty_cache()
+        rows += time_cases(
+            bench_shape(num_rows, num_features),
+            "unfused eager torch sequence of the MoE expert backward (same GPU)",
+            baseline_iters=10,
+        )
     print(f"device: {device}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     if args.json:
         with open(args.json, "w") as f:
