@@ -71,6 +71,9 @@ def _worker(rank, world, port, use_muon, clip, seed, out_path):
     norm = _train(model, opt, _batches(seed), rank, world, clip)
     if rank == 0:
         torch.save({"state": model.state_dict(), "norm": norm}, out_path)
+    # Leave together: a rank tearing gloo down while its peer is still inside a collective's
+    # teardown aborted with "terminate called without an active exception" (about 1 run in 10).
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -91,20 +94,22 @@ def test_zero2_matches_single_process(tmp_path, use_muon, clip):
     norm = _train(model, SingleProcessOptimizer(model, _opt_cfg(use_muon)), _batches(seed), 0, 1,
                   clip)
     assert abs(got["norm"] - norm) <= 1e-5 * norm, f"grad norm {got['norm']} vs {norm}, seed {seed}"
+    init = Transformer(_model_cfg(), seed=seed).state_dict()
     max_step = max(_opt_cfg(use_muon).lr_muon, _opt_cfg(use_muon).lr_dense)
     for name, want in model.state_dict().items():
         have = got["state"][name]
         # Summing two half-batch gradients differs from one full-batch gradient only by float32
-        # rounding, which three steps of AdamW/Muon keep at the 1e-6 level for almost every
-        # element. AdamW divides each element's step by its own gradient's magnitude, though, so
+        # rounding. AdamW divides each element's step by that element's gradient magnitude, so
         # an element whose gradient nearly cancels (|g| at the rounding level of its summands)
-        # can step visibly differently (seen: 2.6e-5 in one element of 2048). Such elements must
-        # be rare (at most 2, or 0.1%) and each within one step size per step; a wrong shard or
-        # reduction would move many elements.
-        diff = (have - want).abs()
-        far = int((~torch.isclose(have, want, atol=2e-5, rtol=1e-4)).sum())
-        assert far <= max(2, want.numel() // 1000) and diff.max() <= 2 * max_step * STEPS, (
-            f"{name}: {far} of {want.numel()} elements off, max diff {diff.max():.3g}, "
+        # steps visibly differently (seen: 4 of 2048 elements off by up to 4.4e-5, against
+        # steps of 1e-2): bound the difference relative to how far training moved the tensor
+        # (3 steps: norm ~ lr * sqrt(numel)), and every element by one step size per step. A
+        # wrong shard or reduction moves the tensor as far as training does (ratio ~ 1).
+        moved = (want - init[name]).float().norm()
+        diff = (have - want).float()
+        ratio = float(diff.norm() / moved.clamp_min(1e-12))
+        assert ratio <= 1e-3 and diff.abs().max() <= 2 * max_step * STEPS, (
+            f"{name}: |diff| / |update| = {ratio:.3g}, max diff {diff.abs().max():.3g}, "
             f"seed {seed}"
         )
     assert not torch.equal(model.embed.weight, Transformer(_model_cfg(), seed=seed).embed.weight)
