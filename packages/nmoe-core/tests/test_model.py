@@ -123,6 +123,22 @@ def test_init_depends_only_on_seed_and_expert_parallel_slices(seed):
                 assert torch.equal(tensor, full_sd[name]), name
 
 
+def test_init_is_the_same_on_any_number_of_threads():
+    # The seeded initialisation runs on a thread pool (`parallel_init`); each tensor draws from
+    # its own generator, so 1 thread (a plain loop) and several must give the same bits.
+    cfg = small_cfg()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = Transformer(cfg, seed=3).state_dict()
+        torch.set_num_threads(4)
+        pooled = Transformer(cfg, seed=3).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    for name, tensor in serial.items():
+        assert torch.equal(tensor, pooled[name]), name
+
+
 def test_init_statistics():
     cfg = small_cfg(dim=64, inter_dim=256, vocab_size=4096)
     model = Transformer(cfg, seed=0)

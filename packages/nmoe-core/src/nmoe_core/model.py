@@ -27,7 +27,7 @@ from nmoe_core.attention import KVCache, LayerCache, build_attention
 from nmoe_core.config import ModelConfig
 from nmoe_core.loss import chunked_cross_entropy
 from nmoe_core.mlp import MLP
-from nmoe_core.moe import GroupedExperts, MoE, Router, trunc_normal_
+from nmoe_core.moe import GroupedExperts, MoE, Router, parallel_init, trunc_normal_
 from nmoe_core.norm import RMSNorm
 
 
@@ -188,9 +188,8 @@ class Transformer(nn.Module):
                     if isinstance(sub, GroupedExperts):
                         sub.reset_parameters(seed, module.layer_id, block_std, block_std)
                         expert_modules.update((id(sub.w13), id(sub.w2)))
-        for name, param in self.named_parameters():
-            if id(param) in expert_modules:
-                continue
+        def init_param(named: tuple[str, nn.Parameter]) -> None:
+            name, param = named
             gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
             value = torch.empty(param.shape)
             if param is self.embed.weight:
@@ -202,6 +201,9 @@ class Transformer(nn.Module):
             else:
                 trunc_normal_(value, out_std.get(id(param), std), gen)
             param.copy_(value)
+
+        parallel_init(init_param, [(name, param) for name, param in self.named_parameters()
+                                   if id(param) not in expert_modules])
 
     # ----------------------------------------------------------------------------------------
     # Structure queries used by training and optimizers

@@ -16,6 +16,8 @@ SwiGLU epilogue finds each pair in adjacent accumulator columns: the layout of
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,29 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 @torch.no_grad()
+def parallel_init(fn: Callable[[object], None], items: Iterable[object]) -> None:
+    """Run ``fn(item)`` for every item, on ``torch.get_num_threads()`` threads, under no_grad.
+
+    For the seeded initialisation: each item draws from its own generator and writes its own
+    tensor, so the result is bitwise the result of a serial loop, while the draws (serial inside
+    torch for a given generator) spread over the CPU's cores; torch releases the GIL in its ops.
+    """
+    items = list(items)
+
+    def run(item: object) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            fn(item)
+
+    workers = min(len(items), torch.get_num_threads())
+    if workers <= 1:
+        for item in items:
+            run(item)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(run, items):  # re-raises the first error
+            pass
+
+
 def trunc_normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """Fill ``tensor`` from N(0, std) truncated to ``[-2 std, 2 std]`` by redrawing the values that
     fall outside (exact rejection sampling; ~30x faster on CPU than ``nn.init.trunc_normal_``'s
@@ -176,11 +201,13 @@ class GroupedExperts(nn.Module):
     def reset_parameters(self, seed: int, layer_id: int, std_in: float, std_out: float) -> None:
         """Initialise each expert from a generator keyed by its *global* id, so a model split
         over expert-parallel ranks holds exactly the slices of the single-rank model."""
-        for local in range(self.num_local_experts):
+        def init_expert(local: int) -> None:
             key = f"{seed}/{layer_id}/expert/{self.expert_offset + local}".encode()
             gen = torch.Generator().manual_seed(zlib.crc32(key))
             self.w13[local].copy_(trunc_normal_(torch.empty(self.w13.shape[1:]), std_in, gen))
             self.w2[local].copy_(trunc_normal_(torch.empty(self.w2.shape[1:]), std_out, gen))
+
+        parallel_init(init_expert, range(self.num_local_experts))
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return expert_mlp_torch(x_RD, counts_E, self.w13, self.w2)
