@@ -184,6 +184,24 @@ void quantize_fp8_128x128(const py::object& w_capsule, const py::object& w_fp8_c
 #endif
 }
 
+// h [rows, 2F] with interleaved (gate, up) columns, as the SwiGLU ops read it: one of `dtypes`,
+// CUDA, 2-D (`shape` names the dims in errors), 2F % 256 == 0 (whole 1x128 blocks of F),
+// contiguous, 16-byte aligned.
+void check_interleaved_h(const TensorView& h, std::initializer_list<ScalarType> dtypes,
+                         const char* shape) {
+  h.check_dtype(dtypes);
+  h.check_cuda();
+  if (h.ndim() != 2) {
+    h.fail(std::string("expected a 2-D tensor ") + shape + ", got " + h.describe());
+  }
+  if (h.size(1) % (2 * kBlockK) != 0) {
+    h.fail("the last dim 2F=" + std::to_string(h.size(1)) + " must be a multiple of 256 (F % 128 "
+           "== 0), got " + h.describe() + "; pad F");
+  }
+  h.check_contiguous();
+  h.check_aligned(16);
+}
+
 void swiglu_quantize_fp8_1x128(const py::object& h_capsule, const py::object& y_fp8_capsule,
                                const py::object& scales_capsule, bool ue8m0, bool scales_mn_major,
                                std::uintptr_t stream) {
@@ -192,15 +210,7 @@ void swiglu_quantize_fp8_1x128(const py::object& h_capsule, const py::object& y_
   const TensorView y_fp8(y_fp8_capsule, "y_fp8");
   const TensorView scales(scales_capsule, "scales");
 
-  h.check_dtype({ScalarType::kBFloat16, ScalarType::kFloat32});
-  h.check_cuda();
-  if (h.ndim() != 2) h.fail("expected a 2-D tensor [M, 2F], got " + h.describe());
-  h.check_contiguous();
-  h.check_aligned(16);
-  if (h.size(1) % (2 * kBlockK) != 0) {
-    h.fail("the last dim 2F=" + std::to_string(h.size(1)) + " must be a multiple of 256 (F % 128 "
-           "== 0), got " + h.describe() + "; pad F");
-  }
+  check_interleaved_h(h, {ScalarType::kBFloat16, ScalarType::kFloat32}, "[M, 2F]");
   const int64_t num_rows = h.size(0);
   const int64_t num_features = h.size(1) / 2;
 
@@ -240,15 +250,7 @@ void swiglu_backward_gated(const py::object& h_capsule, const py::object& da_cap
   const TensorView ag(ag_capsule, "ag");
   const TensorView dgate(dgate_capsule, "dgate");
 
-  h.check_dtype({ScalarType::kBFloat16});
-  h.check_cuda();
-  if (h.ndim() != 2) h.fail("expected a 2-D tensor [R, 2F], got " + h.describe());
-  if (h.size(1) % (2 * kBlockK) != 0) {
-    h.fail("the last dim 2F=" + std::to_string(h.size(1)) + " must be a multiple of 256 (F % 128 "
-           "== 0), got " + h.describe() + "; pad F");
-  }
-  h.check_contiguous();
-  h.check_aligned(16);
+  check_interleaved_h(h, {ScalarType::kBFloat16}, "[R, 2F]");
   const int64_t num_rows = h.size(0);
   const int64_t num_features = h.size(1) / 2;
   check_bf16_matrix(da, h, num_rows, num_features);
