@@ -3,7 +3,9 @@
     NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
     python -m torch.distributed.run --standalone --nproc_per_node 8 \
         packages/nmoe-comm/bench/bench_dispatch.py [--backends nccl ipc nvshmem] [--fp8] \
-        [--json out.json]
+        [--sync-free] [--json out.json]
+    # where the time of one decode-sized ipc dispatch + combine goes, stage by stage:
+    ... bench_dispatch.py --backends ipc --breakdown [--shapes 128x7168x8]
 
 Shapes (tokens per rank T, hidden D, top-k K): (4096, 7168, 8), (16384, 768, 8), (8192, 2048, 6)
 and the decode size (128, 7168, 8); bfloat16 rows, ``E`` experts (default 256) routed uniformly
@@ -13,10 +15,27 @@ around ``dispatch`` (including its one host synchronisation) and ``combine`` of 
 rows; the reported time is the median over iterations of the slowest rank. GB/s per rank counts
 the bytes that cross devices (rows to or from other ranks, payload only), averaged over ranks,
 divided by that time. The baseline is ``nccl`` measured in the same run; ``ratio`` = nccl time /
-backend time. ``--fp8`` adds FP8 dispatch rows (``backend+fp8``). Before timing, each backend's
-``x_RD`` and combined output are compared with nccl's on the same inputs (``match`` column).
-Rank 0 prints a table and writes JSON rows (op, shape, dtype, time, GB/s, baseline, ratio,
-card, GPU count, torch, CUDA and driver versions).
+backend time. ``--fp8`` adds FP8 dispatch rows (``backend+fp8``); ``--sync-free`` adds
+``dispatch(..., sync=False)`` rows for the backends that support it (``backend:sync_free``: no
+host synchronisation, ``x_RD`` has ``capacity`` rows of which the first R are valid). Before
+timing, each backend's ``x_RD`` (its first R rows) and combined output are compared with nccl's
+on the same inputs (``match`` column). Rank 0 prints a table and writes JSON rows (op, shape,
+dtype, time, GB/s, baseline, ratio, card, GPU count, torch, CUDA and driver versions).
+``--dedup`` adds ``backend+dedup`` rows (``dedup_rows=True``: each token's row crosses once per
+owner instead of once per slot; GB/s still counts one row per slot, so it is the effective rate,
+above what the links carry).
+
+``--breakdown`` (``ipc`` / ``nvshmem`` only; default shape the decode size) times each stage of
+one dispatch + combine instead, synchronous and sync-free: the dispatcher's ``stage_hook``
+records a CUDA event and ``time.perf_counter_ns`` right after each stage is enqueued (dispatch:
+``checks`` = argument checks and per-call allocations, ``route_plan`` (with the count exchange
+and its GPU barrier), ``scatter_slots`` (with the completion barrier), ``host_sync`` (the status
+read: the host waits for the GPU here), ``alloc`` (output tensors), ``unpack``, ``handle``
+(result objects), ``(return)``; combine: ``checks``, ``return_rows`` (with its barrier),
+``reduce_slots``, ``(return)``). Per stage it prints the host time between marks (Python,
+pybind and launch calls; for ``host_sync`` the wait) and the GPU time between the events (kernel
+time plus any idle gap waiting for the host or for other ranks at a barrier), medians over
+iterations, for the slowest rank and rank 0, plus the cost of one mark itself.
 """
 
 from __future__ import annotations
@@ -26,6 +45,7 @@ import json
 import os
 import statistics
 import subprocess
+import time
 
 for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
                       ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
@@ -88,25 +108,29 @@ def _barrier(device) -> None:
     torch.cuda.synchronize(device)
 
 
-def _make(backend: str, shape, num_experts, world, rank):
+def _make(backend: str, shape, num_experts, world, rank, dedup: bool = False):
     tokens, hidden, top_k = shape
     options = {} if backend == "nccl" else {
-        "hidden": hidden, "dtype": torch.bfloat16, "max_send_rows": tokens * top_k}
+        "hidden": hidden, "dtype": torch.bfloat16, "max_send_rows": tokens * top_k,
+        "dedup_rows": dedup}
     return nmoe_comm.create_dispatcher(backend, num_experts=num_experts,
                                        capacity=_capacity(tokens, top_k), world_size=world,
                                        rank=rank, **options)
 
 
-def _run(dispatcher, sets, fp8, iters, warmup, device, y_pool):
+def _run(dispatcher, sets, fp8, sync, iters, warmup, device, y_pool):
     """Median (dispatch_ms, combine_ms) of this rank, and the first rotation's outputs."""
     def step(j):
         x, ids, gates = sets[j % ROTATIONS]
-        received = dispatcher.dispatch(x, ids, gates, fp8=fp8)
+        received = dispatcher.dispatch(x, ids, gates, fp8=fp8, sync=sync)
         y = y_pool[: received.x_RD.shape[0]] if fp8 else received.x_RD
         return received, y
 
     first = step(0)
-    reference_out = (first[0].x_RD, dispatcher.combine(first[1], first[0].handle))
+    x_RD = first[0].x_RD
+    if first[0].num_received is not None:  # sync-free: the first R rows are the result
+        x_RD = x_RD[:int(first[0].num_received.cpu()[0])]
+    reference_out = (x_RD, dispatcher.combine(first[1], first[0].handle))
     for j in range(warmup):
         received, y = step(j)
         dispatcher.combine(y, received.handle)
@@ -141,23 +165,25 @@ def _bench_shape(shape, variants, args, world, rank, device, meta):
     tokens, hidden, top_k = shape
     sets = _inputs(shape, args.experts, rank, device)
     y_pool = None  # bfloat16 expert outputs to combine after an FP8 dispatch
-    if any(fp8 for _, fp8 in variants):
+    if any(v[1] for v in variants):  # (backend, fp8, sync, dedup)
         y_pool = torch.randn(_capacity(tokens, top_k), hidden, device=device).to(torch.bfloat16)
     rows, baseline = [], None
-    for backend, fp8 in variants:
-        name = backend + ("+fp8" if fp8 else "")
+    for backend, fp8, sync, dedup in variants:
+        name = (backend + ("+fp8" if fp8 else "") + ("+dedup" if dedup else "")
+                + ("" if sync else ":sync_free"))
         try:
-            dispatcher = _make(backend, shape, args.experts, world, rank)
+            dispatcher = _make(backend, shape, args.experts, world, rank, dedup)
         except (nmoe_comm.BackendUnavailableError, RuntimeError) as err:
             if rank == 0:
                 print(f"  {name}: unavailable: {err}")
             continue
-        d_ms, c_ms, outs = _run(dispatcher, sets, fp8, args.iters, args.warmup, device, y_pool)
+        d_ms, c_ms, outs = _run(dispatcher, sets, fp8, sync, args.iters, args.warmup, device,
+                                y_pool)
         dispatcher.destroy()
         payload = hidden + hidden // 32 if fp8 else hidden * 2
         send, back = _cross_bytes(sets[0][1], args.experts, world, rank, hidden * 2)
         send = send // (hidden * 2) * payload
-        if backend == "nccl" and not fp8:
+        if backend == "nccl" and not fp8 and sync and not dedup:
             baseline = outs
         match = None
         if baseline is not None and not fp8:
@@ -192,11 +218,12 @@ def _verdicts(rows) -> list[str]:
             ok = nccl / ipc >= 1.3
             lines.append(f"ipc >= 1.3x nccl end to end at {shape}: {nccl / ipc:.2f}x "
                          f"{'PASS' if ok else 'MISS'}")
-    for op, limit in (("dispatch", 60.0), ("combine", 80.0)):
-        us = time("ipc", DECODE, op)
-        if us:
-            lines.append(f"ipc decode {op} < {limit:.0f} us: {us:.1f} us "
-                         f"{'PASS' if us < limit else 'MISS'}")
+    for backend in ("ipc", "ipc:sync_free", "ipc+dedup", "ipc+dedup:sync_free"):
+        for op, limit in (("dispatch", 60.0), ("combine", 80.0)):
+            us = time(backend, DECODE, op)
+            if us:
+                lines.append(f"{backend} decode {op} < {limit:.0f} us: {us:.1f} us "
+                             f"{'PASS' if us < limit else 'MISS'}")
     for shape in SHAPES:
         ipc, nvs = time("ipc", shape), time("nvshmem", shape)
         if ipc and nvs:
@@ -205,10 +232,97 @@ def _verdicts(rows) -> list[str]:
     return lines
 
 
+def _stage_times(dispatcher, sets, sync, iters, warmup, device):
+    """Per-stage (host_us, gpu_us) medians of this rank; also the cost of one mark."""
+    marks: list = []
+
+    def mark(stage: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((stage, time.perf_counter_ns(), event))
+
+    def hooked(prefix: str):
+        return lambda stage: mark(f"{prefix}{stage}")
+
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for j in range(warmup + iters):
+        x, ids, gates = sets[j % ROTATIONS]
+        _barrier(device)
+        marks.clear()
+        mark("start")
+        dispatcher.stage_hook = hooked("dispatch: ")
+        received = dispatcher.dispatch(x, ids, gates, sync=sync)
+        mark("dispatch: (return)")
+        dispatcher.stage_hook = hooked("combine: ")
+        dispatcher.combine(received.x_RD, received.handle)
+        mark("combine: (return)")
+        mark("mark cost")
+        dispatcher.stage_hook = None
+        marks[-1][2].synchronize()
+        if j < warmup:
+            continue
+        for (_, t0, e0), (stage, t1, e1) in zip(marks, marks[1:]):
+            samples.setdefault(stage, []).append(((t1 - t0) / 1e3, e0.elapsed_time(e1) * 1e3))
+    return {stage: (statistics.median(v[0] for v in values),
+                    statistics.median(v[1] for v in values))
+            for stage, values in samples.items()}
+
+
+def _breakdown_main(args, shapes, world, rank, device) -> None:
+    """``--breakdown``: the stage table for each ipc/nvshmem backend, synchronous and sync-free."""
+    backends = [b for b in args.backends if b in ("ipc", "nvshmem")] or ["ipc"]
+    if rank == 0:
+        print(f"{torch.cuda.get_device_name(device)} x{world}, torch {torch.__version__}; "
+              f"medians over {args.iters} iterations; host = time on the CPU between marks, "
+              f"GPU = time between the marks' CUDA events")
+    for shape in shapes:
+        sets = _inputs(shape, args.experts, rank, device)
+        for backend in backends:
+            configs = [(True, False), (False, False)] + ([(False, True)] if args.dedup else [])
+            for sync, dedup in configs:
+                dispatcher = _make(backend, shape, args.experts, world, rank, dedup)
+                times = _stage_times(dispatcher, sets, sync, args.iters, args.warmup, device)
+                dispatcher.destroy()
+                stages = list(times)  # the same order on every rank
+                mine = torch.tensor([v for s in stages for v in times[s]], dtype=torch.float64,
+                                    device=device)
+                slowest = mine.clone()
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                if rank != 0:
+                    continue
+                print(f"\n{backend} sync={sync} dedup_rows={dedup} "
+                      f"T x D x K = {'x'.join(map(str, shape))}, "
+                      f"E={args.experts}, {world} GPUs")
+                print(f"{'stage':<26}{'host us':>10}{'GPU us':>10}{'host us':>10}{'GPU us':>10}")
+                print(f"{'':<26}{'(slowest rank)':>20}{'(rank 0)':>20}")
+                totals = {"dispatch": [0.0] * 4, "combine": [0.0] * 4}
+                for i, stage in enumerate(stages):
+                    row = [float(slowest[2 * i]), float(slowest[2 * i + 1]),
+                           float(mine[2 * i]), float(mine[2 * i + 1])]
+                    print(f"{stage:<26}" + "".join(f"{v:>10.1f}" for v in row))
+                    op = stage.split(":")[0]
+                    if op in totals:
+                        totals[op] = [a + b for a, b in zip(totals[op], row)]
+                for op, row in totals.items():
+                    print(f"{op + ' (sum of stages)':<26}" + "".join(f"{v:>10.1f}" for v in row))
+                python = sum(float(mine[2 * i]) for i, s in enumerate(stages)
+                             if s.split(": ")[-1] in ("checks", "alloc", "handle", "(return)"))
+                print(f"rank 0 host time outside kernel launches and the sync (checks, alloc, "
+                      f"handle, return; marks included): {python:.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["nccl", "ipc", "nvshmem"])
     parser.add_argument("--fp8", action="store_true", help="also time FP8 dispatch")
+    parser.add_argument("--sync-free", action="store_true",
+                        help="also time dispatch(sync=False) (ipc, nvshmem)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="also time ipc/nvshmem with dedup_rows=True (one row per token and "
+                             "owner); with --sync-free the sync-free rows use it too")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per-stage host/GPU times of ipc/nvshmem dispatch + combine "
+                             "(default shape: the decode size) instead of the table")
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -220,18 +334,38 @@ def main() -> None:
     device = torch.device("cuda", local_rank)
     dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.breakdown and args.shapes == "all":
+        args.shapes = "x".join(map(str, DECODE))
     shapes = SHAPES if args.shapes == "all" else [
         tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    if "nccl" not in args.backends:
+    if "nccl" not in args.backends and not args.breakdown:
         args.backends.insert(0, "nccl")  # the baseline is always measured in the same run
     if "nvshmem" in args.backends:  # one heap for the whole run (dispatchers come and go)
         largest = max(BufferLayout.plan(capacity=_capacity(t, k), hidden=d, dtype=torch.bfloat16,
                                         world_size=world, num_experts=args.experts,
                                         max_send_rows=t * k).total_bytes for t, d, k in shapes)
         os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(int(largest * 1.25) + (512 << 20)))
-    variants = [(b, False) for b in args.backends]
+    if args.breakdown:
+        _breakdown_main(args, shapes, world, rank, device)
+    else:
+        _table_main(args, shapes, world, rank, device)
+    if "nvshmem" in args.backends:
+        from nmoe_comm import nvshmem
+
+        nvshmem.finalize()
+    dist.destroy_process_group()
+
+
+def _table_main(args, shapes, world, rank, device) -> None:
+    """The default run: the timing table of every variant against nccl, the verdicts, JSON."""
+    variants = [(b, False, True, False) for b in args.backends]
     if args.fp8:
-        variants += [(b, True) for b in args.backends]
+        variants += [(b, True, True, False) for b in args.backends]
+    rdep_backends = [b for b in args.backends if b != "nccl"]
+    if args.dedup:
+        variants += [(b, False, True, True) for b in rdep_backends]
+    if args.sync_free:
+        variants += [(b, False, False, args.dedup) for b in rdep_backends]
     meta = dict(device=torch.cuda.get_device_name(device), gpus=world, torch=torch.__version__,
                 cuda=torch.version.cuda, driver=_driver_version() if rank == 0 else None)
     rows = []
@@ -242,21 +376,16 @@ def main() -> None:
     if rank == 0:
         print(f"\n{meta['device']} x{world}, torch {meta['torch']}, CUDA {meta['cuda']}, "
               f"driver {meta['driver']}")
-        print(f"{'backend':<14}{'T x D x K':>18}{'op':>18}{'us':>10}{'GB/s/rank':>11}"
+        print(f"{'backend':<18}{'T x D x K':>18}{'op':>18}{'us':>10}{'GB/s/rank':>11}"
               f"{'x nccl':>8}{'match':>7}")
         for r in rows:
             ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
-            print(f"{r['backend']:<14}{'x'.join(map(str, r['shape'])):>18}{r['op']:>18}"
+            print(f"{r['backend']:<18}{'x'.join(map(str, r['shape'])):>18}{r['op']:>18}"
                   f"{r['time_us']:>10.1f}{r['gb_per_s']:>11.1f}{ratio:>8}{str(r['match']):>7}")
         print("\n" + "\n".join(_verdicts(rows)))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
-    if "nvshmem" in args.backends:
-        from nmoe_comm import nvshmem
-
-        nvshmem.finalize()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

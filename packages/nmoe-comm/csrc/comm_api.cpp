@@ -30,7 +30,10 @@ namespace py = pybind11;
 // Bump on any binding signature or behaviour change, with a one-line reason:
 //   1: first release (alloc/IPC, Rdep: route_plan, scatter_slots, unpack, return_rows,
 //      reduce_slots, owner_grad, gather_dots, barrier).
-constexpr int kAbiVersion = 1;
+//   2: unpack, return_rows and owner_grad take `num_rows_dev` (sync-free dispatch: R read on the
+//      device); a failed plan writes R = 0 and zero counts_E; scatter_slots and unpack take
+//      `dedup` (one row per token and owner).
+constexpr int kAbiVersion = 2;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -157,28 +160,32 @@ class Rdep {
 
   void scatter_slots(Ptr ids, bool ids_int64, int64_t num_slots, int top_k, Ptr send_pos,
                      Ptr land_index, Ptr src0, int64_t stride0, int64_t bytes0, Ptr src1,
-                     int64_t stride1, int64_t bytes1, Ptr gates, Ptr info, uint64_t epoch,
-                     Ptr stream) {
+                     int64_t stride1, int64_t bytes1, Ptr gates, Ptr info, bool dedup,
+                     uint64_t epoch, Ptr stream) {
     CudaDeviceGuard guard(device_, "scatter_slots");
     launch_scatter_slots(g_, as<const void>(ids), ids_int64, num_slots, top_k,
                          as<const int32_t>(send_pos), as<const int32_t>(land_index),
                          Payload{as<const char>(src0), stride0, bytes0},
                          Payload{as<const char>(src1), stride1, bytes1}, as<const float>(gates),
-                         as<const int64_t>(info), epoch, sm_count_, stream_of(stream));
+                         as<const int64_t>(info), dedup, epoch, sm_count_, stream_of(stream));
   }
 
-  void unpack(int64_t num_rows, Ptr out0, int64_t bytes0, Ptr out1, int64_t bytes1, Ptr gates_R,
-              Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R, Ptr stream) {
+  // num_rows_dev (0 or a device int64): sync-free dispatch, walk min(num_rows, *num_rows_dev).
+  void unpack(int64_t num_rows, Ptr num_rows_dev, bool dedup, Ptr out0, int64_t bytes0,
+              Ptr out1, int64_t bytes1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R,
+              Ptr land_row_R, Ptr stream) {
     CudaDeviceGuard guard(device_, "unpack");
-    launch_unpack(g_, num_rows, as<char>(out0), bytes0, as<char>(out1), bytes1,
+    launch_unpack(g_, num_rows, as<const int64_t>(num_rows_dev), dedup, as<char>(out0), bytes0,
+                  as<char>(out1), bytes1,
                   as<float>(gates_R), as<int32_t>(src_rank_R), as<int32_t>(ret_index_R),
                   as<int32_t>(land_row_R), sm_count_, stream_of(stream));
   }
 
-  void return_rows(int64_t num_rows, Ptr rows, int64_t row_bytes, Ptr src_rank_R,
-                   Ptr ret_index_R, Ptr land_row_R, uint64_t epoch, Ptr stream) {
+  void return_rows(int64_t num_rows, Ptr num_rows_dev, Ptr rows, int64_t row_bytes,
+                   Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R, uint64_t epoch, Ptr stream) {
     CudaDeviceGuard guard(device_, "return_rows");
-    launch_return_rows(g_, num_rows, as<const char>(rows), row_bytes,
+    launch_return_rows(g_, num_rows, as<const int64_t>(num_rows_dev), as<const char>(rows),
+                       row_bytes,
                        as<const int32_t>(src_rank_R), as<const int32_t>(ret_index_R),
                        as<const int32_t>(land_row_R), epoch, sm_count_, stream_of(stream));
   }
@@ -191,12 +198,12 @@ class Rdep {
                         sm_count_, stream_of(stream));
   }
 
-  void owner_grad(int y_dtype, int grad_out_dtype, int64_t num_rows, int64_t hidden, Ptr y,
-                  Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R, Ptr grad_y, uint64_t epoch,
-                  Ptr stream) {
+  void owner_grad(int y_dtype, int grad_out_dtype, int64_t num_rows, Ptr num_rows_dev,
+                  int64_t hidden, Ptr y, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
+                  Ptr grad_y, uint64_t epoch, Ptr stream) {
     CudaDeviceGuard guard(device_, "owner_grad");
     launch_owner_grad(g_, row_dtype(y_dtype, "y"), row_dtype(grad_out_dtype, "grad_out"),
-                      num_rows, hidden, as<const void>(y), as<const int32_t>(src_rank_R),
+                      num_rows, as<const int64_t>(num_rows_dev), hidden, as<const void>(y), as<const int32_t>(src_rank_R),
                       as<const int32_t>(ret_index_R), as<const int32_t>(land_row_R),
                       as<void>(grad_y), epoch, sm_count_, stream_of(stream));
   }

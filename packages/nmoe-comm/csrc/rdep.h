@@ -20,7 +20,8 @@
 namespace nmoe::comm {
 
 constexpr int kMaxRanks = 1024;
-constexpr int kTrailerBytes = 16;  // per landing row: float gate, 12 bytes reserved
+constexpr int kTrailerBytes = 16;  // per landing row: float gate, then (dedup) int32 payload row
+constexpr int kTrailerRowOffset = 4;  // byte offset of that payload row in the trailer
 
 // Byte offsets of the regions of one rank's buffer (identical on every rank), and the groups's
 // shape. Passed to every kernel by value.
@@ -46,7 +47,8 @@ struct Layout {
   unsigned long long timeout_ns;  // barrier spin limit, then trap
 };
 
-// Status a dispatch plan writes to info[0] (info[1], info[2]: details; info[3]: R of this rank).
+// Status a dispatch plan writes to info[0] (info[1], info[2]: details; info[3]: R of this rank,
+// 0 when the status is not kOk; counts_E is then all zeros too).
 enum PlanStatus : int64_t {
   kOk = 0,
   kOverCapacity = 1,  // info[1] = lowest owner over capacity, info[2] = its rows
@@ -77,28 +79,35 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
                        int64_t* counts_E, int64_t* info, int flags, unsigned long long epoch,
                        cudaStream_t stream);
 
+// dedup: each token's row goes once per owner (dispatch with every owner mapped; the trailer of
+// each slot's landing row names the landing row holding its payload; unpack needs the same flag).
 void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                           int top_k, const int32_t* send_pos, const int32_t* land_index,
                           Payload p0, Payload p1, const float* gates, const int64_t* info,
-                          unsigned long long epoch, int sm_count, cudaStream_t stream);
+                          bool dedup, unsigned long long epoch, int sm_count,
+                          cudaStream_t stream);
 
-void launch_unpack(const Layout& g, int64_t num_rows, char* out0, int64_t bytes0, char* out1,
-                   int64_t bytes1, float* gates_R, int32_t* src_rank_R, int32_t* ret_index_R,
-                   int32_t* land_row_R, int sm_count, cudaStream_t stream);
+// unpack, return_rows and owner_grad walk `num_rows` rows, or min(num_rows, *num_rows_dev) when
+// `num_rows_dev` is not null (a sync-free dispatch: R stays on the device, num_rows = capacity).
+void launch_unpack(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev, bool dedup,
+                   char* out0, int64_t bytes0, char* out1, int64_t bytes1, float* gates_R,
+                   int32_t* src_rank_R, int32_t* ret_index_R, int32_t* land_row_R, int sm_count,
+                   cudaStream_t stream);
 
-void launch_return_rows(const Layout& g, int64_t num_rows, const char* rows, int64_t row_bytes,
-                        const int32_t* src_rank_R, const int32_t* ret_index_R,
-                        const int32_t* land_row_R, unsigned long long epoch, int sm_count,
-                        cudaStream_t stream);
+void launch_return_rows(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev,
+                        const char* rows, int64_t row_bytes, const int32_t* src_rank_R,
+                        const int32_t* ret_index_R, const int32_t* land_row_R,
+                        unsigned long long epoch, int sm_count, cudaStream_t stream);
 
 void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, int top_k,
                          int64_t hidden, const int32_t* send_pos, const float* gates, void* out,
                          int sm_count, cudaStream_t stream);
 
 void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int64_t num_rows,
-                       int64_t hidden, const void* y, const int32_t* src_rank_R,
-                       const int32_t* ret_index_R, const int32_t* land_row_R, void* grad_y,
-                       unsigned long long epoch, int sm_count, cudaStream_t stream);
+                       const int64_t* num_rows_dev, int64_t hidden, const void* y,
+                       const int32_t* src_rank_R, const int32_t* ret_index_R,
+                       const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
+                       int sm_count, cudaStream_t stream);
 
 void launch_gather_dots(const Layout& g, int64_t num_slots, const int32_t* send_pos, float* out,
                         cudaStream_t stream);

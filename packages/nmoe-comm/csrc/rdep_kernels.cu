@@ -114,6 +114,12 @@ __device__ void finish_grid(const Layout& g, int slot, unsigned long long epoch)
   if (last_block_done(g, slot)) block_barrier(g, epoch);
 }
 
+// Rows a kernel walks: the host's bound, or fewer when a sync-free dispatch left the received
+// count on the device (`num_rows_dev`, R of this rank; never above the bound).
+__device__ __forceinline__ int64_t rows_to_walk(int64_t bound, const int64_t* num_rows_dev) {
+  return num_rows_dev != nullptr ? min(bound, *num_rows_dev) : bound;
+}
+
 template <typename V>
 __device__ __forceinline__ void warp_copy_as(char* dst, const char* src, int64_t nbytes,
                                              int lane) {
@@ -217,6 +223,36 @@ struct alignas(sizeof(T) * kVec) Pack {
 
 // ------------------------------------------------------------------------------- route / plan
 
+// Slot groups (32 slots, one per lane) whose ids a routing warp loads before processing them: the
+// single routing block is bound by the latency of its loads, not by their bytes.
+constexpr int kRouteBatch = 8;
+
+// Expert ids of the slots base + u * 32 + lane, u < kRouteBatch, all loaded first: e[u] is the id,
+// or -1 for a slot at or past `end` or an id outside [0, E) (which sets `bad`).
+template <typename IdT>
+__device__ __forceinline__ void load_route_batch(const IdT* __restrict__ ids, int64_t base,
+                                                 int64_t end, int num_experts, int lane,
+                                                 int (&e)[kRouteBatch], bool& bad) {
+  int64_t raw[kRouteBatch];
+#pragma unroll
+  for (int u = 0; u < kRouteBatch; ++u) {
+    const int64_t i = base + u * kWarp + lane;
+    raw[u] = i < end ? static_cast<int64_t>(ids[i]) : 0;
+  }
+#pragma unroll
+  for (int u = 0; u < kRouteBatch; ++u) {
+    const int64_t i = base + u * kWarp + lane;
+    e[u] = -1;
+    if (i < end) {
+      if (raw[u] >= 0 && raw[u] < num_experts) {
+        e[u] = static_cast<int>(raw[u]);
+      } else {
+        bad = true;
+      }
+    }
+  }
+}
+
 // Source side of a dispatch, one block of 1024 threads.
 //   kRoute:    count this rank's slots per expert and give each slot its send position
 //              (stable: (token, slot) order inside an expert), with warp-private histograms.
@@ -252,20 +288,16 @@ __global__ void __launch_bounds__(kRouteThreads)
     if (warp < route_warps) {
       int32_t* h = hist + warp * E;
       bool bad = false;
-      for (int64_t base = begin; base < end; base += kWarp) {
-        const int64_t i = base + lane;
-        int e = -1;
-        if (i < end) {
-          const int64_t id = static_cast<int64_t>(ids[i]);
-          if (id >= 0 && id < E) {
-            e = static_cast<int>(id);
-          } else {
-            bad = true;
-          }
+      // Groups of 32 slots in order base, base + 32, ...; a group past `end` is all -1.
+      for (int64_t base = begin; base < end; base += kWarp * kRouteBatch) {
+        int e[kRouteBatch];
+        load_route_batch(ids, base, end, E, lane, e, bad);
+#pragma unroll
+        for (int u = 0; u < kRouteBatch; ++u) {
+          const unsigned peers = __match_any_sync(kFullMask, e[u]);
+          if (e[u] >= 0 && lane == __ffs(peers) - 1) h[e[u]] += __popc(peers);
+          __syncwarp();
         }
-        const unsigned peers = __match_any_sync(kFullMask, e);
-        if (e >= 0 && lane == __ffs(peers) - 1) h[e] += __popc(peers);
-        __syncwarp();
       }
       if (__any_sync(kFullMask, bad) && lane == 0) atomicOr(&any_bad_id, 1);
     }
@@ -297,19 +329,23 @@ __global__ void __launch_bounds__(kRouteThreads)
     if (warp < route_warps) {
       int32_t* h = hist + warp * E;
       const unsigned lanes_below = (1u << lane) - 1u;
-      for (int64_t base = begin; base < end; base += kWarp) {
-        const int64_t i = base + lane;
-        int e = -1;
-        if (i < end) {
-          const int64_t id = static_cast<int64_t>(ids[i]);
-          if (id >= 0 && id < E) e = static_cast<int>(id);
+      bool bad_again = false;  // counted in the first pass
+      for (int64_t base = begin; base < end; base += kWarp * kRouteBatch) {
+        int e[kRouteBatch];
+        load_route_batch(ids, base, end, E, lane, e, bad_again);
+#pragma unroll
+        for (int u = 0; u < kRouteBatch; ++u) {
+          const int64_t i = base + u * kWarp + lane;
+          const unsigned peers = __match_any_sync(kFullMask, e[u]);
+          if (e[u] >= 0) {
+            send_pos[i] = start[e[u]] + h[e[u]] + __popc(peers & lanes_below);
+          } else if (i < end) {
+            send_pos[i] = -1;
+          }
+          __syncwarp();
+          if (e[u] >= 0 && lane == __ffs(peers) - 1) h[e[u]] += __popc(peers);
+          __syncwarp();
         }
-        const unsigned peers = __match_any_sync(kFullMask, e);
-        if (e >= 0) send_pos[i] = start[e] + h[e] + __popc(peers & lanes_below);
-        else if (i < end) send_pos[i] = -1;
-        __syncwarp();
-        if (e >= 0 && lane == __ffs(peers) - 1) h[e] += __popc(peers);
-        __syncwarp();
       }
     }
     __syncthreads();
@@ -362,19 +398,35 @@ __global__ void __launch_bounds__(kRouteThreads)
     info[0] = code;
     info[1] = arg1;
     info[2] = arg2;
-    info[3] = owner_rows[me];
+    info[3] = code == kOk ? owner_rows[me] : 0;  // R; 0 when nothing moves (sync-free reads it)
     status = code;
   }
+  __syncthreads();
   for (int e = threadIdx.x; e < L; e += blockDim.x) {
     int64_t c = 0;
     for (int s = 0; s < W; ++s) c += C[s * (E + 1) + me * L + e];
-    counts_E[e] = c;
+    counts_E[e] = status == kOk ? c : 0;  // zeros when the plan failed: no row is moved
   }
-  __syncthreads();
   if (status != kOk) return;
-  for (int64_t i = threadIdx.x; i < num_slots; i += blockDim.x) {
-    const int owner = static_cast<int>(static_cast<int64_t>(ids[i]) / L);
-    land_index[i] = land_off[owner] + (send_pos[i] - start[owner * L]);
+  // Each slot's landing row; the loads of kRouteBatch slots per thread are issued first.
+  const int64_t stride = blockDim.x;
+  for (int64_t base = threadIdx.x; base < num_slots; base += stride * kRouteBatch) {
+    int64_t id[kRouteBatch];
+    int32_t pos[kRouteBatch];
+#pragma unroll
+    for (int u = 0; u < kRouteBatch; ++u) {
+      const int64_t i = base + u * stride;
+      id[u] = i < num_slots ? static_cast<int64_t>(ids[i]) : 0;
+      pos[u] = i < num_slots ? send_pos[i] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kRouteBatch; ++u) {
+      const int64_t i = base + u * stride;
+      if (i < num_slots) {
+        const int owner = static_cast<int>(id[u] / L);
+        land_index[i] = land_off[owner] + (pos[u] - start[owner * L]);
+      }
+    }
   }
 }
 
@@ -383,13 +435,19 @@ __global__ void __launch_bounds__(kRouteThreads)
 // Each slot's row (payload 0, payload 1, gate trailer) to its owner's landing row, or to this
 // rank's staging at its send position when the owner is not mapped. Skipped (barrier kept) when
 // the plan failed.
+//
+// `dedup` (dispatch only, every owner mapped): a token's row travels once per owner, into the
+// landing row of the token's first slot (lowest k) routed to that owner; every slot's trailer
+// holds its gate and, at byte 4, that landing row (kTrailerRowOffset), where unpack reads the
+// payload. The payload bytes of the other slots' landing rows are left untouched.
 template <typename IdT>
 __global__ void __launch_bounds__(kBlockThreads)
     scatter_slots_kernel(Layout g, const IdT* __restrict__ ids, int64_t num_slots, int top_k,
                          const int32_t* __restrict__ send_pos,
                          const int32_t* __restrict__ land_index, Payload p0, Payload p1,
                          int64_t p1_offset, const float* __restrict__ gates,
-                         const int64_t* __restrict__ info, unsigned long long epoch) {
+                         const int64_t* __restrict__ info, bool dedup,
+                         unsigned long long epoch) {
   const bool skip = info != nullptr && info[0] != kOk;
   const int lane = threadIdx.x % kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -401,20 +459,37 @@ __global__ void __launch_bounds__(kBlockThreads)
     char* row = peer != nullptr
                     ? peer + g.recv_off + static_cast<int64_t>(land_index[i]) * g.recv_stride
                     : g.stage + static_cast<int64_t>(send_pos[i]) * g.recv_stride;
-    warp_copy(row, p0.src + token * p0.stride, p0.bytes, lane);
-    if (p1.bytes > 0) warp_copy(row + p1_offset, p1.src + token * p1.stride, p1.bytes, lane);
-    if (lane == 0) *reinterpret_cast<float*>(row + g.recv_stride - kTrailerBytes) = gates[i];
+    int32_t payload_row = land_index[i];  // the landing row that holds this slot's payload
+    if (dedup) {  // warp-uniform: the token's earlier slots, lowest k first
+      for (int64_t j = token * top_k; j < i; ++j) {
+        if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+          payload_row = land_index[j];
+          break;
+        }
+      }
+    }
+    if (payload_row == land_index[i]) {
+      warp_copy(row, p0.src + token * p0.stride, p0.bytes, lane);
+      if (p1.bytes > 0) warp_copy(row + p1_offset, p1.src + token * p1.stride, p1.bytes, lane);
+    }
+    if (lane == 0) {
+      char* trailer = row + g.recv_stride - kTrailerBytes;
+      *reinterpret_cast<float*>(trailer) = gates[i];
+      if (dedup) *reinterpret_cast<int32_t*>(trailer + kTrailerRowOffset) = payload_row;
+    }
   }
   finish_grid(g, kCounterScatter, epoch);
 }
 
 // Owner side of a dispatch: landing order -> contract order, with the per-row routing the
-// handle keeps (source rank, index in the source's send order, landing row).
+// handle keeps (source rank, index in the source's send order, landing row). With `dedup` the
+// payload comes from the landing row named in the row's trailer (see scatter_slots_kernel).
 __global__ void __launch_bounds__(kBlockThreads)
-    unpack_kernel(Layout g, int64_t num_rows, char* __restrict__ out0, int64_t bytes0,
-                  char* __restrict__ out1, int64_t bytes1, int64_t p1_offset,
-                  float* __restrict__ gates_R, int32_t* __restrict__ src_rank_R,
-                  int32_t* __restrict__ ret_index_R, int32_t* __restrict__ land_row_R) {
+    unpack_kernel(Layout g, int64_t max_rows, const int64_t* __restrict__ num_rows_dev,
+                  bool dedup, char* __restrict__ out0, int64_t bytes0, char* __restrict__ out1,
+                  int64_t bytes1, int64_t p1_offset, float* __restrict__ gates_R,
+                  int32_t* __restrict__ src_rank_R, int32_t* __restrict__ ret_index_R,
+                  int32_t* __restrict__ land_row_R) {
   extern __shared__ int32_t smem[];
   const int W = g.world, L = g.local_experts, E = g.num_experts, me = g.rank;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -442,6 +517,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
   }
   __syncthreads();
+  const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; r < num_rows;
        r += num_warps) {
@@ -456,11 +532,17 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     const int e = lo / W, s = lo % W;
     const int32_t land = land_start[s * L + e] + static_cast<int32_t>(r - contract_start[lo]);
-    const char* src = g.local_base + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
-    warp_copy(out0 + r * bytes0, src, bytes0, lane);
-    if (bytes1 > 0) warp_copy(out1 + r * bytes1, src + p1_offset, bytes1, lane);
+    const char* recv = g.local_base + g.recv_off;
+    const char* src = recv + static_cast<int64_t>(land) * g.recv_stride;
+    const char* trailer = src + g.recv_stride - kTrailerBytes;
+    const char* payload =
+        dedup ? recv + static_cast<int64_t>(*reinterpret_cast<const int32_t*>(
+                           trailer + kTrailerRowOffset)) * g.recv_stride
+              : src;
+    warp_copy(out0 + r * bytes0, payload, bytes0, lane);
+    if (bytes1 > 0) warp_copy(out1 + r * bytes1, payload + p1_offset, bytes1, lane);
     if (lane == 0) {
-      gates_R[r] = *reinterpret_cast<const float*>(src + g.recv_stride - kTrailerBytes);
+      gates_R[r] = *reinterpret_cast<const float*>(trailer);
       src_rank_R[r] = s;
       ret_index_R[r] = send_off[s] + (land - land_base[s]);
       land_row_R[r] = land;
@@ -471,10 +553,12 @@ __global__ void __launch_bounds__(kBlockThreads)
 // Owner -> source: row r to its source's return buffer at its send position (or to staging at
 // its landing row when the source is not mapped).
 __global__ void __launch_bounds__(kBlockThreads)
-    return_rows_kernel(Layout g, int64_t num_rows, const char* __restrict__ rows,
-                       int64_t row_bytes, const int32_t* __restrict__ src_rank_R,
+    return_rows_kernel(Layout g, int64_t max_rows, const int64_t* __restrict__ num_rows_dev,
+                       const char* __restrict__ rows, int64_t row_bytes,
+                       const int32_t* __restrict__ src_rank_R,
                        const int32_t* __restrict__ ret_index_R,
                        const int32_t* __restrict__ land_row_R, unsigned long long epoch) {
+  const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
   const int lane = threadIdx.x % kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
@@ -525,11 +609,13 @@ __global__ void __launch_bounds__(kBlockThreads)
 // the source's dots buffer at the row's send position.
 template <typename Ty, typename Tgo>
 __global__ void __launch_bounds__(kBlockThreads)
-    owner_grad_kernel(Layout g, int64_t num_rows, int64_t hidden, const Ty* __restrict__ y,
+    owner_grad_kernel(Layout g, int64_t max_rows, const int64_t* __restrict__ num_rows_dev,
+                      int64_t hidden, const Ty* __restrict__ y,
                       const int32_t* __restrict__ src_rank_R,
                       const int32_t* __restrict__ ret_index_R,
                       const int32_t* __restrict__ land_row_R, Ty* __restrict__ grad_y,
                       unsigned long long epoch) {
+  const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
   const int lane = threadIdx.x % kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
@@ -640,39 +726,41 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
 void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                           int top_k, const int32_t* send_pos, const int32_t* land_index,
                           Payload p0, Payload p1, const float* gates, const int64_t* info,
-                          unsigned long long epoch, int sm_count, cudaStream_t stream) {
+                          bool dedup, unsigned long long epoch, int sm_count,
+                          cudaStream_t stream) {
   const int grid = grid_for_rows(num_slots, sm_count);
   if (ids_int64) {
     scatter_slots_kernel<int64_t><<<grid, kBlockThreads, 0, stream>>>(
         g, static_cast<const int64_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
-        p1_offset(p0), gates, info, epoch);
+        p1_offset(p0), gates, info, dedup, epoch);
   } else {
     scatter_slots_kernel<int32_t><<<grid, kBlockThreads, 0, stream>>>(
         g, static_cast<const int32_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
-        p1_offset(p0), gates, info, epoch);
+        p1_offset(p0), gates, info, dedup, epoch);
   }
   NMOE_CUDA_CHECK_LAUNCH("scatter_slots");
 }
 
-void launch_unpack(const Layout& g, int64_t num_rows, char* out0, int64_t bytes0, char* out1,
-                   int64_t bytes1, float* gates_R, int32_t* src_rank_R, int32_t* ret_index_R,
-                   int32_t* land_row_R, int sm_count, cudaStream_t stream) {
+void launch_unpack(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev, bool dedup,
+                   char* out0, int64_t bytes0, char* out1, int64_t bytes1, float* gates_R,
+                   int32_t* src_rank_R, int32_t* ret_index_R, int32_t* land_row_R, int sm_count,
+                   cudaStream_t stream) {
   if (num_rows == 0) return;
   const int64_t smem = (2LL * g.num_experts + 2LL * g.world) * 4;
   allow_smem<unpack_kernel>(smem, "unpack");
   const Payload p0{nullptr, 0, bytes0};
   unpack_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, smem, stream>>>(
-      g, num_rows, out0, bytes0, out1, bytes1, p1_offset(p0), gates_R, src_rank_R, ret_index_R,
-      land_row_R);
+      g, num_rows, num_rows_dev, dedup, out0, bytes0, out1, bytes1, p1_offset(p0), gates_R,
+      src_rank_R, ret_index_R, land_row_R);
   NMOE_CUDA_CHECK_LAUNCH("unpack");
 }
 
-void launch_return_rows(const Layout& g, int64_t num_rows, const char* rows, int64_t row_bytes,
-                        const int32_t* src_rank_R, const int32_t* ret_index_R,
-                        const int32_t* land_row_R, unsigned long long epoch, int sm_count,
-                        cudaStream_t stream) {
+void launch_return_rows(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev,
+                        const char* rows, int64_t row_bytes, const int32_t* src_rank_R,
+                        const int32_t* ret_index_R, const int32_t* land_row_R,
+                        unsigned long long epoch, int sm_count, cudaStream_t stream) {
   return_rows_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, 0, stream>>>(
-      g, num_rows, rows, row_bytes, src_rank_R, ret_index_R, land_row_R, epoch);
+      g, num_rows, num_rows_dev, rows, row_bytes, src_rank_R, ret_index_R, land_row_R, epoch);
   NMOE_CUDA_CHECK_LAUNCH("return_rows");
 }
 
@@ -713,51 +801,55 @@ void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, in
   }
 }
 
+// The owner_grad launch arguments that do not depend on the dtypes.
+struct OwnerGradArgs {
+  int64_t num_rows;
+  const int64_t* num_rows_dev;
+  int64_t hidden;
+  const void* y;
+  const int32_t* src_rank_R;
+  const int32_t* ret_index_R;
+  const int32_t* land_row_R;
+  void* grad_y;
+  unsigned long long epoch;
+};
+
 template <typename Ty, typename Tgo>
-void owner_grad_typed(const Layout& g, int64_t num_rows, int64_t hidden, const void* y,
-                      const int32_t* src_rank_R, const int32_t* ret_index_R,
-                      const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
-                      int sm_count, cudaStream_t stream) {
-  owner_grad_kernel<Ty, Tgo><<<grid_for_rows(num_rows, sm_count), kBlockThreads, 0, stream>>>(
-      g, num_rows, hidden, static_cast<const Ty*>(y), src_rank_R, ret_index_R, land_row_R,
-      static_cast<Ty*>(grad_y), epoch);
+void owner_grad_typed(const Layout& g, const OwnerGradArgs& a, int sm_count,
+                      cudaStream_t stream) {
+  owner_grad_kernel<Ty, Tgo><<<grid_for_rows(a.num_rows, sm_count), kBlockThreads, 0, stream>>>(
+      g, a.num_rows, a.num_rows_dev, a.hidden, static_cast<const Ty*>(a.y), a.src_rank_R,
+      a.ret_index_R, a.land_row_R, static_cast<Ty*>(a.grad_y), a.epoch);
   NMOE_CUDA_CHECK_LAUNCH("owner_grad");
 }
 
 template <typename Ty>
-void owner_grad_go(const Layout& g, RowDtype go_dtype, int64_t num_rows, int64_t hidden,
-                   const void* y, const int32_t* src_rank_R, const int32_t* ret_index_R,
-                   const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
-                   int sm_count, cudaStream_t stream) {
+void owner_grad_go(const Layout& g, RowDtype go_dtype, const OwnerGradArgs& a, int sm_count,
+                   cudaStream_t stream) {
   switch (go_dtype) {
     case kF32:
-      return owner_grad_typed<Ty, float>(g, num_rows, hidden, y, src_rank_R, ret_index_R,
-                                         land_row_R, grad_y, epoch, sm_count, stream);
+      return owner_grad_typed<Ty, float>(g, a, sm_count, stream);
     case kBF16:
-      return owner_grad_typed<Ty, __nv_bfloat16>(g, num_rows, hidden, y, src_rank_R,
-                                                 ret_index_R, land_row_R, grad_y, epoch,
-                                                 sm_count, stream);
+      return owner_grad_typed<Ty, __nv_bfloat16>(g, a, sm_count, stream);
     case kF16:
-      return owner_grad_typed<Ty, __half>(g, num_rows, hidden, y, src_rank_R, ret_index_R,
-                                          land_row_R, grad_y, epoch, sm_count, stream);
+      return owner_grad_typed<Ty, __half>(g, a, sm_count, stream);
   }
 }
 
 void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int64_t num_rows,
-                       int64_t hidden, const void* y, const int32_t* src_rank_R,
-                       const int32_t* ret_index_R, const int32_t* land_row_R, void* grad_y,
-                       unsigned long long epoch, int sm_count, cudaStream_t stream) {
+                       const int64_t* num_rows_dev, int64_t hidden, const void* y,
+                       const int32_t* src_rank_R, const int32_t* ret_index_R,
+                       const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
+                       int sm_count, cudaStream_t stream) {
+  const OwnerGradArgs a{num_rows,    num_rows_dev, hidden, y,    src_rank_R,
+                        ret_index_R, land_row_R,   grad_y, epoch};
   switch (y_dtype) {
     case kF32:
-      return owner_grad_go<float>(g, go_dtype, num_rows, hidden, y, src_rank_R, ret_index_R,
-                                  land_row_R, grad_y, epoch, sm_count, stream);
+      return owner_grad_go<float>(g, go_dtype, a, sm_count, stream);
     case kBF16:
-      return owner_grad_go<__nv_bfloat16>(g, go_dtype, num_rows, hidden, y, src_rank_R,
-                                          ret_index_R, land_row_R, grad_y, epoch, sm_count,
-                                          stream);
+      return owner_grad_go<__nv_bfloat16>(g, go_dtype, a, sm_count, stream);
     case kF16:
-      return owner_grad_go<__half>(g, go_dtype, num_rows, hidden, y, src_rank_R, ret_index_R,
-                                   land_row_R, grad_y, epoch, sm_count, stream);
+      return owner_grad_go<__half>(g, go_dtype, a, sm_count, stream);
   }
 }
 

@@ -2,15 +2,20 @@
 
     NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
     python -m torch.distributed.run --standalone --nproc_per_node 4 \
-        packages/nmoe-comm/tests/multigpu_worker.py --backend ipc --seed 1234
+        packages/nmoe-comm/tests/multigpu_worker.py --backend ipc --seed 1234 [--mode sync_free]
 
 Every rank draws its own inputs from ``--seed``, gathers every rank's inputs (over a gloo group)
 and compares its results bitwise with `nmoe_comm.reference` run over all of them: every
 `GROUP_CASES` case plus the GPU-sized ones in bfloat16, float32 and float16, FP8 dispatch,
-interleaved calls (buffer reuse), collective errors (capacity, bad expert id, too many slots)
-and destroy; for ``nvshmem`` also ``peer_access="puts"`` (the multi-node path: staged rows moved
-by NVSHMEM puts, on-stream fcollect and barriers). Exits non-zero with the first mismatch
-(case, dtype, rank, seed, element).
+interleaved calls (buffer reuse, several live handles), collective errors (capacity, bad expert
+id, too many slots) and destroy; for ``nvshmem`` also ``peer_access="puts"`` (the multi-node
+path: staged rows moved by NVSHMEM puts, on-stream fcollect and barriers) and a second dispatcher
+with ``dedup_rows=True`` (one row per token and owner). ``--mode sync_free`` runs the checks
+through ``dispatch(..., sync=False)`` on ``dedup_rows=True`` dispatchers (rule 7: padded rows
+whose tail is NaN when handed back, ``num_received``, errors deferred to ``check_dispatch``
+after combine and both backwards ran on the failed handle), mixed with synchronous calls;
+``nccl`` and the nvshmem puts path must refuse it. Exits non-zero with the first mismatch (case,
+dtype, rank, seed, element).
 """
 
 from __future__ import annotations
@@ -31,19 +36,37 @@ import nmoe_comm  # noqa: E402
 from nmoe_comm import testing  # noqa: E402
 
 
-def _options(backend: str, cases: dict, world_size: int) -> dict:
+def _options(backend: str, cases: dict, world_size: int, dedup: bool = False) -> dict:
     if backend == "nccl":
         return {}
     widest = max(max(c.hidden, c.out_hidden) for c in cases.values())
     send = max(max(c.tokens) * c.top_k for c in cases.values())
-    return {"hidden": widest, "dtype": torch.float32, "max_send_rows": send}
+    return {"hidden": widest, "dtype": torch.float32, "max_send_rows": send,
+            "dedup_rows": dedup}
+
+
+def _check_sync_free_refused(dispatcher, seed: int, device) -> None:
+    """``dispatch(..., sync=False)`` raises NotImplementedError naming sync=True before any
+    communication (so every rank raises and none waits)."""
+    case = testing.GROUP_CASES["top1"]
+    x, ids, gates = testing.rank_inputs(case, "top1", dispatcher.rank, dispatcher.world_size,
+                                        torch.float32, seed)
+    try:
+        dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device), sync=False)
+    except NotImplementedError as err:
+        assert "sync=True" in str(err), err
+    else:
+        raise AssertionError(f"{dispatcher.name} accepted dispatch(sync=False)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=["nccl", "ipc", "nvshmem"])
     parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--mode", choices=["sync", "sync_free"], default="sync",
+                        help="sync_free: every check through dispatch(..., sync=False)")
     args = parser.parse_args()
+    sync = args.mode == "sync"
     local_rank = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank)
@@ -58,28 +81,51 @@ def main() -> int:
     dispatcher = nmoe_comm.create_dispatcher(
         args.backend, num_experts=testing.group_num_experts(world_size),
         capacity=testing.group_capacity(everything, world_size), world_size=world_size,
-        rank=rank, **_options(args.backend, everything, world_size))
+        rank=rank, **_options(args.backend, everything, world_size, dedup=not sync))
     if log:
-        log(f"moe dispatcher: {dispatcher.describe()} on {torch.cuda.get_device_name(device)}")
+        log(f"moe dispatcher: {dispatcher.describe()} on {torch.cuda.get_device_name(device)}, "
+            f"mode {args.mode}")
+    if not sync and args.backend == "nccl":
+        _check_sync_free_refused(dispatcher, args.seed, device)
+        dispatcher.destroy()
+        if log:
+            log(f"nccl refuses sync=False on every rank ({world_size} GPUs, seed {args.seed})")
+        dist.destroy_process_group()
+        return 0
     testing.run_group_checks(dispatcher, args.seed, gather, device, cases=cases,
                              dtypes=(torch.bfloat16, torch.float32),
-                             fp8_cases=testing.FP8_GROUP_CASES, log=log)
+                             fp8_cases=testing.FP8_GROUP_CASES, log=log, sync=sync)
     for name in ("random", "no_tokens_on_rank1"):
         testing.check_group_case(dispatcher, name, testing.GROUP_CASES[name], torch.float16,
-                                 args.seed, gather, device)
-    testing.check_interleaved_calls(dispatcher, args.seed, gather, device)
-    testing.check_collective_errors(dispatcher, args.seed, gather, device)
+                                 args.seed, gather, device, sync=sync)
+    testing.check_interleaved_calls(dispatcher, args.seed, gather, device, sync=sync)
+    testing.check_collective_errors(dispatcher, args.seed, gather, device, sync=sync)
     if log:
         log("ok interleaved calls and collective errors")
 
     small = nmoe_comm.create_dispatcher(
         args.backend, num_experts=testing.group_num_experts(world_size), capacity=40,
         world_size=world_size, rank=rank, **_options(args.backend, testing.GROUP_CASES,
-                                                     world_size))
-    testing.check_capacity_error(small, args.seed, gather, device)
+                                                     world_size, dedup=not sync))
+    testing.check_capacity_error(small, args.seed, gather, device, sync=sync)
     testing.check_group_case(small, "top1", testing.GroupCase((13,), 1, 20, 20, "distinct"),
-                             torch.float32, args.seed, gather, device)
+                             torch.float32, args.seed, gather, device, sync=sync)
     small.destroy()
+    if sync and args.backend != "nccl":  # one row per token and owner, synchronous
+        # Small enough to fit beside the first dispatcher in a heap sized for it (nvshmem).
+        dedup_cases = {**testing.GROUP_CASES, "decode": testing.GPU_GROUP_CASES["decode"]}
+        dedup_all = {**dedup_cases, **testing.FP8_GROUP_CASES}
+        dedup = nmoe_comm.create_dispatcher(
+            args.backend, num_experts=testing.group_num_experts(world_size),
+            capacity=testing.group_capacity(dedup_all, world_size), world_size=world_size,
+            rank=rank, **_options(args.backend, dedup_all, world_size, dedup=True))
+        if log:
+            log(f"moe dispatcher: {dedup.describe()}")
+        testing.run_group_checks(dedup, args.seed, gather, device, cases=dedup_cases,
+                                 dtypes=(torch.bfloat16,), fp8_cases=testing.FP8_GROUP_CASES,
+                                 log=log)
+        testing.check_interleaved_calls(dedup, args.seed, gather, device)
+        dedup.destroy()
     if args.backend == "nvshmem":  # the multi-node data path (staged puts), on this node
         puts = nmoe_comm.create_dispatcher(
             "nvshmem", num_experts=testing.group_num_experts(world_size),
@@ -89,6 +135,8 @@ def main() -> int:
                        world_size))
         if log:
             log(f"moe dispatcher: {puts.describe()}")
+        if not sync:  # the host sizes the puts: sync-free is refused, on every rank
+            _check_sync_free_refused(puts, args.seed, device)
         testing.run_group_checks(puts, args.seed, gather, device, cases=testing.GROUP_CASES,
                                  dtypes=(torch.bfloat16,),
                                  fp8_cases={"fp8_random": testing.FP8_GROUP_CASES["fp8_random"]},
@@ -103,7 +151,7 @@ def main() -> int:
 
         nvshmem.finalize()
     if log:
-        log(f"all checks passed for {args.backend} over {world_size} GPUs in "
+        log(f"all checks passed for {args.backend} ({args.mode}) over {world_size} GPUs in "
             f"{time.time() - start:.1f} s (seed {args.seed})")
     dist.destroy_process_group()
     return 0

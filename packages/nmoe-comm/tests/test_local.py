@@ -236,3 +236,31 @@ def test_buffer_size_hint_bounds_cuda_workspace(gen):
     hint = LocalDispatcher.buffer_size_hint(capacity=num_tokens * top_k, hidden=hidden,
                                             dtype=dtype)
     assert used <= hint, f"dispatch + combine used {used} bytes, hint says {hint}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_local_sync_free_equals_reference(gen, dtype):
+    """``dispatch(..., sync=False)`` (contract rule 7) on one rank: every one-rank case of
+    `testing.GROUP_CASES` plus a rank without tokens and an FP8 dispatch, bitwise against the
+    reference, ``num_received`` = R; the id range check moves to ``check_dispatch``."""
+    from nmoe_comm import testing
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    # One rank has 4 experts: nothing to avoid, and K = 8 distinct experts do not exist.
+    cases = {name: case for name, case in testing.GROUP_CASES.items()
+             if case.routing != "avoid_last_rank" and case.top_k <= 4}
+    cases["no_tokens"] = testing.GroupCase((0,), 2, 48, 24, "distinct")
+    dispatcher = LocalDispatcher(testing.group_num_experts(1),
+                                 capacity=testing.group_capacity(cases, 1))
+    gather = lambda obj: [obj]  # noqa: E731 (one rank)
+    for name, case in cases.items():
+        testing.check_group_case(dispatcher, name, case, dtype, seed, gather, "cpu", sync=False)
+    testing.check_group_case(dispatcher, "fp8", testing.FP8_GROUP_CASES["fp8_random"], dtype,
+                             seed, gather, "cpu", fp8=True, sync=False)
+    x, ids, gates = testing.rank_inputs(cases["random"], "random", 0, 1, dtype, seed)
+    ids[0, 0] = dispatcher.num_experts
+    got = dispatcher.dispatch(x, ids, gates, sync=False)  # no check here, no host sync
+    with pytest.raises(ValueError, match="expert_ids_TK holds expert id"):
+        dispatcher.check_dispatch(got.handle)
+    with pytest.raises(ValueError, match="handle was not produced by this"):
+        LocalDispatcher(4, capacity=8).check_dispatch(got.handle)

@@ -29,8 +29,8 @@ from nmoe_comm.dispatcher import Dispatched, Dispatcher, DispatchHandle
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, dispatcher, expert_ids_TK, gates_TK, result):
-        received = dispatcher.dispatch(x_TD, expert_ids_TK, gates_TK.detach())
+    def forward(ctx, x_TD, dispatcher, expert_ids_TK, gates_TK, result, sync):
+        received = dispatcher.dispatch(x_TD, expert_ids_TK, gates_TK.detach(), sync=sync)
         result.append(received)
         ctx.dispatcher = dispatcher
         ctx.handle = received.handle
@@ -41,7 +41,7 @@ class _Dispatch(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_x_RD):
         grad_x_TD = ctx.dispatcher.dispatch_backward(grad_x_RD.contiguous(), ctx.handle)
-        return grad_x_TD.to(ctx.x_dtype), None, None, None, None
+        return grad_x_TD.to(ctx.x_dtype), None, None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -69,6 +69,8 @@ def dispatch(
     x_TD: torch.Tensor,
     expert_ids_TK: torch.Tensor,
     gates_TK: torch.Tensor,
+    *,
+    sync: bool = True,
 ) -> Dispatched:
     """`Dispatcher.dispatch` whose ``x_RD`` is differentiable w.r.t. ``x_TD``.
 
@@ -79,6 +81,9 @@ def dispatch(
         expert_ids_TK: int32/int64 ``[T, K]`` global expert ids in ``[0, E)``.
         gates_TK: float ``[T, K]`` gates; only their values are used here (pass the same graph
             tensor to `combine` for the router's gradient).
+        sync: False for the sync-free dispatch (contract rule 7): ``x_RD`` is padded past R
+            (``num_received``), its gradient rows past R are ignored, and `combine` takes
+            ``y_RD`` with ``x_RD``'s row count.
 
     Returns:
         `Dispatched` whose ``x_RD`` carries the graph; ``counts_E`` and ``gates_R`` are not
@@ -86,10 +91,11 @@ def dispatch(
         sum over each token's K slots).
     """
     result: list[Dispatched] = []
-    x_RD = _Dispatch.apply(x_TD, dispatcher, expert_ids_TK, gates_TK, result)
+    x_RD = _Dispatch.apply(x_TD, dispatcher, expert_ids_TK, gates_TK, result, sync)
     received = result[0]
     return Dispatched(
-        x_RD=x_RD, counts_E=received.counts_E, gates_R=received.gates_R, handle=received.handle
+        x_RD=x_RD, counts_E=received.counts_E, gates_R=received.gates_R, handle=received.handle,
+        num_received=received.num_received,
     )
 
 

@@ -41,6 +41,18 @@ The contract every backend keeps (and `nmoe_comm.reference` spells out in plain 
    quantization is per row, so it commutes with moving rows). Needs bfloat16 or float32 rows and
    ``D % 128 == 0``. Everything else is unchanged: ``gates_R``, ``counts_E``, the handle, and
    every backward (which take and return gradients in the dtype of ``x_TD``).
+7. **Sync-free dispatch.** ``dispatch(..., sync=False)`` never waits for the host: ``x_RD`` (and
+   ``gates_R``, ``x_scales_RG``) have a row count fixed by the dispatcher, not by the routing
+   (``capacity`` rows for ``ipc`` / ``nvshmem``, ``T * K`` for ``local``); their first ``R``
+   rows are bitwise those of rule 1 and the rest are unspecified. ``R`` stays on the device in
+   ``Dispatched.num_received`` (int64 ``[1]``) and ``counts_E`` is a device tensor as always, so
+   grouped GEMMs that take device offsets can consume the rows without a host round trip.
+   ``combine`` and the backwards take rows of ``x_RD``'s row count and ignore the unspecified
+   ones (their outputs there are unspecified too). Errors (capacity, a bad expert id, too many
+   slots) cannot be raised without a host sync: such a dispatch moves nothing, ``R`` and
+   ``counts_E`` read 0, results are unspecified, and `Dispatcher.check_dispatch` raises the
+   error (on every rank alike). Backends that need the host to size a transfer (``nccl``; the
+   ``nvshmem`` multi-node path) raise ``NotImplementedError`` naming ``sync=True``.
 
 "float32" above is the accumulation dtype for float32, bfloat16 and float16 rows. float64 rows
 (accepted by ``local`` and `nmoe_comm.reference` so that gradients can be checked with
@@ -89,7 +101,9 @@ class DispatchHandle:
         hidden: ``D``.
         dtype: dtype of the dispatched rows.
         gates_TK: float32 ``[T, K]`` gate weights used by `combine` unless others are passed.
-        expert_ids_TK: int64 ``[T, K]`` global expert ids, as given to `dispatch`.
+        expert_ids_TK: int32 or int64 ``[T, K]`` global expert ids, as given to `dispatch`
+            (``local`` and ``nccl`` keep them as int64; ``ipc`` / ``nvshmem`` keep the given
+            tensor, saving a conversion per dispatch).
         state: backend-private routing state (index maps, buffer offsets). Treat as opaque.
     """
 
@@ -114,6 +128,9 @@ class Dispatched:
         x_scales_RG: float32 ``[R, G]`` row-major scales of an FP8 dispatch (rule 6): row ``r``
             dequantizes as ``x_RD[r].float() * x_scales_RG[r].repeat_interleave(128)``. None
             unless the dispatch was called with ``fp8=True``.
+        num_received: int64 ``[1]`` on the rows' device holding ``R`` for a ``sync=False``
+            dispatch (rule 7), whose row tensors are padded past ``R``; None for a synchronous
+            dispatch (``R = x_RD.shape[0]``).
     """
 
     x_RD: torch.Tensor
@@ -121,6 +138,7 @@ class Dispatched:
     gates_R: torch.Tensor
     handle: DispatchHandle
     x_scales_RG: torch.Tensor | None = None
+    num_received: torch.Tensor | None = None
 
     @property
     def offsets_E1(self) -> torch.Tensor:
@@ -175,6 +193,7 @@ class Dispatcher(ABC):
         gates_TK: torch.Tensor,
         *,
         fp8: bool = False,
+        sync: bool = True,
     ) -> Dispatched:
         """Send each token's row to the owner of each of its K experts.
 
@@ -185,14 +204,21 @@ class Dispatcher(ABC):
             gates_TK: ``[T, K]`` gate weights (any float dtype; kept as float32).
             fp8: quantize the rows at the source and move FP8 rows plus scales (rule 6; needs
                 bfloat16/float32 rows and ``D % 128 == 0``).
+            sync: True (default): one host synchronisation where the backend needs it, exact
+                ``R`` rows, errors raised here. False: no host synchronisation (rule 7): padded
+                row tensors, ``R`` in ``Dispatched.num_received`` on the device, routing errors
+                deferred to `check_dispatch`.
 
         Returns:
             `Dispatched` for this rank's experts.
 
         Raises:
-            CapacityError: a rank would receive more than ``capacity`` rows.
+            CapacityError: a rank would receive more than ``capacity`` rows (with
+                ``sync=False``: raised by `check_dispatch` instead).
             ValueError: shapes, dtypes, devices or expert ids are invalid (the message names
                 the argument).
+            NotImplementedError: ``sync=False`` on a backend that must size transfers on the
+                host (``nccl``, ``nvshmem`` with peers in other nodes).
         """
 
     @abstractmethod
@@ -248,6 +274,21 @@ class Dispatcher(ABC):
             (computed in float32, cast to ``y_RD``'s dtype) and float32 ``[T, K]``
             ``grad_gates[t, k] = <grad_out[t], y(t, k)>`` summed in float32.
         """
+
+    def check_dispatch(self, handle: DispatchHandle) -> None:
+        """Raise the error a ``sync=False`` dispatch deferred (rule 7), if it had one.
+
+        One host synchronisation for a sync-free handle; a no-op for a synchronous one (its
+        dispatch raised already). Collective only in the sense that every rank computes the
+        same verdict: each rank may call it whenever it likes, without waiting for the others.
+
+        Args:
+            handle: the handle of a dispatch of this dispatcher.
+
+        Raises:
+            CapacityError, ValueError: as `dispatch` with ``sync=True`` would have.
+        """
+        self._routing(handle, object)
 
     @classmethod
     def buffer_size_hint(

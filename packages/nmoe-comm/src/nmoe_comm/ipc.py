@@ -69,6 +69,8 @@ class IpcDispatcher(RdepDispatcher):
         device: this rank's GPU (default: the current CUDA device).
         timeout_s: a GPU barrier waiting longer than this traps with a message naming the rank
             it waits for (a rank that skipped a call, or crashed).
+        dedup_rows: move each token's row once per owner instead of once per slot (fewer bytes
+            over NVLink, bitwise the same results; see `nmoe_comm.rdep`). The same on every rank.
 
     Raises:
         BackendUnavailableError: no compiled transport, no GPU, torch.distributed not
@@ -90,6 +92,7 @@ class IpcDispatcher(RdepDispatcher):
         group: dist.ProcessGroup | None = None,
         device: torch.device | int | None = None,
         timeout_s: float = 100.0,
+        dedup_rows: bool = False,
     ):
         super().__init__(num_experts, capacity, world_size, rank)
         missing = _extension.missing_transport()
@@ -97,12 +100,12 @@ class IpcDispatcher(RdepDispatcher):
             raise BackendUnavailableError(f"dispatcher backend 'ipc' cannot run here: {missing}")
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
-                          timeout_s=timeout_s)
+                          timeout_s=timeout_s, dedup_rows=dedup_rows)
         self.group = group
         device = cuda_device(device)
         c_module = _extension.compiled_module()
         me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid),
-              self.layout)
+              self.layout, dedup_rows)
         everyone = [None] * world_size
         dist.all_gather_object(everyone, me, group=group)
         self._check_group(everyone, device, c_module)
@@ -122,16 +125,19 @@ class IpcDispatcher(RdepDispatcher):
         self._attach(device, self._base, bases, stage=0)
 
     def _check_group(self, everyone, device: torch.device, c_module) -> None:
-        hosts = {host for host, _, _ in everyone}
+        hosts = {host for host, _, _, _ in everyone}
         if len(hosts) != 1:
             raise BackendUnavailableError(
                 f"the ipc backend needs every rank on one host, got {sorted(hosts)}; use nvshmem "
                 f"or nccl across nodes")
-        for peer, (_, uuid, layout) in enumerate(everyone):
+        for peer, (_, uuid, layout, dedup_rows) in enumerate(everyone):
             if layout != self.layout:
                 raise ValueError(
                     f"rank {peer} sized its buffer differently (capacity, hidden, dtype, "
                     f"max_send_rows or num_experts differ); every rank must pass the same values")
+            if dedup_rows != self.dedup_rows:
+                raise ValueError(f"rank {peer} passed dedup_rows={dedup_rows}, this rank "
+                                 f"{self.dedup_rows}; every rank must pass the same value")
             index = _local_index_of(uuid)
             if index is None:
                 raise BackendUnavailableError(

@@ -9,7 +9,8 @@ Host synchronisation: none on the data path. ``R = T * K`` is known from shapes,
 check is free, and per-expert counts come from a ``searchsorted`` on the device. The one sync is
 the expert-id range check (`nmoe_comm.validation.check_expert_id_range`), which reads the ids;
 construct with ``validate=False`` to skip it once the router is trusted (an out-of-range id then
-yields undefined ``counts_E`` instead of an error).
+yields undefined ``counts_E`` instead of an error). ``dispatch(..., sync=False)`` (contract rule
+7) defers that check to `LocalDispatcher.check_dispatch`; ``R = T * K`` rows come back as always.
 """
 
 from __future__ import annotations
@@ -116,8 +117,11 @@ class LocalDispatcher(Dispatcher):
         gates_TK: torch.Tensor,
         *,
         fp8: bool = False,
+        sync: bool = True,
     ) -> Dispatched:
-        """See `Dispatcher.dispatch`; float64 rows are also accepted (without ``fp8``)."""
+        """See `Dispatcher.dispatch`; float64 rows are also accepted (without ``fp8``). With
+        ``sync=False`` the id range check (``validate``) moves to `check_dispatch`; ``x_RD``
+        has ``T * K`` rows, all valid (the count depends on shapes only)."""
         self._check_live()
         num_tokens, top_k, hidden = check_dispatch_inputs(x_TD, expert_ids_TK, gates_TK)
         if fp8:
@@ -125,7 +129,7 @@ class LocalDispatcher(Dispatcher):
         num_rows = num_tokens * top_k
         if num_rows > self.capacity:
             raise CapacityError(self.rank, num_rows, self.capacity)
-        if self.validate:
+        if self.validate and sync:
             check_expert_id_range(expert_ids_TK, self.num_experts)
         device = x_TD.device
 
@@ -161,13 +165,23 @@ class LocalDispatcher(Dispatcher):
             scales_RG = scales_TG.index_select(0, token_of_row_R)
         else:
             x_RD = x_TD.index_select(0, token_of_row_R)
+        num_received = None if sync else torch.full((1,), num_rows, dtype=torch.int64,
+                                                    device=device)
         return Dispatched(
             x_RD=x_RD,
             counts_E=torch.diff(offsets_E1),
             gates_R=gates_f32_TK.reshape(-1).index_select(0, slot_of_row_R),
             handle=handle,
             x_scales_RG=scales_RG,
+            num_received=num_received,
         )
+
+    def check_dispatch(self, handle: DispatchHandle) -> None:
+        """See `Dispatcher.check_dispatch`: the expert-id range check (``validate``) that a
+        ``sync=False`` dispatch skipped; one host sync on a GPU."""
+        self._routing(handle, LocalRouting)
+        if self.validate:
+            check_expert_id_range(handle.expert_ids_TK, self.num_experts)
 
     def _sum_slots(
         self, y_RD: torch.Tensor, routing: LocalRouting, gates_TK: torch.Tensor | None

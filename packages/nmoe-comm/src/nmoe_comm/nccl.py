@@ -218,9 +218,16 @@ class NcclDispatcher(Dispatcher):
         gates_TK: torch.Tensor,
         *,
         fp8: bool = False,
+        sync: bool = True,
     ) -> Dispatched:
-        """See `Dispatcher.dispatch`; one host synchronisation (module docstring, step 2)."""
+        """See `Dispatcher.dispatch`; one host synchronisation (module docstring, step 2).
+        ``sync=False`` is not supported (the all_to_all split sizes live on the host)."""
         self._check_live()
+        if not sync:
+            raise NotImplementedError(
+                "dispatch(sync=False) is not supported by the nccl backend: all_to_all_single "
+                "needs the split sizes on the host; call dispatch with sync=True (the default), "
+                "or use the ipc / nvshmem backend for a sync-free dispatch")
         num_tokens, top_k, hidden = check_dispatch_inputs(x_TD, expert_ids_TK, gates_TK)
         if fp8:
             check_fp8_rows(x_TD)

@@ -117,8 +117,9 @@ class NvshmemDispatcher(RdepDispatcher):
 
     Args: as `nmoe_comm.ipc.IpcDispatcher` (``num_experts``, ``capacity``, ``world_size``,
     ``rank``, ``hidden``, ``dtype``, ``max_send_rows``, ``group``, ``device``, ``timeout_s`` for
-    the GPU-side barriers), plus ``peer_access``: "auto" (stores to every peer NVSHMEM maps,
-    puts to the others) or "puts" (puts to every other rank, the multi-node path; for tests).
+    the GPU-side barriers, ``dedup_rows``, used when every peer is mapped), plus
+    ``peer_access``: "auto" (stores to every peer NVSHMEM maps, puts to the others) or "puts"
+    (puts to every other rank, the multi-node path; for tests).
 
     Raises:
         BackendUnavailableError: nvshmem4py (or a dependency) missing, no compiled transport,
@@ -141,6 +142,7 @@ class NvshmemDispatcher(RdepDispatcher):
         group: dist.ProcessGroup | None = None,
         device: torch.device | int | None = None,
         timeout_s: float = 100.0,
+        dedup_rows: bool = False,
         peer_access: str = "auto",
     ):
         super().__init__(num_experts, capacity, world_size, rank)
@@ -152,7 +154,7 @@ class NvshmemDispatcher(RdepDispatcher):
                                           f"{missing}")
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
-                          timeout_s=timeout_s)
+                          timeout_s=timeout_s, dedup_rows=dedup_rows)
         self.group = group
         device = cuda_device(device)
         layout = self.layout
@@ -162,10 +164,11 @@ class NvshmemDispatcher(RdepDispatcher):
         self._team = int(bindings.Team_id.TEAM_WORLD)
 
         everyone = [None] * world_size
-        dist.all_gather_object(everyone, layout, group=group)
-        if any(other != layout for other in everyone):
+        dist.all_gather_object(everyone, (layout, dedup_rows), group=group)
+        if any(other != (layout, dedup_rows) for other in everyone):
             raise ValueError("ranks sized their buffers differently (capacity, hidden, dtype, "
-                             "max_send_rows or num_experts differ); pass the same values")
+                             "max_send_rows or num_experts differ) or passed different "
+                             "dedup_rows; pass the same values")
         with torch.cuda.device(device):
             self._buffer = core.buffer(layout.total_bytes)  # collective
             base = int(self._buffer.handle)

@@ -31,6 +31,33 @@ Dispatch (``route_plan`` -> ``scatter_slots`` -> one host sync -> ``unpack``):
 4. ``unpack``: landing order -> contract order into fresh ``x_RD`` / ``gates_R`` tensors (the
    buffer is reused by the next call, so the rows are copied out once), plus per-row routing.
 
+Sync-free dispatch (``sync=False``, contract rule 7) skips step 3: the output tensors get
+``capacity`` rows, ``unpack`` reads ``R`` from the plan's info on the device and walks only the
+first R rows, and so do ``return_rows`` and ``owner_grad`` of that handle's combine and
+backwards. A failed plan writes ``R = 0`` and zero ``counts_E``; the scatters of the dispatch and
+of ``combine_backward`` test the handle's status and move nothing, ``reduce_slots`` /
+``gather_dots`` skip a rank that sent more than ``max_send_rows`` slots (its send positions would
+point past the return buffer), so every later call of the handle is safe and keeps the barriers;
+`RdepDispatcher.check_dispatch` raises the error. It needs every peer mapped (the NVSHMEM puts
+path sizes its puts on the host). Epochs are still counted on the host, so a captured CUDA graph
+could not be replayed as is (every replay would reuse the same barrier epochs).
+
+Per-call state (the plan's info, ``counts_E``, send positions, landing rows, the ``_R`` routing
+vectors) is allocated per dispatch in two torch allocations and owned by the handle, never a view
+of reused scratch: several handles of one dispatcher may be alive at once (the MoE layers of
+nmoe-core keep one dispatcher per layer, but the fused path re-dispatches ``dOut`` in the
+backward while the forward's handle is still needed). ``stage_hook`` reports each stage for the
+benchmark's ``--breakdown``.
+
+``dedup_rows=True`` (an option of ``ipc`` / ``nvshmem``; used when every peer is mapped): step 2
+moves each token's row once per owner instead of once per slot, into the landing row of the
+token's first slot routed to that owner, and every slot's 16-byte trailer names that row next to
+its gate; ``unpack`` copies from the named row. With top-8 of 256 experts over 4 ranks a token
+reaches about 2.7 other ranks instead of sending 6 rows to them, so the dispatch moves about 2.2x
+fewer bytes over NVLink (about 4x on 2 ranks, 1.5x on 8); results are bitwise the same (every
+copy of a token's row is the row). The combine cannot do the same: pre-summing a token's slots
+on their owner would change the summation order that rule 2 fixes.
+
 Combine and ``dispatch_backward``: ``return_rows`` stores each row into its source's return
 buffer at the slot's send position (barrier), ``reduce_slots`` sums each token's K slots in
 fixed order with float32 products and sums rounded separately (rule 2). ``combine_backward``:
@@ -63,6 +90,8 @@ from nmoe_comm.quantization import check_fp8_rows, quantize_rows_fp8
 from nmoe_comm.validation import check_dispatch_inputs, check_gates, check_rows, check_tensor
 
 RECV, COUNTS, RET, DOTS = "recv", "counts", "ret", "dots"
+_DISPATCH_READS = frozenset({COUNTS, RECV})  # read by unpack after the dispatch's last barrier
+_RECV, _RET, _DOTS, _NOTHING = frozenset({RECV}), frozenset({RET}), frozenset({DOTS}), frozenset()
 
 _ALIGN = 128
 _TRAILER_BYTES = 16  # per landing row: float32 gate, 12 bytes reserved
@@ -141,14 +170,21 @@ class BufferLayout:
 
 @dataclass(frozen=True)
 class RdepRouting:
-    """`DispatchHandle.state` of an `RdepDispatcher` dispatch.
+    """`DispatchHandle.state` of an `RdepDispatcher` dispatch. Every tensor is owned by the
+    handle (allocated per dispatch, never a view of reused scratch), so any number of handles may
+    be alive at once (several layers, a forward and its backward's re-dispatch).
 
     Attributes:
+        info_8: int64 ``[8]`` the plan's status (csrc/rdep.h ``PlanStatus``; ``info_8[3]`` is R).
         send_pos_N: int32 ``[N]``: each slot's position in this rank's send order.
         land_index_N: int32 ``[N]``: each slot's landing row on its owner.
         src_rank_R: int32 ``[R]``: the source of each received row.
         ret_index_R: int32 ``[R]``: each row's position in its source's send order.
         land_row_R: int32 ``[R]``: each row's landing row here.
+        num_received: None (synchronous dispatch: ``R = src_rank_R.numel()``) or, for a
+            sync-free dispatch, int64 ``[1]`` on the device holding R; the ``_R`` vectors then
+            have ``capacity`` entries of which the first R are valid.
+        row_bytes: bytes of a dispatched row (payloads), for a deferred error's message.
         send_chunks: ``(owner, rows, send_start, landing_start)`` for owners this rank cannot
             store to (NVSHMEM puts); empty when every peer is mapped.
         recv_chunks: ``(source, rows, landing_start, send_start)`` for sources this rank cannot
@@ -156,11 +192,14 @@ class RdepRouting:
         dispatcher_id: ``id()`` of the dispatcher that made the handle (checked on use).
     """
 
+    info_8: torch.Tensor
     send_pos_N: torch.Tensor
     land_index_N: torch.Tensor
     src_rank_R: torch.Tensor
     ret_index_R: torch.Tensor
     land_row_R: torch.Tensor
+    num_received: torch.Tensor | None
+    row_bytes: int
     send_chunks: tuple[tuple[int, int, int, int], ...]
     recv_chunks: tuple[tuple[int, int, int, int], ...]
     dispatcher_id: int
@@ -168,6 +207,18 @@ class RdepRouting:
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
+
+
+def _raw_stream_getter():
+    """``f(device_index) -> int``: the current torch CUDA stream as an integer, without building
+    a `torch.cuda.Stream` object (microseconds per call on the hot path)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw
+    return lambda index: int(torch.cuda.current_stream(index).cuda_stream)
+
+
+_current_stream = _raw_stream_getter()
 
 
 class RdepDispatcher(Dispatcher):
@@ -182,8 +233,15 @@ class RdepDispatcher(Dispatcher):
     #: subclass barriers on the stream (NVSHMEM).
     _device_barriers = True
 
+    #: Profiling hook (bench ``--breakdown``): None, or a callable ``hook(stage)`` run on the host
+    #: right after each stage of a call is enqueued (``checks``, ``route_plan``,
+    #: ``scatter_slots``, ``host_sync``, ``alloc``, ``unpack``, ``handle`` for a dispatch;
+    #: ``checks``, ``return_rows``, ``reduce_slots`` for a combine / dispatch_backward). Costs one
+    #: attribute test per stage when None.
+    stage_hook = None
+
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
-                     timeout_s: float) -> None:
+                     timeout_s: float, dedup_rows: bool = False) -> None:
         if not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"hidden must be a positive int (the widest row, in elements), got "
                              f"{hidden!r}")
@@ -197,6 +255,9 @@ class RdepDispatcher(Dispatcher):
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.hidden, self.row_dtype, self.max_send_rows = hidden, dtype, max_send_rows
         self.timeout_s = timeout_s
+        if not isinstance(dedup_rows, bool):
+            raise ValueError(f"dedup_rows must be True or False, got {dedup_rows!r}")
+        self.dedup_rows = dedup_rows
         self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
                                         world_size=self.world_size, num_experts=self.num_experts,
                                         max_send_rows=max_send_rows)
@@ -211,7 +272,6 @@ class RdepDispatcher(Dispatcher):
         self.device = device
         self._unmapped = tuple(p for p, base in enumerate(peer_bases) if base == 0)
         self._peer_bases = torch.tensor(peer_bases, dtype=torch.int64, device=device)
-        self._info = torch.zeros(8, dtype=torch.int64, device=device)
         layout = self.layout
         self._rdep = c_module.Rdep(
             device.index, self.rank, self.world_size, self.num_experts, self.capacity,
@@ -221,11 +281,13 @@ class RdepDispatcher(Dispatcher):
             layout.dots_off, int(self.timeout_s * 1e9))
         self._local_base = local_base
         self._stage = stage
+        self._device_index = device.index
 
     def describe(self) -> str:
         """One line for the start-up report, with the buffer this rank holds."""
         return (f"{super().describe()}, hidden {self.hidden} {str(self.row_dtype)[6:]}, "
                 f"buffer {self.layout.total_bytes / 2**20:.0f} MiB"
+                + (", one row per token and owner" if self.dedup_rows else "")
                 + (f", {len(self._unmapped)} peers via puts" if self._unmapped else ""))
 
     # ------------------------------------------------------------------------ transport hooks
@@ -269,12 +331,22 @@ class RdepDispatcher(Dispatcher):
         """Entry barrier when the previous call read one of ``regions`` after its last barrier."""
         if self._consumed & regions:
             self._barrier(stream)
-        self._consumed = frozenset()
+        self._consumed = _NOTHING
 
     # -------------------------------------------------------------------------------- checks
 
-    def _rows(self, name: str, rows: object, count: int, hidden: int | None = None):
-        rows = check_rows(name, rows, count, hidden=hidden, device=self.device)
+    def _rows(self, name: str, rows: object, routing: RdepRouting, hidden: int | None = None,
+              count: int | None = None):
+        """``rows`` checked: ``[R, D']`` (``count`` rows when given; a sync-free handle's
+        ``capacity`` rows), a moved dtype, no wider than the buffer; made contiguous."""
+        if count is None:
+            count = routing.land_row_R.numel()
+            meaning = ("x_RD.shape[0] of the matching sync=False dispatch (its capacity rows)"
+                       if routing.num_received is not None else
+                       "one per row the matching dispatch delivered, in its layout")
+        else:
+            meaning = "one per token of the matching dispatch"
+        rows = check_rows(name, rows, count, hidden=hidden, device=self.device, meaning=meaning)
         if rows.dtype not in ROW_DTYPES:
             raise ValueError(f"{name} has dtype {rows.dtype}; the {self.name} backend moves "
                              f"float32, bfloat16 or float16 rows")
@@ -295,12 +367,21 @@ class RdepDispatcher(Dispatcher):
         gates_TK: torch.Tensor,
         *,
         fp8: bool = False,
+        sync: bool = True,
     ) -> Dispatched:
-        """See `Dispatcher.dispatch` and the module docstring; one host synchronisation."""
+        """See `Dispatcher.dispatch` and the module docstring: one host synchronisation, none
+        with ``sync=False`` (every peer mapped: ``ipc``, ``nvshmem`` inside a node)."""
         self._check_live()
+        hook = self.stage_hook
         num_tokens, top_k, hidden = check_dispatch_inputs(x_TD, expert_ids_TK, gates_TK,
                                                           row_dtypes=ROW_DTYPES)
-        check_tensor("x_TD", x_TD, ndim=2, device=self.device)
+        if x_TD.device != self.device:
+            check_tensor("x_TD", x_TD, ndim=2, device=self.device)  # raises, naming the device
+        if not sync and not self._device_barriers:
+            raise NotImplementedError(
+                f"dispatch(sync=False) on the {self.name} backend needs every peer mapped (one "
+                f"node); with peers reached by puts the host needs the count matrix to move the "
+                f"rows: call dispatch with sync=True")
         if fp8:
             check_fp8_rows(x_TD)
         num_slots = num_tokens * top_k
@@ -312,51 +393,92 @@ class RdepDispatcher(Dispatcher):
         if _align(widths[0], 16) + (widths[1] if fp8 else 0) > self.layout.row_bytes:
             local_flags |= _FLAG_ROW_TOO_WIDE
         ids = expert_ids_TK.contiguous()
-        gates_N = gates_TK.detach().to(torch.float32).contiguous().view(-1)
+        gates_TK = gates_TK.detach()
+        if gates_TK.dtype != torch.float32 or not gates_TK.is_contiguous():
+            gates_TK = gates_TK.to(torch.float32).contiguous()
         device = self.device
-        send_pos, land_index = torch.empty(2, num_slots, dtype=torch.int32, device=device)
-        counts_E = torch.empty(self.num_local_experts, dtype=torch.int64, device=device)
-        stream = _extension.current_stream(device)
+        num_local = self.num_local_experts
+        # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
+        # send_pos [N] and land_index [N] (as N int64 words). Owned by the handle.
+        meta = torch.empty(8 + num_local + num_slots, dtype=torch.int64, device=device)
+        info, counts_E = meta[:8], meta[8:8 + num_local]
+        slots_2N = meta[8 + num_local:].view(torch.int32)
+        send_pos, land_index = slots_2N[:num_slots], slots_2N[num_slots:]
+        stream = _current_stream(self._device_index)
         is64 = ids.dtype == torch.int64
+        if hook is not None:
+            hook("checks")
 
-        self._before_writing(frozenset({COUNTS, RECV}), stream)
+        self._before_writing(_DISPATCH_READS, stream)
         self._route_and_plan((ids.data_ptr(), is64, num_slots, local_flags, send_pos.data_ptr(),
-                              land_index.data_ptr(), counts_E.data_ptr(), self._info.data_ptr()),
+                              land_index.data_ptr(), counts_E.data_ptr(), info.data_ptr()),
                              stream)
+        if hook is not None:
+            hook("route_plan")
         p1 = payloads[1] if fp8 else None
+        # One row per (token, owner) needs every owner mapped (staged puts move whole chunks).
+        dedup = self.dedup_rows and self._device_barriers
         self._rdep.scatter_slots(
             ids.data_ptr(), is64, num_slots, top_k, send_pos.data_ptr(), land_index.data_ptr(),
             payloads[0].data_ptr(), widths[0], widths[0], _ptr(p1), widths[1] if fp8 else 0,
-            widths[1] if fp8 else 0, gates_N.data_ptr(), self._info.data_ptr(),
+            widths[1] if fp8 else 0, gates_TK.data_ptr(), info.data_ptr(), dedup,
             self._next_epoch(), stream)
-        status, counts_host = self._read_plan()  # the one host synchronisation
-        send_chunks, recv_chunks = self._chunks(counts_host)
-        if status[0] != _OK:
-            self._completed(stream, ())
-            self._raise_plan_error(status, num_slots, widths)
-        self._completed(stream, self._send_puts(send_chunks, self.layout.recv_stride))
+        if hook is not None:
+            hook("scatter_slots")
+        if sync:
+            status, counts_host = self._read_plan(info)  # the one host synchronisation
+            send_chunks, recv_chunks = self._chunks(counts_host)
+            if status[0] != _OK:
+                self._completed(stream, ())
+                self._consumed = _NOTHING
+                raise self._plan_error(status, num_slots, sum(widths))
+            self._completed(stream, self._send_puts(send_chunks, self.layout.recv_stride))
+            num_rows, num_received = int(status[3]), None
+            if hook is not None:
+                hook("host_sync")
+        else:  # every peer mapped: no puts, no chunks; R stays on the device
+            send_chunks = recv_chunks = ()
+            num_rows, num_received = self.capacity, info[3:4]
 
-        num_rows = int(status[3])
         x_RD = torch.empty(num_rows, hidden, dtype=payloads[0].dtype, device=device)
         scales_RG = torch.empty(num_rows, payloads[1].shape[1], dtype=torch.float32,
                                 device=device) if fp8 else None
-        gates_R = torch.empty(num_rows, dtype=torch.float32, device=device)
-        src_rank_R, ret_index_R, land_row_R = torch.empty(3, num_rows, dtype=torch.int32,
-                                                          device=device)
-        self._rdep.unpack(num_rows, x_RD.data_ptr(), widths[0], _ptr(scales_RG),
-                          widths[1] if fp8 else 0, gates_R.data_ptr(), src_rank_R.data_ptr(),
-                          ret_index_R.data_ptr(), land_row_R.data_ptr(), stream)
-        self._consumed = frozenset({COUNTS, RECV})
+        # gates_R (float32 bits), src_rank_R, ret_index_R, land_row_R: one allocation.
+        rows_4R = torch.empty(4, num_rows, dtype=torch.int32, device=device)
+        gates_R = rows_4R[0].view(torch.float32)
+        src_rank_R, ret_index_R, land_row_R = rows_4R[1], rows_4R[2], rows_4R[3]
+        if hook is not None:
+            hook("alloc")
+        self._rdep.unpack(num_rows, _ptr(num_received), dedup, x_RD.data_ptr(), widths[0],
+                          _ptr(scales_RG), widths[1] if fp8 else 0, gates_R.data_ptr(),
+                          src_rank_R.data_ptr(), ret_index_R.data_ptr(), land_row_R.data_ptr(),
+                          stream)
+        self._consumed = _DISPATCH_READS
+        if hook is not None:
+            hook("unpack")
         handle = DispatchHandle(
             num_tokens=num_tokens, top_k=top_k, hidden=hidden, dtype=x_TD.dtype,
-            gates_TK=gates_N.view(num_tokens, top_k),
-            expert_ids_TK=ids.to(torch.int64),
-            state=RdepRouting(send_pos_N=send_pos, land_index_N=land_index,
+            gates_TK=gates_TK, expert_ids_TK=ids,
+            state=RdepRouting(info_8=info, send_pos_N=send_pos, land_index_N=land_index,
                               src_rank_R=src_rank_R, ret_index_R=ret_index_R,
-                              land_row_R=land_row_R, send_chunks=send_chunks,
+                              land_row_R=land_row_R, num_received=num_received,
+                              row_bytes=sum(widths), send_chunks=send_chunks,
                               recv_chunks=recv_chunks, dispatcher_id=id(self)))
-        return Dispatched(x_RD=x_RD, counts_E=counts_E, gates_R=gates_R, handle=handle,
-                          x_scales_RG=scales_RG)
+        dispatched = Dispatched(x_RD=x_RD, counts_E=counts_E, gates_R=gates_R, handle=handle,
+                                x_scales_RG=scales_RG, num_received=num_received)
+        if hook is not None:
+            hook("handle")
+        return dispatched
+
+    def check_dispatch(self, handle: DispatchHandle) -> None:
+        """See `Dispatcher.check_dispatch`: reads the plan status of ``handle`` (one host sync)
+        and raises the error a ``sync=False`` dispatch deferred, on every rank alike."""
+        routing = self._routing(handle, RdepRouting)
+        if routing.num_received is None:
+            return  # a synchronous dispatch raised already
+        status = routing.info_8.tolist()
+        if status[0] != _OK:
+            raise self._plan_error(status, handle.num_tokens * handle.top_k, routing.row_bytes)
 
     def _route_and_plan(self, args: tuple, stream: int) -> None:
         """Step 1 of the module docstring: one launch with the count exchange and its barrier
@@ -368,12 +490,12 @@ class RdepDispatcher(Dispatcher):
         self._count_exchange(stream)
         self._rdep.route_plan(*args, _PLAN, 0, stream)
 
-    def _read_plan(self) -> tuple[list[int], torch.Tensor | None]:
+    def _read_plan(self, info: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """The plan's status (and, with unmapped peers, the count matrix) on the host."""
         if not self._unmapped:
-            return self._info.tolist(), None
+            return info.tolist(), None
         counts = self._counts_view().to(torch.int64).flatten()
-        both = torch.cat([self._info, counts]).cpu()
+        both = torch.cat([info, counts]).cpu()
         width = self.num_experts + 1
         return both[:8].tolist(), both[8:].view(self.world_size, width)[:, :self.num_experts]
 
@@ -381,23 +503,23 @@ class RdepDispatcher(Dispatcher):
         """The count matrix as a tensor (NVSHMEM backend only, which keeps one)."""
         raise NotImplementedError
 
-    def _raise_plan_error(self, status: list[int], num_slots: int, widths: list[int]) -> None:
-        self._consumed = frozenset()
+    def _plan_error(self, status: list[int], num_slots: int, row_bytes: int) -> Exception:
+        """The exception for a failed plan (every rank computes the same status)."""
         code, arg1, arg2 = status[0], int(status[1]), int(status[2])
         who = "this rank" if arg1 == self.rank else f"rank {arg1}"
         if code == _OVER_CAPACITY:
-            raise CapacityError(arg1, arg2, self.capacity)
+            return CapacityError(arg1, arg2, self.capacity)
         if code == _BAD_ID:
-            raise ValueError(
+            return ValueError(
                 f"expert_ids_TK: {who} passed expert ids outside [0, {self.num_experts}); ids are "
                 f"global expert indices below num_experts={self.num_experts}")
         if code == _TOO_MANY_SLOTS:
             mine = f" (this rank: {num_slots})" if arg1 != self.rank else f" ({num_slots})"
-            raise ValueError(
+            return ValueError(
                 f"x_TD: {who} sends more slots T*K than max_send_rows={self.max_send_rows}"
                 f"{mine}; construct the dispatcher with max_send_rows >= tokens * top_k")
-        raise ValueError(
-            f"x_TD: {who} dispatches rows of {sum(widths)} bytes, wider than the buffer's "
+        return ValueError(
+            f"x_TD: {who} dispatches rows of {row_bytes} bytes, wider than the buffer's "
             f"{self.layout.row_bytes} (hidden={self.hidden}, dtype={self.row_dtype}); construct "
             f"the dispatcher with a larger hidden/dtype")
 
@@ -429,20 +551,35 @@ class RdepDispatcher(Dispatcher):
 
     # ------------------------------------------------------------------ combine and backward
 
-    def _return_and_reduce(self, y_RD, handle, routing, gates_N) -> torch.Tensor:
-        stream = _extension.current_stream(self.device)
-        num_rows = routing.land_row_R.numel()
-        self._before_writing(frozenset({RET}), stream)
-        self._rdep.return_rows(num_rows, y_RD.data_ptr(), y_RD.shape[1] * y_RD.element_size(),
+    def _reduced_slots(self, handle: DispatchHandle) -> int:
+        """Slots ``reduce_slots`` / ``gather_dots`` may read: all of them, or none when this rank
+        sent more than ``max_send_rows`` (only a failed sync-free dispatch leaves such a handle:
+        its send positions would point past the return buffer; the result is unspecified)."""
+        num_slots = handle.num_tokens * handle.top_k
+        return num_slots if num_slots <= self.max_send_rows else 0
+
+    def _return_and_reduce(self, y_RD, handle, routing, gates_f32_TK) -> torch.Tensor:
+        hook = self.stage_hook
+        stream = _current_stream(self._device_index)
+        if hook is not None:
+            hook("checks")
+        self._before_writing(_RET, stream)
+        self._rdep.return_rows(routing.land_row_R.numel(), _ptr(routing.num_received),
+                               y_RD.data_ptr(), y_RD.shape[1] * y_RD.element_size(),
                                routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
                                routing.land_row_R.data_ptr(), self._next_epoch(), stream)
         self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.ret_off,
                                                   self.layout.ret_stride))
+        if hook is not None:
+            hook("return_rows")
         out = torch.empty(handle.num_tokens, y_RD.shape[1], dtype=y_RD.dtype, device=self.device)
-        self._rdep.reduce_slots(_DTYPE_CODE[y_RD.dtype], handle.num_tokens, handle.top_k,
-                                y_RD.shape[1], routing.send_pos_N.data_ptr(), _ptr(gates_N),
+        tokens = handle.num_tokens if self._reduced_slots(handle) else 0
+        self._rdep.reduce_slots(_DTYPE_CODE[y_RD.dtype], tokens, handle.top_k,
+                                y_RD.shape[1], routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK),
                                 out.data_ptr(), stream)
-        self._consumed = frozenset({RET})
+        self._consumed = _RET
+        if hook is not None:
+            hook("reduce_slots")
         return out
 
     def combine(
@@ -454,16 +591,16 @@ class RdepDispatcher(Dispatcher):
         """See `Dispatcher.combine`; no host synchronisation."""
         self._check_live()
         routing = self._routing(handle, RdepRouting)
-        y_RD = self._rows("y_RD", y_RD, routing.land_row_R.numel())
-        gates_N = check_gates(gates_TK, handle, self.device).to(torch.float32).contiguous()
-        return self._return_and_reduce(y_RD, handle, routing, gates_N.view(-1))
+        y_RD = self._rows("y_RD", y_RD, routing)
+        gates_f32_TK = handle.gates_TK if gates_TK is None else check_gates(
+            gates_TK, handle, self.device).to(torch.float32).contiguous()
+        return self._return_and_reduce(y_RD, handle, routing, gates_f32_TK)
 
     def dispatch_backward(self, grad_x_RD: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         """See `Dispatcher.dispatch_backward`; no host synchronisation."""
         self._check_live()
         routing = self._routing(handle, RdepRouting)
-        grad_x_RD = self._rows("grad_x_RD", grad_x_RD, routing.land_row_R.numel(),
-                               hidden=handle.hidden)
+        grad_x_RD = self._rows("grad_x_RD", grad_x_RD, routing, hidden=handle.hidden)
         return self._return_and_reduce(grad_x_RD, handle, routing, None)
 
     def combine_backward(
@@ -477,31 +614,35 @@ class RdepDispatcher(Dispatcher):
         self._check_live()
         routing = self._routing(handle, RdepRouting)
         num_rows = routing.land_row_R.numel()
-        y_RD = self._rows("y_RD", y_RD, num_rows)
-        grad_out_TD = self._rows("grad_out_TD", grad_out_TD, handle.num_tokens,
-                                 hidden=y_RD.shape[1])
-        gates_N = check_gates(gates_TK, handle, self.device).to(torch.float32).contiguous()
+        y_RD = self._rows("y_RD", y_RD, routing)
+        grad_out_TD = self._rows("grad_out_TD", grad_out_TD, routing, hidden=y_RD.shape[1],
+                                 count=handle.num_tokens)
+        gates_f32_TK = handle.gates_TK if gates_TK is None else check_gates(
+            gates_TK, handle, self.device).to(torch.float32).contiguous()
         ids = handle.expert_ids_TK
-        stream = _extension.current_stream(self.device)
+        stream = _current_stream(self._device_index)
         width = grad_out_TD.shape[1] * grad_out_TD.element_size()
 
-        self._before_writing(frozenset({RECV}), stream)
+        self._before_writing(_RECV, stream)
+        # The forward's info: a failed (sync-free) plan moves nothing here either.
         self._rdep.scatter_slots(
-            ids.data_ptr(), True, ids.numel(), handle.top_k, routing.send_pos_N.data_ptr(),
-            routing.land_index_N.data_ptr(), grad_out_TD.data_ptr(), width, width, 0, 0, 0,
-            gates_N.data_ptr(), 0, self._next_epoch(), stream)
+            ids.data_ptr(), ids.dtype == torch.int64, ids.numel(), handle.top_k,
+            routing.send_pos_N.data_ptr(), routing.land_index_N.data_ptr(),
+            grad_out_TD.data_ptr(), width, width, 0, 0, 0, gates_f32_TK.data_ptr(),
+            routing.info_8.data_ptr(), False, self._next_epoch(), stream)
         self._completed(stream, self._send_puts(routing.send_chunks, self.layout.recv_stride))
         grad_y_RD = torch.empty_like(y_RD)
         self._rdep.owner_grad(_DTYPE_CODE[y_RD.dtype], _DTYPE_CODE[grad_out_TD.dtype], num_rows,
-                              y_RD.shape[1], y_RD.data_ptr(), routing.src_rank_R.data_ptr(),
-                              routing.ret_index_R.data_ptr(), routing.land_row_R.data_ptr(),
-                              grad_y_RD.data_ptr(), self._next_epoch(), stream)
+                              _ptr(routing.num_received), y_RD.shape[1], y_RD.data_ptr(),
+                              routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
+                              routing.land_row_R.data_ptr(), grad_y_RD.data_ptr(),
+                              self._next_epoch(), stream)
         self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.dots_off, 4))
         grad_gates_TK = torch.empty(handle.num_tokens, handle.top_k, dtype=torch.float32,
                                     device=self.device)
-        self._rdep.gather_dots(ids.numel(), routing.send_pos_N.data_ptr(),
+        self._rdep.gather_dots(self._reduced_slots(handle), routing.send_pos_N.data_ptr(),
                                grad_gates_TK.data_ptr(), stream)
-        self._consumed = frozenset({DOTS})
+        self._consumed = _DOTS
         return grad_y_RD, grad_gates_TK
 
     @classmethod

@@ -177,6 +177,29 @@ def _rand_rows(gen: torch.Generator, rows: int, cols: int, dtype: torch.dtype) -
     return torch.randn(rows, cols, generator=gen).to(dtype)
 
 
+def _padded(rows_RD: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``rows_RD`` followed by NaN rows up to ``num_rows`` (a sync-free dispatch's row count):
+    a backend that read a row past R would put NaN into a compared result."""
+    pad = torch.full((num_rows - rows_RD.shape[0], rows_RD.shape[1]), float("nan"),
+                     dtype=rows_RD.dtype)
+    return torch.cat([rows_RD, pad]) if pad.shape[0] else rows_RD
+
+
+def _received_rows(dispatcher, got, num_rows: int, sync: bool, tag: str) -> int:
+    """Check ``got.num_received`` against the reference's R; return ``x_RD``'s row count."""
+    if sync:
+        assert got.num_received is None, f"{tag}: num_received of a synchronous dispatch"
+        assert got.x_RD.shape[0] == num_rows, f"{tag}: x_RD has {got.x_RD.shape[0]} rows"
+        return num_rows
+    assert got.num_received is not None and got.num_received.dtype == torch.int64, tag
+    received = int(got.num_received.cpu()[0])
+    assert received == num_rows, f"{tag}: num_received {received}, reference R {num_rows}"
+    rows = got.x_RD.shape[0]
+    assert num_rows <= rows <= dispatcher.capacity, f"{tag}: x_RD has {rows} rows"
+    assert got.gates_R.shape[0] == rows, f"{tag}: gates_R has {got.gates_R.shape[0]} rows"
+    return rows
+
+
 def dot_tolerance(abs_dots: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
     """Worst-case difference of two float32 (float64) dot products of ``length`` terms summed in
     different orders: ``2 * gamma_n * sum |a_i b_i|`` with ``gamma_n = n u / (1 - n u)``
@@ -196,6 +219,7 @@ def check_group_case(
     device: torch.device | str,
     *,
     fp8: bool = False,
+    sync: bool = True,
 ) -> None:
     """Run every method of ``dispatcher`` (this rank) and compare with the reference.
 
@@ -208,48 +232,61 @@ def check_group_case(
         gather: ``gather(obj) -> [obj of rank 0, obj of rank 1, ...]`` (an all_gather_object).
         device: where this rank's tensors live.
         fp8: run the FP8 dispatch (rule 6).
+        sync: False runs the sync-free dispatch (rule 7): the first R rows of every row tensor
+            are compared, ``num_received`` must be R, and the rows past R handed to combine and
+            the backwards are NaN (a backend that read them would fail the comparison).
 
     Raises:
         AssertionError naming the case, dtype, rank, seed and the first differing element.
     """
     rank, world_size = dispatcher.rank, dispatcher.world_size
-    tag = f"case {name}, {dtype}, fp8={fp8}, rank {rank}/{world_size}, seed {seed}"
+    tag = f"case {name}, {dtype}, fp8={fp8}, sync={sync}, rank {rank}/{world_size}, seed {seed}"
     num_experts = group_num_experts(world_size)
     x, ids, gates = rank_inputs(case, name, rank, world_size, dtype, seed)
     xs, idss, gatess = zip(*gather((x, ids, gates)))
     want = reference.dispatch(list(xs), list(idss), list(gatess), num_experts, fp8=fp8)
     handles = [w.handle for w in want]
-    got = dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device), fp8=fp8)
+    got = dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device), fp8=fp8,
+                              sync=sync)
     mine = want[rank]
+    num_rows = mine.x_RD.shape[0]
+    rows = _received_rows(dispatcher, got, num_rows, sync, tag)
     for field in ("x_RD", "counts_E", "gates_R", "x_scales_RG"):
         if getattr(mine, field) is None:
             assert getattr(got, field) is None, f"{tag}: {field} should be None"
             continue
-        assert_bitwise_equal(getattr(got, field), getattr(mine, field), f"{tag}: {field}")
+        value = getattr(got, field)
+        if field != "counts_E":
+            assert value.shape[0] == rows, f"{tag}: {field} has {value.shape[0]} rows"
+            value = value[:num_rows]
+        assert_bitwise_equal(value, getattr(mine, field), f"{tag}: {field}")
     assert_bitwise_equal(got.offsets_E1, mine.offsets_E1, f"{tag}: offsets_E1")
     assert (got.handle.num_tokens, got.handle.top_k, got.handle.hidden, got.handle.dtype) == (
         mine.handle.num_tokens, mine.handle.top_k, mine.handle.hidden, mine.handle.dtype), tag
+    dispatcher.check_dispatch(got.handle)  # nothing to raise
 
-    num_rows = mine.x_RD.shape[0]
     gen = _case_generator(seed, rank, name, "grads")
     y = _rand_rows(gen, num_rows, case.out_hidden, dtype)
     other_gates = torch.rand(x.shape[0], case.top_k, generator=gen).to(torch.bfloat16)
     grad_x = _rand_rows(gen, num_rows, case.hidden, dtype)
     grad_out = _rand_rows(gen, x.shape[0], case.out_hidden, dtype)
     ys, other, grad_xs, grad_outs = zip(*gather((y, other_gates, grad_x, grad_out)))
+    y_dev, grad_x_dev = _padded(y, rows).to(device), _padded(grad_x, rows).to(device)
 
-    assert_bitwise_equal(dispatcher.combine(y.to(device), got.handle),
+    assert_bitwise_equal(dispatcher.combine(y_dev, got.handle),
                          reference.combine(ys, handles)[rank], f"{tag}: combine")
-    assert_bitwise_equal(dispatcher.combine(y.to(device), got.handle, other_gates.to(device)),
+    assert_bitwise_equal(dispatcher.combine(y_dev, got.handle, other_gates.to(device)),
                          reference.combine(ys, handles, other)[rank],
                          f"{tag}: combine with explicit gates")
-    assert_bitwise_equal(dispatcher.dispatch_backward(grad_x.to(device), got.handle),
+    assert_bitwise_equal(dispatcher.dispatch_backward(grad_x_dev, got.handle),
                          reference.dispatch_backward(grad_xs, handles)[rank],
                          f"{tag}: dispatch_backward")
-    grad_y, grad_gates = dispatcher.combine_backward(grad_out.to(device), y.to(device),
+    grad_y, grad_gates = dispatcher.combine_backward(grad_out.to(device), y_dev,
                                                      got.handle, other_gates.to(device))
     want_grad_ys, want_grad_gates = reference.combine_backward(grad_outs, ys, handles, other)
-    assert_bitwise_equal(grad_y, want_grad_ys[rank], f"{tag}: combine_backward grad_y")
+    assert grad_y.shape[0] == rows, f"{tag}: combine_backward grad_y has {grad_y.shape[0]} rows"
+    assert_bitwise_equal(grad_y[:num_rows], want_grad_ys[rank],
+                         f"{tag}: combine_backward grad_y")
     abs_dots = reference.combine_backward([g.abs() for g in grad_outs], [v.abs() for v in ys],
                                           handles)[1][rank]
     got_dots, want_dots = grad_gates.detach().cpu().double(), want_grad_gates[rank].double()
@@ -262,9 +299,12 @@ def check_group_case(
     )
 
 
-def check_capacity_error(dispatcher, seed: int, gather, device) -> None:
+def check_capacity_error(dispatcher, seed: int, gather, device, *, sync: bool = True) -> None:
     """A dispatch routing more than ``capacity`` rows to a rank raises `CapacityError` on every
     rank, naming the same owner and row count as the reference; the dispatcher keeps working.
+    With ``sync=False`` the dispatch returns, moves nothing (``num_received`` and ``counts_E``
+    are 0) and `Dispatcher.check_dispatch` raises the error; combine and the backwards of that
+    handle still run on every rank (unspecified values, no fault, no hang).
 
     ``dispatcher.capacity`` must be below the busiest owner's rows of the "all_on_one" case
     (every slot on expert 1, owned by rank 0).
@@ -283,13 +323,32 @@ def check_capacity_error(dispatcher, seed: int, gather, device) -> None:
     else:
         raise AssertionError(f"capacity {dispatcher.capacity} is not exceeded by {name}")
     try:
-        dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device))
+        _dispatch_deferred(dispatcher, x.to(device), ids.to(device), gates.to(device), sync,
+                           case.out_hidden)
     except CapacityError as err:
         assert (err.rank, err.rows_needed, err.capacity) == want, (
             f"rank {rank}: CapacityError{(err.rank, err.rows_needed, err.capacity)}, "
             f"reference says {want}")
     else:
         raise AssertionError(f"rank {rank}: no CapacityError (reference: {want})")
+
+
+def _dispatch_deferred(dispatcher, x, ids, gates, sync: bool, out_hidden: int) -> None:
+    """``dispatch``; with ``sync=False`` (a failing plan) check that nothing was delivered, run
+    combine and both backwards on the failed handle (every rank, results ignored), then raise
+    the deferred error through `Dispatcher.check_dispatch`."""
+    got = dispatcher.dispatch(x, ids, gates, sync=sync)
+    if sync:
+        return
+    rows = got.x_RD.shape[0]
+    assert int(got.num_received.cpu()[0]) == 0, "a failed sync-free dispatch delivered rows"
+    assert not bool(got.counts_E.cpu().any()), "a failed sync-free dispatch has counts"
+    y = torch.zeros(rows, out_hidden, dtype=x.dtype, device=x.device)
+    dispatcher.combine(y, got.handle)
+    dispatcher.dispatch_backward(torch.zeros_like(got.x_RD), got.handle)
+    dispatcher.combine_backward(torch.zeros(x.shape[0], out_hidden, dtype=x.dtype,
+                                            device=x.device), y, got.handle)
+    dispatcher.check_dispatch(got.handle)
 
 
 def all_gather_objects(group=None):
@@ -316,18 +375,22 @@ def run_group_checks(
     dtypes: tuple[torch.dtype, ...],
     fp8_cases: dict[str, GroupCase] | None = None,
     log=None,
+    sync: bool = True,
 ) -> None:
-    """`check_group_case` for every case and dtype, then the FP8 cases (bfloat16, float32)."""
+    """`check_group_case` for every case and dtype, then the FP8 cases (bfloat16, float32);
+    ``sync=False`` runs them all through the sync-free dispatch."""
+    mode = "" if sync else " sync=False"
     for name, case in cases.items():
         for dtype in dtypes:
-            check_group_case(dispatcher, name, case, dtype, seed, gather, device)
+            check_group_case(dispatcher, name, case, dtype, seed, gather, device, sync=sync)
             if log:
-                log(f"ok {dispatcher.name} {name} {dtype}")
+                log(f"ok {dispatcher.name} {name} {dtype}{mode}")
     for name, case in (fp8_cases or {}).items():
         for dtype in (torch.bfloat16, torch.float32):
-            check_group_case(dispatcher, name, case, dtype, seed, gather, device, fp8=True)
+            check_group_case(dispatcher, name, case, dtype, seed, gather, device, fp8=True,
+                             sync=sync)
             if log:
-                log(f"ok {dispatcher.name} {name} {dtype} fp8")
+                log(f"ok {dispatcher.name} {name} {dtype} fp8{mode}")
 
 
 def gloo_worker(rank: int, world_size: int, init_file: str, seed: int) -> None:
@@ -355,6 +418,14 @@ def gloo_worker(rank: int, world_size: int, init_file: str, seed: int) -> None:
                          gather, "cpu")
         check_interleaved_calls(dispatcher, seed, gather, "cpu")
         check_collective_errors(dispatcher, seed, gather, "cpu")
+        x, ids, gates = rank_inputs(GROUP_CASES["top1"], "top1", rank, world_size,
+                                    torch.float32, seed)
+        try:  # refused before any communication, on every rank
+            dispatcher.dispatch(x, ids, gates, sync=False)
+        except NotImplementedError as err:
+            assert "sync=True" in str(err), err
+        else:
+            raise AssertionError("the nccl backend must refuse dispatch(sync=False)")
         small = nmoe_comm.create_dispatcher("nccl", num_experts=num_experts, capacity=40,
                                             world_size=world_size, rank=rank)
         check_capacity_error(small, seed, gather, "cpu")
@@ -371,44 +442,52 @@ def gloo_worker(rank: int, world_size: int, init_file: str, seed: int) -> None:
         dist.destroy_process_group()
 
 
-def check_interleaved_calls(dispatcher, seed: int, gather, device) -> None:
+def check_interleaved_calls(dispatcher, seed: int, gather, device, *, sync: bool = True) -> None:
     """Two dispatches in a row, then their combines and backwards in reverse order: exercises
-    buffer reuse between calls (the entry barriers of `nmoe_comm.rdep`), bitwise vs reference."""
+    buffer reuse between calls (the entry barriers of `nmoe_comm.rdep`) and handles that stay
+    valid while later dispatches run (per-call routing state, never shared scratch), bitwise vs
+    reference. With ``sync=False`` the second dispatch is synchronous (mixed modes)."""
     rank, world_size = dispatcher.rank, dispatcher.world_size
     num_experts = group_num_experts(world_size)
     runs = []
-    for name in ("random", "top8"):
+    for name, mode in (("random", sync), ("top8", True)):
         case = GROUP_CASES[name]
         x, ids, gates = rank_inputs(case, name, rank, world_size, torch.bfloat16, seed)
         xs, idss, gatess = zip(*gather((x, ids, gates)))
         want = reference.dispatch(list(xs), list(idss), list(gatess), num_experts)
-        got = dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device))
-        assert_bitwise_equal(got.x_RD, want[rank].x_RD, f"interleaved {name}: x_RD")
-        runs.append((name, case, x, got, [w.handle for w in want]))
-    for name, case, x, got, handles in reversed(runs):
+        got = dispatcher.dispatch(x.to(device), ids.to(device), gates.to(device), sync=mode)
+        tag = f"interleaved {name}, sync={mode}, rank {rank}, seed {seed}"
+        num_rows = want[rank].x_RD.shape[0]
+        rows = _received_rows(dispatcher, got, num_rows, mode, tag)
+        runs.append((name, case, x, got, [w.handle for w in want], want[rank].x_RD, rows, tag))
+    for name, case, x, got, handles, want_x, rows, tag in reversed(runs):
+        num_rows = want_x.shape[0]
+        assert_bitwise_equal(got.x_RD[:num_rows], want_x, f"{tag}: x_RD after later calls")
         gen = _case_generator(seed, rank, name, "interleaved")
-        y = _rand_rows(gen, got.x_RD.shape[0], case.out_hidden, torch.bfloat16)
-        grad_x = _rand_rows(gen, got.x_RD.shape[0], case.hidden, torch.bfloat16)
+        y = _rand_rows(gen, num_rows, case.out_hidden, torch.bfloat16)
+        grad_x = _rand_rows(gen, num_rows, case.hidden, torch.bfloat16)
         grad_out = _rand_rows(gen, x.shape[0], case.out_hidden, torch.bfloat16)
         ys, grad_xs, grad_outs = zip(*gather((y, grad_x, grad_out)))
-        tag = f"interleaved {name}, rank {rank}, seed {seed}"
+        y_dev, grad_x_dev = _padded(y, rows).to(device), _padded(grad_x, rows).to(device)
         want_grad_y = reference.combine_backward(grad_outs, ys, handles)[0][rank]
         for _ in range(2):  # the same call twice in a row
-            assert_bitwise_equal(dispatcher.combine(y.to(device), got.handle),
+            assert_bitwise_equal(dispatcher.combine(y_dev, got.handle),
                                  reference.combine(ys, handles)[rank], f"{tag}: combine")
         for _ in range(2):
-            assert_bitwise_equal(dispatcher.dispatch_backward(grad_x.to(device), got.handle),
+            assert_bitwise_equal(dispatcher.dispatch_backward(grad_x_dev, got.handle),
                                  reference.dispatch_backward(grad_xs, handles)[rank],
                                  f"{tag}: dispatch_backward")
         for _ in range(2):
-            grad_y, _ = dispatcher.combine_backward(grad_out.to(device), y.to(device), got.handle)
-            assert_bitwise_equal(grad_y, want_grad_y, f"{tag}: combine_backward")
+            grad_y, _ = dispatcher.combine_backward(grad_out.to(device), y_dev, got.handle)
+            assert_bitwise_equal(grad_y[:num_rows], want_grad_y, f"{tag}: combine_backward")
 
 
-def check_collective_errors(dispatcher, seed: int, gather, device) -> None:
+def check_collective_errors(dispatcher, seed: int, gather, device, *, sync: bool = True) -> None:
     """An expert id outside ``[0, E)`` on rank 0 only, then too many slots on the last rank
     only: every rank raises ValueError naming the culprit, and the dispatcher keeps working.
-    Backends whose errors are collective run this (``ipc``, ``nvshmem``, ``nccl``)."""
+    Backends whose errors are collective run this (``ipc``, ``nvshmem``, ``nccl``). With
+    ``sync=False`` the errors come from `Dispatcher.check_dispatch` after combine and both
+    backwards ran on the failed handles (see `_dispatch_deferred`)."""
     rank, world_size = dispatcher.rank, dispatcher.world_size
     name, case = "top1", GROUP_CASES["top1"]
     x, ids, gates = rank_inputs(case, name, rank, world_size, torch.float32, seed)
@@ -416,7 +495,8 @@ def check_collective_errors(dispatcher, seed: int, gather, device) -> None:
     if rank == 0 and bad_ids.numel():
         bad_ids[0, 0] = group_num_experts(world_size)
     try:
-        dispatcher.dispatch(x.to(device), bad_ids.to(device), gates.to(device))
+        _dispatch_deferred(dispatcher, x.to(device), bad_ids.to(device), gates.to(device), sync,
+                           case.out_hidden)
     except ValueError as err:
         assert "expert_ids_TK" in str(err), err
     else:
@@ -427,10 +507,10 @@ def check_collective_errors(dispatcher, seed: int, gather, device) -> None:
         big_x = torch.zeros(many, case.hidden, dtype=torch.float32)
         big_ids = torch.zeros(many, 1, dtype=torch.int64)
         try:
-            dispatcher.dispatch(big_x.to(device), big_ids.to(device),
-                                torch.ones(many, 1).to(device))
+            _dispatch_deferred(dispatcher, big_x.to(device), big_ids.to(device),
+                               torch.ones(many, 1).to(device), sync, case.out_hidden)
         except ValueError as err:
             assert "max_send_rows" in str(err), err
         else:
             raise AssertionError(f"rank {rank}: T*K above max_send_rows did not raise")
-    check_group_case(dispatcher, name, case, torch.float32, seed, gather, device)
+    check_group_case(dispatcher, name, case, torch.float32, seed, gather, device, sync=sync)

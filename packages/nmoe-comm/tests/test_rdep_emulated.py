@@ -1,0 +1,440 @@
+"""The ``ipc`` / ``nvshmem`` engine (`nmoe_comm.rdep.RdepDispatcher`) on CPU threads, with the
+compiled kernels replaced by a plain-torch emulation (`EmulatedRdep`).
+
+What this checks without a GPU: the host side of every call (argument order and pointers passed
+to ``_C.Rdep``, the per-call allocations split into views, handle state that stays valid while
+later calls run, the entry barriers, sync-free dispatch with padded rows and deferred errors)
+together with the kernels' index arithmetic, written again here from csrc/rdep_kernels.cu one
+kernel per method. Each rank is a thread; a kernel's in-kernel barrier is a `threading.Barrier`
+over the ranks. Results go through the same `nmoe_comm.testing` checks as the GPU worker, bitwise
+against `nmoe_comm.reference`. The GPU run (tests/test_multigpu.py) remains the real test of the
+kernels; run this with ``pytest packages/nmoe-comm/tests/test_rdep_emulated.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import pytest
+import torch
+
+from nmoe_comm import rdep, testing
+from nmoe_comm.rdep import RdepDispatcher
+
+_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
+_TRAILER = 16
+
+
+def _mem(ptr: int, nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A tensor over ``nbytes`` of CPU memory at address ``ptr`` (shares the memory)."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=dtype)
+    raw = (ctypes.c_uint8 * nbytes).from_address(ptr)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype)
+
+
+class _Group:
+    """What the ranks share: every rank's buffer (uint8 tensors) and the barrier."""
+
+    def __init__(self, world: int, total_bytes: int):
+        self.buffers = [torch.zeros(total_bytes, dtype=torch.uint8) for _ in range(world)]
+        self.barrier = threading.Barrier(world, timeout=60)
+
+
+class EmulatedRdep:
+    """The methods of ``nmoe_comm._C.Rdep`` (same signatures) in plain torch for one rank."""
+
+    def __init__(self, group: _Group, layout: rdep.BufferLayout, rank: int, world: int,
+                 num_experts: int, capacity: int, max_send_rows: int):
+        self.group, self.g, self.rank, self.world = group, layout, rank, world
+        self.E, self.L = num_experts, num_experts // world
+        self.capacity, self.max_send_rows = capacity, max_send_rows
+
+    # buffer regions, bounds-checked
+    def _region(self, rank: int, offset: int, nbytes: int, dtype=torch.uint8) -> torch.Tensor:
+        buf = self.group.buffers[rank]
+        assert 0 <= offset and offset + nbytes <= buf.numel(), (rank, offset, nbytes)
+        return buf[offset:offset + nbytes].view(dtype)
+
+    def _counts(self) -> torch.Tensor:
+        width = self.E + 1
+        return self._region(self.rank, self.g.counts_off, 4 * self.world * width,
+                            torch.int32).view(self.world, width)
+
+    def _sync(self, epoch: int) -> None:
+        if epoch:
+            self.group.barrier.wait()
+
+    def route_plan(self, ids, ids_int64, num_slots, local_flags, send_pos, land_index, counts_E,
+                   info, flags, epoch, stream):
+        assert flags == 7, "CUDA IPC path: route, exchange and plan in one launch"
+        E, L, W, me = self.E, self.L, self.world, self.rank
+        ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
+                     torch.int64 if ids_int64 else torch.int32).long()
+        pos_N = _mem(send_pos, 4 * num_slots, torch.int32)
+        valid = (ids_N >= 0) & (ids_N < E)
+        counts = torch.bincount(ids_N[valid], minlength=E)
+        start = torch.cumsum(counts, 0) - counts
+        seen = torch.zeros(E, dtype=torch.int64)
+        for i, e in enumerate(ids_N.tolist()):  # stable inside an expert: (token, slot) order
+            if 0 <= e < E:
+                pos_N[i] = int(start[e] + seen[e])
+                seen[e] += 1
+            else:
+                pos_N[i] = -1
+        row_flags = local_flags | (0 if bool(valid.all()) else 1)
+        for p in range(W):  # this rank's count row into every peer's matrix
+            width = E + 1
+            row = self._region(p, self.g.counts_off + 4 * me * width, 4 * width, torch.int32)
+            row[:E] = counts.to(torch.int32)
+            row[E] = row_flags
+        self._sync(epoch)
+        C = self._counts().long()
+        owner_rows = [int(C[:, o * L:(o + 1) * L].sum()) for o in range(W)]
+        land_off = [int(C[:me, o * L:(o + 1) * L].sum()) for o in range(W)]
+        code, arg1, arg2 = 0, 0, 0
+        for flag, status in ((1, 2), (2, 3), (4, 4)):
+            culprits = [s for s in range(W) if int(C[s, E]) & flag]
+            if culprits:
+                code, arg1 = status, culprits[0]
+                break
+        if code == 0:
+            over = [o for o in range(W) if owner_rows[o] > self.capacity]
+            if over:
+                code, arg1, arg2 = 1, over[0], owner_rows[over[0]]
+        info_8 = _mem(info, 64, torch.int64)
+        info_8[:4] = torch.tensor([code, arg1, arg2, owner_rows[me] if code == 0 else 0])
+        mine = C[:, me * L:(me + 1) * L].sum(dim=0)
+        _mem(counts_E, 8 * L, torch.int64)[:] = mine if code == 0 else 0
+        if code != 0:
+            return
+        send_start = torch.cumsum(C[me, :E], 0) - C[me, :E]
+        land_N = _mem(land_index, 4 * num_slots, torch.int32)
+        for i, e in enumerate(ids_N.tolist()):
+            o = e // L
+            land_N[i] = land_off[o] + int(pos_N[i]) - int(send_start[o * L])
+
+    def scatter_slots(self, ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
+                      stride0, bytes0, src1, stride1, bytes1, gates, info, dedup, epoch, stream):
+        skip = info != 0 and int(_mem(info, 8, torch.int64)[0]) != 0
+        if not skip:
+            ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
+                         torch.int64 if ids_int64 else torch.int32).long()
+            land_N = _mem(land_index, 4 * num_slots, torch.int32)
+            gates_N = _mem(gates, 4 * num_slots, torch.float32)
+            p1_offset = (bytes0 + 15) // 16 * 16
+            stride = self.g.recv_stride
+            for i in range(num_slots):
+                owner, token = int(ids_N[i]) // self.L, i // top_k
+                row = self._region(owner, self.g.recv_off + int(land_N[i]) * stride, stride)
+                payload_row = int(land_N[i])
+                if dedup:  # the token's first slot (lowest k) with this owner carries the row
+                    earlier = [j for j in range(token * top_k, i)
+                               if int(ids_N[j]) // self.L == owner]
+                    payload_row = int(land_N[earlier[0]]) if earlier else payload_row
+                if payload_row == int(land_N[i]):
+                    row[:bytes0] = _mem(src0 + token * stride0, bytes0)
+                    if bytes1:
+                        row[p1_offset:p1_offset + bytes1] = _mem(src1 + token * stride1, bytes1)
+                trailer = row[stride - _TRAILER:]
+                trailer[:4] = gates_N[i:i + 1].view(torch.uint8)
+                if dedup:
+                    trailer[4:8] = torch.tensor([payload_row], dtype=torch.int32).view(
+                        torch.uint8)
+        self._sync(epoch)
+
+    def _walk(self, num_rows: int, num_rows_dev: int) -> int:
+        if num_rows_dev == 0:
+            return num_rows
+        return min(num_rows, int(_mem(num_rows_dev, 8, torch.int64)[0]))
+
+    def unpack(self, num_rows, num_rows_dev, dedup, out0, bytes0, out1, bytes1, gates_R,
+               src_rank_R, ret_index_R, land_row_R, stream):
+        if num_rows == 0:
+            return
+        L, W, me = self.L, self.world, self.rank
+        C = self._counts().long()
+        block = C[:, me * L:(me + 1) * L]  # [source, local expert]
+        land_start = (torch.cumsum(block.flatten(), 0) - block.flatten()).view(W, L)
+        sizes = block.t().flatten()  # (local expert, source) order
+        contract_start = torch.cumsum(sizes, 0) - sizes
+        send_off = [int(C[s, :me * L].sum()) for s in range(W)]
+        p1_offset = (bytes0 + 15) // 16 * 16
+        stride = self.g.recv_stride
+        rows = self._walk(num_rows, num_rows_dev)
+        for r in range(rows):
+            b = int(torch.nonzero(contract_start <= r).max())  # the last block starting <= r
+            e, s = b // W, b % W
+            land = int(land_start[s, e]) + r - int(contract_start[b])
+            src = self._region(me, self.g.recv_off + land * stride, stride)
+            payload = src
+            if dedup:
+                row = int(src[stride - _TRAILER + 4:stride - _TRAILER + 8].view(torch.int32)[0])
+                payload = self._region(me, self.g.recv_off + row * stride, stride)
+            _mem(out0 + r * bytes0, bytes0)[:] = payload[:bytes0]
+            if bytes1:
+                _mem(out1 + r * bytes1, bytes1)[:] = payload[p1_offset:p1_offset + bytes1]
+            _mem(gates_R + 4 * r, 4)[:] = src[stride - _TRAILER:stride - _TRAILER + 4]
+            _mem(src_rank_R + 4 * r, 4, torch.int32)[0] = s
+            _mem(ret_index_R + 4 * r, 4, torch.int32)[0] = send_off[s] + land - int(
+                land_start[s, 0])
+            _mem(land_row_R + 4 * r, 4, torch.int32)[0] = land
+
+    def return_rows(self, num_rows, num_rows_dev, rows, row_bytes, src_rank_R, ret_index_R,
+                    land_row_R, epoch, stream):
+        for r in range(self._walk(num_rows, num_rows_dev)):
+            src = int(_mem(src_rank_R + 4 * r, 4, torch.int32)[0])
+            ret = int(_mem(ret_index_R + 4 * r, 4, torch.int32)[0])
+            dst = self._region(src, self.g.ret_off + ret * self.g.ret_stride, row_bytes)
+            dst[:] = _mem(rows + r * row_bytes, row_bytes)
+        self._sync(epoch)
+
+    def reduce_slots(self, dtype, num_tokens, top_k, hidden, send_pos, gates, out, stream):
+        if num_tokens == 0:
+            return
+        row_dtype = _DTYPES[dtype]
+        item = torch.empty(0, dtype=row_dtype).element_size()
+        pos_N = _mem(send_pos, 4 * num_tokens * top_k, torch.int32).long()
+        gates_N = _mem(gates, 4 * num_tokens * top_k, torch.float32) if gates else None
+        out_TD = _mem(out, num_tokens * hidden * item, row_dtype).view(num_tokens, hidden)
+        for t in range(num_tokens):
+            acc = None
+            for k in range(top_k):
+                offset = self.g.ret_off + int(pos_N[t * top_k + k]) * self.g.ret_stride
+                y = self._region(self.rank, offset, hidden * item, row_dtype).float()
+                term = y if gates_N is None else gates_N[t * top_k + k] * y
+                acc = term if acc is None else acc + term
+            out_TD[t] = acc.to(row_dtype)
+
+    def owner_grad(self, y_dtype, grad_out_dtype, num_rows, num_rows_dev, hidden, y, src_rank_R,
+                   ret_index_R, land_row_R, grad_y, epoch, stream):
+        ty, tgo = _DTYPES[y_dtype], _DTYPES[grad_out_dtype]
+        iy, igo = (torch.empty(0, dtype=t).element_size() for t in (ty, tgo))
+        stride = self.g.recv_stride
+        for r in range(self._walk(num_rows, num_rows_dev)):
+            land = int(_mem(land_row_R + 4 * r, 4, torch.int32)[0])
+            landed = self._region(self.rank, self.g.recv_off + land * stride, stride)
+            grad_out = landed[:hidden * igo].view(tgo).float()
+            gate = landed[stride - _TRAILER:stride - _TRAILER + 4].view(torch.float32)[0]
+            y_row = _mem(y + r * hidden * iy, hidden * iy, ty).float()
+            _mem(grad_y + r * hidden * iy, hidden * iy, ty)[:] = (gate * grad_out).to(ty)
+            src = int(_mem(src_rank_R + 4 * r, 4, torch.int32)[0])
+            ret = int(_mem(ret_index_R + 4 * r, 4, torch.int32)[0])
+            self._region(src, self.g.dots_off + 4 * ret, 4, torch.float32)[0] = (
+                grad_out * y_row).sum()
+        self._sync(epoch)
+
+    def gather_dots(self, num_slots, send_pos, out, stream):
+        pos_N = _mem(send_pos, 4 * num_slots, torch.int32).long()
+        out_N = _mem(out, 4 * num_slots, torch.float32)
+        for i in range(num_slots):
+            out_N[i] = self._region(self.rank, self.g.dots_off + 4 * int(pos_N[i]), 4,
+                                    torch.float32)[0]
+
+    def barrier(self, epoch, stream):
+        self._sync(epoch)
+
+
+class EmulatedDispatcher(RdepDispatcher):
+    """`RdepDispatcher` over `EmulatedRdep` (every peer "mapped", in-kernel barriers)."""
+
+    name = "emulated"
+
+    def __init__(self, group: _Group | None, num_experts: int, capacity: int, world_size: int,
+                 rank: int, *, hidden: int, dtype: torch.dtype, max_send_rows: int,
+                 dedup_rows: bool = False):
+        super().__init__(num_experts, capacity, world_size, rank)
+        self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows, timeout_s=60,
+                          dedup_rows=dedup_rows)
+        self.device = torch.device("cpu")
+        self._device_index = None
+        self._unmapped = ()
+        self._rdep = EmulatedRdep(group, self.layout, rank, world_size, num_experts, capacity,
+                                  max_send_rows)
+
+
+def _run_ranks(world: int, body, groups: tuple[_Group, ...]) -> None:
+    """``body(rank, gather)`` on ``world`` threads; re-raises the first rank's failure (the
+    other ranks' barriers are broken so that they stop at once)."""
+    failures: list = [None] * world
+    lock = threading.Barrier(world, timeout=120)
+    shared: list = [None] * world
+
+    def gather(obj):
+        rank = threading.current_thread().rank
+        shared[rank] = obj
+        lock.wait()
+        out = list(shared)
+        lock.wait()
+        return out
+
+    def run(rank):
+        threading.current_thread().rank = rank
+        try:
+            body(rank, gather)
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            failures[rank] = err
+            lock.abort()
+            for group in groups:
+                group.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    errors = [f for f in failures if f is not None and not isinstance(
+        f, threading.BrokenBarrierError)]
+    if errors:
+        raise errors[0]
+    if any(failures):
+        raise failures[0]
+
+
+def _make(group, world, rank, cases, capacity=None, dedup_rows=False):
+    widest = max(max(c.hidden, c.out_hidden) for c in cases.values())
+    send = max(max(c.tokens) * c.top_k for c in cases.values())
+    capacity = capacity or testing.group_capacity(cases, world)
+    return EmulatedDispatcher(group, testing.group_num_experts(world), capacity, world, rank,
+                              hidden=widest, dtype=torch.float32, max_send_rows=send,
+                              dedup_rows=dedup_rows)
+
+
+@pytest.fixture
+def no_cuda_stream(monkeypatch):
+    monkeypatch.setattr(rdep, "_current_stream", lambda index: 0)
+
+
+@pytest.mark.parametrize(("world", "sync", "dedup"), [
+    (2, True, False), (2, False, False), (2, True, True), (2, False, True), (3, True, False),
+    (3, False, True)])
+def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup):
+    """Every `GROUP_CASES` case (random routing, a rank receiving nothing, everything on one
+    expert, K = 1 and 8, D not a multiple of 128, a rank without tokens) in bfloat16 and
+    float32, FP8 dispatch, two handles alive at once, collective errors and the capacity error:
+    bitwise against the reference, synchronous and sync-free, one row per slot or (``dedup``)
+    per token and owner."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    cases = {**testing.GROUP_CASES, "fp8_random": testing.FP8_GROUP_CASES["fp8_random"]}
+    probe = _make(None, world, 0, cases)
+    group = _Group(world, probe.layout.total_bytes)
+    small_layout = _make(None, world, 0, testing.GROUP_CASES, capacity=40).layout
+    small_group = _Group(world, small_layout.total_bytes)
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases, dedup_rows=dedup)
+        testing.run_group_checks(
+            dispatcher, seed, gather, "cpu", cases=testing.GROUP_CASES,
+            dtypes=(torch.bfloat16, torch.float32),
+            fp8_cases={"fp8_random": testing.FP8_GROUP_CASES["fp8_random"]}, sync=sync)
+        testing.check_interleaved_calls(dispatcher, seed, gather, "cpu", sync=sync)
+        testing.check_collective_errors(dispatcher, seed, gather, "cpu", sync=sync)
+        small = _make(small_group, world, rank, testing.GROUP_CASES, capacity=40,
+                      dedup_rows=dedup)
+        testing.check_capacity_error(small, seed, gather, "cpu", sync=sync)
+        testing.check_group_case(small, "top1", testing.GroupCase((13,), 1, 20, 20, "distinct"),
+                                 torch.float32, seed, gather, "cpu", sync=sync)
+
+    try:
+        _run_ranks(world, body, (group, small_group))
+    except AssertionError as err:
+        raise AssertionError(f"{err} (seed {seed})") from err
+
+
+def test_handle_state_is_owned_by_the_handle(gen, no_cuda_stream):
+    """A handle's routing tensors are not views of storage a later dispatch reuses: two
+    dispatches' handles share no memory (several MoE layers, or a forward and the backward's
+    re-dispatch, hold handles of one dispatcher at once)."""
+    world, cases = 2, {"random": testing.GROUP_CASES["random"]}
+    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases)
+        x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
+                                            torch.float32, seed)
+        first = dispatcher.dispatch(x, ids, gates, sync=False)
+        second = dispatcher.dispatch(x, ids, gates)
+        tensors = lambda d: [d.x_RD, d.counts_E, d.gates_R, d.num_received,  # noqa: E731
+                             *(getattr(d.handle.state, f) for f in (
+                                 "info_8", "send_pos_N", "land_index_N", "src_rank_R",
+                                 "ret_index_R", "land_row_R"))]
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors(first) if t is not None}
+        assert not ptrs & {t.untyped_storage().data_ptr() for t in tensors(second)
+                           if t is not None}
+        assert first.x_RD.shape[0] == dispatcher.capacity
+        num_rows = int(first.num_received[0])
+        assert torch.equal(first.x_RD[:num_rows], second.x_RD)
+
+    _run_ranks(world, body, (group,))
+
+
+def test_autograd_sync_free_equals_sync(gen, no_cuda_stream):
+    """`nmoe_comm.autograd` through the engine: a small expert-parallel MoE (each rank runs its
+    local experts on its segments) gives bitwise the same output and gradients (rows, gates,
+    expert weights) with the sync-free dispatch, whose padded rows carry NaN expert outputs."""
+    from nmoe_comm import autograd as comm_autograd
+
+    world, case = 2, testing.GROUP_CASES["random"]
+    cases = {"random": case}
+    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    results: dict = {}
+
+    def moe(dispatcher, x, ids, gates, weights, sync):
+        received = comm_autograd.dispatch(dispatcher, x, ids, gates, sync=sync)
+        offsets = received.offsets_E1.tolist()
+        y_RD = torch.cat([received.x_RD[offsets[e]:offsets[e + 1]] @ weights[e]
+                          for e in range(weights.shape[0])])
+        pad = received.x_RD.shape[0] - y_RD.shape[0]
+        y_RD = torch.cat([y_RD, torch.full((pad, y_RD.shape[1]), float("nan"))])
+        return comm_autograd.combine(dispatcher, y_RD, received.handle, gates)
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases)
+        x, ids, gates = testing.rank_inputs(case, "random", rank, world, torch.float32, seed)
+        weights = torch.randn(dispatcher.num_local_experts, case.hidden, case.out_hidden,
+                              generator=torch.Generator().manual_seed(seed + rank)) / 10
+        for sync in (True, False):
+            leaves = [t.clone().requires_grad_() for t in (x, gates, weights)]
+            out = moe(dispatcher, *leaves[:1], ids, *leaves[1:], sync)
+            out_grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+            (out * out_grad).sum().backward()
+            results[(rank, sync)] = [out.detach()] + [t.grad for t in leaves]
+
+    _run_ranks(world, body, (group,))
+    for rank in range(world):
+        for name, got, want in zip(("out", "grad x", "grad gates", "grad weights"),
+                                   results[(rank, False)], results[(rank, True)]):
+            testing.assert_bitwise_equal(got, want, f"rank {rank} {name} (seed {seed})")
+
+
+def test_stage_hook_reports_every_stage(gen, no_cuda_stream):
+    """``stage_hook`` (bench ``--breakdown``) sees the documented stages in order, without
+    ``host_sync`` for a sync-free dispatch, and costs nothing when unset."""
+    world, cases = 2, {"top1": testing.GROUP_CASES["top1"]}
+    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    seen: dict = {}
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases)
+        x, ids, gates = testing.rank_inputs(cases["top1"], "top1", rank, world, torch.float32,
+                                            seed)
+        for sync in (True, False):
+            stages: list[str] = []
+            dispatcher.stage_hook = stages.append
+            received = dispatcher.dispatch(x, ids, gates, sync=sync)
+            dispatcher.combine(received.x_RD, received.handle)
+            dispatcher.stage_hook = None
+            dispatcher.dispatch_backward(received.x_RD, received.handle)
+            seen[(rank, sync)] = stages
+
+    _run_ranks(world, body, (group,))
+    combine = ["checks", "return_rows", "reduce_slots"]
+    for rank in range(world):
+        assert seen[(rank, True)] == ["checks", "route_plan", "scatter_slots", "host_sync",
+                                      "alloc", "unpack", "handle", *combine]
+        assert seen[(rank, False)] == ["checks", "route_plan", "scatter_slots", "alloc",
+                                       "unpack", "handle", *combine]
