@@ -100,9 +100,16 @@ class MoEConfig(_Config):
     )
     recipe: Literal["bf16", "fp8"] = Field(
         "bf16",
-        description="fused-path precision: 'bf16' (all expert GEMMs BF16) or 'fp8' (forward and "
-        "dgrad expert GEMMs in FP8 E4M3 with 1x128 activation / 128x128 weight scales; BF16 "
-        "wgrad; float32/BF16 master weights)",
+        description="fused-path precision of the routed experts (router, attention, shared "
+        "experts and everything outside the experts are unaffected). 'bf16': all six expert GEMMs "
+        "(W13 and W2 forward, their dgrads and wgrads) in BF16 with float32 accumulation; gates "
+        "applied in the float32 combine. 'fp8': the four forward and dgrad GEMMs (x@W13, a@W2, "
+        "dz@W2^T, dH@W13^T) in FP8 E4M3 blockscaled: their activation operands x, a, dz, dH "
+        "quantized with one float32 scale per 1x128 block along the reduction dim, the weights "
+        "with one per 128x128 block (copies refreshed once per optimizer step); the recomputed h, "
+        "the GEMM outputs, the two wgrads (BF16 GEMMs on BF16 x, dz, gate*a, dH), the combine and "
+        "the master weights stay BF16/float32. Needs model.dim and moe_inter_dim multiples of "
+        "128",
     )
 
     @model_validator(mode="after")

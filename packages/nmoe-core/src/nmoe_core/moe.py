@@ -26,6 +26,7 @@ from torch import nn
 from nmoe_comm import Dispatcher
 from nmoe_comm import autograd as comm_autograd
 from nmoe_core.config import ModelConfig
+from nmoe_core.fused import ExpertWeightCache, check_fp8_shapes, fused_expert_forward
 from nmoe_core.mlp import MLP
 
 # The local dispatcher a layer uses until training attaches one sized from its capacity.
@@ -196,6 +197,8 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_local_experts, inter_dim, dim))
         # Muon orthogonalises gate (even columns) and up (odd columns) separately.
         self.w13.muon_col_blocks = 2
+        # Quantized copies for the fused FP8 recipe (not module state: never saved or loaded).
+        self.weight_cache = ExpertWeightCache()
 
     @torch.no_grad()
     def reset_parameters(self, seed: int, layer_id: int, std_in: float, std_out: float) -> None:
@@ -221,6 +224,16 @@ class GroupedExperts(nn.Module):
 
             kernels = self.kernels = HopperExpertKernels(device)
         return kernels
+
+    def fp8_weights(self, kernels):
+        """The FP8 copies of ``w13`` and ``w2`` for the fused FP8 recipe, quantized by ``kernels``
+        on first use after `invalidate_weight_cache` (see `nmoe_core.fused.ExpertWeightCache`)."""
+        return self.weight_cache.fp8(self.w13, self.w2, kernels)
+
+    def invalidate_weight_cache(self) -> None:
+        """Drop the quantized weight copies; call after every change of ``w13``/``w2`` (the
+        trainer does, once per optimizer step)."""
+        self.weight_cache.invalidate()
 
 
 class MoE(nn.Module):
@@ -304,15 +317,22 @@ class MoE(nn.Module):
         return self.num_experts * (importance * load).sum()
 
     def _fused(self, dispatcher: Dispatcher, dispatched, gates_TK: torch.Tensor) -> torch.Tensor:
-        from nmoe_core.fused import fused_expert_forward
+        """The fused backend (`nmoe_core.fused`): experts and the gated combine in one autograd
+        function, in the recipe ``self.recipe``."""
+        experts = self.experts
+        kernels = experts.fused_kernels(dispatched.x_RD.device)
+        fp8_weights = None
+        if self.recipe == "fp8":
+            check_fp8_shapes(experts.w13.shape[1], experts.inter_dim)
+            kernels.require_recipe("fp8")
+            fp8_weights = experts.fp8_weights(kernels)
+        return fused_expert_forward(dispatcher, dispatched, gates_TK, experts.w13, experts.w2,
+                                    kernels, fp8_weights)
 
-        if self.recipe != "bf16":
-            raise NotImplementedError(
-                f"moe.recipe={self.recipe!r} is not wired into the fused path yet; use 'bf16'"
-            )
-        kernels = self.experts.fused_kernels(dispatched.x_RD.device)
-        return fused_expert_forward(dispatcher, dispatched, gates_TK, self.experts.w13,
-                                    self.experts.w2, kernels)
+    def invalidate_weight_cache(self) -> None:
+        """Drop the experts' quantized weight copies (FP8 recipe); the trainer calls this after
+        every optimizer step, so each step quantizes the weights once, not per micro-batch."""
+        self.experts.invalidate_weight_cache()
 
     @torch.no_grad()
     def update_router_bias(self, load_E: torch.Tensor, rate: float) -> None:

@@ -414,6 +414,8 @@ class Trainer:
         if cfg.optim.grad_clip is not None and grad_norm.item() > cfg.optim.grad_clip:
             self.optimizer.scale_gradients(cfg.optim.grad_clip / (grad_norm.item() + 1e-6))
         self.optimizer.step()
+        for layer in self.model.moe_layers():  # FP8 weight copies: once per step, not per micro
+            layer.invalidate_weight_cache()
         self.optimizer.zero_grad()
         loads = all_reduce_sum(self.model.router_loads().to(self.device))
         self.model.update_router_biases(
