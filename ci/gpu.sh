@@ -15,6 +15,8 @@
 #   comm-tests   nmoe-comm multi-GPU tests (every backend on 2 and 4 GPUs where present)
 #   bench-comm   nmoe-comm dispatch/combine bench on 2 and 4 GPUs (nccl baseline, ipc, nvshmem)
 #   train-ep     `n train super` under torchrun on all GPUs, experts split over ranks (ipc)
+#   fused-verify the fused path's GPU tests (kernels' gated backward, nmoe-core, trainer), not slow
+#   bench-train-ep  training bench: 1 GPU, then all GPUs expert parallel over ipc, same machine
 #   fp8-parity   `n train super` twice from the same seed on the fused path, recipe bf16 then fp8
 #                (PARITY_STEPS, default 300); fails when FP8's final validation loss is more
 #                than 1.5% above BF16's
@@ -186,7 +188,8 @@ stage_bench_train() {
   # shellcheck disable=SC2086
   "$PY" packages/nmoe-train/bench/bench_train.py --json "$OUT/bench_train.json" \
     --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16} --micro-batches ${BENCH_MICRO:-8 16} \
-    --steps "${BENCH_STEPS:-5}" 2>&1 | tee "$OUT/bench_train.log" | tail -20
+    --steps "${BENCH_STEPS:-5}" ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} 2>&1 \
+    | tee "$OUT/bench_train.log" | tail -30
   return "${PIPESTATUS[0]}"
 }
 
@@ -212,6 +215,39 @@ stage_hopper_train() {
   tail -6 "$OUT/fp8-parity.log"
   wait $bench || rc=1
   tail -40 "$OUT/bench_train.log"
+  return $rc
+}
+
+stage_fused_verify() {
+  # The fused path and its kernels on one GPU, each file under its own time limit (a crash in
+  # one does not hide the others' results).
+  local rc=0 f name
+  for f in packages/nmoe-kernels/tests/test_swiglu_backward_gpu.py \
+           packages/nmoe-core/tests/test_fused_gpu.py \
+           packages/nmoe-train/tests/test_fused_training_gpu.py; do
+    name=$(basename "$f" .py)
+    timeout "${VERIFY_TIMEOUT:-240}" "$PY" -m pytest -q -m "gpu and not slow" -p no:cacheprovider \
+      -rfEs -x "$f" > "$OUT/$name.log" 2>&1 || rc=1
+    echo "--- $name"; tail -8 "$OUT/$name.log"
+  done
+  return $rc
+}
+
+stage_bench_train_ep() {
+  # 1 GPU, then all GPUs expert parallel (ipc), on the same machine: per-GPU ratio to 1 GPU.
+  local n; n=$(ngpus)
+  # shellcheck disable=SC2086
+  CUDA_VISIBLE_DEVICES=0 timeout 280 "$PY" packages/nmoe-train/bench/bench_train.py \
+    --json "$OUT/bench_train_1gpu.json" --variants ${EP_VARIANTS:-fused:bf16} \
+    --micro-batches ${EP_MICRO:-8} --steps "${BENCH_STEPS:-6}" > "$OUT/bench_train_1gpu.log" 2>&1
+  tail -4 "$OUT/bench_train_1gpu.log"
+  # shellcheck disable=SC2086
+  timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
+    packages/nmoe-train/bench/bench_train.py --expert-parallel --compare "$OUT/bench_train_1gpu.json" \
+    --json "$OUT/bench_train_ep$n.json" --variants ${EP_VARIANTS:-fused:bf16} \
+    --micro-batches ${EP_MICRO:-8} --steps "${BENCH_STEPS:-6}" > "$OUT/bench_train_ep$n.log" 2>&1
+  local rc=$?
+  grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_train_ep$n.log" | tail -12
   return $rc
 }
 

@@ -18,6 +18,16 @@ and ``nmoe/router`` / ``nmoe/dispatch`` / ``nmoe/combine`` / ``nmoe/experts`` / 
 around the routers, the dispatcher calls, the expert MLPs and the loss (forward and backward).
 It writes DIR/<variant>-mb<micro>.trace.json (chrome trace), .kernels.txt (the profiler's
 kernel table) and .breakdown.json, and prints the GPU time per category and the idle time.
+
+Expert parallel: under torchrun with ``--expert-parallel``, every rank trains its micro-batch with
+the experts split over the ranks (``parallel.expert_parallel=all``, ``--dispatcher``, default
+``ipc``) and data parallel ZeRO-2 for the rest; tokens/s is per GPU (rank 0's step times, which
+include the step's collectives), peak memory the largest over the ranks. ``--compare JSON``
+adds each row's ratio to a 1-GPU run's row of the same variant and micro-batch (the issue's
+"per-GPU throughput >= 0.85x the 1-GPU figure"):
+
+    torchrun --standalone --nproc_per_node 4 packages/nmoe-train/bench/bench_train.py \
+        --expert-parallel --compare one_gpu.json --json ep4.json
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import contextlib
 import functools
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -75,7 +86,7 @@ def _step_ranges(trainer):
         from nmoe_core import fused as fused_module
     except ImportError:
         fused_module = None
-    for name in ("_ExpertMLP", "_ExpertMLPFp8"):
+    for name in ("_FusedExperts", "_ExpertMLP", "_ExpertMLPFp8"):
         function = getattr(fused_module, name, None)
         if function is not None:
             patch(function, "forward", RANGES.experts, static=True)
@@ -140,17 +151,54 @@ def profile_step(trainer, out_dir: Path, label: str) -> dict:
     return totals
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _max_over_ranks(value: float) -> float:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=torch.cuda.current_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _destroy_dispatchers(trainer) -> None:
+    """Free each distinct dispatcher's buffers (collective for ipc/nvshmem: every rank calls it in
+    the same order), so that the next variant's dispatchers have the memory."""
+    seen = set()
+    for layer in trainer.model.moe_layers():
+        dispatcher = layer.dispatcher
+        if dispatcher is not None and id(dispatcher) not in seen:
+            seen.add(id(dispatcher))
+            destroy = getattr(dispatcher, "destroy", None)
+            if destroy is not None:
+                destroy()
+
+
 def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
-                seq_len: int, profile_dir: Path | None = None) -> dict:
+                seq_len: int, profile_dir: Path | None = None, expert_parallel: bool = False,
+                dispatcher: str = "ipc") -> dict:
     from nmoe_train.config import resolve_config
     from nmoe_train.trainer import Trainer, flops_per_token, peak_tflops
 
-    cfg = resolve_config(preset, [
+    world = _world()
+    overrides = [
         f"model.moe.backend={backend}", f"model.moe.recipe={recipe}", f"seq_len={seq_len}",
-        f"micro_batch={micro}", f"global_batch={micro}", f"steps={steps}", "val_every=0",
-        "checkpoints=false", "data.synthetic=true", "resume=false", "log_every=1000",
-        f"run_name=bench-{backend}-{recipe}-{micro}", "runs_root=/tmp/nmoe-bench",
-    ])
+        f"micro_batch={micro}", f"global_batch={micro * world}", f"steps={steps}",
+        "val_every=0", "checkpoints=false", "data.synthetic=true", "resume=false",
+        "log_every=1000", f"run_name=bench-{backend}-{recipe}-{micro}",
+        "runs_root=/tmp/nmoe-bench", "final_eval_tasks=null",
+    ]
+    if expert_parallel:
+        overrides += ["parallel.expert_parallel=all", f"parallel.dispatcher={dispatcher}"]
+    cfg = resolve_config(preset, overrides)
     torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, quiet=True)
     times = []
@@ -168,16 +216,55 @@ def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
         "preset": preset, "backend": backend, "recipe": recipe, "micro_batch": micro,
         "seq_len": seq_len, "tokens_per_s": tok_s, "ms_per_step": median * 1000,
         "mfu": flops_per_token(trainer.model, seq_len) * tok_s / (peak * 1e12) if peak else None,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "peak_gib": _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "gpus": world,
+        "expert_parallel": expert_parallel and world > 1,
+        "dispatcher": trainer.model.moe_layers()[0].dispatcher.name,
     }
     if profile_dir is not None:
-        totals = profile_step(trainer, profile_dir, f"{backend}-{recipe}-mb{micro}")
+        suffix = f"-ep{world}-rank{trainer.dist.rank}" if world > 1 else ""
+        totals = profile_step(trainer, profile_dir, f"{backend}-{recipe}-mb{micro}{suffix}")
         row["profile_ms"] = {key: value / 1000 for key, value in totals.items()}
+    _destroy_dispatchers(trainer)
     del trainer
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
+    """The result table; fills each row's ratios in place: ``ratio_vs_torch`` /
+    ``memory_vs_torch`` (to ``torch:bf16`` at the same micro-batch, same run),
+    ``ratio_vs_fused_bf16`` (to ``fused:bf16``, same run) and, given the rows of a 1-GPU run,
+    ``ratio_vs_one_gpu`` (to the same variant and micro-batch there)."""
+    def key(r, backend=None, recipe=None):
+        return (backend or r["backend"], recipe or r["recipe"], r["micro_batch"])
+
+    by_key = {key(r): r for r in rows}
+    one = {key(r): r for r in one_gpu or []}
+    lines = [f"{'variant':<12} {'GPUs':>4} {'micro':>5} {'tok/s/GPU':>10} {'ms/step':>9} "
+             f"{'MFU':>6} {'peak GiB':>9} {'x torch':>8} {'mem x':>6} {'x f-bf16':>8} "
+             f"{'x 1-GPU':>8}"]
+
+    def ratio(a, b, field):
+        return a[field] / b[field] if b else None
+
+    def fmt(v):
+        return f"{v:.2f}" if v is not None else "-"
+
+    for r in rows:
+        torch_row = by_key.get(key(r, "torch", "bf16"))
+        r["ratio_vs_torch"] = ratio(r, torch_row, "tokens_per_s")
+        r["memory_vs_torch"] = ratio(r, torch_row, "peak_gib")
+        r["ratio_vs_fused_bf16"] = ratio(r, by_key.get(key(r, "fused", "bf16")), "tokens_per_s")
+        r["ratio_vs_one_gpu"] = ratio(r, one.get(key(r)), "tokens_per_s") if one else None
+        lines.append(
+            f"{r['backend'] + ':' + r['recipe']:<12} {r.get('gpus', 1):>4} {r['micro_batch']:>5} "
+            f"{r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} "
+            f"{(r['mfu'] or 0) * 100:>5.1f}% {r['peak_gib']:>9.1f} "
+            f"{fmt(r['ratio_vs_torch']):>8} {fmt(r['memory_vs_torch']):>6} "
+            f"{fmt(r['ratio_vs_fused_bf16']):>8} {fmt(r['ratio_vs_one_gpu']):>8}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,14 +277,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="profile one more step per variant; write traces and tables to DIR")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="under torchrun: split the experts over the ranks")
+    parser.add_argument("--dispatcher", default="ipc", choices=["ipc", "nvshmem", "nccl"],
+                        help="the expert-parallel dispatcher (default ipc)")
+    parser.add_argument("--compare", default=None, metavar="JSON",
+                        help="a 1-GPU run's JSON: add each row's ratio to its row there")
     args = parser.parse_args(argv)
+    import torch.distributed as dist
+
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if not main_rank:  # one table, from rank 0
+        args.json = None
     rows = []
     for variant in args.variants:
         backend, recipe = variant.split(":")
         for micro in args.micro_batches:
             try:
                 row = run_variant(args.preset, backend, recipe, micro, args.steps, args.seq_len,
-                                  args.profile)
+                                  args.profile, args.expert_parallel, args.dispatcher)
             except torch.OutOfMemoryError:
                 print(f"{variant} micro-batch {micro}: out of memory", file=sys.stderr)
                 gc.collect()
@@ -208,25 +306,22 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 break
             rows.append(row)
+            if not main_rank:
+                continue
             # Progress, and partial results that survive a time limit.
             print(f"{variant} micro-batch {micro}: {row['tokens_per_s']:.0f} tokens/s, "
                   f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_gib']:.1f} GiB", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2))
-    base = {r["micro_batch"]: r for r in rows if r["backend"] == "torch"}
-    print(f"{'variant':<12} {'micro':>5} {'tok/s':>10} {'ms/step':>9} {'MFU':>6} {'peak GiB':>9} "
-          f"{'x torch':>8} {'mem x':>6}")
-    for r in rows:
-        b = base.get(r["micro_batch"])
-        r["ratio_vs_torch"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
-        r["memory_vs_torch"] = r["peak_gib"] / b["peak_gib"] if b else None
-        print(f"{r['backend'] + ':' + r['recipe']:<12} {r['micro_batch']:>5} "
-              f"{r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} "
-              f"{(r['mfu'] or 0) * 100:>5.1f}% {r['peak_gib']:>9.1f} "
-              f"{(r['ratio_vs_torch'] or float('nan')):>8.2f} "
-              f"{(r['memory_vs_torch'] or float('nan')):>6.2f}")
+    if dist.is_initialized():
+        dist.barrier()
+    if not main_rank:
+        return 0
+    one_gpu = json.loads(Path(args.compare).read_text()) if args.compare else []
+    print(format_table(rows, one_gpu))
     if rows:
-        print(f"device: {rows[0]['device']}, torch {rows[0]['torch']}")
+        print(f"device: {rows[0]['device']} x {rows[0]['gpus']}, torch {rows[0]['torch']}; "
+              f"tokens/s and memory per GPU")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

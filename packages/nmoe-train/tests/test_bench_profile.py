@@ -84,3 +84,33 @@ def test_step_ranges_cover_the_step_and_change_nothing(tmp_path):
             assert forward[0] <= start and end <= forward[1], name
         if name in (RANGES.dispatch, RANGES.combine, RANGES.loss):
             assert forward[0] <= start and end <= backward[1], name
+
+
+def test_table_ratios_pair_rows_of_the_same_micro_batch_and_variant():
+    import random
+
+    bench = _bench()
+    rng = random.Random()
+
+    def row(backend, recipe, micro, gpus=1):
+        return {"backend": backend, "recipe": recipe, "micro_batch": micro, "gpus": gpus,
+                "tokens_per_s": rng.uniform(1e4, 3e5), "ms_per_step": 1.0, "mfu": 0.3,
+                "peak_gib": rng.uniform(5, 70)}
+
+    rows = [row(b, r, m, 4) for b, r in (("torch", "bf16"), ("fused", "bf16"), ("fused", "fp8"))
+            for m in (8, 16)]
+    one_gpu = [row("fused", "bf16", 8), row("torch", "bf16", 16)]
+    table = bench.format_table(rows, one_gpu)
+    assert len(table.splitlines()) == 1 + len(rows)
+    by = {(r["backend"], r["recipe"], r["micro_batch"]): r for r in rows}
+    for (backend, recipe, micro), r in by.items():
+        t = by[("torch", "bf16", micro)]
+        f = by[("fused", "bf16", micro)]
+        assert r["ratio_vs_torch"] == r["tokens_per_s"] / t["tokens_per_s"]
+        assert r["memory_vs_torch"] == r["peak_gib"] / t["peak_gib"]
+        assert r["ratio_vs_fused_bf16"] == r["tokens_per_s"] / f["tokens_per_s"]
+    assert by[("fused", "bf16", 8)]["ratio_vs_one_gpu"] == (
+        by[("fused", "bf16", 8)]["tokens_per_s"] / one_gpu[0]["tokens_per_s"])
+    assert by[("torch", "bf16", 16)]["ratio_vs_one_gpu"] == (
+        by[("torch", "bf16", 16)]["tokens_per_s"] / one_gpu[1]["tokens_per_s"])
+    assert by[("fused", "fp8", 8)]["ratio_vs_one_gpu"] is None  # no 1-GPU row to pair with
