@@ -15,7 +15,8 @@
 #   comm-tests   nmoe-comm multi-GPU tests (every backend on 2 and 4 GPUs where present)
 #   bench-comm   nmoe-comm dispatch/combine bench on 2 and 4 GPUs (nccl baseline, ipc, nvshmem)
 #   train-ep     `n train super` under torchrun on all GPUs, experts split over ranks (ipc)
-#   fused-verify the fused path's GPU tests (kernels' gated backward, nmoe-core, trainer), not slow
+#   fused-verify the fused path's GPU tests (kernels' gated backward and cross-entropy rows, the
+#                local dispatcher's slot sums, nmoe-core loss and fused layer, trainer), not slow
 #   bench-train-ep  training bench: 1 GPU, then all GPUs expert parallel over ipc, same machine
 #   fp8-parity   `n train super` twice from the same seed on the fused path, recipe bf16 then fp8
 #                (PARITY_STEPS, default 300); fails when FP8's final validation loss is more
@@ -223,6 +224,9 @@ stage_fused_verify() {
   # one does not hide the others' results).
   local rc=0 f name
   for f in packages/nmoe-kernels/tests/test_swiglu_backward_gpu.py \
+           packages/nmoe-kernels/tests/test_cross_entropy_gpu.py \
+           packages/nmoe-comm/tests/test_local_gpu.py \
+           packages/nmoe-core/tests/test_loss_gpu.py \
            packages/nmoe-core/tests/test_fused_gpu.py \
            packages/nmoe-train/tests/test_fused_training_gpu.py; do
     name=$(basename "$f" .py)

@@ -1,4 +1,5 @@
-// nmoe_comm._C: device memory, CUDA IPC handles and the RDEP kernels of the ipc/nvshmem backends.
+// nmoe_comm._C: device memory, CUDA IPC handles, the RDEP kernels of the ipc/nvshmem backends and
+// the slot sum of the local backend.
 //
 // An internal module: nmoe_comm/_extension.py and nmoe_comm/rdep.py check every tensor (dtype,
 // device, shape, contiguity, alignment) and pass raw device pointers as integers, so the hot
@@ -23,6 +24,7 @@
 
 #include "cuda_check.h"
 #include "rdep.h"
+#include "slot_sum.h"
 #endif
 
 namespace py = pybind11;
@@ -33,7 +35,8 @@ namespace py = pybind11;
 //   2: unpack, return_rows and owner_grad take `num_rows_dev` (sync-free dispatch: R read on the
 //      device); a failed plan writes R = 0 and zero counts_E; scatter_slots and unpack take
 //      `dedup` (one row per token and owner).
-constexpr int kAbiVersion = 2;
+//   3: sum_slots (the local backend's slot reduction on CUDA).
+constexpr int kAbiVersion = 3;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -112,6 +115,18 @@ RowDtype row_dtype(int code, const char* what) {
                                 "(float16)");
   }
   return static_cast<RowDtype>(code);
+}
+
+// The local backend's slot reduction (slot_sum.h): out[t] = sum_k [gates[t, k] *]
+// rows[row_of_slot[t, k]] in float32, slot order, on `stream`. nmoe_comm/local.py checks the
+// tensors.
+void sum_slots(int device, int dtype, int64_t num_tokens, int top_k, int64_t hidden, Ptr rows,
+               Ptr row_of_slot, Ptr gates, Ptr out, Ptr stream) {
+  const RowDtype row = row_dtype(dtype, "rows");
+  CudaDeviceGuard guard(device, "sum_slots");
+  launch_slot_sum(row, num_tokens, top_k, hidden, as<const void>(rows),
+                  as<const int64_t>(row_of_slot), as<const float>(gates), as<void>(out),
+                  stream_of(stream));
 }
 
 // The persistent state of one dispatcher: its buffer layout and peer table (see rdep.h).
@@ -251,6 +266,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("ipc_close", &ipc_close, py::arg("device"), py::arg("ptr"));
   m.def("can_access_peer", &can_access_peer, py::arg("device"), py::arg("peer"));
   m.def("sm_count", &sm_count, py::arg("device"));
+  m.def("sum_slots", &sum_slots, py::arg("device"), py::arg("dtype"), py::arg("num_tokens"),
+        py::arg("top_k"), py::arg("hidden"), py::arg("rows"), py::arg("row_of_slot"),
+        py::arg("gates"), py::arg("out"), py::arg("stream"));
   m.attr("ROUTE") = static_cast<int>(kRoute);
   m.attr("EXCHANGE") = static_cast<int>(kExchange);
   m.attr("PLAN") = static_cast<int>(kPlan);

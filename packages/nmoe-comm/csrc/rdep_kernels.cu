@@ -18,6 +18,7 @@
 
 #include "cuda_check.h"
 #include "rdep.h"
+#include "row_types.cuh"
 
 namespace nmoe::comm {
 namespace {
@@ -196,30 +197,6 @@ __device__ int32_t block_exclusive_scan(int32_t* a, int n) {
   __syncthreads();
   return total;
 }
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) {
-  return __float2half_rn(x);
-}
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 // ------------------------------------------------------------------------------- route / plan
 

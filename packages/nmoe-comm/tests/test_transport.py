@@ -19,13 +19,32 @@ from nmoe_comm.rdep import BufferLayout, RdepDispatcher
 
 def test_compiled_module_reports_its_build():
     c_module = importlib.import_module("nmoe_comm._C")
-    assert c_module.ABI_VERSION == 2 and isinstance(c_module.WITH_CUDA, bool)
+    assert c_module.ABI_VERSION == 3 and isinstance(c_module.WITH_CUDA, bool)
     if c_module.WITH_CUDA:
-        assert {"Rdep", "alloc", "ipc_handle", "ipc_open"} <= set(dir(c_module))
+        assert {"Rdep", "alloc", "ipc_handle", "ipc_open", "sum_slots"} <= set(dir(c_module))
+        assert _extension.slot_sum_kernel() is c_module.sum_slots
+        assert _extension.missing_slot_sum() is None
+    else:
+        assert _extension.slot_sum_kernel() is None
+        assert "without nvcc" in _extension.missing_slot_sum()
         assert c_module.TRAILER_BYTES == 16
     reason = _extension.missing_transport()
     if not torch.cuda.is_available():
         assert reason is not None and ("GPU" in reason or "nvcc" in reason), reason
+
+
+def test_sum_slots_binding_rejects_bad_arguments():
+    """The checks of `_C.sum_slots` that run before any launch (the kernel itself: GPU tests)."""
+    kernel = _extension.slot_sum_kernel()
+    if kernel is None:
+        pytest.skip(_extension.missing_slot_sum())
+    args = dict(device=0, dtype=1, num_tokens=4, top_k=2, hidden=8, rows=0, row_of_slot=0,
+                gates=0, out=0, stream=0)
+    with pytest.raises(ValueError, match="rows dtype code 7 is not 0"):
+        kernel(**{**args, "dtype": 7})
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sum_slots: no CUDA GPU is visible"):
+            kernel(**args)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

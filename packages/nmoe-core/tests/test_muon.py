@@ -284,3 +284,56 @@ def test_cuda_newton_schulz_and_step_match_reference():
         assert err < 0.02, f"seed={seed} bf16 step err {err:.3g}"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("shape,col_blocks", [((6, 10), 1), ((3, 4, 8), 2)])
+def test_grad_coef_matches_float64_reference_of_scaled_gradients(shape, col_blocks):
+    # grad_coef (the clipping factor, a device scalar) multiplies the gradient inside the update:
+    # the float64 reference steps on coef * g. Same tolerances as the unscaled steps above.
+    seed = torch.seed()
+    lr, mu, wd, update_rms = 0.03, 0.9, 0.2, 0.25
+    p = torch.nn.Parameter(torch.randn(shape))
+    if col_blocks > 1:
+        p.muon_col_blocks = col_blocks
+    opt = Muon([p], lr=lr, momentum=mu, weight_decay=wd, update_rms=update_rms)
+    p_ref = p.detach().double().clone()
+    buf_ref = torch.zeros(shape, dtype=torch.float64)
+    for step in range(3):
+        g = torch.randn(shape)
+        coef = torch.rand((), dtype=torch.float64) * 0.9 + 0.05
+        p.grad = g.clone()
+        opt.step(grad_coef=coef)
+        assert torch.equal(p.grad, g), "Muon must leave the gradient as it is"
+        p_ref, buf_ref = _reference_step(p_ref, buf_ref, g.double() * coef, lr, mu, wd,
+                                         update_rms, col_blocks)
+        buf_err = (opt.state[p]["momentum_buffer"].double() - buf_ref).abs().max().item()
+        assert buf_err < 1e-6, f"seed={seed} step {step} momentum err {buf_err:.3g}"
+        p_err = (p.detach().double() - p_ref).abs().max().item()
+        assert p_err < 1e-6, f"seed={seed} step {step} param err {p_err:.3g}"
+
+
+def test_grad_coef_of_one_is_bitwise_no_coef():
+    seed = torch.seed()
+    params = [torch.nn.Parameter(torch.randn(12, 20)), torch.nn.Parameter(torch.randn(3, 8, 6))]
+    params[1].muon_col_blocks = 2
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twins[1].muon_col_blocks = 2
+    opt, twin_opt = Muon(params, lr=0.02), Muon(twins, lr=0.02)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step(grad_coef=torch.ones((), dtype=torch.float64))
+        twin_opt.step()
+    for i, (p, q) in enumerate(zip(params, twins)):
+        assert torch.equal(p.detach(), q.detach()), f"seed={seed} param {i}"
+        assert torch.equal(opt.state[p]["momentum_buffer"], twin_opt.state[q]["momentum_buffer"])
+
+
+def test_grad_coef_must_be_a_device_scalar():
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    p.grad = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="grad_coef must be a 0-dim tensor"):
+        Muon([p]).step(grad_coef=torch.ones(1))
+    with pytest.raises(ValueError, match="grad_coef must be a floating tensor"):
+        Muon([p]).step(grad_coef=torch.ones((), dtype=torch.int64))

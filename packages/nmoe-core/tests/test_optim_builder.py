@@ -295,3 +295,90 @@ def test_cuda_uses_fused_adamw_and_resumes_bitwise(tmp_path):
         first.step()
     for p, q in zip(_params(kinds_a), _params(kinds_b)):
         assert torch.equal(p.detach(), q.detach()), f"seed={seed}"
+
+
+def _states(opts) -> list[torch.Tensor]:
+    out = []
+    for opt in opts.optimizers.values():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                out += [v for k, v in sorted(opt.state[p].items()) if k != "step"]
+    return out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_coef_equals_multiplying_the_gradients(monkeypatch, fused):
+    # Optimizers.step(grad_coef=c) against stepping on c * g (the old clipping: mul_ then step).
+    # fused=True runs torch's fused AdamW on the CPU, the kernel CUDA runs use: c reaches it as
+    # grad_scale = 1 / c (no foreach pass), so each gradient is g / fl32(1 / c) instead of
+    # g * fl32(c): 2 float32 roundings, <= 3e-7 relative; Muon folds c into its momentum
+    # increment, a few roundings as well. Moments: measured <= 3e-7 of their size, bound 1e-5.
+    # Parameters (randn, |p| up to ~5 in float32): measured <= 1 ulp; bound 4 ulp of the
+    # tensor's largest entry plus 1e-5 of 3 steps of size lr.
+    seed = torch.seed()
+    if fused:
+        monkeypatch.setattr("nmoe_core.optim.builder._adamw_kwargs", lambda _: {"fused": True})
+    cfg = OptimizerConfig(**CFG)
+    kinds = _fake_param_kinds(seed)
+    ref = _clone_kinds(kinds)
+    opts, ref_opts = build_optimizer(kinds, cfg), build_optimizer(ref, cfg)
+    assert bool(opts.adamw.defaults["fused"]) is fused
+    foreach_calls = []
+    real_foreach_mul = torch._foreach_mul_
+
+    def counting_foreach_mul(*args):
+        foreach_calls.append(len(args[0]))
+        return real_foreach_mul(*args)
+
+    for step in range(3):
+        coef = torch.rand((), dtype=torch.float64) * 0.9 + 0.05
+        _set_grads(kinds, seed + step)
+        _set_grads(ref, seed + step)
+        for p in _params(ref):
+            p.grad.mul_(float(coef))
+        monkeypatch.setattr(torch, "_foreach_mul_", counting_foreach_mul)
+        opts.step(grad_coef=coef)
+        monkeypatch.setattr(torch, "_foreach_mul_", real_foreach_mul)
+        ref_opts.step()
+        assert getattr(opts.adamw, "grad_scale", None) is None
+    assert not foreach_calls if fused else foreach_calls, foreach_calls
+    for i, (a, b) in enumerate(zip(_states(opts), _states(ref_opts), strict=True)):
+        err = (a - b).abs().max().item()
+        assert err <= 1e-5 * b.abs().max().item(), f"seed={seed} state {i} err {err:.3g}"
+    lr = max(cfg.lr_muon, cfg.lr_dense, cfg.lr_expert, cfg.lr_router)
+    for p, q in zip(_params(kinds), _params(ref)):
+        err = (p - q).detach().abs().max().item()
+        bound = 4 * 2**-23 * max(1.0, q.detach().abs().max().item()) + 1e-5 * 3 * lr
+        assert err <= bound, f"seed={seed} param err {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_coef_of_one_is_bitwise_the_plain_step(monkeypatch, fused):
+    seed = torch.seed()
+    if fused:
+        monkeypatch.setattr("nmoe_core.optim.builder._adamw_kwargs", lambda _: {"fused": True})
+    cfg = OptimizerConfig(**CFG)
+    kinds = _fake_param_kinds(seed)
+    ref = _clone_kinds(kinds)
+    opts, ref_opts = build_optimizer(kinds, cfg), build_optimizer(ref, cfg)
+    for step in range(3):
+        _set_grads(kinds, seed + step)
+        _set_grads(ref, seed + step)
+        opts.step(grad_coef=torch.ones((), dtype=torch.float64))
+        ref_opts.step()
+    for p, q in zip(_params(kinds), _params(ref)):
+        assert torch.equal(p.detach(), q.detach()), f"seed={seed}"
+    for a, b in zip(_states(opts), _states(ref_opts), strict=True):
+        assert torch.equal(a, b), f"seed={seed}"
+
+
+def test_grad_coef_must_be_a_device_scalar():
+    opts = build_optimizer({"vector": [("norm.weight", torch.nn.Parameter(torch.randn(4)))]},
+                           OptimizerConfig(**CFG))
+    for _, group in opts.groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+    with pytest.raises(ValueError, match="grad_coef must be a 0-dim tensor"):
+        opts.step(grad_coef=0.5)
+    with pytest.raises(ValueError, match="grad_coef must be a floating tensor"):
+        opts.step(grad_coef=torch.tensor(1))

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include "build_info.h"
+#include "loss/loss_api.h"
 #include "permute/permute_api.h"
 #include "quant/quant_api.h"
 
@@ -14,6 +15,7 @@
 //      Later additions that leave every existing binding unchanged (a consumer that checks for
 //      the new name with hasattr keeps working on either build) do not bump:
 //      + swiglu_backward_gated (the fused MoE SwiGLU backward).
+//      + cross_entropy_rows (fused loss, lse and logits gradient per row).
 constexpr int kAbiVersion = 2;
 
 PYBIND11_MODULE(_C, m) {
@@ -23,4 +25,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("CUDA_ARCHS") = NMOE_CUDA_ARCHS;
   nmoe::quant::register_apis(m);
   nmoe::permute::register_apis(m);
+  nmoe::loss::register_apis(m);
 }

@@ -103,7 +103,7 @@ def test_table_ratios_pair_rows_of_the_same_micro_batch_and_variant():
     table = bench.format_table(rows, one_gpu)
     assert len(table.splitlines()) == 1 + len(rows)
     by = {(r["backend"], r["recipe"], r["micro_batch"]): r for r in rows}
-    for (backend, recipe, micro), r in by.items():
+    for (_, _, micro), r in by.items():
         t = by[("torch", "bf16", micro)]
         f = by[("fused", "bf16", micro)]
         assert r["ratio_vs_torch"] == r["tokens_per_s"] / t["tokens_per_s"]

@@ -1,16 +1,25 @@
 """The training step's hot path reads nothing back from the device per dispatch: the local
 dispatcher the trainer builds skips the expert-id range check (ids come from the router's top-k,
-in range by construction), and the step's statistics still count every routed row."""
+in range by construction), and the step's statistics still count every routed row. Gradient
+norm and clipping read nothing either: the step's one host read is its statistics tensor."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import nmoe_comm.local
+import nmoe_core.optim
+import nmoe_train.distributed
 from nmoe_train.config import resolve_config
 from nmoe_train.testing import SMALL
 from nmoe_train.trainer import Trainer
+
+# Tensor methods that read a value back to the host (a synchronisation on a GPU).
+_HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
 def test_train_step_does_not_check_expert_ids_per_dispatch(tmp_path, monkeypatch):
@@ -51,3 +60,35 @@ def test_auto_dispatcher_is_ipc_inside_one_gpu_node(name, device, world, local, 
     from nmoe_train.trainer import resolve_dispatcher
 
     assert resolve_dispatcher(name, torch.device(device), world, local) == want
+
+
+def test_train_step_reads_the_device_once_with_clipping(tmp_path, monkeypatch):
+    """With clipping on, `train_step` and the optimizer wrappers / nmoe-core optimizers it calls
+    make no host read of their own (no ``.item()``, no ``if tensor``) except the single ``.cpu()``
+    of the step's statistics (on CPU, where nothing synchronises, this counts the calls a GPU
+    would wait on). torch's own optimizer internals are not ours and are not counted."""
+    cfg = resolve_config("tiny", [*SMALL, "data.synthetic=true", "checkpoints=false",
+                                  "resume=false", "val_every=0", "steps=2", "optim.grad_clip=0.05",
+                                  f"runs_root={tmp_path}", "run_name=clip_syncs"])
+    trainer = Trainer(cfg, quiet=True)
+    ours = {Path(nmoe_train.distributed.__file__).resolve(),
+            *(p.resolve() for p in Path(nmoe_core.optim.__file__).parent.glob("*.py"))}
+    step_code = Trainer.train_step.__code__
+    reads: list[tuple[str, str]] = []
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code is step_code or Path(caller.f_code.co_filename).resolve() in ours:
+                reads.append((name, f"{caller.f_code.co_name}:{caller.f_lineno}"))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    stats = trainer.train_step()
+    monkeypatch.undo()
+    assert stats["train/grad_norm"] > cfg.optim.grad_clip  # the step did clip
+    device_reads = [(name, where) for name, where in reads if name != "tolist"]
+    # tolist() runs on the statistics once they are on the host; .cpu() is the one read.
+    assert [name for name, _ in device_reads] == ["cpu"], device_reads

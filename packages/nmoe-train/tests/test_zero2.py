@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
 from nmoe_core.model import Transformer
 from nmoe_core.optim import OptimizerConfig
-from nmoe_train.distributed import SingleProcessOptimizer, Zero2Optimizer
+from nmoe_train.distributed import SingleProcessOptimizer, Zero2Optimizer, clip_coefficient
 
 STEPS = 3
 
@@ -54,12 +54,12 @@ def _train(model, opt, batches, rank, world, clip):
         norm = opt.grad_norm_sq_local().reshape(1)
         if world > 1:
             dist.all_reduce(norm)
-        norm = norm.sqrt().item()
-        if clip is not None and norm > clip:
-            opt.scale_gradients(clip / norm)
-        opt.step()
+        norm = norm.sqrt()
+        # The trainer's device-side clipping: the factor goes into the optimizers' step.
+        coef = clip_coefficient(norm, clip).reshape(()) if clip is not None else None
+        opt.step(grad_coef=coef)
         opt.zero_grad()
-    return norm
+    return float(norm)
 
 
 def _worker(rank, world, port, use_muon, clip, seed, out_path):

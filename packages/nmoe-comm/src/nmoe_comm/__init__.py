@@ -1,6 +1,6 @@
 """nmoe-comm: expert-parallel dispatch/combine behind one `Dispatcher` interface.
 
-`create_dispatcher` picks a backend by name: ``local`` (one device, pure torch), ``nccl``
+`create_dispatcher` picks a backend by name: ``local`` (one device, torch), ``nccl``
 (torch.distributed all_to_all; NCCL on GPUs, gloo on CPUs), ``ipc`` (CUDA IPC inside one node)
 and ``nvshmem`` (NVSHMEM through nvshmem4py, inside and across nodes). `nmoe_comm.reference`
 gives the exact expected result of a dispatch over any number of ranks, simulated in one

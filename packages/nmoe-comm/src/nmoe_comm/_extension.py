@@ -1,15 +1,25 @@
-"""Access to the compiled transport `nmoe_comm._C` (CUDA IPC helpers and the RDEP kernels).
+"""Access to the compiled module `nmoe_comm._C` (CUDA IPC helpers, the RDEP kernels, the slot
+sum of the ``local`` backend).
 
 `missing_transport` says why the ``ipc`` / ``nvshmem`` backends cannot run here (module not
-built, built without nvcc, no GPU), or returns None.
+built, built without nvcc, no GPU), or returns None. `slot_sum_kernel` gives the ``local``
+backend its CUDA slot reduction, or None with the reason (`missing_slot_sum`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
+
+#: The `nmoe_comm._C` ABI version that added ``sum_slots``; an older build lacks it.
+SLOT_SUM_ABI = 3
+
+#: Row dtype codes of `nmoe_comm._C` (its ``RowDtype``).
+ROW_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 REBUILD_HINT = (
     "install the CUDA toolkit >= 12.8 so that `nvcc` is on PATH, then rebuild with "
@@ -41,3 +51,43 @@ def missing_transport(*, need_gpu: bool = True) -> str | None:
 def current_stream(device: torch.device) -> int:
     """The current torch CUDA stream of ``device`` as an integer handle for `_C`."""
     return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def _raw_stream_getter() -> Callable[[int], int]:
+    """``f(device_index) -> int``: the current torch CUDA stream as an integer, without building
+    a `torch.cuda.Stream` object (microseconds per call on the hot path)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw
+    return lambda index: int(torch.cuda.current_stream(index).cuda_stream)
+
+
+#: ``current_raw_stream(device_index)``: the current torch CUDA stream of that device as an int.
+current_raw_stream = _raw_stream_getter()
+
+
+@functools.cache
+def _slot_sum() -> tuple[Callable | None, str | None]:
+    try:
+        module = importlib.import_module("nmoe_comm._C")
+    except ImportError as err:
+        return None, f"nmoe_comm._C is not built ({err}); {REBUILD_HINT}"
+    if not module.WITH_CUDA:
+        return None, f"nmoe_comm._C was built without nvcc; {REBUILD_HINT}"
+    if module.ABI_VERSION < SLOT_SUM_ABI:
+        return None, (f"nmoe_comm._C has ABI {module.ABI_VERSION}, older than the "
+                      f"{SLOT_SUM_ABI} that added sum_slots; rebuild with `pip install "
+                      f"--no-build-isolation -e packages/nmoe-comm`")
+    return module.sum_slots, None
+
+
+def slot_sum_kernel() -> Callable | None:
+    """`nmoe_comm._C.sum_slots` (the ``local`` backend's CUDA slot reduction), or None when this
+    build lacks it (see `missing_slot_sum`). Decided once per process."""
+    return _slot_sum()[0]
+
+
+def missing_slot_sum() -> str | None:
+    """Why `slot_sum_kernel` is None here (module not built, built without nvcc, built before
+    ABI 3), or None when the kernel is present. Does not look for a GPU."""
+    return _slot_sum()[1]

@@ -1,9 +1,16 @@
-"""``local``: the one-device `Dispatcher` (world size 1), pure torch, on CPU or GPU.
+"""``local``: the one-device `Dispatcher` (world size 1), torch on CPU or GPU.
 
 With one rank every routed row stays on the device, so dispatch is a stable sort of the
 ``T * K`` slots by expert id followed by a row gather, and combine gathers each slot's result
 back and reduces over the K slots. Results are bitwise equal to `nmoe_comm.reference` with one
 rank. Letters as in `nmoe_comm.dispatcher`.
+
+Slot sums (``combine`` and ``dispatch_backward``): on CUDA, for float32, bfloat16 and float16
+rows, one kernel of `nmoe_comm._C` (``sum_slots``, csrc/slot_sum.cu) gathers each token's K rows
+and reduces them in one pass, bitwise equal to the torch loop `_sum_slots_torch` (per slot a
+gather, a cast to float32, a gate product and an add, ``4 K`` launches over ``[T, D]``). CPU
+tensors, float64 rows, and a `_C` built without nvcc (or before ABI 3) use the torch loop;
+`LocalDispatcher.describe` says which the CUDA path uses.
 
 Host synchronisation: none on the data path. ``R = T * K`` is known from shapes, so the capacity
 check is free, and per-expert counts come from a ``searchsorted`` on the device. The one sync is
@@ -19,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from nmoe_comm import _extension
 from nmoe_comm.dispatcher import (
+    ROW_DTYPES,
     CapacityError,
     Dispatched,
     Dispatcher,
@@ -35,6 +44,66 @@ from nmoe_comm.validation import (
     check_rows,
     check_tensor,
 )
+
+
+def _sum_slots_torch(
+    y_RD: torch.Tensor, row_of_slot_TK: torch.Tensor, gates_TK: torch.Tensor | None
+) -> torch.Tensor:
+    """Rule 2 (rule 3 without gates) in torch, the reference of the CUDA kernel: per slot,
+    gather ``y(t, k)`` and accumulate, each product and sum its own op so that each is rounded
+    on its own.
+
+    Args:
+        y_RD: ``[R, D]`` rows, any float dtype and layout, on any device.
+        row_of_slot_TK: int64 ``[T, K]`` (``K >= 1``) on ``y_RD``'s device, entries in ``[0, R)``.
+        gates_TK: ``[T, K]`` on ``y_RD``'s device (any float dtype, converted to the accumulation
+            dtype), or None for the plain sum.
+
+    Returns:
+        ``[T, D]`` in ``y_RD``'s dtype.
+    """
+    acc_dtype = accumulation_dtype(y_RD.dtype)
+    if gates_TK is not None:
+        gates_TK = gates_TK.to(acc_dtype)
+    acc = None
+    for k in range(row_of_slot_TK.shape[1]):
+        term = y_RD.index_select(0, row_of_slot_TK[:, k]).to(acc_dtype)
+        if gates_TK is not None:
+            term = gates_TK[:, k, None] * term
+        acc = term if acc is None else acc + term
+    return acc.to(y_RD.dtype)
+
+
+def _sum_slots_cuda(
+    kernel, y_RD: torch.Tensor, row_of_slot_TK: torch.Tensor, gates_TK: torch.Tensor | None
+) -> torch.Tensor:
+    """`_sum_slots_torch` in one launch of `nmoe_comm._C.sum_slots` on the current stream.
+
+    Args:
+        kernel: `nmoe_comm._extension.slot_sum_kernel()`.
+        y_RD: ``[R, D]`` float32, bfloat16 or float16 on a CUDA device (copied when not
+            contiguous).
+        row_of_slot_TK: int64 ``[T, K]`` (``K >= 1``) on that device, entries in ``[0, R)``
+            (not checked: the dispatch made them).
+        gates_TK: ``[T, K]`` on that device (any float dtype, rounded to float32 as the torch
+            loop does), or None for the plain sum.
+
+    Returns:
+        ``[T, D]`` in ``y_RD``'s dtype, bitwise equal to `_sum_slots_torch`.
+    """
+    y_RD = y_RD.contiguous()
+    row_of_slot_TK = row_of_slot_TK.contiguous()
+    num_tokens, top_k = row_of_slot_TK.shape
+    hidden = y_RD.shape[1]
+    out_TD = torch.empty(num_tokens, hidden, dtype=y_RD.dtype, device=y_RD.device)
+    if gates_TK is not None:
+        gates_TK = gates_TK.to(torch.float32).contiguous()
+    device = y_RD.device.index
+    kernel(device, _extension.ROW_DTYPE_CODES[y_RD.dtype], num_tokens, top_k, hidden,
+           y_RD.data_ptr(), row_of_slot_TK.data_ptr(),
+           0 if gates_TK is None else gates_TK.data_ptr(), out_TD.data_ptr(),
+           _extension.current_raw_stream(device))
+    return out_TD
 
 
 @dataclass(frozen=True)
@@ -85,6 +154,12 @@ class LocalDispatcher(Dispatcher):
         self.validate = validate
         self._destroyed = False
 
+    def describe(self) -> str:
+        """One line for the start-up report, saying how CUDA slot sums run."""
+        reason = _extension.missing_slot_sum()
+        how = "nmoe_comm._C kernel" if reason is None else f"torch loop ({reason})"
+        return f"{super().describe()}, CUDA slot sums: {how}"
+
     @classmethod
     def buffer_size_hint(
         cls,
@@ -99,10 +174,11 @@ class LocalDispatcher(Dispatcher):
 
         The local backend keeps no buffers between calls. A dispatch allocates ``x_RD``
         (``capacity * hidden`` elements of ``dtype``), float32 ``gates_R`` and four int64 index
-        vectors of ``capacity`` entries (ids, sorted ids, both index maps). A combine holds, per
-        slot, a gathered ``[T, hidden]`` row block in ``dtype`` and in the accumulation dtype, the
-        product, the running sum and the output; ``T <= capacity``. ``world_size`` and
-        ``max_send_rows`` are ignored.
+        vectors of ``capacity`` entries (ids, sorted ids, both index maps). A combine by the torch
+        loop holds, per slot, a gathered ``[T, hidden]`` row block in ``dtype`` and in the
+        accumulation dtype, the product, the running sum and the output; ``T <= capacity``. The
+        CUDA kernel (module docstring) holds only the output, well inside the bound.
+        ``world_size`` and ``max_send_rows`` are ignored.
         """
         item = torch.empty(0, dtype=dtype).element_size()
         acc = torch.empty(0, dtype=accumulation_dtype(dtype)).element_size()
@@ -187,17 +263,13 @@ class LocalDispatcher(Dispatcher):
         self, y_RD: torch.Tensor, routing: LocalRouting, gates_TK: torch.Tensor | None
     ) -> torch.Tensor:
         """Rule 2 (rule 3 without gates): per slot, gather ``y(t, k)`` and accumulate, each
-        product and sum its own op so that each is rounded on its own."""
-        acc_dtype = accumulation_dtype(y_RD.dtype)
-        if gates_TK is not None:
-            gates_TK = gates_TK.to(acc_dtype)
-        acc = None
-        for k in range(routing.row_of_slot_TK.shape[1]):
-            term = y_RD.index_select(0, routing.row_of_slot_TK[:, k]).to(acc_dtype)
-            if gates_TK is not None:
-                term = gates_TK[:, k, None] * term
-            acc = term if acc is None else acc + term
-        return acc.to(y_RD.dtype)
+        product and sum rounded on its own; the CUDA kernel where it applies (module docstring),
+        else the torch loop."""
+        if y_RD.is_cuda and y_RD.dtype in ROW_DTYPES:
+            kernel = _extension.slot_sum_kernel()
+            if kernel is not None:
+                return _sum_slots_cuda(kernel, y_RD, routing.row_of_slot_TK, gates_TK)
+        return _sum_slots_torch(y_RD, routing.row_of_slot_TK, gates_TK)
 
     def combine(
         self,
@@ -261,5 +333,5 @@ class LocalDispatcher(Dispatcher):
 register_backend(
     "local",
     LocalDispatcher,
-    summary="one device (CPU or GPU), pure torch; world size 1",
+    summary="one device (CPU or GPU), torch plus a CUDA slot-sum kernel; world size 1",
 )

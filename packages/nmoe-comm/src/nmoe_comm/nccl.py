@@ -83,6 +83,9 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 def _as_bytes(rows: torch.Tensor) -> torch.Tensor:
     """``[M, B]`` uint8 view of ``[M, D]`` rows (any dtype travels as bytes)."""
+    if rows.numel() == 0:  # an empty tensor may carry any strides (e.g. an expanded gradient)
+        return torch.empty(rows.shape[0], rows.shape[1] * rows.element_size(),
+                           dtype=torch.uint8, device=rows.device)
     return rows.contiguous().view(torch.uint8)
 
 

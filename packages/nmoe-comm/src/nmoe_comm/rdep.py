@@ -95,7 +95,7 @@ _RECV, _RET, _DOTS, _NOTHING = frozenset({RECV}), frozenset({RET}), frozenset({D
 
 _ALIGN = 128
 _TRAILER_BYTES = 16  # per landing row: float32 gate, 12 bytes reserved
-_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODE = _extension.ROW_DTYPE_CODES
 # Plan status codes (csrc/rdep.h PlanStatus) and count-row flags (CountFlags).
 _OK, _OVER_CAPACITY, _BAD_ID, _TOO_MANY_SLOTS, _ROW_TOO_WIDE = 0, 1, 2, 3, 4
 _FLAG_TOO_MANY_SLOTS, _FLAG_ROW_TOO_WIDE = 2, 4
@@ -209,16 +209,7 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _raw_stream_getter():
-    """``f(device_index) -> int``: the current torch CUDA stream as an integer, without building
-    a `torch.cuda.Stream` object (microseconds per call on the hot path)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw
-    return lambda index: int(torch.cuda.current_stream(index).cuda_stream)
-
-
-_current_stream = _raw_stream_getter()
+_current_stream = _extension.current_raw_stream
 
 
 class RdepDispatcher(Dispatcher):

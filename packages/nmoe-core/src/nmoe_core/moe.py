@@ -137,7 +137,11 @@ def expert_mlp_torch(
         swiglu(seg @ w13_ED2F[e]) @ w2_EFD[e] for e, seg in enumerate(segments) if seg.shape[0]
     ]
     if not outputs:
-        return x_RD.new_zeros(0, w2_EFD.shape[2])
+        # No rows for this rank's experts: an empty result that still hangs off x and the weights
+        # (zero gradients), so that autograd runs the dispatch's backward -- a collective under
+        # expert parallelism, which every rank must join -- here as on the ranks with rows.
+        anchor = x_RD.sum() * 0 + w13_ED2F.sum() * 0 + w2_EFD.sum() * 0
+        return x_RD.new_zeros(0, w2_EFD.shape[2]) + anchor
     return torch.cat(outputs)
 
 

@@ -21,6 +21,7 @@ _LAZY = {
     "quantize_fp8_128x128": "nmoe_kernels.quant",
     "swiglu_quantize_fp8_1x128": "nmoe_kernels.quant",
     "swiglu_backward_gated": "nmoe_kernels.activation",
+    "cross_entropy_rows": "nmoe_kernels.cross_entropy",
     "permute": "nmoe_kernels.permutation",
     "unpermute": "nmoe_kernels.permutation",
     "gather_rows": "nmoe_kernels.permutation",

@@ -16,6 +16,13 @@ matrices). After backward, each segment's gradient is reduce-scattered (summed) 
 Optimizer state therefore exists once across the group instead of ``world`` times. The gradient
 clipping norm is reduced over owned shards and local tensors, so every tensor counts exactly once.
 
+Gradient clipping never leaves the device: `grad_norm_sq` sums the squares of per-tensor norms
+from one fused reduction (``torch._foreach_norm``, no squared copy of any gradient),
+`clip_coefficient` turns the global norm into the clipping factor as a device scalar, and the
+optimizers' ``step(grad_coef=...)`` multiply it into the gradients where they read them (Muon's
+update, fused AdamW's ``grad_scale``) or, for the unfused AdamW of CPU runs, in one
+``torch._foreach_mul_``. The trainer reads the norm only with the step's other statistics.
+
 Losses are normalised by the *global* number of target tokens before backward and gradients are
 *summed*, so a run on W ranks optimises exactly the objective of one process with the same global
 batch.
@@ -81,6 +88,61 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def grad_norm_sq(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the squares of every element of ``grads``, without a squared copy of any of them.
+
+    Args:
+        grads: floating tensors of any shapes, all on one device (gradients, or flat gradient
+            shards); may be empty.
+
+    Returns:
+        A 0-dim float64 tensor on the gradients' device (CPU when ``grads`` is empty): the sum
+        over tensors of their squared L2 norms. Each norm comes from one fused reduction
+        (``torch._foreach_norm``) that accumulates in float32 for float32, bfloat16 and float16
+        gradients and in float64 for float64 ones; squares and the sum over tensors are float64.
+    """
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        if not grad.is_floating_point():
+            raise ValueError(f"grad_norm_sq takes floating tensors, got one of {grad.dtype}")
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    parts = []
+    for dtype, same in by_dtype.items():
+        norms = torch._foreach_norm(same, 2, dtype=torch.float32 if dtype in _LOW_PRECISION
+                                    else None)
+        parts.append(torch.stack(norms).double().square().sum())
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+
+
+def clip_coefficient(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The gradient-clipping factor as a device tensor (no host read).
+
+    Args:
+        grad_norm: floating tensor of one element (the global L2 norm of the gradients), any
+            device and dtype (float64 in the trainer).
+        max_norm: the clipping threshold (> 0).
+
+    Returns:
+        A tensor of ``grad_norm``'s shape, dtype and device: ``max_norm / (grad_norm + 1e-6)``
+        where ``grad_norm > max_norm``, else exactly 1.0 (a NaN norm gives 1.0, an infinite one
+        0.0, as the host-side comparison did).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}; use grad_clip=None to disable")
+    if grad_norm.numel() != 1 or not grad_norm.is_floating_point():
+        raise ValueError(f"grad_norm must be a floating tensor of one element, got shape "
+                         f"{tuple(grad_norm.shape)} and dtype {grad_norm.dtype}")
+    # A tensor divided by a tensor: ``float / tensor`` is computed as reciprocal-then-multiply,
+    # one rounding more than the host formula's division.
+    clipped = torch.full_like(grad_norm, max_norm) / (grad_norm + 1e-6)
+    return torch.where(grad_norm > max_norm, clipped, torch.ones_like(grad_norm))
 
 
 def _uses_nccl() -> bool:
@@ -266,27 +328,31 @@ class Zero2Optimizer:
         self._reduce_scatter(self.buffer_b)
 
     def grad_norm_sq_local(self) -> torch.Tensor:
-        """Squared L2 norm of the gradients this rank is responsible for (owned + local)."""
-        parts = [
-            self.buffer_a.shard(self.buffer_a.grads, self.rank).square().sum(),
-            self.buffer_b.shard(self.buffer_b.grads, self.rank).square().sum(),
-        ]
+        """Squared L2 norm (0-dim float64, on the device) of the gradients this rank is
+        responsible for: its shards of both flat buffers and its local tensors."""
+        grads = [buf.shard(buf.grads, self.rank) for buf in (self.buffer_a, self.buffer_b)]
         for _, group in self.local.groups if self.local else []:
-            parts += [p.grad.float().square().sum() for p in group["params"] if p.grad is not None]
-        return torch.stack(parts).sum()
+            grads += [p.grad for p in group["params"] if p.grad is not None]
+        return grad_norm_sq(grads)
 
-    def scale_gradients(self, factor: float) -> None:
-        for buf in (self.buffer_a, self.buffer_b):
-            buf.shard(buf.grads, self.rank).mul_(factor)
+    def scale_gradients(self, factor: float | torch.Tensor) -> None:
+        """Multiply the gradients this rank steps by ``factor`` (a float, or a 0-dim tensor on
+        the device) in one ``torch._foreach_mul_``; `step`'s ``grad_coef`` needs no own pass."""
+        grads = [buf.shard(buf.grads, self.rank) for buf in (self.buffer_a, self.buffer_b)]
         for _, group in self.local.groups if self.local else []:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
+            grads += [p.grad for p in group["params"] if p.grad is not None]
+        _foreach_scale(grads, factor)
 
-    def step(self) -> None:
-        self.sharded.step()
+    def step(self, grad_coef: torch.Tensor | None = None) -> None:
+        """Step the owned shards and local tensors, then all-gather the updated values.
+
+        Args:
+            grad_coef: optional 0-dim floating tensor on the device multiplying every gradient
+                inside the optimizers' updates (the clipping coefficient; `Optimizers.step`).
+        """
+        self.sharded.step(grad_coef)
         if self.local:
-            self.local.step()
+            self.local.step(grad_coef)
         self._all_gather(self.buffer_a)
         self._all_gather(self.buffer_b)
 
@@ -318,6 +384,16 @@ class Zero2Optimizer:
         if self.local:
             lines += [f"local {line}" for line in self.local.param_groups_summary()]
         return lines
+
+
+def _foreach_scale(grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
+    """``g *= factor`` for every tensor, one foreach kernel per dtype (a tensor factor is cast to
+    each dtype, the form torch's fast foreach kernel takes)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for dtype, same in by_dtype.items():
+        torch._foreach_mul_(same, factor.to(dtype) if isinstance(factor, torch.Tensor) else factor)
 
 
 def _optimizers_over(muon_groups, adamw_groups, cfg: OptimizerConfig,
@@ -358,16 +434,17 @@ class SingleProcessOptimizer:
         pass
 
     def grad_norm_sq_local(self) -> torch.Tensor:
-        norms = [p.grad.float().square().sum() for p in self.params if p.grad is not None]
-        return torch.stack(norms).sum() if norms else torch.zeros(())
+        """Squared L2 norm of all gradients (0-dim float64, on the device; `grad_norm_sq`)."""
+        return grad_norm_sq([p.grad for p in self.params if p.grad is not None])
 
-    def scale_gradients(self, factor: float) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(factor)
+    def scale_gradients(self, factor: float | torch.Tensor) -> None:
+        """Multiply every gradient by ``factor`` (a float, or a 0-dim tensor on the device) in
+        one ``torch._foreach_mul_``; `step`'s ``grad_coef`` needs no own pass."""
+        _foreach_scale([p.grad for p in self.params if p.grad is not None], factor)
 
-    def step(self) -> None:
-        self.inner.step()
+    def step(self, grad_coef: torch.Tensor | None = None) -> None:
+        """Step every parameter; ``grad_coef`` as in `Optimizers.step` (the clipping factor)."""
+        self.inner.step(grad_coef)
 
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ from nmoe_train.distributed import (
     SingleProcessOptimizer,
     Zero2Optimizer,
     all_reduce_sum,
+    clip_coefficient,
     init_distributed,
 )
 from nmoe_train.metrics import MetricsDB
@@ -411,9 +412,12 @@ class Trainer:
             totals[3] += 1
         self.optimizer.reduce_gradients()
         grad_norm = all_reduce_sum(self.optimizer.grad_norm_sq_local().double().reshape(1)).sqrt()
-        if cfg.optim.grad_clip is not None and grad_norm.item() > cfg.optim.grad_clip:
-            self.optimizer.scale_gradients(cfg.optim.grad_clip / (grad_norm.item() + 1e-6))
-        self.optimizer.step()
+        # Clipping stays on the device: the factor is a device scalar the optimizers multiply in
+        # where they read the gradients; the norm reaches the host with the step's statistics.
+        clip_coef = None
+        if cfg.optim.grad_clip is not None:
+            clip_coef = clip_coefficient(grad_norm, cfg.optim.grad_clip).reshape(())
+        self.optimizer.step(grad_coef=clip_coef)
         for layer in self.model.moe_layers():  # FP8 weight copies: once per step, not per micro
             layer.invalidate_weight_cache()
         self.optimizer.zero_grad()

@@ -93,6 +93,45 @@ def _adamw_kwargs(params: list[torch.Tensor]) -> dict[str, Any]:
     return {}
 
 
+def _adamw_step(adamw: torch.optim.AdamW, grad_coef: torch.Tensor | None) -> None:
+    """``adamw.step()`` with every gradient multiplied by ``grad_coef`` (see `Optimizers.step`)."""
+    if grad_coef is None:
+        adamw.step()
+        return
+    grads = [p.grad for g in adamw.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        adamw.step()
+        return
+    if not isinstance(grad_coef, torch.Tensor) or grad_coef.dim() != 0:
+        raise ValueError("grad_coef must be a 0-dim tensor on the parameters' device (the "
+                         "clipping coefficient), e.g. torch.tensor(c, device=...)")
+    if not grad_coef.is_floating_point() or grad_coef.device != grads[0].device:
+        raise ValueError(
+            f"grad_coef must be a floating tensor on the gradients' device {grads[0].device}, "
+            f"got {grad_coef.dtype} on {grad_coef.device}"
+        )
+    if all(g.get("fused") for g in adamw.param_groups):
+        # torch's fused Adam(W) reads the optimizer attribute ``grad_scale`` (GradScaler's
+        # protocol: torch/optim/adam.py passes getattr(self, "grad_scale", None) to the fused
+        # kernel, which divides each gradient by it in float32 before using it). 1 / 1.0 is
+        # exactly 1.0, and g / 1.0 == g, so an unclipped step is bitwise the plain one.
+        if getattr(adamw, "grad_scale", None) is not None:
+            raise RuntimeError("AdamW already carries a grad_scale (a GradScaler is stepping "
+                               "it); clip through one mechanism only")
+        adamw.grad_scale = torch.reciprocal(grad_coef).to(torch.float32)
+        try:
+            adamw.step()
+        finally:
+            del adamw.grad_scale
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    for dtype, same in by_dtype.items():  # the scalar in the gradients' dtype: the fast kernel
+        torch._foreach_mul_(same, grad_coef.to(dtype))
+    adamw.step()
+
+
 class Optimizers:
     """A Muon (may be None) and an AdamW (may be None) stepped, scheduled and saved as one.
 
@@ -118,10 +157,29 @@ class Optimizers:
     def groups(self) -> list[tuple[str, dict[str, Any]]]:
         return [(k, g) for k, opt in self.optimizers.items() for g in opt.param_groups]
 
-    def step(self) -> None:
-        """Step every optimizer (gradients must be reduced and clipped by the caller)."""
-        for opt in self.optimizers.values():
-            opt.step()
+    def step(self, grad_coef: torch.Tensor | None = None) -> None:
+        """Step every optimizer (gradients must be reduced by the caller).
+
+        Args:
+            grad_coef: optional 0-dim floating tensor on the parameters' device multiplying every
+                gradient before it is used: the gradient-clipping coefficient, computed on the
+                device so that clipping never reads the norm back to the host. None means 1; a
+                coefficient of exactly 1.0 changes no bit of the update. Where it goes:
+
+                - Muon: folded into its update where the gradient is read (`Muon.step`).
+                - fused AdamW (CUDA): handed to torch's fused kernel as its ``grad_scale``, which
+                  divides every gradient inside the kernel; we pass ``1 / grad_coef`` in float32
+                  (the kernel's type), so clipping costs no pass of its own.
+                - other AdamW implementations (CPU): one ``torch._foreach_mul_`` of the AdamW
+                  gradients by the device scalar before the step.
+
+                Afterwards the AdamW gradients hold the multiplied values, the Muon gradients the
+                original ones; zero them before the next backward as usual.
+        """
+        if self.muon is not None:
+            self.muon.step(grad_coef=grad_coef)
+        if self.adamw is not None:
+            _adamw_step(self.adamw, grad_coef)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():

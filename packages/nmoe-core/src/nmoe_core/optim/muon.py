@@ -5,6 +5,9 @@ For each matrix (a 2D parameter ``[M, N]``, or each of the ``E`` matrices of a 3
 
 1. Momentum with Nesterov look-ahead, in the dampened (EMA) form of the original kernel:
    ``buf <- mu * buf + (1 - mu) * g``;  ``u <- (1 - mu) * g + mu * buf``  (mu = 0.95).
+   The term ``(1 - mu) * g`` is computed once and serves both lines; a gradient multiplier
+   (``grad_coef``: the gradient-clipping coefficient, a device tensor) is folded into it, so
+   clipping costs no pass of its own and no host read.
    Moonlight's reference writes the undampened ``buf <- mu * buf + g; u <- g + mu * buf``; the two
    differ only by the constant factor (1 - mu), which the Frobenius normalization of step 2
    removes, so the updates agree (up to the 1e-7 clamp).
@@ -112,27 +115,46 @@ def muon_update(
     ns_steps: int = 5,
     col_blocks: int = 1,
     ns_dtype: str = "float32",
+    grad_coef: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Advance the momentum buffer in place and return the scaled orthogonalized update.
 
     Args:
         grad: ``[M, N]`` or ``[E, M, N]`` gradient, any floating dtype.
         momentum_buffer: float32 tensor shaped like ``grad``; updated in place to
-            ``momentum * buf + (1 - momentum) * grad``.
+            ``momentum * buf + (1 - momentum) * grad_coef * grad``.
         momentum: mu in [0, 1).
         update_rms: target RMS of the returned update (> 0).
         ns_steps: Newton-Schulz iterations (>= 1).
         col_blocks: number of interleaved column blocks (column ``c`` in block
             ``c % col_blocks``) orthogonalized separately (must divide N).
         ns_dtype: ``"float32"`` or ``"bfloat16"``.
+        grad_coef: optional 0-dim floating tensor on ``grad``'s device (the gradient-clipping
+            coefficient) multiplying ``grad`` where it is read; None means 1. A coefficient of
+            exactly 1.0 gives bitwise the update of None.
 
     Returns:
         float32 tensor shaped like ``grad``: ``update_rms * sqrt(max(M, N / col_blocks))`` times
         the orthogonalized Nesterov momentum, per matrix and column block (the lr is not applied).
     """
-    g = grad.float()
-    momentum_buffer.mul_(momentum).add_(g, alpha=1.0 - momentum)
-    u = g.mul(1.0 - momentum).add_(momentum_buffer, alpha=momentum)
+    if grad_coef is None:
+        increment: float | torch.Tensor = 1.0 - momentum
+    else:
+        _check_grad_coef(grad_coef, grad)
+        increment = grad_coef.float() * (1.0 - momentum)
+    return _muon_update(grad, momentum_buffer, momentum, increment, update_rms, ns_steps,
+                        col_blocks, ns_dtype)
+
+
+def _muon_update(grad, momentum_buffer, momentum, increment, update_rms, ns_steps, col_blocks,
+                 ns_dtype) -> torch.Tensor:
+    """`muon_update` with the gradient's factor ``increment = (1 - mu) * grad_coef`` given."""
+    # increment * g, once: the new momentum's increment and the first Nesterov term. A float32
+    # tensor increment 1.0 * (1 - mu) equals the float32 the Python scalar (1 - mu) rounds to, so
+    # a coefficient of exactly 1.0 changes no bit.
+    u = grad.float().mul(increment)
+    momentum_buffer.mul_(momentum).add_(u)
+    u.add_(momentum_buffer, alpha=momentum)
     u_EMN = u.unsqueeze(0) if u.dim() == 2 else u
     num_e, m, n = u_EMN.shape
     if n % col_blocks != 0:
@@ -142,6 +164,20 @@ def muon_update(
     ortho_BMN.mul_(update_rms * math.sqrt(max(m, n // col_blocks)))
     out = _merge_col_blocks(ortho_BMN, num_e, col_blocks) if col_blocks > 1 else ortho_BMN
     return out.view_as(grad)
+
+
+def _check_grad_coef(grad_coef: torch.Tensor, grad: torch.Tensor) -> None:
+    if not isinstance(grad_coef, torch.Tensor) or grad_coef.dim() != 0:
+        raise ValueError(
+            f"grad_coef must be a 0-dim tensor (got "
+            f"{tuple(grad_coef.shape) if isinstance(grad_coef, torch.Tensor) else grad_coef!r}): "
+            "pass the clipping coefficient as a device scalar, e.g. torch.tensor(c, device=...)"
+        )
+    if not grad_coef.is_floating_point() or grad_coef.device != grad.device:
+        raise ValueError(
+            f"grad_coef must be a floating tensor on the gradient's device {grad.device}, got "
+            f"{grad_coef.dtype} on {grad_coef.device}"
+        )
 
 
 def _check_param(p: torch.Tensor, where: str) -> None:
@@ -214,26 +250,39 @@ class Muon(torch.optim.Optimizer):
             _check_param(p, f"Muon param group {name!r} param {i}")
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Apply one Muon update to every parameter that has a gradient."""
+    def step(self, closure=None, grad_coef: torch.Tensor | None = None):
+        """Apply one Muon update to every parameter that has a gradient.
+
+        Args:
+            closure: optional, re-evaluates the loss (torch's optimizer convention).
+            grad_coef: optional 0-dim floating tensor on the parameters' device multiplying every
+                gradient as the update reads it (the gradient-clipping coefficient, see
+                `muon_update`); the gradients themselves are left as they are.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            increment: float | torch.Tensor = 1.0 - momentum
+            if grad_coef is not None:  # one float32 device scalar per group, not per parameter
+                increment = grad_coef.float() * (1.0 - momentum)
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if grad_coef is not None:
+                    _check_grad_coef(grad_coef, p.grad)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros(
                         p.shape, dtype=torch.float32, device=p.device
                     )
-                update = muon_update(
+                update = _muon_update(
                     p.grad,
                     state["momentum_buffer"],
-                    momentum=group["momentum"],
+                    momentum,
+                    increment,
                     update_rms=group["update_rms"],
                     ns_steps=group["ns_steps"],
                     col_blocks=getattr(p, "muon_col_blocks", 1),

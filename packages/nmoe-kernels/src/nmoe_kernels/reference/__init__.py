@@ -8,6 +8,7 @@ layers above use them on machines without a GPU. Modules:
 - `grouped_gemm`: per-expert GEMMs over the contiguous expert-sorted layout (fwd, dgrad, wgrad,
   FP8 blockscaled).
 - `activation`: SwiGLU, its gated backward and the interleaved W13 column convention.
+- `cross_entropy`: per-row cross-entropy, log-sum-exp and the logits gradient written in place.
 - `permutation`: permute tokens to expert-contiguous rows, unpermute with gate weighting, gather
   rows.
 """
@@ -19,6 +20,7 @@ from nmoe_kernels.reference.activation import (
     swiglu_backward_gated,
     swiglu_interleaved,
 )
+from nmoe_kernels.reference.cross_entropy import cross_entropy_rows
 from nmoe_kernels.reference.grouped_gemm import (
     grouped_gemm,
     grouped_gemm_dgrad,
@@ -40,6 +42,7 @@ from nmoe_kernels.reference.quantization import (
 )
 
 __all__ = [
+    "cross_entropy_rows",
     "dequantize_fp8_128x128",
     "dequantize_fp8_1x128",
     "dequantize_mxfp8_1x32",
