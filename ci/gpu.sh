@@ -18,6 +18,7 @@
 #   fused-verify the fused path's GPU tests (kernels' gated backward and cross-entropy rows, the
 #                local dispatcher's slot sums, nmoe-core loss and fused layer, trainer), not slow
 #   bench-train-ep  training bench: 1 GPU, then all GPUs expert parallel over ipc, same machine
+#   fused-ep-tests  the fused layer against the torch backend, experts split over 2 and 4 GPUs
 #   fp8-parity   `n train super` twice from the same seed on the fused path, recipe bf16 then fp8
 #                (PARITY_STEPS, default 300); fails when FP8's final validation loss is more
 #                than 1.5% above BF16's
@@ -252,6 +253,14 @@ stage_bench_train_ep() {
     --micro-batches ${EP_MICRO:-8} --steps "${BENCH_STEPS:-6}" > "$OUT/bench_train_ep$n.log" 2>&1
   local rc=$?
   grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_train_ep$n.log" | tail -12
+  return $rc
+}
+
+stage_fused_ep_tests() {
+  timeout 500 "$PY" -m pytest -q -m multigpu -p no:cacheprovider -rfEs \
+    packages/nmoe-core/tests/test_fused_multigpu.py > "$OUT/fused-ep-tests.log" 2>&1
+  local rc=$?
+  tail -12 "$OUT/fused-ep-tests.log"
   return $rc
 }
 

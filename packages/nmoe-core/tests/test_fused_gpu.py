@@ -156,3 +156,17 @@ def test_fused_is_bitwise_deterministic(recipe):
         outs.append((out, *g))
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b), f"not bitwise reproducible, seed {seed}"
+
+
+def test_hopper_fp8_weight_layouts_are_transposes_of_each_other():
+    """`HopperExpertKernels.quantize_weight` quantizes the master weights twice (once per
+    layout); the 128x128 grid is symmetric, so the dgrad copy must be bitwise the transpose of
+    the forward copy, scales included."""
+    from nmoe_core.fused import HopperExpertKernels
+
+    kernels = HopperExpertKernels(torch.device("cuda"))
+    for shape in ((4, 256, 384), (3, 384, 128)):
+        w = torch.randn(shape, device="cuda") * torch.rand(shape[0], 1, 1, device="cuda") * 3
+        copy = kernels.quantize_weight(w)
+        assert torch.equal(copy.kn.view(torch.uint8), copy.nk.transpose(1, 2).view(torch.uint8))
+        assert torch.equal(copy.kn_scales, copy.nk_scales.transpose(1, 2))
