@@ -106,7 +106,8 @@ def _check_inputs(op, x_fp8_MK, x_scales_MKb, w_fp8_ENK, w_scales_ENbKb, offsets
             f"{x_scales_MKb.dtype}{tuple(x_scales_MKb.shape)}"
         )
     stride_m, stride_k = x_scales_MKb.stride()
-    if num_rows > 1 and stride_m != 1 or kb > 1 and stride_k != aligned:
+    # No rows (an expert-parallel rank that receives none): any strides, nothing is read.
+    if num_rows > 0 and (num_rows > 1 and stride_m != 1 or kb > 1 and stride_k != aligned):
         raise ValueError(
             f"{op}: x_scales_MKb must be MN-major with strides (1, {aligned}) (M rounded up to "
             f"4), got strides {x_scales_MKb.stride()}; quantize with "
