@@ -93,10 +93,13 @@ class MoEConfig(_Config):
     router_bias_update_rate: float = Field(1e-3, ge=0, description="loss-free balancing gamma")
     router_bias_clamp: float = Field(16.0, gt=0)
     aux_loss_alpha: float = Field(0.0, ge=0, description="Switch-style aux loss weight (0 = off)")
-    backend: Literal["torch", "fused"] = Field(
-        "torch",
-        description="expert compute: 'torch' (plain PyTorch, any device) or 'fused' (nmoe-kernels"
-        " grouped GEMMs with fused SwiGLU and recomputing autograd; Hopper GPUs)",
+    backend: Literal["auto", "torch", "fused"] = Field(
+        "auto",
+        description="expert compute: 'torch' (plain PyTorch, any device), 'fused' (nmoe-kernels"
+        " grouped GEMMs with fused SwiGLU and recomputing autograd; Hopper GPUs) or 'auto' "
+        "(fused for bf16 rows on an sm_90 GPU whose nmoe-kernels build has the fused kernels, "
+        "torch elsewhere; `nmoe_core.moe.resolve_backend` decides per call and the trainer's "
+        "start-up line names the choice and why)",
     )
     recipe: Literal["bf16", "fp8"] = Field(
         "bf16",
@@ -114,9 +117,10 @@ class MoEConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
-        if self.recipe == "fp8" and self.backend != "fused":
+        if self.recipe == "fp8" and self.backend == "torch":
             raise ValueError(
-                "moe.recipe='fp8' needs moe.backend='fused' (the torch backend runs BF16/FP32)"
+                "moe.recipe='fp8' needs moe.backend='fused' or 'auto' (the torch backend runs "
+                "BF16/FP32)"
             )
         if self.n_activated_experts > self.n_routed_experts:
             raise ValueError(

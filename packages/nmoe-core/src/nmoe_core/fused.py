@@ -54,6 +54,8 @@ tests check the fused algebra with.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -330,6 +332,35 @@ class ReferenceExpertKernels(ExpertKernels):
     def gemm_fp8_swiglu_quant(self, x_fp8_RD, x_scales, w13_fp8_E2FD, w13_scales, offsets_E1):
         h = self.gemm_fp8(x_fp8_RD, x_scales, w13_fp8_E2FD, w13_scales, offsets_E1)
         return self.quantize_rows(self.ref.swiglu_interleaved(h))
+
+
+@functools.cache
+def _fused_unavailable_on(device_type: str, index: int | None) -> str | None:
+    if device_type != "cuda":
+        return f"the rows are on {device_type}, not a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) != (9, 0):
+        return f"the GPU is sm_{major}{minor}; the fused kernels are built for sm_90a (Hopper)"
+    try:
+        import nmoe_kernels
+        import nmoe_kernels._C as compiled
+    except ImportError as err:
+        return f"nmoe_kernels does not import ({err})"
+    if not compiled.WITH_CUDA:
+        return "nmoe_kernels._C was built without CUDA"
+    missing = [op for op in HopperExpertKernels._BF16_OPS if not hasattr(nmoe_kernels, op)]
+    if missing:
+        return f"this nmoe-kernels build lacks {', '.join(missing)}"
+    if importlib.util.find_spec("cutlass") is None:
+        return "nvidia-cutlass-dsl (the CuTeDSL runtime of the grouped GEMMs) is not installed"
+    return None
+
+
+def fused_unavailable(device: torch.device) -> str | None:
+    """Why the fused path cannot run on ``device`` (None when it can): a Hopper (sm_90) CUDA GPU,
+    an nmoe-kernels build with CUDA and the BF16 grouped GEMMs, and the CuTeDSL runtime. Cached
+    per device; what ``moe.backend='auto'`` consults."""
+    return _fused_unavailable_on(device.type, device.index)
 
 
 class HopperExpertKernels(ExpertKernels):

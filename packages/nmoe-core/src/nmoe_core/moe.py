@@ -39,6 +39,29 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def resolve_backend(name: str, device: torch.device, rows_dtype: torch.dtype, dim: int,
+                    inter_dim: int) -> tuple[str, str]:
+    """The expert backend ``moe.backend = name`` runs for rows of ``rows_dtype`` on ``device``
+    with experts of width ``dim`` (D) and hidden size ``inter_dim`` (F), and why:
+    ``("fused" | "torch", reason)``. ``auto`` picks the fused path for bfloat16 rows, D and F
+    multiples of 8 (the grouped GEMMs' 16-byte rows), where `nmoe_core.fused.fused_unavailable`
+    finds nothing missing, and the torch path elsewhere; ``torch`` and ``fused`` are taken as
+    given."""
+    if name != "auto":
+        return name, "configured"
+    if rows_dtype != torch.bfloat16:
+        return "torch", f"auto: the rows are {rows_dtype}, the fused kernels take bfloat16"
+    if dim % 8 or inter_dim % 8:
+        return "torch", (f"auto: model.dim={dim} and moe_inter_dim={inter_dim} are not both "
+                         f"multiples of 8")
+    from nmoe_core.fused import fused_unavailable
+
+    reason = fused_unavailable(device)
+    if reason is not None:
+        return "torch", f"auto: {reason}"
+    return "fused", "auto"
+
+
 @torch.no_grad()
 def parallel_init(fn: Callable[[object], None], items: Iterable[object]) -> None:
     """Run ``fn(item)`` for every item, on ``torch.get_num_threads()`` threads, under no_grad.
@@ -196,6 +219,7 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_local_experts = num_local_experts
         self.expert_offset = expert_offset
+        self.dim = dim
         self.inter_dim = inter_dim
         self.w13 = nn.Parameter(torch.empty(num_local_experts, dim, 2 * inter_dim))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, inter_dim, dim))
@@ -357,8 +381,16 @@ class MoE(nn.Module):
         compute_dtype = _autocast_dtype(x_TD.device)
         rows_TD = x_TD.to(compute_dtype) if compute_dtype is not None else x_TD
         dispatcher = self._dispatcher()
+        backend, why = resolve_backend(self.backend, x_TD.device, rows_TD.dtype,
+                                       self.experts.dim, self.experts.inter_dim)
+        if backend == "torch" and self.recipe == "fp8":
+            raise RuntimeError(
+                f"moe.recipe='fp8' needs the fused backend, but moe.backend={self.backend!r} "
+                f"runs the torch path here ({why}); use moe.recipe='bf16' or run on a Hopper GPU "
+                f"under bf16 autocast"
+            )
         dispatched = comm_autograd.dispatch(dispatcher, rows_TD, expert_ids_TK, gates_TK.detach())
-        if self.backend == "fused":
+        if backend == "fused":
             out_TD = self._fused(dispatcher, dispatched, gates_TK)
         else:
             y_RD = self.experts(dispatched.x_RD, dispatched.counts_E)

@@ -515,7 +515,12 @@ class Trainer:
         moe = cfg.model.moe
         dispatcher = self.model.moe_layers()[0].dispatcher if self.model.moe_layers() else None
         dispatcher_name = dispatcher.name if dispatcher is not None else "none"
-        recipe = moe.recipe if moe.backend == "fused" else self.precision
+        from nmoe_core.moe import resolve_backend
+
+        rows = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32
+        backend, why = resolve_backend(moe.backend, self.device, rows, cfg.model.dim,
+                                       moe.moe_inter_dim)
+        recipe = moe.recipe if backend == "fused" else self.precision
         arch = "cpu"
         if self.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(self.device)
@@ -528,7 +533,7 @@ class Trainer:
             f"{format_count(counts['active'])} active/token, {cfg.model.n_layers} layers, "
             f"dim {cfg.model.dim}, experts {moe.n_routed_experts} top-{moe.n_activated_experts} "
             f"+{moe.n_shared_experts} shared",
-            f"moe backend: {moe.backend} ({arch}, {recipe}), "
+            f"moe backend: {backend} ({why}; {arch}, {recipe}), "
             f"dispatcher {dispatcher_name}"
             + (f", capacity {dispatcher.capacity} rows" if dispatcher is not None else ""),
             f"batch {cfg.global_batch} x {cfg.seq_len} tokens/step (micro {self.micro_batch}/rank)"
