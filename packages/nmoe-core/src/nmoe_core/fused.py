@@ -260,6 +260,19 @@ class ExpertKernels:
         a `GatedSwigluGrad`, with dH also in FP8 1x128 blocks along 2F when ``quantize_dh``."""
         raise NotImplementedError
 
+    def _gated_backward_with(self, op, h_R2F, da_RF, gates_R, quantize_dh) -> GatedSwigluGrad:
+        """``op`` (a ``swiglu_backward_gated`` of nmoe-kernels or its reference, or None) where
+        it applies; elsewhere (no op in this build, non-bf16 rows, F % 128 != 0)
+        `swiglu_backward_gated_torch` on the rows' device, plus `quantize_rows` of dH when
+        ``quantize_dh``."""
+        grads = _gated_backward_op(op, h_R2F, da_RF, gates_R, quantize_dh)
+        if grads is None:
+            grads = GatedSwigluGrad(*swiglu_backward_gated_torch(h_R2F, da_RF, gates_R))
+            if quantize_dh:
+                dh_fp8, dh_scales = self.quantize_rows(grads.dh_R2F)
+                grads = grads._replace(dh_fp8_R2F=dh_fp8, dh_scales=dh_scales)
+        return grads
+
     def quantize_rows(self, x_RK):
         """FP8 E4M3, one scale per 1x128 block along K: ``(x_fp8 [R, K], scales [R, K/128])``."""
         raise NotImplementedError
@@ -305,13 +318,7 @@ class ReferenceExpertKernels(ExpertKernels):
 
     def swiglu_backward_gated(self, h_R2F, da_RF, gates_R, *, quantize_dh=False):
         op = getattr(self.ref, "swiglu_backward_gated", None)
-        grads = _gated_backward_op(op, h_R2F, da_RF, gates_R, quantize_dh)
-        if grads is None:
-            grads = GatedSwigluGrad(*swiglu_backward_gated_torch(h_R2F, da_RF, gates_R))
-            if quantize_dh:
-                dh_fp8, dh_scales = self.quantize_rows(grads.dh_R2F)
-                grads = grads._replace(dh_fp8_R2F=dh_fp8, dh_scales=dh_scales)
-        return grads
+        return self._gated_backward_with(op, h_R2F, da_RF, gates_R, quantize_dh)
 
     def quantize_rows(self, x_RK):
         rows = x_RK if x_RK.dtype != torch.float64 else x_RK.float()
@@ -410,13 +417,7 @@ class HopperExpertKernels(ExpertKernels):
         return self.k.grouped_gemm_bf16_wgrad(x_RK, dy_RN, offsets_E1)
 
     def swiglu_backward_gated(self, h_R2F, da_RF, gates_R, *, quantize_dh=False):
-        grads = _gated_backward_op(self._gated_backward, h_R2F, da_RF, gates_R, quantize_dh)
-        if grads is None:  # no CUDA op in this build, or F % 128 != 0: torch on the GPU
-            grads = GatedSwigluGrad(*swiglu_backward_gated_torch(h_R2F, da_RF, gates_R))
-            if quantize_dh:
-                dh_fp8, dh_scales = self.quantize_rows(grads.dh_R2F)
-                grads = grads._replace(dh_fp8_R2F=dh_fp8, dh_scales=dh_scales)
-        return grads
+        return self._gated_backward_with(self._gated_backward, h_R2F, da_RF, gates_R, quantize_dh)
 
     def quantize_rows(self, x_RK):
         return self.k.quantize_fp8_1x128(x_RK.contiguous(), scale_layout="mn_major_tma_aligned")
