@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nmoe_core.model import Transformer
+from nmoe_core.moe import resolve_backend
 from nmoe_core.progress import Progress, format_count, format_duration
 from nmoe_core.weights import flatten_optimizer_state, unflatten_optimizer_state
 from nmoe_train.checkpoint import Checkpointer
@@ -515,8 +516,6 @@ class Trainer:
         moe = cfg.model.moe
         dispatcher = self.model.moe_layers()[0].dispatcher if self.model.moe_layers() else None
         dispatcher_name = dispatcher.name if dispatcher is not None else "none"
-        from nmoe_core.moe import resolve_backend
-
         rows = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32
         backend, why = resolve_backend(moe.backend, self.device, rows, cfg.model.dim,
                                        moe.moe_inter_dim)
