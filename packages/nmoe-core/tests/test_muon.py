@@ -166,8 +166,11 @@ def test_col_blocks_equal_separate_matrices():
     assert err <= 1e-6, f"seed={seed} max err {err:.3g}"
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("shape,col_blocks", [((6, 10), 1), ((12, 5), 1), ((3, 4, 8), 2)])
-def test_steps_match_float64_reference(shape, col_blocks):
+def test_steps_match_float64_reference(shape, col_blocks, scaled):
+    # scaled: grad_coef (the clipping factor, a device scalar) multiplies the gradient inside the
+    # update; the float64 reference steps on coef * g, with the same tolerances.
     seed = torch.seed()
     lr, mu, wd, update_rms = 0.03, 0.9, 0.2, 0.25
     p = torch.nn.Parameter(torch.randn(shape))
@@ -179,9 +182,15 @@ def test_steps_match_float64_reference(shape, col_blocks):
     for step in range(3):
         g = torch.randn(shape)
         p.grad = g.clone()
-        opt.step()
-        p_ref, buf_ref = _reference_step(p_ref, buf_ref, g.double(), lr, mu, wd, update_rms,
-                                         col_blocks)
+        if scaled:
+            coef = torch.rand((), dtype=torch.float64) * 0.9 + 0.05
+            opt.step(grad_coef=coef)
+            assert torch.equal(p.grad, g), "Muon must leave the gradient as it is"
+        else:
+            coef = 1.0
+            opt.step()
+        p_ref, buf_ref = _reference_step(p_ref, buf_ref, g.double() * coef, lr, mu, wd,
+                                         update_rms, col_blocks)
         buf = opt.state[p]["momentum_buffer"]
         assert buf.dtype == torch.float32
         # Momentum is two float32 multiply-adds per step of O(1) values: 1e-6 is ~10 ulp.
@@ -284,32 +293,6 @@ def test_cuda_newton_schulz_and_step_match_reference():
         assert err < 0.02, f"seed={seed} bf16 step err {err:.3g}"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-@pytest.mark.parametrize("shape,col_blocks", [((6, 10), 1), ((3, 4, 8), 2)])
-def test_grad_coef_matches_float64_reference_of_scaled_gradients(shape, col_blocks):
-    # grad_coef (the clipping factor, a device scalar) multiplies the gradient inside the update:
-    # the float64 reference steps on coef * g. Same tolerances as the unscaled steps above.
-    seed = torch.seed()
-    lr, mu, wd, update_rms = 0.03, 0.9, 0.2, 0.25
-    p = torch.nn.Parameter(torch.randn(shape))
-    if col_blocks > 1:
-        p.muon_col_blocks = col_blocks
-    opt = Muon([p], lr=lr, momentum=mu, weight_decay=wd, update_rms=update_rms)
-    p_ref = p.detach().double().clone()
-    buf_ref = torch.zeros(shape, dtype=torch.float64)
-    for step in range(3):
-        g = torch.randn(shape)
-        coef = torch.rand((), dtype=torch.float64) * 0.9 + 0.05
-        p.grad = g.clone()
-        opt.step(grad_coef=coef)
-        assert torch.equal(p.grad, g), "Muon must leave the gradient as it is"
-        p_ref, buf_ref = _reference_step(p_ref, buf_ref, g.double() * coef, lr, mu, wd,
-                                         update_rms, col_blocks)
-        buf_err = (opt.state[p]["momentum_buffer"].double() - buf_ref).abs().max().item()
-        assert buf_err < 1e-6, f"seed={seed} step {step} momentum err {buf_err:.3g}"
-        p_err = (p.detach().double() - p_ref).abs().max().item()
-        assert p_err < 1e-6, f"seed={seed} step {step} param err {p_err:.3g}"
 
 
 def test_grad_coef_of_one_is_bitwise_no_coef():

@@ -306,6 +306,18 @@ def _states(opts) -> list[torch.Tensor]:
     return out
 
 
+def _twin_optimizers(monkeypatch, fused: bool):
+    """``(seed, kinds, ref_kinds, opts, ref_opts)``: two optimizers over equal fresh parameters
+    (torch's fused AdamW on the CPU when ``fused``)."""
+    seed = torch.seed()
+    if fused:
+        monkeypatch.setattr("nmoe_core.optim.builder._adamw_kwargs", lambda _: {"fused": True})
+    cfg = OptimizerConfig(**CFG)
+    kinds = _fake_param_kinds(seed)
+    ref = _clone_kinds(kinds)
+    return seed, kinds, ref, build_optimizer(kinds, cfg), build_optimizer(ref, cfg)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_grad_coef_equals_multiplying_the_gradients(monkeypatch, fused):
     # Optimizers.step(grad_coef=c) against stepping on c * g (the old clipping: mul_ then step).
@@ -315,13 +327,7 @@ def test_grad_coef_equals_multiplying_the_gradients(monkeypatch, fused):
     # increment, a few roundings as well. Moments: measured <= 3e-7 of their size, bound 1e-5.
     # Parameters (randn, |p| up to ~5 in float32): measured <= 1 ulp; bound 4 ulp of the
     # tensor's largest entry plus 1e-5 of 3 steps of size lr.
-    seed = torch.seed()
-    if fused:
-        monkeypatch.setattr("nmoe_core.optim.builder._adamw_kwargs", lambda _: {"fused": True})
-    cfg = OptimizerConfig(**CFG)
-    kinds = _fake_param_kinds(seed)
-    ref = _clone_kinds(kinds)
-    opts, ref_opts = build_optimizer(kinds, cfg), build_optimizer(ref, cfg)
+    seed, kinds, ref, opts, ref_opts = _twin_optimizers(monkeypatch, fused)
     assert bool(opts.adamw.defaults["fused"]) is fused
     foreach_calls = []
     real_foreach_mul = torch._foreach_mul_
@@ -345,6 +351,7 @@ def test_grad_coef_equals_multiplying_the_gradients(monkeypatch, fused):
     for i, (a, b) in enumerate(zip(_states(opts), _states(ref_opts), strict=True)):
         err = (a - b).abs().max().item()
         assert err <= 1e-5 * b.abs().max().item(), f"seed={seed} state {i} err {err:.3g}"
+    cfg = OptimizerConfig(**CFG)
     lr = max(cfg.lr_muon, cfg.lr_dense, cfg.lr_expert, cfg.lr_router)
     for p, q in zip(_params(kinds), _params(ref)):
         err = (p - q).detach().abs().max().item()
@@ -354,13 +361,7 @@ def test_grad_coef_equals_multiplying_the_gradients(monkeypatch, fused):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_grad_coef_of_one_is_bitwise_the_plain_step(monkeypatch, fused):
-    seed = torch.seed()
-    if fused:
-        monkeypatch.setattr("nmoe_core.optim.builder._adamw_kwargs", lambda _: {"fused": True})
-    cfg = OptimizerConfig(**CFG)
-    kinds = _fake_param_kinds(seed)
-    ref = _clone_kinds(kinds)
-    opts, ref_opts = build_optimizer(kinds, cfg), build_optimizer(ref, cfg)
+    seed, kinds, ref, opts, ref_opts = _twin_optimizers(monkeypatch, fused)
     for step in range(3):
         _set_grads(kinds, seed + step)
         _set_grads(ref, seed + step)
