@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default=None, metavar="JSON",
                         help="a 1-GPU run's JSON: add each row's ratio to its row there")
     args = parser.parse_args(argv)
-    import torch.distributed as dist
+    from nmoe_train.distributed import shutdown_distributed
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if not main_rank:  # one table, from rank 0
@@ -313,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_gib']:.1f} GiB", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2))
-    if dist.is_initialized():
-        dist.barrier()
+    shutdown_distributed()
     if not main_rank:
         return 0
     one_gpu = json.loads(Path(args.compare).read_text()) if args.compare else []

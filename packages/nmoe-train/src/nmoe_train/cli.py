@@ -49,9 +49,11 @@ def train_main(argv: list[str]) -> int:
     if args.print_config:
         print(cfg.model_dump_json(indent=2))
         return 0
+    from nmoe_train.distributed import shutdown_distributed
     from nmoe_train.trainer import Trainer
 
     result = Trainer(cfg, run_dir=args.run_dir).run()
+    shutdown_distributed()
     return 0 if result.status in ("completed", "target_reached", "time_limit") else 1
 
 
@@ -104,10 +106,12 @@ def speedrun_main(argv: list[str]) -> int:
     if cfg.run_name is None:
         cfg = cfg.model_copy(update={"run_name": f"speedrun-{preset}-{int(time.time())}",
                                      "resume": False})
+    from nmoe_train.distributed import shutdown_distributed
     from nmoe_train.trainer import Trainer, _hardware_name
 
     trainer = Trainer(cfg)
     result = trainer.run()
+    shutdown_distributed()
     if trainer.dist.is_main:
         result.val_history = trainer.val_history
         entry = make_entry(cfg, result, _hardware_name(trainer.device),

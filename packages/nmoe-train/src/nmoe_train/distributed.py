@@ -37,6 +37,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose. torch.distributed.nn.functional binds
+# ``group=group.WORLD`` as default arguments when it is first imported; torch.optim's first
+# optimizer imports it (through torch._dynamo). Imported after init_process_group, those defaults
+# keep the default group alive after destroy_process_group, so gloo's worker threads outlive it
+# into interpreter shutdown, where one of them can abort the process ("terminate called without
+# an active exception", SIGABRT, about 1 exit in 10 with torch 2.13). See `shutdown_distributed`.
+import torch.distributed.nn.functional  # noqa: F401
 from torch import nn
 
 from nmoe_core.optim import Muon, OptimizerConfig, Optimizers, build_optimizer
@@ -81,6 +89,20 @@ def init_distributed(device_kind: str) -> DistInfo:
         device_id = device if device_kind == "cuda" else None
         dist.init_process_group(backend=backend, device_id=device_id)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    """Leave the default process group together and free it (no-op without one).
+
+    All ranks wait at a barrier, so none tears its connections down while a peer is still
+    inside the last collective, and then destroy the group, so its worker threads are joined
+    now rather than during interpreter shutdown. Call it once, on every rank, after the last
+    collective: the CLIs do this after training.
+    """
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
