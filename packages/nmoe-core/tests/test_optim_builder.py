@@ -178,9 +178,10 @@ def test_set_lr_applies_wsd_to_every_group():
     assert mid["expert"] == pytest.approx(want_mid, rel=1e-15)
 
 
-def test_save_load_through_safetensors_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_save_load_through_safetensors_resumes_bitwise(tmp_path, state_dtype):
     seed = torch.seed()
-    cfg = OptimizerConfig(**CFG, expert_optimizer="muon")
+    cfg = OptimizerConfig(**CFG, expert_optimizer="muon", adamw_state_dtype=state_dtype)
     kinds_a = _fake_param_kinds(seed)
     kinds_b = _clone_kinds(kinds_a)
     straight = build_optimizer(kinds_a, cfg)
@@ -205,6 +206,8 @@ def test_save_load_through_safetensors_resumes_bitwise(tmp_path):
     resumed = build_optimizer(kinds_c, cfg)
     resumed.load_state_dict(unflatten_optimizer_state(loaded, metadata["optimizer"]))
     assert "momentum_buffer" in next(iter(resumed.muon.state.values()))
+    moments = [s[k] for s in resumed.adamw.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and {m.dtype for m in moments} == {getattr(torch, state_dtype)}
     for step in range(2, 4):
         for kinds, opts in ((kinds_a, straight), (kinds_c, resumed)):
             _set_grads(kinds, seed + step)

@@ -37,10 +37,11 @@ def _model_cfg() -> ModelConfig:
     )
 
 
-def _opt_cfg(use_muon: bool) -> OptimizerConfig:
+def _opt_cfg(use_muon: bool, state_dtype: str = "float32") -> OptimizerConfig:
     return OptimizerConfig(lr_dense=1e-2, lr_expert=1e-2, lr_router=1e-2, lr_muon=2e-2,
                            use_muon=use_muon, warmup_steps=1, hold_tokens=10**9,
-                           decay_tokens=10**9, decay_floor=1e-5, grad_clip=None)
+                           decay_tokens=10**9, decay_floor=1e-5, grad_clip=None,
+                           adamw_state_dtype=state_dtype)
 
 
 def _batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -70,17 +71,20 @@ def _train(model, opt, batches, rank, world, clip):
     return float(norm)
 
 
-def _worker(rank, world, port, use_muon, clip, seed, out_path):
+def _worker(rank, world, port, use_muon, clip, state_dtype, seed, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     init_distributed("cpu")  # the trainer's set-up, gloo on CPU
     group = weakref.ref(dist.group.WORLD)
     model = Transformer(_model_cfg(), seed=seed)
-    opt = Zero2Optimizer(model, _opt_cfg(use_muon), set(), rank, world, chunk_bytes=4096)
+    opt = Zero2Optimizer(model, _opt_cfg(use_muon, state_dtype), set(), rank, world,
+                         chunk_bytes=4096)
     norm = _train(model, opt, _batches(seed), rank, world, clip)
     if rank == 0:
-        torch.save({"state": model.state_dict(), "norm": norm}, out_path)
+        moments = {str(v.dtype) for st in opt.sharded.adamw.state.values()
+                   for k, v in st.items() if k != "step"}
+        torch.save({"state": model.state_dict(), "norm": norm, "moments": moments}, out_path)
     shutdown_distributed()
     # The group must be gone now, not at interpreter shutdown: a gloo group that outlives
     # destroy_process_group (torch.optim's first optimizer imports torch.distributed.nn, whose
@@ -95,16 +99,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("use_muon,clip", [(False, None), (True, None), (True, 0.05)])
-def test_zero2_matches_single_process(tmp_path, use_muon, clip):
+@pytest.mark.parametrize("use_muon,clip,state_dtype", [
+    (False, None, "float32"), (True, None, "float32"), (True, 0.05, "float32"),
+    (False, 0.05, "bfloat16"),
+])
+def test_zero2_matches_single_process(tmp_path, use_muon, clip, state_dtype):
     seed = torch.seed() % 2**31
     out_path = tmp_path / "zero2.pt"
-    mp.spawn(_worker, args=(2, _free_port(), use_muon, clip, seed, str(out_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, _free_port(), use_muon, clip, state_dtype, seed, str(out_path)),
+             nprocs=2)
     got = torch.load(out_path)
     torch.set_num_threads(1)
     model = Transformer(_model_cfg(), seed=seed)
-    norm = _train(model, SingleProcessOptimizer(model, _opt_cfg(use_muon)), _batches(seed), 0, 1,
-                  clip)
+    single = SingleProcessOptimizer(model, _opt_cfg(use_muon, state_dtype))
+    norm = _train(model, single, _batches(seed), 0, 1, clip)
+    moments = {str(v.dtype) for st in single.inner.adamw.state.values()
+               for k, v in st.items() if k != "step"}
+    assert got["moments"] == moments == {f"torch.{state_dtype}"}
     assert abs(got["norm"] - norm) <= 1e-5 * norm, f"grad norm {got['norm']} vs {norm}, seed {seed}"
     init = Transformer(_model_cfg(), seed=seed).state_dict()
     max_step = max(_opt_cfg(use_muon).lr_muon, _opt_cfg(use_muon).lr_dense)

@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401
 from torch import nn
 
-from nmoe_core.optim import Muon, OptimizerConfig, Optimizers, build_optimizer
+from nmoe_core.optim import Muon, OptimizerConfig, Optimizers, build_optimizer, make_adamw
 
 _ALIGN = 64  # elements; keeps every segment and chunk 256-byte aligned in float32
 
@@ -438,10 +438,7 @@ def _optimizers_over(muon_groups, adamw_groups, cfg: OptimizerConfig,
     muon = Muon(muon_list, lr=cfg.lr_muon) if muon_list else None
     adamw = None
     if adamw_list:
-        params = [p for g in adamw_list for p in g["params"]]
-        fused = bool(params) and all(p.is_cuda for p in params)
-        adamw = torch.optim.AdamW(adamw_list, lr=cfg.lr_dense, eps=cfg.adam_eps,
-                                  **({"fused": True} if fused else {}))
+        adamw = make_adamw(adamw_list, cfg)
     return Optimizers(muon, adamw, cfg)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from nmoe_core.optim.adamw import AdamW
 from nmoe_core.optim.config import OptimizerConfig
 from nmoe_core.optim.muon import Muon
 from nmoe_core.optim.schedule import wsd_lr, wsd_scale
@@ -86,6 +87,16 @@ def _group(name: str, named: Sequence[tuple[str, torch.nn.Parameter]], lr: float
     )
 
 
+def make_adamw(groups: list[dict[str, Any]], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The AdamW over ``groups`` (each carrying its ``lr``, ``betas`` and ``weight_decay``) that
+    ``cfg.adamw_state_dtype`` asks for: torch's AdamW with float32 moments (fused when every
+    parameter is a floating CUDA tensor), or `nmoe_core.optim.adamw.AdamW` with bfloat16 ones."""
+    if cfg.adamw_state_dtype == "bfloat16":
+        return AdamW(groups, lr=cfg.lr_dense, eps=cfg.adam_eps, state_dtype=torch.bfloat16)
+    return torch.optim.AdamW(groups, lr=cfg.lr_dense, eps=cfg.adam_eps,
+                             **_adamw_kwargs([p for g in groups for p in g["params"]]))
+
+
 def _adamw_kwargs(params: list[torch.Tensor]) -> dict[str, Any]:
     """Fused AdamW when every parameter is a floating CUDA tensor, else torch's default pick."""
     if params and all(p.is_cuda and p.is_floating_point() for p in params):
@@ -93,7 +104,7 @@ def _adamw_kwargs(params: list[torch.Tensor]) -> dict[str, Any]:
     return {}
 
 
-def _adamw_step(adamw: torch.optim.AdamW, grad_coef: torch.Tensor | None) -> None:
+def _adamw_step(adamw: torch.optim.Optimizer, grad_coef: torch.Tensor | None) -> None:
     """``adamw.step()`` with every gradient multiplied by ``grad_coef`` (see `Optimizers.step`)."""
     if grad_coef is None:
         adamw.step()
@@ -110,6 +121,9 @@ def _adamw_step(adamw: torch.optim.AdamW, grad_coef: torch.Tensor | None) -> Non
             f"grad_coef must be a floating tensor on the gradients' device {grads[0].device}, "
             f"got {grad_coef.dtype} on {grad_coef.device}"
         )
+    if isinstance(adamw, AdamW):  # takes the factor itself, gradients untouched
+        adamw.step(grad_coef=grad_coef)
+        return
     if all(g.get("fused") for g in adamw.param_groups):
         # torch's fused Adam(W) reads the optimizer attribute ``grad_scale`` (GradScaler's
         # protocol: torch/optim/adam.py passes getattr(self, "grad_scale", None) to the fused
@@ -139,7 +153,7 @@ class Optimizers:
     group, ``optimizer_name`` in {"muon", "adamw"}; group names are unique across both.
     """
 
-    def __init__(self, muon: Muon | None, adamw: torch.optim.AdamW | None,
+    def __init__(self, muon: Muon | None, adamw: torch.optim.Optimizer | None,
                  cfg: OptimizerConfig) -> None:
         self.muon = muon
         self.adamw = adamw
@@ -170,10 +184,11 @@ class Optimizers:
                 - fused AdamW (CUDA): handed to torch's fused kernel as its ``grad_scale``, which
                   divides every gradient inside the kernel; we pass ``1 / grad_coef`` in float32
                   (the kernel's type), so clipping costs no pass of its own.
-                - other AdamW implementations (CPU): one ``torch._foreach_mul_`` of the AdamW
-                  gradients by the device scalar before the step.
+                - other torch AdamW implementations (CPU): one ``torch._foreach_mul_`` of the
+                  AdamW gradients by the device scalar before the step.
+                - nmoe's AdamW (``adamw_state_dtype=bfloat16``): multiplied inside its update.
 
-                Afterwards the AdamW gradients hold the multiplied values, the Muon gradients the
+                Afterwards torch AdamW's gradients hold the multiplied values, the others the
                 original ones; zero them before the next backward as usual.
         """
         if self.muon is not None:
@@ -257,6 +272,8 @@ class Optimizers:
             )
             if "betas" in g:
                 line += f" betas=({g['betas'][0]:g}, {g['betas'][1]:g})"
+                if g.get("state_dtype", torch.float32) != torch.float32:
+                    line += f" moments={str(g['state_dtype']).removeprefix('torch.')}"
             else:
                 line += f" momentum={g['momentum']:g} update_rms={g['update_rms']:g}"
             lines.append(line)
@@ -306,7 +323,5 @@ def build_optimizer(param_kinds: ParamKinds, cfg: OptimizerConfig) -> Optimizers
     muon = Muon(muon_groups, lr=cfg.lr_muon) if muon_groups else None
     adamw = None
     if adamw_groups:
-        all_adamw = [p for g in adamw_groups for p in g["params"]]
-        adamw = torch.optim.AdamW(adamw_groups, lr=cfg.lr_dense, betas=betas, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay, **_adamw_kwargs(all_adamw))
+        adamw = make_adamw(adamw_groups, cfg)
     return Optimizers(muon, adamw, cfg)

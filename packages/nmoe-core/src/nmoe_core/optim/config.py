@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from nmoe_core.optim.adamw import BF16_STATE_MAX_BETA
+
 __all__ = ["OptimizerConfig"]
 
 _PEAK_LR_FIELDS = ("lr_dense", "lr_expert", "lr_router", "lr_muon")
@@ -40,6 +42,10 @@ class OptimizerConfig(BaseModel):
     adam_beta2: float = Field(0.95, ge=0, lt=1)
     adam_beta2_expert: float = Field(0.99, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
+    adamw_state_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of AdamW's two moments. float32: torch's AdamW (fused on "
+        "CUDA). bfloat16: nmoe's AdamW, half the optimizer state (4 instead of 8 bytes per "
+        "parameter; DeepSeek-V3's recipe), float32 arithmetic; needs every beta <= 0.99")
 
     # Muon (Moonlight recipe, inventory §4.2).
     use_muon: bool = Field(True, description="Muon for the 2D hidden matrices (else AdamW `dense`)")
@@ -65,6 +71,16 @@ class OptimizerConfig(BaseModel):
                 f"grad_clip must be > 0 (got {self.grad_clip}); set grad_clip=None to disable "
                 "clipping"
             )
+        if self.adamw_state_dtype == "bfloat16":
+            for name in ("adam_beta1", "adam_beta2", "adam_beta2_expert"):
+                beta = getattr(self, name)
+                if beta > BF16_STATE_MAX_BETA:
+                    raise ValueError(
+                        f"{name}={beta:g} with adamw_state_dtype=bfloat16: a moment moves by "
+                        f"(1 - beta) = {1 - beta:.3g} of its gap per step, below what bfloat16 "
+                        f"resolves, so updates would round away; lower {name} to <= "
+                        f"{BF16_STATE_MAX_BETA} or set adamw_state_dtype=float32"
+                    )
         for name in self.peak_lr_fields():
             peak = getattr(self, name)
             if self.decay_floor > peak:
