@@ -5,7 +5,7 @@ with bfloat16 moments) and the WSD schedule.
 schedules, summarizes and saves both optimizers as one.
 """
 
-from nmoe_core.optim.adamw import AdamW, adamw_update_
+from nmoe_core.optim.adamw import AdamW
 from nmoe_core.optim.builder import PARAM_KINDS, Optimizers, build_optimizer, make_adamw
 from nmoe_core.optim.config import OptimizerConfig
 from nmoe_core.optim.muon import Muon, muon_update, newton_schulz_orthogonalize
@@ -17,7 +17,6 @@ __all__ = [
     "Muon",
     "OptimizerConfig",
     "Optimizers",
-    "adamw_update_",
     "build_optimizer",
     "make_adamw",
     "muon_update",

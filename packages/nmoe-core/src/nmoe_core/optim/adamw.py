@@ -14,8 +14,9 @@ limit is how small a change survives the store: each step moves a moment by the 
 so with ``beta`` above 0.99 most updates would be rounded away. `OptimizerConfig` refuses that
 combination.
 
-With float32 state the update is, operation for operation, torch's single-tensor AdamW
-(``foreach=False``): the CPU tests check they agree bitwise.
+The update itself is `nmoe_kernels.reference.adamw_step_`: with float32 state it is, operation
+for operation, torch's single-tensor AdamW (``foreach=False``), and the tests check they agree
+bitwise.
 """
 
 from __future__ import annotations
@@ -25,45 +26,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["AdamW", "BF16_STATE_MAX_BETA", "adamw_update_"]
+from nmoe_kernels.reference import adamw_step_
+
+__all__ = ["AdamW", "BF16_STATE_MAX_BETA"]
 
 # The largest beta (of beta1 and every beta2) allowed with bfloat16 moments: 1 - beta must stay
 # above bfloat16's relative resolution (2^-8 = 0.0039) with margin, or updates round away.
 BF16_STATE_MAX_BETA = 0.99
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                  exp_avg_sq: torch.Tensor, *, step: float, lr: float, beta1: float, beta2: float,
-                  eps: float, weight_decay: float) -> None:
-    """One AdamW update of one float32 tensor, in place (the reference the kernels match).
-
-    Args:
-        param: float32 parameter, updated in place.
-        grad: float32 gradient, already multiplied by any clipping factor.
-        exp_avg, exp_avg_sq: the moments, float32 or bfloat16, same shape as ``param``; updated
-            in place (computed in float32, rounded to their dtype when stored).
-        step: the step number after this update (1 for the first).
-        lr, beta1, beta2, eps, weight_decay: the group's hyperparameters.
-    """
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    step_size = lr / bias_correction1
-    param.mul_(1 - lr * weight_decay)
-    low = exp_avg.dtype != torch.float32
-    m = exp_avg.float() if low else exp_avg
-    v = exp_avg_sq.float() if exp_avg_sq.dtype != torch.float32 else exp_avg_sq
-    # The order of torch's single-tensor AdamW (torch/optim/adam.py), so float32 state agrees
-    # bitwise.
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(m, denom, value=-step_size)
-    if low:
-        exp_avg.copy_(m)
-    if v is not exp_avg_sq:
-        exp_avg_sq.copy_(v)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -126,6 +97,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            by_step: dict[float, list[tuple[torch.Tensor, ...]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -133,10 +105,13 @@ class AdamW(torch.optim.Optimizer):
                     raise RuntimeError("AdamW does not support sparse gradients")
                 state = self._state_of(p, group["state_dtype"])
                 state["step"] += 1
-                grad = p.grad if grad_coef is None else p.grad * grad_coef.to(p.grad.dtype)
-                adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"],
-                              step=state["step"].item(), lr=group["lr"], beta1=beta1,
-                              beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                by_step.setdefault(state["step"].item(), []).append(
+                    (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+            for step, tensors in by_step.items():  # one call per step count (usually one)
+                params, grads, exp_avgs, exp_avg_sqs = (list(t) for t in zip(*tensors))
+                adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=group["lr"],
+                            beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"], grad_coef=grad_coef)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ layers above use them on machines without a GPU. Modules:
 - `cross_entropy`: per-row cross-entropy, log-sum-exp and the logits gradient written in place.
 - `permutation`: permute tokens to expert-contiguous rows, unpermute with gate weighting, gather
   rows.
+- `optim`: AdamW's step over a list of tensors, moments in float32 or bfloat16.
 """
 
 from nmoe_kernels.reference.activation import (
@@ -27,6 +28,7 @@ from nmoe_kernels.reference.grouped_gemm import (
     grouped_gemm_fp8_blockscaled,
     grouped_gemm_wgrad,
 )
+from nmoe_kernels.reference.optim import adamw_step_
 from nmoe_kernels.reference.permutation import gather_rows, permute, unpermute
 from nmoe_kernels.reference.quantization import (
     dequantize_fp8_1x128,
@@ -42,6 +44,7 @@ from nmoe_kernels.reference.quantization import (
 )
 
 __all__ = [
+    "adamw_step_",
     "cross_entropy_rows",
     "dequantize_fp8_128x128",
     "dequantize_fp8_1x128",

@@ -1,0 +1,75 @@
+"""AdamW's update over a list of tensors, in plain torch: the reference of a fused optimizer step.
+
+``adamw_step_`` is torch's AdamW (decoupled weight decay, bias-corrected moments, no AMSGrad) on
+float32 parameters and gradients, with moments stored in float32 or bfloat16 and all arithmetic
+in float32. Per tensor it runs the operations of torch's single-tensor AdamW
+(``torch.optim.AdamW(foreach=False)``) in their order, so with float32 moments it agrees with it
+bitwise; with bfloat16 moments the moments are widened, updated and rounded back (to nearest
+even) once per step, and the parameter update uses this step's unrounded values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["adamw_step_"]
+
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
+                step: float, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float, grad_coef: torch.Tensor | None = None) -> None:
+    """One AdamW step of every tensor, in place.
+
+    Args:
+        params: float32 tensors, updated in place.
+        grads: float32 tensors, one per param, same shapes; read only.
+        exp_avgs, exp_avg_sqs: the first and second moments, one per param, same shapes, all
+            float32 or all bfloat16; updated in place.
+        step: the step number this update completes (1 for the first), the same for all tensors.
+        lr, beta1, beta2, eps, weight_decay: the hyperparameters (decoupled weight decay:
+            ``p *= 1 - lr * weight_decay``).
+        grad_coef: optional 0-dim floating tensor on the params' device; every gradient is
+            multiplied by it (in float32) before use: the gradient-clipping factor.
+    """
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
+        raise ValueError(f"adamw_step_: params, grads, exp_avgs, exp_avg_sqs must have equal "
+                         f"lengths, got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}")
+    if step < 1:
+        raise ValueError(f"adamw_step_: step must be >= 1 (the step this update completes), "
+                         f"got {step}")
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    step_size = lr / bias_correction1
+    coef = None
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if p.dtype != torch.float32 or g.dtype != torch.float32:
+            raise ValueError(f"adamw_step_: params[{i}] and grads[{i}] must be float32, got "
+                             f"{p.dtype} and {g.dtype}")
+        if m.dtype not in _MOMENT_DTYPES or v.dtype != m.dtype:
+            raise ValueError(f"adamw_step_: exp_avgs[{i}] and exp_avg_sqs[{i}] must both be "
+                             f"float32 or both bfloat16, got {m.dtype} and {v.dtype}")
+        if not (p.shape == g.shape == m.shape == v.shape):
+            raise ValueError(f"adamw_step_: tensor {i} has shapes param {tuple(p.shape)}, grad "
+                             f"{tuple(g.shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq "
+                             f"{tuple(v.shape)}; they must be equal")
+        if grad_coef is not None:
+            if coef is None:
+                coef = grad_coef.to(torch.float32)
+            g = g * coef
+        p.mul_(1 - lr * weight_decay)
+        wide = m.dtype != torch.float32
+        m32 = m.float() if wide else m
+        v32 = v.float() if wide else v
+        m32.lerp_(g, 1 - beta1)
+        v32.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v32.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.addcdiv_(m32, denom, value=-step_size)
+        if wide:
+            m.copy_(m32)
+            v.copy_(v32)

@@ -1,0 +1,91 @@
+"""`nmoe_kernels.reference.adamw_step_`: float32 moments bitwise torch's single-tensor AdamW over
+several steps, the clipping factor, bfloat16 moments rounded once per step, and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nmoe_kernels.reference import adamw_step_
+
+SHAPES = [(7, 5), (33,), (3, 4, 6), (1,)]
+HYPER = dict(lr=3e-3, beta1=0.85, beta2=0.97, eps=1e-7, weight_decay=0.1)
+
+
+def _draw(seed: int, step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 100 + step)
+    # Heavy-tailed gradients: moments over many binades.
+    return [torch.randn(s, generator=g) * torch.exp(2 * torch.randn(s, generator=g))
+            for s in SHAPES]
+
+
+def test_float32_moments_are_torch_single_tensor_adamw_bitwise():
+    seed = torch.seed() % 2**31
+    g0 = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g0) for s in SHAPES]
+    torch_params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = torch.optim.AdamW(torch_params, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]),
+                            eps=HYPER["eps"], weight_decay=HYPER["weight_decay"], foreach=False)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for step in range(1, 5):
+        grads = _draw(seed, step)
+        for p, g in zip(torch_params, grads):
+            p.grad = g.clone()
+        opt.step()
+        adamw_step_(params, grads, m, v, step=float(step), **HYPER)
+    for i, (p, q) in enumerate(zip(params, torch_params)):
+        assert torch.equal(p, q.detach()), f"seed {seed} tensor {i}"
+        assert torch.equal(m[i], opt.state[q]["exp_avg"])
+        assert torch.equal(v[i], opt.state[q]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_grad_coef_is_the_premultiplied_gradient_and_grads_stay(moments):
+    seed = torch.seed() % 2**31
+    g0 = torch.Generator().manual_seed(seed)
+    a = [torch.randn(s, generator=g0) for s in SHAPES]
+    b = [p.clone() for p in a]
+    state_a = [[torch.zeros(s, dtype=moments) for s in SHAPES] for _ in range(2)]
+    state_b = [[torch.zeros(s, dtype=moments) for s in SHAPES] for _ in range(2)]
+    for step in range(1, 4):
+        coef = torch.rand((), dtype=torch.float64) * 0.9 + 0.05
+        grads = _draw(seed, step)
+        kept = [g.clone() for g in grads]
+        adamw_step_(a, grads, *state_a, step=step, grad_coef=coef, **HYPER)
+        adamw_step_(b, [g * coef.float() for g in grads], *state_b, step=step, **HYPER)
+        assert all(torch.equal(g, k) for g, k in zip(grads, kept)), "gradients were written"
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), f"seed {seed}"
+
+
+def test_bfloat16_moments_are_the_rounded_float32_moments():
+    # One step from given moments: the stored bfloat16 moments equal the float32 update of the
+    # widened moments, rounded once; the parameter uses the unrounded values.
+    seed = torch.seed() % 2**31
+    g0 = torch.Generator().manual_seed(seed)
+    p = [torch.randn(s, generator=g0) for s in SHAPES]
+    m = [torch.randn(s, generator=g0).to(torch.bfloat16) for s in SHAPES]
+    v = [torch.rand(s, generator=g0).to(torch.bfloat16) for s in SHAPES]
+    p32, m32, v32 = [x.clone() for x in p], [x.float() for x in m], [x.float() for x in v]
+    grads = _draw(seed, 1)
+    adamw_step_(p, grads, m, v, step=3, **HYPER)
+    adamw_step_(p32, grads, m32, v32, step=3, **HYPER)
+    for i in range(len(SHAPES)):
+        assert torch.equal(p[i], p32[i]), f"seed {seed} tensor {i}"
+        assert m[i].dtype == torch.bfloat16 and torch.equal(m[i], m32[i].to(torch.bfloat16))
+        assert torch.equal(v[i], v32[i].to(torch.bfloat16))
+
+
+def test_errors_name_the_argument():
+    p, g = [torch.zeros(3)], [torch.zeros(3)]
+    m, v = [torch.zeros(3)], [torch.zeros(3)]
+    with pytest.raises(ValueError, match="equal lengths"):
+        adamw_step_(p, [], m, v, step=1, **HYPER)
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        adamw_step_(p, g, m, v, step=0, **HYPER)
+    with pytest.raises(ValueError, match=r"params\[0\] and grads\[0\] must be float32"):
+        adamw_step_([torch.zeros(3, dtype=torch.bfloat16)], g, m, v, step=1, **HYPER)
+    with pytest.raises(ValueError, match="both be float32 or both bfloat16"):
+        adamw_step_(p, g, m, [torch.zeros(3, dtype=torch.bfloat16)], step=1, **HYPER)
+    with pytest.raises(ValueError, match="shapes"):
+        adamw_step_(p, [torch.zeros(4)], m, v, step=1, **HYPER)
