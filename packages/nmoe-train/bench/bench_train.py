@@ -182,9 +182,23 @@ def _destroy_dispatchers(trainer) -> None:
                 destroy()
 
 
+def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    """``BACKEND:RECIPE[:KEY=VALUE,...]`` -> (backend, recipe, config overrides), e.g.
+    ``fused:bf16:optim.adamw_state_dtype=bfloat16``."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or not all(parts[:2]):
+        raise SystemExit(f"--variants: {spec!r} is not BACKEND:RECIPE[:KEY=VALUE,...] "
+                         "(e.g. fused:bf16 or fused:bf16:optim.adamw_state_dtype=bfloat16)")
+    extra = tuple(o for o in parts[2].split(",") if o) if len(parts) == 3 else ()
+    bad = [o for o in extra if "=" not in o]
+    if bad:
+        raise SystemExit(f"--variants: {spec!r}: overrides must be KEY=VALUE, got {bad}")
+    return parts[0], parts[1], extra
+
+
 def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
                 seq_len: int, profile_dir: Path | None = None, expert_parallel: bool = False,
-                dispatcher: str = "ipc") -> dict:
+                dispatcher: str = "ipc", extra: tuple[str, ...] = ()) -> dict:
     from nmoe_train.config import resolve_config
     from nmoe_train.trainer import Trainer, flops_per_token, peak_tflops
 
@@ -198,7 +212,7 @@ def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
     ]
     if expert_parallel:
         overrides += ["parallel.expert_parallel=all", f"parallel.dispatcher={dispatcher}"]
-    cfg = resolve_config(preset, overrides)
+    cfg = resolve_config(preset, overrides + list(extra))
     torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, quiet=True)
     times = []
@@ -220,6 +234,7 @@ def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "gpus": world,
         "expert_parallel": expert_parallel and world > 1,
         "dispatcher": trainer.model.moe_layers()[0].dispatcher.name,
+        "overrides": list(extra),
     }
     if profile_dir is not None:
         suffix = f"-ep{world}-rank{trainer.dist.rank}" if world > 1 else ""
@@ -238,11 +253,19 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
     ``ratio_vs_fused_bf16`` (to ``fused:bf16``, same run) and, given the rows of a 1-GPU run,
     ``ratio_vs_one_gpu`` (to the same variant and micro-batch there)."""
     def key(r, backend=None, recipe=None):
-        return (backend or r["backend"], recipe or r["recipe"], r["micro_batch"])
+        """A row's variant and micro-batch; with backend/recipe given, the plain variant (no
+        overrides) the ratios compare against."""
+        extra = () if backend else tuple(r.get("overrides") or ())
+        return (backend or r["backend"], recipe or r["recipe"], extra, r["micro_batch"])
+
+    def label(r):
+        return ":".join([r["backend"], r["recipe"], *([",".join(r["overrides"])]
+                                                      if r.get("overrides") else [])])
 
     by_key = {key(r): r for r in rows}
     one = {key(r): r for r in one_gpu or []}
-    lines = [f"{'variant':<12} {'GPUs':>4} {'micro':>5} {'tok/s/GPU':>10} {'ms/step':>9} "
+    width = max([12, *(len(label(r)) for r in rows)])
+    lines = [f"{'variant':<{width}} {'GPUs':>4} {'micro':>5} {'tok/s/GPU':>10} {'ms/step':>9} "
              f"{'MFU':>6} {'peak GiB':>9} {'x torch':>8} {'mem x':>6} {'x f-bf16':>8} "
              f"{'x 1-GPU':>8}"]
 
@@ -259,7 +282,7 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
         r["ratio_vs_fused_bf16"] = ratio(r, by_key.get(key(r, "fused", "bf16")), "tokens_per_s")
         r["ratio_vs_one_gpu"] = ratio(r, one.get(key(r)), "tokens_per_s") if one else None
         lines.append(
-            f"{r['backend'] + ':' + r['recipe']:<12} {r.get('gpus', 1):>4} {r['micro_batch']:>5} "
+            f"{label(r):<{width}} {r.get('gpus', 1):>4} {r['micro_batch']:>5} "
             f"{r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} "
             f"{(r['mfu'] or 0) * 100:>5.1f}% {r['peak_gib']:>9.1f} "
             f"{fmt(r['ratio_vs_torch']):>8} {fmt(r['memory_vs_torch']):>6} "
@@ -270,7 +293,9 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="super")
-    parser.add_argument("--variants", nargs="+", default=["torch:bf16", "fused:bf16"])
+    parser.add_argument("--variants", nargs="+", default=["torch:bf16", "fused:bf16"],
+                        help="BACKEND:RECIPE[:KEY=VALUE,...] (config overrides for that variant; "
+                             "ratios compare with the plain torch:bf16 / fused:bf16 rows)")
     parser.add_argument("--micro-batches", nargs="+", type=int, default=[4, 8, 16])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -291,11 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json = None
     rows = []
     for variant in args.variants:
-        backend, recipe = variant.split(":")
+        backend, recipe, extra = parse_variant(variant)
         for micro in args.micro_batches:
             try:
                 row = run_variant(args.preset, backend, recipe, micro, args.steps, args.seq_len,
-                                  args.profile, args.expert_parallel, args.dispatcher)
+                                  args.profile, args.expert_parallel, args.dispatcher, extra)
             except torch.OutOfMemoryError:
                 print(f"{variant} micro-batch {micro}: out of memory", file=sys.stderr)
                 gc.collect()

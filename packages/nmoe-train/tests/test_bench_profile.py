@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from nmoe_core import moe as moe_module
@@ -114,3 +115,25 @@ def test_table_ratios_pair_rows_of_the_same_micro_batch_and_variant():
     assert by[("torch", "bf16", 16)]["ratio_vs_one_gpu"] == (
         by[("torch", "bf16", 16)]["tokens_per_s"] / one_gpu[1]["tokens_per_s"])
     assert by[("fused", "fp8", 8)]["ratio_vs_one_gpu"] is None  # no 1-GPU row to pair with
+
+
+def test_variant_overrides_are_parsed_labelled_and_compared_with_the_plain_rows():
+    bench = _bench()
+    assert bench.parse_variant("fused:bf16") == ("fused", "bf16", ())
+    assert bench.parse_variant("fused:bf16:optim.adamw_state_dtype=bfloat16,seed=3") == (
+        "fused", "bf16", ("optim.adamw_state_dtype=bfloat16", "seed=3"))
+    for bad in ("fused", "fused:bf16:adamw"):
+        with pytest.raises(SystemExit, match="--variants"):
+            bench.parse_variant(bad)
+
+    def row(backend, recipe, tok, gib, overrides=()):
+        return {"backend": backend, "recipe": recipe, "micro_batch": 16, "tokens_per_s": tok,
+                "ms_per_step": 1.0, "mfu": 0.3, "peak_gib": gib, "overrides": list(overrides)}
+
+    plain, torch_row = row("fused", "bf16", 140.0, 48.0), row("torch", "bf16", 100.0, 70.0)
+    moments = row("fused", "bf16", 133.0, 38.0, ["optim.adamw_state_dtype=bfloat16"])
+    table = bench.format_table([torch_row, plain, moments])
+    assert "fused:bf16:optim.adamw_state_dtype=bfloat16" in table
+    assert moments["ratio_vs_fused_bf16"] == 133.0 / 140.0
+    assert moments["memory_vs_torch"] == 38.0 / 70.0
+    assert plain["ratio_vs_fused_bf16"] == 1.0
