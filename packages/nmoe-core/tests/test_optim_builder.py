@@ -219,6 +219,25 @@ def test_save_load_through_safetensors_resumes_bitwise(tmp_path, state_dtype):
         assert torch.equal(p.detach(), q.detach()), f"seed={seed} {name}"
 
 
+@pytest.mark.parametrize("use_muon,state_dtype", [(True, "float32"), (False, "float32"),
+                                                   (True, "bfloat16")])
+def test_state_bytes_are_known_before_the_first_step(use_muon, state_dtype):
+    kinds = _fake_param_kinds(torch.seed())
+    opts = build_optimizer(kinds, OptimizerConfig(**CFG, use_muon=use_muon,
+                                                  adamw_state_dtype=state_dtype))
+    planned = opts.state_bytes()
+    assert set(planned) == set(opts.optimizers)
+    _set_grads(kinds, 0)
+    opts.set_lr(0, 0)
+    opts.step()
+    for key, opt in opts.optimizers.items():
+        actual = sum(v.numel() * v.element_size() for st in opt.state.values()
+                     for k, v in st.items() if k != "step")
+        assert planned[key] == actual, key
+    adamw_numel = sum(p.numel() for g in opts.adamw.param_groups for p in g["params"])
+    assert planned["adamw"] == adamw_numel * (8 if state_dtype == "float32" else 4)
+
+
 def test_load_state_dict_rejects_other_partition():
     kinds = _fake_param_kinds(0)
     saved = build_optimizer(kinds, OptimizerConfig(**CFG, use_muon=False)).state_dict()

@@ -81,6 +81,9 @@ def _worker(rank, world, port, use_muon, clip, state_dtype, seed, out_path):
     opt = Zero2Optimizer(model, _opt_cfg(use_muon, state_dtype), set(), rank, world,
                          chunk_bytes=4096)
     norm = _train(model, opt, _batches(seed), rank, world, clip)
+    held = [v for part in (opt.sharded, opt.local) if part for o in part.optimizers.values()
+            for st in o.state.values() for k, v in st.items() if k != "step"]
+    assert sum(opt.state_bytes().values()) == sum(v.numel() * v.element_size() for v in held)
     if rank == 0:
         moments = {str(v.dtype) for st in opt.sharded.adamw.state.values()
                    for k, v in st.items() if k != "step"}

@@ -401,6 +401,21 @@ class Zero2Optimizer:
         if self.local:
             self.local.load_state_dict(state["local"])
 
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's optimizer state in bytes per optimizer (`Optimizers.state_bytes`): its
+        shard of the replicated parameters' state plus its local (expert-parallel) tensors'."""
+        out = dict(self.sharded.state_bytes())
+        for key, value in (self.local.state_bytes() if self.local else {}).items():
+            out[key] = out.get(key, 0) + value
+        return out
+
+    def grad_bytes(self) -> int:
+        """Bytes of this rank's gradients: both flat buffers (every rank holds the replicated
+        gradients whole until they are reduce-scattered) and the local tensors'."""
+        flat = sum(b.grads.numel() * b.grads.element_size() for b in (self.buffer_a, self.buffer_b))
+        local = self.local.groups if self.local else []
+        return flat + sum(p.numel() * p.element_size() for _, g in local for p in g["params"])
+
     def param_groups_summary(self) -> list[str]:
         lines = [f"zero2 {line}" for line in self.sharded.param_groups_summary()]
         if self.local:
@@ -478,6 +493,14 @@ class SingleProcessOptimizer:
         if "single" not in state:
             raise ValueError("checkpoint optimizer state was written by a multi-rank run")
         self.inner.load_state_dict(state["single"])
+
+    def state_bytes(self) -> dict[str, int]:
+        """Optimizer state in bytes per optimizer (`Optimizers.state_bytes`)."""
+        return self.inner.state_bytes()
+
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients (one per trainable parameter, in its dtype)."""
+        return sum(p.numel() * p.element_size() for p in self.params)
 
     def param_groups_summary(self) -> list[str]:
         return self.inner.param_groups_summary()

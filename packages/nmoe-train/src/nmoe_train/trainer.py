@@ -510,6 +510,22 @@ class Trainer:
             else:
                 print(message, file=sys.stderr, flush=True)
 
+    def memory_line(self) -> str:
+        """This rank's static memory (weights, gradients, optimizer state once every parameter
+        has stepped: what stays allocated besides activations and weight caches) and, on a GPU,
+        the device's total and free memory."""
+        gib = 2**30
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        grads = self.optimizer.grad_bytes()
+        state = sum(self.optimizer.state_bytes().values())
+        line = (f"memory per rank before activations: weights {weights / gib:.2f} GiB + grads "
+                f"{grads / gib:.2f} + optimizer state {state / gib:.2f} (AdamW moments "
+                f"{self.cfg.optim.adamw_state_dtype}) = {(weights + grads + state) / gib:.2f} GiB")
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            line += f"; gpu {total / gib:.1f} GiB total, {free / gib:.1f} free"
+        return line
+
     def startup_report(self) -> list[str]:
         cfg, info = self.cfg, self.dist
         counts = self.model.num_params()
@@ -539,9 +555,7 @@ class Trainer:
             f", steps {cfg.steps}, target {cfg.target_loss}",
             f"data: {self.train_loader.describe() if self.train_loader else 'synthetic tokens'}",
         ]
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            lines.append(f"gpu memory: {total / 2**30:.1f} GiB total, {free / 2**30:.1f} free")
+        lines.append(self.memory_line())
         lines += ["optimizer: " + line for line in self.optimizer.param_groups_summary()]
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} at step {self.step}")

@@ -260,6 +260,25 @@ class Optimizers:
             for group, values in zip(opt.param_groups, hyper):
                 group.update(values)
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state once every parameter has stepped, per optimizer: Muon's
+        momentum (one tensor like the parameter), AdamW's two moments (the parameter's dtype for
+        torch's AdamW, ``state_dtype`` for nmoe's). Computed from the groups, so it is known
+        before the first step; the per-parameter ``step`` counters (a few bytes) are not
+        counted."""
+        out = {}
+        for key, opt in self.optimizers.items():
+            total = 0
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if key == "muon":
+                        total += p.numel() * p.element_size()
+                    else:
+                        dtype = group.get("state_dtype", p.dtype)
+                        total += 2 * p.numel() * torch.empty((), dtype=dtype).element_size()
+            out[key] = total
+        return out
+
     def param_groups_summary(self) -> list[str]:
         """One line per group: optimizer, name, #tensors, #params, lr, wd (and betas for AdamW)."""
         lines = []
