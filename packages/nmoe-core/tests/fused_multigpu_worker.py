@@ -20,15 +20,14 @@ fused algebra.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
-import weakref
 
 import torch
 import torch.distributed as dist
 
 from nmoe_comm import create_dispatcher
+from nmoe_comm.testing import leave_process_group
 from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
 from nmoe_core.moe import MoE
 
@@ -145,14 +144,10 @@ def main() -> int:
             destroy = getattr(dispatcher, "destroy", None)
             if destroy is not None:
                 destroy()
-    group = weakref.ref(dist.group.WORLD)
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
-    # A group that outlives destroy_process_group keeps gloo's threads into interpreter shutdown,
-    # where they can abort the process (see nmoe_train.distributed's import note).
-    if group() is not None:
-        failures.append(f"rank {rank}: the default process group outlived destroy_process_group")
+    try:
+        leave_process_group()
+    except AssertionError as err:
+        failures.append(f"rank {rank}: {err}")
     for line in failures:
         print(line, file=sys.stderr)
     return 1 if failures else 0

@@ -55,9 +55,6 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, state_dtype: torch.dtype = torch.float32) -> None:
-        if state_dtype not in _STATE_DTYPES:
-            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got "
-                             f"{state_dtype}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         state_dtype=state_dtype)
         super().__init__(params, defaults)

@@ -274,8 +274,7 @@ class Optimizers:
                     if key == "muon":
                         total += p.numel() * p.element_size()
                     else:
-                        dtype = group.get("state_dtype", p.dtype)
-                        total += 2 * p.numel() * torch.empty((), dtype=dtype).element_size()
+                        total += 2 * p.numel() * group.get("state_dtype", p.dtype).itemsize
             out[key] = total
         return out
 
