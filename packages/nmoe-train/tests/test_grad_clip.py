@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
 from nmoe_core.model import Transformer
 from nmoe_core.optim import OptimizerConfig
 from nmoe_train.config import resolve_config
@@ -20,7 +19,7 @@ from nmoe_train.distributed import (
     clip_coefficient,
     grad_norm_sq,
 )
-from nmoe_train.testing import SMALL
+from nmoe_train.testing import SMALL, tiny_model_config
 from nmoe_train.trainer import Trainer
 
 # float32 per-tensor norms accumulated by torch's reductions: measured relative error <= 3e-8
@@ -81,16 +80,6 @@ def test_clip_coefficient_is_the_old_host_formula():
 # The optimizer wrappers against the old recipe
 
 
-def _model_cfg() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=128, dim=32, n_layers=2, inter_dim=64,
-        attention=AttentionConfig(n_heads=2, max_position_embeddings=64),
-        moe=MoEConfig(n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16,
-                      n_dense_layers=1),
-        tokenizer="custom", eos_token_id=0,
-    )
-
-
 OPT = OptimizerConfig(lr_dense=1e-2, lr_expert=1e-2, lr_router=1e-2, lr_muon=2e-2, use_muon=True,
                       warmup_steps=1, hold_tokens=10**9, decay_tokens=10**9, decay_floor=1e-5)
 
@@ -134,7 +123,7 @@ def _set_grads(model: Transformer, gen: torch.Generator, scale: float) -> None:
 def _steps(kind, clip, seed, new: bool):
     """Three steps on random gradients of growing size; ``new``: device-side norm and clip
     factor handed to ``step``; else the old recipe (float64 norm on the host, ``mul_``)."""
-    model = Transformer(_model_cfg(), seed=seed)
+    model = Transformer(tiny_model_config(), seed=seed)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt = _wrapper(kind, model)
@@ -281,7 +270,7 @@ def test_cuda_clip_is_sync_free_and_matches_old_recipe():
     device = torch.device("cuda")
 
     def run(clip, new):
-        model = Transformer(_model_cfg(), seed=seed).to(device)
+        model = Transformer(tiny_model_config(), seed=seed).to(device)
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         opt = SingleProcessOptimizer(model, OPT)

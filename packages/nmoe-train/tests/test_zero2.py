@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
 from nmoe_core.model import Transformer
 from nmoe_core.optim import OptimizerConfig
 from nmoe_train.distributed import (
@@ -23,18 +22,9 @@ from nmoe_train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from nmoe_train.testing import tiny_model_config
 
 STEPS = 3
-
-
-def _model_cfg() -> ModelConfig:
-    return ModelConfig(
-        vocab_size=128, dim=32, n_layers=2, inter_dim=64,
-        attention=AttentionConfig(n_heads=2, max_position_embeddings=64),
-        moe=MoEConfig(n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16,
-                      n_dense_layers=1),
-        tokenizer="custom", eos_token_id=0,
-    )
 
 
 def _opt_cfg(use_muon: bool, state_dtype: str = "float32") -> OptimizerConfig:
@@ -77,7 +67,7 @@ def _worker(rank, world, port, use_muon, clip, state_dtype, seed, out_path):
     torch.set_num_threads(1)
     init_distributed("cpu")  # the trainer's set-up, gloo on CPU
     group = weakref.ref(dist.group.WORLD)
-    model = Transformer(_model_cfg(), seed=seed)
+    model = Transformer(tiny_model_config(), seed=seed)
     opt = Zero2Optimizer(model, _opt_cfg(use_muon, state_dtype), set(), rank, world,
                          chunk_bytes=4096)
     norm = _train(model, opt, _batches(seed), rank, world, clip)
@@ -113,14 +103,14 @@ def test_zero2_matches_single_process(tmp_path, use_muon, clip, state_dtype):
              nprocs=2)
     got = torch.load(out_path)
     torch.set_num_threads(1)
-    model = Transformer(_model_cfg(), seed=seed)
+    model = Transformer(tiny_model_config(), seed=seed)
     single = SingleProcessOptimizer(model, _opt_cfg(use_muon, state_dtype))
     norm = _train(model, single, _batches(seed), 0, 1, clip)
     moments = {str(v.dtype) for st in single.inner.adamw.state.values()
                for k, v in st.items() if k != "step"}
     assert got["moments"] == moments == {f"torch.{state_dtype}"}
     assert abs(got["norm"] - norm) <= 1e-5 * norm, f"grad norm {got['norm']} vs {norm}, seed {seed}"
-    init = Transformer(_model_cfg(), seed=seed).state_dict()
+    init = Transformer(tiny_model_config(), seed=seed).state_dict()
     max_step = max(_opt_cfg(use_muon).lr_muon, _opt_cfg(use_muon).lr_dense)
     for name, want in model.state_dict().items():
         have = got["state"][name]
@@ -138,4 +128,5 @@ def test_zero2_matches_single_process(tmp_path, use_muon, clip, state_dtype):
             f"{name}: |diff| / |update| = {ratio:.3g}, max diff {diff.abs().max():.3g}, "
             f"seed {seed}"
         )
-    assert not torch.equal(model.embed.weight, Transformer(_model_cfg(), seed=seed).embed.weight)
+    fresh = Transformer(tiny_model_config(), seed=seed)
+    assert not torch.equal(model.embed.weight, fresh.embed.weight)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
+
 # A model small enough that a CPU step takes well under a second.
 SMALL = [
     "model.dim=64", "model.n_layers=2", "model.inter_dim=128", "model.attention.n_heads=2",
@@ -30,3 +32,15 @@ def run_n(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 
         cmd = [sys.executable, "-m", "nmoe_train", *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def tiny_model_config() -> ModelConfig:
+    """A two-layer MoE model (one dense layer, one with 4 experts, top-2) for tests that build
+    a `Transformer` directly: vocabulary 128, dim 32, custom tokenizer."""
+    return ModelConfig(
+        vocab_size=128, dim=32, n_layers=2, inter_dim=64,
+        attention=AttentionConfig(n_heads=2, max_position_embeddings=64),
+        moe=MoEConfig(n_routed_experts=4, n_activated_experts=2, moe_inter_dim=16,
+                      n_dense_layers=1),
+        tokenizer="custom", eos_token_id=0,
+    )
