@@ -70,6 +70,13 @@ class ParallelConfig(_Config):
     zero2_chunk_mb: int = Field(256, ge=1, description="reduce-scatter/all-gather chunk size")
 
 
+# Fields added to the hashed configs after runs had been checkpointed, with the value that does
+# what the code did before they existed: at that value they stay out of the fingerprint.
+_FINGERPRINT_NEUTRAL: dict[str, dict[str, Any]] = {
+    "optim": {"adamw_state_dtype": "float32"},
+}
+
+
 class TrainConfig(_Config):
     """Everything one training run needs. See the module docstring for overrides."""
 
@@ -127,10 +134,18 @@ class TrainConfig(_Config):
         return self
 
     def fingerprint(self) -> str:
-        """SHA-256 (16 hex) of the fields that change the math of a step (module docstring)."""
+        """SHA-256 (16 hex) of the fields that change the math of a step (module docstring).
+
+        A field added after checkpoints existed is left out while it has the value that
+        reproduces the old behaviour (`_FINGERPRINT_NEUTRAL`), so upgrading keeps those runs
+        resumable; any other value changes the fingerprint."""
+        optim = self.optim.model_dump(mode="json")
+        for field, neutral in _FINGERPRINT_NEUTRAL["optim"].items():
+            if optim.get(field) == neutral:
+                del optim[field]
         math = {
             "model": self.model.model_dump(mode="json"),
-            "optim": self.optim.model_dump(mode="json"),
+            "optim": optim,
             "data": self.data.model_dump(mode="json", exclude={"data_root"}),
             "seq_len": self.seq_len,
             "global_batch": self.global_batch,
