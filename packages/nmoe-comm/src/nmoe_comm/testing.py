@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+# Before any process group exists: imported later (torch.optim's first optimizer and torch._dynamo
+# import it), its ``group=group.WORLD`` default arguments would keep the default group alive past
+# destroy_process_group, and `leave_process_group` would (rightly) fail. Workers that import this
+# module before init_process_group are covered.
+import torch.distributed.nn.functional  # noqa: F401
+
 from nmoe_comm import reference
 
 
@@ -453,7 +459,8 @@ def leave_process_group() -> None:
     collective. A group that outlives ``destroy_process_group`` (something still references it)
     keeps gloo's worker threads into interpreter shutdown, where one of them can abort the
     process ("terminate called without an active exception", about 1 exit in 10 with torch
-    2.13; nmoe_train.distributed explains the usual culprit): raises AssertionError then.
+    2.13): raises AssertionError then. The usual culprit, torch.distributed.nn.functional, is
+    imported by this module, so a worker that imports it before init_process_group is safe.
     """
     import torch.distributed as dist
 
