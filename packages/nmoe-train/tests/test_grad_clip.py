@@ -158,6 +158,19 @@ def _states(opt) -> list[torch.Tensor]:
     return out
 
 
+def _assert_close_to_old_recipe(new_opt, old_opt, new_model, old_model, seed) -> None:
+    """Optimizer state within 1e-5 of its size; parameters within 4 ulp of the tensor's largest
+    entry plus 1e-5 of 3 steps of size lr (2e-2)."""
+    for i, (a, b) in enumerate(zip(_states(new_opt), _states(old_opt), strict=True)):
+        err, scale = float((a - b).abs().max()), float(b.abs().max())
+        assert err <= 1e-5 * scale, f"state {i}: err {err:.3g} of {scale:.3g}, seed {seed}"
+    for (name, a), b in zip(new_model.named_parameters(), old_model.parameters()):
+        a, b = a.detach(), b.detach()
+        err = float((a - b).abs().max())
+        bound = 4 * 2**-23 * max(1.0, float(b.abs().max())) + 1e-5 * 3 * 2e-2
+        assert err <= bound, f"{name}: max diff {err:.3g} > {bound:.3g}, seed {seed}"
+
+
 @pytest.mark.parametrize("kind", ["single", "zero2"])
 def test_wrapper_clip_matches_old_recipe(tmp_path, kind):
     seed = torch.seed() % 2**31
@@ -175,17 +188,8 @@ def test_wrapper_clip_matches_old_recipe(tmp_path, kind):
     # on CPU) by a few float32 roundings: optimizer moments and parameters agree to 1e-5 of
     # their own size. Without clipping the moments would be off by the factors (0.6, 0.2):
     # checked against the unclipped run below.
-    for i, (a, b) in enumerate(zip(_states(new_opt), _states(old_opt), strict=True)):
-        scale = float(b.abs().max())
-        err = float((a - b).abs().max())
-        assert err <= 1e-5 * scale, f"state {i}: err {err:.3g} of {scale:.3g}, seed {seed}"
-    # Measured: moments <= 3e-7 of their size, parameters <= 5e-8 (about 1 ulp). Parameter
-    # bound: 4 ulp of the tensor's largest entry plus 1e-5 of 3 steps of size lr (2e-2).
-    for (name, a), b in zip(new_model.named_parameters(), old_model.parameters()):
-        a, b = a.detach(), b.detach()
-        err = float((a - b).abs().max())
-        bound = 4 * 2**-23 * max(1.0, float(b.abs().max())) + 1e-5 * 3 * 2e-2
-        assert err <= bound, f"{name}: max diff {err:.3g} > {bound:.3g}, seed {seed}"
+    # Measured: moments <= 3e-7 of their size, parameters <= 5e-8 (about 1 ulp).
+    _assert_close_to_old_recipe(new_opt, old_opt, new_model, old_model, seed)
     moved = max(float((b.detach() - c.detach()).abs().max())
                 for b, c in zip(old_model.parameters(), plain_model.parameters()))
     assert moved > 1e-4, "clipping changed nothing: the test would not see a missing clip"
@@ -304,14 +308,7 @@ def test_cuda_clip_is_sync_free_and_matches_old_recipe():
     old_model, old_opt, old_norms = run(1.0, new=False)
     for got, want in zip(new_norms, old_norms):
         assert abs(got - want) <= NORM_F32_RTOL * want, f"norm {got} vs {want}, seed {seed}"
-    for i, (a, b) in enumerate(zip(_states(new_opt), _states(old_opt), strict=True)):
-        err, scale = float((a - b).abs().max()), float(b.abs().max())
-        assert err <= 1e-5 * scale, f"state {i}: err {err:.3g} of {scale:.3g}, seed {seed}"
-    for (name, a), b in zip(new_model.named_parameters(), old_model.parameters()):
-        a, b = a.detach(), b.detach()
-        err = float((a - b).abs().max())
-        bound = 4 * 2**-23 * max(1.0, float(b.abs().max())) + 1e-5 * 3 * 2e-2
-        assert err <= bound, f"{name}: max diff {err:.3g} > {bound:.3g}, seed {seed}"
+    _assert_close_to_old_recipe(new_opt, old_opt, new_model, old_model, seed)
     high_model, high_opt, _ = run(100.0, new=True)
     plain_model, plain_opt, _ = run(None, new=False)
     for (name, a), b in zip(high_model.named_parameters(), plain_model.parameters()):
