@@ -29,6 +29,9 @@
 #                dispatch bench with the sync-free and dedup variants and the decode breakdown
 #   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
 #                BENCH_MICRO); tokens/s, MFU, peak memory
+#   adamw        the multi-tensor AdamW kernel: its GPU tests and nmoe-core's AdamW tests, the
+#                kernel bench over super's 2.84B parameters (against torch's fused AdamW), then
+#                bench-train at micro-batch 16: torch, fused, fused with bfloat16 AdamW moments
 #
 # Logs and results go to $OUT (default ./gpu-out). Offline machines get the missing Python
 # packages from the wheelhouse (../shared/tools/gpu-wheelhouse): run each part's stash.sh first;
@@ -261,6 +264,22 @@ stage_fused_ep_tests() {
     packages/nmoe-core/tests/test_fused_multigpu.py > "$OUT/fused-ep-tests.log" 2>&1
   local rc=$?
   tail -12 "$OUT/fused-ep-tests.log"
+  return $rc
+}
+
+stage_adamw() {
+  local rc=0
+  timeout "${VERIFY_TIMEOUT:-240}" "$PY" -m pytest -q -p no:cacheprovider -rfEs \
+    packages/nmoe-kernels/tests/test_adamw_gpu.py packages/nmoe-kernels/tests/test_adamw_args.py \
+    packages/nmoe-kernels/tests/test_reference_optim.py packages/nmoe-core/tests/test_adamw.py \
+    > "$OUT/adamw-tests.log" 2>&1 || rc=1
+  tail -8 "$OUT/adamw-tests.log"
+  timeout 300 "$PY" packages/nmoe-kernels/bench/bench_adamw.py --json "$OUT/bench_adamw.json" \
+    2>&1 | tee "$OUT/bench_adamw.log" || rc=1
+  timeout 420 "$PY" packages/nmoe-train/bench/bench_train.py --micro-batches 16 --steps 6 \
+    --variants torch:bf16 fused:bf16 fused:bf16:optim.adamw_state_dtype=bfloat16 \
+    --json "$OUT/bench_train_adamw.json" > "$OUT/bench_train_adamw.log" 2>&1 || rc=1
+  tail -8 "$OUT/bench_train_adamw.log"
   return $rc
 }
 

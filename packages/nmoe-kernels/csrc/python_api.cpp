@@ -6,6 +6,7 @@
 
 #include "build_info.h"
 #include "loss/loss_api.h"
+#include "optim/optim_api.h"
 #include "permute/permute_api.h"
 #include "quant/quant_api.h"
 
@@ -16,6 +17,7 @@
 //      the new name with hasattr keeps working on either build) do not bump:
 //      + swiglu_backward_gated (the fused MoE SwiGLU backward).
 //      + cross_entropy_rows (fused loss, lse and logits gradient per row).
+//      + adamw_step, ADAMW_BLOCK_ELEMS (multi-tensor AdamW, float32 or bfloat16 moments).
 constexpr int kAbiVersion = 2;
 
 PYBIND11_MODULE(_C, m) {
@@ -26,4 +28,5 @@ PYBIND11_MODULE(_C, m) {
   nmoe::quant::register_apis(m);
   nmoe::permute::register_apis(m);
   nmoe::loss::register_apis(m);
+  nmoe::optim::register_apis(m);
 }

@@ -22,6 +22,7 @@ _LAZY = {
     "swiglu_quantize_fp8_1x128": "nmoe_kernels.quant",
     "swiglu_backward_gated": "nmoe_kernels.activation",
     "cross_entropy_rows": "nmoe_kernels.cross_entropy",
+    "adamw_step_": "nmoe_kernels.optim",
     "permute": "nmoe_kernels.permutation",
     "unpermute": "nmoe_kernels.permutation",
     "gather_rows": "nmoe_kernels.permutation",

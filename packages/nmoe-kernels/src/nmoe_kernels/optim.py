@@ -1,0 +1,102 @@
+"""Fused optimizer steps on CUDA: `adamw_step_`, every tensor of a group in one launch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nmoe_kernels import _extension
+
+__all__ = ["adamw_step_"]
+
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
+                step: float, lr: float, beta1: float, beta2: float, eps: float,
+                weight_decay: float, grad_coef: torch.Tensor | None = None) -> None:
+    """One AdamW step of every tensor, in place, in one CUDA launch.
+
+    The float32 operations of `nmoe_kernels.reference.adamw_step_` (torch's single-tensor AdamW,
+    decoupled weight decay, moments stored in float32 or bfloat16), per element; nvcc may fuse a
+    multiply and an add into one FMA, so a result can differ from the reference on the same GPU
+    in its last bits (float32 ulps; with bfloat16 moments, a stored moment that sits at a
+    rounding boundary by one bfloat16 ulp). Memory traffic is one read and one write of each
+    array: 28 bytes per parameter with float32 moments, 20 with bfloat16. The tensor list is
+    uploaded as a small table each call (one pinned, asynchronous copy); nothing synchronises
+    with the host.
+
+    Args:
+        params: float32 CUDA tensors, contiguous, updated in place.
+        grads: float32, one per param, same shape and device, contiguous; read only.
+        exp_avgs, exp_avg_sqs: first and second moments, one per param, same shape and device,
+            contiguous, all float32 or all bfloat16; updated in place.
+        step: the step number this update completes (1 for the first), the same for all tensors.
+        lr, beta1, beta2, eps, weight_decay: the hyperparameters.
+        grad_coef: optional 0-dim floating tensor on the same device multiplying every gradient
+            (the gradient-clipping factor), read by the kernel; the gradients are not written.
+    """
+    op = "adamw_step_"
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
+        raise ValueError(f"{op}: params, grads, exp_avgs, exp_avg_sqs must have equal lengths, "
+                         f"got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}")
+    if step < 1:
+        raise ValueError(f"{op}: step must be >= 1 (the step this update completes), got {step}")
+    if n == 0:
+        return
+    moment_dtype = exp_avgs[0].dtype
+    if moment_dtype not in _MOMENT_DTYPES:
+        raise ValueError(f"{op}: moments must be float32 or bfloat16, got {moment_dtype}")
+    device = None
+    rows, block = [], 0
+    compiled = _extension.compiled_module(op)
+    per_block = int(compiled.ADAMW_BLOCK_ELEMS)
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        names = {f"params[{i}]": p, f"grads[{i}]": g, f"exp_avgs[{i}]": m,
+                 f"exp_avg_sqs[{i}]": v}
+        found = _extension.check_cuda_tensors(op, **names)
+        if device is None:
+            device = found
+        elif found != device:
+            raise ValueError(f"{op}: tensor {i} is on {found} but tensor 0 on {device}; one "
+                             "call updates the tensors of one GPU")
+        if p.dtype != torch.float32 or g.dtype != torch.float32:
+            raise ValueError(f"{op}: params[{i}] and grads[{i}] must be float32, got {p.dtype} "
+                             f"and {g.dtype}")
+        if m.dtype != moment_dtype or v.dtype != moment_dtype:
+            raise ValueError(f"{op}: every exp_avg and exp_avg_sq must be {moment_dtype} (that "
+                             f"of exp_avgs[0]); tensor {i} has {m.dtype} and {v.dtype}")
+        if not (p.shape == g.shape == m.shape == v.shape):
+            raise ValueError(f"{op}: tensor {i} has shapes param {tuple(p.shape)}, grad "
+                             f"{tuple(g.shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq "
+                             f"{tuple(v.shape)}; they must be equal")
+        for name, t in names.items():
+            if not t.is_contiguous():
+                raise ValueError(f"{op}: {name} must be contiguous (the kernel walks it as one "
+                                 "flat array); keep optimizer tensors contiguous")
+        numel = p.numel()
+        if numel == 0:
+            continue
+        rows.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), numel, block])
+        block += -(-numel // per_block)
+    if not rows:
+        return
+    coef = None
+    if grad_coef is not None:
+        _extension.check_cuda_tensors(op, params_0=params[0], grad_coef=grad_coef)
+        if grad_coef.dim() != 0 or not grad_coef.is_floating_point():
+            raise ValueError(f"{op}: grad_coef must be a 0-dim floating tensor, got "
+                             f"{grad_coef.dtype} of shape {tuple(grad_coef.shape)}")
+        coef = grad_coef.detach().to(torch.float32)
+    table = torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    compiled.adamw_step(
+        _extension.capsule(table), block, moment_dtype == torch.bfloat16,
+        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, (1 - beta2**step) ** 0.5,
+        -(lr / (1 - beta1**step)), eps,
+        None if coef is None else _extension.capsule(coef), _extension.stream_handle(device),
+    )
+    # Dropping table and coef here is safe: the caching allocator hands freed memory only to
+    # later work on the same stream, which runs after this kernel.
