@@ -92,3 +92,18 @@ def test_train_step_reads_the_device_once_with_clipping(tmp_path, monkeypatch):
     device_reads = [(name, where) for name, where in reads if name != "tolist"]
     # tolist() runs on the statistics once they are on the host; .cpu() is the one read.
     assert [name for name, _ in device_reads] == ["cpu"], device_reads
+
+
+def test_moe_layers_share_one_dispatcher(tmp_path):
+    # One dispatcher (and, for ipc / nvshmem, one set of capacity-sized peer buffers) for all MoE
+    # layers; the expert-parallel CPU test in test_trainer.py trains through a shared nccl one.
+    cfg = resolve_config("tiny", [*SMALL, "data.synthetic=true", "checkpoints=false",
+                                  "resume=false", "val_every=0", "steps=1",
+                                  f"runs_root={tmp_path}", "run_name=shared",
+                                  "model.n_layers=3"])
+    trainer = Trainer(cfg, quiet=True)
+    layers = trainer.model.moe_layers()
+    assert len(layers) >= 2
+    assert len({id(layer.dispatcher) for layer in layers}) == 1
+    assert layers[0].dispatcher.capacity == trainer.capacity
+    trainer.train_step()  # every layer's dispatch and combine, forward and backward, through it
