@@ -29,6 +29,8 @@
 #                dispatch bench with the sync-free and dedup variants and the decode breakdown
 #   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
 #                BENCH_MICRO); tokens/s, MFU, peak memory
+#   ep-trainer-tests  `n train` expert parallel on 2 GPUs (ipc and nccl) against 1 GPU, bounded by
+#                the 2-GPU data-parallel run's gap
 #   adamw        the multi-tensor AdamW kernel: its GPU tests and nmoe-core's AdamW tests, the
 #                kernel bench over super's 2.84B parameters (against torch's fused AdamW), then
 #                bench-train at micro-batch 16: torch, fused, fused with bfloat16 AdamW moments
@@ -265,6 +267,13 @@ stage_fused_ep_tests() {
   local rc=$?
   tail -12 "$OUT/fused-ep-tests.log"
   return $rc
+}
+
+stage_ep_trainer_tests() {
+  timeout 900 "$PY" -m pytest -q -m multigpu -p no:cacheprovider -rfEs \
+    packages/nmoe-train/tests/test_trainer.py -k two_gpus 2>&1 | tee "$OUT/ep-trainer-tests.log" \
+    | tail -12
+  return "${PIPESTATUS[0]}"
 }
 
 stage_adamw() {
