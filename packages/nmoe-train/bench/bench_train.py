@@ -172,14 +172,10 @@ def _max_over_ranks(value: float) -> float:
 def _destroy_dispatchers(trainer) -> None:
     """Free each distinct dispatcher's buffers (collective for ipc/nvshmem: every rank calls it in
     the same order), so that the next variant's dispatchers have the memory."""
-    seen = set()
-    for layer in trainer.model.moe_layers():
-        dispatcher = layer.dispatcher
-        if dispatcher is not None and id(dispatcher) not in seen:
-            seen.add(id(dispatcher))
-            destroy = getattr(dispatcher, "destroy", None)
-            if destroy is not None:
-                destroy()
+    for dispatcher in trainer.dispatchers():
+        destroy = getattr(dispatcher, "destroy", None)
+        if destroy is not None:
+            destroy()
 
 
 def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
@@ -231,6 +227,8 @@ def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
         "seq_len": seq_len, "tokens_per_s": tok_s, "ms_per_step": median * 1000,
         "mfu": flops_per_token(trainer.model, seq_len) * tok_s / (peak * 1e12) if peak else None,
         "peak_gib": _max_over_ranks(torch.cuda.max_memory_allocated() / 2**30),
+        # ipc / nvshmem buffers live outside torch's allocator: not in peak_gib.
+        "comm_buffer_gib": sum(d.persistent_bytes for d in trainer.dispatchers()) / 2**30,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "gpus": world,
         "expert_parallel": expert_parallel and world > 1,
         "dispatcher": trainer.model.moe_layers()[0].dispatcher.name,
@@ -266,7 +264,7 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
     one = {key(r): r for r in one_gpu or []}
     width = max([12, *(len(label(r)) for r in rows)])
     lines = [f"{'variant':<{width}} {'GPUs':>4} {'micro':>5} {'tok/s/GPU':>10} {'ms/step':>9} "
-             f"{'MFU':>6} {'peak GiB':>9} {'x torch':>8} {'mem x':>6} {'x f-bf16':>8} "
+             f"{'MFU':>6} {'peak GiB':>9} {'+comm':>6} {'x torch':>8} {'mem x':>6} {'x f-bf16':>8} "
              f"{'x 1-GPU':>8}"]
 
     def ratio(a, b, field):
@@ -285,6 +283,7 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
             f"{label(r):<{width}} {r.get('gpus', 1):>4} {r['micro_batch']:>5} "
             f"{r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} "
             f"{(r['mfu'] or 0) * 100:>5.1f}% {r['peak_gib']:>9.1f} "
+            f"{r.get('comm_buffer_gib', 0.0):>6.1f} "
             f"{fmt(r['ratio_vs_torch']):>8} {fmt(r['memory_vs_torch']):>6} "
             f"{fmt(r['ratio_vs_fused_bf16']):>8} {fmt(r['ratio_vs_one_gpu']):>8}")
     return "\n".join(lines)
@@ -335,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # Progress, and partial results that survive a time limit.
             print(f"{variant} micro-batch {micro}: {row['tokens_per_s']:.0f} tokens/s, "
-                  f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_gib']:.1f} GiB", flush=True)
+                  f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_gib']:.1f} GiB "
+                  f"+ {row['comm_buffer_gib']:.1f} GiB dispatcher buffers", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=2))
     shutdown_distributed()

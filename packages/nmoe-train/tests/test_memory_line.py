@@ -39,6 +39,9 @@ def test_memory_line_matches_what_the_first_step_allocates(tmp_path, moments):
     planned = sum(trainer.optimizer.state_bytes().values())
     assert state == round(planned / GIB, 2)
     assert abs(total - (weights + grads + state)) <= 0.011
+    # The local dispatcher keeps nothing between calls; ipc / nvshmem would add their buffers.
+    assert [d.persistent_bytes for d in trainer.dispatchers()] == [0]
+    assert "dispatcher buffers" not in line
     trainer.train_step()
     assert _state_bytes(trainer) == planned
     opts = trainer.optimizer.inner

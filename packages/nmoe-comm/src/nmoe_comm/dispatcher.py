@@ -290,6 +290,14 @@ class Dispatcher(ABC):
         """
         self._routing(handle, object)
 
+    @property
+    def persistent_bytes(self) -> int:
+        """Bytes of device memory this dispatcher holds between calls (0 for backends that
+        allocate per call). ``ipc`` / ``nvshmem`` buffers come from ``cudaMalloc`` / the NVSHMEM
+        heap, outside torch's allocator, so ``torch.cuda.max_memory_allocated`` does not see
+        them."""
+        return 0
+
     @classmethod
     def buffer_size_hint(
         cls,

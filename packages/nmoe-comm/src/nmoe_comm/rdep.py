@@ -256,6 +256,13 @@ class RdepDispatcher(Dispatcher):
         self._consumed: frozenset[str] = frozenset()
         self._destroyed = False
 
+    @property
+    def persistent_bytes(self) -> int:
+        """This rank's buffer (`BufferLayout.total_bytes`), plus the NVSHMEM staging area where
+        one is allocated."""
+        stage = getattr(self, "_stage_buffer", None)
+        return self.layout.total_bytes + (self.layout.stage_bytes if stage is not None else 0)
+
     def _attach(self, device: torch.device, local_base: int, peer_bases: list[int],
                 stage: int) -> None:
         """Build the kernels' view of the group once every rank's buffer is mapped here."""

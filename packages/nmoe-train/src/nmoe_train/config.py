@@ -67,6 +67,10 @@ class ParallelConfig(_Config):
         description="dispatcher backend for expert parallelism; auto: ipc when every rank drives "
         "a CUDA GPU of one node (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE), nccl otherwise",
     )
+    dedup_rows: bool = Field(
+        False, description="ipc / nvshmem inside a node: send each token's row once per owner "
+        "rank instead of once per routed slot (bitwise the same results; fewer NVLink bytes: "
+        "about 2.2x fewer at top-8 of 256 experts on 4 GPUs); ignored by other dispatchers")
     zero2_chunk_mb: int = Field(256, ge=1, description="reduce-scatter/all-gather chunk size")
 
 

@@ -197,7 +197,8 @@ class Trainer:
             options = dict(validate=False)
         if backend in ("ipc", "nvshmem"):  # buffers sized once: widest row and its dtype
             options = dict(hidden=cfg.model.dim, device=self.device, dtype=(
-                torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32))
+                torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32),
+                dedup_rows=cfg.parallel.dedup_rows)
         from nmoe_comm import create_dispatcher
 
         # One dispatcher serves every MoE layer. The per-call routing state lives in the handles,
@@ -529,10 +530,21 @@ class Trainer:
         line = (f"memory per rank before activations: weights {weights / gib:.2f} GiB + grads "
                 f"{grads / gib:.2f} + optimizer state {state / gib:.2f} (AdamW moments "
                 f"{self.cfg.optim.adamw_state_dtype}) = {(weights + grads + state) / gib:.2f} GiB")
+        comm = sum(d.persistent_bytes for d in self.dispatchers())
+        if comm:
+            line += f", + dispatcher buffers {comm / gib:.2f} GiB (outside torch's allocator)"
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             line += f"; gpu {total / gib:.1f} GiB total, {free / gib:.1f} free"
         return line
+
+    def dispatchers(self) -> list:
+        """The distinct dispatchers of the MoE layers (one, shared, as the trainer builds them)."""
+        seen: dict[int, object] = {}
+        for layer in self.model.moe_layers():
+            if layer.dispatcher is not None:
+                seen.setdefault(id(layer.dispatcher), layer.dispatcher)
+        return list(seen.values())
 
     def startup_report(self) -> list[str]:
         cfg, info = self.cfg, self.dist
@@ -558,7 +570,8 @@ class Trainer:
             f"+{moe.n_shared_experts} shared",
             f"moe backend: {backend} ({why}; {arch}, {recipe}), "
             f"dispatcher {dispatcher_name}"
-            + (f", capacity {dispatcher.capacity} rows" if dispatcher is not None else ""),
+            + (f", capacity {dispatcher.capacity} rows" if dispatcher is not None else "")
+            + (", dedup rows" if getattr(dispatcher, "dedup_rows", False) else ""),
             f"batch {cfg.global_batch} x {cfg.seq_len} tokens/step (micro {self.micro_batch}/rank)"
             f", steps {cfg.steps}, target {cfg.target_loss}",
             f"data: {self.train_loader.describe() if self.train_loader else 'synthetic tokens'}",
