@@ -181,8 +181,8 @@ class Trainer:
             # Plenty of host memory, little compute: keep the loss's softmax for the backward.
             self.model.loss_keep_bytes = 2 << 30
         self.expert_parallel = expert_parallel
-        # Every MoE layer gets a dispatcher whose capacity is the worst case of one micro-batch
-        # (all of its rows, from every expert-parallel rank, on one rank): buffers and scratch are
+        # The MoE layers' dispatcher has the capacity of the worst case of one micro-batch (all
+        # of its rows, from every expert-parallel rank, on one rank): buffers and scratch are
         # sized from it, never from the routing of the moment.
         micro = cfg.micro_batch or cfg.global_batch // info.world_size
         self.capacity = micro * cfg.seq_len * cfg.model.moe.n_activated_experts * ep_world
@@ -195,10 +195,15 @@ class Trainer:
             # construction; the local dispatcher's id range check would read them back to the
             # host on every dispatch (forward and backward, every layer and micro-batch).
             options = dict(validate=False)
-        if backend in ("ipc", "nvshmem"):  # buffers sized once: widest row and its dtype
+        if backend in ("ipc", "nvshmem"):
+            # Buffers sized once: the widest row and its dtype, `capacity` landing rows, and a
+            # return buffer for the slots this rank sends per call, T x K of one micro-batch
+            # (training, validation and evaluation all run micro-batches). Left at its default
+            # (capacity, ep_world times larger) it cost 1 GiB per layer at `super` EP4 mb16.
             options = dict(hidden=cfg.model.dim, device=self.device, dtype=(
                 torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32),
-                dedup_rows=cfg.parallel.dedup_rows)
+                dedup_rows=cfg.parallel.dedup_rows,
+                max_send_rows=micro * cfg.seq_len * cfg.model.moe.n_activated_experts)
         from nmoe_comm import create_dispatcher
 
         # One dispatcher serves every MoE layer. The per-call routing state lives in the handles,
