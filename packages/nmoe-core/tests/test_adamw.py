@@ -4,6 +4,8 @@ the clipping factor; state dicts across moment dtypes; the config's refusal of l
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -231,9 +233,9 @@ def test_cuda_runs_the_fused_kernel_and_tracks_the_cpu_optimizer(state_dtype):
     # a clipping factor: the kernel's per-step differences are float32 ulps (FMA contraction),
     # which can flip a bfloat16 moment by one ulp; as in the bfloat16-vs-float64 test above, the
     # parameters stay within 1e-6 of their size plus 2% of one step per step.
-    from nmoe_core.optim.adamw import _compiled_adamw_step
+    from nmoe_core.optim.adamw import compiled_adamw_step
 
-    assert _compiled_adamw_step() is not None, "nmoe_kernels._C lacks the CUDA adamw_step"
+    assert compiled_adamw_step() is not None, "nmoe_kernels._C lacks the CUDA adamw_step"
     seed = torch.seed() % 2**31
     cpu = _params(seed)
     gpu = [[torch.nn.Parameter(p.detach().cuda()) for p in group] for group in cpu]
@@ -253,3 +255,47 @@ def test_cuda_runs_the_fused_kernel_and_tracks_the_cpu_optimizer(state_dtype):
             err = (q.detach().cpu() - p.detach()).abs()
             bound = 1e-6 * p.detach().abs() + 0.02 * hyper["lr"] * STEPS
             assert bool((err <= bound).all()), f"seed {seed}: {float(err.max()):.3g}"
+
+
+def _resume_from_torch_fused(device: str) -> None:
+    """Two steps of torch's fused AdamW (the optimizer float32 runs used before the kernel), its
+    state dict into ours, two more steps each: the moments carry over (``step`` lands on the
+    CPU, read without a device sync), and the parameters stay within float32 rounding plus 1e-4
+    of a step of the torch run (ours is the single-tensor arithmetic, fused torch reorders)."""
+    seed = torch.seed() % 2**31
+    a = [[p.to(device) for p in group] for group in _params(seed)]
+    a = [[torch.nn.Parameter(p.detach()) for p in group] for group in a]
+    torch_opt = torch.optim.AdamW(_groups(a), fused=True)
+    for step in range(2):
+        _grads(a, seed, step, skip=False)
+        for p in sum(a, []):
+            p.grad = p.grad.to(device)
+        torch_opt.step()
+    b = _clone(a)
+    ours = AdamW(_groups(b), state_dtype=torch.float32)
+    # A deep copy, as a checkpoint file gives: torch's loader keeps tensors that need no cast,
+    # so a live state dict would be shared by the two optimizers.
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for p in _flat(ours):
+        step = ours.state[p]["step"]
+        assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == 2.0
+    for step in range(2, 4):
+        for params, opt in ((a, torch_opt), (b, ours)):
+            _grads(params, seed, step, skip=False)
+            for p in sum(params, []):
+                p.grad = p.grad.to(device)
+            opt.step()
+    for (hyper, group_a, group_b) in zip(GROUPS, a, b):
+        for p, q in zip(group_a, group_b):
+            err = (p.detach() - q.detach()).abs()
+            bound = 4 * 2**-23 * p.detach().abs() + 1e-4 * hyper["lr"]
+            assert bool((err <= bound).all()), f"seed {seed}: {float(err.max()):.3g}"
+
+
+def test_resumes_from_torch_fused_adamw_state():
+    _resume_from_torch_fused("cpu")
+
+
+@pytest.mark.gpu
+def test_resumes_from_torch_fused_adamw_state_on_cuda():
+    _resume_from_torch_fused("cuda")

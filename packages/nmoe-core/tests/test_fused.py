@@ -414,3 +414,52 @@ def test_weight_cache_guard_rebuilds_after_in_place_change():
     layer.load_state_dict(layer.state_dict())
     layer(x)
     assert cache.builds == 3
+
+
+def test_cached_bf16_weights_are_bitwise_the_per_call_casts():
+    """``cache_expert_weights`` (BF16 recipe under bf16 autocast): three micro-batches read one
+    cast of the float32 masters (one build, no cast of w13/w2 in any forward or backward), and
+    outputs and every gradient equal the uncached layer's bitwise; after the weights change and
+    `invalidate_weight_cache`, the next micro-batch casts the new weights."""
+    seed = torch.seed() % 2**31
+    _, plain = _layers(seed, "random", dtype=torch.float32)
+    cached = MoE(_cfg(backend="fused"), layer_id=0)
+    cached.load_state_dict(plain.state_dict())
+    cached.experts.kernels = ReferenceExpertKernels()
+    cached.cache_expert_weights = True
+    cache = cached.experts.weight_cache
+    gen = torch.Generator().manual_seed(seed)
+    expert_shapes = {tuple(cached.experts.w13.shape), tuple(cached.experts.w2.shape)}
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        target = kwargs.get("dtype", args[0] if args else None)
+        if tuple(self.shape) in expert_shapes and self.dtype == torch.float32 and (
+                target == torch.bfloat16):
+            casts.append(tuple(self.shape))
+        return real_to(self, *args, **kwargs)
+
+    for micro in range(3):
+        x = torch.randn(20, 16, generator=gen)
+        want_out, want_grads, _ = _run(plain, x, seed + micro, autocast=True)
+        torch.Tensor.to = counting_to
+        try:
+            got_out, got_grads, _ = _run(cached, x, seed + micro, autocast=True)
+        finally:
+            torch.Tensor.to = real_to
+        assert torch.equal(got_out, want_out), f"seed {seed} micro {micro}"
+        for i, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+            assert (g is None) == (w is None) and (g is None or torch.equal(g, w)), (seed, i)
+    assert cache.builds == 1, f"seed {seed}: {cache.builds} builds"
+    assert len(casts) == 2, casts  # w13 and w2, once, in the first forward
+    first = cache._cast
+    with torch.no_grad():
+        for layer in (plain, cached):
+            layer.experts.w2.data.mul_(1.5)  # bypasses the version guard, like ZeRO-2
+    cached.invalidate_weight_cache()
+    x = torch.randn(20, 16, generator=gen)
+    want_out, _, _ = _run(plain, x, seed, autocast=True)
+    got_out, _, _ = _run(cached, x, seed, autocast=True)
+    assert cache.builds == 2 and cache._cast is not first
+    assert torch.equal(got_out, want_out), f"seed {seed}"

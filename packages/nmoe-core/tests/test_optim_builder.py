@@ -290,7 +290,9 @@ def test_config_errors_name_the_field():
 
 
 @pytest.mark.gpu
-def test_cuda_uses_fused_adamw_and_resumes_bitwise(tmp_path):
+def test_cuda_uses_the_adamw_kernel_and_resumes_bitwise(tmp_path):
+    from nmoe_core.optim.adamw import AdamW
+
     seed = torch.seed()
     cfg = OptimizerConfig(**CFG)
     kinds_a = _fake_param_kinds(seed)
@@ -299,7 +301,8 @@ def test_cuda_uses_fused_adamw_and_resumes_bitwise(tmp_path):
             p.data = p.data.cuda()
     kinds_b = _clone_kinds(kinds_a)
     straight, first = build_optimizer(kinds_a, cfg), build_optimizer(kinds_b, cfg)
-    assert straight.adamw.defaults["fused"] is True
+    assert isinstance(straight.adamw, AdamW), type(straight.adamw)  # nmoe_kernels.adamw_step_
+    assert straight.adamw.defaults["state_dtype"] == torch.float32
     for step in range(4):
         for kinds, opts in ((kinds_a, straight), (kinds_b, first)):
             if opts is first and step >= 2:

@@ -165,9 +165,9 @@ class Fp8ExpertWeights:
 
 
 class ExpertWeightCache:
-    """Quantized copies of one layer's expert weights, built on first use and kept until
-    `invalidate` (the trainer calls it once per optimizer step, so the micro-batches of a step
-    share one quantization).
+    """Quantized (FP8 recipe) or cast (BF16 recipe, `cast`) copies of one layer's expert weights,
+    built on first use and kept until `invalidate` (the trainer calls it once per optimizer step,
+    so the micro-batches of a step share one quantization or cast).
 
     As a guard, the copies are also rebuilt when a master weight was modified in place since they
     were made (its autograd version counter moved: ``load_state_dict``, an in-place edit) or now
@@ -183,6 +183,8 @@ class ExpertWeightCache:
     def __init__(self) -> None:
         self._fp8: Fp8ExpertWeights | None = None
         self._key: tuple | None = None
+        self._cast: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cast_key: tuple | None = None
         self.builds = 0
         self.invalidations = 0
 
@@ -204,10 +206,28 @@ class ExpertWeightCache:
             self.builds += 1
         return self._fp8
 
+    def cast(self, w13_ED2F: torch.Tensor, w2_EFD: torch.Tensor,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w13, w2)`` rounded to ``dtype`` (the BF16 recipe's GEMM operands), cast when stale.
+        Kept, the forward and the backward of every micro-batch of a step read one cast instead
+        of casting the float32 master weights twice per micro-batch (6 bytes moved per expert
+        parameter each time), for ``dtype``'s 2 bytes per expert parameter held until
+        `invalidate`."""
+        key = (dtype, *self._key_of(w13_ED2F, w2_EFD, None))
+        if self._cast is None or self._cast_key != key:
+            self._cast = None  # free the stale copies before making the new ones
+            with torch.no_grad():
+                self._cast = (w13_ED2F.detach().to(dtype), w2_EFD.detach().to(dtype))
+            self._cast_key = key
+            self.builds += 1
+        return self._cast
+
     def invalidate(self) -> None:
         """Drop the copies; the next forward rebuilds them from the current master weights."""
         self._fp8 = None
         self._key = None
+        self._cast = None
+        self._cast_key = None
         self.invalidations += 1
 
 
@@ -479,6 +499,7 @@ class _Routing:
     offsets_E1: torch.Tensor
     kernels: ExpertKernels
     fp8: Fp8ExpertWeights | None
+    cast: tuple[torch.Tensor, torch.Tensor] | None = None  # BF16 recipe: cached GEMM operands
 
 
 def _experts_forward(x_RD, w13, w2, r: _Routing) -> torch.Tensor:
@@ -513,6 +534,14 @@ def _experts_backward(x_RD, dz_RD, w13, w2, r: _Routing):
     return dx, grads.dgate_R, dw13, dw2
 
 
+def _gemm_weights(w13, w2, dtype: torch.dtype, r: _Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The BF16 recipe's weight operands: the cached cast when the layer keeps one, else a cast of
+    the master weights now (freed after the GEMMs)."""
+    if r.cast is not None and r.cast[0].dtype == dtype:
+        return r.cast
+    return w13.to(dtype), w2.to(dtype)
+
+
 class _FusedExperts(torch.autograd.Function):
     """``out = combine(swiglu(x @ W13) @ W2, gates)``; see the module docstring for both passes.
 
@@ -525,7 +554,7 @@ class _FusedExperts(torch.autograd.Function):
         dtype = x_RD.dtype
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
             fp8 = routing.fp8 is not None
-            w13, w2 = (None, None) if fp8 else (w13_ED2F.to(dtype), w2_EFD.to(dtype))
+            w13, w2 = (None, None) if fp8 else _gemm_weights(w13_ED2F, w2_EFD, dtype, routing)
             y_RD = _experts_forward(x_RD, w13, w2, routing).to(dtype)
             out_TD = routing.dispatcher.combine(y_RD, routing.handle, gates_TK)
         ctx.save_for_backward(x_RD)
@@ -549,7 +578,7 @@ class _FusedExperts(torch.autograd.Function):
                                        slots_TK)
         with torch.autocast(device_type=x_RD.device.type, enabled=False):
             fp8 = r.fp8 is not None
-            w13, w2 = (None, None) if fp8 else (w13_param.to(dtype), w2_param.to(dtype))
+            w13, w2 = (None, None) if fp8 else _gemm_weights(w13_param, w2_param, dtype, r)
             dx, dgate_R, dw13, dw2 = _experts_backward(x_RD, routed.x_RD, w13, w2, r)
             dgates_TK = rows_to_sources(r.dispatcher, dgate_R, routed.gates_R, handle)
         return (dx.to(dtype), dgates_TK.to(ctx.gates_dtype), dw13.to(w13_param.dtype),
@@ -564,6 +593,7 @@ def fused_expert_forward(
     w2_EFD: torch.Tensor,
     kernels: ExpertKernels,
     fp8_weights: Fp8ExpertWeights | None = None,
+    cast_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the experts on ``dispatched`` rows and combine with ``gates_TK``.
 
@@ -576,6 +606,9 @@ def fused_expert_forward(
         kernels: the `ExpertKernels` provider.
         fp8_weights: the layer's FP8 weight copies (`ExpertWeightCache.fp8`) for the FP8 recipe;
             None runs the BF16 recipe (GEMMs in the rows' dtype).
+        cast_weights: BF16 recipe: ``(w13, w2)`` already in the rows' dtype
+            (`ExpertWeightCache.cast`), used by the forward and the backward instead of casting
+            the master weights in each; None casts them in each.
 
     Returns:
         ``out_TD [T, D]`` in the rows' dtype, differentiable w.r.t. the rows, the gates and both
@@ -585,5 +618,5 @@ def fused_expert_forward(
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
     offsets[1:] = torch.cumsum(counts, 0)
     routing = _Routing(dispatcher, dispatched.handle, dispatched.gates_R, offsets, kernels,
-                       fp8_weights)
+                       fp8_weights, cast_weights)
     return _FusedExperts.apply(dispatched.x_RD, gates_TK, w13_ED2F, w2_EFD, routing)

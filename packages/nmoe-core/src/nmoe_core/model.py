@@ -89,11 +89,25 @@ class Block(nn.Module):
         else:
             self.ffn = MoE(cfg, layer_id, ep_rank, ep_world_size)
 
+        # `attention_half` compiled by `Transformer.compile_regions` (None: eager).
+        self.compiled_attention_half: Callable | None = None
+
+    def attention_half(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h = x + attn(attn_norm(x))`` and the feed-forward's input ``ffn_norm(h)``, without a
+        cache at position 0 (training and scoring): the block up to its feed-forward, which is
+        plain tensor code (the region `Transformer.compile_regions` compiles)."""
+        h_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        return h_BSD, self.ffn_norm(h_BSD)
+
     def forward(
         self, x_BSD: torch.Tensor, start_pos: int = 0, cache: LayerCache | None = None
     ) -> torch.Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), start_pos, cache)
-        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+        if cache is None and start_pos == 0:
+            x_BSD, normed_BSD = (self.compiled_attention_half or self.attention_half)(x_BSD)
+        else:
+            x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), start_pos, cache)
+            normed_BSD = self.ffn_norm(x_BSD)
+        return x_BSD + self.ffn(normed_BSD)
 
 
 class MTPModule(nn.Module):
@@ -204,6 +218,47 @@ class Transformer(nn.Module):
 
         parallel_init(init_param, [(name, param) for name, param in self.named_parameters()
                                    if id(param) not in expert_modules])
+
+    # ----------------------------------------------------------------------------------------
+    # Regional compilation
+
+    def compile_regions(self, **compile_kwargs) -> list[str]:
+        """``torch.compile`` the model's plain tensor regions, in place; returns their names.
+
+        The regions: each block's attention half (norm, projections, rotary embedding,
+        attention, residual add and the feed-forward's norm: `Block.attention_half`), each dense
+        or shared-expert MLP, and each MoE router. The routed experts (dispatch, grouped GEMMs,
+        combine), the loss and the cached decoding path stay eager. Fusing the regions' casts,
+        norms, rotary arithmetic and residual adds removes most of the elementwise passes a
+        step makes outside the expert kernels; inside a region the arithmetic may keep float32
+        where eager rounds an intermediate to bfloat16, so results differ from eager in the
+        last bits. Parameters, buffers and the state dict are untouched.
+
+        Every block shares one compiled code object per region kind (torch inlines modules and
+        passes their parameters as inputs), so the recompile limit is raised to cover one entry
+        per block and shape in case guards separate them.
+        """
+        import torch._dynamo
+
+        blocks = [*self.layers, *(module.block for module in self.mtp)]
+        limit = 4 * (len(blocks) + 1)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name),
+                                                        limit))
+        names = []
+        for block in blocks:
+            block.compiled_attention_half = torch.compile(block.attention_half, **compile_kwargs)
+            names.append(f"block {block.layer_id} attention half")
+            mlps = [block.ffn] if isinstance(block.ffn, MLP) else []
+            if isinstance(block.ffn, MoE):
+                block.ffn.router.compile(**compile_kwargs)
+                names.append(f"block {block.layer_id} router")
+                mlps += [block.ffn.shared] if block.ffn.shared is not None else []
+            for mlp in mlps:
+                mlp.compile(**compile_kwargs)
+                names.append(f"block {block.layer_id} mlp")
+        return names
 
     # ----------------------------------------------------------------------------------------
     # Structure queries used by training and optimizers

@@ -293,6 +293,9 @@ class MoE(nn.Module):
         self.backend = moe.backend
         self.recipe = moe.recipe
         self.bias_clamp = moe.router_bias_clamp
+        # Fused BF16 recipe: keep the experts' bf16 weight copies from the first forward of an
+        # optimizer step to its last backward (`ExpertWeightCache.cast`); the trainer sets it.
+        self.cache_expert_weights = False
         local = moe.n_routed_experts // ep_world_size
         self.router = Router(cfg.dim, moe.n_routed_experts, self.top_k, moe.routed_scaling_factor)
         self.experts = GroupedExperts(local, ep_rank * local, cfg.dim, moe.moe_inter_dim)
@@ -349,17 +352,21 @@ class MoE(nn.Module):
         function, in the recipe ``self.recipe``."""
         experts = self.experts
         kernels = experts.fused_kernels(dispatched.x_RD.device)
-        fp8_weights = None
+        fp8_weights = cast_weights = None
         if self.recipe == "fp8":
             check_fp8_shapes(experts.w13.shape[1], experts.inter_dim)
             kernels.require_recipe("fp8")
             fp8_weights = experts.fp8_weights(kernels)
+        elif self.cache_expert_weights and dispatched.x_RD.dtype != experts.w13.dtype:
+            cast_weights = experts.weight_cache.cast(experts.w13, experts.w2,
+                                                     dispatched.x_RD.dtype)
         return fused_expert_forward(dispatcher, dispatched, gates_TK, experts.w13, experts.w2,
-                                    kernels, fp8_weights)
+                                    kernels, fp8_weights, cast_weights)
 
     def invalidate_weight_cache(self) -> None:
-        """Drop the experts' quantized weight copies (FP8 recipe); the trainer calls this after
-        every optimizer step, so each step quantizes the weights once, not per micro-batch."""
+        """Drop the experts' quantized (FP8 recipe) or cast (``cache_expert_weights``) weight
+        copies; the trainer calls this after every optimizer step, so each step quantizes or
+        casts the weights once, not per micro-batch."""
         self.experts.invalidate_weight_cache()
 
     @torch.no_grad()

@@ -101,6 +101,14 @@ class TrainConfig(_Config):
         "auto", description="auto: bf16-mixed on GPU (fp32 master weights), fp32 on CPU"
     )
     activation_checkpointing: bool = False
+    cache_expert_weights: bool = Field(
+        False, description="fused BF16 recipe: keep the experts' bf16 weight copies from a step's "
+        "first forward to its optimizer step instead of casting the fp32 masters in every forward "
+        "and backward (+2 bytes per expert parameter while the step runs; same results)")
+    compile: bool = Field(
+        False, description="torch.compile each block's attention half, the MLPs and the routers "
+        "(Transformer.compile_regions): fuses their casts, norms, rotary and residual passes; "
+        "costs about a minute of compilation at start-up")
     cpu_threads: int = Field(0, ge=0, description="torch threads on CPU (0: torch's default)")
     # Validation and stopping
     val_every: int = Field(100, ge=0, description="steps between validations (0: never)")

@@ -217,6 +217,9 @@ class Trainer:
                                        capacity=self.capacity, world_size=ep_world, rank=ep_rank,
                                        **options)
             self.model.set_dispatchers(lambda layer: shared)
+        for layer in layers:
+            layer.cache_expert_weights = cfg.cache_expert_weights
+        self.compiled_regions = self.model.compile_regions() if cfg.compile else []
         if cfg.activation_checkpointing:
             self._enable_checkpointing()
 
@@ -535,6 +538,13 @@ class Trainer:
         line = (f"memory per rank before activations: weights {weights / gib:.2f} GiB + grads "
                 f"{grads / gib:.2f} + optimizer state {state / gib:.2f} (AdamW moments "
                 f"{self.cfg.optim.adamw_state_dtype}) = {(weights + grads + state) / gib:.2f} GiB")
+        moe = self.cfg.model.moe
+        fused_bf16 = moe.recipe == "bf16" and self.precision == "bf16-mixed" and resolve_backend(
+            moe.backend, self.device, torch.bfloat16, self.cfg.model.dim, moe.moe_inter_dim,
+        )[0] == "fused"
+        if self.cfg.cache_expert_weights and fused_bf16:
+            experts = sum(p.numel() for _, p in self.model.param_kinds()["expert"])
+            line += f", + bf16 expert weight copies {2 * experts / gib:.2f} GiB while a step runs"
         comm = sum(d.persistent_bytes for d in self.dispatchers())
         if comm:
             line += f", + dispatcher buffers {comm / gib:.2f} GiB (outside torch's allocator)"
@@ -579,6 +589,8 @@ class Trainer:
             + (", dedup rows" if getattr(dispatcher, "dedup_rows", False) else ""),
             f"batch {cfg.global_batch} x {cfg.seq_len} tokens/step (micro {self.micro_batch}/rank)"
             f", steps {cfg.steps}, target {cfg.target_loss}",
+            f"compile: {len(self.compiled_regions)} regions (attention halves, MLPs, routers)"
+            if self.compiled_regions else "compile: off (eager)",
             f"data: {self.train_loader.describe() if self.train_loader else 'synthetic tokens'}",
         ]
         lines.append(self.memory_line())

@@ -31,7 +31,7 @@ import torch
 
 from nmoe_kernels.reference import adamw_step_ as reference_adamw_step_
 
-__all__ = ["AdamW", "BF16_STATE_MAX_BETA"]
+__all__ = ["AdamW", "BF16_STATE_MAX_BETA", "compiled_adamw_step"]
 
 # The largest beta (of beta1 and every beta2) allowed with bfloat16 moments: 1 - beta must stay
 # above bfloat16's relative resolution (2^-8 = 0.0039) with margin, or updates round away.
@@ -41,7 +41,7 @@ _STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
-def _compiled_adamw_step() -> Callable | None:
+def compiled_adamw_step() -> Callable | None:
     """``nmoe_kernels.adamw_step_`` when this build has it compiled with CUDA, else None."""
     try:
         import nmoe_kernels
@@ -58,7 +58,7 @@ def _compiled_adamw_step() -> Callable | None:
 def _adamw_step_for(param: torch.Tensor) -> Callable:
     """The fused CUDA step for CUDA parameters where the build has it, else the reference."""
     if param.is_cuda:
-        op = _compiled_adamw_step()
+        op = compiled_adamw_step()
         if op is not None:
             return op
     return reference_adamw_step_
@@ -141,7 +141,8 @@ class AdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loader (which casts floating state to the parameter's dtype), then the moments
-        back to each group's ``state_dtype``: bfloat16 -> float32 -> bfloat16 is exact."""
+        back to each group's ``state_dtype`` (bfloat16 -> float32 -> bfloat16 is exact) and each
+        ``step`` to a float32 CPU tensor (a fused torch AdamW saves it on the device)."""
         dtypes = [g["state_dtype"] for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, dtype in zip(self.param_groups, dtypes, strict=True):
@@ -150,6 +151,10 @@ class AdamW(torch.optim.Optimizer):
                 state = self.state.get(p)
                 if not state:
                     continue
+                if isinstance(state.get("step"), torch.Tensor):
+                    # torch's fused AdamW keeps it on the parameter's device; here it lives on
+                    # the CPU, read without a device synchronisation.
+                    state["step"] = state["step"].detach().to("cpu", torch.float32)
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state and state[key].dtype != dtype:
                         state[key] = state[key].to(dtype)
