@@ -263,13 +263,17 @@ def _resume_from_torch_fused(device: str) -> None:
     CPU, read without a device sync), and the parameters stay within float32 rounding plus 1e-4
     of a step of the torch run (ours is the single-tensor arithmetic, fused torch reorders)."""
     seed = torch.seed() % 2**31
-    a = [[p.to(device) for p in group] for group in _params(seed)]
-    a = [[torch.nn.Parameter(p.detach()) for p in group] for group in a]
+    host = _params(seed)  # gradients are drawn here, then copied to the device's parameters
+
+    def set_grads(params, step):
+        _grads(host, seed, step, skip=False)
+        for p, h in zip(sum(params, []), sum(host, []), strict=True):
+            p.grad = h.grad.to(device)
+
+    a = [[torch.nn.Parameter(p.detach().to(device)) for p in group] for group in host]
     torch_opt = torch.optim.AdamW(_groups(a), fused=True)
     for step in range(2):
-        _grads(a, seed, step, skip=False)
-        for p in sum(a, []):
-            p.grad = p.grad.to(device)
+        set_grads(a, step)
         torch_opt.step()
     b = _clone(a)
     ours = AdamW(_groups(b), state_dtype=torch.float32)
@@ -281,9 +285,7 @@ def _resume_from_torch_fused(device: str) -> None:
         assert step.device.type == "cpu" and step.dtype == torch.float32 and float(step) == 2.0
     for step in range(2, 4):
         for params, opt in ((a, torch_opt), (b, ours)):
-            _grads(params, seed, step, skip=False)
-            for p in sum(params, []):
-                p.grad = p.grad.to(device)
+            set_grads(params, step)
             opt.step()
     for (hyper, group_a, group_b) in zip(GROUPS, a, b):
         for p, q in zip(group_a, group_b):

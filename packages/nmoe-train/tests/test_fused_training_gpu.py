@@ -50,14 +50,29 @@ def test_cached_expert_weights_train_bitwise_like_per_call_casts(tmp_path, data_
 
 @pytest.mark.gpu
 def test_compiled_regions_track_eager_training(tmp_path, data_root):
-    """``compile=true`` on the GPU (Inductor's fused kernels under bf16 autocast) against eager:
-    40 steps from the same seed, validation losses within 0.5% (the fused regions keep float32
-    where eager rounds some intermediates to bf16; two eager backends differ by ~0.3%)."""
-    _, eager = _train(tmp_path, data_root, "fused", 40, 20, "eager")
-    _, compiled = _train(tmp_path, data_root, "fused", 40, 20, "compiled", extra=("compile=true",))
-    assert [s for s, _ in eager] == [s for s, _ in compiled]
+    """``compile=true`` on the GPU (Inductor's fused kernels under bf16 autocast) against eager
+    from the same seed: validation losses within 1% at steps 50 and 100 (the issue's tracking
+    criterion, as the fused backend against the torch one). The fused regions keep float32 where
+    eager rounds some intermediates to bf16, so the runs drift apart like two backends: 1.0% at
+    step 20 of a first 40-step try, while the loss still falls fast."""
+    _, eager = _train(tmp_path, data_root, "fused", 100, 50, "eager")
+    _, compiled = _train(tmp_path, data_root, "fused", 100, 50, "compiled",
+                         extra=("compile=true",))
+    assert [s for s, _ in eager] == [s for s, _ in compiled] == [50, 100]
     for (step, want), (_, got) in zip(eager, compiled, strict=True):
-        assert abs(got - want) <= 0.005 * want, f"step {step}: compiled {got:.4f} vs {want:.4f}"
+        assert abs(got - want) <= 0.01 * want, f"step {step}: compiled {got:.4f} vs {want:.4f}"
+
+
+@pytest.mark.gpu
+def test_bf16_adamw_moments_track_float32_moments(tmp_path, data_root):
+    """``optim.adamw_state_dtype=bfloat16`` against float32 moments from the same seed, 100 steps
+    of the small config: validation losses within 1% at steps 50 and 100."""
+    _, fp32 = _train(tmp_path, data_root, "fused", 100, 50, "fp32")
+    _, bf16 = _train(tmp_path, data_root, "fused", 100, 50, "bf16",
+                     extra=("optim.adamw_state_dtype=bfloat16",))
+    assert [s for s, _ in fp32] == [s for s, _ in bf16] == [50, 100]
+    for (step, want), (_, got) in zip(fp32, bf16, strict=True):
+        assert abs(got - want) <= 0.01 * want, f"step {step}: bf16 {got:.4f} vs fp32 {want:.4f}"
 
 
 @pytest.mark.gpu
