@@ -30,14 +30,18 @@ CONFIGS = [
     ("dgrad", 384, 768, False, 192, (0, 0)),  # super W2 dgrad: dx [M, F=384]
     ("dgrad", 1408, 2048, True, 128, (0, 1)),  # moonlight W2 dgrad, [E, N, K] weights
     ("wgrad", 768, 768, False, 256, (1, 1)),
+    ("wgrad-f32", 768, 384, False, 192, (1, 1)),  # float32 dw (super's W2 gradient)
 ]
 
 
 @pytest.mark.parametrize(("op", "dim_k", "dim_n", "weight_nk", "tile_n", "transpose"), CONFIGS)
 def test_kernel_compiles_for_sm90a(op, dim_k, dim_n, weight_nk, tile_n, transpose):
-    kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, weight_nk=weight_nk)
+    op, _, out_dtype = op.partition("-")
+    out_dtype = out_dtype or "bf16"
+    kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, weight_nk=weight_nk, out_dtype=out_dtype)
     assert kernel.tile_n == tile_n
-    compiled = compile_kernel(op, dim_k, dim_n, "sm_90a", keep_ptx=True, weight_nk=weight_nk)
+    compiled = compile_kernel(op, dim_k, dim_n, "sm_90a", keep_ptx=True, weight_nk=weight_nk,
+                              out_dtype=out_dtype)
     ptx = compiled.artifacts.PTX
     if os.path.isfile(ptx):  # with CUTE_DSL_DUMP_DIR set, CuTeDSL returns the file's path
         ptx = open(ptx).read()
@@ -57,8 +61,9 @@ def test_kernel_compiles_for_sm90a(op, dim_k, dim_n, weight_nk, tile_n, transpos
     assert ".local" not in ptx, "local memory in the kernel (register spill or stack array)"
     assert ("ex2.approx" in ptx) == (op == "swiglu")
     assert ("fence.proxy.async.shared::cta" in ptx) == (op == "wgrad")
-    # 16-byte global stores in the predicated epilogue.
+    # 16-byte global stores in the predicated epilogue; float32 C: no conversion to bf16.
     assert "st.global.v4.b32" in ptx
+    assert ("cvt.rn.bf16" in ptx) == (out_dtype == "bf16"), out_dtype
 
 
 def test_tile_and_stage_choice():

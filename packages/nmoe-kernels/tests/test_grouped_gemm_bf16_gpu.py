@@ -74,10 +74,13 @@ def grouped_f64(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, transpo
     return y
 
 
-def check_close(got: torch.Tensor, exact: torch.Tensor, acc_bound: torch.Tensor, what: str):
+def check_close(got: torch.Tensor, exact: torch.Tensor, acc_bound: torch.Tensor, what: str,
+                out_rel: float = OUT_REL):
+    """``|got - exact| <= out_rel |exact| + acc_bound`` elementwise (``out_rel``: the output's
+    rounding, 0 for float32 outputs that hold the accumulator) and the relative RMS bound."""
     assert not got.isnan().any(), f"{what}: NaN left in the output (an element was not written)"
     err = (got.double() - exact).abs()
-    bound = OUT_REL * exact.abs() + acc_bound
+    bound = out_rel * exact.abs() + acc_bound
     worst = (err - bound).argmax()
     assert (err <= bound).all(), (
         f"{what}: {(err > bound).sum().item()} elements out of tolerance; worst at flat index "
@@ -149,10 +152,16 @@ def test_dgrad(shape: str, case: str):
     assert (dx[int(offsets[-1]) :] == 0).all(), "padding rows must be zero"
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_wgrad(shape: str, case: str):
+def test_wgrad(shape: str, case: str, out_dtype: torch.dtype):
+    """bf16 output: the accumulation bound plus one bf16 rounding; float32 output (the
+    accumulators stored unrounded): the accumulation bound alone, and within twice it of the
+    reference's float32 result (two summation orders)."""
     dim_k, dim_n = SHAPES[shape]
+    f32 = out_dtype == torch.float32
+    out_rel = 0.0 if f32 else OUT_REL
     offsets, num_rows = make_offsets(case, 96)
     num_experts = offsets.numel() - 1
     x = torch.randn(num_rows, dim_k, device="cuda").bfloat16()
@@ -160,10 +169,11 @@ def test_wgrad(shape: str, case: str):
     # NaN in the padding rows must not leak into any expert's gradient.
     x[int(offsets[-1]) :] = float("nan")
     dy[int(offsets[-1]) :] = float("nan")
-    out = torch.full((num_experts, dim_k, dim_n), float("nan"), device="cuda").bfloat16()
-    dw = nmoe_kernels.grouped_gemm_bf16_wgrad(x, dy, offsets, out=out)
+    out = torch.full((num_experts, dim_k, dim_n), float("nan"), device="cuda").to(out_dtype)
+    dw = nmoe_kernels.grouped_gemm_bf16_wgrad(x, dy, offsets, out=out, out_dtype=out_dtype)
+    assert dw.dtype == out_dtype and dw.data_ptr() == out.data_ptr()
     valid = int(offsets[-1])
-    dw_ref = ref.grouped_gemm_wgrad(x[:valid], dy[:valid], offsets)
+    dw_ref = ref.grouped_gemm_wgrad(x[:valid], dy[:valid], offsets, out_dtype=out_dtype)
     bounds = segments(offsets)
     max_rows = max([1] + [t - s for s, t in bounds])
     # float64 references a few experts at a time: all 256 moonlight experts at once need ~60 GB.
@@ -179,9 +189,11 @@ def test_wgrad(shape: str, case: str):
                 abs_sum[e - first] = x[s:t].double().abs().t() @ dy[s:t].double().abs()
         acc = max_rows * ACC_REL * abs_sum
         where = f"experts {first}..{last - 1}"
-        check_close(dw[first:last], exact, acc, f"grouped_gemm_bf16_wgrad {shape} {case} {where}")
-        check_close(dw[first:last], dw_ref[first:last].double(), acc + OUT_REL * exact.abs(),
-                    f"vs reference wgrad, {where}")
+        check_close(dw[first:last], exact, acc, f"grouped_gemm_bf16_wgrad {shape} {case} {where}",
+                    out_rel)
+        check_close(dw[first:last], dw_ref[first:last].double(),
+                    acc * (2 if f32 else 1) + out_rel * exact.abs(),
+                    f"vs reference wgrad, {where}", out_rel)
         del exact, abs_sum, acc
     for e, (s, t) in enumerate(bounds):
         if t == s:

@@ -434,7 +434,9 @@ class HopperExpertKernels(ExpertKernels):
         return self.k.grouped_gemm_bf16_dgrad(dy_RN, w_EKN, offsets_E1)
 
     def wgrad(self, x_RK, dy_RN, offsets_E1):
-        return self.k.grouped_gemm_bf16_wgrad(x_RK, dy_RN, offsets_E1)
+        # float32: the master weights' gradient straight from the accumulators (no bf16 result
+        # to cast: 6 bytes per expert weight less traffic, and no rounding to bf16).
+        return self.k.grouped_gemm_bf16_wgrad(x_RK, dy_RN, offsets_E1, out_dtype=torch.float32)
 
     def swiglu_backward_gated(self, h_R2F, da_RF, gates_R, *, quantize_dh=False):
         return self._gated_backward_with(self._gated_backward, h_R2F, da_RF, gates_R, quantize_dh)

@@ -39,7 +39,7 @@ __all__ = [
 
 _MAX_ELEMENTS = 2**31 - 1
 _compile_lock = threading.Lock()
-_compiled: dict[tuple[str, int, int, str], object] = {}
+_compiled: dict[tuple, object] = {}
 # Tile order inside an expert for the grouped-M kernels (see nmoe_kernels.cute.scheduler).
 # "n" (weights' column blocks reused across an expert's row tiles) measured faster or equal on H200
 # for every benchmark shape (bench/results); wgrad has one order.
@@ -119,12 +119,14 @@ def _same_device(op: str, device, **tensors) -> None:
             raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (x's device)")
 
 
-def _output(op: str, out, shape, like: torch.Tensor) -> torch.Tensor:
+def _output(op: str, out, shape, like: torch.Tensor,
+            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     if out is None:
-        return torch.empty(shape, dtype=torch.bfloat16, device=like.device)
-    if not isinstance(out, torch.Tensor) or out.dtype != torch.bfloat16:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    if not isinstance(out, torch.Tensor) or out.dtype != dtype:
         got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"{op}: out must be a bfloat16 tensor {list(shape)}, got {got}")
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(f"{op}: out must be a {name} tensor {list(shape)}, got {got}")
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{op}: out must have shape {list(shape)}, got {tuple(out.shape)}")
     _same_device(op, like.device, out=out)
@@ -132,14 +134,15 @@ def _output(op: str, out, shape, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device):
+def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,
+            out_dtype: str = "bf16"):
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: the BF16 grouped GEMM kernels are written for sm_90a (H100/H200); this GPU "
             f"is sm_{major}{minor}. Use nmoe_kernels.reference.grouped_gemm or torch._grouped_mm."
         )
-    key = (op, dim_k, dim_n, RASTER[op], weight_nk)
+    key = (op, dim_k, dim_n, RASTER[op], weight_nk, out_dtype)
     kernel = _compiled.get(key)
     if kernel is None:
         with _compile_lock:
@@ -148,7 +151,8 @@ def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.devi
                 from nmoe_kernels.cute.grouped_gemm_bf16 import compile_kernel
 
                 kernel = compile_kernel(
-                    op, dim_k, dim_n, "sm_90a", raster=RASTER[op], weight_nk=weight_nk
+                    op, dim_k, dim_n, "sm_90a", raster=RASTER[op], weight_nk=weight_nk,
+                    out_dtype=out_dtype,
                 )
                 _compiled[key] = kernel
     return kernel
@@ -157,13 +161,16 @@ def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.devi
 def _launch(
     op, dim_k, dim_n, a, b, c, offsets_E1, num_rows: int, num_experts: int, weight_nk=False
 ) -> None:
+    """Run the (compiled on first use) kernel; C's dtype (bfloat16, or float32 for wgrad)
+    selects the epilogue."""
     import cutlass
     import cutlass.cute as cute
     from cuda.bindings import driver
     from cutlass.cute.runtime import make_ptr
 
     device = a.device
-    kernel = _kernel(op, dim_k, dim_n, weight_nk, device)
+    c_f32 = c.dtype == torch.float32
+    kernel = _kernel(op, dim_k, dim_n, weight_nk, device, "f32" if c_f32 else "bf16")
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _num_sms:
         _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -173,7 +180,8 @@ def _launch(
         kernel(
             make_ptr(cutlass.BFloat16, a.data_ptr(), gmem, assumed_align=16),
             make_ptr(cutlass.BFloat16, b.data_ptr(), gmem, assumed_align=16),
-            make_ptr(cutlass.BFloat16, c.data_ptr(), gmem, assumed_align=16),
+            make_ptr(cutlass.Float32 if c_f32 else cutlass.BFloat16, c.data_ptr(), gmem,
+                     assumed_align=16),
             make_ptr(cutlass.Int32, offsets_E1.data_ptr(), gmem, assumed_align=4),
             cutlass.Int32(num_rows),
             cutlass.Int32(num_experts),
@@ -298,22 +306,30 @@ def grouped_gemm_bf16_wgrad(
     dy_MN: torch.Tensor,
     offsets_E1: torch.Tensor,
     out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """Weight gradient of `grouped_gemm_bf16`: dw[e] = x[rows of e]^T @ dy[rows of e].
 
     Each expert reduces over its own rows in one float32 accumulator (no split-K); experts with
-    no rows get zeros and padding rows (>= offsets[E]) contribute nothing.
+    no rows get zeros and padding rows (>= offsets[E]) contribute nothing. With
+    ``out_dtype=torch.float32`` the accumulators are stored unrounded: the gradient of float32
+    master weights in one pass, instead of a bf16 result and a cast (which reads 2 and writes 4
+    more bytes per weight).
 
     Args:
         x_MK: [M, K] bfloat16 CUDA tensor, rows sorted by expert, contiguous, K % 8 == 0.
         dy_MN: [M, N] bfloat16 on x's device, same rows, contiguous, N % 8 == 0.
         offsets_E1: [E + 1] int32 segment offsets on x's device; E is its length - 1.
-        out: optional [E, K, N] bfloat16 contiguous tensor to write into.
+        out: optional [E, K, N] ``out_dtype`` contiguous tensor to write into.
+        out_dtype: torch.bfloat16 or torch.float32.
 
     Returns:
-        dw_EKN [E, K, N] bfloat16.
+        dw_EKN [E, K, N] ``out_dtype``.
     """
     op = "grouped_gemm_bf16_wgrad"
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"{op}: out_dtype must be torch.bfloat16 or torch.float32, got "
+                         f"{out_dtype}")
     _check_tensor(op, "x_MK", x_MK, 2, "[M, K]")
     _check_tensor(op, "dy_MN", dy_MN, 2, "[M, N]")
     _same_device(op, x_MK.device, dy_MN=dy_MN)
@@ -328,7 +344,7 @@ def grouped_gemm_bf16_wgrad(
     num_experts = _check_offsets(op, offsets_E1, None, x_MK.device)
     if num_experts * dim_k * dim_n > _MAX_ELEMENTS:
         raise ValueError(f"{op}: dw [E, K, N] would have more than 2^31 - 1 elements")
-    dw = _output(op, out, (num_experts, dim_k, dim_n), x_MK)
+    dw = _output(op, out, (num_experts, dim_k, dim_n), x_MK, out_dtype)
     if num_rows == 0:
         return dw.zero_()
     _launch("wgrad", dim_k, dim_n, x_MK, dy_MN, dw, offsets_E1, num_rows, num_experts)

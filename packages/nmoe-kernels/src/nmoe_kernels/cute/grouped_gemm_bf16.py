@@ -24,9 +24,10 @@ Structure (persistent, warp-specialized, one CTA per SM, 384 threads):
   offsets in device memory (no host sync). Grouped-M tiles start at their expert's first row, so
   a tile may load rows of the next expert; those rows are never stored. The padding rows after
   offsets[E] form one more segment whose tiles skip the mainloop and store zeros.
-- Epilogue: registers -> bf16 (or silu(gate) * up in float32, rounded once) -> a padded,
-  per-warpgroup shared-memory buffer (32 output columns, double-buffered) -> 16-byte global
-  stores predicated per row and column, so no row outside the tile's segment is written.
+- Epilogue: registers -> bf16 (or silu(gate) * up in float32, rounded once; or, for wgrad with
+  ``out_dtype="f32"``, the float32 accumulators unrounded) -> a padded, per-warpgroup
+  shared-memory buffer (32 output columns, double-buffered) -> 16-byte global stores predicated
+  per row and column, so no row outside the tile's segment is written.
 - Wgrad (grouped K): an expert's rows are the reduction dim. TMA loads whole BK-row blocks, so
   in the expert's last block the consumer warpgroups zero the rows that belong to the next
   expert (both operands, so padding NaNs cannot leak) before the WGMMA reads them. An expert
@@ -50,7 +51,7 @@ OPS = ("fwd", "swiglu", "dgrad", "wgrad")
 TILE_M = 128
 TILE_K = 64
 EPI_COLS = 32  # output columns per epilogue sub-tile
-EPI_PAD = 8  # bf16 elements of padding per shared-memory row (bank-conflict-free stores)
+EPI_PAD_BYTES = 16  # padding per shared-memory epilogue row (bank-conflict-free stores)
 SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block (227 KiB)
 MAX_STAGES = 8
 
@@ -79,6 +80,8 @@ class GroupedGemmBf16Sm90:
         weight_nk: fwd / swiglu / dgrad only: the weights are stored [E, N, K] (K contiguous,
             the nn.Linear layout) instead of [E, K, N]; B is then read K-major by fwd / swiglu
             and N-major by dgrad.
+        out_dtype: "bf16", or "f32" for wgrad: the float32 accumulators are stored as they are
+            (the gradient of float32 master weights, without a rounding to bf16 and a cast).
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class GroupedGemmBf16Sm90:
         tile_n: int | None = None,
         raster: str = "m",
         weight_nk: bool = False,
+        out_dtype: str = "bf16",
     ):
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -112,6 +116,13 @@ class GroupedGemmBf16Sm90:
         if weight_nk and op == "wgrad":
             raise ValueError("weight_nk applies to fwd, swiglu and dgrad (wgrad reads no weights)")
         self.weight_nk = weight_nk
+        if out_dtype not in ("bf16", "f32") or (out_dtype == "f32" and op != "wgrad"):
+            raise ValueError(f"out_dtype must be 'bf16', or 'f32' for wgrad; got {out_dtype!r} "
+                             f"for {op}")
+        self.out_dtype = out_dtype
+        self.c_dtype = Float32 if out_dtype == "f32" else BFloat16
+        self.c_bytes = 4 if out_dtype == "f32" else 2
+        self.store_vec = 16 // self.c_bytes  # elements per 16-byte global store
         self.a_k_major = op != "wgrad"
         # w[e, k, n] sits at e * K * N + k * w_stride_k + n * w_stride_n.
         self.w_stride_k, self.w_stride_n = (1, dim_k) if weight_nk else (dim_n, 1)
@@ -132,11 +143,11 @@ class GroupedGemmBf16Sm90:
         self.threads_per_wg = 128
         self.num_threads = 3 * self.threads_per_wg
         self.num_consumer_threads = 2 * self.threads_per_wg
-        self.epi_row_stride = EPI_COLS + EPI_PAD
+        self.epi_row_stride = EPI_COLS + EPI_PAD_BYTES // self.c_bytes
         self.epi_buffer_elems = 64 * self.epi_row_stride
         self.epi_wg_elems = 2 * self.epi_buffer_elems
         ab_bytes = (TILE_M + self.tile_n) * TILE_K * 2
-        epi_bytes = 2 * self.epi_wg_elems * 2
+        epi_bytes = 2 * self.epi_wg_elems * self.c_bytes
         table_bytes = 2 * TABLE_LEN * 4
         reserve = 2048  # mbarriers and alignment padding
         self.num_stages = min(
@@ -172,7 +183,8 @@ class GroupedGemmBf16Sm90:
         num_ctas: Int32,
         stream,
     ):
-        """Launch on ``stream``. Pointers are to bf16 (A, B, C) and int32 (offsets) device memory.
+        """Launch on ``stream``. Pointers are to bf16 (A, B), bf16 or float32 (C, ``out_dtype``)
+        and int32 (offsets) device memory.
 
         num_rows is M (rows of x / dy), num_experts is E, num_ctas the persistent grid size.
         """
@@ -250,7 +262,7 @@ class GroupedGemmBf16Sm90:
             pipeline_barriers: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             offsets: cute.struct.Align[cute.struct.MemRange[Int32, TABLE_LEN], 16]
             tile_start: cute.struct.Align[cute.struct.MemRange[Int32, TABLE_LEN], 16]
-            epi: cute.struct.Align[cute.struct.MemRange[BFloat16, 2 * self.epi_wg_elems], 128]
+            epi: cute.struct.Align[cute.struct.MemRange[self.c_dtype, 2 * self.epi_wg_elems], 128]
             sA: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(a_smem_layout)], 1024]
             sB: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(b_smem_layout)], 1024]
 
@@ -512,7 +524,7 @@ class GroupedGemmBf16Sm90:
         )
         wg_barrier = pipeline.NamedBarrier(barrier_id=2 + cwg, num_threads=self.threads_per_wg)
 
-        # Epilogue buffers: per warpgroup two [64, EPI_COLS] bf16 buffers, rows padded.
+        # Epilogue buffers: per warpgroup two [64, EPI_COLS] buffers of C's type, rows padded.
         epi_base = storage.epi.data_ptr()
         # Virtual [TILE_M, tile_n] view of one buffer: row (r, wg) -> r * stride + wg * wg_elems,
         # accumulator column -> its output column inside the sub-tile (sub-tile index stride 0).
@@ -537,13 +549,15 @@ class GroupedGemmBf16Sm90:
             )
             for buf in range(2)
         ]
-        # 16-byte copies: 128 threads as 32 rows x 4 column chunks of 8 elements.
+        # 16-byte copies: 128 threads as rows x column chunks of store_vec elements (bf16: 32
+        # rows x 4 chunks of 8; float32: 16 rows x 8 chunks of 4).
+        chunks = EPI_COLS // self.store_vec
         store_copy = cute.make_tiled_copy_tv(
-            cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128),
-            cute.make_ordered_layout(
-                (self.threads_per_wg // (EPI_COLS // 8), EPI_COLS // 8), order=(1, 0)
+            cute.make_copy_atom(
+                cute.nvgpu.CopyUniversalOp(), self.c_dtype, num_bits_per_copy=128
             ),
-            cute.make_layout((1, 8)),
+            cute.make_ordered_layout((self.threads_per_wg // chunks, chunks), order=(1, 0)),
+            cute.make_layout((1, self.store_vec)),
         )
         thr_store = store_copy.get_slice(ctidx - cwg * self.threads_per_wg)
         tSsEpi = [thr_store.partition_S(wg_epi[buf]) for buf in range(2)]
@@ -667,6 +681,8 @@ class GroupedGemmBf16Sm90:
                             Float32(1.0) + cute.math.exp(-gate, fastmath=True)
                         )
                         tCsEpi[buf][i] = (gate * sigmoid * up).to(BFloat16)
+                elif const_expr(self.out_dtype == "f32"):
+                    tCsEpi[buf][i] = acc[i]
                 else:
                     tCsEpi[buf][i] = acc[i].to(BFloat16)
             wg_barrier.arrive_and_wait()
@@ -702,12 +718,13 @@ def compile_kernel(
     keep_ptx: bool = False,
     raster: str = "m",
     weight_nk: bool = False,
+    out_dtype: str = "bf16",
 ):
     """Compile the kernel for (op, K, N) for ``arch`` without touching a GPU.
 
     M (rows) and E (experts) stay runtime arguments, so one compile serves every token count
-    and routing (``raster`` and ``weight_nk`` as in `GroupedGemmBf16Sm90`). Returns the compiled
-    callable
+    and routing (``raster``, ``weight_nk`` and ``out_dtype`` as in `GroupedGemmBf16Sm90`).
+    Returns the compiled callable
     ``f(a_ptr, b_ptr, c_ptr, offsets_ptr, num_rows, num_experts, num_ctas, stream)``; with
     ``keep_ptx`` its ``artifacts.PTX`` holds the PTX text. CuTeDSL also keeps compiled binaries
     in its file cache (``CUTE_DSL_CACHE_DIR``), keyed by the generated IR, so a later process
@@ -715,19 +732,20 @@ def compile_kernel(
     """
     from cutlass.cute.runtime import make_fake_stream, make_ptr
 
-    kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, raster=raster, weight_nk=weight_nk)
+    kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, raster=raster, weight_nk=weight_nk,
+                                 out_dtype=out_dtype)
     options = [cute.GPUArch(arch)]
     if keep_ptx:
         options.append(cute.KeepPTX(True))
 
-    def bf16_ptr():
-        return make_ptr(BFloat16, 0, cute.AddressSpace.gmem, assumed_align=16)
+    def ptr(dtype):
+        return make_ptr(dtype, 0, cute.AddressSpace.gmem, assumed_align=16)
 
     return cute.compile[tuple(options)](
         kernel,
-        bf16_ptr(),
-        bf16_ptr(),
-        bf16_ptr(),
+        ptr(BFloat16),
+        ptr(BFloat16),
+        ptr(kernel.c_dtype),
         make_ptr(Int32, 0, cute.AddressSpace.gmem, assumed_align=4),
         Int32(1),
         Int32(1),
