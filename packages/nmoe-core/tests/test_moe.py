@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
-from nmoe_core.moe import MoE, expert_mlp_torch
+from nmoe_core.moe import MoE, Router, expert_mlp_torch
 
 
 def _cfg(experts=8, top_k=3, shared=1, aux=0.0, scaling=1.0) -> ModelConfig:
@@ -100,6 +100,26 @@ def test_expert_mlp_segments_against_loop():
         h = x[r] @ w13[owner[r]]
         want = (F.silu(h[0::2]) * h[1::2]) @ w2[owner[r]]
         assert torch.allclose(got[r], want, atol=1e-12), f"row {r}, seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_router_on_cpu_is_torch_topk(dtype):
+    """On CPU (float32 and float64) the router chooses ``torch.topk(scores + bias)``: the CUDA
+    top-k kernel is never taken there. Gates are the chosen unbiased scores, normalised, scaled."""
+    seed = torch.seed()
+    gen = torch.Generator().manual_seed(seed)
+    router = Router(16, 64, 6, 2.5).to(dtype)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(64, 16, generator=gen, dtype=dtype))
+        router.bias.copy_(torch.randn(64, generator=gen, dtype=dtype) * 0.05)
+    x = torch.randn(300, 16, generator=gen, dtype=dtype)
+    gates, ids, normalised = router(x)
+    scores = torch.sigmoid(F.linear(x, router.weight))
+    want = torch.topk(scores + router.bias, 6).indices
+    assert ids.dtype == torch.int64 and torch.equal(ids, want), f"seed {seed}"
+    chosen = scores.gather(1, want)
+    assert torch.equal(normalised, chosen / chosen.sum(-1, keepdim=True)), f"seed {seed}"
+    assert torch.equal(gates, normalised * 2.5), f"seed {seed}"
 
 
 def test_router_bias_moves_toward_balance():

@@ -9,6 +9,7 @@
 #include "optim/optim_api.h"
 #include "permute/permute_api.h"
 #include "quant/quant_api.h"
+#include "router/router_api.h"
 
 // Bump on any binding signature or behaviour change, with a one-line reason:
 //   1: first release (quantize_fp8_1x128, dequantize_fp8_1x128).
@@ -18,6 +19,7 @@
 //      + swiglu_backward_gated (the fused MoE SwiGLU backward).
 //      + cross_entropy_rows (fused loss, lse and logits gradient per row).
 //      + adamw_step, ADAMW_BLOCK_ELEMS (multi-tensor AdamW, float32 or bfloat16 moments).
+//      + router_topk, ROUTER_MAX_EXPERTS, ROUTER_MAX_TOP_K (the router's biased top-k).
 constexpr int kAbiVersion = 2;
 
 PYBIND11_MODULE(_C, m) {
@@ -29,4 +31,5 @@ PYBIND11_MODULE(_C, m) {
   nmoe::permute::register_apis(m);
   nmoe::loss::register_apis(m);
   nmoe::optim::register_apis(m);
+  nmoe::router::register_apis(m);
 }

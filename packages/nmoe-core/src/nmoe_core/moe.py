@@ -15,6 +15,7 @@ SwiGLU epilogue finds each pair in adjacent accumulator columns: the layout of
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -168,12 +169,34 @@ def expert_mlp_torch(
     return torch.cat(outputs)
 
 
+# The limits of nmoe-kernels' router_topk kernel (nmoe_kernels.router.MAX_EXPERTS / MAX_TOP_K).
+_TOPK_KERNEL_MAX_EXPERTS = 1024
+_TOPK_KERNEL_MAX_K = 32
+
+
+@functools.cache
+def router_topk_kernel_available() -> bool:
+    """Whether this nmoe-kernels build has the CUDA ``router_topk`` kernel, registered as
+    ``torch.ops.nmoe_kernels.router_topk`` (importing `nmoe_kernels.router` registers it)."""
+    try:
+        import nmoe_kernels._C as compiled
+        import nmoe_kernels.router  # noqa: F401  (registers torch.ops.nmoe_kernels.router_topk)
+    except ImportError:
+        return False
+    return bool(compiled.WITH_CUDA) and hasattr(compiled, "router_topk")
+
+
 class Router(nn.Module):
     """Sigmoid router with loss-free balancing bias (inventory 2.3).
 
     Scores ``s = sigmoid(x W^T)`` in float32; experts are chosen by ``topk(s + bias)``; gate
     weights are the chosen *unbiased* scores, normalised to sum 1 per token, times
     ``routed_scaling_factor``. ``bias`` is a float32 buffer moved by `update_bias`, not trained.
+
+    The top-k runs as nmoe-kernels' ``router_topk`` CUDA kernel (a torch custom op, opaque to
+    torch.compile) for float32 CUDA scores with E <= 1024 and K <= 32 where the build has it,
+    else as ``torch.topk``. Both choose the same experts in the same order (the kernel breaks
+    exact ties to the lower expert, where torch.topk leaves the order unspecified).
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, routed_scaling_factor: float):
@@ -182,6 +205,10 @@ class Router(nn.Module):
         self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
+        # Fixed at construction: a plain bool that torch.compile treats as a constant.
+        self.topk_kernel = (router_topk_kernel_available()
+                            and num_experts <= _TOPK_KERNEL_MAX_EXPERTS
+                            and top_k <= _TOPK_KERNEL_MAX_K)
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(gates_TK, expert_ids_TK int64, normalised_TK)``; gates and normalised
@@ -189,7 +216,13 @@ class Router(nn.Module):
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             scores_TE = torch.sigmoid(F.linear(x_TD.to(dtype), self.weight.to(dtype)))
-        expert_ids_TK = torch.topk(scores_TE + self.bias, self.top_k, dim=-1).indices
+        if (self.topk_kernel and scores_TE.is_cuda and scores_TE.dtype == torch.float32
+                and self.bias.dtype == torch.float32):
+            # Indices only: no gradient flows through the choice, as with torch.topk's indices.
+            expert_ids_TK = torch.ops.nmoe_kernels.router_topk(scores_TE.detach(), self.bias,
+                                                               self.top_k)
+        else:
+            expert_ids_TK = torch.topk(scores_TE + self.bias, self.top_k, dim=-1).indices
         chosen_TK = scores_TE.gather(1, expert_ids_TK)
         normalised_TK = chosen_TK / chosen_TK.sum(-1, keepdim=True).clamp_min(1e-12)
         return normalised_TK * self.routed_scaling_factor, expert_ids_TK, normalised_TK

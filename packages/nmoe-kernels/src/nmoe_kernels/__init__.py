@@ -23,6 +23,7 @@ _LAZY = {
     "swiglu_backward_gated": "nmoe_kernels.activation",
     "cross_entropy_rows": "nmoe_kernels.cross_entropy",
     "adamw_step_": "nmoe_kernels.optim",
+    "router_topk": "nmoe_kernels.router",
     "permute": "nmoe_kernels.permutation",
     "unpermute": "nmoe_kernels.permutation",
     "gather_rows": "nmoe_kernels.permutation",

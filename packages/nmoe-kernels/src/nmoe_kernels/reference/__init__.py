@@ -12,6 +12,7 @@ layers above use them on machines without a GPU. Modules:
 - `permutation`: permute tokens to expert-contiguous rows, unpermute with gate weighting, gather
   rows.
 - `optim`: AdamW's step over a list of tensors, moments in float32 or bfloat16.
+- `router`: the router's top-k experts by biased score (descending, ties to the lower expert).
 """
 
 from nmoe_kernels.reference.activation import (
@@ -42,6 +43,7 @@ from nmoe_kernels.reference.quantization import (
     swiglu_quantize_fp8_1x128,
     to_mn_major_tma_aligned,
 )
+from nmoe_kernels.reference.router import router_topk
 
 __all__ = [
     "adamw_step_",
@@ -61,6 +63,7 @@ __all__ = [
     "quantize_fp8_1x128",
     "quantize_mxfp8_1x32",
     "quantize_nvfp4",
+    "router_topk",
     "split_w13",
     "swiglu",
     "swiglu_backward_gated",
