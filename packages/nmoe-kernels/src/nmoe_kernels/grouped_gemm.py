@@ -47,11 +47,13 @@ RASTER = {"fwd": "n", "swiglu": "n", "dgrad": "n", "wgrad": "m"}
 _num_sms: dict[int, int] = {}
 
 
-def _check_tensor(op: str, name: str, t, ndim: int, dims: str) -> None:
+def _check_tensor(op: str, name: str, t, ndim: int, dims: str,
+                  dtype: torch.dtype = torch.bfloat16) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor {dims}, got {type(t).__name__}")
-    if t.dtype != torch.bfloat16:
-        raise ValueError(f"{op}: {name} must be bfloat16, got {t.dtype}; cast with .bfloat16()")
+    if t.dtype != dtype:
+        kind = str(dtype).removeprefix("torch.")
+        raise ValueError(f"{op}: {name} must be {kind}, got {t.dtype}; cast with .to(torch.{kind})")
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {dims}, got shape {tuple(t.shape)}")
     if not t.is_cuda:
@@ -130,7 +132,7 @@ def _output(op: str, out, shape, like: torch.Tensor,
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"{op}: out must have shape {list(shape)}, got {tuple(out.shape)}")
     _same_device(op, like.device, out=out)
-    _check_tensor(op, "out", out, len(shape), str(list(shape)))
+    _check_tensor(op, "out", out, len(shape), str(list(shape)), dtype)
     return out
 
 
