@@ -31,6 +31,8 @@
 #                BENCH_MICRO); tokens/s, MFU, peak memory
 #   ep-trainer-tests  `n train` expert parallel on 2 GPUs (ipc and nccl) against 1 GPU, bounded by
 #                the 2-GPU data-parallel run's gap
+#   fast-path-tests  the GPU tests of compile, cached expert casts, the router top-k kernel, the
+#                float32 wgrad and the AdamW kernel, then the router top-k bench
 #   adamw        the multi-tensor AdamW kernel: its GPU tests and nmoe-core's AdamW tests, the
 #                kernel bench over super's 2.84B parameters (against torch's fused AdamW), then
 #                bench-train at micro-batch 16: torch, fused, fused with bfloat16 AdamW moments
@@ -48,6 +50,8 @@ export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAS
 export PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1
 PY=${PYTHON:-python3}
 status=0
+# The fastest measured `super` configuration (nmoe-train README): a bench variant.
+FAST="fused:bf16:compile=true,cache_expert_weights=true,optim.adamw_state_dtype=bfloat16"
 
 stage_setup() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -194,7 +198,7 @@ PYEOF
 stage_bench_train() {
   # shellcheck disable=SC2086
   "$PY" packages/nmoe-train/bench/bench_train.py --json "$OUT/bench_train.json" \
-    --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16} --micro-batches ${BENCH_MICRO:-8 16} \
+    --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16 $FAST} --micro-batches ${BENCH_MICRO:-16} \
     --steps "${BENCH_STEPS:-5}" ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} 2>&1 \
     | tee "$OUT/bench_train.log" | tail -30
   return "${PIPESTATUS[0]}"
@@ -248,14 +252,14 @@ stage_bench_train_ep() {
   local n; n=$(ngpus)
   # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=0 timeout 280 "$PY" packages/nmoe-train/bench/bench_train.py \
-    --json "$OUT/bench_train_1gpu.json" --variants ${EP_VARIANTS:-fused:bf16} \
-    --micro-batches ${EP_MICRO:-8} --steps "${BENCH_STEPS:-6}" > "$OUT/bench_train_1gpu.log" 2>&1
+    --json "$OUT/bench_train_1gpu.json" --variants ${EP_VARIANTS:-fused:bf16 $FAST} \
+    --micro-batches ${EP_MICRO:-16} --steps "${BENCH_STEPS:-6}" > "$OUT/bench_train_1gpu.log" 2>&1
   tail -4 "$OUT/bench_train_1gpu.log"
   # shellcheck disable=SC2086
   timeout 300 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
     packages/nmoe-train/bench/bench_train.py --expert-parallel --compare "$OUT/bench_train_1gpu.json" \
-    --json "$OUT/bench_train_ep$n.json" --variants ${EP_VARIANTS:-fused:bf16} \
-    --micro-batches ${EP_MICRO:-8} --steps "${BENCH_STEPS:-6}" > "$OUT/bench_train_ep$n.log" 2>&1
+    --json "$OUT/bench_train_ep$n.json" --variants ${EP_VARIANTS:-fused:bf16 $FAST} \
+    --micro-batches ${EP_MICRO:-16} --steps "${BENCH_STEPS:-6}" > "$OUT/bench_train_ep$n.log" 2>&1
   local rc=$?
   grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_train_ep$n.log" | tail -12
   return $rc
@@ -289,6 +293,24 @@ stage_adamw() {
     --variants torch:bf16 fused:bf16 fused:bf16:optim.adamw_state_dtype=bfloat16 \
     --json "$OUT/bench_train_adamw.json" > "$OUT/bench_train_adamw.log" 2>&1 || rc=1
   tail -8 "$OUT/bench_train_adamw.log"
+  return $rc
+}
+
+stage_fast_path_tests() {
+  local rc=0 P=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
+  timeout 200 "${P[@]}" packages/nmoe-kernels/tests/test_router_topk_gpu.py \
+    packages/nmoe-core/tests/test_router_gpu.py packages/nmoe-kernels/tests/test_adamw_gpu.py \
+    packages/nmoe-core/tests/test_adamw.py packages/nmoe-core/tests/test_optim_builder.py \
+    > "$OUT/fast-kernels.log" 2>&1 || rc=1
+  tail -3 "$OUT/fast-kernels.log"
+  timeout 150 "${P[@]}" packages/nmoe-kernels/tests/test_grouped_gemm_bf16_gpu.py -k wgrad \
+    > "$OUT/fast-wgrad.log" 2>&1 || rc=1
+  tail -3 "$OUT/fast-wgrad.log"
+  timeout 400 "${P[@]}" -m "gpu and not slow" packages/nmoe-core/tests/test_fused_gpu.py \
+    packages/nmoe-train/tests/test_fused_training_gpu.py > "$OUT/fast-training.log" 2>&1 || rc=1
+  tail -3 "$OUT/fast-training.log"
+  timeout 60 "$PY" packages/nmoe-kernels/bench/bench_router_topk.py \
+    --json "$OUT/router_topk.json" 2>&1 | tail -8
   return $rc
 }
 

@@ -192,23 +192,36 @@ def parse_variant(spec: str) -> tuple[str, str, tuple[str, ...]]:
     return parts[0], parts[1], extra
 
 
-def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
-                seq_len: int, profile_dir: Path | None = None, expert_parallel: bool = False,
-                dispatcher: str = "ipc", extra: tuple[str, ...] = ()) -> dict:
+def variant_config(preset: str, backend: str, recipe: str, micro: int, steps: int,
+                   seq_len: int, world: int, expert_parallel: bool = False,
+                   dispatcher: str = "ipc", extra: tuple[str, ...] = ()):
+    """The `TrainConfig` of one bench row: synthetic data, no validation or checkpoints, the
+    preset's model and optimizer, eager and uncached unless ``extra`` says otherwise."""
     from nmoe_train.config import resolve_config
-    from nmoe_train.trainer import Trainer, flops_per_token, peak_tflops
 
-    world = _world()
     overrides = [
         f"model.moe.backend={backend}", f"model.moe.recipe={recipe}", f"seq_len={seq_len}",
         f"micro_batch={micro}", f"global_batch={micro * world}", f"steps={steps}",
         "val_every=0", "checkpoints=false", "data.synthetic=true", "resume=false",
         "log_every=1000", f"run_name=bench-{backend}-{recipe}-{micro}",
         "runs_root=/tmp/nmoe-bench", "final_eval_tasks=null",
+        # Plain rows are eager and uncached whatever the preset runs with; variants opt in
+        # (`fused:bf16:compile=true,cache_expert_weights=true`).
+        "compile=false", "cache_expert_weights=false",
     ]
     if expert_parallel:
         overrides += ["parallel.expert_parallel=all", f"parallel.dispatcher={dispatcher}"]
-    cfg = resolve_config(preset, overrides + list(extra))
+    return resolve_config(preset, overrides + list(extra))
+
+
+def run_variant(preset: str, backend: str, recipe: str, micro: int, steps: int,
+                seq_len: int, profile_dir: Path | None = None, expert_parallel: bool = False,
+                dispatcher: str = "ipc", extra: tuple[str, ...] = ()) -> dict:
+    from nmoe_train.trainer import Trainer, flops_per_token, peak_tflops
+
+    world = _world()
+    cfg = variant_config(preset, backend, recipe, micro, steps, seq_len, world, expert_parallel,
+                         dispatcher, extra)
     torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, quiet=True)
     times = []

@@ -137,3 +137,17 @@ def test_variant_overrides_are_parsed_labelled_and_compared_with_the_plain_rows(
     assert moments["ratio_vs_fused_bf16"] == 133.0 / 140.0
     assert moments["memory_vs_torch"] == 38.0 / 70.0
     assert plain["ratio_vs_fused_bf16"] == 1.0
+
+
+def test_plain_rows_run_eager_whatever_the_preset_says():
+    """`super` trains with compile and cached expert casts; the bench's plain rows must not (they
+    are the baselines), and a variant's overrides switch them on."""
+    bench = _bench()
+    assert resolve_config("super", []).compile and resolve_config("super", []).cache_expert_weights
+    plain = bench.variant_config("super", "fused", "bf16", 16, 6, 2048, 1)
+    assert not plain.compile and not plain.cache_expert_weights
+    assert plain.micro_batch == 16 and plain.global_batch == 16 and plain.data.synthetic
+    fast = bench.variant_config("super", "fused", "bf16", 16, 6, 2048, 4, extra=(
+        "compile=true", "cache_expert_weights=true", "optim.adamw_state_dtype=bfloat16"))
+    assert fast.compile and fast.cache_expert_weights and fast.global_batch == 64
+    assert fast.optim.adamw_state_dtype == "bfloat16"

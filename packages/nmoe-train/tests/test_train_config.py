@@ -85,7 +85,7 @@ def test_fingerprint_covers_math_not_run_length():
     assert base.fingerprint() == same.fingerprint()
     for change in ["seed=1", "optim.lr_dense=1e-2", "model.dim=192", "global_batch=32",
                    "seq_len=128", 'data.sources=[{"path": "/elsewhere"}]',
-                   "optim.adamw_state_dtype=bfloat16", "tf32_matmul=true"]:
+                   "optim.adamw_state_dtype=bfloat16"]:
         assert resolve_config("tiny", [change]).fingerprint() != base.fingerprint(), change
     # Execution only (same arithmetic, or last-bit fusion differences): a run may resume with
     # them switched either way.
@@ -94,10 +94,10 @@ def test_fingerprint_covers_math_not_run_length():
 
 
 def test_fields_added_later_keep_old_fingerprints_at_their_neutral_value():
-    # optim.adamw_state_dtype and tf32_matmul came after runs had been checkpointed: at "float32"
-    # and false (what the code did before they existed) the fingerprint is that of the config
-    # without the fields, so those runs still resume. (Checked once against the code before the
-    # first of them: the tiny, super and moonlet presets hash as they did.)
+    # optim.adamw_state_dtype came after runs had been checkpointed: at "float32" (what the code
+    # did before it existed) the fingerprint is that of the config without the field, so those
+    # runs still resume. (Checked once against the code before the field: the tiny, super and
+    # moonlet presets hash as they did.)
     import hashlib
     import json
 

@@ -52,8 +52,9 @@ def _check_tensor(op: str, name: str, t, ndim: int, dims: str,
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor {dims}, got {type(t).__name__}")
     if t.dtype != dtype:
-        kind = str(dtype).removeprefix("torch.")
-        raise ValueError(f"{op}: {name} must be {kind}, got {t.dtype}; cast with .to(torch.{kind})")
+        kind, cast = (("bfloat16", ".bfloat16()") if dtype == torch.bfloat16
+                      else ("float32", ".float()"))
+        raise ValueError(f"{op}: {name} must be {kind}, got {t.dtype}; cast with {cast}")
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D {dims}, got shape {tuple(t.shape)}")
     if not t.is_cuda:

@@ -121,8 +121,6 @@ class Trainer:
         )
         if device_kind == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
-        if device_kind == "cuda":  # process-wide: set from the config either way
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32_matmul
         self.fingerprint = cfg.fingerprint()
         self.run_id, self.run_dir = self._run_identity(run_dir)
         # The seeded initialisation draws every weight on the CPU (tens of seconds for billions
@@ -593,7 +591,6 @@ class Trainer:
             f", steps {cfg.steps}, target {cfg.target_loss}",
             (f"compile: {len(self.compiled_regions)} regions (attention halves, MLPs, routers)"
              if self.compiled_regions else "compile: off (eager)")
-            + (", float32 matmuls in TF32" if cfg.tf32_matmul else "")
             + (", bf16 expert weights cached per step" if cfg.cache_expert_weights else ""),
             f"data: {self.train_loader.describe() if self.train_loader else 'synthetic tokens'}",
         ]
