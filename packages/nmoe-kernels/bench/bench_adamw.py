@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 
 import torch
+from bench_common import finish_report  # same directory
 from bench_quant_permute import median_ms  # same directory: CUDA-event median timing
 
 import nmoe_kernels
@@ -124,11 +124,7 @@ def main() -> None:
                    cuda=torch.version.cuda)
         rows.append(row)
         print(f"{name:<30}{ms:>9.2f}{row['gb_per_s']:>8.0f}{row['ratio']:>15.2f}")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    finish_report(rows, args.json)
 
 
 if __name__ == "__main__":

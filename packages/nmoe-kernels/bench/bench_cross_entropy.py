@@ -22,9 +22,9 @@ device, torch and CUDA versions).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from bench_common import finish_report  # same directory
 from bench_quant_permute import median_ms  # same directory: CUDA-event median timing
 
 import nmoe_kernels
@@ -137,11 +137,7 @@ def main() -> None:
             print(f"{r['op']:<26}{r['shape']:>16}{r['time_us']:>11.1f}{gbs}"
                   f"{r['baseline_us']:>11.1f}{r['ratio']:>8.2f}")
         results += rows
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish_report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ Prints a table and optionally writes JSON rows (shape, times, ratio, GB/s, devic
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
+from bench_common import finish_report  # same directory
 
 import nmoe_kernels
 from nmoe_kernels import reference as ref
@@ -82,11 +82,7 @@ def main() -> None:
               f"{base:>10.1f}{row['ratio']:>9.2f}")
         del inputs, scores, bias
         torch.cuda.empty_cache()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    finish_report(rows, args.json)
 
 
 if __name__ == "__main__":
