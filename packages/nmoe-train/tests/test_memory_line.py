@@ -49,3 +49,23 @@ def test_memory_line_matches_what_the_first_step_allocates(tmp_path, moments):
     muon_numel = sum(p.numel() for g in opts.muon.param_groups for p in g["params"])
     per_moment = 4 if moments == "float32" else 2
     assert planned == 2 * per_moment * adamw_numel + 4 * muon_numel
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_cached_expert_copies_are_reported_where_they_take_effect(tmp_path, monkeypatch, fused):
+    """``cache_expert_weights`` adds the bf16 expert copies (2 bytes per expert parameter) to the
+    memory line and says so at start-up only where the fused BF16 path runs (the backend is
+    forced here: the CPU runs the torch path, which has no cast to keep)."""
+    if fused:
+        monkeypatch.setattr("nmoe_train.trainer.resolve_backend",
+                            lambda *args: ("fused", "forced by the test"))
+    cfg = resolve_config("tiny", [*SMALL, "data.synthetic=true", "checkpoints=false",
+                                  "resume=false", "val_every=0", "steps=1", "precision=bf16-mixed",
+                                  "cache_expert_weights=true", f"runs_root={tmp_path}",
+                                  f"run_name=cache-{fused}"])
+    trainer = Trainer(cfg, quiet=True)
+    experts = sum(p.numel() for _, p in trainer.model.param_kinds()["expert"])
+    copies = f"+ bf16 expert weight copies {2 * experts / GIB:.2f} GiB while a step runs"
+    assert (copies in trainer.memory_line()) is fused
+    report = "\n".join(trainer.startup_report())
+    assert ("bf16 expert weights cached per step" in report) is fused

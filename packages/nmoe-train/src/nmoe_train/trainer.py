@@ -538,11 +538,7 @@ class Trainer:
         line = (f"memory per rank before activations: weights {weights / gib:.2f} GiB + grads "
                 f"{grads / gib:.2f} + optimizer state {state / gib:.2f} (AdamW moments "
                 f"{self.cfg.optim.adamw_state_dtype}) = {(weights + grads + state) / gib:.2f} GiB")
-        moe = self.cfg.model.moe
-        fused_bf16 = moe.recipe == "bf16" and self.precision == "bf16-mixed" and resolve_backend(
-            moe.backend, self.device, torch.bfloat16, self.cfg.model.dim, moe.moe_inter_dim,
-        )[0] == "fused"
-        if self.cfg.cache_expert_weights and fused_bf16:
+        if self._caches_expert_weights():
             experts = sum(p.numel() for _, p in self.model.param_kinds()["expert"])
             line += f", + bf16 expert weight copies {2 * experts / gib:.2f} GiB while a step runs"
         comm = sum(d.persistent_bytes for d in self.dispatchers())
@@ -552,6 +548,19 @@ class Trainer:
             free, total = torch.cuda.mem_get_info(self.device)
             line += f"; gpu {total / gib:.1f} GiB total, {free / gib:.1f} free"
         return line
+
+    def _moe_backend(self) -> tuple[str, str]:
+        """The MoE backend this run's rows get and why (`nmoe_core.moe.resolve_backend`)."""
+        moe = self.cfg.model.moe
+        rows = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32
+        return resolve_backend(moe.backend, self.device, rows, self.cfg.model.dim,
+                               moe.moe_inter_dim)
+
+    def _caches_expert_weights(self) -> bool:
+        """Whether ``cache_expert_weights`` takes effect: the fused path's BF16 recipe under
+        bf16 autocast (elsewhere there is no cast to keep)."""
+        return (self.cfg.cache_expert_weights and self.cfg.model.moe.recipe == "bf16"
+                and self.precision == "bf16-mixed" and self._moe_backend()[0] == "fused")
 
     def dispatchers(self) -> list:
         """The distinct dispatchers of the MoE layers (one, shared, as the trainer builds them)."""
@@ -567,9 +576,7 @@ class Trainer:
         moe = cfg.model.moe
         dispatcher = self.model.moe_layers()[0].dispatcher if self.model.moe_layers() else None
         dispatcher_name = dispatcher.name if dispatcher is not None else "none"
-        rows = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32
-        backend, why = resolve_backend(moe.backend, self.device, rows, cfg.model.dim,
-                                       moe.moe_inter_dim)
+        backend, why = self._moe_backend()
         recipe = moe.recipe if backend == "fused" else self.precision
         arch = "cpu"
         if self.device.type == "cuda":
@@ -591,7 +598,7 @@ class Trainer:
             f", steps {cfg.steps}, target {cfg.target_loss}",
             (f"compile: {len(self.compiled_regions)} regions (attention halves, MLPs, routers)"
              if self.compiled_regions else "compile: off (eager)")
-            + (", bf16 expert weights cached per step" if cfg.cache_expert_weights else ""),
+            + (", bf16 expert weights cached per step" if self._caches_expert_weights() else ""),
             f"data: {self.train_loader.describe() if self.train_loader else 'synthetic tokens'}",
         ]
         lines.append(self.memory_line())
