@@ -209,3 +209,26 @@ def test_fused_path_equals_torch_path_values_and_gradients(top_k, shared, all_to
     names = ["x"] + [n for n, _ in torch_layer.named_parameters()]
     for name, a, b in zip(names, grads[0], grads[1], strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"{name}, seed {seed}"
+
+
+@pytest.mark.parametrize("with_cuda", [False, True])
+def test_router_takes_the_topk_kernel_within_its_limits(monkeypatch, with_cuda):
+    """`Router.topk_kernel` is set where the build has the CUDA kernel (simulated here by the
+    `_C` flags) and the layer fits its limits (`nmoe_kernels.router.MAX_EXPERTS`, `MAX_TOP_K`)."""
+    import nmoe_kernels._C as compiled
+    from nmoe_core import moe
+    from nmoe_kernels import router as kernel_router
+
+    moe._router_topk_kernel_limits.cache_clear()
+    monkeypatch.setattr(compiled, "WITH_CUDA", with_cuda)
+    if with_cuda and not hasattr(compiled, "router_topk"):
+        monkeypatch.setattr(compiled, "router_topk", lambda *args: None, raising=False)
+    try:
+        assert moe.router_topk_kernel_available() is with_cuda
+        limit_e, limit_k = kernel_router.MAX_EXPERTS, kernel_router.MAX_TOP_K
+        assert Router(8, 256, 7, 1.0).topk_kernel is with_cuda
+        assert Router(8, limit_e, limit_k, 1.0).topk_kernel is with_cuda
+        assert Router(8, limit_e + 1, 8, 1.0).topk_kernel is False
+        assert Router(8, 64, limit_k + 1, 1.0).topk_kernel is False
+    finally:
+        moe._router_topk_kernel_limits.cache_clear()

@@ -169,21 +169,24 @@ def expert_mlp_torch(
     return torch.cat(outputs)
 
 
-# The limits of nmoe-kernels' router_topk kernel (nmoe_kernels.router.MAX_EXPERTS / MAX_TOP_K).
-_TOPK_KERNEL_MAX_EXPERTS = 1024
-_TOPK_KERNEL_MAX_K = 32
-
-
 @functools.cache
-def router_topk_kernel_available() -> bool:
-    """Whether this nmoe-kernels build has the CUDA ``router_topk`` kernel, registered as
-    ``torch.ops.nmoe_kernels.router_topk`` (importing `nmoe_kernels.router` registers it)."""
+def _router_topk_kernel_limits() -> tuple[int, int] | None:
+    """``(max experts, max k)`` of nmoe-kernels' CUDA ``router_topk`` kernel where this build
+    has it (importing `nmoe_kernels.router` registers ``torch.ops.nmoe_kernels.router_topk``),
+    else None."""
     try:
         import nmoe_kernels._C as compiled
-        import nmoe_kernels.router  # noqa: F401  (registers torch.ops.nmoe_kernels.router_topk)
+        from nmoe_kernels import router
     except ImportError:
-        return False
-    return bool(compiled.WITH_CUDA) and hasattr(compiled, "router_topk")
+        return None
+    if not compiled.WITH_CUDA or not hasattr(compiled, "router_topk"):
+        return None
+    return router.MAX_EXPERTS, router.MAX_TOP_K
+
+
+def router_topk_kernel_available() -> bool:
+    """Whether this nmoe-kernels build has the CUDA ``router_topk`` kernel."""
+    return _router_topk_kernel_limits() is not None
 
 
 class Router(nn.Module):
@@ -206,9 +209,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
         # Fixed at construction: a plain bool that torch.compile treats as a constant.
-        self.topk_kernel = (router_topk_kernel_available()
-                            and num_experts <= _TOPK_KERNEL_MAX_EXPERTS
-                            and top_k <= _TOPK_KERNEL_MAX_K)
+        limits = _router_topk_kernel_limits()
+        self.topk_kernel = limits is not None and num_experts <= limits[0] and top_k <= limits[1]
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(gates_TK, expert_ids_TK int64, normalised_TK)``; gates and normalised
