@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nmoe_kernels
 from nmoe_kernels.reference import adamw_step_
 
 SHAPES = [(7, 5), (33,), (3, 4, 6), (1,)]
@@ -76,16 +77,26 @@ def test_bfloat16_moments_are_the_rounded_float32_moments():
         assert torch.equal(v[i], v32[i].to(torch.bfloat16))
 
 
-def test_errors_name_the_argument():
+@pytest.mark.parametrize("fn", [adamw_step_, nmoe_kernels.adamw_step_],
+                         ids=["reference", "kernel"])
+def test_errors_name_the_argument(fn):
+    # The kernel's wrapper runs the reference's rules before its CUDA checks: the same errors
+    # on CPU tensors, with or without a GPU.
     p, g = [torch.zeros(3)], [torch.zeros(3)]
     m, v = [torch.zeros(3)], [torch.zeros(3)]
     with pytest.raises(ValueError, match="equal lengths"):
-        adamw_step_(p, [], m, v, step=1, **HYPER)
+        fn(p, [], m, v, step=1, **HYPER)
     with pytest.raises(ValueError, match="step must be >= 1"):
-        adamw_step_(p, g, m, v, step=0, **HYPER)
+        fn(p, g, m, v, step=0, **HYPER)
     with pytest.raises(ValueError, match=r"params\[0\] and grads\[0\] must be float32"):
-        adamw_step_([torch.zeros(3, dtype=torch.bfloat16)], g, m, v, step=1, **HYPER)
-    with pytest.raises(ValueError, match="both be float32 or both bfloat16"):
-        adamw_step_(p, g, m, [torch.zeros(3, dtype=torch.bfloat16)], step=1, **HYPER)
+        fn([torch.zeros(3, dtype=torch.bfloat16)], g, m, v, step=1, **HYPER)
+    with pytest.raises(ValueError, match=r"float32 or bfloat16, got torch.float16 \(exp_avgs"):
+        fn(p, g, [torch.zeros(3, dtype=torch.float16)], v, step=1, **HYPER)
+    with pytest.raises(ValueError, match=r"must be torch.float32 \(that of exp_avgs\[0\]\); "
+                                         r"tensor 0 has torch.float32 and torch.bfloat16"):
+        fn(p, g, m, [torch.zeros(3, dtype=torch.bfloat16)], step=1, **HYPER)
+    bf = [torch.zeros(3, dtype=torch.bfloat16)]
+    with pytest.raises(ValueError, match="tensor 1 has torch.float32 and torch.float32"):
+        fn(p * 2, g * 2, bf + m, bf + v, step=1, **HYPER)  # one moment dtype per call
     with pytest.raises(ValueError, match="shapes"):
-        adamw_step_(p, [torch.zeros(4)], m, v, step=1, **HYPER)
+        fn(p, [torch.zeros(4)], m, v, step=1, **HYPER)

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from nmoe_kernels import _extension
+from nmoe_kernels.reference.optim import check_adamw_step_args
 
 __all__ = ["adamw_step_"]
-
-_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
@@ -39,17 +38,11 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             (the gradient-clipping factor), read by the kernel; the gradients are not written.
     """
     op = "adamw_step_"
-    n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
-        raise ValueError(f"{op}: params, grads, exp_avgs, exp_avg_sqs must have equal lengths, "
-                         f"got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}")
-    if step < 1:
-        raise ValueError(f"{op}: step must be >= 1 (the step this update completes), got {step}")
-    if n == 0:
+    # The rules shared with the reference first, so they raise the same errors with or
+    # without a GPU; then this kernel's own: one CUDA device, contiguous tensors.
+    moment_dtype = check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, step)
+    if moment_dtype is None:
         return
-    moment_dtype = exp_avgs[0].dtype
-    if moment_dtype not in _MOMENT_DTYPES:
-        raise ValueError(f"{op}: moments must be float32 or bfloat16, got {moment_dtype}")
     device = None
     rows, block = [], 0
     compiled = _extension.compiled_module(op)
@@ -63,16 +56,6 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         elif found != device:
             raise ValueError(f"{op}: tensor {i} is on {found} but tensor 0 on {device}; one "
                              "call updates the tensors of one GPU")
-        if p.dtype != torch.float32 or g.dtype != torch.float32:
-            raise ValueError(f"{op}: params[{i}] and grads[{i}] must be float32, got {p.dtype} "
-                             f"and {g.dtype}")
-        if m.dtype != moment_dtype or v.dtype != moment_dtype:
-            raise ValueError(f"{op}: every exp_avg and exp_avg_sq must be {moment_dtype} (that "
-                             f"of exp_avgs[0]); tensor {i} has {m.dtype} and {v.dtype}")
-        if not (p.shape == g.shape == m.shape == v.shape):
-            raise ValueError(f"{op}: tensor {i} has shapes param {tuple(p.shape)}, grad "
-                             f"{tuple(g.shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq "
-                             f"{tuple(v.shape)}; they must be equal")
         for name, t in names.items():
             if not t.is_contiguous():
                 raise ValueError(f"{op}: {name} must be contiguous (the kernel walks it as one "

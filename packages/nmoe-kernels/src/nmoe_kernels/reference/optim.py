@@ -19,6 +19,41 @@ __all__ = ["adamw_step_"]
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def check_adamw_step_args(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                          exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                          step: float) -> torch.dtype | None:
+    """The argument rules ``adamw_step_`` shares with its CUDA kernel (``nmoe_kernels.adamw_step_``
+    adds device and contiguity rules); raises ValueError naming the offending argument.
+
+    Returns the moments' dtype, or None for empty lists.
+    """
+    op = "adamw_step_"
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
+        raise ValueError(f"{op}: params, grads, exp_avgs, exp_avg_sqs must have equal lengths, "
+                         f"got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}")
+    if step < 1:
+        raise ValueError(f"{op}: step must be >= 1 (the step this update completes), got {step}")
+    if n == 0:
+        return None
+    moment_dtype = exp_avgs[0].dtype
+    if moment_dtype not in _MOMENT_DTYPES:
+        raise ValueError(f"{op}: moments must be float32 or bfloat16, got {moment_dtype} "
+                         "(exp_avgs[0])")
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if p.dtype != torch.float32 or g.dtype != torch.float32:
+            raise ValueError(f"{op}: params[{i}] and grads[{i}] must be float32, got {p.dtype} "
+                             f"and {g.dtype}")
+        if m.dtype != moment_dtype or v.dtype != moment_dtype:
+            raise ValueError(f"{op}: every exp_avg and exp_avg_sq must be {moment_dtype} (that "
+                             f"of exp_avgs[0]); tensor {i} has {m.dtype} and {v.dtype}")
+        if not (p.shape == g.shape == m.shape == v.shape):
+            raise ValueError(f"{op}: tensor {i} has shapes param {tuple(p.shape)}, grad "
+                             f"{tuple(g.shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq "
+                             f"{tuple(v.shape)}; they must be equal")
+    return moment_dtype
+
+
 def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                 step: float, lr: float, beta1: float, beta2: float, eps: float,
@@ -29,35 +64,19 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         params: float32 tensors, updated in place.
         grads: float32 tensors, one per param, same shapes; read only.
         exp_avgs, exp_avg_sqs: the first and second moments, one per param, same shapes, all
-            float32 or all bfloat16; updated in place.
+            float32 or all bfloat16 (the dtype of ``exp_avgs[0]``); updated in place.
         step: the step number this update completes (1 for the first), the same for all tensors.
         lr, beta1, beta2, eps, weight_decay: the hyperparameters (decoupled weight decay:
             ``p *= 1 - lr * weight_decay``).
         grad_coef: optional 0-dim floating tensor on the params' device; every gradient is
             multiplied by it (in float32) before use: the gradient-clipping factor.
     """
-    n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
-        raise ValueError(f"adamw_step_: params, grads, exp_avgs, exp_avg_sqs must have equal "
-                         f"lengths, got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}")
-    if step < 1:
-        raise ValueError(f"adamw_step_: step must be >= 1 (the step this update completes), "
-                         f"got {step}")
+    check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, step)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     step_size = lr / bias_correction1
     coef = None
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        if p.dtype != torch.float32 or g.dtype != torch.float32:
-            raise ValueError(f"adamw_step_: params[{i}] and grads[{i}] must be float32, got "
-                             f"{p.dtype} and {g.dtype}")
-        if m.dtype not in _MOMENT_DTYPES or v.dtype != m.dtype:
-            raise ValueError(f"adamw_step_: exp_avgs[{i}] and exp_avg_sqs[{i}] must both be "
-                             f"float32 or both bfloat16, got {m.dtype} and {v.dtype}")
-        if not (p.shape == g.shape == m.shape == v.shape):
-            raise ValueError(f"adamw_step_: tensor {i} has shapes param {tuple(p.shape)}, grad "
-                             f"{tuple(g.shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq "
-                             f"{tuple(v.shape)}; they must be equal")
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
         if grad_coef is not None:
             if coef is None:
                 coef = grad_coef.to(torch.float32)
