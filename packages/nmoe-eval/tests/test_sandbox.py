@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from nmoe_eval.sandbox import capabilities, run_python
+from nmoe_eval.sandbox import OUTPUT_LIMIT, capabilities, run_python
 
 CAPS = capabilities()
 
@@ -52,6 +52,20 @@ def test_memory_hog_hits_the_memory_limit():
     code = "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n"
     res = run_python(code, timeout_s=10, memory_mb=256)
     assert res.status == "memory_limit" and res.elapsed_s < 5.0, res
+
+
+@pytest.mark.parametrize("code", [
+    "import sys\nwhile True:\n    sys.stdout.write('y' * 65536)\n",
+    "import sys\nwhile True:\n    sys.stderr.write('e' * 65536)\n",
+    "with open('big.bin', 'wb') as f:\n    for _ in range(64):\n        f.write(b'x' * 2**20)\n",
+])
+def test_writing_past_the_file_size_limit_is_output_limit(code):
+    """Python ignores SIGXFSZ, so the write fails with EFBIG (before: reported as ``failed``)."""
+    res = run_python(code, timeout_s=10)
+    assert res.status == "output_limit" and res.elapsed_s < 5.0, res
+    assert len(res.stdout.encode()) <= OUTPUT_LIMIT and len(res.stderr.encode()) <= OUTPUT_LIMIT
+    plain = run_python("import sys\nsys.stdout.write('y' * 1000)\nsys.exit(1)\n", timeout_s=10)
+    assert plain.status == "failed" and plain.stdout == "y" * 1000
 
 
 def test_sleeping_children_die_with_the_group():

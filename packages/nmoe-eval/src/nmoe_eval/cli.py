@@ -6,8 +6,11 @@
 
 Prints a table (a progress bar per task while running) and writes JSON: ``{"suite", "checkpoint",
 "step", "tasks": [{"task", "suite", "n", "elapsed_s", metrics...}], "core": {"score",
-"num_tasks", "missing", "offline_subset", "bundle"}, "elapsed_s"}``. The default output file is
-``RUN_DIR/eval/step_XXXXXXX/eval.json`` for a checkpoint inside a run directory.
+"num_tasks", "missing", "offline_subset", "bundle"}, "elapsed_s", "complete"}``. The default output
+file is ``RUN_DIR/eval/step_XXXXXXX/eval.json`` for a checkpoint inside a run directory. An
+existing output file is never replaced without ``--overwrite`` (checked before anything runs).
+The file is rewritten (atomically) after every task with ``"complete": false``, so a run that is
+interrupted or fails on a later task keeps the tasks it finished.
 
 Heavy imports (torch) happen inside the verbs, so ``n --help`` stays fast.
 """
@@ -61,13 +64,53 @@ def format_table(report) -> str:
     return "\n".join(lines)
 
 
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` that is >= ``low``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def _check_out(out: Path, overwrite: bool) -> str | None:
+    """Why the JSON cannot be written to ``out``, or None."""
+    if out.is_dir():
+        return f"--out {out} is a directory; name a file, e.g. {out / 'eval.json'}"
+    if out.exists() and not overwrite:
+        return (f"{out} already exists (an earlier evaluation); pass --overwrite to replace it, "
+                f"or name another file with --out")
+    return None
+
+
+def _check_device(device: str) -> str | None:
+    """Why ``device`` cannot run the evaluation, or None."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU is visible here; use --device cpu"
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
 def _default_out(step_dir: Path, step: int) -> Path:
     if step_dir.parent.name == "checkpoints":
         return step_dir.parent.parent / "eval" / f"step_{step:07d}" / "eval.json"
     return Path(f"eval_step_{step:07d}.json")
 
 
-def _report_json(report, args, info, device: str) -> dict:
+def _report_json(report, args, info, device: str, complete: bool) -> dict:
     suites = sorted({r.suite for r in report.results})
     return {
         "suite": "+".join(suites),
@@ -83,6 +126,7 @@ def _report_json(report, args, info, device: str) -> dict:
                    **({"samples": r.samples} if r.samples else {})} for r in report.results],
         "core": report.core,
         "elapsed_s": report.elapsed_s,
+        "complete": complete,
     }
 
 
@@ -97,22 +141,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: core, core:<label>, mmlu, mmlu_pro, arc_easy, "
                         "arc_challenge, hellaswag, boolq, openbookqa, winogrande, copa, piqa, "
                         "gsm8k, gpqa, humaneval (default: core)")
-    p.add_argument("--max-examples", type=int, default=None, help="examples per task at most")
+    p.add_argument("--max-examples", type=_at_least(1), default=None,
+                   help="examples per task at most")
     p.add_argument("--out", type=Path, default=None, help="JSON output file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1")
     p.add_argument("--bundle", type=Path, default=None,
                    help="CORE bundle dir (default ~/.cache/nmoe/eval/eval_bundle)")
     p.add_argument("--source", default="auto", choices=["auto", "offline", "online"],
                    help="data for non-CORE tasks")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=_at_least(2), default=None,
                    help="context tokens (default: the checkpoint's training seq_len)")
-    p.add_argument("--batch-tokens", type=int, default=None,
+    p.add_argument("--batch-tokens", type=_at_least(1), default=None,
                    help="padded tokens per forward (default 8192 CPU, 65536 GPU)")
-    p.add_argument("--shots", type=int, default=None, help="few-shot count of generation tasks")
-    p.add_argument("--samples", type=int, default=1, help="completions per prompt (pass@k)")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--shots", type=_at_least(0), default=None,
+                   help="few-shot count of generation tasks")
+    p.add_argument("--samples", type=_at_least(1), default=1,
+                   help="completions per prompt (pass@k)")
+    p.add_argument("--temperature", type=_at_least(0.0, float), default=None,
                    help="0 = greedy (default; 0.8 when --samples > 1)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=None)
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -156,21 +204,32 @@ def eval_main(argv: list[str]) -> int:
     import torch
 
     from nmoe_eval.checkpoint import load_checkpoint
-    from nmoe_eval.runner import EvalOptions, Evaluator, parse_tasks
+    from nmoe_eval.offline import _write_atomic
+    from nmoe_eval.runner import EvalOptions, EvalReport, Evaluator, parse_tasks
+    from nmoe_eval.tasks.sources import TaskDataError
+
+    def fail(message: str) -> int:
+        print(f"n eval: {message}", file=sys.stderr)
+        return 2
 
     try:
         names = parse_tasks(args.tasks)
     except ValueError as e:
-        print(f"n eval: {e}", file=sys.stderr)
-        return 2
+        return fail(f"--tasks: {e}")
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = _check_device(device) or (args.out and _check_out(args.out, args.overwrite))
+    if problem:
+        return fail(problem)
     try:
         model, info = load_checkpoint(args.checkpoint, device=device)
     except (FileNotFoundError, ValueError) as e:
-        print(f"n eval: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
+    out = args.out or _default_out(info.path, info.step)
+    problem = _check_out(out, args.overwrite)
+    if problem:
+        return fail(problem)
     gpu = torch.device(device).type == "cuda"
     options = EvalOptions(
         max_examples=args.max_examples, max_len=args.max_len or info.seq_len,
@@ -181,12 +240,31 @@ def eval_main(argv: list[str]) -> int:
     )
     print(f"n eval: {info.path} (step {info.step}, {info.model_config.tokenizer}) on {device}; "
           f"tasks {args.tasks}", file=sys.stderr)
-    evaluator = Evaluator(model, info.model_config.tokenizer, options, device=device)
-    report = evaluator.run(names)
+    try:
+        evaluator = Evaluator(model, info.model_config.tokenizer, options, device=device)
+    except ValueError as e:
+        return fail(f"--max-len: {e}")
+
+    def write(report, complete: bool) -> None:
+        data = _report_json(report, args, info, device, complete)
+        _write_atomic(out, json.dumps(data, indent=2) + "\n")
+
+    done = EvalReport()  # the finished tasks, written after each one
+
+    def on_result(result) -> None:
+        done.results.append(result)
+        write(done, complete=False)
+
+    try:
+        report = evaluator.run(names, on_result=on_result)
+    except (FileNotFoundError, TaskDataError) as e:
+        kept = (f"; the {len(done.results)} finished task(s) are in {out}" if done.results
+                else "")
+        return fail(f"{e}{kept}")
     print(format_table(report))
-    out = args.out or _default_out(info.path, info.step)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_report_json(report, args, info, device), indent=2) + "\n")
+    if not report.results:
+        return fail("no task was evaluated (their data is missing, see above); nothing written")
+    write(report, complete=True)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

