@@ -24,8 +24,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_common import finish_report  # same directory
-from bench_quant_permute import median_ms  # same directory: CUDA-event median timing
+from bench_common import finish_report, median_ms  # same directory
 
 import nmoe_kernels
 

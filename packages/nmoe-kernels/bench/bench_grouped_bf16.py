@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+from bench_common import median_ms  # same directory
 
 import nmoe_kernels
 from nmoe_kernels import grouped_gemm
@@ -36,21 +36,6 @@ SHAPES = {
     "moonlight": (16384, 6, 2048, 1408, 64),
     "dsv3-local": (8192, 8, 7168, 2048, 32),
 }
-
-
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -187,7 +172,7 @@ def bench_shape(name: str, iters: int, raster_experiment: bool = False) -> list[
     for op, flops, ours, baseline in cases:
         got, want = ours(), baseline()
         agree = rel_rms(got, want)
-        ms, base_ms = median_ms(ours, iters), median_ms(baseline, iters)
+        ms, base_ms = median_ms(ours, iters, 3), median_ms(baseline, iters, 3)
         results.append(
             dict(
                 op=op,

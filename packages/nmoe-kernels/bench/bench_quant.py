@@ -11,29 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from bench_common import median_ms  # same directory
 
 import nmoe_kernels
 from nmoe_kernels import reference as ref
 
 SHAPES = [(4096, 7168), (16384, 7168), (32768, 2048)]
-
-
-def median_ms(fn, iters: int = 50, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -65,7 +50,7 @@ def main() -> None:
                 ),
             ]
             for op, nbytes, kernel, baseline in cases:
-                ms, ref_ms = median_ms(kernel), median_ms(baseline, iters=10, warmup=2)
+                ms, ref_ms = median_ms(kernel, 50, 10), median_ms(baseline, iters=10, warmup=2)
                 row = dict(
                     op=op,
                     shape=[num_rows, num_cols],

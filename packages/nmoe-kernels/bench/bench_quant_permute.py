@@ -22,27 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
+from bench_common import median_ms  # same directory
 
 import nmoe_kernels
 from nmoe_kernels import reference as ref
-
-
-def median_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def weight_cases(quick: bool):
