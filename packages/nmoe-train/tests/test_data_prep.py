@@ -268,32 +268,60 @@ def test_verify_names_a_corrupted_file(tmp_path: Path, seed: int):
         verify(tmp_path / "out", checksums=False)
 
 
-def test_failed_prep_leaves_no_manifest(tmp_path: Path, seed: int):
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(directory)): f.read_bytes()
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def test_failed_prep_keeps_the_existing_dataset(tmp_path: Path, monkeypatch, seed: int):
     rng = random.Random(seed)
     # 1200 documents: three tokenizer batches, so shards are written before line 1201 fails.
     good = "".join(json.dumps({"text": _random_doc(rng)}) + "\n" for _ in range(1200))
     (tmp_path / "a.jsonl").write_text(good)
-    prepare(tmp_path / "a.jsonl", tmp_path / "out", shard_tokens=500, progress=False)
+    out = tmp_path / "out"
+    prepare(tmp_path / "a.jsonl", out, shard_tokens=500, progress=False)
+    before = _files(out)
     with pytest.raises(DataError, match="already holds a prepared dataset"):
-        prepare(tmp_path / "a.jsonl", tmp_path / "out", progress=False)
-    # A source that breaks after several shards were written: the old manifest is gone and no
-    # new one appears, so nothing points at the partial files.
+        prepare(tmp_path / "a.jsonl", out, progress=False)
+    # --overwrite with a source that breaks after several shards were written, with one that
+    # yields nothing, and Ctrl-C in the middle: the dataset already there stays, byte for byte.
     (tmp_path / "a.jsonl").write_text(good + "{not json\n")
     with pytest.raises(DataError, match=r"a\.jsonl:1201: invalid JSON"):
-        prepare(tmp_path / "a.jsonl", tmp_path / "out", shard_tokens=500, overwrite=True,
-                progress=False)
-    assert not (tmp_path / "out" / "manifest.json").exists()
-    assert list((tmp_path / "out" / "train").glob("*.npy")), "expected partial shards"
-    with pytest.raises(DataError, match="no manifest"):
-        verify(tmp_path / "out")
-    # A re-run cleans the leftovers without --overwrite; a foreign directory is refused.
+        prepare(tmp_path / "a.jsonl", out, shard_tokens=500, overwrite=True, progress=False)
+    assert _files(out) == before, f"seed={seed}"
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no non-empty documents"):
+        prepare(tmp_path / "empty.jsonl", out, overwrite=True, progress=False)
+    assert _files(out) == before, f"seed={seed}"
+    from nmoe_train.data import prep
+
     (tmp_path / "a.jsonl").write_text(good)
-    prepare(tmp_path / "a.jsonl", tmp_path / "out", progress=False)
-    verify(tmp_path / "out")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(prep, "unigram_entropy", interrupt)  # after every shard is written
+        with pytest.raises(KeyboardInterrupt):
+            prepare(tmp_path / "a.jsonl", out, overwrite=True, progress=False)
+    assert _files(out) == before, f"seed={seed}"
+    verify(out)
+    # A failed prep into a new directory leaves no directory behind.
+    with pytest.raises(DataError, match="no non-empty documents"):
+        prepare(tmp_path / "empty.jsonl", tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
+    # A killed prep's leftovers (no manifest, partial shards, the staging directory) are
+    # cleaned by a re-run without --overwrite; a foreign directory is refused.
+    (out / "manifest.json").unlink()
+    (out / "prep.tmp" / "train").mkdir(parents=True)
+    (out / "prep.tmp" / "train" / "shard-00000.npy").write_bytes(b"partial")
+    prepare(tmp_path / "a.jsonl", out, progress=False)
+    verify(out)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train", "val"]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(DataError, match="not an nmoe dataset"):
         prepare(tmp_path / "a.jsonl", tmp_path / "mine", overwrite=True, progress=False)
+    assert _files(tmp_path / "mine") == {"thesis.tex": b"precious"}
 
 
 def test_offline_hub_name_gives_clear_error(tmp_path: Path, monkeypatch, capsys, seed: int):

@@ -112,3 +112,53 @@ def test_fields_added_later_keep_old_fingerprints_at_their_neutral_value():
         }
         old = hashlib.sha256(json.dumps(math, sort_keys=True).encode()).hexdigest()[:16]
         assert cfg.fingerprint() == old, name
+
+
+def test_toml_unknown_key_names_the_nearest_and_unreadable_files_name_the_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "tiny"\nstpes = 5\n[optimizer]\nlr = 1\n'
+                    '[[data.sources]]\npth = "/x"\n[parallel]\nfoo = 1\n')
+    with pytest.raises(ConfigFileError) as info:
+        load_toml(path)
+    message = str(info.value)
+    assert "stpes: unknown key; did you mean steps" in message, message
+    assert "optimizer: unknown key; did you mean optim" in message, message
+    assert "data.sources.0.pth: unknown key; did you mean path" in message, message
+    assert "parallel.foo: unknown key; valid keys here: expert_parallel, dispatcher" in message
+    (tmp_path / "dir.toml").mkdir()
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00steps = 3\n")
+    for bad in ("dir.toml", "binary.toml"):
+        with pytest.raises(ConfigFileError, match=f"config file .*{bad} cannot be read"):
+            resolve_config(str(tmp_path / bad), [])
+    path.write_text('preset = "tinyy"\n')
+    with pytest.raises(ConfigFileError, match=r"run\.toml: preset: unknown preset 'tinyy'"):
+        load_toml(path)
+
+
+def test_data_sources_override_syntax_errors_show_the_quoting():
+    # What the shell leaves of data.sources=[{"path": "/d"}] without single quotes around it.
+    for value in ('[{path: /d}]', '/data/fineweb', '{"path": "/d"}'):
+        with pytest.raises(ConfigFileError) as info:
+            resolve_config("tiny", [f"data.sources={value}"])
+        message = str(info.value)
+        assert message.startswith(f"data.sources={value!r}"), message
+        assert """data.sources='[{"path": "/data/fineweb", "weight": 3}""" in message, message
+    with pytest.raises(ConfigFileError, match="model.moe.n_routed_experts=.*not valid JSON"):
+        resolve_config("tiny", ["model.moe.n_routed_experts=[1,"])
+    with pytest.raises(ValueError, match="data.sources: List should have at least 1 item"):
+        resolve_config("tiny", ["data.sources=[]"])
+    cfg = resolve_config("tiny", ['data.sources=[{"path": "/d", "weight": 2}]'])
+    assert [(s.path, s.weight) for s in cfg.data.sources] == [("/d", 2.0)]
+
+
+def test_fingerprint_changes_name_each_changed_field():
+    base = preset_config("tiny")
+    changed = resolve_config("tiny", ["optim.lr_dense=1e-2", "seed=7", "steps=5",
+                                      'data.sources=[{"path": "/d"}]', "data.data_root=/x"])
+    assert changed.fingerprint_changes(base.model_dump(mode="json")) == [
+        'data.sources: [{"path": "builtin:shakespeare", "weight": 1.0}] -> '
+        '[{"path": "/d", "weight": 1.0}]',
+        f"optim.lr_dense: {base.optim.lr_dense} -> 0.01",
+        "seed: 0 -> 7",
+    ]
+    assert base.fingerprint_changes(base.model_dump(mode="json")) == []

@@ -32,6 +32,27 @@ def _resolve(spec: str, overrides: list[str]):
         return None, str(err)
 
 
+def _train(cfg, run_dir: str | None = None):
+    """Build and run a `Trainer`: ``(trainer, result)``, or ``(None, exit code)`` after one
+    ``error:`` line for a config, data or checkpoint problem (2) or Ctrl-C (130)."""
+    from nmoe_train.checkpoint import CheckpointError
+    from nmoe_train.config import ConfigFileError
+    from nmoe_train.data import DataError
+    from nmoe_train.distributed import shutdown_distributed
+    from nmoe_train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, run_dir=run_dir)
+        result = trainer.run()
+    except (ConfigFileError, DataError, CheckpointError) as err:
+        return None, _fail(str(err))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return None, 130
+    shutdown_distributed()
+    return trainer, result
+
+
 def train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="n train", description="Train a model from a preset or a TOML config."
@@ -42,18 +63,16 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--run-dir", help="run directory (default: runs_root/run_name)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as JSON and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg, error = _resolve(args.config, args.overrides)
     if error:
         return _fail(error)
     if args.print_config:
         print(cfg.model_dump_json(indent=2))
         return 0
-    from nmoe_train.distributed import shutdown_distributed
-    from nmoe_train.trainer import Trainer
-
-    result = Trainer(cfg, run_dir=args.run_dir).run()
-    shutdown_distributed()
+    trainer, result = _train(cfg, run_dir=args.run_dir)
+    if trainer is None:
+        return result
     return 0 if result.status in ("completed", "target_reached", "time_limit") else 1
 
 
@@ -68,7 +87,7 @@ def speedrun_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     parser.add_argument("--leaderboard", action="store_true", help="only print the leaderboard")
     parser.add_argument("--runs-root", default=None, help="where runs and the leaderboard live")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from nmoe_train.speedrun import (
         add_entry,
         format_leaderboard,
@@ -85,8 +104,11 @@ def speedrun_main(argv: list[str]) -> int:
     if args.runs_root:
         overrides.append(f"runs_root={args.runs_root}")
     if args.leaderboard:
-        path = leaderboard_path(args.runs_root or "runs")
-        print(format_leaderboard(read_leaderboard(path)))
+        try:
+            board = read_leaderboard(leaderboard_path(args.runs_root or "runs"))
+        except ValueError as err:
+            return _fail(str(err))
+        print(format_leaderboard(board))
         return 0
     import torch
 
@@ -101,17 +123,20 @@ def speedrun_main(argv: list[str]) -> int:
         return _fail(f"preset {preset!r} has no target_loss; pass target_loss=VALUE")
     if cfg.val_every == 0:
         return _fail("a speedrun needs validation: set val_every > 0")
+    try:  # a board that cannot take the entry is found now, not after the training
+        read_leaderboard(leaderboard_path(cfg.runs_root))
+    except ValueError as err:
+        return _fail(str(err))
     import time
 
     if cfg.run_name is None:
         cfg = cfg.model_copy(update={"run_name": f"speedrun-{preset}-{int(time.time())}",
                                      "resume": False})
-    from nmoe_train.distributed import shutdown_distributed
-    from nmoe_train.trainer import Trainer, _hardware_name
+    from nmoe_train.trainer import _hardware_name
 
-    trainer = Trainer(cfg)
-    result = trainer.run()
-    shutdown_distributed()
+    trainer, result = _train(cfg)
+    if trainer is None:
+        return result
     if trainer.dist.is_main:
         result.val_history = trainer.val_history
         entry = make_entry(cfg, result, _hardware_name(trainer.device),
@@ -120,8 +145,9 @@ def speedrun_main(argv: list[str]) -> int:
         board = add_entry(leaderboard_path(cfg.runs_root), entry)
         print(format_leaderboard(board))
         verdict = "reached" if result.target_reached else "did NOT reach"
+        loss = entry["final_loss"]
         print(f"\nspeedrun {preset}: {verdict} target {cfg.target_loss} "
-              f"(val loss {entry['final_loss']:.4f}) in {entry['steps']} steps, "
+              f"(val loss {'none' if loss is None else f'{loss:.4f}'}) in {entry['steps']} steps, "
               f"{entry['wall_time_s']:.1f} s of training", file=sys.stderr)
     return 0 if result.target_reached else 1
 

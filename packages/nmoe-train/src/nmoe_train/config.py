@@ -13,13 +13,14 @@ so a run can be resumed with a larger ``steps``.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -43,7 +44,7 @@ class DataConfig(_Config):
     """Where tokens come from. ``sources`` is a weighted mixture (one source: weight ignored)."""
 
     sources: list[DataSourceConfig] = Field(
-        default_factory=lambda: [DataSourceConfig(path="builtin:shakespeare")]
+        default_factory=lambda: [DataSourceConfig(path="builtin:shakespeare")], min_length=1
     )
     val_source: str | None = Field(
         None, description="dataset for validation; default: the first source's val split"
@@ -151,22 +152,50 @@ class TrainConfig(_Config):
         A field added after checkpoints existed is left out while it has the value that
         reproduces the old behaviour (`_FINGERPRINT_NEUTRAL`), so upgrading keeps those runs
         resumable; any other value changes the fingerprint."""
-        optim = self.optim.model_dump(mode="json")
-        for field, neutral in _FINGERPRINT_NEUTRAL["optim"].items():
-            if optim.get(field) == neutral:
-                del optim[field]
-        math = {
-            "model": self.model.model_dump(mode="json"),
-            "optim": optim,
-            "data": self.data.model_dump(mode="json", exclude={"data_root"}),
-            "seq_len": self.seq_len,
-            "global_batch": self.global_batch,
-            "seed": self.seed,
-            "precision": self.precision,
-            "expert_parallel": self.parallel.expert_parallel,
-        }
-        blob = json.dumps(math, sort_keys=True).encode()
+        blob = json.dumps(_math_fields(self.model_dump(mode="json")), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def fingerprint_changes(self, old: dict[str, Any]) -> list[str]:
+        """What differs in the fingerprinted fields between ``old`` (a config as saved with a
+        checkpoint, ``model_dump(mode="json")``) and this config: ``"optim.lr_dense: 0.003 ->
+        0.001"`` per changed leaf, dotted as in overrides."""
+        before = _flatten(_math_fields(old))
+        after = _flatten(_math_fields(self.model_dump(mode="json")))
+        return [f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+                for key in sorted(before.keys() | after.keys())
+                if before.get(key) != after.get(key)]
+
+
+def _math_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a dumped config (``TrainConfig.model_dump(mode="json")``) that the
+    fingerprint hashes, keyed as the fingerprint has always keyed it."""
+    optim = dict(config.get("optim", {}))
+    for field, neutral in _FINGERPRINT_NEUTRAL["optim"].items():
+        if optim.get(field) == neutral:
+            del optim[field]
+    data = {k: v for k, v in config.get("data", {}).items() if k != "data_root"}
+    return {
+        "model": config.get("model"),
+        "optim": optim,
+        "data": data,
+        "seq_len": config.get("seq_len"),
+        "global_batch": config.get("global_batch"),
+        "seed": config.get("seed"),
+        "precision": config.get("precision"),
+        "expert_parallel": config.get("parallel", {}).get("expert_parallel"),
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted leaves of a nested dict; lists stay whole (``data.sources``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +245,9 @@ _VAR = re.compile(r"\$\{([^}:]*)(?::-([^}]*))?\}")
 
 
 class ConfigFileError(ValueError):
-    """A config file is unreadable or uses a variable it may not."""
+    """The config cannot be used: an unreadable or invalid file, a variable it may not use, a
+    malformed override, or settings this machine or world size cannot run; the message names
+    the field and the fix."""
 
 
 def expand_variables(value: Any, where: str = "") -> Any:
@@ -263,22 +294,50 @@ def load_toml(path: Path) -> TrainConfig:
     """Read a TOML config. A top-level ``preset = "NAME"`` starts from that preset and the rest
     of the file overrides it; otherwise the file must give ``model`` and ``optim`` in full."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigFileError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigFileError(f"config file {path} cannot be read ({err}); pass a UTF-8 TOML "
+                              "file") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigFileError(f"{path}: invalid TOML: {err}") from None
     raw = expand_variables(raw)
     preset = raw.get("preset")
     if preset and preset != "custom":
-        raw = _deep_merge(preset_config(preset).model_dump(), raw)
+        try:
+            raw = _deep_merge(preset_config(preset).model_dump(), raw)
+        except ValueError as err:
+            raise ConfigFileError(f"{path}: preset: {err}") from None
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(_describe_error(e) for e in err.errors())
         raise ConfigFileError(f"{path}: {problems}") from None
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error as ``dotted.key: what is wrong``; an unknown key gets the nearest
+    valid keys of its table."""
+    loc = error["loc"]
+    where = ".".join(str(p) for p in loc) or "(config)"
+    if error["type"] != "extra_forbidden":
+        return f"{where}: {error['msg']}"
+    node: Any = TrainConfig
+    try:
+        for part in loc[:-1]:
+            if isinstance(part, int):
+                continue
+            node = node.model_fields[part].annotation
+            while not (isinstance(node, type) and issubclass(node, BaseModel)):
+                node = next(a for a in get_args(node) if a is not type(None))  # list[X], X | None
+    except (KeyError, StopIteration):  # a table this walk does not know: no suggestion
+        return f"{where}: unknown key"
+    valid = list(node.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.5)
+    hint = (f"did you mean {', '.join(close)}?" if close else
+            f"valid keys here: {', '.join(valid)}")
+    return f"{where}: unknown key; {hint}"
 
 
 def resolve_config(spec: str, overrides: list[str]) -> TrainConfig:
@@ -296,5 +355,31 @@ def resolve_config(spec: str, overrides: list[str]) -> TrainConfig:
         if "=" not in item:
             raise ConfigFileError(f"override {item!r} is not key=value (e.g. steps=100)")
         key, value = item.split("=", 1)
-        parsed[key.strip()] = value
+        key = key.strip()
+        _check_json_syntax(key, value)
+        parsed[key] = value
     return apply_overrides(cfg, parsed) if parsed else cfg
+
+
+_SOURCES_EXAMPLE = ("""data.sources='[{"path": "/data/fineweb", "weight": 3}, """
+                    """{"path": "builtin:shakespeare"}]'""")
+
+
+def _check_json_syntax(key: str, value: str) -> None:
+    """A list or table override must be JSON; the shell eating its double quotes is the usual
+    cause when it is not, so say how to quote it."""
+    text = value.strip()
+    if key == "data.sources" and not text.startswith("["):
+        raise ConfigFileError(f"data.sources={value!r}: data.sources is a JSON list of "
+                              f"{{path, weight}} tables, e.g. {_SOURCES_EXAMPLE}")
+    if not text.startswith(("[", "{")):
+        return
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        example = f"; e.g. {_SOURCES_EXAMPLE}" if key == "data.sources" else ""
+        raise ConfigFileError(
+            f"{key}={value!r} is not valid JSON ({err.msg} at character {err.pos + 1}): strings "
+            f"need double quotes, so put single quotes around the whole override to keep the "
+            f"shell from removing them{example}"
+        ) from None

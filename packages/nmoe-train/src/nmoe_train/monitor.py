@@ -410,7 +410,7 @@ def mon_main(argv: Sequence[str] | None = None) -> int:
         except FileNotFoundError as e:
             return None, str(e)
         except sqlite3.DatabaseError as e:  # e.g. the writer holds a lock for too long
-            return None, f"cannot read {db} right now ({e}); retrying"
+            return None, f"cannot read {db} ({e})" + ("" if args.once else "; retrying")
         if snap is None:
             return None, f"no run in {db} yet" if args.run is None else \
                 f"no run {args.run!r} in {db}"

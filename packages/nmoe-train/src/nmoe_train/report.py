@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import html
 import math
+import sqlite3
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -400,6 +401,10 @@ def viz_main(argv: Sequence[str] | None = None) -> int:
         text = render_report(db, args.run, max_points=max(args.max_points, 2))
     except (FileNotFoundError, RunNotFoundError) as e:
         print(f"n viz: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as e:
+        print(f"n viz: cannot read {db} ({e}); pass a run directory or the metrics.db that "
+              "`n train` writes in it", file=sys.stderr)
         return 1
     out = Path(args.out) if args.out else db.parent / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,8 @@ from nmoe_core.model import Transformer
 from nmoe_core.moe import resolve_backend
 from nmoe_core.progress import Progress, format_count, format_duration
 from nmoe_core.weights import flatten_optimizer_state, unflatten_optimizer_state
-from nmoe_train.checkpoint import Checkpointer
-from nmoe_train.config import TrainConfig
+from nmoe_train.checkpoint import Checkpointer, CheckpointError, list_checkpoints
+from nmoe_train.config import ConfigFileError, TrainConfig
 from nmoe_train.distributed import (
     DistInfo,
     SingleProcessOptimizer,
@@ -149,6 +149,8 @@ class Trainer:
             self.eval_hook = require_eval_hook()
         if cfg.resume:
             self._maybe_resume()
+        else:
+            self._refuse_overwrite()
 
     # ----------------------------------------------------------------------------------------
     # Setup
@@ -156,7 +158,8 @@ class Trainer:
     def _device_kind(self) -> str:
         want = self.cfg.device
         if want == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but torch sees no CUDA GPU")
+            raise ConfigFileError("device=cuda was asked for but torch sees no CUDA GPU; use "
+                                  "device=auto or device=cpu")
         if want == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return want
@@ -275,14 +278,14 @@ class Trainer:
 
         cfg, info = self.cfg, self.dist
         if cfg.global_batch % info.world_size:
-            raise ValueError(
+            raise ConfigFileError(
                 f"global_batch={cfg.global_batch} must be divisible by the world size "
                 f"{info.world_size}"
             )
         self.local_batch = cfg.global_batch // info.world_size
         self.micro_batch = cfg.micro_batch or self.local_batch
         if self.local_batch % self.micro_batch:
-            raise ValueError(
+            raise ConfigFileError(
                 f"micro_batch={self.micro_batch} must divide the per-rank batch "
                 f"{self.local_batch} (global_batch / world_size)"
             )
@@ -299,6 +302,34 @@ class Trainer:
         self.val_dataset = Path(cfg.data.val_source).expanduser() if cfg.data.val_source else (
             datasets[0][0]
         )
+        self._check_tokenizer(self.train_loader, datasets[0][0])
+        if cfg.val_every:  # a missing or too small val split fails now, not at the first val
+            self._check_tokenizer(self._val_loader(), self.val_dataset)
+
+    def _check_tokenizer(self, loader, path: Path) -> None:
+        """The data's token ids must be the model's: same tokenizer, ids below vocab_size."""
+        from nmoe_core.tokenizer import TOKENIZER_NAMES
+        from nmoe_train.data import DataError
+
+        model = self.cfg.model
+        named = model.tokenizer in TOKENIZER_NAMES
+        if loader.n_vocab > model.vocab_size or (named and loader.tokenizer != model.tokenizer):
+            raise DataError(
+                f"{path} was prepared with tokenizer {loader.tokenizer} ({loader.n_vocab} ids) "
+                f"but the model has model.tokenizer={model.tokenizer}, model.vocab_size="
+                f"{model.vocab_size}: prepare the data with `n data prep ... --tokenizer "
+                f"{model.tokenizer}`, or train a model for {loader.tokenizer} "
+                f"(model.tokenizer={loader.tokenizer} and a vocab_size >= {loader.n_vocab})"
+            )
+
+    def _val_loader(self):
+        """A fresh loader over the first ``val_sequences`` windows of the val split."""
+        from nmoe_train.data import TokenLoader
+
+        cfg, info = self.cfg, self.dist
+        val_global = max(info.world_size, cfg.val_sequences // info.world_size * info.world_size)
+        return TokenLoader(self.val_dataset, "val", cfg.seq_len, val_global, info.rank,
+                           info.world_size, seed=0, shuffle=False)
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
@@ -342,28 +373,53 @@ class Trainer:
         }
         self.checkpointer.save(self.step, shared, local, meta, rank_meta)
 
+    def _finalised_checkpoints(self) -> list[Path]:
+        return [path for _, path in list_checkpoints(self.checkpointer.root)
+                if not path.name.endswith(".tmp")]
+
+    def _refuse_overwrite(self) -> None:
+        """resume=false starts at step 0, and its saves would replace this run directory's
+        checkpoints of the same steps and prune the rest: refuse while there are any."""
+        found = self._finalised_checkpoints()
+        if found:
+            raise CheckpointError(
+                f"{self.checkpointer.root} holds checkpoints ({', '.join(p.name for p in found)})"
+                f" and resume=false would overwrite them: use another run_name (or --run-dir) "
+                f"for a new run, resume=true to continue this one, or move {self.run_dir} away"
+            )
+
     def _maybe_resume(self) -> None:
         latest = self.checkpointer.latest()
         for problem in self.checkpointer.problems:
             self._print(f"checkpoint skipped: {problem}")
         if latest is None:
+            if self._finalised_checkpoints():  # starting over would overwrite them
+                raise CheckpointError(
+                    f"no usable checkpoint in {self.checkpointer.root}: "
+                    f"{'; '.join(self.checkpointer.problems)}. Starting at step 0 would overwrite"
+                    f" them: move them out of {self.checkpointer.root} to start this run over, "
+                    f"or use another run_name (or --run-dir) for a new run"
+                )
             return
         shared, local, meta, rank_meta = self.checkpointer.load(latest, device=self.device)
         if meta["fingerprint"] != self.fingerprint:
-            raise RuntimeError(
+            changes = self.cfg.fingerprint_changes(meta.get("config") or {})
+            raise CheckpointError(
                 f"{latest} was written by a run with config fingerprint {meta['fingerprint']}, "
-                f"this config has {self.fingerprint}: model, optimizer or data order changed. "
-                f"Use another run_name, or resume=false to start over"
+                f"this config has {self.fingerprint}: "
+                + ("; ".join(changes) if changes else "model, optimizer or data order changed")
+                + ". Undo the change to resume this run, or use another run_name (or --run-dir)"
+                " to start a new one"
             )
         state = {**shared, **{k: v for k, v in local.items() if "/" not in k}}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise RuntimeError(f"{latest}: model state mismatch (missing {missing}, unexpected "
-                               f"{unexpected})")
+            raise CheckpointError(f"{latest}: model state mismatch (missing {missing}, "
+                                  f"unexpected {unexpected})")
         if rank_meta.get("optimizer") is None:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{latest} holds weights only (written with checkpoint_optimizer=false) and cannot"
-                f" be resumed exactly; use resume=false to start a new run"
+                f" be resumed exactly; use another run_name (or --run-dir) to start a new run"
             )
         opt_tensors = {k[len("optimizer/"):]: v for k, v in local.items()
                        if k.startswith("optimizer/")}
@@ -482,13 +538,7 @@ class Trainer:
         """Mean next-token loss over the first ``val_sequences`` windows of the val split."""
         if self.val_dataset is None:
             return None
-        from nmoe_train.data import TokenLoader
-
-        cfg, info = self.cfg, self.dist
-        val_global = max(info.world_size, cfg.val_sequences // info.world_size * info.world_size)
-        loader = TokenLoader(self.val_dataset, "val", cfg.seq_len, val_global, info.rank,
-                             info.world_size, seed=0, shuffle=False)
-        inputs, targets = loader.next_batch()
+        inputs, targets = self._val_loader().next_batch()
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for start in range(0, inputs.shape[0], self.micro_batch):
@@ -651,6 +701,9 @@ class Trainer:
                 if status != "running":
                     break
                 status = "completed"
+        except BaseException as err:
+            self._abort(err)
+            raise
         finally:
             if progress is not None:
                 progress.close()
@@ -690,6 +743,29 @@ class Trainer:
         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
             self.save_checkpoint()
         return result
+
+    def _abort(self, err: BaseException) -> None:
+        """The loop is unwinding ``err`` (Ctrl-C included): finalise the checkpoint being written
+        (an earlier, complete step; only where no other rank must join its barriers) and mark
+        the run ``interrupted`` or ``failed`` in the metrics, so the run directory resumes from
+        its newest checkpoint and says how it ended."""
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        try:
+            self.checkpointer.__exit__(type(err), err, err.__traceback__)
+        except CheckpointError as ckpt_err:
+            self._print(f"{ckpt_err}")
+        if status == "interrupted":
+            saved = self._finalised_checkpoints()
+            self._print(f"interrupted at step {self.step}; " + (
+                f"to resume from {saved[-1]}, rerun with the same config and run_name="
+                f"{self.run_id}" + ("" if self.cfg.resume else " resume=true") if saved else
+                "no checkpoint was written, so a rerun starts at step 0"))
+        if self.metrics is not None:
+            results: dict[str, Any] = {"steps": self.step, "tokens": self.tokens_seen}
+            if status == "failed":
+                results["error"] = f"{type(err).__name__}: {err}"
+            self.metrics.finish(status, results)
+            self.metrics.close()
 
     def _finish(self, status: str, losses: list[float]) -> TrainResult:
         self.save_checkpoint()

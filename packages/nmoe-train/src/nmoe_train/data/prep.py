@@ -164,31 +164,44 @@ def _tokenized(tokenizer: str, batches: Iterator[list[Document]], workers: int, 
 # -- prepare ---------------------------------------------------------------------------------------
 
 
-def _clear_out_dir(out: Path, overwrite: bool) -> None:
-    """Make ``out`` an empty directory, refusing to delete anything that is not ours."""
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    if not out.is_dir():
+_STAGING = "prep.tmp"  # inside --out: where a prep writes until it has finished
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that is not a directory, holds anything that is not ours, or holds a
+    dataset without ``overwrite``; nothing is deleted here."""
+    if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
-    entries = list(out.iterdir())
-    if not entries:
-        return
+    entries = list(out.iterdir()) if out.exists() else []
     ours = {MANIFEST_NAME, *SPLITS}
     foreign = [e.name for e in entries if e.name not in ours and not e.name.endswith(".tmp")]
-    has_manifest = (out / MANIFEST_NAME).exists()
     if foreign:
         raise DataError(f"--out {out}: directory holds files that are not an nmoe dataset "
                         f"({', '.join(sorted(foreign)[:3])}); choose an empty or new directory")
-    if has_manifest and not overwrite:
+    if (out / MANIFEST_NAME).exists() and not overwrite:
         raise DataError(f"--out {out}: already holds a prepared dataset; pass --overwrite "
                         f"(overwrite=True) to replace it")
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: never a manifest over missing files
-    for entry in entries:
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        elif entry.exists():
-            entry.unlink()
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir():
+        shutil.rmtree(entry)
+    elif entry.exists():
+        entry.unlink()
+
+
+def _install(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Replace what ``out`` holds (an old dataset, leftovers) by the finished prep in
+    ``staging``: the old manifest goes first and the new one comes last, so no manifest ever
+    points at files that are not its own."""
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for entry in out.iterdir():
+        if entry != staging:
+            _remove(entry)
+    for entry in staging.iterdir():
+        entry.rename(out / entry.name)
+    staging.rmdir()
+    write_json_atomic(out / MANIFEST_NAME, manifest)
 
 
 class _Progress:
@@ -318,8 +331,35 @@ def prepare(source: Any, out_dir: Path | str, tokenizer: str = "gpt2", *,
     opened = open_source(source, text_field=text_field, split=split, doc_sep=doc_sep)
     opened_val = None if val_source is None else open_source(
         val_source, text_field=text_field, split=split, doc_sep=doc_sep)
-    _clear_out_dir(out, overwrite)
+    _check_out_dir(out, overwrite)
+    created = not out.exists()
+    # Written into a staging directory and moved into place once finished: a prep that fails
+    # or is interrupted leaves the dataset already in ``out`` as it was.
+    staging = out / _STAGING
+    if staging.exists():  # left by an earlier prep that did not finish
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        manifest = _prepare_into(staging, opened, opened_val, name, info, tokenizer,
+                                 val_fraction, max_tokens, workers, progress, shard_tokens)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # empty: we made it a moment ago
+        raise
+    manifest["prep_args"] = prep_args(source, tokenizer, text_field=text_field, split=split,
+                                      val_fraction=val_fraction, val_source=val_source,
+                                      shard_tokens=shard_tokens, max_tokens=max_tokens,
+                                      doc_sep=doc_sep)
+    _install(staging, out, manifest)
+    return manifest
 
+
+def _prepare_into(out: Path, opened: Source, opened_val: Source | None, name: str, info: Any,
+                  tokenizer: str, val_fraction: float, max_tokens: int | None, workers: int,
+                  progress: bool, shard_tokens: int) -> dict[str, Any]:
+    """`prepare`'s work once its arguments are checked: shards into ``out`` (a fresh
+    directory) and the manifest, less ``prep_args``, returned, not written."""
     dtype = token_dtype(info.n_vocab)
     writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     counts_V = np.zeros(info.n_vocab, dtype=np.int64)
@@ -354,11 +394,7 @@ def prepare(source: Any, out_dir: Path | str, tokenizer: str = "gpt2", *,
         }},
         "source": {**opened.describe(), **src_stats},
         "val_source": None if opened_val is None else {**opened_val.describe(), **val_stats},
-        "prep_args": prep_args(source, tokenizer, text_field=text_field, split=split,
-                               val_fraction=val_fraction, val_source=val_source,
-                               shard_tokens=shard_tokens, max_tokens=max_tokens, doc_sep=doc_sep),
     }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -449,7 +485,7 @@ def _main(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted (no manifest was written for an unfinished prep)", file=sys.stderr)
+        print("interrupted; the output directory is as it was before", file=sys.stderr)
         return 130
 
 

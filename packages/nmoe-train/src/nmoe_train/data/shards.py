@@ -247,6 +247,9 @@ def read_manifest(dataset_dir: Path) -> dict[str, Any]:
     """
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / MANIFEST_NAME
+    if dataset_dir.is_file():
+        raise DataError(f"{dataset_dir} is a file, not a prepared dataset directory; tokenize it "
+                        f"with `n data prep {dataset_dir} --out DIR` and use DIR")
     if not path.is_file():
         why = ("the directory does not exist" if not dataset_dir.exists() else
                "it is not a prepared dataset, or its prep was interrupted before finishing")
