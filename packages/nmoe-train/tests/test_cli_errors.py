@@ -6,12 +6,8 @@ error finalises its last checkpoint and says how it ended)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from nmoe_train.cli import speedrun_main, train_main
@@ -19,7 +15,7 @@ from nmoe_train.config import preset_config
 from nmoe_train.data import prepare
 from nmoe_train.monitor import mon_main
 from nmoe_train.report import viz_main
-from nmoe_train.testing import SMALL
+from nmoe_train.testing import SMALL, run_n, start_n_until
 
 
 def _args(data_root: Path, runs: Path, name: str, *extra: str) -> list[str]:
@@ -116,18 +112,8 @@ def test_runs_with_checkpoints_are_refused_not_overwritten(tmp_path, data_root, 
 
 def test_ctrl_c_finalises_the_last_checkpoint_and_resumes(tmp_path, data_root):
     args = _args(data_root, tmp_path, "run", "val_every=0", "checkpoint_every=2")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nmoe_train", "train", *args, "steps=100000"], cwd=tmp_path,
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        # A background shell leaves SIGINT ignored, and Python keeps it so: restore Ctrl-C.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     marker = tmp_path / "run" / "checkpoints" / "step_0000006" / "manifest.json"
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "checkpoint of step 6 never appeared"
-        time.sleep(0.02)
+    proc = start_n_until(["train", *args, "steps=100000"], tmp_path, marker)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
@@ -141,9 +127,7 @@ def test_ctrl_c_finalises_the_last_checkpoint_and_resumes(tmp_path, data_root):
     status, results = _run_status(tmp_path / "run")
     assert status == "interrupted" and results["steps"] >= int(newest[5:]), (status, results)
     steps = int(newest[5:]) + 1
-    resumed = subprocess.run([sys.executable, "-m", "nmoe_train", "train", *args,
-                              f"steps={steps}"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = run_n(["train", *args, f"steps={steps}"], tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpts / newest} at step {steps - 1}" in resumed.stderr
     assert _run_status(tmp_path / "run")[0] == "completed"

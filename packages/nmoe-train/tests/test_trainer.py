@@ -4,17 +4,13 @@ real kill, corrupted checkpoints refused, the tiny speedrun writes its leaderboa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from nmoe_train.testing import SMALL, run_n
+from nmoe_train.testing import SMALL, run_n, start_n_until
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -100,17 +96,9 @@ def test_exact_resume_after_kill(tmp_path, data_root):
     full = run_n(_args(data_root, tmp_path, "full", *steps), tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "nmoe_train", *_args(data_root, tmp_path, "killed", *steps,
-                                                      "steps=1000")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
     marker = tmp_path / "killed" / "checkpoints" / "step_0000006" / "manifest.json"
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < deadline, "checkpoint of step 6 never appeared"
-        time.sleep(0.05)
+    proc = start_n_until(_args(data_root, tmp_path, "killed", *steps, "steps=1000"), tmp_path,
+                         marker)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = run_n(_args(data_root, tmp_path, "killed", *steps), tmp_path)

@@ -4,8 +4,10 @@ with a model small enough to step in well under a second on a CPU."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nmoe_core.config import AttentionConfig, ModelConfig, MoEConfig
@@ -32,6 +34,25 @@ def run_n(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 
         cmd = [sys.executable, "-m", "nmoe_train", *args]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def start_n_until(args: list[str], cwd: Path, marker: Path,
+                  timeout: float = 300) -> subprocess.Popen:
+    """Start ``n ARGS`` in a subprocess (stderr piped, Ctrl-C restored to its default even when
+    the caller runs in the background) and return it, still running, once ``marker`` exists,
+    e.g. a checkpoint's manifest; an early exit or ``timeout`` fails the calling test."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmoe_train", *args], cwd=cwd, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # A background shell leaves SIGINT ignored, and Python keeps it so: restore Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, f"{marker} never appeared"
+        time.sleep(0.02)
+    return proc
 
 
 def tiny_model_config() -> ModelConfig:
