@@ -10,6 +10,8 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from nmoe_train.cli import speedrun_main, train_main
 from nmoe_train.config import preset_config
 from nmoe_train.data import prepare
@@ -110,14 +112,19 @@ def test_runs_with_checkpoints_are_refused_not_overwritten(tmp_path, data_root, 
     assert _run_status(run_dir)[0] == "completed"  # the first run's record is untouched
 
 
-def test_ctrl_c_finalises_the_last_checkpoint_and_resumes(tmp_path, data_root):
+@pytest.mark.parametrize("signum,code,said", [(signal.SIGINT, 130, "interrupted at step"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM) at")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_finalises_the_last_checkpoint_and_resumes(tmp_path, data_root, signum,
+                                                                 code, said):
+    # Ctrl-C, and SIGTERM as a job scheduler sends it to stop or preempt a job.
     args = _args(data_root, tmp_path, "run", "val_every=0", "checkpoint_every=2")
     marker = tmp_path / "run" / "checkpoints" / "step_0000006" / "manifest.json"
     proc = start_n_until(["train", *args, "steps=100000"], tmp_path, marker)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "interrupted at step" in err, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err and said in err, err[-3000:]
     ckpts = tmp_path / "run" / "checkpoints"
     names = sorted(p.name for p in ckpts.iterdir())
     assert not [n for n in names if n.endswith(".tmp")], names  # the pending save was finalised

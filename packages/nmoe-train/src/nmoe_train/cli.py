@@ -7,6 +7,7 @@ Under torchrun: ``torchrun --nproc_per_node 8 -m nmoe_train train super``.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from nmoe_core.cli import Command
@@ -34,18 +35,21 @@ def _resolve(spec: str, overrides: list[str]):
 
 def _train(cfg, run_dir: str | None = None):
     """Build and run a `Trainer`: ``(trainer, result)``, or ``(None, exit code)`` after one
-    ``error:`` line for a config, data or checkpoint problem (2) or Ctrl-C (130)."""
+    ``error:`` line for a config, data or checkpoint problem (2), Ctrl-C (130) or SIGTERM (143)."""
     from nmoe_train.checkpoint import CheckpointError
     from nmoe_train.config import ConfigFileError
     from nmoe_train.data import DataError
     from nmoe_train.distributed import shutdown_distributed
-    from nmoe_train.trainer import Trainer
+    from nmoe_train.trainer import Terminated, Trainer
 
     try:
         trainer = Trainer(cfg, run_dir=run_dir)
         result = trainer.run()
     except (ConfigFileError, DataError, CheckpointError) as err:
         return None, _fail(str(err))
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return None, 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return None, 130

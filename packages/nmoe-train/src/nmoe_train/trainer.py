@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,6 +43,16 @@ from nmoe_train.metrics import MetricsDB
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; matched on torch.cuda.get_device_name().
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "B200": 2250.0, "GB200": 2500.0, "A100": 312.0}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what job schedulers send to stop or preempt a job) received while `Trainer.run`
+    was training: raised in the main thread so the run unwinds as it does on Ctrl-C (the pending
+    checkpoint finalised, the run marked ``interrupted``)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(f"signal {signal.Signals(signum).name}")
 
 
 @dataclass
@@ -672,6 +684,10 @@ class Trainer:
         if self.dist.is_main and not self.quiet and sys.stderr.isatty():
             self._progress = Progress(cfg.steps, "train", unit="step", initial=self.step)
         progress = self._progress
+        # SIGTERM unwinds like Ctrl-C while training (handlers can only be set from the main
+        # thread; elsewhere the default, an immediate exit, stays).
+        previous_term = (signal.signal(signal.SIGTERM, _raise_terminated)
+                         if threading.current_thread() is threading.main_thread() else None)
         try:
             while self.step < cfg.steps:
                 if self.device.type == "cuda":
@@ -705,6 +721,8 @@ class Trainer:
             self._abort(err)
             raise
         finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
             if progress is not None:
                 progress.close()
         return self._finish(status, losses)
@@ -745,10 +763,10 @@ class Trainer:
         return result
 
     def _abort(self, err: BaseException) -> None:
-        """The loop is unwinding ``err`` (Ctrl-C included): finalise the checkpoint being written
-        (an earlier, complete step; only where no other rank must join its barriers) and mark
-        the run ``interrupted`` or ``failed`` in the metrics, so the run directory resumes from
-        its newest checkpoint and says how it ended."""
+        """The loop is unwinding ``err`` (Ctrl-C and SIGTERM included): finalise the checkpoint
+        being written (an earlier, complete step; only where no other rank must join its
+        barriers) and mark the run ``interrupted`` or ``failed`` in the metrics, so the run
+        directory resumes from its newest checkpoint and says how it ended."""
         status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         try:
             self.checkpointer.__exit__(type(err), err, err.__traceback__)
@@ -756,7 +774,8 @@ class Trainer:
             self._print(f"{ckpt_err}")
         if status == "interrupted":
             saved = self._finalised_checkpoints()
-            self._print(f"interrupted at step {self.step}; " + (
+            how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+            self._print(f"{how} at step {self.step}; " + (
                 f"to resume from {saved[-1]}, rerun with the same config and run_name="
                 f"{self.run_id}" + ("" if self.cfg.resume else " resume=true") if saved else
                 "no checkpoint was written, so a rerun starts at step 0"))
