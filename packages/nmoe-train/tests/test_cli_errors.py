@@ -68,6 +68,10 @@ def test_data_problems_are_one_line_before_training(tmp_path, data_root, capsys)
          f"{tmp_path / 'o200k'} was prepared with tokenizer o200k_base (200019 ids) but the "
          f"model has model.tokenizer=gpt2"),
         ("micro_batch=3", "micro_batch=3 must divide the per-rank batch 8"),
+        # Unwritable roots used to be raw OSError tracebacks.
+        (f"data.data_root={tmp_path / 'docs.jsonl'}",
+         f"cannot build the builtin dataset 'shakespeare' under data.data_root="
+         f"{tmp_path / 'docs.jsonl'} (File exists"),
     ]
     for i, (override, message) in enumerate(cases):
         run = f"r{i}"
@@ -75,7 +79,13 @@ def test_data_problems_are_one_line_before_training(tmp_path, data_root, capsys)
                                 override)) == 2, override
         line = _error_line(capsys)
         assert message in line, (override, line)
-        assert not (tmp_path / run / "metrics.db").exists(), f"{override}: training started"
+        # Nothing started, and the failed setup left no empty run directory behind.
+        assert not (tmp_path / run).exists(), f"{override}: {list((tmp_path / run).iterdir())}"
+    blocked = tmp_path / "docs.jsonl" / "runs"
+    assert train_main([*_args(data_root, tmp_path, "r", "steps=2"), f"runs_root={blocked}"]) == 2
+    assert _error_line(capsys) == (
+        f"error: cannot create the run directory {blocked / 'r'} (Not a directory): set "
+        f"runs_root to a writable directory")
 
 
 def test_runs_with_checkpoints_are_refused_not_overwritten(tmp_path, data_root, capsys):

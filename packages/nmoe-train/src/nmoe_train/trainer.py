@@ -10,6 +10,7 @@ Checkpoints are asynchronous and a run resumes exactly from the newest complete 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -138,9 +139,17 @@ class Trainer:
         # The seeded initialisation draws every weight on the CPU (tens of seconds for billions
         # of expert weights): say what is happening before the startup report.
         self._print(f"run {self.run_id}: building the model, optimizer and data on {self.device}")
-        self._build_model()
-        self._build_optimizer()
-        self._build_data()
+        try:
+            self._build_model()
+            self._build_optimizer()
+            self._build_data()
+        except BaseException:
+            # A setup mistake should not leave an empty run directory behind (rmdir removes
+            # nothing else: a directory with anything in it stays).
+            if self._created_run_dir:
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
+            raise
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", keep_last=cfg.keep_checkpoints, rank=self.dist.rank,
             world_size=self.dist.world_size,
@@ -179,9 +188,17 @@ class Trainer:
     def _run_identity(self, run_dir: Path | None) -> tuple[str, Path]:
         cfg = self.cfg
         name = cfg.run_name or f"{cfg.preset}-{self.fingerprint[:8]}"
+        run_dir_given = run_dir is not None
         run_dir = Path(run_dir) if run_dir else Path(cfg.runs_root).expanduser() / name
+        self._created_run_dir = self.dist.is_main and not run_dir.exists()
         if self.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                where = "--run-dir" if run_dir_given else "runs_root"
+                raise ConfigFileError(
+                    f"cannot create the run directory {run_dir} ({err.strerror}): set {where} "
+                    f"to a writable directory") from err
         if self.dist.is_distributed:
             dist.barrier()
         return name, run_dir
@@ -267,7 +284,7 @@ class Trainer:
             self.optimizer = SingleProcessOptimizer(self.model, cfg.optim)
 
     def _dataset_dirs(self) -> list[tuple[Path, float]]:
-        from nmoe_train.data import ensure_builtin_dataset
+        from nmoe_train.data import DataError, ensure_builtin_dataset
 
         root = Path(self.cfg.data.data_root).expanduser()
         out = []
@@ -275,8 +292,14 @@ class Trainer:
             if source.path.startswith("builtin:"):
                 name = source.path.split(":", 1)[1]
                 if self.dist.is_main:
-                    path = ensure_builtin_dataset(name, root, self.cfg.model.tokenizer,
-                                                  progress=not self.quiet)
+                    try:
+                        path = ensure_builtin_dataset(name, root, self.cfg.model.tokenizer,
+                                                      progress=not self.quiet)
+                    except OSError as err:
+                        raise DataError(
+                            f"cannot build the builtin dataset {name!r} under data.data_root="
+                            f"{root} ({err.strerror}: {err.filename}): set data.data_root to a "
+                            f"writable directory") from err
                 if self.dist.is_distributed:
                     dist.barrier()
                 path = ensure_builtin_dataset(name, root, self.cfg.model.tokenizer, progress=False)
