@@ -163,6 +163,9 @@ def test_speedrun_checks_the_leaderboard_first_and_reports_no_val_loss(tmp_path,
     (runs / "LEADERBOARD.json").write_text("{not json")
     assert speedrun_main(["--leaderboard", "--runs-root", str(runs)]) == 2
     assert "LEADERBOARD.json is not valid JSON" in _error_line(capsys)
+    # The runs_root= override names the board as --runs-root does (it used to read ./runs).
+    assert speedrun_main(["--leaderboard", f"runs_root={runs}"]) == 2
+    assert "LEADERBOARD.json is not valid JSON" in _error_line(capsys)
     args = ["tiny", *SMALL, f"data.data_root={data_root}", "--runs-root", str(runs), "steps=3"]
     assert speedrun_main(args) == 2  # before any training: no run directory appears
     assert "LEADERBOARD.json is not valid JSON" in _error_line(capsys)

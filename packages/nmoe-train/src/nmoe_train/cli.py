@@ -108,8 +108,16 @@ def speedrun_main(argv: list[str]) -> int:
     if args.runs_root:
         overrides.append(f"runs_root={args.runs_root}")
     if args.leaderboard:
+        # The board of the runs root the same command line would train under (a TOML config or
+        # a runs_root= override may name it, as --runs-root does).
+        runs_root = "runs"
+        if preset or overrides:
+            cfg, error = _resolve(preset or "tiny", overrides)
+            if error:
+                return _fail(error)
+            runs_root = cfg.runs_root
         try:
-            board = read_leaderboard(leaderboard_path(args.runs_root or "runs"))
+            board = read_leaderboard(leaderboard_path(runs_root))
         except ValueError as err:
             return _fail(str(err))
         print(format_leaderboard(board))
