@@ -262,6 +262,8 @@ def apply_overrides(model: BaseModel, overrides: dict[str, Any]) -> BaseModel:
         return type(model).model_validate(data)
     except ValidationError as err:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}"
+            + ("" if isinstance(e.get("input"), dict | list) else f", got {e.get('input')!r}")
+            for e in err.errors()
         )
         raise ValueError(f"invalid config after overrides: {problems}") from None
