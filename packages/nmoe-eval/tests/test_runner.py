@@ -171,6 +171,15 @@ def test_n_eval_rejects_out_of_range_numbers_by_flag(tmp_path, capsys, flag, val
         EvalOptions(**{field: float(value) if field == "temperature" else int(value)})
 
 
+def test_n_eval_refuses_several_greedy_samples(tmp_path, capsys):
+    # N greedy samples are N copies of one completion: pass@k would be pass@1 relabelled.
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main([str(tmp_path / "never-read"), "--tasks", "humaneval", "--samples", "4",
+                   "--temperature", "0"])
+    assert exit_info.value.code == 2
+    assert "--samples 4 with --temperature 0 draws 4 identical" in capsys.readouterr().err
+
+
 def test_task_lists_name_what_is_wrong():
     with pytest.raises(ValueError, match="no task named"):
         parse_tasks(" , ,")

@@ -200,7 +200,12 @@ def eval_main(argv: list[str]) -> int:
         return _prep_core(argv[1:])
     if argv and argv[0] == "tasks":
         return _list_tasks()
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.samples > 1 and args.temperature == 0:
+        parser.error(f"--samples {args.samples} with --temperature 0 draws {args.samples} "
+                     f"identical greedy completions, so pass@k says nothing: sample with "
+                     f"--temperature > 0 (0.8 when left out) or use --samples 1")
     import torch
 
     from nmoe_eval.checkpoint import load_checkpoint
