@@ -24,7 +24,7 @@ def test_unknown_key_suggests_the_nearest():
 
 
 def test_bad_value_names_the_key():
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match=r"steps: Input should be a valid integer.*, got 'many'$"):
         resolve_config("tiny", ["steps=many"])
     with pytest.raises(ValueError, match="seq_len"):
         resolve_config("tiny", ["seq_len=100000"])
@@ -130,6 +130,10 @@ def test_toml_unknown_key_names_the_nearest_and_unreadable_files_name_the_file(t
     for bad in ("dir.toml", "binary.toml"):
         with pytest.raises(ConfigFileError, match=f"config file .*{bad} cannot be read"):
             resolve_config(str(tmp_path / bad), [])
+    path.write_text('preset = "tiny"\nsteps = "many"\n')  # a TOML value names what was given
+    with pytest.raises(ConfigFileError, match=r"run\.toml: steps: Input should be a valid "
+                                              r"integer.*, got 'many'$"):
+        load_toml(path)
     path.write_text('preset = "tinyy"\n')
     with pytest.raises(ConfigFileError, match=r"run\.toml: preset: unknown preset 'tinyy'"):
         load_toml(path)

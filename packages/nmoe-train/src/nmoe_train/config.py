@@ -322,7 +322,9 @@ def _describe_error(error: dict[str, Any]) -> str:
     loc = error["loc"]
     where = ".".join(str(p) for p in loc) or "(config)"
     if error["type"] != "extra_forbidden":
-        return f"{where}: {error['msg']}"
+        given = error.get("input")
+        return f"{where}: {error['msg']}" + (
+            "" if isinstance(given, dict | list) else f", got {given!r}")
     node: Any = TrainConfig
     try:
         for part in loc[:-1]:
