@@ -7,6 +7,8 @@
 #   setup        install every package editable (compiles nmoe_kernels._C with nvcc)
 #   tests        pytest -m "gpu or multigpu" over the whole repository
 #   bench-quant  the FP8 1x128 quantization benchmark (nmoe-kernels/bench)
+#   sweep-bf16   the BF16 grouped GEMM's tile width and order at the shapes below their targets,
+#                against torch._grouped_mm (nmoe-kernels/bench/sweep_bf16_tiles.py)
 #   train-super  `n train super` for a few steps on the built-in corpus; reports tokens/s
 #   eval-bundle  unpack .gpu-extra/eval_bundle.tgz (the offline CORE bundle built on a CPU machine
 #                with `n eval prep-core`) into ~/.cache/nmoe/eval
@@ -70,6 +72,12 @@ C.WITH_CUDA, C.CUDA_ARCHS)' | tee -a "$OUT/gpu.txt"
 stage_tests() {
   "$PY" -m pytest -q -m "gpu or multigpu" -p no:cacheprovider --timeout=900 \
     --junitxml="$OUT/gpu-tests.xml" packages tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+  return "${PIPESTATUS[0]}"
+}
+
+stage_sweep_bf16() {
+  (cd packages/nmoe-kernels/bench && timeout 540 "$PY" sweep_bf16_tiles.py \
+    --json "$OUT/sweep_bf16.json") 2>&1 | tee "$OUT/sweep_bf16.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 
