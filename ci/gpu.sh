@@ -27,8 +27,9 @@
 #   hopper-train on 4 GPUs at once (one job per GPU): bench-train with --profile on GPU 0 (torch
 #                bf16, fused bf16, fused fp8; micro-batches 8 and 16), fp8-parity on GPUs 1 and 2,
 #                the GPU tests of the fused path and its kernels on GPU 3
-#   comm-check   nmoe-comm multi-GPU tests (COMM_TESTS: a pytest -k expression), then the 4-GPU
-#                dispatch bench with the sync-free and dedup variants and the decode breakdown
+#   comm-check   nmoe-comm multi-GPU tests (COMM_TESTS: a pytest -k expression), then the
+#                dispatch bench on all GPUs with the sync-free, dedup and CUDA-graph variants and
+#                (unless COMM_BREAKDOWN=0) the decode breakdown
 #   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
 #                BENCH_MICRO); tokens/s, MFU, peak memory
 #   ep-trainer-tests  `n train` expert parallel on 2 GPUs (ipc and nccl) against 1 GPU, bounded by
@@ -330,9 +331,10 @@ stage_comm_check() {
   tail -12 "$OUT/comm-tests.log"
   local n; n=$(ngpus)
   "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
-    packages/nmoe-comm/bench/bench_dispatch.py --sync-free --dedup \
+    packages/nmoe-comm/bench/bench_dispatch.py --sync-free --dedup --graph \
     --json "$OUT/bench_comm_$n.json" > "$OUT/bench_comm_$n.log" 2>&1 || rc=1
-  grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_comm_$n.log" | tail -60
+  grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_comm_$n.log" | tail -80
+  [ "${COMM_BREAKDOWN:-1}" = 1 ] || return $rc
   "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
     packages/nmoe-comm/bench/bench_dispatch.py --backends ipc --breakdown --dedup \
     > "$OUT/breakdown_$n.log" 2>&1 || rc=1

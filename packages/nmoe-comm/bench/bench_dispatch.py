@@ -21,7 +21,10 @@ host synchronisation, ``x_RD`` has ``capacity`` rows of which the first R are va
 timing, each backend's ``x_RD`` (its first R rows) and combined output are compared with nccl's
 on the same inputs (``match`` column). Rank 0 prints a table and writes JSON rows (op, shape,
 dtype, time, GB/s, baseline, ratio, card, GPU count, torch, CUDA and driver versions).
-``--dedup`` adds ``backend+dedup`` rows (``dedup_rows=True``: each token's row crosses once per
+``--graph`` adds ``backend:graph`` rows: the sync-free dispatch and its combine captured
+once each in a CUDA graph and replayed (the decode path of a server; the host only launches the
+graphs), inputs copied into the captured tensors before each timed iteration. ``--dedup`` adds
+``backend+dedup`` rows (``dedup_rows=True``: each token's row crosses once per
 owner instead of once per slot; GB/s still counts one row per slot, so it is the effective rate,
 above what the links carry).
 
@@ -149,6 +152,56 @@ def _run(dispatcher, sets, fp8, sync, iters, warmup, device, y_pool):
     return statistics.median(dispatch_ms), statistics.median(combine_ms), reference_out
 
 
+def _run_graph(dispatcher, sets, iters, warmup, device):
+    """`_run` for a sync-free dispatch and its combine captured in two CUDA graphs (how a server
+    runs its decode steps: no host work per call); the inputs of each rotation are copied into
+    the captured input tensors before the timed replays."""
+    static = [t.clone() for t in sets[0]]
+    current = torch.cuda.current_stream(device)
+
+    def load(j):
+        for dst, src in zip(static, sets[j % ROTATIONS], strict=True):
+            dst.copy_(src)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graph advises
+        for _ in range(2):
+            received = dispatcher.dispatch(*static, sync=False)
+            dispatcher.combine(received.x_RD, received.handle)
+    current.wait_stream(side)
+    dispatch_graph, combine_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(dispatch_graph):
+        received = dispatcher.dispatch(*static, sync=False)
+    with torch.cuda.graph(combine_graph, pool=dispatch_graph.pool()):
+        out = dispatcher.combine(received.x_RD, received.handle)
+    load(0)
+    dispatch_graph.replay()
+    combine_graph.replay()
+    rows = int(received.num_received.cpu()[0])
+    reference_out = (received.x_RD[:rows].clone(), out.clone())
+    for j in range(warmup):
+        load(j)
+        dispatch_graph.replay()
+        combine_graph.replay()
+    dispatch_ms, combine_ms = [], []
+    for j in range(iters):
+        load(j)
+        _barrier(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        events[0].record()
+        dispatch_graph.replay()
+        events[1].record()
+        combine_graph.replay()
+        events[2].record()
+        events[2].synchronize()
+        dispatch_ms.append(events[0].elapsed_time(events[1]))
+        combine_ms.append(events[1].elapsed_time(events[2]))
+    torch.cuda.synchronize(device)
+    del dispatch_graph, combine_graph
+    return statistics.median(dispatch_ms), statistics.median(combine_ms), reference_out
+
+
 def _slowest(value: float, device) -> float:
     t = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -165,25 +218,28 @@ def _bench_shape(shape, variants, args, world, rank, device, meta):
     tokens, hidden, top_k = shape
     sets = _inputs(shape, args.experts, rank, device)
     y_pool = None  # bfloat16 expert outputs to combine after an FP8 dispatch
-    if any(v[1] for v in variants):  # (backend, fp8, sync, dedup)
+    if any(v[1] for v in variants):  # (backend, fp8, sync, dedup, graph)
         y_pool = torch.randn(_capacity(tokens, top_k), hidden, device=device).to(torch.bfloat16)
     rows, baseline = [], None
-    for backend, fp8, sync, dedup in variants:
+    for backend, fp8, sync, dedup, graph in variants:
         name = (backend + ("+fp8" if fp8 else "") + ("+dedup" if dedup else "")
-                + ("" if sync else ":sync_free"))
+                + (":graph" if graph else "" if sync else ":sync_free"))
         try:
             dispatcher = _make(backend, shape, args.experts, world, rank, dedup)
         except (nmoe_comm.BackendUnavailableError, RuntimeError) as err:
             if rank == 0:
                 print(f"  {name}: unavailable: {err}")
             continue
-        d_ms, c_ms, outs = _run(dispatcher, sets, fp8, sync, args.iters, args.warmup, device,
-                                y_pool)
+        if graph:
+            d_ms, c_ms, outs = _run_graph(dispatcher, sets, args.iters, args.warmup, device)
+        else:
+            d_ms, c_ms, outs = _run(dispatcher, sets, fp8, sync, args.iters, args.warmup,
+                                    device, y_pool)
         dispatcher.destroy()
         payload = hidden + hidden // 32 if fp8 else hidden * 2
         send, back = _cross_bytes(sets[0][1], args.experts, world, rank, hidden * 2)
         send = send // (hidden * 2) * payload
-        if backend == "nccl" and not fp8 and sync and not dedup:
+        if backend == "nccl" and not fp8 and sync and not dedup and not graph:
             baseline = outs
         match = None
         if baseline is not None and not fp8:
@@ -218,7 +274,8 @@ def _verdicts(rows) -> list[str]:
             ok = nccl / ipc >= 1.3
             lines.append(f"ipc >= 1.3x nccl end to end at {shape}: {nccl / ipc:.2f}x "
                          f"{'PASS' if ok else 'MISS'}")
-    for backend in ("ipc", "ipc:sync_free", "ipc+dedup", "ipc+dedup:sync_free"):
+    for backend in ("ipc", "ipc:sync_free", "ipc+dedup", "ipc+dedup:sync_free", "ipc:graph",
+                    "ipc+dedup:graph"):
         for op, limit in (("dispatch", 60.0), ("combine", 80.0)):
             us = time(backend, DECODE, op)
             if us:
@@ -317,6 +374,9 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="also time FP8 dispatch")
     parser.add_argument("--sync-free", action="store_true",
                         help="also time dispatch(sync=False) (ipc, nvshmem)")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time ipc/nvshmem sync-free dispatch and combine captured in "
+                             "CUDA graphs (replayed; no host work per call)")
     parser.add_argument("--dedup", action="store_true",
                         help="also time ipc/nvshmem with dedup_rows=True (one row per token and "
                              "owner); with --sync-free the sync-free rows use it too")
@@ -358,14 +418,17 @@ def main() -> None:
 
 def _table_main(args, shapes, world, rank, device) -> None:
     """The default run: the timing table of every variant against nccl, the verdicts, JSON."""
-    variants = [(b, False, True, False) for b in args.backends]
+    variants = [(b, False, True, False, False) for b in args.backends]
     if args.fp8:
-        variants += [(b, True, True, False) for b in args.backends]
+        variants += [(b, True, True, False, False) for b in args.backends]
     rdep_backends = [b for b in args.backends if b != "nccl"]
     if args.dedup:
-        variants += [(b, False, True, True) for b in rdep_backends]
+        variants += [(b, False, True, True, False) for b in rdep_backends]
     if args.sync_free:
-        variants += [(b, False, False, args.dedup) for b in rdep_backends]
+        variants += [(b, False, False, args.dedup, False) for b in rdep_backends]
+    if args.graph:  # with --dedup: both, the decode verdicts name each
+        variants += [(b, False, False, dedup, True) for b in rdep_backends
+                     for dedup in ((False, True) if args.dedup else (False,))]
     meta = dict(device=torch.cuda.get_device_name(device), gpus=world, torch=torch.__version__,
                 cuda=torch.version.cuda, driver=_driver_version() if rank == 0 else None)
     rows = []

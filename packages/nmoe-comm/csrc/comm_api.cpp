@@ -36,7 +36,9 @@ namespace py = pybind11;
 //      device); a failed plan writes R = 0 and zero counts_E; scatter_slots and unpack take
 //      `dedup` (one row per token and owner).
 //   3: sum_slots (the local backend's slot reduction on CUDA).
-constexpr int kAbiVersion = 3;
+//   4: the kernels count barrier epochs on the device (a CUDA graph replays with fresh ones):
+//      the argument that was the host's epoch is now `sync_peers`, a flag (nonzero: barrier).
+constexpr int kAbiVersion = 4;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -166,23 +168,23 @@ class Rdep {
   }
 
   void route_plan(Ptr ids, bool ids_int64, int64_t num_slots, int32_t local_flags, Ptr send_pos,
-                  Ptr land_index, Ptr counts_E, Ptr info, int flags, uint64_t epoch, Ptr stream) {
+                  Ptr land_index, Ptr counts_E, Ptr info, int flags, uint64_t sync_peers, Ptr stream) {
     CudaDeviceGuard guard(device_, "route_plan");
     launch_route_plan(g_, as<const void>(ids), ids_int64, num_slots, local_flags,
                       as<int32_t>(send_pos), as<int32_t>(land_index), as<int64_t>(counts_E),
-                      as<int64_t>(info), flags, epoch, stream_of(stream));
+                      as<int64_t>(info), flags, sync_peers, stream_of(stream));
   }
 
   void scatter_slots(Ptr ids, bool ids_int64, int64_t num_slots, int top_k, Ptr send_pos,
                      Ptr land_index, Ptr src0, int64_t stride0, int64_t bytes0, Ptr src1,
                      int64_t stride1, int64_t bytes1, Ptr gates, Ptr info, bool dedup,
-                     uint64_t epoch, Ptr stream) {
+                     uint64_t sync_peers, Ptr stream) {
     CudaDeviceGuard guard(device_, "scatter_slots");
     launch_scatter_slots(g_, as<const void>(ids), ids_int64, num_slots, top_k,
                          as<const int32_t>(send_pos), as<const int32_t>(land_index),
                          Payload{as<const char>(src0), stride0, bytes0},
                          Payload{as<const char>(src1), stride1, bytes1}, as<const float>(gates),
-                         as<const int64_t>(info), dedup, epoch, sm_count_, stream_of(stream));
+                         as<const int64_t>(info), dedup, sync_peers, sm_count_, stream_of(stream));
   }
 
   // num_rows_dev (0 or a device int64): sync-free dispatch, walk min(num_rows, *num_rows_dev).
@@ -197,12 +199,12 @@ class Rdep {
   }
 
   void return_rows(int64_t num_rows, Ptr num_rows_dev, Ptr rows, int64_t row_bytes,
-                   Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R, uint64_t epoch, Ptr stream) {
+                   Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R, uint64_t sync_peers, Ptr stream) {
     CudaDeviceGuard guard(device_, "return_rows");
     launch_return_rows(g_, num_rows, as<const int64_t>(num_rows_dev), as<const char>(rows),
                        row_bytes,
                        as<const int32_t>(src_rank_R), as<const int32_t>(ret_index_R),
-                       as<const int32_t>(land_row_R), epoch, sm_count_, stream_of(stream));
+                       as<const int32_t>(land_row_R), sync_peers, sm_count_, stream_of(stream));
   }
 
   void reduce_slots(int dtype, int64_t num_tokens, int top_k, int64_t hidden, Ptr send_pos,
@@ -215,12 +217,12 @@ class Rdep {
 
   void owner_grad(int y_dtype, int grad_out_dtype, int64_t num_rows, Ptr num_rows_dev,
                   int64_t hidden, Ptr y, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
-                  Ptr grad_y, uint64_t epoch, Ptr stream) {
+                  Ptr grad_y, uint64_t sync_peers, Ptr stream) {
     CudaDeviceGuard guard(device_, "owner_grad");
     launch_owner_grad(g_, row_dtype(y_dtype, "y"), row_dtype(grad_out_dtype, "grad_out"),
                       num_rows, as<const int64_t>(num_rows_dev), hidden, as<const void>(y), as<const int32_t>(src_rank_R),
                       as<const int32_t>(ret_index_R), as<const int32_t>(land_row_R),
-                      as<void>(grad_y), epoch, sm_count_, stream_of(stream));
+                      as<void>(grad_y), sync_peers, sm_count_, stream_of(stream));
   }
 
   void gather_dots(int64_t num_slots, Ptr send_pos, Ptr out, Ptr stream) {
@@ -229,9 +231,9 @@ class Rdep {
                        stream_of(stream));
   }
 
-  void barrier(uint64_t epoch, Ptr stream) {
+  void barrier(uint64_t sync_peers, Ptr stream) {
     CudaDeviceGuard guard(device_, "barrier");
-    launch_barrier(g_, epoch, stream_of(stream));
+    launch_barrier(g_, sync_peers, stream_of(stream));
   }
 
  private:

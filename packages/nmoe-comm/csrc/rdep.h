@@ -30,7 +30,8 @@ struct Layout {
   char* local_base;           // this rank's buffer
   char* stage;                // staging for unmapped peers (nullptr when every peer is mapped)
   int64_t signal_off;         // uint64 [W]: barrier epoch last received from each rank
-  int64_t counter_off;        // uint32 [8]: last-block counters, one per kernel kind
+  int64_t counter_off;        // uint32 [8]: last-block counters (CounterSlot); words
+                              // 6-7: this rank's barrier epoch (uint64, kEpochWord)
   int64_t counts_off;         // int32 [W][E + 1]: count matrix C; row s written by rank s
   int64_t counts_src_off;     // int32 [E + 1]: this rank's count row (NVSHMEM fcollect source)
   int64_t recv_off;           // landing rows [capacity][recv_stride]: payloads + trailer
@@ -65,6 +66,9 @@ enum RouteFlags : int { kRoute = 1, kExchange = 2, kPlan = 4 };
 
 // Last-block counters (index into the uint32 [8] counter region).
 enum CounterSlot : int { kCounterScatter = 0, kCounterReturn = 1, kCounterOwnerGrad = 2 };
+// The counter region read as uint64 [4]: index of this rank's barrier epoch (the barriers it has
+// run; counted on the device so that CUDA graphs replay with fresh epochs).
+constexpr int kEpochWord = 3;
 
 enum RowDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
@@ -76,7 +80,7 @@ struct Payload {
 
 void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                        int32_t local_flags, int32_t* send_pos, int32_t* land_index,
-                       int64_t* counts_E, int64_t* info, int flags, unsigned long long epoch,
+                       int64_t* counts_E, int64_t* info, int flags, unsigned long long sync_peers,
                        cudaStream_t stream);
 
 // dedup: each token's row goes once per owner (dispatch with every owner mapped; the trailer of
@@ -84,7 +88,7 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
 void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                           int top_k, const int32_t* send_pos, const int32_t* land_index,
                           Payload p0, Payload p1, const float* gates, const int64_t* info,
-                          bool dedup, unsigned long long epoch, int sm_count,
+                          bool dedup, unsigned long long sync_peers, int sm_count,
                           cudaStream_t stream);
 
 // unpack, return_rows and owner_grad walk `num_rows` rows, or min(num_rows, *num_rows_dev) when
@@ -97,7 +101,7 @@ void launch_unpack(const Layout& g, int64_t num_rows, const int64_t* num_rows_de
 void launch_return_rows(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev,
                         const char* rows, int64_t row_bytes, const int32_t* src_rank_R,
                         const int32_t* ret_index_R, const int32_t* land_row_R,
-                        unsigned long long epoch, int sm_count, cudaStream_t stream);
+                        unsigned long long sync_peers, int sm_count, cudaStream_t stream);
 
 void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, int top_k,
                          int64_t hidden, const int32_t* send_pos, const float* gates, void* out,
@@ -106,13 +110,13 @@ void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, in
 void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int64_t num_rows,
                        const int64_t* num_rows_dev, int64_t hidden, const void* y,
                        const int32_t* src_rank_R, const int32_t* ret_index_R,
-                       const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
+                       const int32_t* land_row_R, void* grad_y, unsigned long long sync_peers,
                        int sm_count, cudaStream_t stream);
 
 void launch_gather_dots(const Layout& g, int64_t num_slots, const int32_t* send_pos, float* out,
                         cudaStream_t stream);
 
-void launch_barrier(const Layout& g, unsigned long long epoch, cudaStream_t stream);
+void launch_barrier(const Layout& g, unsigned long long sync_peers, cudaStream_t stream);
 
 // Dynamic shared memory route_plan needs for E experts and W ranks, and the warps it routes with.
 int route_plan_warps(int num_experts, int world, int64_t* smem_bytes);

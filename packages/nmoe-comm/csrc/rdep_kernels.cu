@@ -62,13 +62,26 @@ __device__ __forceinline__ char* peer_base(const Layout& g, int rank) {
   return reinterpret_cast<char*>(g.peer_bases[rank]);
 }
 
-// Every rank publishes `epoch` to every peer, then waits until every peer's `epoch` arrived.
-// Called by all threads of one block; a no-op for epoch 0 (the NVSHMEM backend barriers on the
-// host stream instead).
-__device__ void block_barrier(const Layout& g, unsigned long long epoch) {
+// With `sync_peers` nonzero: this rank's barrier epoch (a counter in its own buffer, so the
+// kernels count barriers themselves and a CUDA graph of dispatches and combines replays with
+// fresh epochs) goes up by one, is published to every peer, and every peer's is awaited. Every
+// rank runs the same sequence of barriers, so their n-th barriers share epoch n. Called by all
+// threads of one block; a no-op for sync_peers 0 (the NVSHMEM puts path barriers on the host
+// stream instead).
+__device__ void block_barrier(const Layout& g, unsigned long long sync_peers) {
+  __shared__ unsigned long long epoch;
   __threadfence_system();  // every thread: its stores are ordered before the block's signal
   __syncthreads();
-  if (epoch != 0) {
+  if (sync_peers != 0) {
+    if (threadIdx.x == 0) {
+      // Only this block of this kernel touches the counter, and kernels on the stream run in
+      // order: a plain read-modify-write.
+      auto* mine = reinterpret_cast<unsigned long long*>(g.local_base + g.counter_off) +
+                   kEpochWord;
+      epoch = *mine + 1;
+      *mine = epoch;
+    }
+    __syncthreads();
     for (int p = threadIdx.x; p < g.world; p += blockDim.x) {
       auto* slot = reinterpret_cast<unsigned long long*>(peer_base(g, p) + g.signal_off) + g.rank;
       store_release_sys(slot, epoch);
@@ -106,13 +119,13 @@ __device__ bool last_block_done(const Layout& g, int slot) {
   return is_last;
 }
 
-// Ends a multi-block kernel: with an epoch, the last block runs the completion barrier.
-__device__ void finish_grid(const Layout& g, int slot, unsigned long long epoch) {
-  if (epoch == 0) {
+// Ends a multi-block kernel: with sync_peers, the last block runs the completion barrier.
+__device__ void finish_grid(const Layout& g, int slot, unsigned long long sync_peers) {
+  if (sync_peers == 0) {
     __threadfence_system();
     return;
   }
-  if (last_block_done(g, slot)) block_barrier(g, epoch);
+  if (last_block_done(g, slot)) block_barrier(g, sync_peers);
 }
 
 // Rows a kernel walks: the host's bound, or fewer when a sync-free dispatch left the received
@@ -242,7 +255,7 @@ __global__ void __launch_bounds__(kRouteThreads)
     route_plan_kernel(Layout g, const IdT* __restrict__ ids, int64_t num_slots, int route_warps,
                       int32_t local_flags, int32_t* __restrict__ send_pos,
                       int32_t* __restrict__ land_index, int64_t* __restrict__ counts_E,
-                      int64_t* __restrict__ info, int flags, unsigned long long epoch) {
+                      int64_t* __restrict__ info, int flags, unsigned long long sync_peers) {
   extern __shared__ int32_t smem[];
   __shared__ int32_t any_bad_id;
   __shared__ int64_t owner_rows[kMaxRanks];
@@ -297,7 +310,7 @@ __global__ void __launch_bounds__(kRouteThreads)
                     static_cast<int64_t>(me) * (E + 1);
         row[e] = e < E ? start[e] : row_flags;
       }
-      block_barrier(g, epoch);
+      block_barrier(g, sync_peers);
     } else {
       auto* row = reinterpret_cast<int32_t*>(g.local_base + g.counts_src_off);
       for (int e = threadIdx.x; e <= E; e += blockDim.x) row[e] = e < E ? start[e] : row_flags;
@@ -424,7 +437,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                          const int32_t* __restrict__ land_index, Payload p0, Payload p1,
                          int64_t p1_offset, const float* __restrict__ gates,
                          const int64_t* __restrict__ info, bool dedup,
-                         unsigned long long epoch) {
+                         unsigned long long sync_peers) {
   const bool skip = info != nullptr && info[0] != kOk;
   const int lane = threadIdx.x % kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -455,7 +468,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       if (dedup) *reinterpret_cast<int32_t*>(trailer + kTrailerRowOffset) = payload_row;
     }
   }
-  finish_grid(g, kCounterScatter, epoch);
+  finish_grid(g, kCounterScatter, sync_peers);
 }
 
 // Owner side of a dispatch: landing order -> contract order, with the per-row routing the
@@ -534,7 +547,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                        const char* __restrict__ rows, int64_t row_bytes,
                        const int32_t* __restrict__ src_rank_R,
                        const int32_t* __restrict__ ret_index_R,
-                       const int32_t* __restrict__ land_row_R, unsigned long long epoch) {
+                       const int32_t* __restrict__ land_row_R, unsigned long long sync_peers) {
   const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
   const int lane = threadIdx.x % kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -546,7 +559,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                     : g.stage + static_cast<int64_t>(land_row_R[r]) * g.ret_stride;
     warp_copy(dst, rows + r * row_bytes, row_bytes, lane);
   }
-  finish_grid(g, kCounterReturn, epoch);
+  finish_grid(g, kCounterReturn, sync_peers);
 }
 
 // Source: out[t] = sum_k gate[t, k] * ret[send_pos[t, k]] in float32, slot order, every product
@@ -591,7 +604,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                       const int32_t* __restrict__ src_rank_R,
                       const int32_t* __restrict__ ret_index_R,
                       const int32_t* __restrict__ land_row_R, Ty* __restrict__ grad_y,
-                      unsigned long long epoch) {
+                      unsigned long long sync_peers) {
   const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
   const int lane = threadIdx.x % kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -615,7 +628,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       *dst = dot;
     }
   }
-  finish_grid(g, kCounterOwnerGrad, epoch);
+  finish_grid(g, kCounterOwnerGrad, sync_peers);
 }
 
 __global__ void gather_dots_kernel(Layout g, int64_t num_slots,
@@ -627,7 +640,7 @@ __global__ void gather_dots_kernel(Layout g, int64_t num_slots,
   }
 }
 
-__global__ void barrier_kernel(Layout g, unsigned long long epoch) { block_barrier(g, epoch); }
+__global__ void barrier_kernel(Layout g, unsigned long long sync_peers) { block_barrier(g, sync_peers); }
 
 // ---------------------------------------------------------------------------------- launchers
 
@@ -682,7 +695,7 @@ int route_plan_warps(int num_experts, int world, int64_t* smem_bytes) {
 
 void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                        int32_t local_flags, int32_t* send_pos, int32_t* land_index,
-                       int64_t* counts_E, int64_t* info, int flags, unsigned long long epoch,
+                       int64_t* counts_E, int64_t* info, int flags, unsigned long long sync_peers,
                        cudaStream_t stream) {
   int64_t smem = 0;
   const int warps = route_plan_warps(g.num_experts, g.world, &smem);
@@ -690,12 +703,12 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
     allow_smem<route_plan_kernel<int64_t>>(smem, "route_plan");
     route_plan_kernel<int64_t><<<1, kRouteThreads, smem, stream>>>(
         g, static_cast<const int64_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
-        counts_E, info, flags, epoch);
+        counts_E, info, flags, sync_peers);
   } else {
     allow_smem<route_plan_kernel<int32_t>>(smem, "route_plan");
     route_plan_kernel<int32_t><<<1, kRouteThreads, smem, stream>>>(
         g, static_cast<const int32_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
-        counts_E, info, flags, epoch);
+        counts_E, info, flags, sync_peers);
   }
   NMOE_CUDA_CHECK_LAUNCH("route_plan");
 }
@@ -703,17 +716,17 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
 void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                           int top_k, const int32_t* send_pos, const int32_t* land_index,
                           Payload p0, Payload p1, const float* gates, const int64_t* info,
-                          bool dedup, unsigned long long epoch, int sm_count,
+                          bool dedup, unsigned long long sync_peers, int sm_count,
                           cudaStream_t stream) {
   const int grid = grid_for_rows(num_slots, sm_count);
   if (ids_int64) {
     scatter_slots_kernel<int64_t><<<grid, kBlockThreads, 0, stream>>>(
         g, static_cast<const int64_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
-        p1_offset(p0), gates, info, dedup, epoch);
+        p1_offset(p0), gates, info, dedup, sync_peers);
   } else {
     scatter_slots_kernel<int32_t><<<grid, kBlockThreads, 0, stream>>>(
         g, static_cast<const int32_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
-        p1_offset(p0), gates, info, dedup, epoch);
+        p1_offset(p0), gates, info, dedup, sync_peers);
   }
   NMOE_CUDA_CHECK_LAUNCH("scatter_slots");
 }
@@ -735,9 +748,9 @@ void launch_unpack(const Layout& g, int64_t num_rows, const int64_t* num_rows_de
 void launch_return_rows(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev,
                         const char* rows, int64_t row_bytes, const int32_t* src_rank_R,
                         const int32_t* ret_index_R, const int32_t* land_row_R,
-                        unsigned long long epoch, int sm_count, cudaStream_t stream) {
+                        unsigned long long sync_peers, int sm_count, cudaStream_t stream) {
   return_rows_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, 0, stream>>>(
-      g, num_rows, num_rows_dev, rows, row_bytes, src_rank_R, ret_index_R, land_row_R, epoch);
+      g, num_rows, num_rows_dev, rows, row_bytes, src_rank_R, ret_index_R, land_row_R, sync_peers);
   NMOE_CUDA_CHECK_LAUNCH("return_rows");
 }
 
@@ -788,7 +801,7 @@ struct OwnerGradArgs {
   const int32_t* ret_index_R;
   const int32_t* land_row_R;
   void* grad_y;
-  unsigned long long epoch;
+  unsigned long long sync_peers;
 };
 
 template <typename Ty, typename Tgo>
@@ -796,7 +809,7 @@ void owner_grad_typed(const Layout& g, const OwnerGradArgs& a, int sm_count,
                       cudaStream_t stream) {
   owner_grad_kernel<Ty, Tgo><<<grid_for_rows(a.num_rows, sm_count), kBlockThreads, 0, stream>>>(
       g, a.num_rows, a.num_rows_dev, a.hidden, static_cast<const Ty*>(a.y), a.src_rank_R,
-      a.ret_index_R, a.land_row_R, static_cast<Ty*>(a.grad_y), a.epoch);
+      a.ret_index_R, a.land_row_R, static_cast<Ty*>(a.grad_y), a.sync_peers);
   NMOE_CUDA_CHECK_LAUNCH("owner_grad");
 }
 
@@ -816,10 +829,10 @@ void owner_grad_go(const Layout& g, RowDtype go_dtype, const OwnerGradArgs& a, i
 void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int64_t num_rows,
                        const int64_t* num_rows_dev, int64_t hidden, const void* y,
                        const int32_t* src_rank_R, const int32_t* ret_index_R,
-                       const int32_t* land_row_R, void* grad_y, unsigned long long epoch,
+                       const int32_t* land_row_R, void* grad_y, unsigned long long sync_peers,
                        int sm_count, cudaStream_t stream) {
   const OwnerGradArgs a{num_rows,    num_rows_dev, hidden, y,    src_rank_R,
-                        ret_index_R, land_row_R,   grad_y, epoch};
+                        ret_index_R, land_row_R,   grad_y, sync_peers};
   switch (y_dtype) {
     case kF32:
       return owner_grad_go<float>(g, go_dtype, a, sm_count, stream);
@@ -838,8 +851,8 @@ void launch_gather_dots(const Layout& g, int64_t num_slots, const int32_t* send_
   NMOE_CUDA_CHECK_LAUNCH("gather_dots");
 }
 
-void launch_barrier(const Layout& g, unsigned long long epoch, cudaStream_t stream) {
-  barrier_kernel<<<1, kWarp, 0, stream>>>(g, epoch);
+void launch_barrier(const Layout& g, unsigned long long sync_peers, cudaStream_t stream) {
+  barrier_kernel<<<1, kWarp, 0, stream>>>(g, sync_peers);
   NMOE_CUDA_CHECK_LAUNCH("barrier");
 }
 

@@ -8,9 +8,11 @@ Every rank draws its own inputs from ``--seed``, gathers every rank's inputs (ov
 and compares its results bitwise with `nmoe_comm.reference` run over all of them: every
 `GROUP_CASES` case plus the GPU-sized ones in bfloat16, float32 and float16, FP8 dispatch,
 interleaved calls (buffer reuse, several live handles), collective errors (capacity, bad expert
-id, too many slots) and destroy; for ``nvshmem`` also ``peer_access="puts"`` (the multi-node
-path: staged rows moved by NVSHMEM puts, on-stream fcollect and barriers) and a second dispatcher
-with ``dedup_rows=True`` (one row per token and owner). ``--mode sync_free`` runs the checks
+id, too many slots), a decode-sized sync-free dispatch + combine captured in a CUDA graph and
+replayed on fresh inputs between eager calls (``ipc``, ``nvshmem``), and destroy; for
+``nvshmem`` also ``peer_access="puts"`` (the multi-node path: staged rows moved by NVSHMEM puts,
+on-stream fcollect and barriers) and a second dispatcher with ``dedup_rows=True`` (one row per
+token and owner). ``--mode sync_free`` runs the checks
 through ``dispatch(..., sync=False)`` on ``dedup_rows=True`` dispatchers (rule 7: padded rows
 whose tail is NaN when handed back, ``num_received``, errors deferred to ``check_dispatch``
 after combine and both backwards ran on the failed handle), mixed with synchronous calls;
@@ -102,6 +104,8 @@ def main() -> int:
     testing.check_collective_errors(dispatcher, args.seed, gather, device, sync=sync)
     if log:
         log("ok interleaved calls and collective errors")
+    if args.backend != "nccl":  # a decode step captured in a CUDA graph (every peer mapped)
+        testing.check_cuda_graph(dispatcher, args.seed, gather, device, log=log)
 
     small = nmoe_comm.create_dispatcher(
         args.backend, num_experts=testing.group_num_experts(world_size), capacity=40,

@@ -39,8 +39,17 @@ of ``combine_backward`` test the handle's status and move nothing, ``reduce_slot
 ``gather_dots`` skip a rank that sent more than ``max_send_rows`` slots (its send positions would
 point past the return buffer), so every later call of the handle is safe and keeps the barriers;
 `RdepDispatcher.check_dispatch` raises the error. It needs every peer mapped (the NVSHMEM puts
-path sizes its puts on the host). Epochs are still counted on the host, so a captured CUDA graph
-could not be replayed as is (every replay would reuse the same barrier epochs).
+path sizes its puts on the host).
+
+CUDA graphs: the in-kernel barriers count their epochs on the device (a counter in each rank's
+buffer), so sync-free dispatches, combines and backwards captured in a CUDA graph replay with
+fresh epochs, and nothing in those calls reads back to the host: a decode step's dispatch and
+combine can be captured once and replayed (`check_cuda_graph` in `nmoe_comm.testing` does it
+against the reference). Every rank must capture the same calls and replay its graph as often
+as the others, in the same order relative to its eager calls, like any sequence of dispatcher
+calls. Capture whole dispatch -> combine cycles: the entry barriers (below) are decided at
+capture time from the call before, and a cycle ends in the state its first call expects.
+``dispatch(sync=True)`` and `check_dispatch` read the host and raise during a capture.
 
 Per-call state (the plan's info, ``counts_E``, send positions, landing rows, the ``_R`` routing
 vectors) is allocated per dispatch in two torch allocations and owned by the handle, never a view
@@ -100,6 +109,11 @@ _DTYPE_CODE = _extension.ROW_DTYPE_CODES
 _OK, _OVER_CAPACITY, _BAD_ID, _TOO_MANY_SLOTS, _ROW_TOO_WIDE = 0, 1, 2, 3, 4
 _FLAG_TOO_MANY_SLOTS, _FLAG_ROW_TOO_WIDE = 2, 4
 _ROUTE, _EXCHANGE, _PLAN = 1, 2, 4
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _align(value: int, to: int = _ALIGN) -> int:
@@ -252,7 +266,6 @@ class RdepDispatcher(Dispatcher):
         self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
                                         world_size=self.world_size, num_experts=self.num_experts,
                                         max_send_rows=max_send_rows)
-        self._epoch = 0
         self._consumed: frozenset[str] = frozenset()
         self._destroyed = False
 
@@ -302,16 +315,14 @@ class RdepDispatcher(Dispatcher):
         """NVSHMEM: copy ``nbytes`` from this rank's staging area to rank ``pe``'s buffer."""
         raise NotImplementedError
 
-    def _next_epoch(self) -> int:
-        """Epoch of the next in-kernel barrier (0: the kernel skips it)."""
-        if not self._device_barriers:
-            return 0
-        self._epoch += 1
-        return self._epoch
+    def _sync_peers(self) -> int:
+        """The kernels' ``sync_peers`` flag: 1 runs the in-kernel barrier (its epoch is counted
+        on the device), 0 skips it (the NVSHMEM puts path barriers on the stream)."""
+        return 1 if self._device_barriers else 0
 
     def _barrier(self, stream: int) -> None:
         if self._device_barriers:
-            self._rdep.barrier(self._next_epoch(), stream)
+            self._rdep.barrier(self._sync_peers(), stream)
         else:
             self._stream_barrier(stream)
 
@@ -375,6 +386,11 @@ class RdepDispatcher(Dispatcher):
                                                           row_dtypes=ROW_DTYPES)
         if x_TD.device != self.device:
             check_tensor("x_TD", x_TD, ndim=2, device=self.device)  # raises, naming the device
+        if sync and _capturing():
+            raise RuntimeError(
+                "dispatch(sync=True) reads the plan's status on the host, which a CUDA graph "
+                "capture cannot do; capture dispatch(..., sync=False) (and call check_dispatch "
+                "on its handle after a replay)")
         if not sync and not self._device_barriers:
             raise NotImplementedError(
                 f"dispatch(sync=False) on the {self.name} backend needs every peer mapped (one "
@@ -420,7 +436,7 @@ class RdepDispatcher(Dispatcher):
             ids.data_ptr(), is64, num_slots, top_k, send_pos.data_ptr(), land_index.data_ptr(),
             payloads[0].data_ptr(), widths[0], widths[0], _ptr(p1), widths[1] if fp8 else 0,
             widths[1] if fp8 else 0, gates_TK.data_ptr(), info.data_ptr(), dedup,
-            self._next_epoch(), stream)
+            self._sync_peers(), stream)
         if hook is not None:
             hook("scatter_slots")
         if sync:
@@ -474,6 +490,9 @@ class RdepDispatcher(Dispatcher):
         routing = self._routing(handle, RdepRouting)
         if routing.num_received is None:
             return  # a synchronous dispatch raised already
+        if _capturing():
+            raise RuntimeError("check_dispatch reads the plan's status on the host, which a CUDA "
+                               "graph capture cannot do; call it after a replay, outside capture")
         status = routing.info_8.tolist()
         if status[0] != _OK:
             raise self._plan_error(status, handle.num_tokens * handle.top_k, routing.row_bytes)
@@ -482,7 +501,7 @@ class RdepDispatcher(Dispatcher):
         """Step 1 of the module docstring: one launch with the count exchange and its barrier
         inside (CUDA IPC), or route, fcollect, plan (NVSHMEM)."""
         if self._device_barriers:
-            self._rdep.route_plan(*args, _ROUTE | _EXCHANGE | _PLAN, self._next_epoch(), stream)
+            self._rdep.route_plan(*args, _ROUTE | _EXCHANGE | _PLAN, self._sync_peers(), stream)
             return
         self._rdep.route_plan(*args, _ROUTE, 0, stream)
         self._count_exchange(stream)
@@ -565,7 +584,7 @@ class RdepDispatcher(Dispatcher):
         self._rdep.return_rows(routing.land_row_R.numel(), _ptr(routing.num_received),
                                y_RD.data_ptr(), y_RD.shape[1] * y_RD.element_size(),
                                routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
-                               routing.land_row_R.data_ptr(), self._next_epoch(), stream)
+                               routing.land_row_R.data_ptr(), self._sync_peers(), stream)
         self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.ret_off,
                                                   self.layout.ret_stride))
         if hook is not None:
@@ -627,14 +646,14 @@ class RdepDispatcher(Dispatcher):
             ids.data_ptr(), ids.dtype == torch.int64, ids.numel(), handle.top_k,
             routing.send_pos_N.data_ptr(), routing.land_index_N.data_ptr(),
             grad_out_TD.data_ptr(), width, width, 0, 0, 0, gates_f32_TK.data_ptr(),
-            routing.info_8.data_ptr(), False, self._next_epoch(), stream)
+            routing.info_8.data_ptr(), False, self._sync_peers(), stream)
         self._completed(stream, self._send_puts(routing.send_chunks, self.layout.recv_stride))
         grad_y_RD = torch.empty_like(y_RD)
         self._rdep.owner_grad(_DTYPE_CODE[y_RD.dtype], _DTYPE_CODE[grad_out_TD.dtype], num_rows,
                               _ptr(routing.num_received), y_RD.shape[1], y_RD.data_ptr(),
                               routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
                               routing.land_row_R.data_ptr(), grad_y_RD.data_ptr(),
-                              self._next_epoch(), stream)
+                              self._sync_peers(), stream)
         self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.dots_off, 4))
         grad_gates_TK = torch.empty(handle.num_tokens, handle.top_k, dtype=torch.float32,
                                     device=self.device)

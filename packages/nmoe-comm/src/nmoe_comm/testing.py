@@ -545,3 +545,83 @@ def check_collective_errors(dispatcher, seed: int, gather, device, *, sync: bool
         else:
             raise AssertionError(f"rank {rank}: T*K above max_send_rows did not raise")
     check_group_case(dispatcher, name, case, torch.float32, seed, gather, device, sync=sync)
+
+
+def check_cuda_graph(dispatcher, seed: int, gather, device, *, rounds: int = 3,
+                     case_name: str = "decode", log=None) -> None:
+    """A sync-free dispatch -> combine cycle captured once in a CUDA graph, replayed on fresh
+    inputs, bitwise against the reference (``ipc``, ``nvshmem`` with every peer mapped).
+
+    The inputs of ``GPU_GROUP_CASES[case_name]`` (bfloat16; the decode size by default) are
+    drawn anew for every round and copied into the tensors the graph captured; each replay's
+    first R rows of ``x_RD``, ``counts_E``, R itself and the combined rows (the dispatched rows
+    sent straight back) must equal the reference's. After each replay an eager synchronous
+    dispatch + combine of the same inputs must give the same results: the barrier epochs
+    counted on the device stay in step across graph replays and eager calls. A synchronous
+    dispatch inside a capture must raise. Every rank calls it (collective).
+    """
+    case = GPU_GROUP_CASES[case_name]
+    rank, world_size = dispatcher.rank, dispatcher.world_size
+    num_experts = group_num_experts(world_size)
+    tag = f"cuda graph, case {case_name}, rank {rank}/{world_size}, seed {seed}"
+    dtype = torch.bfloat16
+
+    def draw(round_index: int):
+        x, ids, gates = rank_inputs(case, f"{case_name}/graph{round_index}", rank, world_size,
+                                    dtype, seed)
+        xs, idss, gatess = zip(*gather((x, ids, gates)))
+        want = reference.dispatch(list(xs), list(idss), list(gatess), num_experts)
+        combined = reference.combine([w.x_RD for w in want], [w.handle for w in want])[rank]
+        return (x, ids, gates), want[rank], combined
+
+    def compare(got, out, want, combined, what: str) -> None:
+        rows = want.x_RD.shape[0]
+        if got.num_received is not None:
+            received = int(got.num_received.cpu()[0])
+            assert received == rows, f"{tag}, {what}: num_received {received}, reference {rows}"
+        assert_bitwise_equal(got.x_RD[:rows], want.x_RD, f"{tag}, {what}: x_RD")
+        assert_bitwise_equal(got.gates_R[:rows], want.gates_R, f"{tag}, {what}: gates_R")
+        assert_bitwise_equal(got.counts_E, want.counts_E, f"{tag}, {what}: counts_E")
+        assert_bitwise_equal(out, combined, f"{tag}, {what}: combine")
+
+    inputs, want, combined = draw(0)
+    static = [t.to(device) for t in inputs]  # the tensors the graph reads
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph advises
+        got = dispatcher.dispatch(*static, sync=False)
+        out = dispatcher.combine(got.x_RD, got.handle)
+    torch.cuda.current_stream(device).wait_stream(side)
+    compare(got, out, want, combined, "eager warm-up")
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = dispatcher.dispatch(*static, sync=False)
+        out = dispatcher.combine(got.x_RD, got.handle)
+    for round_index in range(rounds):
+        if round_index:
+            inputs, want, combined = draw(round_index)
+            for dst, src in zip(static, inputs, strict=True):
+                dst.copy_(src)
+        graph.replay()
+        compare(got, out, want, combined, f"replay {round_index}")
+        dispatcher.check_dispatch(got.handle)
+        eager = dispatcher.dispatch(*static, sync=True)
+        compare(eager, dispatcher.combine(eager.x_RD, eager.handle), want, combined,
+                f"eager after replay {round_index}")
+    torch.cuda.synchronize(device)
+    del graph, got, out
+
+    refused = None
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            dispatcher.dispatch(*static, sync=True)
+    except RuntimeError as err:  # ours, or the capture's own error on exit carrying ours
+        refused = err
+    chain = [refused, getattr(refused, "__context__", None)]
+    assert any(e is not None and "sync=False" in str(e) for e in chain), (
+        f"{tag}: dispatch(sync=True) during a capture did not raise the sync=False hint: "
+        f"{refused!r}")
+    if log:
+        log(f"ok cuda graph: {rounds} replays of dispatch(sync=False) + combine, {case_name} "
+            f"case, eager calls between them")
