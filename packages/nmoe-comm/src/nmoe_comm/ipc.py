@@ -156,7 +156,7 @@ class IpcDispatcher(RdepDispatcher):
             return
         c_module = _extension.compiled_module()
         stream = _extension.current_stream(self.device)
-        self._rdep.barrier(self._next_epoch(), stream)
+        self._rdep.barrier(self._sync_peers(), stream)
         torch.cuda.synchronize(self.device)
         for base in self._opened:
             c_module.ipc_close(self.device.index, base)
