@@ -23,7 +23,10 @@ on the same inputs (``match`` column). Rank 0 prints a table and writes JSON row
 dtype, time, GB/s, baseline, ratio, card, GPU count, torch, CUDA and driver versions).
 ``--graph`` adds ``backend:graph`` rows: the sync-free dispatch and its combine captured
 once each in a CUDA graph and replayed (the decode path of a server; the host only launches the
-graphs), inputs copied into the captured tensors before each timed iteration. ``--dedup`` adds
+graphs), inputs copied into the captured tensors before each timed iteration, and the GPUs
+started together by an all-reduce on the stream right before the replays (so the time is the
+GPUs' and not the hosts' skew; NMOE_BENCH_GRAPH_PROFILE=1 prints the kernels inside the
+graphs, rank 0). ``--dedup`` adds
 ``backend+dedup`` rows (``dedup_rows=True``: each token's row crosses once per
 owner instead of once per slot; GB/s still counts one row per slot, so it is the effective rate,
 above what the links carry).
@@ -184,10 +187,16 @@ def _run_graph(dispatcher, sets, iters, warmup, device):
         load(j)
         dispatch_graph.replay()
         combine_graph.replay()
+    if os.environ.get("NMOE_BENCH_GRAPH_PROFILE") == "1":
+        _profile_replays(dispatch_graph, combine_graph, device)
+    align = torch.ones(1, device=device)
     dispatch_ms, combine_ms = [], []
     for j in range(iters):
         load(j)
         _barrier(device)
+        # Start both GPUs together: an all-reduce on the stream ends at about the same time on
+        # every rank, and each host has enqueued the replays behind it by then.
+        dist.all_reduce(align)
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
         events[0].record()
         dispatch_graph.replay()
@@ -200,6 +209,21 @@ def _run_graph(dispatcher, sets, iters, warmup, device):
     torch.cuda.synchronize(device)
     del dispatch_graph, combine_graph
     return statistics.median(dispatch_ms), statistics.median(combine_ms), reference_out
+
+
+def _profile_replays(dispatch_graph, combine_graph, device, replays: int = 20) -> None:
+    """Rank 0 prints the CUDA kernels inside the replayed graphs, with their mean times
+    (NMOE_BENCH_GRAPH_PROFILE=1); every rank replays alike."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            dispatch_graph.replay()
+            combine_graph.replay()
+        torch.cuda.synchronize(device)
+    if dist.get_rank() == 0:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                        max_name_column_width=60), flush=True)
 
 
 def _slowest(value: float, device) -> float:
