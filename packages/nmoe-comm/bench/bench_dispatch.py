@@ -23,10 +23,11 @@ on the same inputs (``match`` column). Rank 0 prints a table and writes JSON row
 dtype, time, GB/s, baseline, ratio, card, GPU count, torch, CUDA and driver versions).
 ``--graph`` adds ``backend:graph`` rows: the sync-free dispatch and its combine captured
 once each in a CUDA graph and replayed (the decode path of a server; the host only launches the
-graphs), inputs copied into the captured tensors before each timed iteration, and the GPUs
-started together by an all-reduce on the stream right before the replays (so the time is the
-GPUs' and not the hosts' skew; NMOE_BENCH_GRAPH_PROFILE=1 prints the kernels inside the
-graphs, rank 0). ``--dedup`` adds
+graphs): the timed cycles (copy the next inputs into the captured tensors, replay dispatch,
+replay combine) are enqueued back to back as a server's decode loop runs them, so the GPUs run
+ahead of the host and the in-graph barriers keep the ranks in step; each op's time is the median
+of the intervals between events recorded around its replay (NMOE_BENCH_GRAPH_PROFILE=1 also
+prints the kernels inside the graphs, rank 0). ``--dedup`` adds
 ``backend+dedup`` rows (``dedup_rows=True``: each token's row crosses once per
 owner instead of once per slot; GB/s still counts one row per slot, so it is the effective rate,
 above what the links carry).
@@ -189,23 +190,21 @@ def _run_graph(dispatcher, sets, iters, warmup, device):
         combine_graph.replay()
     if os.environ.get("NMOE_BENCH_GRAPH_PROFILE") == "1":
         _profile_replays(dispatch_graph, combine_graph, device)
-    align = torch.ones(1, device=device)
-    dispatch_ms, combine_ms = [], []
+    # A server's steady decode loop: the host enqueues every cycle ahead, the GPUs run the cycles
+    # back to back and the in-graph barriers keep the ranks in step (no host or launch skew in
+    # the intervals). Events between the replays time each op.
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
+    _barrier(device)
     for j in range(iters):
         load(j)
-        _barrier(device)
-        # Start both GPUs together: an all-reduce on the stream ends at about the same time on
-        # every rank, and each host has enqueued the replays behind it by then.
-        dist.all_reduce(align)
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
-        events[0].record()
+        events[j][0].record()
         dispatch_graph.replay()
-        events[1].record()
+        events[j][1].record()
         combine_graph.replay()
-        events[2].record()
-        events[2].synchronize()
-        dispatch_ms.append(events[0].elapsed_time(events[1]))
-        combine_ms.append(events[1].elapsed_time(events[2]))
+        events[j][2].record()
+    torch.cuda.synchronize(device)
+    dispatch_ms = [e[0].elapsed_time(e[1]) for e in events]
+    combine_ms = [e[1].elapsed_time(e[2]) for e in events]
     torch.cuda.synchronize(device)
     del dispatch_graph, combine_graph
     return statistics.median(dispatch_ms), statistics.median(combine_ms), reference_out
