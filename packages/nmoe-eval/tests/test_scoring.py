@@ -60,8 +60,9 @@ def test_score_requests_matches_full_logits_on_a_tiny_model(seed, tiny_model):
         tokens = tuple(rng.randrange(0, 50304) for _ in range(n))
         start = rng.randrange(1, n)
         requests.append(ScoreRequest(tokens, start, rng.randrange(start + 1, n + 1)))
-    # Make one request greedy-correct: its span is the model's own argmax continuation.
-    prefix = list(requests[0].tokens[:5])
+    # Make one request greedy-correct: its span is the model's own argmax continuation of five
+    # random tokens (a drawn request can be shorter than five).
+    prefix = [rng.randrange(0, 50304) for _ in range(5)]
     for _ in range(4):
         with torch.no_grad():
             prefix.append(int(tiny_model.logits(tiny_model(torch.tensor([prefix])).hidden)[0, -1]
