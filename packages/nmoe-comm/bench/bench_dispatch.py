@@ -21,16 +21,15 @@ host synchronisation, ``x_RD`` has ``capacity`` rows of which the first R are va
 timing, each backend's ``x_RD`` (its first R rows) and combined output are compared with nccl's
 on the same inputs (``match`` column). Rank 0 prints a table and writes JSON rows (op, shape,
 dtype, time, GB/s, baseline, ratio, card, GPU count, torch, CUDA and driver versions).
-``--graph`` adds ``backend:graph`` rows: the sync-free dispatch and its combine captured
-once each in a CUDA graph and replayed (the decode path of a server; the host only launches the
-graphs): the timed cycles (copy the next inputs into the captured tensors, replay dispatch,
-replay combine) are enqueued back to back as a server's decode loop runs them, so the GPUs run
-ahead of the host and the in-graph barriers keep the ranks in step; each op's time is the median
-of the intervals between events recorded around its replay (NMOE_BENCH_GRAPH_PROFILE=1 also
-prints the kernels inside the graphs, rank 0). ``--dedup`` adds
-``backend+dedup`` rows (``dedup_rows=True``: each token's row crosses once per
-owner instead of once per slot; GB/s still counts one row per slot, so it is the effective rate,
-above what the links carry).
+``--graph`` adds ``backend:graph`` rows: the sync-free dispatch and its combine captured once
+each in a CUDA graph and replayed (a server's decode path; the host only launches the graphs).
+The timed cycles (copy the next inputs into the captured tensors, replay dispatch, replay
+combine) are enqueued back to back as a decode loop runs them, so the GPUs run ahead of the host
+and the in-graph barriers keep the ranks in step; each op's time is the median of the intervals
+between events recorded around its replay (NMOE_BENCH_GRAPH_PROFILE=1 also prints the kernels
+inside the graphs, rank 0). ``--dedup`` adds ``backend+dedup`` rows (``dedup_rows=True``: each
+token's row crosses once per owner instead of once per slot; GB/s still counts one row per slot,
+so it is the effective rate, above what the links carry).
 
 ``--breakdown`` (``ipc`` / ``nvshmem`` only; default shape the decode size) times each stage of
 one dispatch + combine instead, synchronous and sync-free: the dispatcher's ``stage_hook``
@@ -205,7 +204,6 @@ def _run_graph(dispatcher, sets, iters, warmup, device):
     torch.cuda.synchronize(device)
     dispatch_ms = [e[0].elapsed_time(e[1]) for e in events]
     combine_ms = [e[1].elapsed_time(e[2]) for e in events]
-    torch.cuda.synchronize(device)
     del dispatch_graph, combine_graph
     return statistics.median(dispatch_ms), statistics.median(combine_ms), reference_out
 
