@@ -640,7 +640,9 @@ __global__ void gather_dots_kernel(Layout g, int64_t num_slots,
   }
 }
 
-__global__ void barrier_kernel(Layout g, unsigned long long sync_peers) { block_barrier(g, sync_peers); }
+__global__ void barrier_kernel(Layout g, unsigned long long sync_peers) {
+  block_barrier(g, sync_peers);
+}
 
 // ---------------------------------------------------------------------------------- launchers
 
