@@ -5,12 +5,15 @@ two ranks with a real barrier, writer errors surfacing on the next call, and sup
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
+from nmoe_train import checkpoint
 from nmoe_train.checkpoint import (
     LATEST,
     MANIFEST,
@@ -335,3 +338,27 @@ def test_same_step_saved_twice_keeps_the_second(tmp_path, gen, caplog):
     shared, _, meta, _ = ckpt.load(ckpt.latest())
     assert torch.equal(shared["w"], second) and meta == {"n": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, step_dir_name(10)]
+
+
+def test_a_stop_signal_during_publish_is_held_until_latest_points_at_the_new_step(
+        tmp_path, gen, monkeypatch):
+    """Ctrl-C (or the trainer's SIGTERM, which raises the same way) right after the new
+    directory is renamed into place used to skip the ``latest`` update: a resume then ignored the
+    newest checkpoint. The signal now waits for the publish and is raised after it."""
+    ckpt, _ = _save_steps(tmp_path, [2], gen)
+    rename = os.rename
+
+    def rename_then_interrupt(src, dst):
+        rename(src, dst)
+        if Path(dst).name == step_dir_name(4):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint.os, "rename", rename_then_interrupt)
+    ckpt = Checkpointer(tmp_path, keep_last=None)
+    ckpt.save(4, {"w": torch.randn(32, generator=gen)}, {}, {"step": 4})
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.wait()
+    assert (tmp_path / LATEST).read_text().strip() == step_dir_name(4)
+    assert ckpt.latest() == tmp_path / step_dir_name(4)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ckpt.close()

@@ -48,9 +48,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +268,31 @@ def find_latest(
             return path, problems
         problems += found
     return None, problems
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them to the handlers that were
+    in place. Publishing a checkpoint renames its directory and then points ``latest`` at it; a
+    KeyboardInterrupt between the two (the trainer turns SIGTERM into one) left ``latest`` naming
+    the previous step, and a resume then skipped the newest checkpoint as "left by an earlier
+    run". Only the main thread can set handlers; elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
+                for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 # -- the checkpointer -------------------------------------------------------------------------
@@ -524,7 +551,8 @@ class Checkpointer:
         publish_error: BaseException | None = None
         if self.rank == 0 and error is None:
             try:
-                self._publish(job)
+                with _stop_signals_deferred():
+                    self._publish(job)
             except BaseException as e:  # raised below, after the second barrier
                 publish_error = e
         self._barrier()
