@@ -262,7 +262,8 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
     """The result table; fills each row's ratios in place: ``ratio_vs_torch`` /
     ``memory_vs_torch`` (to ``torch:bf16`` at the same micro-batch, same run),
     ``ratio_vs_fused_bf16`` (to ``fused:bf16``, same run) and, given the rows of a 1-GPU run,
-    ``ratio_vs_one_gpu`` (to the same variant and micro-batch there)."""
+    ``ratio_vs_one_gpu`` (to the same variant and micro-batch there, ``parallel.*`` overrides
+    aside)."""
     def key(r, backend=None, recipe=None):
         """A row's variant and micro-batch; with backend/recipe given, the plain variant (no
         overrides) the ratios compare against."""
@@ -273,8 +274,14 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
         return ":".join([r["backend"], r["recipe"], *([",".join(r["overrides"])]
                                                       if r.get("overrides") else [])])
 
+    def one_gpu_key(r):
+        # `parallel.*` overrides (e.g. dedup_rows) only act across ranks: an expert-parallel row
+        # pairs with the 1-GPU row of the same variant without them.
+        extra = tuple(o for o in r.get("overrides") or () if not o.startswith("parallel."))
+        return (r["backend"], r["recipe"], extra, r["micro_batch"])
+
     by_key = {key(r): r for r in rows}
-    one = {key(r): r for r in one_gpu or []}
+    one = {one_gpu_key(r): r for r in one_gpu or []}
     width = max([12, *(len(label(r)) for r in rows)])
     lines = [f"{'variant':<{width}} {'GPUs':>4} {'micro':>5} {'tok/s/GPU':>10} {'ms/step':>9} "
              f"{'MFU':>6} {'peak GiB':>9} {'+comm':>6} {'x torch':>8} {'mem x':>6} {'x f-bf16':>8} "
@@ -291,7 +298,7 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
         r["ratio_vs_torch"] = ratio(r, torch_row, "tokens_per_s")
         r["memory_vs_torch"] = ratio(r, torch_row, "peak_gib")
         r["ratio_vs_fused_bf16"] = ratio(r, by_key.get(key(r, "fused", "bf16")), "tokens_per_s")
-        r["ratio_vs_one_gpu"] = ratio(r, one.get(key(r)), "tokens_per_s") if one else None
+        r["ratio_vs_one_gpu"] = ratio(r, one.get(one_gpu_key(r)), "tokens_per_s") if one else None
         lines.append(
             f"{label(r):<{width}} {r.get('gpus', 1):>4} {r['micro_batch']:>5} "
             f"{r['tokens_per_s']:>10.0f} {r['ms_per_step']:>9.1f} "

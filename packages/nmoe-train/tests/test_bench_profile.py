@@ -115,6 +115,12 @@ def test_table_ratios_pair_rows_of_the_same_micro_batch_and_variant():
     assert by[("torch", "bf16", 16)]["ratio_vs_one_gpu"] == (
         by[("torch", "bf16", 16)]["tokens_per_s"] / one_gpu[1]["tokens_per_s"])
     assert by[("fused", "fp8", 8)]["ratio_vs_one_gpu"] is None  # no 1-GPU row to pair with
+    # An expert-parallel-only override pairs with the 1-GPU row without it; others do not.
+    dedup = dict(row("fused", "bf16", 8, 4), overrides=["parallel.dedup_rows=true"])
+    moments = dict(row("fused", "bf16", 8, 4), overrides=["optim.adamw_state_dtype=bfloat16"])
+    bench.format_table([dedup, moments], one_gpu)
+    assert dedup["ratio_vs_one_gpu"] == dedup["tokens_per_s"] / one_gpu[0]["tokens_per_s"]
+    assert moments["ratio_vs_one_gpu"] is None
 
 
 def test_variant_overrides_are_parsed_labelled_and_compared_with_the_plain_rows():
