@@ -331,7 +331,7 @@ stage_comm_check() {
   tail -12 "$OUT/comm-tests.log"
   local n; n=$(ngpus)
   "$PY" -m torch.distributed.run --standalone --nproc_per_node "$n" \
-    packages/nmoe-comm/bench/bench_dispatch.py --sync-free --dedup --graph \
+    packages/nmoe-comm/bench/bench_dispatch.py --sync-free --dedup --graph --owner \
     --json "$OUT/bench_comm_$n.json" > "$OUT/bench_comm_$n.log" 2>&1 || rc=1
   grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_comm_$n.log" | tail -80
   [ "${COMM_BREAKDOWN:-1}" = 1 ] || return $rc

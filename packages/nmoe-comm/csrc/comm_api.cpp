@@ -38,7 +38,9 @@ namespace py = pybind11;
 //   3: sum_slots (the local backend's slot reduction on CUDA).
 //   4: the kernels count barrier epochs on the device (a CUDA graph replays with fresh ones):
 //      the argument that was the host's epoch is now `sync_peers`, a flag (nonzero: barrier).
-constexpr int kAbiVersion = 4;
+//   5: partial sums on the owner (`reduce_on_owner`): scatter_slots takes `head_N`, unpack
+//      `chain_R`, `head_R`, `row_of_land`, reduce_slots `head_N`; owner_reduce.
+constexpr int kAbiVersion = 5;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -178,24 +180,39 @@ class Rdep {
   void scatter_slots(Ptr ids, bool ids_int64, int64_t num_slots, int top_k, Ptr send_pos,
                      Ptr land_index, Ptr src0, int64_t stride0, int64_t bytes0, Ptr src1,
                      int64_t stride1, int64_t bytes1, Ptr gates, Ptr info, bool dedup,
-                     uint64_t sync_peers, Ptr stream) {
+                     Ptr head_N, uint64_t sync_peers, Ptr stream) {
     CudaDeviceGuard guard(device_, "scatter_slots");
     launch_scatter_slots(g_, as<const void>(ids), ids_int64, num_slots, top_k,
                          as<const int32_t>(send_pos), as<const int32_t>(land_index),
                          Payload{as<const char>(src0), stride0, bytes0},
                          Payload{as<const char>(src1), stride1, bytes1}, as<const float>(gates),
-                         as<const int64_t>(info), dedup, sync_peers, sm_count_, stream_of(stream));
+                         as<const int64_t>(info), dedup, as<int32_t>(head_N), sync_peers,
+                         sm_count_, stream_of(stream));
   }
 
   // num_rows_dev (0 or a device int64): sync-free dispatch, walk min(num_rows, *num_rows_dev).
   void unpack(int64_t num_rows, Ptr num_rows_dev, bool dedup, Ptr out0, int64_t bytes0,
               Ptr out1, int64_t bytes1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R,
-              Ptr land_row_R, Ptr stream) {
+              Ptr land_row_R, Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr stream) {
     CudaDeviceGuard guard(device_, "unpack");
     launch_unpack(g_, num_rows, as<const int64_t>(num_rows_dev), dedup, as<char>(out0), bytes0,
                   as<char>(out1), bytes1,
                   as<float>(gates_R), as<int32_t>(src_rank_R), as<int32_t>(ret_index_R),
-                  as<int32_t>(land_row_R), sm_count_, stream_of(stream));
+                  as<int32_t>(land_row_R), as<int32_t>(chain_R), as<int32_t>(head_R),
+                  as<int32_t>(row_of_land), sm_count_, stream_of(stream));
+  }
+
+  // Partial sums on the owner: gates_R 0 for the plain sum (dispatch_backward).
+  void owner_reduce(int dtype, int64_t num_rows, Ptr num_rows_dev, int64_t hidden, Ptr rows,
+                    Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr chain_R, Ptr head_R,
+                    Ptr row_of_land, int top_k, uint64_t sync_peers, Ptr stream) {
+    CudaDeviceGuard guard(device_, "owner_reduce");
+    launch_owner_reduce(g_, row_dtype(dtype, "row"), num_rows, as<const int64_t>(num_rows_dev),
+                        hidden, as<const void>(rows), as<const float>(gates_R),
+                        as<const int32_t>(src_rank_R), as<const int32_t>(ret_index_R),
+                        as<const int32_t>(chain_R), as<const int32_t>(head_R),
+                        as<const int32_t>(row_of_land), top_k, sync_peers, sm_count_,
+                        stream_of(stream));
   }
 
   void return_rows(int64_t num_rows, Ptr num_rows_dev, Ptr rows, int64_t row_bytes,
@@ -208,11 +225,11 @@ class Rdep {
   }
 
   void reduce_slots(int dtype, int64_t num_tokens, int top_k, int64_t hidden, Ptr send_pos,
-                    Ptr gates, Ptr out, Ptr stream) {
+                    Ptr gates, Ptr head_N, Ptr out, Ptr stream) {
     CudaDeviceGuard guard(device_, "reduce_slots");
     launch_reduce_slots(g_, row_dtype(dtype, "row"), num_tokens, top_k, hidden,
-                        as<const int32_t>(send_pos), as<const float>(gates), as<void>(out),
-                        sm_count_, stream_of(stream));
+                        as<const int32_t>(send_pos), as<const float>(gates),
+                        as<const int32_t>(head_N), as<void>(out), sm_count_, stream_of(stream));
   }
 
   void owner_grad(int y_dtype, int grad_out_dtype, int64_t num_rows, Ptr num_rows_dev,
@@ -290,6 +307,7 @@ PYBIND11_MODULE(_C, m) {
       .def("unpack", &Rdep::unpack)
       .def("return_rows", &Rdep::return_rows)
       .def("reduce_slots", &Rdep::reduce_slots)
+      .def("owner_reduce", &Rdep::owner_reduce)
       .def("owner_grad", &Rdep::owner_grad)
       .def("gather_dots", &Rdep::gather_dots)
       .def("barrier", &Rdep::barrier);

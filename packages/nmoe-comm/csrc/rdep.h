@@ -22,6 +22,7 @@ namespace nmoe::comm {
 constexpr int kMaxRanks = 1024;
 constexpr int kTrailerBytes = 16;  // per landing row: float gate, then (dedup) int32 payload row
 constexpr int kTrailerRowOffset = 4;  // byte offset of that payload row in the trailer
+constexpr int kTrailerNextOffset = 8;  // (dedup) int32: landing row of the token's next slot here
 
 // Byte offsets of the regions of one rank's buffer (identical on every rank), and the groups's
 // shape. Passed to every kernel by value.
@@ -84,28 +85,41 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
                        cudaStream_t stream);
 
 // dedup: each token's row goes once per owner (dispatch with every owner mapped; the trailer of
-// each slot's landing row names the landing row holding its payload; unpack needs the same flag).
+// each slot's landing row names the landing row holding its payload and the landing row of the
+// token's next slot on that owner; unpack needs the same flag). head_N (optional, int32 [N]):
+// 1 where a slot is its token's first slot on its owner.
 void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                           int top_k, const int32_t* send_pos, const int32_t* land_index,
                           Payload p0, Payload p1, const float* gates, const int64_t* info,
-                          bool dedup, unsigned long long sync_peers, int sm_count,
-                          cudaStream_t stream);
+                          bool dedup, int32_t* head_N, unsigned long long sync_peers,
+                          int sm_count, cudaStream_t stream);
 
 // unpack, return_rows and owner_grad walk `num_rows` rows, or min(num_rows, *num_rows_dev) when
 // `num_rows_dev` is not null (a sync-free dispatch: R stays on the device, num_rows = capacity).
 void launch_unpack(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev, bool dedup,
                    char* out0, int64_t bytes0, char* out1, int64_t bytes1, float* gates_R,
-                   int32_t* src_rank_R, int32_t* ret_index_R, int32_t* land_row_R, int sm_count,
+                   int32_t* src_rank_R, int32_t* ret_index_R, int32_t* land_row_R,
+                   int32_t* chain_R, int32_t* head_R, int32_t* row_of_land, int sm_count,
                    cudaStream_t stream);
+
+// Partial sums on the owner (dedup dispatch): per head row, the gated (gates_R) or plain sum of
+// its token's rows here, to the source's return buffer at the head's send position; barrier.
+void launch_owner_reduce(const Layout& g, RowDtype dtype, int64_t num_rows,
+                         const int64_t* num_rows_dev, int64_t hidden, const void* rows,
+                         const float* gates_R, const int32_t* src_rank_R,
+                         const int32_t* ret_index_R, const int32_t* chain_R,
+                         const int32_t* head_R, const int32_t* row_of_land, int top_k,
+                         unsigned long long sync_peers, int sm_count, cudaStream_t stream);
 
 void launch_return_rows(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev,
                         const char* rows, int64_t row_bytes, const int32_t* src_rank_R,
                         const int32_t* ret_index_R, const int32_t* land_row_R,
                         unsigned long long sync_peers, int sm_count, cudaStream_t stream);
 
+// head_N (optional): sum only the flagged slots (the owners' partial sums, no gates).
 void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, int top_k,
-                         int64_t hidden, const int32_t* send_pos, const float* gates, void* out,
-                         int sm_count, cudaStream_t stream);
+                         int64_t hidden, const int32_t* send_pos, const float* gates,
+                         const int32_t* head_N, void* out, int sm_count, cudaStream_t stream);
 
 void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int64_t num_rows,
                        const int64_t* num_rows_dev, int64_t hidden, const void* y,

@@ -429,7 +429,10 @@ __global__ void __launch_bounds__(kRouteThreads)
 // `dedup` (dispatch only, every owner mapped): a token's row travels once per owner, into the
 // landing row of the token's first slot (lowest k) routed to that owner; every slot's trailer
 // holds its gate and, at byte 4, that landing row (kTrailerRowOffset), where unpack reads the
-// payload. The payload bytes of the other slots' landing rows are left untouched.
+// payload. The payload bytes of the other slots' landing rows are left untouched. At byte 8
+// (kTrailerNextOffset) the trailer names the landing row of the token's next slot (higher k) on
+// the same owner, or -1: the chain the owner's partial sums walk (owner_reduce). `head_N`
+// (optional): 1 for each slot that is its token's first slot on its owner, else 0.
 template <typename IdT>
 __global__ void __launch_bounds__(kBlockThreads)
     scatter_slots_kernel(Layout g, const IdT* __restrict__ ids, int64_t num_slots, int top_k,
@@ -437,7 +440,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                          const int32_t* __restrict__ land_index, Payload p0, Payload p1,
                          int64_t p1_offset, const float* __restrict__ gates,
                          const int64_t* __restrict__ info, bool dedup,
-                         unsigned long long sync_peers) {
+                         int32_t* __restrict__ head_N, unsigned long long sync_peers) {
   const bool skip = info != nullptr && info[0] != kOk;
   const int lane = threadIdx.x % kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -450,10 +453,17 @@ __global__ void __launch_bounds__(kBlockThreads)
                     ? peer + g.recv_off + static_cast<int64_t>(land_index[i]) * g.recv_stride
                     : g.stage + static_cast<int64_t>(send_pos[i]) * g.recv_stride;
     int32_t payload_row = land_index[i];  // the landing row that holds this slot's payload
-    if (dedup) {  // warp-uniform: the token's earlier slots, lowest k first
+    int32_t next_row = -1;                 // the landing row of the token's next slot there
+    if (dedup) {  // warp-uniform: the token's other slots, in slot order
       for (int64_t j = token * top_k; j < i; ++j) {
         if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
           payload_row = land_index[j];
+          break;
+        }
+      }
+      for (int64_t j = i + 1; j < (token + 1) * top_k; ++j) {
+        if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+          next_row = land_index[j];
           break;
         }
       }
@@ -465,7 +475,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (lane == 0) {
       char* trailer = row + g.recv_stride - kTrailerBytes;
       *reinterpret_cast<float*>(trailer) = gates[i];
-      if (dedup) *reinterpret_cast<int32_t*>(trailer + kTrailerRowOffset) = payload_row;
+      if (dedup) {
+        *reinterpret_cast<int32_t*>(trailer + kTrailerRowOffset) = payload_row;
+        *reinterpret_cast<int32_t*>(trailer + kTrailerNextOffset) = next_row;
+      }
+      if (head_N != nullptr) head_N[i] = payload_row == land_index[i] ? 1 : 0;
     }
   }
   finish_grid(g, kCounterScatter, sync_peers);
@@ -473,13 +487,17 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Owner side of a dispatch: landing order -> contract order, with the per-row routing the
 // handle keeps (source rank, index in the source's send order, landing row). With `dedup` the
-// payload comes from the landing row named in the row's trailer (see scatter_slots_kernel).
+// payload comes from the landing row named in the row's trailer (see scatter_slots_kernel);
+// `chain_R` (optional, dedup only) then gets each row's next landing row in its token's chain,
+// `head_R` whether the row is its token's first slot here, and `row_of_land` [R] the contract
+// row of each landing row.
 __global__ void __launch_bounds__(kBlockThreads)
     unpack_kernel(Layout g, int64_t max_rows, const int64_t* __restrict__ num_rows_dev,
                   bool dedup, char* __restrict__ out0, int64_t bytes0, char* __restrict__ out1,
                   int64_t bytes1, int64_t p1_offset, float* __restrict__ gates_R,
                   int32_t* __restrict__ src_rank_R, int32_t* __restrict__ ret_index_R,
-                  int32_t* __restrict__ land_row_R) {
+                  int32_t* __restrict__ land_row_R, int32_t* __restrict__ chain_R,
+                  int32_t* __restrict__ head_R, int32_t* __restrict__ row_of_land) {
   extern __shared__ int32_t smem[];
   const int W = g.world, L = g.local_experts, E = g.num_experts, me = g.rank;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -536,6 +554,11 @@ __global__ void __launch_bounds__(kBlockThreads)
       src_rank_R[r] = s;
       ret_index_R[r] = send_off[s] + (land - land_base[s]);
       land_row_R[r] = land;
+      if (chain_R != nullptr) {  // dedup: the owner's partial sums (owner_reduce)
+        chain_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerNextOffset);
+        head_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerRowOffset) == land;
+        row_of_land[land] = static_cast<int32_t>(r);
+      }
     }
   }
 }
@@ -562,20 +585,75 @@ __global__ void __launch_bounds__(kBlockThreads)
   finish_grid(g, kCounterReturn, sync_peers);
 }
 
+// Owner -> source with partial sums (dedup dispatches, `reduce_on_owner`): for each row that is
+// its token's first slot here (a head), the float32 sum over the token's slots here in slot
+// order (the chain of landing rows from scatter_slots) of gate * y (or of y, without gates),
+// every product and sum rounded on its own, rounded to T and stored at the head slot's send
+// position in its source's return buffer. One warp per row; rows that are not heads return.
+// Vector path: rows and hidden * sizeof(T) 16-byte aligned (the launcher checks).
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    owner_reduce_kernel(Layout g, int64_t max_rows, const int64_t* __restrict__ num_rows_dev,
+                        int64_t hidden, const T* __restrict__ rows,
+                        const float* __restrict__ gates_R, const int32_t* __restrict__ src_rank_R,
+                        const int32_t* __restrict__ ret_index_R,
+                        const int32_t* __restrict__ chain_R, const int32_t* __restrict__ head_R,
+                        const int32_t* __restrict__ row_of_land, int top_k,
+                        unsigned long long sync_peers) {
+  const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
+  const int lane = threadIdx.x % kWarp;
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+       r < num_rows; r += num_warps) {
+    if (head_R[r] == 0) continue;
+    T* dst = reinterpret_cast<T*>(peer_base(g, src_rank_R[r]) + g.ret_off +
+                                  static_cast<int64_t>(ret_index_R[r]) * g.ret_stride);
+    for (int64_t col = static_cast<int64_t>(lane) * kVec; col < hidden; col += kWarp * kVec) {
+      float acc[kVec];
+      int64_t row = r;
+      // A chain has at most top_k rows (the bound only guards against a corrupted chain).
+      for (int n = 0; n < top_k; ++n) {
+        const bool first = n == 0;
+        const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(rows + row * hidden + col);
+        const float gate = gates_R != nullptr ? gates_R[row] : 1.0f;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const float y = to_f32(v.v[j]);
+          const float term = gates_R != nullptr ? __fmul_rn(gate, y) : y;
+          acc[j] = first ? term : __fadd_rn(acc[j], term);
+        }
+        const int32_t next = chain_R[row];
+        if (next < 0) break;
+        row = row_of_land[next];
+      }
+      Pack<T, kVec> o;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) o.v[j] = from_f32<T>(acc[j]);
+      *reinterpret_cast<Pack<T, kVec>*>(dst + col) = o;
+    }
+  }
+  finish_grid(g, kCounterReturn, sync_peers);
+}
+
 // Source: out[t] = sum_k gate[t, k] * ret[send_pos[t, k]] in float32, slot order, every product
-// and sum rounded on its own (contract rule 2); without gates the plain sum (rule 3).
+// and sum rounded on its own (contract rule 2); without gates the plain sum (rule 3). With
+// `head_N` (owner_reduce returned the rows) only the slots flagged there are summed: each
+// owner's partial sum, in the order of the token's first slots on the owners.
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     reduce_slots_kernel(const char* __restrict__ ret, int64_t ret_stride, int64_t num_tokens,
                         int top_k, int64_t hidden, const int32_t* __restrict__ send_pos,
-                        const float* __restrict__ gates, T* __restrict__ out) {
+                        const float* __restrict__ gates, const int32_t* __restrict__ head_N,
+                        T* __restrict__ out) {
   const int64_t groups = hidden / kVec;
   const int64_t total = num_tokens * groups;
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < total;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = item / groups, col = (item % groups) * kVec;
-    float acc[kVec];
+    float acc[kVec] = {};  // stays zero only if no slot is flagged (a failed plan's head_N)
+    bool first = true;
     for (int k = 0; k < top_k; ++k) {
+      if (head_N != nullptr && head_N[t * top_k + k] == 0) continue;
       const int64_t pos = send_pos[t * top_k + k];
       const auto* row = reinterpret_cast<const T*>(ret + pos * ret_stride) + col;
       const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
@@ -584,8 +662,9 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (int j = 0; j < kVec; ++j) {
         const float y = to_f32(v.v[j]);
         const float term = gates != nullptr ? __fmul_rn(gate, y) : y;
-        acc[j] = k == 0 ? term : __fadd_rn(acc[j], term);
+        acc[j] = first ? term : __fadd_rn(acc[j], term);
       }
+      first = false;
     }
     Pack<T, kVec> o;
 #pragma unroll
@@ -718,32 +797,37 @@ void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t
 void launch_scatter_slots(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                           int top_k, const int32_t* send_pos, const int32_t* land_index,
                           Payload p0, Payload p1, const float* gates, const int64_t* info,
-                          bool dedup, unsigned long long sync_peers, int sm_count,
-                          cudaStream_t stream) {
+                          bool dedup, int32_t* head_N, unsigned long long sync_peers,
+                          int sm_count, cudaStream_t stream) {
   const int grid = grid_for_rows(num_slots, sm_count);
   if (ids_int64) {
     scatter_slots_kernel<int64_t><<<grid, kBlockThreads, 0, stream>>>(
         g, static_cast<const int64_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
-        p1_offset(p0), gates, info, dedup, sync_peers);
+        p1_offset(p0), gates, info, dedup, head_N, sync_peers);
   } else {
     scatter_slots_kernel<int32_t><<<grid, kBlockThreads, 0, stream>>>(
         g, static_cast<const int32_t*>(ids), num_slots, top_k, send_pos, land_index, p0, p1,
-        p1_offset(p0), gates, info, dedup, sync_peers);
+        p1_offset(p0), gates, info, dedup, head_N, sync_peers);
   }
   NMOE_CUDA_CHECK_LAUNCH("scatter_slots");
 }
 
 void launch_unpack(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev, bool dedup,
                    char* out0, int64_t bytes0, char* out1, int64_t bytes1, float* gates_R,
-                   int32_t* src_rank_R, int32_t* ret_index_R, int32_t* land_row_R, int sm_count,
+                   int32_t* src_rank_R, int32_t* ret_index_R, int32_t* land_row_R,
+                   int32_t* chain_R, int32_t* head_R, int32_t* row_of_land, int sm_count,
                    cudaStream_t stream) {
   if (num_rows == 0) return;
+  if (chain_R != nullptr && (!dedup || head_R == nullptr || row_of_land == nullptr)) {
+    throw std::invalid_argument(
+        "nmoe_comm unpack: chain_R needs dedup and both head_R and row_of_land");
+  }
   const int64_t smem = (2LL * g.num_experts + 2LL * g.world) * 4;
   allow_smem<unpack_kernel>(smem, "unpack");
   const Payload p0{nullptr, 0, bytes0};
   unpack_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, smem, stream>>>(
       g, num_rows, num_rows_dev, dedup, out0, bytes0, out1, bytes1, p1_offset(p0), gates_R,
-      src_rank_R, ret_index_R, land_row_R);
+      src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land);
   NMOE_CUDA_CHECK_LAUNCH("unpack");
 }
 
@@ -757,9 +841,33 @@ void launch_return_rows(const Layout& g, int64_t num_rows, const int64_t* num_ro
 }
 
 template <typename T>
+void owner_reduce_typed(const Layout& g, int64_t num_rows, const int64_t* num_rows_dev,
+                        int64_t hidden, const void* rows, const float* gates_R,
+                        const int32_t* src_rank_R, const int32_t* ret_index_R,
+                        const int32_t* chain_R, const int32_t* head_R,
+                        const int32_t* row_of_land, int top_k, unsigned long long sync_peers,
+                        int sm_count, cudaStream_t stream) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vector = (hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(rows) % 16 == 0;
+  const int grid = grid_for_rows(num_rows, sm_count);
+  const T* y = static_cast<const T*>(rows);
+  if (vector) {
+    owner_reduce_kernel<T, kVec><<<grid, kBlockThreads, 0, stream>>>(
+        g, num_rows, num_rows_dev, hidden, y, gates_R, src_rank_R, ret_index_R, chain_R, head_R,
+        row_of_land, top_k, sync_peers);
+  } else {
+    owner_reduce_kernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(
+        g, num_rows, num_rows_dev, hidden, y, gates_R, src_rank_R, ret_index_R, chain_R, head_R,
+        row_of_land, top_k, sync_peers);
+  }
+  NMOE_CUDA_CHECK_LAUNCH("owner_reduce");
+}
+
+template <typename T>
 void reduce_slots_typed(const Layout& g, int64_t num_tokens, int top_k, int64_t hidden,
-                        const int32_t* send_pos, const float* gates, void* out, int sm_count,
-                        cudaStream_t stream) {
+                        const int32_t* send_pos, const float* gates, const int32_t* head_N,
+                        void* out, int sm_count, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vector = (hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   const int64_t items = num_tokens * (vector ? hidden / kVec : hidden);
@@ -769,27 +877,51 @@ void reduce_slots_typed(const Layout& g, int64_t num_tokens, int top_k, int64_t 
   const char* ret = g.local_base + g.ret_off;
   if (vector) {
     reduce_slots_kernel<T, kVec><<<grid, kBlockThreads, 0, stream>>>(
-        ret, g.ret_stride, num_tokens, top_k, hidden, send_pos, gates, static_cast<T*>(out));
+        ret, g.ret_stride, num_tokens, top_k, hidden, send_pos, gates, head_N,
+        static_cast<T*>(out));
   } else {
     reduce_slots_kernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(
-        ret, g.ret_stride, num_tokens, top_k, hidden, send_pos, gates, static_cast<T*>(out));
+        ret, g.ret_stride, num_tokens, top_k, hidden, send_pos, gates, head_N,
+        static_cast<T*>(out));
   }
   NMOE_CUDA_CHECK_LAUNCH("reduce_slots");
 }
 
-void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, int top_k,
-                         int64_t hidden, const int32_t* send_pos, const float* gates, void* out,
-                         int sm_count, cudaStream_t stream) {
+void launch_owner_reduce(const Layout& g, RowDtype dtype, int64_t num_rows,
+                         const int64_t* num_rows_dev, int64_t hidden, const void* rows,
+                         const float* gates_R, const int32_t* src_rank_R,
+                         const int32_t* ret_index_R, const int32_t* chain_R,
+                         const int32_t* head_R, const int32_t* row_of_land, int top_k,
+                         unsigned long long sync_peers, int sm_count, cudaStream_t stream) {
   switch (dtype) {
     case kF32:
-      return reduce_slots_typed<float>(g, num_tokens, top_k, hidden, send_pos, gates, out,
-                                       sm_count, stream);
+      return owner_reduce_typed<float>(g, num_rows, num_rows_dev, hidden, rows, gates_R,
+                                       src_rank_R, ret_index_R, chain_R, head_R, row_of_land,
+                                       top_k, sync_peers, sm_count, stream);
+    case kBF16:
+      return owner_reduce_typed<__nv_bfloat16>(g, num_rows, num_rows_dev, hidden, rows, gates_R,
+                                               src_rank_R, ret_index_R, chain_R, head_R,
+                                               row_of_land, top_k, sync_peers, sm_count, stream);
+    case kF16:
+      return owner_reduce_typed<__half>(g, num_rows, num_rows_dev, hidden, rows, gates_R,
+                                        src_rank_R, ret_index_R, chain_R, head_R, row_of_land,
+                                        top_k, sync_peers, sm_count, stream);
+  }
+}
+
+void launch_reduce_slots(const Layout& g, RowDtype dtype, int64_t num_tokens, int top_k,
+                         int64_t hidden, const int32_t* send_pos, const float* gates,
+                         const int32_t* head_N, void* out, int sm_count, cudaStream_t stream) {
+  switch (dtype) {
+    case kF32:
+      return reduce_slots_typed<float>(g, num_tokens, top_k, hidden, send_pos, gates, head_N,
+                                       out, sm_count, stream);
     case kBF16:
       return reduce_slots_typed<__nv_bfloat16>(g, num_tokens, top_k, hidden, send_pos, gates,
-                                               out, sm_count, stream);
+                                               head_N, out, sm_count, stream);
     case kF16:
-      return reduce_slots_typed<__half>(g, num_tokens, top_k, hidden, send_pos, gates, out,
-                                        sm_count, stream);
+      return reduce_slots_typed<__half>(g, num_tokens, top_k, hidden, send_pos, gates, head_N,
+                                        out, sm_count, stream);
   }
 }
 

@@ -11,11 +11,13 @@ interleaved calls (buffer reuse, several live handles), collective errors (capac
 id, too many slots), a decode-sized sync-free dispatch + combine captured in a CUDA graph and
 replayed on fresh inputs between eager calls (``ipc``, ``nvshmem``), and destroy; for
 ``nvshmem`` also ``peer_access="puts"`` (the multi-node path: staged rows moved by NVSHMEM puts,
-on-stream fcollect and barriers) and a second dispatcher with ``dedup_rows=True`` (one row per
-token and owner). ``--mode sync_free`` runs the checks
+on-stream fcollect and barriers) and a second dispatcher with ``dedup_rows=True`` and
+``reduce_on_owner=True`` (one row per token and owner, both ways: the combine without gates and
+the dispatch backward sum on the owners). ``--mode sync_free`` runs the checks
 through ``dispatch(..., sync=False)`` on ``dedup_rows=True`` dispatchers (rule 7: padded rows
 whose tail is NaN when handed back, ``num_received``, errors deferred to ``check_dispatch``
-after combine and both backwards ran on the failed handle), mixed with synchronous calls;
+after combine and both backwards ran on the failed handle), mixed with synchronous calls, then
+the same with ``reduce_on_owner=True`` (its decode step captured in a CUDA graph too);
 ``nccl`` and the nvshmem puts path must refuse it. Exits non-zero with the first mismatch (case,
 dtype, rank, seed, element).
 """
@@ -38,13 +40,14 @@ import nmoe_comm  # noqa: E402
 from nmoe_comm import testing  # noqa: E402
 
 
-def _options(backend: str, cases: dict, world_size: int, dedup: bool = False) -> dict:
+def _options(backend: str, cases: dict, world_size: int, dedup: bool = False,
+             reduce_on_owner: bool = False) -> dict:
     if backend == "nccl":
         return {}
     widest = max(max(c.hidden, c.out_hidden) for c in cases.values())
     send = max(max(c.tokens) * c.top_k for c in cases.values())
     return {"hidden": widest, "dtype": torch.float32, "max_send_rows": send,
-            "dedup_rows": dedup}
+            "dedup_rows": dedup, "reduce_on_owner": reduce_on_owner}
 
 
 def _check_sync_free_refused(dispatcher, seed: int, device) -> None:
@@ -115,20 +118,23 @@ def main() -> int:
     testing.check_group_case(small, "top1", testing.GroupCase((13,), 1, 20, 20, "distinct"),
                              torch.float32, args.seed, gather, device, sync=sync)
     small.destroy()
-    if sync and args.backend != "nccl":  # one row per token and owner, synchronous
+    if args.backend != "nccl":  # one row per token and owner both ways (reduce_on_owner)
         # Small enough to fit beside the first dispatcher in a heap sized for it (nvshmem).
         dedup_cases = {**testing.GROUP_CASES, "decode": testing.GPU_GROUP_CASES["decode"]}
         dedup_all = {**dedup_cases, **testing.FP8_GROUP_CASES}
         dedup = nmoe_comm.create_dispatcher(
             args.backend, num_experts=testing.group_num_experts(world_size),
             capacity=testing.group_capacity(dedup_all, world_size), world_size=world_size,
-            rank=rank, **_options(args.backend, dedup_all, world_size, dedup=True))
+            rank=rank, **_options(args.backend, dedup_all, world_size, dedup=True,
+                                  reduce_on_owner=True))
         if log:
             log(f"moe dispatcher: {dedup.describe()}")
         testing.run_group_checks(dedup, args.seed, gather, device, cases=dedup_cases,
-                                 dtypes=(torch.bfloat16,), fp8_cases=testing.FP8_GROUP_CASES,
-                                 log=log)
-        testing.check_interleaved_calls(dedup, args.seed, gather, device)
+                                 dtypes=(torch.bfloat16, torch.float32),
+                                 fp8_cases=testing.FP8_GROUP_CASES, log=log, sync=sync)
+        testing.check_interleaved_calls(dedup, args.seed, gather, device, sync=sync)
+        if not sync:
+            testing.check_cuda_graph(dedup, args.seed, gather, device, log=log)
         dedup.destroy()
     if args.backend == "nvshmem":  # the multi-node data path (staged puts), on this node
         puts = nmoe_comm.create_dispatcher(

@@ -116,7 +116,8 @@ class EmulatedRdep:
             land_N[i] = land_off[o] + int(pos_N[i]) - int(send_start[o * L])
 
     def scatter_slots(self, ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
-                      stride0, bytes0, src1, stride1, bytes1, gates, info, dedup, epoch, stream):
+                      stride0, bytes0, src1, stride1, bytes1, gates, info, dedup, head_N, epoch,
+                      stream):
         skip = info != 0 and int(_mem(info, 8, torch.int64)[0]) != 0
         if not skip:
             ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
@@ -129,10 +130,14 @@ class EmulatedRdep:
                 owner, token = int(ids_N[i]) // self.L, i // top_k
                 row = self._region(owner, self.g.recv_off + int(land_N[i]) * stride, stride)
                 payload_row = int(land_N[i])
+                next_row = -1
                 if dedup:  # the token's first slot (lowest k) with this owner carries the row
                     earlier = [j for j in range(token * top_k, i)
                                if int(ids_N[j]) // self.L == owner]
                     payload_row = int(land_N[earlier[0]]) if earlier else payload_row
+                    later = [j for j in range(i + 1, (token + 1) * top_k)
+                             if int(ids_N[j]) // self.L == owner]
+                    next_row = int(land_N[later[0]]) if later else -1
                 if payload_row == int(land_N[i]):
                     row[:bytes0] = _mem(src0 + token * stride0, bytes0)
                     if bytes1:
@@ -140,8 +145,10 @@ class EmulatedRdep:
                 trailer = row[stride - _TRAILER:]
                 trailer[:4] = gates_N[i:i + 1].view(torch.uint8)
                 if dedup:
-                    trailer[4:8] = torch.tensor([payload_row], dtype=torch.int32).view(
+                    trailer[4:12] = torch.tensor([payload_row, next_row], dtype=torch.int32).view(
                         torch.uint8)
+                if head_N:
+                    _mem(head_N + 4 * i, 4, torch.int32)[0] = int(payload_row == int(land_N[i]))
         self._sync(epoch)
 
     def _walk(self, num_rows: int, num_rows_dev: int) -> int:
@@ -150,7 +157,7 @@ class EmulatedRdep:
         return min(num_rows, int(_mem(num_rows_dev, 8, torch.int64)[0]))
 
     def unpack(self, num_rows, num_rows_dev, dedup, out0, bytes0, out1, bytes1, gates_R,
-               src_rank_R, ret_index_R, land_row_R, stream):
+               src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land, stream):
         if num_rows == 0:
             return
         L, W, me = self.L, self.world, self.rank
@@ -180,6 +187,12 @@ class EmulatedRdep:
             _mem(ret_index_R + 4 * r, 4, torch.int32)[0] = send_off[s] + land - int(
                 land_start[s, 0])
             _mem(land_row_R + 4 * r, 4, torch.int32)[0] = land
+            if chain_R:
+                assert dedup and head_R and row_of_land
+                head, nxt = src[stride - _TRAILER + 4:stride - _TRAILER + 12].view(torch.int32)
+                _mem(chain_R + 4 * r, 4, torch.int32)[0] = int(nxt)
+                _mem(head_R + 4 * r, 4, torch.int32)[0] = int(int(head) == land)
+                _mem(row_of_land + 4 * land, 4, torch.int32)[0] = r
 
     def return_rows(self, num_rows, num_rows_dev, rows, row_bytes, src_rank_R, ret_index_R,
                     land_row_R, epoch, stream):
@@ -190,7 +203,34 @@ class EmulatedRdep:
             dst[:] = _mem(rows + r * row_bytes, row_bytes)
         self._sync(epoch)
 
-    def reduce_slots(self, dtype, num_tokens, top_k, hidden, send_pos, gates, out, stream):
+    def owner_reduce(self, dtype, num_rows, num_rows_dev, hidden, rows, gates_R, src_rank_R,
+                     ret_index_R, chain_R, head_R, row_of_land, top_k, epoch, stream):
+        row_dtype = _DTYPES[dtype]
+        item = torch.empty(0, dtype=row_dtype).element_size()
+
+        def i32(ptr, r):
+            return int(_mem(ptr + 4 * r, 4, torch.int32)[0])
+
+        for r in range(self._walk(num_rows, num_rows_dev)):
+            if not i32(head_R, r):
+                continue
+            acc, row = None, r
+            for _ in range(top_k):  # the chain: the token's slots here in slot order
+                y = _mem(rows + row * hidden * item, hidden * item, row_dtype).float()
+                term = y if not gates_R else _mem(gates_R + 4 * row, 4, torch.float32)[0] * y
+                acc = term if acc is None else acc + term
+                nxt = i32(chain_R, row)
+                if nxt < 0:
+                    break
+                row = i32(row_of_land, nxt)
+            dst = self._region(i32(src_rank_R, r),
+                               self.g.ret_off + i32(ret_index_R, r) * self.g.ret_stride,
+                               hidden * item, row_dtype)
+            dst[:] = acc.to(row_dtype)
+        self._sync(epoch)
+
+    def reduce_slots(self, dtype, num_tokens, top_k, hidden, send_pos, gates, head_N, out,
+                     stream):
         if num_tokens == 0:
             return
         row_dtype = _DTYPES[dtype]
@@ -201,11 +241,14 @@ class EmulatedRdep:
         for t in range(num_tokens):
             acc = None
             for k in range(top_k):
+                if head_N and not int(_mem(head_N + 4 * (t * top_k + k), 4, torch.int32)[0]):
+                    continue
                 offset = self.g.ret_off + int(pos_N[t * top_k + k]) * self.g.ret_stride
                 y = self._region(self.rank, offset, hidden * item, row_dtype).float()
                 term = y if gates_N is None else gates_N[t * top_k + k] * y
                 acc = term if acc is None else acc + term
-            out_TD[t] = acc.to(row_dtype)
+            # No slot flagged (head_N of a failed sync-free plan is never written): zeros.
+            out_TD[t] = torch.zeros(hidden) if acc is None else acc.to(row_dtype)
 
     def owner_grad(self, y_dtype, grad_out_dtype, num_rows, num_rows_dev, hidden, y, src_rank_R,
                    ret_index_R, land_row_R, grad_y, epoch, stream):
@@ -243,10 +286,10 @@ class EmulatedDispatcher(RdepDispatcher):
 
     def __init__(self, group: _Group | None, num_experts: int, capacity: int, world_size: int,
                  rank: int, *, hidden: int, dtype: torch.dtype, max_send_rows: int,
-                 dedup_rows: bool = False):
+                 dedup_rows: bool = False, reduce_on_owner: bool = False):
         super().__init__(num_experts, capacity, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows, timeout_s=60,
-                          dedup_rows=dedup_rows)
+                          dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner)
         self.device = torch.device("cpu")
         self._device_index = None
         self._unmapped = ()
@@ -292,13 +335,13 @@ def _run_ranks(world: int, body, groups: tuple[_Group, ...]) -> None:
         raise failures[0]
 
 
-def _make(group, world, rank, cases, capacity=None, dedup_rows=False):
+def _make(group, world, rank, cases, capacity=None, dedup_rows=False, reduce_on_owner=False):
     widest = max(max(c.hidden, c.out_hidden) for c in cases.values())
     send = max(max(c.tokens) * c.top_k for c in cases.values())
     capacity = capacity or testing.group_capacity(cases, world)
     return EmulatedDispatcher(group, testing.group_num_experts(world), capacity, world, rank,
                               hidden=widest, dtype=torch.float32, max_send_rows=send,
-                              dedup_rows=dedup_rows)
+                              dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner)
 
 
 @pytest.fixture
@@ -308,13 +351,13 @@ def no_cuda_stream(monkeypatch):
 
 @pytest.mark.parametrize(("world", "sync", "dedup"), [
     (2, True, False), (2, False, False), (2, True, True), (2, False, True), (3, True, False),
-    (3, False, True)])
+    (3, False, True), (2, True, "owner"), (3, False, "owner")])
 def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup):
     """Every `GROUP_CASES` case (random routing, a rank receiving nothing, everything on one
     expert, K = 1 and 8, D not a multiple of 128, a rank without tokens) in bfloat16 and
     float32, FP8 dispatch, two handles alive at once, collective errors and the capacity error:
     bitwise against the reference, synchronous and sync-free, one row per slot or (``dedup``)
-    per token and owner."""
+    per token and owner, and (``"owner"``, ``reduce_on_owner``) summed on the owners too."""
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     cases = {**testing.GROUP_CASES, "fp8_random": testing.FP8_GROUP_CASES["fp8_random"]}
     probe = _make(None, world, 0, cases)
@@ -323,7 +366,8 @@ def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup):
     small_group = _Group(world, small_layout.total_bytes)
 
     def body(rank, gather):
-        dispatcher = _make(group, world, rank, cases, dedup_rows=dedup)
+        dispatcher = _make(group, world, rank, cases, dedup_rows=bool(dedup),
+                           reduce_on_owner=dedup == "owner")
         testing.run_group_checks(
             dispatcher, seed, gather, "cpu", cases=testing.GROUP_CASES,
             dtypes=(torch.bfloat16, torch.float32),
@@ -331,7 +375,7 @@ def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup):
         testing.check_interleaved_calls(dispatcher, seed, gather, "cpu", sync=sync)
         testing.check_collective_errors(dispatcher, seed, gather, "cpu", sync=sync)
         small = _make(small_group, world, rank, testing.GROUP_CASES, capacity=40,
-                      dedup_rows=dedup)
+                      dedup_rows=bool(dedup), reduce_on_owner=dedup == "owner")
         testing.check_capacity_error(small, seed, gather, "cpu", sync=sync)
         testing.check_group_case(small, "top1", testing.GroupCase((13,), 1, 20, 20, "distinct"),
                                  torch.float32, seed, gather, "cpu", sync=sync)

@@ -110,6 +110,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--recipes", nargs="+", default=["bf16", "fp8"])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--reduce-on-owner", action="store_true",
+                        help="ipc / nvshmem with dedup_rows and reduce_on_owner (the combine and "
+                             "the dispatch backward sum on the owners)")
     args = parser.parse_args()
     local_rank = int(os.environ["LOCAL_RANK"])
     if args.device == "cuda":
@@ -128,6 +131,8 @@ def main() -> int:
             ref, fused, top_k = _layers(case, recipe, seed, rank, world, device)
             options = {} if args.dispatcher == "nccl" else dict(
                 hidden=DIM, dtype=torch.bfloat16, device=device)
+            if args.reduce_on_owner:
+                options.update(dedup_rows=True, reduce_on_owner=True)
             dispatcher = create_dispatcher(args.dispatcher, num_experts=ref.num_experts,
                                            capacity=TOKENS * top_k * world, world_size=world,
                                            rank=rank, **options)

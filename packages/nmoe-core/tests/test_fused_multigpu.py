@@ -47,12 +47,14 @@ def _launch(dispatcher: str, world_size: int, *extra: str, timeout_s: int = TIME
 
 @pytest.mark.multigpu
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("dispatcher", ["ipc", "nccl"])
+@pytest.mark.parametrize("dispatcher", ["ipc", "nccl", "ipc+owner"])
 def test_fused_matches_torch_backend_expert_parallel(dispatcher, world_size):
+    """``ipc+owner``: ipc with ``dedup_rows`` and ``reduce_on_owner`` (sums on the owners)."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if world_size > count:
         pytest.skip(f"needs {world_size} GPUs, {count} visible")
-    _launch(dispatcher, world_size)
+    backend, _, owner = dispatcher.partition("+")
+    _launch(backend, world_size, *(["--reduce-on-owner"] if owner else []))
 
 
 def test_fused_matches_torch_backend_expert_parallel_on_cpu_processes():

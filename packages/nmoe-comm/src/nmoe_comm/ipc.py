@@ -71,6 +71,10 @@ class IpcDispatcher(RdepDispatcher):
             it waits for (a rank that skipped a call, or crashed).
         dedup_rows: move each token's row once per owner instead of once per slot (fewer bytes
             over NVLink, bitwise the same results; see `nmoe_comm.rdep`). The same on every rank.
+        reduce_on_owner: with ``dedup_rows``, the combine (without explicit gates) and the
+            dispatch backward also send one row per token and owner: the owner sums the token's
+            slots first, and the source sums those partial rows (each rounded to the rows'
+            dtype; deterministic, `nmoe_comm.rdep` says the order). The same on every rank.
 
     Raises:
         BackendUnavailableError: no compiled transport, no GPU, torch.distributed not
@@ -93,6 +97,7 @@ class IpcDispatcher(RdepDispatcher):
         device: torch.device | int | None = None,
         timeout_s: float = 100.0,
         dedup_rows: bool = False,
+        reduce_on_owner: bool = False,
     ):
         super().__init__(num_experts, capacity, world_size, rank)
         missing = _extension.missing_transport()
@@ -100,12 +105,13 @@ class IpcDispatcher(RdepDispatcher):
             raise BackendUnavailableError(f"dispatcher backend 'ipc' cannot run here: {missing}")
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
-                          timeout_s=timeout_s, dedup_rows=dedup_rows)
+                          timeout_s=timeout_s, dedup_rows=dedup_rows,
+                          reduce_on_owner=reduce_on_owner)
         self.group = group
         device = cuda_device(device)
         c_module = _extension.compiled_module()
         me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid),
-              self.layout, dedup_rows)
+              self.layout, (dedup_rows, reduce_on_owner))
         everyone = [None] * world_size
         dist.all_gather_object(everyone, me, group=group)
         self._check_group(everyone, device, c_module)
@@ -130,14 +136,16 @@ class IpcDispatcher(RdepDispatcher):
             raise BackendUnavailableError(
                 f"the ipc backend needs every rank on one host, got {sorted(hosts)}; use nvshmem "
                 f"or nccl across nodes")
-        for peer, (_, uuid, layout, dedup_rows) in enumerate(everyone):
+        for peer, (_, uuid, layout, options) in enumerate(everyone):
             if layout != self.layout:
                 raise ValueError(
                     f"rank {peer} sized its buffer differently (capacity, hidden, dtype, "
                     f"max_send_rows or num_experts differ); every rank must pass the same values")
-            if dedup_rows != self.dedup_rows:
-                raise ValueError(f"rank {peer} passed dedup_rows={dedup_rows}, this rank "
-                                 f"{self.dedup_rows}; every rank must pass the same value")
+            if options != (self.dedup_rows, self.reduce_on_owner):
+                raise ValueError(
+                    f"rank {peer} passed (dedup_rows, reduce_on_owner)={options}, this rank "
+                    f"{(self.dedup_rows, self.reduce_on_owner)}; every rank must pass the same "
+                    f"values")
             index = _local_index_of(uuid)
             if index is None:
                 raise BackendUnavailableError(

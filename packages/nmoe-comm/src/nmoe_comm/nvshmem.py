@@ -117,7 +117,8 @@ class NvshmemDispatcher(RdepDispatcher):
 
     Args: as `nmoe_comm.ipc.IpcDispatcher` (``num_experts``, ``capacity``, ``world_size``,
     ``rank``, ``hidden``, ``dtype``, ``max_send_rows``, ``group``, ``device``, ``timeout_s`` for
-    the GPU-side barriers, ``dedup_rows``, used when every peer is mapped), plus
+    the GPU-side barriers, ``dedup_rows`` and ``reduce_on_owner``, used when every peer is
+    mapped), plus
     ``peer_access``: "auto" (stores to every peer NVSHMEM maps, puts to the others) or "puts"
     (puts to every other rank, the multi-node path; for tests).
 
@@ -143,6 +144,7 @@ class NvshmemDispatcher(RdepDispatcher):
         device: torch.device | int | None = None,
         timeout_s: float = 100.0,
         dedup_rows: bool = False,
+        reduce_on_owner: bool = False,
         peer_access: str = "auto",
     ):
         super().__init__(num_experts, capacity, world_size, rank)
@@ -154,7 +156,8 @@ class NvshmemDispatcher(RdepDispatcher):
                                           f"{missing}")
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
-                          timeout_s=timeout_s, dedup_rows=dedup_rows)
+                          timeout_s=timeout_s, dedup_rows=dedup_rows,
+                          reduce_on_owner=reduce_on_owner)
         self.group = group
         device = cuda_device(device)
         layout = self.layout
@@ -164,11 +167,12 @@ class NvshmemDispatcher(RdepDispatcher):
         self._team = int(bindings.Team_id.TEAM_WORLD)
 
         everyone = [None] * world_size
-        dist.all_gather_object(everyone, (layout, dedup_rows), group=group)
-        if any(other != (layout, dedup_rows) for other in everyone):
+        mine = (layout, dedup_rows, reduce_on_owner)
+        dist.all_gather_object(everyone, mine, group=group)
+        if any(other != mine for other in everyone):
             raise ValueError("ranks sized their buffers differently (capacity, hidden, dtype, "
                              "max_send_rows or num_experts differ) or passed different "
-                             "dedup_rows; pass the same values")
+                             "dedup_rows / reduce_on_owner; pass the same values")
         with torch.cuda.device(device):
             self._buffer = core.buffer(layout.total_bytes)  # collective
             base = int(self._buffer.handle)

@@ -64,8 +64,21 @@ token's first slot routed to that owner, and every slot's 16-byte trailer names 
 its gate; ``unpack`` copies from the named row. With top-8 of 256 experts over 4 ranks a token
 reaches about 2.7 other ranks instead of sending 6 rows to them, so the dispatch moves about 2.2x
 fewer bytes over NVLink (about 4x on 2 ranks, 1.5x on 8); results are bitwise the same (every
-copy of a token's row is the row). The combine cannot do the same: pre-summing a token's slots
-on their owner would change the summation order that rule 2 fixes.
+copy of a token's row is the row). The combine keeps one row per slot: pre-summing a token's
+slots on their owner changes the summation order that rule 2 fixes, unless asked for:
+
+``reduce_on_owner=True`` (needs ``dedup_rows``): the combine direction sends one row per token
+and owner too. Each slot's trailer also names the landing row of the token's next slot on the
+same owner (a chain in slot order, recorded by ``unpack``), and ``head_N`` marks each token's
+first slot per owner. ``combine(y_RD, handle)`` without gates (the dispatch's gates, which the
+owner received as ``gates_R``) and ``dispatch_backward`` then run ``owner_reduce``: per token
+and owner the float32 sum over the token's slots there, slot order, of ``gate * y`` (of the
+rows, for the backward), every product and sum rounded on its own, rounded to the rows' dtype
+and stored at the first slot's send position; ``reduce_slots`` sums those partial rows over the
+owners in float32, in the order of each owner's first slot, and rounds to the dtype. So the
+result is rule 2's up to the rounding of each owner's partial sum (exact for float32 rows, and
+for tokens whose slots share one owner); it is deterministic and `nmoe_comm.reference` computes
+it bitwise (``reduce_on_owner=True``). A combine given explicit gates keeps the per-slot rows.
 
 Combine and ``dispatch_backward``: ``return_rows`` stores each row into its source's return
 buffer at the slot's send position (barrier), ``reduce_slots`` sums each token's K slots in
@@ -204,6 +217,10 @@ class RdepRouting:
         recv_chunks: ``(source, rows, landing_start, send_start)`` for sources this rank cannot
             store to.
         dispatcher_id: ``id()`` of the dispatcher that made the handle (checked on use).
+        head_N, gates_R, chain_R, head_R, row_of_land_R: ``reduce_on_owner`` only (else None),
+            int32 (``gates_R`` float32): each slot's first-slot-on-its-owner flag ``[N]``; this
+            rank's received gates, the next landing row in each row's chain (-1 at the end), the
+            row's head flag and the contract row of each landing row (``[R]`` each).
     """
 
     info_8: torch.Tensor
@@ -217,6 +234,11 @@ class RdepRouting:
     send_chunks: tuple[tuple[int, int, int, int], ...]
     recv_chunks: tuple[tuple[int, int, int, int], ...]
     dispatcher_id: int
+    head_N: torch.Tensor | None = None
+    gates_R: torch.Tensor | None = None
+    chain_R: torch.Tensor | None = None
+    head_R: torch.Tensor | None = None
+    row_of_land_R: torch.Tensor | None = None
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -241,12 +263,14 @@ class RdepDispatcher(Dispatcher):
     #: Profiling hook (bench ``--breakdown``): None, or a callable ``hook(stage)`` run on the host
     #: right after each stage of a call is enqueued (``checks``, ``route_plan``,
     #: ``scatter_slots``, ``host_sync``, ``alloc``, ``unpack``, ``handle`` for a dispatch;
-    #: ``checks``, ``return_rows``, ``reduce_slots`` for a combine / dispatch_backward). Costs one
+    #: ``checks``, ``return_rows`` (``owner_reduce``), ``reduce_slots`` for a combine /
+    #: dispatch_backward). Costs one
     #: attribute test per stage when None.
     stage_hook = None
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
-                     timeout_s: float, dedup_rows: bool = False) -> None:
+                     timeout_s: float, dedup_rows: bool = False,
+                     reduce_on_owner: bool = False) -> None:
         if not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"hidden must be a positive int (the widest row, in elements), got "
                              f"{hidden!r}")
@@ -263,11 +287,23 @@ class RdepDispatcher(Dispatcher):
         if not isinstance(dedup_rows, bool):
             raise ValueError(f"dedup_rows must be True or False, got {dedup_rows!r}")
         self.dedup_rows = dedup_rows
+        if not isinstance(reduce_on_owner, bool):
+            raise ValueError(f"reduce_on_owner must be True or False, got {reduce_on_owner!r}")
+        if reduce_on_owner and not dedup_rows:
+            raise ValueError("reduce_on_owner=True needs dedup_rows=True (the owner's partial "
+                             "sums follow the chains a deduplicated dispatch records); pass both")
+        self.reduce_on_owner = reduce_on_owner
         self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
                                         world_size=self.world_size, num_experts=self.num_experts,
                                         max_send_rows=max_send_rows)
         self._consumed: frozenset[str] = frozenset()
         self._destroyed = False
+
+    @property
+    def owner_sums_active(self) -> bool:
+        """Whether combines without gates and dispatch backwards sum on the owners:
+        ``reduce_on_owner`` on a group whose peers are all mapped (else one row per slot)."""
+        return self.reduce_on_owner and self.dedup_rows and self._device_barriers
 
     @property
     def persistent_bytes(self) -> int:
@@ -299,6 +335,7 @@ class RdepDispatcher(Dispatcher):
         return (f"{super().describe()}, hidden {self.hidden} {str(self.row_dtype)[6:]}, "
                 f"buffer {self.layout.total_bytes / 2**20:.0f} MiB"
                 + (", one row per token and owner" if self.dedup_rows else "")
+                + (" both ways" if self.reduce_on_owner else "")
                 + (f", {len(self._unmapped)} peers via puts" if self._unmapped else ""))
 
     # ------------------------------------------------------------------------ transport hooks
@@ -412,12 +449,18 @@ class RdepDispatcher(Dispatcher):
             gates_TK = gates_TK.to(torch.float32).contiguous()
         device = self.device
         num_local = self.num_local_experts
+        # One row per (token, owner) needs every owner mapped (staged puts move whole chunks).
+        dedup = self.dedup_rows and self._device_barriers
+        owner_sums = self.owner_sums_active
         # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
-        # send_pos [N] and land_index [N] (as N int64 words). Owned by the handle.
-        meta = torch.empty(8 + num_local + num_slots, dtype=torch.int64, device=device)
+        # send_pos [N], land_index [N] and (reduce_on_owner) head_N [N]. Owned by the handle.
+        slot_vectors = 3 if owner_sums else 2
+        meta = torch.empty(8 + num_local + (slot_vectors * num_slots + 1) // 2, dtype=torch.int64,
+                           device=device)
         info, counts_E = meta[:8], meta[8:8 + num_local]
-        slots_2N = meta[8 + num_local:].view(torch.int32)
-        send_pos, land_index = slots_2N[:num_slots], slots_2N[num_slots:]
+        slots = meta[8 + num_local:].view(torch.int32)
+        send_pos, land_index = slots[:num_slots], slots[num_slots:2 * num_slots]
+        head_N = slots[2 * num_slots:3 * num_slots] if owner_sums else None
         stream = _current_stream(self._device_index)
         is64 = ids.dtype == torch.int64
         if hook is not None:
@@ -430,12 +473,10 @@ class RdepDispatcher(Dispatcher):
         if hook is not None:
             hook("route_plan")
         p1 = payloads[1] if fp8 else None
-        # One row per (token, owner) needs every owner mapped (staged puts move whole chunks).
-        dedup = self.dedup_rows and self._device_barriers
         self._rdep.scatter_slots(
             ids.data_ptr(), is64, num_slots, top_k, send_pos.data_ptr(), land_index.data_ptr(),
             payloads[0].data_ptr(), widths[0], widths[0], _ptr(p1), widths[1] if fp8 else 0,
-            widths[1] if fp8 else 0, gates_TK.data_ptr(), info.data_ptr(), dedup,
+            widths[1] if fp8 else 0, gates_TK.data_ptr(), info.data_ptr(), dedup, _ptr(head_N),
             self._sync_peers(), stream)
         if hook is not None:
             hook("scatter_slots")
@@ -457,16 +498,19 @@ class RdepDispatcher(Dispatcher):
         x_RD = torch.empty(num_rows, hidden, dtype=payloads[0].dtype, device=device)
         scales_RG = torch.empty(num_rows, payloads[1].shape[1], dtype=torch.float32,
                                 device=device) if fp8 else None
-        # gates_R (float32 bits), src_rank_R, ret_index_R, land_row_R: one allocation.
-        rows_4R = torch.empty(4, num_rows, dtype=torch.int32, device=device)
-        gates_R = rows_4R[0].view(torch.float32)
-        src_rank_R, ret_index_R, land_row_R = rows_4R[1], rows_4R[2], rows_4R[3]
+        # gates_R (float32 bits), src_rank_R, ret_index_R, land_row_R and (reduce_on_owner)
+        # chain_R, head_R, row_of_land_R: one allocation.
+        rows_xR = torch.empty(7 if owner_sums else 4, num_rows, dtype=torch.int32, device=device)
+        gates_R = rows_xR[0].view(torch.float32)
+        src_rank_R, ret_index_R, land_row_R = rows_xR[1], rows_xR[2], rows_xR[3]
+        chain_R, head_R, row_of_land_R = (rows_xR[4], rows_xR[5], rows_xR[6]) if owner_sums else (
+            None, None, None)
         if hook is not None:
             hook("alloc")
         self._rdep.unpack(num_rows, _ptr(num_received), dedup, x_RD.data_ptr(), widths[0],
                           _ptr(scales_RG), widths[1] if fp8 else 0, gates_R.data_ptr(),
                           src_rank_R.data_ptr(), ret_index_R.data_ptr(), land_row_R.data_ptr(),
-                          stream)
+                          _ptr(chain_R), _ptr(head_R), _ptr(row_of_land_R), stream)
         self._consumed = _DISPATCH_READS
         if hook is not None:
             hook("unpack")
@@ -477,7 +521,9 @@ class RdepDispatcher(Dispatcher):
                               src_rank_R=src_rank_R, ret_index_R=ret_index_R,
                               land_row_R=land_row_R, num_received=num_received,
                               row_bytes=sum(widths), send_chunks=send_chunks,
-                              recv_chunks=recv_chunks, dispatcher_id=id(self)))
+                              recv_chunks=recv_chunks, dispatcher_id=id(self), head_N=head_N,
+                              gates_R=gates_R if owner_sums else None, chain_R=chain_R,
+                              head_R=head_R, row_of_land_R=row_of_land_R))
         dispatched = Dispatched(x_RD=x_RD, counts_E=counts_E, gates_R=gates_R, handle=handle,
                                 x_scales_RG=scales_RG, num_received=num_received)
         if hook is not None:
@@ -575,25 +621,41 @@ class RdepDispatcher(Dispatcher):
         num_slots = handle.num_tokens * handle.top_k
         return num_slots if num_slots <= self.max_send_rows else 0
 
-    def _return_and_reduce(self, y_RD, handle, routing, gates_f32_TK) -> torch.Tensor:
+    def _return_and_reduce(self, y_RD, handle, routing, gates_f32_TK,
+                           owner_gates_R: torch.Tensor | None = None,
+                           on_owner: bool = False) -> torch.Tensor:
+        """Return the rows and reduce them at the source: one row per slot (``gates_f32_TK``
+        applied by the source, or none), or with ``on_owner`` the owners' partial sums (gated by
+        ``owner_gates_R``, or plain); see the module docstring."""
         hook = self.stage_hook
         stream = _current_stream(self._device_index)
         if hook is not None:
             hook("checks")
         self._before_writing(_RET, stream)
-        self._rdep.return_rows(routing.land_row_R.numel(), _ptr(routing.num_received),
-                               y_RD.data_ptr(), y_RD.shape[1] * y_RD.element_size(),
-                               routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
-                               routing.land_row_R.data_ptr(), self._sync_peers(), stream)
-        self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.ret_off,
-                                                  self.layout.ret_stride))
+        num_rows = routing.land_row_R.numel()
+        if on_owner:
+            self._rdep.owner_reduce(_DTYPE_CODE[y_RD.dtype], num_rows, _ptr(routing.num_received),
+                                    y_RD.shape[1], y_RD.data_ptr(), _ptr(owner_gates_R),
+                                    routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
+                                    routing.chain_R.data_ptr(), routing.head_R.data_ptr(),
+                                    routing.row_of_land_R.data_ptr(), handle.top_k,
+                                    self._sync_peers(), stream)
+            self._completed(stream, ())  # every peer mapped: nothing staged
+            gates_f32_TK = None
+        else:
+            self._rdep.return_rows(num_rows, _ptr(routing.num_received),
+                                   y_RD.data_ptr(), y_RD.shape[1] * y_RD.element_size(),
+                                   routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
+                                   routing.land_row_R.data_ptr(), self._sync_peers(), stream)
+            self._completed(stream, self._return_puts(routing.recv_chunks, self.layout.ret_off,
+                                                      self.layout.ret_stride))
         if hook is not None:
-            hook("return_rows")
+            hook("owner_reduce" if on_owner else "return_rows")
         out = torch.empty(handle.num_tokens, y_RD.shape[1], dtype=y_RD.dtype, device=self.device)
         tokens = handle.num_tokens if self._reduced_slots(handle) else 0
         self._rdep.reduce_slots(_DTYPE_CODE[y_RD.dtype], tokens, handle.top_k,
                                 y_RD.shape[1], routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK),
-                                out.data_ptr(), stream)
+                                _ptr(routing.head_N) if on_owner else 0, out.data_ptr(), stream)
         self._consumed = _RET
         if hook is not None:
             hook("reduce_slots")
@@ -605,10 +667,15 @@ class RdepDispatcher(Dispatcher):
         handle: DispatchHandle,
         gates_TK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """See `Dispatcher.combine`; no host synchronisation."""
+        """See `Dispatcher.combine`; no host synchronisation. On a ``reduce_on_owner``
+        dispatcher, a combine without ``gates_TK`` (the dispatch's gates) sums on the owners
+        (module docstring); one given gates returns one row per slot."""
         self._check_live()
         routing = self._routing(handle, RdepRouting)
         y_RD = self._rows("y_RD", y_RD, routing)
+        if gates_TK is None and routing.chain_R is not None:
+            return self._return_and_reduce(y_RD, handle, routing, None,
+                                           owner_gates_R=routing.gates_R, on_owner=True)
         gates_f32_TK = handle.gates_TK if gates_TK is None else check_gates(
             gates_TK, handle, self.device).to(torch.float32).contiguous()
         return self._return_and_reduce(y_RD, handle, routing, gates_f32_TK)
@@ -618,7 +685,8 @@ class RdepDispatcher(Dispatcher):
         self._check_live()
         routing = self._routing(handle, RdepRouting)
         grad_x_RD = self._rows("grad_x_RD", grad_x_RD, routing, hidden=handle.hidden)
-        return self._return_and_reduce(grad_x_RD, handle, routing, None)
+        return self._return_and_reduce(grad_x_RD, handle, routing, None,
+                                       on_owner=routing.chain_R is not None)
 
     def combine_backward(
         self,
@@ -646,7 +714,7 @@ class RdepDispatcher(Dispatcher):
             ids.data_ptr(), ids.dtype == torch.int64, ids.numel(), handle.top_k,
             routing.send_pos_N.data_ptr(), routing.land_index_N.data_ptr(),
             grad_out_TD.data_ptr(), width, width, 0, 0, 0, gates_f32_TK.data_ptr(),
-            routing.info_8.data_ptr(), False, self._sync_peers(), stream)
+            routing.info_8.data_ptr(), False, 0, self._sync_peers(), stream)
         self._completed(stream, self._send_puts(routing.send_chunks, self.layout.recv_stride))
         grad_y_RD = torch.empty_like(y_RD)
         self._rdep.owner_grad(_DTYPE_CODE[y_RD.dtype], _DTYPE_CODE[grad_out_TD.dtype], num_rows,

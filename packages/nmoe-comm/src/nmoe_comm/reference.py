@@ -260,6 +260,33 @@ def _sum_slots(y_TKD: torch.Tensor, gates_TK: torch.Tensor | None) -> torch.Tens
     return acc
 
 
+def _sum_on_owners(y_TKD: torch.Tensor, gates_TK: torch.Tensor | None, owner_TK: torch.Tensor,
+                   row_dtype: torch.dtype) -> torch.Tensor:
+    """``reduce_on_owner`` (`nmoe_comm.rdep`): per token and owner the sum over the token's slots
+    on that owner, slot order, of ``gate * y`` (``y`` without gates), each product and sum its
+    own op, rounded to ``row_dtype``; then the sum of those partial sums over the owners in the
+    order of each owner's first slot. ``y_TKD`` and ``gates_TK`` in the accumulation dtype."""
+    top_k = y_TKD.shape[1]
+    # head_TK[t, k]: the token's first slot on slot k's owner.
+    head_TK = torch.empty_like(owner_TK)
+    for k in range(top_k):
+        head_TK[:, k] = k
+        for j in reversed(range(k)):
+            head_TK[:, k] = torch.where(owner_TK[:, j] == owner_TK[:, k], j, head_TK[:, k])
+    partial_TKD = torch.zeros_like(y_TKD)
+    rows = torch.arange(y_TKD.shape[0], device=y_TKD.device)
+    for k in range(top_k):
+        term = y_TKD[:, k] if gates_TK is None else gates_TK[:, k, None] * y_TKD[:, k]
+        first = head_TK[:, k] == k
+        head_rows = partial_TKD[rows, head_TK[:, k]]
+        partial_TKD[rows, head_TK[:, k]] = torch.where(first[:, None], term, head_rows + term)
+    partial_TKD = partial_TKD.to(row_dtype).to(y_TKD.dtype)
+    acc = partial_TKD[:, 0]
+    for k in range(1, top_k):
+        acc = torch.where((head_TK[:, k] == k)[:, None], acc + partial_TKD[:, k], acc)
+    return acc
+
+
 def _check_ys(
     name: str, ys: Sequence[torch.Tensor], handles: Sequence[DispatchHandle], *, dispatched: bool
 ) -> None:
@@ -276,6 +303,8 @@ def combine(
     ys: Sequence[torch.Tensor],
     handles: Sequence[DispatchHandle],
     gates: Sequence[torch.Tensor] | None = None,
+    *,
+    reduce_on_owner: bool = False,
 ) -> list[torch.Tensor]:
     """Return every row to its source and reduce with the gates (rule 2).
 
@@ -284,6 +313,10 @@ def combine(
             results for the rows rank ``o`` received, in the dispatch layout.
         handles: the ``W`` handles of the matching `dispatch`, in rank order.
         gates: ``W`` float ``[T_r, K]`` gates, or None for the handles' gates.
+        reduce_on_owner: the sum of an ``ipc`` / ``nvshmem`` dispatcher built with
+            ``reduce_on_owner=True`` for a combine without gates: each owner's partial sum of a
+            token's slots (slot order) rounded to the rows' dtype, then the partial sums in the
+            order of each owner's first slot (`nmoe_comm.rdep`).
 
     Returns:
         ``W`` tensors, entry ``r`` is ``[T_r, D']`` in ``ys``' dtype:
@@ -296,18 +329,24 @@ def combine(
     outs = []
     for src, state in enumerate(states):
         y_TKD = _rows_of_slots(ys, state).to(acc_dtype)
-        outs.append(_sum_slots(y_TKD, gates_acc[src]).to(ys[0].dtype))
+        if reduce_on_owner:
+            out = _sum_on_owners(y_TKD, gates_acc[src], state.dest_rank_TK, ys[0].dtype)
+        else:
+            out = _sum_slots(y_TKD, gates_acc[src])
+        outs.append(out.to(ys[0].dtype))
     return outs
 
 
 def dispatch_backward(
-    grads: Sequence[torch.Tensor], handles: Sequence[DispatchHandle]
+    grads: Sequence[torch.Tensor], handles: Sequence[DispatchHandle], *,
+    reduce_on_owner: bool = False,
 ) -> list[torch.Tensor]:
     """Gradient of `dispatch` w.r.t. each rank's ``xs[r]`` (rule 3).
 
     Args:
         grads: ``W`` tensors, ``grads[o]`` is ``[R_o, D]``, the gradient of rank ``o``'s ``x_RD``.
         handles: the ``W`` handles of the matching `dispatch`, in rank order.
+        reduce_on_owner: sum on the owners first, as `combine` with ``reduce_on_owner``.
 
     Returns:
         ``W`` tensors, entry ``r`` is ``[T_r, D]`` in ``grads``' dtype:
@@ -316,10 +355,13 @@ def dispatch_backward(
     states = _states(handles)
     _check_ys("grads", grads, handles, dispatched=True)
     acc_dtype = accumulation_dtype(grads[0].dtype)
-    return [
-        _sum_slots(_rows_of_slots(grads, state).to(acc_dtype), None).to(grads[0].dtype)
-        for state in states
-    ]
+    outs = []
+    for state in states:
+        g_TKD = _rows_of_slots(grads, state).to(acc_dtype)
+        out = (_sum_on_owners(g_TKD, None, state.dest_rank_TK, grads[0].dtype)
+               if reduce_on_owner else _sum_slots(g_TKD, None))
+        outs.append(out.to(grads[0].dtype))
+    return outs
 
 
 def combine_backward(

@@ -156,6 +156,12 @@ def group_capacity(cases: dict[str, GroupCase], world_size: int) -> int:
     return max(max(c.tokens) * c.top_k for c in cases.values()) * world_size
 
 
+def _on_owner(dispatcher) -> bool:
+    """Whether ``dispatcher`` sums a combine without gates (and the dispatch backward) on the
+    owners (``reduce_on_owner``): what the reference must compute to compare bitwise."""
+    return bool(getattr(dispatcher, "owner_sums_active", False))
+
+
 def _case_generator(seed: int, rank: int, name: str, what: str) -> torch.Generator:
     key = f"{seed}/{rank}/{name}/{what}".encode()
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:6], "little"))
@@ -281,13 +287,16 @@ def check_group_case(
     ys, other, grad_xs, grad_outs = zip(*gather((y, other_gates, grad_x, grad_out)))
     y_dev, grad_x_dev = _padded(y, rows).to(device), _padded(grad_x, rows).to(device)
 
+    on_owner = _on_owner(dispatcher)
     assert_bitwise_equal(dispatcher.combine(y_dev, got.handle),
-                         reference.combine(ys, handles)[rank], f"{tag}: combine")
+                         reference.combine(ys, handles, reduce_on_owner=on_owner)[rank],
+                         f"{tag}: combine")
     assert_bitwise_equal(dispatcher.combine(y_dev, got.handle, other_gates.to(device)),
                          reference.combine(ys, handles, other)[rank],
                          f"{tag}: combine with explicit gates")
     assert_bitwise_equal(dispatcher.dispatch_backward(grad_x_dev, got.handle),
-                         reference.dispatch_backward(grad_xs, handles)[rank],
+                         reference.dispatch_backward(grad_xs, handles,
+                                                     reduce_on_owner=on_owner)[rank],
                          f"{tag}: dispatch_backward")
     grad_y, grad_gates = dispatcher.combine_backward(grad_out.to(device), y_dev,
                                                      got.handle, other_gates.to(device))
@@ -503,10 +512,13 @@ def check_interleaved_calls(dispatcher, seed: int, gather, device, *, sync: bool
         want_grad_y = reference.combine_backward(grad_outs, ys, handles)[0][rank]
         for _ in range(2):  # the same call twice in a row
             assert_bitwise_equal(dispatcher.combine(y_dev, got.handle),
-                                 reference.combine(ys, handles)[rank], f"{tag}: combine")
+                                 reference.combine(ys, handles,
+                                                   reduce_on_owner=_on_owner(dispatcher))[rank],
+                                 f"{tag}: combine")
         for _ in range(2):
             assert_bitwise_equal(dispatcher.dispatch_backward(grad_x_dev, got.handle),
-                                 reference.dispatch_backward(grad_xs, handles)[rank],
+                                 reference.dispatch_backward(
+                                     grad_xs, handles, reduce_on_owner=_on_owner(dispatcher))[rank],
                                  f"{tag}: dispatch_backward")
         for _ in range(2):
             grad_y, _ = dispatcher.combine_backward(grad_out.to(device), y_dev, got.handle)
@@ -571,7 +583,8 @@ def check_cuda_graph(dispatcher, seed: int, gather, device, *, rounds: int = 3,
                                     dtype, seed)
         xs, idss, gatess = zip(*gather((x, ids, gates)))
         want = reference.dispatch(list(xs), list(idss), list(gatess), num_experts)
-        combined = reference.combine([w.x_RD for w in want], [w.handle for w in want])[rank]
+        combined = reference.combine([w.x_RD for w in want], [w.handle for w in want],
+                                     reduce_on_owner=_on_owner(dispatcher))[rank]
         return (x, ids, gates), want[rank], combined
 
     def compare(got, out, want, combined, what: str) -> None:

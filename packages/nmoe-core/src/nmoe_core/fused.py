@@ -558,7 +558,12 @@ class _FusedExperts(torch.autograd.Function):
             fp8 = routing.fp8 is not None
             w13, w2 = (None, None) if fp8 else _gemm_weights(w13_ED2F, w2_EFD, dtype, routing)
             y_RD = _experts_forward(x_RD, w13, w2, routing).to(dtype)
-            out_TD = routing.dispatcher.combine(y_RD, routing.handle, gates_TK)
+            if getattr(routing.dispatcher, "reduce_on_owner", False):
+                # The dispatch carried these gates' values (``gates_R``): without explicit gates
+                # the owners apply them and send one partial sum per token (nmoe_comm.rdep).
+                out_TD = routing.dispatcher.combine(y_RD, routing.handle)
+            else:
+                out_TD = routing.dispatcher.combine(y_RD, routing.handle, gates_TK)
         ctx.save_for_backward(x_RD)
         ctx.routing = routing
         ctx.weights = (w13_ED2F, w2_EFD)
