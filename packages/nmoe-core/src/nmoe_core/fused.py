@@ -558,12 +558,11 @@ class _FusedExperts(torch.autograd.Function):
             fp8 = routing.fp8 is not None
             w13, w2 = (None, None) if fp8 else _gemm_weights(w13_ED2F, w2_EFD, dtype, routing)
             y_RD = _experts_forward(x_RD, w13, w2, routing).to(dtype)
-            if getattr(routing.dispatcher, "reduce_on_owner", False):
-                # The dispatch carried these gates' values (``gates_R``): without explicit gates
-                # the owners apply them and send one partial sum per token (nmoe_comm.rdep).
-                out_TD = routing.dispatcher.combine(y_RD, routing.handle)
-            else:
-                out_TD = routing.dispatcher.combine(y_RD, routing.handle, gates_TK)
+            # The dispatch carried these gates' values (the backward uses them as ``gates_R``
+            # too), so the combine takes the handle's gates: the same numbers, and a
+            # ``reduce_on_owner`` dispatcher can then apply them on the owners and send one
+            # partial sum per token and owner (nmoe_comm.rdep).
+            out_TD = routing.dispatcher.combine(y_RD, routing.handle)
         ctx.save_for_backward(x_RD)
         ctx.routing = routing
         ctx.weights = (w13_ED2F, w2_EFD)
@@ -607,7 +606,8 @@ def fused_expert_forward(
     Args:
         dispatcher: the backend that made ``dispatched``.
         dispatched: the `nmoe_comm.Dispatched` rows (``x_RD`` may carry the graph to ``x_TD``).
-        gates_TK: ``[T, K]`` float gates (the router's output; receives ``dGates``).
+        gates_TK: ``[T, K]`` float gates (the router's output; receives ``dGates``), with the
+            values ``dispatched`` was made with (its handle's gates weight the combine).
         w13_ED2F: ``[E_local, D, 2F]`` interleaved gate/up weights (master, any float dtype).
         w2_EFD: ``[E_local, F, D]`` down weights.
         kernels: the `ExpertKernels` provider.
