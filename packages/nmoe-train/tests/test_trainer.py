@@ -58,13 +58,14 @@ def test_expert_parallel_matches_single_process(tmp_path, data_root):
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("dispatcher", ["ipc", "nccl"])
+@pytest.mark.parametrize("dispatcher", ["ipc", "nccl", "ipc+owner"])
 def test_expert_parallel_on_two_gpus_tracks_one_gpu(tmp_path, data_root, dispatcher):
     """`n train` with the experts split over 2 GPUs (one dispatcher shared by the MoE layers)
     against 1 GPU. In bf16 autocast a changed summation order moves the losses by more than
     float32 rounding, so the bound is calibrated in the same test: 2-GPU data parallel (no
     expert parallelism) against the same 1-GPU run, and expert parallel may differ by at most
-    4x that gap plus 1e-4 of the loss."""
+    4x that gap plus 1e-4 of the loss. ``ipc+owner``: ``parallel.reduce_on_owner=true`` (its
+    bf16 partial sums must stay inside the same bound)."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -77,10 +78,13 @@ def test_expert_parallel_on_two_gpus_tracks_one_gpu(tmp_path, data_root, dispatc
     assert single.returncode == 0, single.stderr[-3000:]
     dp = run_n(_args(data_root, tmp_path, "dp", *common), tmp_path, env=env, torchrun=2)
     assert dp.returncode == 0, dp.stderr[-3000:]
+    backend, _, owner = dispatcher.partition("+")
+    options = ["parallel.reduce_on_owner=true"] if owner else []
     ep = run_n(_args(data_root, tmp_path, "ep", *common, "parallel.expert_parallel=all",
-                     f"parallel.dispatcher={dispatcher}"), tmp_path, env=env, torchrun=2)
+                     f"parallel.dispatcher={backend}", *options), tmp_path, env=env, torchrun=2)
     assert ep.returncode == 0, ep.stderr[-3000:]
-    assert f"dispatcher {dispatcher}" in ep.stderr
+    assert f"dispatcher {backend}" in ep.stderr
+    assert ("(sums on owners)" in ep.stderr) == bool(owner)
     a, b, c = (_losses(tmp_path / name) for name in ("single", "dp", "ep"))
     assert sorted(a) == sorted(b) == sorted(c) == [1, 2, 3, 4]
     for step in a:
