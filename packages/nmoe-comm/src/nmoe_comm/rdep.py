@@ -303,7 +303,7 @@ class RdepDispatcher(Dispatcher):
     def owner_sums_active(self) -> bool:
         """Whether combines without gates and dispatch backwards sum on the owners:
         ``reduce_on_owner`` on a group whose peers are all mapped (else one row per slot)."""
-        return self.reduce_on_owner and self.dedup_rows and self._device_barriers
+        return self.reduce_on_owner and self._device_barriers  # it implies dedup_rows
 
     @property
     def persistent_bytes(self) -> int:
@@ -626,7 +626,7 @@ class RdepDispatcher(Dispatcher):
                            on_owner: bool = False) -> torch.Tensor:
         """Return the rows and reduce them at the source: one row per slot (``gates_f32_TK``
         applied by the source, or none), or with ``on_owner`` the owners' partial sums (gated by
-        ``owner_gates_R``, or plain); see the module docstring."""
+        ``owner_gates_R``, or plain; ``gates_f32_TK`` is then None); see the module docstring."""
         hook = self.stage_hook
         stream = _current_stream(self._device_index)
         if hook is not None:
@@ -641,7 +641,6 @@ class RdepDispatcher(Dispatcher):
                                     routing.row_of_land_R.data_ptr(), handle.top_k,
                                     self._sync_peers(), stream)
             self._completed(stream, ())  # every peer mapped: nothing staged
-            gates_f32_TK = None
         else:
             self._rdep.return_rows(num_rows, _ptr(routing.num_received),
                                    y_RD.data_ptr(), y_RD.shape[1] * y_RD.element_size(),
