@@ -489,6 +489,7 @@ def check_interleaved_calls(dispatcher, seed: int, gather, device, *, sync: bool
     reference. With ``sync=False`` the second dispatch is synchronous (mixed modes)."""
     rank, world_size = dispatcher.rank, dispatcher.world_size
     num_experts = group_num_experts(world_size)
+    on_owner = _on_owner(dispatcher)
     runs = []
     for name, mode in (("random", sync), ("top8", True)):
         case = GROUP_CASES[name]
@@ -512,13 +513,12 @@ def check_interleaved_calls(dispatcher, seed: int, gather, device, *, sync: bool
         want_grad_y = reference.combine_backward(grad_outs, ys, handles)[0][rank]
         for _ in range(2):  # the same call twice in a row
             assert_bitwise_equal(dispatcher.combine(y_dev, got.handle),
-                                 reference.combine(ys, handles,
-                                                   reduce_on_owner=_on_owner(dispatcher))[rank],
+                                 reference.combine(ys, handles, reduce_on_owner=on_owner)[rank],
                                  f"{tag}: combine")
         for _ in range(2):
             assert_bitwise_equal(dispatcher.dispatch_backward(grad_x_dev, got.handle),
-                                 reference.dispatch_backward(
-                                     grad_xs, handles, reduce_on_owner=_on_owner(dispatcher))[rank],
+                                 reference.dispatch_backward(grad_xs, handles,
+                                                             reduce_on_owner=on_owner)[rank],
                                  f"{tag}: dispatch_backward")
         for _ in range(2):
             grad_y, _ = dispatcher.combine_backward(grad_out.to(device), y_dev, got.handle)
