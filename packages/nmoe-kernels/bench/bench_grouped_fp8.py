@@ -19,8 +19,11 @@ Rows:
 - ``deepgemm_shape``: `grouped_gemm_fp8_blockscaled` vs ``torch._scaled_grouped_mm``.
 - With ``--clusters 1x1,2x2,1x2o,...``: the same GEMMs (``w13_fp8``, ``w13_swiglu_quant_fp8``,
   ``deepgemm_shape``) once more per listed kernel variant -- cluster shape (CTAs along M x along
-  N; the kernel's TMA multicast setting), suffix ``o`` for the overlapped-promotion mainloop --
-  as rows ``<op>[c<variant>]``, timed in the same run as the default kernel.
+  N; the kernel's TMA multicast setting) followed by flags (`VARIANT_FLAGS`; an absent flag is
+  off, whatever the default): ``o`` overlapped promotion, ``e`` the next tile's first K block
+  under the epilogue, ``f`` rcp.approx sigmoid, ``s`` no epilogue (diagnostic), ``w`` 64 x 256
+  tiles for the bf16 epilogue -- as rows ``<op>[c<variant>]``, timed in the same run as the
+  default kernel.
 
 Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
 (launch overhead hidden, as in triton's do_bench; before 2026-11-26 each call was timed after a
@@ -125,8 +128,31 @@ def scaled_grouped_mm(xq_row, x_scale, w_row_ENK, w_scale_EN, ends):
     )
 
 
+VARIANT_FLAGS = {
+    "o": "overlap",  # promote block kb - 1 behind block kb's wgmma
+    "e": "epi_overlap",  # next tile's first K block issued before this tile's epilogue
+    "f": "fast_silu",  # swiglu_quant: sigmoid through rcp.approx
+    "s": "skip_epilogue",  # diagnostic: mainloop only
+    "w": "wide",  # bf16: 64 x 256 tiles (swiglu_quant's shape) instead of 128 x 128
+}
+
+
+def parse_variant(variant: str) -> tuple[tuple[int, int], dict, tuple[int, int] | None]:
+    """"<M>x<N>[flags]" -> (cluster, kernel_config options, tile); absent flags are off."""
+    head = variant.rstrip("".join(VARIANT_FLAGS))
+    flags = variant[len(head):]
+    unknown = set(flags) - set(VARIANT_FLAGS)
+    if unknown or "x" not in head:
+        raise ValueError(f"variant {variant!r}: want <M>x<N> followed by flags from "
+                         f"{sorted(VARIANT_FLAGS)}")
+    cluster = tuple(int(v) for v in head.split("x"))
+    opts = {name: flag in flags for flag, name in VARIANT_FLAGS.items() if name != "wide"}
+    tile = (64, 256) if "w" in flags else None
+    return cluster, opts, tile
+
+
 def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
-    """A callable launching the low-level kernel compiled for ``variant`` = "<M>x<N>[o]"."""
+    """A callable launching the low-level kernel compiled for ``variant`` (`parse_variant`)."""
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     num_rows, k = xq.shape
@@ -138,16 +164,19 @@ def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
     else:
         out = torch.empty(num_rows, n // 2, dtype=torch.float8_e4m3fn, device="cuda")
         out_sf = torch.empty(n // 2 // 128, aligned, device="cuda")
-    overlap = variant.endswith("o")
-    cluster = tuple(int(v) for v in variant.rstrip("o").split("x"))
-    compiled = g.compile_kernel(epilogue, False, cluster=cluster, overlap=overlap)
+    cluster, opts, tile = parse_variant(variant)
+    if epilogue != "swiglu_quant":
+        opts.pop("fast_silu")
+    elif tile is not None:
+        return None  # swiglu_quant has only the 64 x 256 tile
+    compiled = g.compile_kernel(epilogue, False, cluster=cluster, tile=tile, **opts)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     ptrs = [t.data_ptr() for t in (xq, xs, wq, ws, out, out_sf, offsets)]
 
     def run():
         g.launch(
             compiled, epilogue, *ptrs, num_rows, n, k, num_experts, aligned, num_sms,
-            torch.cuda.current_stream().cuda_stream, cluster=cluster,
+            torch.cuda.current_stream().cuda_stream, cluster=cluster, tile=tile,
         )  # fmt: skip
 
     return run
@@ -157,6 +186,8 @@ def cluster_rows(op, epilogue, clusters, operands, shape, flops, base_name, base
     rows = []
     for variant in clusters:
         fn = cluster_variant(epilogue, variant, *operands)
+        if fn is None:
+            continue
         ms = median_ms(fn)
         name = f"{op}[c{variant}]"
         rows.append(row(name, shape, ms, flops, base_name, base_ms, env))
@@ -300,8 +331,9 @@ def main() -> None:
     parser.add_argument(
         "--clusters",
         default="",
-        help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o (CTAs along M x along N; "
-        "o: overlapped promotion)",
+        help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o,1x1oef (CTAs along M x "
+        "along N, then flags: o overlapped promotion, e epilogue under the next tile's first "
+        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 bf16 tiles)",
     )
     args = parser.parse_args()
     clusters = [c for c in args.clusters.split(",") if c]

@@ -31,7 +31,7 @@ if [ "${NMOE_FP8_NO_BUILD:-0}" != 1 ] && [ "$what" != tests ] \
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   t0=$SECONDS
-  PYTHONPATH=$SRC:$PYTHONPATH timeout 95 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs \
+  PYTHONPATH=$SRC:$PYTHONPATH timeout ${NMOE_FP8_TEST_TIMEOUT:-240} "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs \
     packages/nmoe-kernels/tests/test_grouped_gemm_fp8_gpu.py > "$OUT/test.log" 2>&1
   echo "tests rc=$? ($((SECONDS - t0)) s)"; tail -30 "$OUT/test.log"
 fi
@@ -40,7 +40,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   pypath=$PYTHONPATH
   "$PY" -c 'import nmoe_kernels._C as C; assert C.WITH_CUDA' 2>/dev/null || pypath=$SRC:$PYTHONPATH
   t0=$SECONDS
-  PYTHONPATH=$pypath timeout 115 "$PY" packages/nmoe-kernels/bench/bench_grouped_fp8.py \
+  PYTHONPATH=$pypath timeout ${NMOE_FP8_BENCH_TIMEOUT:-240} "$PY" packages/nmoe-kernels/bench/bench_grouped_fp8.py \
     --json "$OUT/fp8_$tag.json" "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$? ($((SECONDS - t0)) s)"; tail -40 "$OUT/bench.log"
 fi

@@ -4,7 +4,9 @@ Each kernel is compiled with all shapes symbolic and its PTX is checked for the 
 design depends on: FP8 wgmma m64n128k32 with fp32 accumulators (4 per 128-deep K block), two
 TMA tile loads per stage (A 2-D, B 3-D over experts; the scales are plain loads) that multicast to
 the cluster exactly when the cluster shares that operand (A along N, B along M), warpgroup register
-reallocation, no local-memory spills, and in the fused epilogue the IEEE scale division and
+reallocation, no local-memory spills (and, where ptxas is installed, no spills and no wgmma
+serialization in its report), the tile-pipelined loop of ``epi_overlap``, and in the fused
+epilogue the sigmoid (IEEE division, or rcp.approx with ``fast_silu``), the IEEE scale division and
 reciprocal of the reference rule, quad shuffles for the row amax, saturating RNE E4M3 packing and
 (with UE8M0) the integer round-up of the scale. Also: the FP8 weight re-layout helper is a
 bitwise transpose of the 128x128 quantization.
@@ -13,6 +15,8 @@ bitwise transpose of the 128x128 quantization.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -22,13 +26,27 @@ from nmoe_kernels import reference as ref
 pytest.importorskip("cutlass")
 
 
-def compiled_ptx(epilogue: str, ue8m0: bool, ptx_dir, cluster=None, overlap=None) -> str:
+def compiled_ptx(epilogue: str, ue8m0: bool, ptx_dir, cluster=None, overlap=None, **opts) -> str:
     from nmoe_kernels.cute.grouped_gemm_fp8 import compile_kernel
 
     compiled = compile_kernel(
-        epilogue, ue8m0, ptx_dir=str(ptx_dir), cluster=cluster, overlap=overlap
+        epilogue, ue8m0, ptx_dir=str(ptx_dir), cluster=cluster, overlap=overlap, **opts
     )
     return compiled.artifacts.PTX
+
+
+def ptxas_report(ptx: str, tmp_path) -> str | None:
+    """ptxas -v output for the PTX (None where ptxas is not installed)."""
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        return None
+    src = tmp_path / "kernel.ptx"
+    src.write_text(ptx)
+    done = subprocess.run(
+        [ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "kernel.cubin")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout + done.stderr
 
 
 def count(pattern: str, text: str) -> int:
@@ -36,25 +54,37 @@ def count(pattern: str, text: str) -> int:
 
 
 @pytest.mark.parametrize(
-    ("epilogue", "ue8m0", "cluster", "overlap"),
+    ("epilogue", "ue8m0", "cluster", "overlap", "opts"),
     [
-        ("bf16", False, None, None),
-        ("bf16", False, (1, 1), False),
-        ("bf16", False, (2, 2), False),
-        ("bf16", False, (1, 2), True),
-        ("swiglu_quant", False, None, None),
-        ("swiglu_quant", True, None, None),
-        ("swiglu_quant", False, (2, 1), True),
+        ("bf16", False, None, None, {}),
+        ("bf16", False, (1, 1), False, {}),
+        ("bf16", False, (2, 2), False, {}),
+        ("bf16", False, (1, 2), True, {}),
+        ("bf16", False, (1, 1), True, {"epi_overlap": False}),
+        ("bf16", False, (1, 1), True, {"epi_overlap": True}),
+        ("swiglu_quant", False, None, None, {}),
+        ("swiglu_quant", True, None, None, {}),
+        ("swiglu_quant", False, (2, 1), True, {}),
+        ("swiglu_quant", False, (1, 1), True, {"epi_overlap": False, "fast_silu": False}),
+        ("swiglu_quant", False, (1, 1), True, {"epi_overlap": True, "fast_silu": True}),
+        ("swiglu_quant", True, (1, 2), True, {"epi_overlap": True, "fast_silu": False}),
     ],
 )
-def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, tmp_path):
+def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_path):
     from nmoe_kernels.cute.grouped_gemm_fp8 import kernel_config
 
-    config = kernel_config(epilogue, ue8m0, cluster, overlap)
-    ptx = compiled_ptx(epilogue, ue8m0, tmp_path, cluster, overlap)
+    config = kernel_config(epilogue, ue8m0, cluster, overlap, **opts)
+    ptx = compiled_ptx(epilogue, ue8m0, tmp_path, cluster, overlap, **opts)
     assert ".target sm_90a" in ptx
     wgmma = r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.f32\.e4m3\.e4m3"
-    if config.overlap:
+    # The epilogue-overlapped loop is peeled: the K loop (first block + rest) and the epilogue
+    # appear twice, plus a padding-tile epilogue on a zero accumulator (mostly folded away).
+    copies = 2 if config.epi_overlap else 1
+    if config.epi_overlap:
+        assert count(wgmma, ptx) == 32
+        assert count(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx) == 6
+        assert count(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx) == 4
+    elif config.overlap:
         # 4 wgmma per block; blocks issued at 4 sites (first, loop x 2, even-count tail), each
         # followed by wait_group 1 except the first; wait_group 0 before the last promotion
         assert count(wgmma, ptx) == 16
@@ -77,15 +107,31 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, tmp_path):
     assert ".local" not in ptx, "register spills to local memory"
     assert count(r"st\.global\.v4", ptx) >= 1  # 16-byte predicated row stores
     if epilogue == "swiglu_quant":
-        assert count(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx) == 16  # 32 values per thread
-        assert count(r"shfl\.sync\.bfly\.b32", ptx) == 4  # 2 rows x 2 quad steps
-        assert count(r"div\.rn\.f32\s+%r\d+, %r\d+, 0f43E00000", ptx) == 2  # amax / 448, IEEE
-        assert count(r"rcp\.rn\.f32", ptx) == 2  # 1 / scale, correctly rounded
+        sites = copies + (1 if config.epi_overlap else 0)  # with the padding-tile epilogue
+        # 32 values per thread (the padding copy packs one constant)
+        assert count(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx) == 16 * copies + sites - copies
+        assert count(r"shfl\.sync\.bfly\.b32", ptx) == 4 * sites  # 2 rows x 2 quad steps
+        div448 = r"div\.rn\.f32\s+%r\d+, %r\d+, 0f43E00000"
+        assert count(div448, ptx) == 2 * sites  # amax / 448, IEEE
+        assert count(r"rcp\.rn\.f32", ptx) == 2 * sites  # 1 / scale, correctly rounded
         assert "div.approx" not in ptx and "div.full" not in ptx
-        assert (count(r"8388607;", ptx) == 2) == ue8m0  # scale round-up to a power of two
+        # the sigmoid: one IEEE division or one rcp.approx per (gate, up) pair
+        if config.fast_silu:
+            assert count(r"rcp\.approx\.ftz\.f32", ptx) == 32 * copies
+            assert count(r"div\.rn\.f32", ptx) == 2 * sites
+        else:
+            assert "rcp.approx" not in ptx
+            assert count(r"div\.rn\.f32", ptx) == 32 * copies + 2 * sites
+        assert (count(r"8388607;", ptx) == 2 * sites) == ue8m0  # scale round-up to a power of 2
     else:
         assert "cvt.rn.satfinite.e4m3x2.f32" not in ptx
         assert count(r"cvt\.rn\.bf16x2\.f32|cvt\.rn\.bf16\.f32", ptx) >= 32
+    report = ptxas_report(ptx, tmp_path)
+    if report is not None:
+        # C7514: ptxas found an in-flight wgmma accumulator read (e.g. through a branch merge)
+        # and serialized every wgmma of the kernel
+        assert "C7514" not in report and "serialized" not in report, report
+        assert " 0 bytes spill stores" in report, report
 
 
 def test_kernel_config_fits_shared_memory():

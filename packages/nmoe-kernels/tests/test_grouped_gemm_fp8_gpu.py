@@ -172,9 +172,10 @@ def swiglu_float64_tolerance(y64, bound, scales_MFb):
     return a64, 1.1 * (da + (2.0**-4 + 2.0**-7) * a64.abs()) + 2.0**-9 * scale
 
 
+@pytest.mark.parametrize("silu", ["default", "other"])
 @pytest.mark.parametrize("ue8m0", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_grouped_gemm_fp8_swiglu_quant(case, ue8m0, torch_seed):
+def test_grouped_gemm_fp8_swiglu_quant(case, ue8m0, silu, torch_seed):
     """Fused W13 + SwiGLU + quantize against (1) the unfused chain on the bf16 kernel's output
     and (2) the float64 SwiGLU of the exact GEMM.
 
@@ -184,7 +185,10 @@ def test_grouped_gemm_fp8_swiglu_quant(case, ue8m0, torch_seed):
     exp (torch's vs the kernel's) rounds differently: scales within 2^-6 (UE8M0: equal or one
     power of two), codes within one E4M3 step, at most 1% of codes / scales different.
     (2) |dequant(kernel) - a64| <= the propagated bound of `swiglu_float64_tolerance`.
+    ``silu="other"`` runs the kernel variant with the other sigmoid (rcp.approx vs IEEE
+    division; `KernelConfig.fast_silu`) through the low-level launch, under the same bounds.
     """
+    from nmoe_kernels.cute.grouped_gemm_fp8 import DEFAULT_FAST_SILU
     from nmoe_kernels.grouped_gemm_fp8 import (
         grouped_gemm_fp8_blockscaled,
         grouped_gemm_fp8_swiglu_quant,
@@ -192,15 +196,26 @@ def test_grouped_gemm_fp8_swiglu_quant(case, ue8m0, torch_seed):
 
     if ue8m0 and case not in ("E8_edges", "E32_random"):
         pytest.skip("UE8M0 scales are covered on two segment mixes")
+    if silu == "other" and ue8m0:
+        pytest.skip("the other sigmoid is covered with fp32 scales")
     gen = torch.Generator().manual_seed(torch_seed)
     counts, pad = segment_counts(case, gen)
     k, f = (768, 384) if case != "E256_random" else (256, 128)
     xq, xs, wq, ws, offsets = make_problem(counts, pad, k, 2 * f, gen)
     num_rows = xq.shape[0]
-    out = poisoned_swiglu_out(num_rows, f)
-    a_fp8, a_scales = grouped_gemm_fp8_swiglu_quant(xq, xs, wq, ws, offsets, ue8m0=ue8m0, out=out)
-    torch.cuda.synchronize()
-    assert a_fp8.data_ptr() == out[0].data_ptr() and a_scales.data_ptr() == out[1].data_ptr()
+    if silu == "default":
+        out = poisoned_swiglu_out(num_rows, f)
+        a_fp8, a_scales = grouped_gemm_fp8_swiglu_quant(
+            xq, xs, wq, ws, offsets, ue8m0=ue8m0, out=out
+        )
+        torch.cuda.synchronize()
+        assert a_fp8.data_ptr() == out[0].data_ptr() and a_scales.data_ptr() == out[1].data_ptr()
+    else:
+        codes, a_scales = run_cluster_variant(
+            "swiglu_quant", (1, 1), xq, xs, wq, ws, offsets, overlap=True,
+            fast_silu=not DEFAULT_FAST_SILU,
+        )  # fmt: skip
+        a_fp8 = codes.view(torch.float8_e4m3fn)
     assert torch.isfinite(a_scales).all(), "unwritten scales (poison NaN)"
 
     # (1) the unfused chain on the bf16 kernel's GEMM output
@@ -263,20 +278,28 @@ def test_fp8_expert_mlp_chains_w13_into_w2(torch_seed):
 
 
 # (cluster (CTAs along M, N), overlapped promotion)
-VARIANTS = [((1, 1), False), ((1, 2), False), ((2, 1), False), ((2, 2), False), ((1, 1), True),
-            ((1, 2), True), ((2, 2), True)]  # fmt: skip
+# (cluster, overlapped promotion, epilogue under the next tile's first K block)
+VARIANTS = [((1, 1), False, False), ((1, 2), False, False), ((2, 1), False, False),
+            ((2, 2), False, False), ((1, 1), True, False), ((1, 2), True, False),
+            ((2, 2), True, False), ((1, 1), True, True), ((1, 2), True, True),
+            ((2, 1), True, True)]  # fmt: skip
 
 
 @functools.cache
-def compiled_variant(epilogue, cluster, overlap):
+def compiled_variant(epilogue, cluster, overlap, epi_overlap=False, fast_silu=None):
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
-    return g.compile_kernel(epilogue, False, cluster=cluster, overlap=overlap)
+    return g.compile_kernel(
+        epilogue, False, cluster=cluster, overlap=overlap, epi_overlap=epi_overlap,
+        fast_silu=fast_silu,
+    )  # fmt: skip
 
 
-def run_cluster_variant(epilogue, cluster, xq, xs, wq, ws, offsets, overlap=False):
-    """Launch the kernel compiled for ``cluster`` (CTAs along M, N) and ``overlap`` on poisoned
-    outputs."""
+def run_cluster_variant(
+    epilogue, cluster, xq, xs, wq, ws, offsets, overlap=False, epi_overlap=False, fast_silu=None
+):
+    """Launch the kernel compiled for ``cluster`` (CTAs along M, N), ``overlap``,
+    ``epi_overlap`` and ``fast_silu`` (None: the default) on poisoned outputs."""
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     num_rows, k = xq.shape
@@ -287,7 +310,7 @@ def run_cluster_variant(epilogue, cluster, xq, xs, wq, ws, offsets, overlap=Fals
         out_sf = out
     else:
         out, out_sf = poisoned_swiglu_out(num_rows, n // 2)
-    compiled = compiled_variant(epilogue, cluster, overlap)
+    compiled = compiled_variant(epilogue, cluster, overlap, epi_overlap, fast_silu)
     g.launch(
         compiled, epilogue, xq.data_ptr(), xs.data_ptr(), wq.data_ptr(), ws.data_ptr(),
         out.data_ptr(), out_sf.data_ptr(), offsets.data_ptr(), num_rows, n, k, num_experts,
@@ -302,9 +325,9 @@ def run_cluster_variant(epilogue, cluster, xq, xs, wq, ws, offsets, overlap=Fals
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
     """Every cluster shape (TMA multicast of A along N, of B along M; CTA tiles past a segment or
-    past N when the cluster tile overhangs) and the overlapped-promotion mainloop write the same
-    bits as the one-CTA kernel: each output row sees the same wgmma K blocks and promotion
-    arithmetic in the same order. N is 3 tiles (odd), so a cluster along N has a CTA tile past
+    past N when the cluster tile overhangs), the overlapped-promotion mainloop and the epilogue
+    overlapped with the next tile's first K block write the same bits as the one-CTA kernel:
+    each output row sees the same wgmma K blocks and promotion arithmetic in the same order. N is 3 tiles (odd), so a cluster along N has a CTA tile past
     N; K is 5 blocks at E <= 32 (odd: the overlapped loop's tail) and 4 at E = 256 (even). The
     one-CTA bf16 kernel is checked against float64.
     """
@@ -318,9 +341,11 @@ def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
         y = want.view(torch.bfloat16)
         y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
         assert ((y.double() - y64).abs() <= 2.0**-8 * y64.abs() + 2.0**-11 * bound).all()
-    for cluster, overlap in VARIANTS[1:]:
-        got = run_cluster_variant(epilogue, cluster, xq, xs, wq, ws, offsets, overlap)
-        name = f"cluster {cluster}, overlap {overlap}"
+    for cluster, overlap, epi_overlap in VARIANTS[1:]:
+        got = run_cluster_variant(
+            epilogue, cluster, xq, xs, wq, ws, offsets, overlap, epi_overlap
+        )
+        name = f"cluster {cluster}, overlap {overlap}, epi_overlap {epi_overlap}"
         if epilogue == "bf16":
             assert torch.equal(got, want), f"{name}: bf16 output differs from the one-CTA kernel"
         else:

@@ -105,6 +105,8 @@ _NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes
 # noise.
 DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
 DEFAULT_OVERLAP = {"bf16": True, "swiglu_quant": True}
+DEFAULT_EPI_OVERLAP = {"bf16": False, "swiglu_quant": False}
+DEFAULT_FAST_SILU = False
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,10 @@ class KernelConfig:
     cluster_m: int = 1  # CTAs of a cluster along M: they share (multicast) the B tile
     cluster_n: int = 1  # CTAs of a cluster along N: they share (multicast) the A tile
     overlap: bool = False  # promote K block kb - 1 while the wgmma of block kb runs
+    # issue the next tile's first K block before this tile's epilogue (needs ``overlap``)
+    epi_overlap: bool = False
+    fast_silu: bool = False  # swiglu_quant: sigmoid through rcp.approx instead of IEEE division
+    skip_epilogue: bool = False  # diagnostic only: mainloop without epilogue (writes nothing)
 
     @property
     def cluster_size(self) -> int:
@@ -144,19 +150,41 @@ def kernel_config(
     ue8m0: bool = False,
     cluster: tuple[int, int] | None = None,
     overlap: bool | None = None,
+    *,
+    epi_overlap: bool | None = None,
+    fast_silu: bool | None = None,
+    tile: tuple[int, int] | None = None,
+    skip_epilogue: bool = False,
 ) -> KernelConfig:
     """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
 
     ``cluster`` = (CTAs along M, CTAs along N), each 1 or 2; None picks `DEFAULT_CLUSTER`.
     ``overlap``: promote each K block while the next block's wgmma runs (two in-flight block
-    accumulators); None picks `DEFAULT_OVERLAP`.
+    accumulators); None picks `DEFAULT_OVERLAP`. ``epi_overlap``: issue the next tile's first K
+    block before this tile's epilogue, so the tensor cores work while it runs (needs
+    ``overlap``); None picks `DEFAULT_EPI_OVERLAP`. ``fast_silu``: compute the sigmoid of the
+    swiglu_quant epilogue with ``rcp.approx`` (one MUFU op) instead of an IEEE division; None
+    picks `DEFAULT_FAST_SILU`. ``tile`` = (rows, columns) of the CTA tile, (128, 128) or
+    (64, 256); None picks the epilogue's (swiglu_quant needs (64, 256)). ``skip_epilogue`` is a
+    diagnostic (the mainloop alone; nothing is written).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     cluster_m, cluster_n = DEFAULT_CLUSTER[epilogue] if cluster is None else cluster
     if cluster_m not in (1, 2) or cluster_n not in (1, 2):
         raise ValueError(f"cluster must be (1 or 2, 1 or 2), got {cluster!r}")
-    tile_m, tile_n = (128, 128) if epilogue == "bf16" else (64, 256)
+    default_tile = (128, 128) if epilogue == "bf16" else (64, 256)
+    tile_m, tile_n = default_tile if tile is None else tuple(tile)
+    if (tile_m, tile_n) not in ((128, 128), (64, 256)):
+        raise ValueError(f"tile must be (128, 128) or (64, 256), got {tile!r}")
+    if epilogue == "swiglu_quant" and (tile_m, tile_n) != (64, 256):
+        raise ValueError("the swiglu_quant epilogue needs tile (64, 256): one tile row holds a "
+                         "whole 128-feature quantization block")
+    overlap = DEFAULT_OVERLAP[epilogue] if overlap is None else bool(overlap)
+    epi_overlap = DEFAULT_EPI_OVERLAP[epilogue] if epi_overlap is None else bool(epi_overlap)
+    if epi_overlap and not overlap:
+        raise ValueError("epi_overlap needs the overlapped mainloop (overlap=True)")
+    fast_silu = DEFAULT_FAST_SILU if fast_silu is None else bool(fast_silu)
     smem_capacity = 232448  # sm_90: 227 KiB of dynamic shared memory per CTA
     reserved = 2048  # mbarriers, alignment padding
     free = smem_capacity - reserved - _epilogue_smem_bytes(epilogue, tile_m, tile_n)
@@ -169,7 +197,10 @@ def kernel_config(
         num_stages,
         cluster_m,
         cluster_n,
-        DEFAULT_OVERLAP[epilogue] if overlap is None else bool(overlap),
+        overlap,
+        epi_overlap,
+        bool(fast_silu and epilogue == "swiglu_quant"),
+        bool(skip_epilogue),
     )
 
 
@@ -644,71 +675,226 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
             tile, num_n_groups, m_offsets, num_experts, num_rows,
             expert, tiles_before, seg_start, seg_end, expert_tiles,
         )  # fmt: skip
-        while expert <= num_experts:
-            row0, n_tile = self._cta_tile(
-                tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank
-            )
-            # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
-            valid_rows = cutlass.min(seg_end - row0, tile_m)
-            if n_tile >= num_n_tiles:
-                valid_rows = Int32(0)
-                n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
-            n_block = n_tile * (tile_n // SCALE_BLOCK_N) + wg_n_idx
-            # rows past M only feed rows that are never stored: clamp their scale reads
-            sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
-            sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
-
-            acc.fill(0.0)
-            if const_expr(self.config.overlap):
-                if expert < num_experts:  # padding rows get a zero product
-                    state, release_state, tiled_mma = self._mainloop_overlapped(
-                        tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
-                        release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, expert,
-                        num_k_blocks,
+        row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+            tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank, num_n_tiles,
+            wg_n_idx, row_lo, row_hi, num_rows,
+        )  # fmt: skip
+        if const_expr(self.config.epi_overlap):
+            # Software-pipelined over tiles: the first K block of tile t + 1 is issued before
+            # tile t's epilogue, so its wgmma runs on the tensor cores while the epilogue runs
+            # on the CUDA cores (``partial`` is in flight meanwhile; ``acc`` and ``partial_b``
+            # are free for the epilogue). Same K blocks, same promotion order: same bits.
+            # The expert tiles come first in a CTA's tile order, then the padding segment's.
+            # The loop over expert tiles is peeled (its last tile after it) so that every
+            # issue in it is unconditional: ptxas serializes all wgmmas of the kernel if an
+            # in-flight accumulator flows through a branch merge.
+            if expert < num_experts:
+                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
+                    sfa_row_lo, sfa_row_hi, n_block, expert,
+                )  # fmt: skip
+                cur_expert = expert
+                tile = tile + num_clusters
+                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
+                    tile, num_n_groups, m_offsets, num_experts, num_rows,
+                    expert, tiles_before, seg_start, seg_end, expert_tiles,
+                )  # fmt: skip
+                while expert < num_experts:
+                    nrow0, nn_tile, nvalid_rows, nn_block, nsfa_lo, nsfa_hi = self._tile_coords(
+                        tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
+                        num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                     )  # fmt: skip
-            elif expert < num_experts:  # padding rows get a zero product
-                for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
-                    # The scale loads issue before the wait; their latency hides behind it and
-                    # the block's wgmma.
-                    scale_b = m_sfb[(n_block, kb, expert)]
-                    scale_a_lo = m_sfa[(sfa_row_lo, kb)]
-                    scale_a_hi = m_sfa[(sfa_row_hi, kb)]
-                    mainloop.consumer_wait(state)
-                    cute.nvgpu.warpgroup.fence()
-                    tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-                    for kk in cutlass.range_constexpr(num_mma_k):
-                        coord = (None, None, kk, state.index)
-                        cute.gemm(tiled_mma, partial, t_c_ra[coord], t_c_rb[coord], partial)
-                        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-                    cute.nvgpu.warpgroup.commit_group()
-                    cute.nvgpu.warpgroup.wait_group(0)
-                    mainloop.consumer_release(state)
-                    state.advance()
-                    # promotion: acc += (x_scale * w_scale) * partial, per accumulator row
-                    scale_lo = scale_a_lo * scale_b
-                    scale_hi = scale_a_hi * scale_b
-                    for v in cutlass.range_constexpr(cute.size(acc)):
-                        if const_expr((v // 2) % 2 == 0):
-                            acc[v] = acc[v] + scale_lo * partial[v]
-                        else:
-                            acc[v] = acc[v] + scale_hi * partial[v]
+                    acc.fill(0.0)
+                    state, release_state, tiled_mma = self._mainloop_rest(
+                        tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
+                        release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block,
+                        cur_expert, num_k_blocks, prev_lo, prev_hi,
+                    )  # fmt: skip
+                    state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                        tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
+                        nsfa_lo, nsfa_hi, nn_block, expert,
+                    )  # fmt: skip
+                    self._epilogue(
+                        acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0,
+                        valid_rows, n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier,
+                        mma_barrier,
+                    )  # fmt: skip
+                    cute.arch.sync_warp()  # reconverge after the predicated stores
+                    row0, n_tile, valid_rows = nrow0, nn_tile, nvalid_rows
+                    n_block, sfa_row_lo, sfa_row_hi = nn_block, nsfa_lo, nsfa_hi
+                    cur_expert = expert
+                    tile = tile + num_clusters
+                    expert, tiles_before, seg_start, seg_end, expert_tiles = (
+                        self._advance_cursor(
+                            tile, num_n_groups, m_offsets, num_experts, num_rows,
+                            expert, tiles_before, seg_start, seg_end, expert_tiles,
+                        )
+                    )  # fmt: skip
+                acc.fill(0.0)  # the CTA's last expert tile
+                state, release_state, tiled_mma = self._mainloop_rest(
+                    tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
+                    release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
+                    num_k_blocks, prev_lo, prev_hi,
+                )  # fmt: skip
+                self._epilogue(
+                    acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows,
+                    n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
+                )  # fmt: skip
+                cute.arch.sync_warp()
+            while expert <= num_experts:  # padding tiles: zero output, no mainloop
+                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+                    tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
+                    num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                )  # fmt: skip
+                acc.fill(0.0)
+                self._epilogue(
+                    acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows,
+                    n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
+                )  # fmt: skip
+                cute.arch.sync_warp()
+                tile = tile + num_clusters
+                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
+                    tile, num_n_groups, m_offsets, num_experts, num_rows,
+                    expert, tiles_before, seg_start, seg_end, expert_tiles,
+                )  # fmt: skip
+        else:
+            while expert <= num_experts:
+                acc.fill(0.0)
+                if const_expr(self.config.overlap):
+                    if expert < num_experts:  # padding rows get a zero product
+                        state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                            tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
+                            sfa_row_lo, sfa_row_hi, n_block, expert,
+                        )  # fmt: skip
+                        state, release_state, tiled_mma = self._mainloop_rest(
+                            tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop,
+                            state, release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi,
+                            n_block, expert, num_k_blocks, prev_lo, prev_hi,
+                        )  # fmt: skip
+                elif expert < num_experts:  # padding rows get a zero product
+                    state, tiled_mma = self._mainloop_serial(
+                        tiled_mma, t_c_ra, t_c_rb, acc, partial, mainloop, state, m_sfa,
+                        m_sfb, sfa_row_lo, sfa_row_hi, n_block, expert, num_k_blocks,
+                    )  # fmt: skip
+                self._epilogue(
+                    acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows,
+                    n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
+                )  # fmt: skip
+                cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
+                tile = tile + num_clusters
+                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
+                    tile, num_n_groups, m_offsets, num_experts, num_rows,
+                    expert, tiles_before, seg_start, seg_end, expert_tiles,
+                )  # fmt: skip
+                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+                    tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
+                    num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                )  # fmt: skip
 
+    @cute.jit
+    def _tile_coords(
+        self,
+        tile: Int32,
+        num_n_groups: Int32,
+        tiles_before: Int32,
+        seg_start: Int32,
+        seg_end: Int32,
+        m_rank: Int32,
+        n_rank: Int32,
+        num_n_tiles: Int32,
+        wg_n_idx: Int32,
+        row_lo: Int32,
+        row_hi: Int32,
+        num_rows: Int32,
+    ):
+        """(first row, n-tile, rows to store, weight-scale block, A-scale rows lo / hi) of this
+        CTA's tile in linear cluster tile ``tile``, for this warpgroup and thread."""
+        row0, n_tile = self._cta_tile(tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank)
+        # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
+        valid_rows = cutlass.min(seg_end - row0, self.tile_m)
+        if n_tile >= num_n_tiles:
+            valid_rows = Int32(0)
+            n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
+        n_block = n_tile * (self.tile_n // SCALE_BLOCK_N) + wg_n_idx
+        # rows past M only feed rows that are never stored: clamp their scale reads
+        sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
+        sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
+        return row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi
+
+    @cute.jit
+    def _epilogue(
+        self,
+        acc: cute.Tensor,
+        thr_mma: cute.core.ThrMma,
+        t_c_coord: cute.Tensor,
+        s_out: cute.Tensor,
+        s_amax: cute.Tensor,
+        m_out: cute.Tensor,
+        m_out_sf: cute.Tensor,
+        row0: Int32,
+        valid_rows: Int32,
+        n_tile: Int32,
+        mma_tidx: Int32,
+        mma_wg: Int32,
+        wg_tidx: Int32,
+        wg_n_idx: Int32,
+        wg_barrier: pipeline.NamedBarrier,
+        mma_barrier: pipeline.NamedBarrier,
+    ):
+        """The configured epilogue of one tile (``skip_epilogue``: only in a branch that never
+        runs, which keeps the mainloop's results live)."""
+        if const_expr(self.config.skip_epilogue):
+            run = valid_rows < Int32(-(1 << 30))
+        else:
+            run = True
+        if run:
             if const_expr(self.fused):
                 self._epilogue_swiglu_quant(
                     acc, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows, n_tile,
                     mma_tidx, wg_tidx, wg_n_idx, mma_barrier,
-                )
+                )  # fmt: skip
             else:
                 self._epilogue_bf16(
                     acc, thr_mma, s_out, m_out, row0, valid_rows, n_tile, mma_wg, wg_tidx,
                     wg_barrier,
-                )
-            cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
-            tile = tile + num_clusters
-            expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-                tile, num_n_groups, m_offsets, num_experts, num_rows,
-                expert, tiles_before, seg_start, seg_end, expert_tiles,
-            )  # fmt: skip
+                )  # fmt: skip
+
+    @cute.jit
+    def _mainloop_serial(
+        self,
+        tiled_mma: cute.TiledMma,
+        t_c_ra: cute.Tensor,
+        t_c_rb: cute.Tensor,
+        acc: cute.Tensor,
+        partial: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        state: pipeline.PipelineState,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+    ):
+        """The K loop without overlap: each block's wgmma is waited for before its promotion."""
+        num_mma_k = cute.size(t_c_ra, mode=[2])
+        for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
+            # The scale loads issue before the wait; their latency hides behind it and the
+            # block's wgmma.
+            scale_b = m_sfb[(n_block, kb, expert)]
+            scale_a_lo = m_sfa[(sfa_row_lo, kb)]
+            scale_a_hi = m_sfa[(sfa_row_hi, kb)]
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            cute.nvgpu.warpgroup.wait_group(0)
+            mainloop.consumer_release(state)
+            state.advance()
+            # promotion: acc += (x_scale * w_scale) * partial, per accumulator row
+            self._promote(acc, partial, scale_a_lo * scale_b, scale_a_hi * scale_b)
+        return state, tiled_mma
 
     @cute.jit
     def _issue_block(self, tiled_mma, partial, t_c_ra, t_c_rb, stage: Int32, num_mma_k: int):
@@ -732,7 +918,34 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                 acc[v] = acc[v] + scale_hi * partial[v]
 
     @cute.jit
-    def _mainloop_overlapped(
+    def _mainloop_first(
+        self,
+        tiled_mma: cute.TiledMma,
+        t_c_ra: cute.Tensor,
+        t_c_rb: cute.Tensor,
+        partial_a: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        state: pipeline.PipelineState,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+    ):
+        """Start of the overlapped K loop: issue block 0's wgmma into ``partial_a`` (not waited
+        for) and return its promotion scales (row lo, row hi) with the pipeline state."""
+        num_mma_k = cute.size(t_c_ra, mode=[2])
+        scale_b = m_sfb[(n_block, 0, expert)]
+        prev_lo = m_sfa[(sfa_row_lo, 0)] * scale_b
+        prev_hi = m_sfa[(sfa_row_hi, 0)] * scale_b
+        mainloop.consumer_wait(state)
+        tiled_mma = self._issue_block(tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k)
+        state.advance()
+        return state, tiled_mma, prev_lo, prev_hi
+
+    @cute.jit
+    def _mainloop_rest(
         self,
         tiled_mma: cute.TiledMma,
         t_c_ra: cute.Tensor,
@@ -750,20 +963,18 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
         n_block: Int32,
         expert: Int32,
         num_k_blocks: Int32,
+        prev_lo: Float32,
+        prev_hi: Float32,
     ):
-        """The K loop with promotion behind the tensor cores: the wgmma of block kb is issued
-        before block kb - 1 is promoted, so the promotion FFMAs overlap it. Blocks alternate
-        between two register accumulators (even kb: ``partial_a``, odd: ``partial_b``); a stage
-        is released once its block's wgmma has completed (wait_group 1). The loop body is
-        straight-line (two blocks per trip) so that ptxas sees which accumulator is in flight.
+        """The K loop with promotion behind the tensor cores, after `_mainloop_first` issued
+        block 0 into ``partial_a``: the wgmma of block kb is issued before block kb - 1 is
+        promoted, so the promotion FFMAs overlap it. Blocks alternate between two register
+        accumulators (even kb: ``partial_a``, odd: ``partial_b``); a stage is released once its
+        block's wgmma has completed (wait_group 1). The loop body is straight-line (two blocks
+        per trip) so that ptxas sees which accumulator is in flight. Ends with every block
+        promoted into ``acc`` and every stage released.
         """
         num_mma_k = cute.size(t_c_ra, mode=[2])
-        scale_b = m_sfb[(n_block, 0, expert)]
-        prev_lo = m_sfa[(sfa_row_lo, 0)] * scale_b
-        prev_hi = m_sfa[(sfa_row_hi, 0)] * scale_b
-        mainloop.consumer_wait(state)
-        tiled_mma = self._issue_block(tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k)
-        state.advance()
         for kb in cutlass.range(1, num_k_blocks - 1, 2, unroll=1):
             # block kb -> partial_b; then promote block kb - 1 (partial_a)
             scale_b = m_sfb[(n_block, kb, expert)]
@@ -864,15 +1075,17 @@ def compile_kernel(
     ptx_dir: str | None = None,
     cluster: tuple[int, int] | None = None,
     overlap: bool | None = None,
+    **variant,
 ):
     """Compile the kernel for ``epilogue`` for sm_90a (all shapes symbolic); needs no GPU.
 
-    Returns the compiled callable that `launch` runs (pass `launch` the same ``cluster``). With
-    ``ptx_dir`` the PTX is also written there and kept in the result's ``.artifacts.PTX``.
-    ``cluster`` = (CTAs along M, along N), None for `DEFAULT_CLUSTER`; ``overlap`` as in
-    `kernel_config`.
+    Returns the compiled callable that `launch` runs (pass `launch` the same ``cluster`` and
+    ``tile``). With ``ptx_dir`` the PTX is also written there and kept in the result's
+    ``.artifacts.PTX``. ``cluster`` = (CTAs along M, along N), None for `DEFAULT_CLUSTER`;
+    ``overlap`` and the keyword ``variant`` options (``epi_overlap``, ``fast_silu``, ``tile``,
+    ``skip_epilogue``) as in `kernel_config`.
     """
-    kernel = GroupedGemmFp8Kernel(kernel_config(epilogue, ue8m0, cluster, overlap))
+    kernel = GroupedGemmFp8Kernel(kernel_config(epilogue, ue8m0, cluster, overlap, **variant))
     pointers = _pointer_args(epilogue, 0, 0, 0, 0, 0, 0, 0)
     sizes = tuple(Int32(v) for v in (128, 256, 128, 1, 128, 1))
     options = "--gpu-arch=sm_90a"
@@ -900,12 +1113,13 @@ def launch(
     stream: int,
     *,
     cluster: tuple[int, int] | None = None,
+    tile: tuple[int, int] | None = None,
 ) -> None:
     """Run a `compile_kernel` result on device addresses (the wrapper validates them).
 
-    ``cluster`` must be the one the kernel was compiled with.
+    ``cluster`` and ``tile`` must be the ones the kernel was compiled with.
     """
-    config = kernel_config(epilogue, cluster=cluster)
+    config = kernel_config(epilogue, cluster=cluster, tile=tile)
     max_clusters = None
     if config.cluster_size > 1:
         import torch

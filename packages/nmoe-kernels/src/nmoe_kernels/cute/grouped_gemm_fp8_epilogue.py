@@ -84,7 +84,10 @@ class Fp8EpilogueMixin:
             # pair p = values (2p, 2p+1) of the fragment: (gate, up) of one feature
             gate = h[2 * p]
             up = h[2 * p + 1]
-            act[p] = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
+            if const_expr(self.config.fast_silu):
+                act[p] = gate * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-gate)) * up
+            else:
+                act[p] = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
         act.store(act.load().to(cutlass.BFloat16).to(Float32))
 
         # Row amax: pair p belongs to row half (p % 2) (lo rows: even p, hi rows: odd p).
