@@ -327,9 +327,10 @@ def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
     """Every cluster shape (TMA multicast of A along N, of B along M; CTA tiles past a segment or
     past N when the cluster tile overhangs), the overlapped-promotion mainloop and the epilogue
     overlapped with the next tile's first K block write the same bits as the one-CTA kernel:
-    each output row sees the same wgmma K blocks and promotion arithmetic in the same order. N is 3 tiles (odd), so a cluster along N has a CTA tile past
-    N; K is 5 blocks at E <= 32 (odd: the overlapped loop's tail) and 4 at E = 256 (even). The
-    one-CTA bf16 kernel is checked against float64.
+    each output row sees the same wgmma K blocks and promotion arithmetic in the same order.
+    N is 3 tiles (odd), so a cluster along N has a CTA tile past N; K is 5 blocks at E <= 32
+    (odd: the overlapped loop's tail) and 4 at E = 256 (even). The one-CTA bf16 kernel is
+    checked against float64.
     """
     gen = torch.Generator().manual_seed(torch_seed)
     counts, pad = segment_counts(case, gen)

@@ -649,7 +649,6 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
         thr_mma_wg = tiled_mma.get_slice(mma_wg * self.threads_per_wg)
         t_c_ra = tiled_mma.make_fragment_A(thr_mma_wg.partition_A(s_a))
         t_c_rb = tiled_mma.make_fragment_B(thr_mma_wg.partition_B(s_b))
-        num_mma_k = cute.size(t_c_ra, mode=[2])
 
         thr_mma = tiled_mma.get_slice(mma_tidx)
         t_c_coord = thr_mma.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
