@@ -22,8 +22,8 @@ Rows:
   N; the kernel's TMA multicast setting) followed by flags (`VARIANT_FLAGS`; an absent flag is
   off, whatever the default): ``o`` overlapped promotion, ``e`` the next tile's first K block
   under the epilogue, ``f`` rcp.approx sigmoid, ``s`` no epilogue (diagnostic), ``w`` 64 x 256
-  tiles for the bf16 epilogue -- as rows ``<op>[c<variant>]``, timed in the same run as the
-  default kernel.
+  tiles (swiglu_quant's earlier layout) -- as rows ``<op>[c<variant>]``, timed in the same run
+  as the default kernel.
 
 Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
 (launch overhead hidden, as in triton's do_bench; before 2026-11-26 each call was timed after a
@@ -133,7 +133,7 @@ VARIANT_FLAGS = {
     "e": "epi_overlap",  # next tile's first K block issued before this tile's epilogue
     "f": "fast_silu",  # swiglu_quant: sigmoid through rcp.approx
     "s": "skip_epilogue",  # diagnostic: mainloop only
-    "w": "wide",  # bf16: 64 x 256 tiles (swiglu_quant's shape) instead of 128 x 128
+    "w": "wide",  # 64 x 256 tiles instead of 128 x 128 (swiglu_quant's earlier layout)
 }
 
 
@@ -167,8 +167,6 @@ def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
     cluster, opts, tile = parse_variant(variant)
     if epilogue != "swiglu_quant":
         opts.pop("fast_silu")
-    elif tile is not None:
-        return None  # swiglu_quant has only the 64 x 256 tile
     compiled = g.compile_kernel(epilogue, False, cluster=cluster, tile=tile, **opts)
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     ptrs = [t.data_ptr() for t in (xq, xs, wq, ws, out, out_sf, offsets)]

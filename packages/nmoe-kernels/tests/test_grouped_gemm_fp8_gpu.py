@@ -278,28 +278,33 @@ def test_fp8_expert_mlp_chains_w13_into_w2(torch_seed):
 
 
 # (cluster (CTAs along M, N), overlapped promotion)
-# (cluster, overlapped promotion, epilogue under the next tile's first K block)
-VARIANTS = [((1, 1), False, False), ((1, 2), False, False), ((2, 1), False, False),
-            ((2, 2), False, False), ((1, 1), True, False), ((1, 2), True, False),
-            ((2, 2), True, False), ((1, 1), True, True), ((1, 2), True, True),
-            ((2, 1), True, True)]  # fmt: skip
+# (cluster, overlapped promotion, epilogue under the next tile's first K block, CTA tile);
+# the first is the reference. Tile None = (128, 128): paired column halves for swiglu_quant.
+VARIANTS = [((1, 1), False, False, None), ((1, 2), False, False, None),
+            ((2, 1), False, False, None), ((2, 2), False, False, None),
+            ((1, 1), True, False, None), ((1, 2), True, False, None), ((2, 2), True, False, None),
+            ((1, 1), True, True, None), ((1, 2), True, True, None), ((2, 1), True, True, None),
+            ((1, 1), False, False, (64, 256)), ((1, 1), True, True, (64, 256)),
+            ((2, 1), True, True, (64, 256))]  # fmt: skip
 
 
 @functools.cache
-def compiled_variant(epilogue, cluster, overlap, epi_overlap=False, fast_silu=None):
+def compiled_variant(epilogue, cluster, overlap, epi_overlap=False, fast_silu=None, tile=None):
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     return g.compile_kernel(
         epilogue, False, cluster=cluster, overlap=overlap, epi_overlap=epi_overlap,
-        fast_silu=fast_silu,
+        fast_silu=fast_silu, tile=tile,
     )  # fmt: skip
 
 
 def run_cluster_variant(
-    epilogue, cluster, xq, xs, wq, ws, offsets, overlap=False, epi_overlap=False, fast_silu=None
-):
+    epilogue, cluster, xq, xs, wq, ws, offsets, overlap=False, epi_overlap=False, fast_silu=None,
+    tile=None,
+):  # fmt: skip
     """Launch the kernel compiled for ``cluster`` (CTAs along M, N), ``overlap``,
-    ``epi_overlap`` and ``fast_silu`` (None: the default) on poisoned outputs."""
+    ``epi_overlap``, ``fast_silu`` (None: the default) and ``tile`` (None: (128, 128)) on
+    poisoned outputs."""
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     num_rows, k = xq.shape
@@ -310,12 +315,12 @@ def run_cluster_variant(
         out_sf = out
     else:
         out, out_sf = poisoned_swiglu_out(num_rows, n // 2)
-    compiled = compiled_variant(epilogue, cluster, overlap, epi_overlap, fast_silu)
+    compiled = compiled_variant(epilogue, cluster, overlap, epi_overlap, fast_silu, tile)
     g.launch(
         compiled, epilogue, xq.data_ptr(), xs.data_ptr(), wq.data_ptr(), ws.data_ptr(),
         out.data_ptr(), out_sf.data_ptr(), offsets.data_ptr(), num_rows, n, k, num_experts,
         aligned, torch.cuda.get_device_properties(0).multi_processor_count,
-        torch.cuda.current_stream().cuda_stream, cluster=cluster,
+        torch.cuda.current_stream().cuda_stream, cluster=cluster, tile=tile,
     )  # fmt: skip
     torch.cuda.synchronize()
     return out.view(torch.int16) if epilogue == "bf16" else (out.view(torch.uint8), out_sf)
@@ -325,9 +330,11 @@ def run_cluster_variant(
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
     """Every cluster shape (TMA multicast of A along N, of B along M; CTA tiles past a segment or
-    past N when the cluster tile overhangs), the overlapped-promotion mainloop and the epilogue
-    overlapped with the next tile's first K block write the same bits as the one-CTA kernel:
-    each output row sees the same wgmma K blocks and promotion arithmetic in the same order.
+    past N when the cluster tile overhangs), the overlapped-promotion mainloop, the epilogue
+    overlapped with the next tile's first K block and the 64 x 256 tile (for swiglu_quant: the
+    row maxima exchanged between warpgroups instead of carried from the first column half in
+    smem) write the same bits as the one-CTA kernel: each output row sees the same wgmma K
+    blocks (m64n128k32 per warpgroup) and promotion arithmetic in the same order.
     N is 3 tiles (odd), so a cluster along N has a CTA tile past N; K is 5 blocks at E <= 32
     (odd: the overlapped loop's tail) and 4 at E = 256 (even). The one-CTA bf16 kernel is
     checked against float64.
@@ -342,11 +349,11 @@ def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
         y = want.view(torch.bfloat16)
         y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
         assert ((y.double() - y64).abs() <= 2.0**-8 * y64.abs() + 2.0**-11 * bound).all()
-    for cluster, overlap, epi_overlap in VARIANTS[1:]:
+    for cluster, overlap, epi_overlap, tile in VARIANTS[1:]:
         got = run_cluster_variant(
-            epilogue, cluster, xq, xs, wq, ws, offsets, overlap, epi_overlap
+            epilogue, cluster, xq, xs, wq, ws, offsets, overlap, epi_overlap, tile=tile
         )
-        name = f"cluster {cluster}, overlap {overlap}, epi_overlap {epi_overlap}"
+        name = f"cluster {cluster}, overlap {overlap}, epi_overlap {epi_overlap}, tile {tile}"
         if epilogue == "bf16":
             assert torch.equal(got, want), f"{name}: bf16 output differs from the one-CTA kernel"
         else:

@@ -105,8 +105,10 @@ _NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes
 # noise.
 DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
 DEFAULT_OVERLAP = {"bf16": True, "swiglu_quant": True}
-DEFAULT_EPI_OVERLAP = {"bf16": False, "swiglu_quant": False}
-DEFAULT_FAST_SILU = False
+DEFAULT_EPI_OVERLAP = {"bf16": True, "swiglu_quant": True}
+DEFAULT_FAST_SILU = True
+# paired swiglu_quant: 32 bf16 activations and 2 row maxima per thread kept between the halves
+STASH_WORDS = 18
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,17 @@ class KernelConfig:
         """MMA warpgroups along (M, N); each warpgroup owns a 64 x 128 sub-tile."""
         return self.tile_m // WG_TILE_M, self.tile_n // SCALE_BLOCK_N
 
+    @property
+    def sub_tiles(self) -> int:
+        """Column tiles a scheduled tile runs one after the other: 2 for swiglu_quant on
+        128 x 128 tiles (the two halves of one 128-feature quantization block), else 1."""
+        return 2 if self.epilogue == "swiglu_quant" and self.tile_n == 128 else 1
+
+    @property
+    def sched_n(self) -> int:
+        """GEMM columns of one scheduled tile."""
+        return self.tile_n * self.sub_tiles
+
 def _stage_bytes(tile_m: int, tile_n: int) -> int:
     return tile_m * BLOCK_K + tile_n * BLOCK_K  # A and B tiles, fp8
 
@@ -142,6 +155,8 @@ def _stage_bytes(tile_m: int, tile_n: int) -> int:
 def _epilogue_smem_bytes(epilogue: str, tile_m: int, tile_n: int) -> int:
     if epilogue == "bf16":
         return tile_m * (tile_n + 8) * 2
+    if tile_n == 128:  # paired: FP8 rows of a whole quantization block + the first half's stash
+        return tile_m * (SCALE_BLOCK_N + 16) + STASH_WORDS * 256 * 4
     return tile_m * (tile_n // 2 + 16) + 2 * tile_m * 4
 
 
@@ -161,27 +176,27 @@ def kernel_config(
     ``cluster`` = (CTAs along M, CTAs along N), each 1 or 2; None picks `DEFAULT_CLUSTER`.
     ``overlap``: promote each K block while the next block's wgmma runs (two in-flight block
     accumulators); None picks `DEFAULT_OVERLAP`. ``epi_overlap``: issue the next tile's first K
-    block before this tile's epilogue, so the tensor cores work while it runs (needs
-    ``overlap``); None picks `DEFAULT_EPI_OVERLAP`. ``fast_silu``: compute the sigmoid of the
-    swiglu_quant epilogue with ``rcp.approx`` (one MUFU op) instead of an IEEE division; None
-    picks `DEFAULT_FAST_SILU`. ``tile`` = (rows, columns) of the CTA tile, (128, 128) or
-    (64, 256); None picks the epilogue's (swiglu_quant needs (64, 256)). ``skip_epilogue`` is a
-    diagnostic (the mainloop alone; nothing is written).
+    block before this tile's epilogue, so the tensor cores work while it runs (needs ``overlap``);
+    None picks `DEFAULT_EPI_OVERLAP` where ``overlap`` holds. ``fast_silu``: compute the sigmoid of
+    the swiglu_quant epilogue with ``rcp.approx`` (one MUFU op) instead of an IEEE division; None
+    picks `DEFAULT_FAST_SILU`. ``tile`` = (rows, columns) of the CTA tile, (128, 128) or (64, 256);
+    None picks (128, 128). swiglu_quant on (128, 128) runs the two column halves of each 128-feature
+    quantization block one after the other in one CTA ("paired"); on (64, 256) the two warpgroups
+    sit side by side and exchange row maxima through shared memory (the earlier layout, kept for
+    comparison). ``skip_epilogue`` is a diagnostic (the mainloop alone; nothing is written).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     cluster_m, cluster_n = DEFAULT_CLUSTER[epilogue] if cluster is None else cluster
     if cluster_m not in (1, 2) or cluster_n not in (1, 2):
         raise ValueError(f"cluster must be (1 or 2, 1 or 2), got {cluster!r}")
-    default_tile = (128, 128) if epilogue == "bf16" else (64, 256)
-    tile_m, tile_n = default_tile if tile is None else tuple(tile)
+    tile_m, tile_n = (128, 128) if tile is None else tuple(tile)
     if (tile_m, tile_n) not in ((128, 128), (64, 256)):
         raise ValueError(f"tile must be (128, 128) or (64, 256), got {tile!r}")
-    if epilogue == "swiglu_quant" and (tile_m, tile_n) != (64, 256):
-        raise ValueError("the swiglu_quant epilogue needs tile (64, 256): one tile row holds a "
-                         "whole 128-feature quantization block")
     overlap = DEFAULT_OVERLAP[epilogue] if overlap is None else bool(overlap)
-    epi_overlap = DEFAULT_EPI_OVERLAP[epilogue] if epi_overlap is None else bool(epi_overlap)
+    if epi_overlap is None:
+        epi_overlap = DEFAULT_EPI_OVERLAP[epilogue] and overlap
+    epi_overlap = bool(epi_overlap)
     if epi_overlap and not overlap:
         raise ValueError("epi_overlap needs the overlapped mainloop (overlap=True)")
     fast_silu = DEFAULT_FAST_SILU if fast_silu is None else bool(fast_silu)
@@ -225,6 +240,9 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
         self.cluster_n = config.cluster_n
         self.cluster_size = config.cluster_size
         self.cluster_rows = self.tile_m * self.cluster_m
+        self.sub_tiles = config.sub_tiles
+        self.sched_n = config.sched_n
+        self.paired = self.fused and self.sub_tiles == 2
         self.ab_dtype = cutlass.Float8E4M3FN
         self.acc_dtype = Float32
 
@@ -250,7 +268,7 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
     ):
         tile_m, tile_n = self.tile_m, self.tile_n
         k = cute.assume(k, divby=BLOCK_K)
-        n = cute.assume(n, divby=tile_n)
+        n = cute.assume(n, divby=self.sched_n)
         rows_aligned = cute.assume(rows_aligned, divby=4)
         num_k_blocks = k // BLOCK_K
         num_n_blocks = n // SCALE_BLOCK_N
@@ -320,8 +338,9 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
 
         if const_expr(self.fused):
             out_smem = cute.make_layout(
-                (tile_m, tile_n // 2), stride=(tile_n // 2 + 16, 1)
+                (tile_m, self.sched_n // 2), stride=(self.sched_n // 2 + 16, 1)
             )  # fp8, rows padded by 16 B
+            stash_words = STASH_WORDS * self.num_mma_threads if self.paired else 4
 
             @cute.struct
             class SharedStorage:
@@ -336,6 +355,7 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                     cute.struct.MemRange[self.ab_dtype, cute.cosize(out_smem)], 128
                 ]
                 s_amax: cute.struct.Align[cute.struct.MemRange[Float32, 2 * tile_m], 16]
+                s_stash: cute.struct.Align[cute.struct.MemRange[Int32, stash_words], 16]
 
         else:
             out_smem = cute.make_layout((tile_m, tile_n), stride=(tile_n + 8, 1))  # bf16
@@ -353,6 +373,7 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                     cute.struct.MemRange[cutlass.BFloat16, cute.cosize(out_smem)], 128
                 ]
                 s_amax: cute.struct.Align[cute.struct.MemRange[Float32, 4], 16]
+                s_stash: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]
 
         self.shared_storage = SharedStorage
 
@@ -492,6 +513,12 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
         s_amax = storage.s_amax.get_tensor(
             cute.make_layout((self.tile_m, 2), stride=(1, self.tile_m))
         )
+        # paired swiglu_quant: word w of MMA thread t at w * threads + t (thread-private slots)
+        stash_threads = self.num_mma_threads if const_expr(self.paired) else 1
+        s_stash = storage.s_stash.get_tensor(
+            cute.make_layout((STASH_WORDS if const_expr(self.paired) else 4, stash_threads),
+                             stride=(stash_threads, 1))
+        )
 
         tx_bytes = cute.size_in_bytes(
             self.ab_dtype, cute.slice_(a_smem_staged, (None, None, 0))
@@ -511,7 +538,7 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
             tx_count=tx_bytes,
             cta_layout_vmnk=cute.make_layout((1, self.cluster_m, self.cluster_n, 1)),
         )
-        num_n_tiles = cute.size(m_b_tma, mode=[0]) // self.tile_n
+        num_n_tiles = cute.size(m_b_tma, mode=[0]) // self.sched_n  # scheduled tiles along N
         num_k_blocks = cute.size(m_b_tma, mode=[1]) // BLOCK_K
 
         wg_idx = cute.arch.make_warp_uniform(tidx // self.threads_per_wg)
@@ -526,7 +553,7 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
             cute.arch.setmaxregister_increase(self.mma_regs)
             self._consumer(
                 tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, s_amax,
-                mainloop, m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts, num_rows,
+                s_stash, mainloop, m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts, num_rows,
                 num_n_tiles, num_k_blocks,
             )
 
@@ -586,31 +613,34 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                     tma_a, n_rank, cute.make_layout(self.cluster_n),
                     cute.group_modes(s_a, 0, 2), cute.group_modes(g_a, 0, 2),
                 )  # fmt: skip
-                for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
-                    mainloop.producer_acquire(state)
-                    barrier = mainloop.producer_get_barrier(state)
-                    if const_expr(self.cluster_n > 1):
-                        cute.copy(
-                            tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
-                            tma_bar_ptr=barrier, mcast_mask=a_mcast_mask,
-                        )  # fmt: skip
-                    else:
-                        cute.copy(
-                            tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
-                            tma_bar_ptr=barrier,
-                        )  # fmt: skip
-                    if const_expr(self.cluster_m > 1):
-                        cute.copy(
-                            tma_b, t_b_g[(None, n_tile, kb, expert)], t_b_s[(None, state.index)],
-                            tma_bar_ptr=barrier, mcast_mask=b_mcast_mask,
-                        )  # fmt: skip
-                    else:
-                        cute.copy(
-                            tma_b, t_b_g[(None, n_tile, kb, expert)], t_b_s[(None, state.index)],
-                            tma_bar_ptr=barrier,
-                        )  # fmt: skip
-                    mainloop.producer_commit(state)
-                    state.advance()
+                for h in cutlass.range_constexpr(self.sub_tiles):  # column tiles, in order
+                    b_tile = n_tile * self.sub_tiles + h
+                    for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
+                        mainloop.producer_acquire(state)
+                        barrier = mainloop.producer_get_barrier(state)
+                        if const_expr(self.cluster_n > 1):
+                            cute.copy(
+                                tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
+                                tma_bar_ptr=barrier, mcast_mask=a_mcast_mask,
+                            )  # fmt: skip
+                        else:
+                            cute.copy(
+                                tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
+                                tma_bar_ptr=barrier,
+                            )  # fmt: skip
+                        if const_expr(self.cluster_m > 1):
+                            cute.copy(
+                                tma_b, t_b_g[(None, b_tile, kb, expert)],
+                                t_b_s[(None, state.index)], tma_bar_ptr=barrier,
+                                mcast_mask=b_mcast_mask,
+                            )  # fmt: skip
+                        else:
+                            cute.copy(
+                                tma_b, t_b_g[(None, b_tile, kb, expert)],
+                                t_b_s[(None, state.index)], tma_bar_ptr=barrier,
+                            )  # fmt: skip
+                        mainloop.producer_commit(state)
+                        state.advance()
             tile = tile + num_clusters
             expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
                 tile, num_n_groups, m_offsets, num_experts, num_rows,
@@ -628,6 +658,7 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
         s_b: cute.Tensor,
         s_out: cute.Tensor,
         s_amax: cute.Tensor,
+        s_stash: cute.Tensor,
         mainloop: pipeline.PipelineTmaAsync,
         m_sfa: cute.Tensor,
         m_sfb: cute.Tensor,
@@ -663,6 +694,12 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
 
         wg_barrier = pipeline.NamedBarrier(barrier_id=1 + mma_wg, num_threads=self.threads_per_wg)
         mma_barrier = pipeline.NamedBarrier(barrier_id=3, num_threads=self.num_mma_threads)
+        # everything the epilogue needs besides the accumulator and the tile
+        epi = (
+            thr_mma, t_c_coord, s_out, s_amax, s_stash, m_out, m_out_sf, mma_tidx, mma_wg,
+            wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
+        )  # fmt: skip
+        mma = (tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb)
 
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         release_state = pipeline.make_pipeline_state(
@@ -679,10 +716,11 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
             wg_n_idx, row_lo, row_hi, num_rows,
         )  # fmt: skip
         if const_expr(self.config.epi_overlap):
-            # Software-pipelined over tiles: the first K block of tile t + 1 is issued before
-            # tile t's epilogue, so its wgmma runs on the tensor cores while the epilogue runs
-            # on the CUDA cores (``partial`` is in flight meanwhile; ``acc`` and ``partial_b``
-            # are free for the epilogue). Same K blocks, same promotion order: same bits.
+            # Software-pipelined over column tiles: the first K block of the next column tile
+            # (the other half of a paired tile, or the next tile) is issued before this one's
+            # epilogue, so its wgmma runs on the tensor cores while the epilogue runs on the
+            # CUDA cores (``partial`` is in flight meanwhile; ``acc`` and ``partial_b`` are free
+            # for the epilogue). Same K blocks, same promotion order: same bits.
             # The expert tiles come first in a CTA's tile order, then the padding segment's.
             # The loop over expert tiles is peeled (its last tile after it) so that every
             # issue in it is unconditional: ptxas serializes all wgmmas of the kernel if an
@@ -703,22 +741,11 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                         tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
                         num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                     )  # fmt: skip
-                    acc.fill(0.0)
-                    state, release_state, tiled_mma = self._mainloop_rest(
-                        tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
-                        release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block,
-                        cur_expert, num_k_blocks, prev_lo, prev_hi,
+                    state, release_state, tiled_mma, prev_lo, prev_hi = self._pipelined_tile(
+                        mma, epi, tiled_mma, state, release_state, prev_lo, prev_hi, row0,
+                        n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi, cur_expert,
+                        num_k_blocks, True, nsfa_lo, nsfa_hi, nn_block, expert,
                     )  # fmt: skip
-                    state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
-                        tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
-                        nsfa_lo, nsfa_hi, nn_block, expert,
-                    )  # fmt: skip
-                    self._epilogue(
-                        acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0,
-                        valid_rows, n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier,
-                        mma_barrier,
-                    )  # fmt: skip
-                    cute.arch.sync_warp()  # reconverge after the predicated stores
                     row0, n_tile, valid_rows = nrow0, nn_tile, nvalid_rows
                     n_block, sfa_row_lo, sfa_row_hi = nn_block, nsfa_lo, nsfa_hi
                     cur_expert = expert
@@ -729,28 +756,20 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                             expert, tiles_before, seg_start, seg_end, expert_tiles,
                         )
                     )  # fmt: skip
-                acc.fill(0.0)  # the CTA's last expert tile
-                state, release_state, tiled_mma = self._mainloop_rest(
-                    tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
-                    release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
-                    num_k_blocks, prev_lo, prev_hi,
+                # the CTA's last expert tile
+                state, release_state, tiled_mma, prev_lo, prev_hi = self._pipelined_tile(
+                    mma, epi, tiled_mma, state, release_state, prev_lo, prev_hi, row0, n_tile,
+                    valid_rows, n_block, sfa_row_lo, sfa_row_hi, cur_expert, num_k_blocks,
+                    False, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
                 )  # fmt: skip
-                self._epilogue(
-                    acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows,
-                    n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
-                )  # fmt: skip
-                cute.arch.sync_warp()
             while expert <= num_experts:  # padding tiles: zero output, no mainloop
                 row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
                     num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                 )  # fmt: skip
-                acc.fill(0.0)
-                self._epilogue(
-                    acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows,
-                    n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
-                )  # fmt: skip
-                cute.arch.sync_warp()
+                for h in cutlass.range_constexpr(self.sub_tiles):
+                    acc.fill(0.0)
+                    self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
                 tile = tile + num_clusters
                 expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
                     tile, num_n_groups, m_offsets, num_experts, num_rows,
@@ -758,28 +777,25 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                 )  # fmt: skip
         else:
             while expert <= num_experts:
-                acc.fill(0.0)
-                if const_expr(self.config.overlap):
-                    if expert < num_experts:  # padding rows get a zero product
-                        state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
-                            tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
-                            sfa_row_lo, sfa_row_hi, n_block, expert,
+                for h in cutlass.range_constexpr(self.sub_tiles):
+                    acc.fill(0.0)
+                    if const_expr(self.config.overlap):
+                        if expert < num_experts:  # padding rows get a zero product
+                            state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                                tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa,
+                                m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert,
+                            )  # fmt: skip
+                            state, release_state, tiled_mma = self._mainloop_rest(
+                                tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop,
+                                state, release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi,
+                                n_block + h, expert, num_k_blocks, prev_lo, prev_hi,
+                            )  # fmt: skip
+                    elif expert < num_experts:  # padding rows get a zero product
+                        state, tiled_mma = self._mainloop_serial(
+                            tiled_mma, t_c_ra, t_c_rb, acc, partial, mainloop, state, m_sfa,
+                            m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert, num_k_blocks,
                         )  # fmt: skip
-                        state, release_state, tiled_mma = self._mainloop_rest(
-                            tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop,
-                            state, release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi,
-                            n_block, expert, num_k_blocks, prev_lo, prev_hi,
-                        )  # fmt: skip
-                elif expert < num_experts:  # padding rows get a zero product
-                    state, tiled_mma = self._mainloop_serial(
-                        tiled_mma, t_c_ra, t_c_rb, acc, partial, mainloop, state, m_sfa,
-                        m_sfb, sfa_row_lo, sfa_row_hi, n_block, expert, num_k_blocks,
-                    )  # fmt: skip
-                self._epilogue(
-                    acc, thr_mma, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows,
-                    n_tile, mma_tidx, mma_wg, wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
-                )  # fmt: skip
-                cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
+                    self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
                 tile = tile + num_clusters
                 expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
                     tile, num_n_groups, m_offsets, num_experts, num_rows,
@@ -789,6 +805,55 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
                     num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                 )  # fmt: skip
+
+    @cute.jit
+    def _pipelined_tile(
+        self,
+        mma: tuple,
+        epi: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        prev_lo: Float32,
+        prev_hi: Float32,
+        row0: Int32,
+        n_tile: Int32,
+        valid_rows: Int32,
+        n_block: Int32,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+        issue_next: cutlass.Constexpr[bool],
+        next_sfa_lo: Int32,
+        next_sfa_hi: Int32,
+        next_n_block: Int32,
+        next_expert: Int32,
+    ):
+        """One scheduled tile of the epilogue-overlapped loop, its first K block already in
+        flight: for each column tile, the rest of its K loop, then the first block of the next
+        column tile (the tile's next half, or with ``issue_next`` the next tile's first), then
+        its epilogue."""
+        _, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
+        for h in cutlass.range_constexpr(self.sub_tiles):
+            acc.fill(0.0)
+            state, release_state, tiled_mma = self._mainloop_rest(
+                tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
+                release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert,
+                num_k_blocks, prev_lo, prev_hi,
+            )  # fmt: skip
+            if const_expr(h + 1 < self.sub_tiles):
+                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
+                    sfa_row_lo, sfa_row_hi, n_block + h + 1, expert,
+                )  # fmt: skip
+            elif const_expr(issue_next):
+                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
+                    next_sfa_lo, next_sfa_hi, next_n_block, next_expert,
+                )  # fmt: skip
+            self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
+        return state, release_state, tiled_mma, prev_lo, prev_hi
 
     @cute.jit
     def _tile_coords(
@@ -806,15 +871,16 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
         row_hi: Int32,
         num_rows: Int32,
     ):
-        """(first row, n-tile, rows to store, weight-scale block, A-scale rows lo / hi) of this
-        CTA's tile in linear cluster tile ``tile``, for this warpgroup and thread."""
+        """(first row, scheduled n-tile, rows to store, weight-scale block of the first column
+        tile, A-scale rows lo / hi) of this CTA's tile in linear cluster tile ``tile``, for this
+        warpgroup and thread. Column tile h of a paired tile uses weight-scale block + h."""
         row0, n_tile = self._cta_tile(tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank)
         # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
         valid_rows = cutlass.min(seg_end - row0, self.tile_m)
         if n_tile >= num_n_tiles:
             valid_rows = Int32(0)
             n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
-        n_block = n_tile * (self.tile_n // SCALE_BLOCK_N) + wg_n_idx
+        n_block = n_tile * (self.sched_n // SCALE_BLOCK_N) + wg_n_idx
         # rows past M only feed rows that are never stored: clamp their scale reads
         sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
         sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
@@ -823,40 +889,42 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
     @cute.jit
     def _epilogue(
         self,
+        epi: tuple,
         acc: cute.Tensor,
-        thr_mma: cute.core.ThrMma,
-        t_c_coord: cute.Tensor,
-        s_out: cute.Tensor,
-        s_amax: cute.Tensor,
-        m_out: cute.Tensor,
-        m_out_sf: cute.Tensor,
+        h: cutlass.Constexpr[int],
         row0: Int32,
         valid_rows: Int32,
         n_tile: Int32,
-        mma_tidx: Int32,
-        mma_wg: Int32,
-        wg_tidx: Int32,
-        wg_n_idx: Int32,
-        wg_barrier: pipeline.NamedBarrier,
-        mma_barrier: pipeline.NamedBarrier,
     ):
-        """The configured epilogue of one tile (``skip_epilogue``: only in a branch that never
-        runs, which keeps the mainloop's results live)."""
+        """The configured epilogue of column tile ``h`` of a scheduled tile (``skip_epilogue``:
+        only in a branch that never runs, which keeps the mainloop's results live)."""
+        (
+            thr_mma, t_c_coord, s_out, s_amax, s_stash, m_out, m_out_sf, mma_tidx, mma_wg,
+            wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
+        ) = epi  # fmt: skip
         if const_expr(self.config.skip_epilogue):
             run = valid_rows < Int32(-(1 << 30))
         else:
             run = True
         if run:
-            if const_expr(self.fused):
-                self._epilogue_swiglu_quant(
-                    acc, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows, n_tile,
-                    mma_tidx, wg_tidx, wg_n_idx, mma_barrier,
-                )  # fmt: skip
-            else:
+            if const_expr(not self.fused):
                 self._epilogue_bf16(
                     acc, thr_mma, s_out, m_out, row0, valid_rows, n_tile, mma_wg, wg_tidx,
                     wg_barrier,
                 )  # fmt: skip
+            elif const_expr(not self.paired):
+                self._epilogue_swiglu_quant(
+                    acc, t_c_coord, s_out, s_amax, m_out, m_out_sf, row0, valid_rows, n_tile,
+                    mma_tidx, wg_tidx, wg_n_idx, mma_barrier,
+                )  # fmt: skip
+            elif const_expr(h == 0):
+                self._epilogue_swiglu_first_half(acc, s_stash, mma_tidx)
+            else:
+                self._epilogue_swiglu_second_half(
+                    acc, t_c_coord, s_stash, s_out, m_out, m_out_sf, row0, valid_rows, n_tile,
+                    mma_tidx, mma_wg, wg_tidx, wg_barrier,
+                )  # fmt: skip
+        cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
 
     @cute.jit
     def _mainloop_serial(
@@ -1044,7 +1112,7 @@ def grid_size(
     ceil(N / tile_n / cluster_n).
     """
     cluster_rows = config.tile_m * config.cluster_m
-    n_groups = -(-(n // config.tile_n) // config.cluster_n)
+    n_groups = -(-(n // config.sched_n) // config.cluster_n)
     max_tiles = (num_rows // cluster_rows + num_experts + 1) * n_groups
     clusters = num_sms // config.cluster_size
     if max_clusters is not None:

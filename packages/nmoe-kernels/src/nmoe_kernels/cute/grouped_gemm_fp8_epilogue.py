@@ -1,7 +1,9 @@
 """Epilogues of the FP8 blockscaled grouped GEMM (`grouped_gemm_fp8`), as a mixin of its kernel
 class: "bf16" (round, stage in smem, predicated row stores) and "swiglu_quant" (SwiGLU of the
-interleaved gate/up pairs, 1x128 FP8 quantization with the row amax reduced across the tile,
-scales and FP8 rows stored). The math and the tile layout they assume are described in
+interleaved gate/up pairs, 1x128 FP8 quantization with the row amax reduced across the
+quantization block, scales and FP8 rows stored) -- on paired 128 x 128 tiles (two halves, the
+first half's activations kept in smem) or on 64 x 256 tiles (row maxima exchanged between the
+warpgroups). The math and the tile layout they assume are described in
 `grouped_gemm_fp8`'s module docstring; the mixin reads ``tile_m``, ``tile_n``, ``wg_n``,
 ``threads_per_wg``, ``num_mma_threads``, ``ab_dtype`` and ``config`` from the kernel object.
 """
@@ -58,6 +60,61 @@ class Fp8EpilogueMixin:
         )
 
     @cute.jit
+    def _swiglu_act(self, acc: cute.Tensor) -> cute.Tensor:
+        """silu(gate) * up of the interleaved (gate, up) pairs of ``acc``, with the unfused bf16
+        path's roundings: g, u = bf16(acc) and a = bf16(silu(g) * u), held in float32. Pair p
+        is values (2p, 2p + 1) of the fragment: row lo for even p, row hi for odd p."""
+        num_pairs = cute.size(acc) // 2
+        h = cute.make_fragment_like(acc)
+        h.store(acc.load().to(cutlass.BFloat16).to(Float32))
+        act = cute.make_rmem_tensor((num_pairs,), Float32)
+        for p in cutlass.range_constexpr(num_pairs):
+            gate = h[2 * p]
+            up = h[2 * p + 1]
+            if const_expr(self.config.fast_silu):
+                act[p] = gate * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-gate)) * up
+            else:
+                act[p] = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
+        act.store(act.load().to(cutlass.BFloat16).to(Float32))
+        return act
+
+    @cute.jit
+    def _quad_row_amax(self, act: cute.Tensor):
+        """(max |a| of row lo, of row hi) over the 4 lanes of a quad, which share both rows."""
+        amax_lo = Float32(0.0)
+        amax_hi = Float32(0.0)
+        for p in cutlass.range_constexpr(cute.size(act)):
+            if const_expr(p % 2 == 0):
+                amax_lo = cutlass.max(amax_lo, cute.math.absf(act[p]))
+            else:
+                amax_hi = cutlass.max(amax_hi, cute.math.absf(act[p]))
+        for offset in cutlass.range_constexpr(2):
+            amax_lo = cutlass.max(amax_lo, cute.arch.shuffle_sync_bfly(amax_lo, offset=1 << offset))
+            amax_hi = cutlass.max(amax_hi, cute.arch.shuffle_sync_bfly(amax_hi, offset=1 << offset))
+        return amax_lo, amax_hi
+
+    @cute.jit
+    def _quantize_pairs(self, act: cute.Tensor, inv_lo: Float32, inv_hi: Float32) -> cute.Tensor:
+        """E4M3_rne(clamp(a * (1 / scale), -448, 448)) of each pair's activation."""
+        num_pairs = cute.size(act)
+        q = cute.make_rmem_tensor((num_pairs,), Float32)
+        for p in cutlass.range_constexpr(num_pairs):
+            inv = inv_lo if const_expr(p % 2 == 0) else inv_hi
+            q[p] = cutlass.min(cutlass.max(act[p] * inv, Float32(-FP8_MAX)), Float32(FP8_MAX))
+        q8 = cute.make_rmem_tensor((num_pairs,), self.ab_dtype)
+        q8.store(q.load().to(self.ab_dtype))
+        return q8
+
+    @cute.jit
+    def _store_row_scales(self, m_out_sf, row0, valid_rows, row_lo, row_hi, col, scale_lo,
+                          scale_hi):
+        """Scale of rows lo / hi (if stored) at column ``col``; lane 0 of each quad writes."""
+        if row_lo < valid_rows:
+            m_out_sf[(row0 + row_lo, col)] = scale_lo
+        if row_hi < valid_rows:
+            m_out_sf[(row0 + row_hi, col)] = scale_hi
+
+    @cute.jit
     def _epilogue_swiglu_quant(
         self,
         acc: cute.Tensor,
@@ -74,33 +131,11 @@ class Fp8EpilogueMixin:
         wg_n_idx: Int32,
         mma_barrier: pipeline.NamedBarrier,
     ):
-        """SwiGLU of interleaved (gate, up) pairs, 1x128 FP8 quantization, store valid rows."""
+        """64 x 256 tiles (warpgroups side by side): SwiGLU of interleaved (gate, up) pairs,
+        1x128 FP8 quantization with the row amax exchanged through smem, store valid rows."""
         num_pairs = cute.size(acc) // 2
-        # Round gate/up to bf16 as the unfused path does (GEMM output in bf16).
-        h = cute.make_fragment_like(acc)
-        h.store(acc.load().to(cutlass.BFloat16).to(Float32))
-        act = cute.make_rmem_tensor((num_pairs,), Float32)
-        for p in cutlass.range_constexpr(num_pairs):
-            # pair p = values (2p, 2p+1) of the fragment: (gate, up) of one feature
-            gate = h[2 * p]
-            up = h[2 * p + 1]
-            if const_expr(self.config.fast_silu):
-                act[p] = gate * cute.arch.rcp_approx(Float32(1.0) + cute.math.exp(-gate)) * up
-            else:
-                act[p] = gate / (Float32(1.0) + cute.math.exp(-gate)) * up
-        act.store(act.load().to(cutlass.BFloat16).to(Float32))
-
-        # Row amax: pair p belongs to row half (p % 2) (lo rows: even p, hi rows: odd p).
-        amax_lo = Float32(0.0)
-        amax_hi = Float32(0.0)
-        for p in cutlass.range_constexpr(num_pairs):
-            if const_expr(p % 2 == 0):
-                amax_lo = cutlass.max(amax_lo, cute.math.absf(act[p]))
-            else:
-                amax_hi = cutlass.max(amax_hi, cute.math.absf(act[p]))
-        for offset in cutlass.range_constexpr(2):  # the 4 lanes of a quad share the rows
-            amax_lo = cutlass.max(amax_lo, cute.arch.shuffle_sync_bfly(amax_lo, offset=1 << offset))
-            amax_hi = cutlass.max(amax_hi, cute.arch.shuffle_sync_bfly(amax_hi, offset=1 << offset))
+        act = self._swiglu_act(acc)
+        amax_lo, amax_hi = self._quad_row_amax(act)
         row_lo = t_c_coord[0][0]
         row_hi = t_c_coord[2][0]
         s_amax[(row_lo, wg_n_idx)] = amax_lo
@@ -110,33 +145,103 @@ class Fp8EpilogueMixin:
         amax_hi = cutlass.max(s_amax[(row_hi, 0)], s_amax[(row_hi, 1)])
         scale_lo = self._fp8_scale(amax_lo)
         scale_hi = self._fp8_scale(amax_hi)
-        inv_lo = Float32(1.0) / scale_lo
-        inv_hi = Float32(1.0) / scale_hi
-
-        q = cute.make_rmem_tensor((num_pairs,), Float32)
-        for p in cutlass.range_constexpr(num_pairs):
-            inv = inv_lo if const_expr(p % 2 == 0) else inv_hi
-            q[p] = cutlass.min(cutlass.max(act[p] * inv, Float32(-FP8_MAX)), Float32(FP8_MAX))
-        q8 = cute.make_rmem_tensor((num_pairs,), self.ab_dtype)
-        q8.store(q.load().to(self.ab_dtype))
+        q8 = self._quantize_pairs(act, Float32(1.0) / scale_lo, Float32(1.0) / scale_hi)
         for p in cutlass.range_constexpr(num_pairs):
             coord = t_c_coord[2 * p]  # the gate column 2j of feature j
             s_out[(coord[0], coord[1] // 2)] = q8[p]
         mma_barrier.arrive_and_wait()
 
-        # Scales: one thread per row (lane 0 of each quad in the first warpgroup).
-        if wg_n_idx == 0:
+        if wg_n_idx == 0:  # one thread per row: lane 0 of each quad in the first warpgroup
             if wg_tidx % 4 == 0:
-                if row_lo < valid_rows:
-                    m_out_sf[(row0 + row_lo, n_tile)] = scale_lo
-                if row_hi < valid_rows:
-                    m_out_sf[(row0 + row_hi, n_tile)] = scale_hi
+                self._store_row_scales(
+                    m_out_sf, row0, valid_rows, row_lo, row_hi, n_tile, scale_lo, scale_hi
+                )
 
         out_cols = self.tile_n // 2
         g_tile = cute.local_tile(
             cute.domain_offset((row0, 0), m_out), (self.tile_m, out_cols), (0, n_tile)
         )
         self._store_rows(s_out, g_tile, valid_rows, mma_tidx, self.num_mma_threads, self.ab_dtype)
+
+    @cute.jit
+    def _epilogue_swiglu_first_half(self, acc: cute.Tensor, s_stash: cute.Tensor, mma_tidx: Int32):
+        """Paired 128 x 128 tiles, first column half (features 0-63 of the quantization block):
+        SwiGLU; the activations (as bf16) and the two row maxima go to this thread's smem slots
+        (kept out of registers, which the next half's K loop needs)."""
+        act = self._swiglu_act(acc)
+        amax = cute.make_rmem_tensor((2,), Float32)
+        amax[0], amax[1] = self._quad_row_amax(act)
+        a16 = cute.make_rmem_tensor((cute.size(act),), cutlass.BFloat16)
+        a16.store(act.load().to(cutlass.BFloat16))  # exact: act holds bf16 values
+        words = cute.recast_tensor(a16, Int32)
+        for w in cutlass.range_constexpr(cute.size(words)):
+            s_stash[(w, mma_tidx)] = words[w]
+        amax_words = cute.recast_tensor(amax, Int32)
+        s_stash[(cute.size(words), mma_tidx)] = amax_words[0]
+        s_stash[(cute.size(words) + 1, mma_tidx)] = amax_words[1]
+
+    @cute.jit
+    def _epilogue_swiglu_second_half(
+        self,
+        acc: cute.Tensor,
+        t_c_coord: cute.Tensor,
+        s_stash: cute.Tensor,
+        s_out: cute.Tensor,
+        m_out: cute.Tensor,
+        m_out_sf: cute.Tensor,
+        row0: Int32,
+        valid_rows: Int32,
+        n_tile: Int32,
+        mma_tidx: Int32,
+        mma_wg: Int32,
+        wg_tidx: Int32,
+        wg_barrier: pipeline.NamedBarrier,
+    ):
+        """Paired 128 x 128 tiles, second column half: SwiGLU, row amax over both halves (each
+        warpgroup owns its 64 rows, so no exchange), 1x128 quantization of both halves, FP8
+        rows staged in smem and stored with the scales."""
+        num_pairs = cute.size(acc) // 2
+        act = self._swiglu_act(acc)
+        amax_lo, amax_hi = self._quad_row_amax(act)
+        amax0_words = cute.make_rmem_tensor((2,), Int32)
+        amax0_words[0] = s_stash[(num_pairs // 2, mma_tidx)]
+        amax0_words[1] = s_stash[(num_pairs // 2 + 1, mma_tidx)]
+        amax0 = cute.recast_tensor(amax0_words, Float32)
+        amax_lo = cutlass.max(amax_lo, amax0[0])
+        amax_hi = cutlass.max(amax_hi, amax0[1])
+        scale_lo = self._fp8_scale(amax_lo)
+        scale_hi = self._fp8_scale(amax_hi)
+        inv_lo = Float32(1.0) / scale_lo
+        inv_hi = Float32(1.0) / scale_hi
+        words = cute.make_rmem_tensor((num_pairs // 2,), Int32)
+        for w in cutlass.range_constexpr(num_pairs // 2):
+            words[w] = s_stash[(w, mma_tidx)]
+        act0 = cute.make_rmem_tensor((num_pairs,), Float32)
+        act0.store(cute.recast_tensor(words, cutlass.BFloat16).load().to(Float32))
+        q0 = self._quantize_pairs(act0, inv_lo, inv_hi)
+        q1 = self._quantize_pairs(act, inv_lo, inv_hi)
+        wg_barrier.arrive_and_wait()  # this warpgroup's reads of its s_out rows are done
+        half = SCALE_BLOCK_N // 2
+        for p in cutlass.range_constexpr(num_pairs):
+            coord = t_c_coord[2 * p]  # the gate column 2j of feature j (of this half)
+            s_out[(coord[0], coord[1] // 2)] = q0[p]
+            s_out[(coord[0], half + coord[1] // 2)] = q1[p]
+        wg_barrier.arrive_and_wait()
+
+        if wg_tidx % 4 == 0:  # one thread per row: lane 0 of each quad
+            self._store_row_scales(
+                m_out_sf, row0, valid_rows, t_c_coord[0][0], t_c_coord[2][0], n_tile, scale_lo,
+                scale_hi,
+            )  # fmt: skip
+        s_blk = cute.local_tile(s_out, (WG_TILE_M, SCALE_BLOCK_N), (mma_wg, 0))
+        g_tile = cute.local_tile(
+            cute.domain_offset((row0, 0), m_out), (self.tile_m, SCALE_BLOCK_N), (0, n_tile)
+        )
+        g_blk = cute.local_tile(g_tile, (WG_TILE_M, SCALE_BLOCK_N), (mma_wg, 0))
+        self._store_rows(
+            s_blk, g_blk, valid_rows - mma_wg * WG_TILE_M, wg_tidx, self.threads_per_wg,
+            self.ab_dtype,
+        )  # fmt: skip
 
     @cute.jit
     def _store_rows(
