@@ -151,6 +151,9 @@ def parse_variant(variant: str) -> tuple[tuple[int, int], dict, tuple[int, int] 
     return cluster, opts, tile
 
 
+_COMPILED: dict = {}  # (epilogue, variant) -> compiled kernel, shared by the shapes
+
+
 def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
     """A callable launching the low-level kernel compiled for ``variant`` (`parse_variant`)."""
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
@@ -167,7 +170,12 @@ def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
     cluster, opts, tile = parse_variant(variant)
     if epilogue != "swiglu_quant":
         opts.pop("fast_silu")
-    compiled = g.compile_kernel(epilogue, False, cluster=cluster, tile=tile, **opts)
+    if n % (256 if tile is not None or epilogue == "swiglu_quant" else 128):
+        return None  # 64 x 256 tiles (and paired swiglu_quant tiles) need N % 256 == 0
+    key = (epilogue, variant)
+    if key not in _COMPILED:
+        _COMPILED[key] = g.compile_kernel(epilogue, False, cluster=cluster, tile=tile, **opts)
+    compiled = _COMPILED[key]
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     ptrs = [t.data_ptr() for t in (xq, xs, wq, ws, out, out_sf, offsets)]
 
@@ -180,16 +188,25 @@ def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
     return run
 
 
+ROUNDS = 1  # --rounds
+
+
 def cluster_rows(op, epilogue, clusters, operands, shape, flops, base_name, base_ms, env):
-    rows = []
+    """One row per variant: the median over ``ROUNDS`` round-robin passes over the variants
+    (each pass times every variant once, so drifts of the GPU's clock hit all of them alike)."""
+    fns = {}
     for variant in clusters:
         fn = cluster_variant(epilogue, variant, *operands)
-        if fn is None:
-            continue
-        ms = median_ms(fn)
-        name = f"{op}[c{variant}]"
-        rows.append(row(name, shape, ms, flops, base_name, base_ms, env))
-    return rows
+        if fn is not None:
+            fns[variant] = fn
+    times = {variant: [] for variant in fns}
+    for _ in range(ROUNDS):
+        for variant, fn in fns.items():
+            times[variant].append(median_ms(fn))
+    return [
+        row(f"{op}[c{variant}]", shape, statistics.median(ts), flops, base_name, base_ms, env)
+        for variant, ts in times.items()
+    ]
 
 
 def row(op, shape, ms, flops, baseline, baseline_ms, env):
@@ -333,7 +350,15 @@ def main() -> None:
         "along N, then flags: o overlapped promotion, e epilogue under the next tile's first "
         "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 bf16 tiles)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the --clusters variants in this many round-robin passes; report medians",
+    )
     args = parser.parse_args()
+    global ROUNDS
+    ROUNDS = max(1, args.rounds)
     clusters = [c for c in args.clusters.split(",") if c]
     env = dict(
         device=torch.cuda.get_device_name(),

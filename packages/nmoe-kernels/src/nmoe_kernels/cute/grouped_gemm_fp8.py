@@ -1187,6 +1187,11 @@ def launch(
     ``cluster`` and ``tile`` must be the ones the kernel was compiled with.
     """
     config = kernel_config(epilogue, cluster=cluster, tile=tile)
+    if n % config.sched_n:
+        raise ValueError(
+            f"N = {n} must be a multiple of {config.sched_n} for the {epilogue} kernel on "
+            f"{config.tile_m} x {config.tile_n} tiles"
+        )
     max_clusters = None
     if config.cluster_size > 1:
         import torch
