@@ -58,14 +58,15 @@ def test_expert_parallel_matches_single_process(tmp_path, data_root):
 
 
 @pytest.mark.multigpu
-@pytest.mark.parametrize("dispatcher", ["ipc", "nccl", "ipc+owner"])
+@pytest.mark.parametrize("dispatcher", ["ipc", "nccl", "ipc+per-slot"])
 def test_expert_parallel_on_two_gpus_tracks_one_gpu(tmp_path, data_root, dispatcher):
     """`n train` with the experts split over 2 GPUs (one dispatcher shared by the MoE layers)
     against 1 GPU. In bf16 autocast a changed summation order moves the losses by more than
     float32 rounding, so the bound is calibrated in the same test: 2-GPU data parallel (no
     expert parallelism) against the same 1-GPU run, and expert parallel may differ by at most
-    4x that gap plus 1e-4 of the loss. ``ipc+owner``: ``parallel.reduce_on_owner=true`` (its
-    bf16 partial sums must stay inside the same bound)."""
+    4x that gap plus 1e-4 of the loss. ``ipc`` runs the defaults (``parallel.reduce_on_owner``:
+    its bf16 partial sums must stay inside the same bound); ``ipc+per-slot`` one row per slot
+    both ways (``reduce_on_owner=false dedup_rows=false``); nccl ignores both options."""
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -78,8 +79,9 @@ def test_expert_parallel_on_two_gpus_tracks_one_gpu(tmp_path, data_root, dispatc
     assert single.returncode == 0, single.stderr[-3000:]
     dp = run_n(_args(data_root, tmp_path, "dp", *common), tmp_path, env=env, torchrun=2)
     assert dp.returncode == 0, dp.stderr[-3000:]
-    backend, _, owner = dispatcher.partition("+")
-    options = ["parallel.reduce_on_owner=true"] if owner else []
+    backend, _, per_slot = dispatcher.partition("+")
+    options = ["parallel.reduce_on_owner=false", "parallel.dedup_rows=false"] if per_slot else []
+    owner = backend == "ipc" and not per_slot
     ep = run_n(_args(data_root, tmp_path, "ep", *common, "parallel.expert_parallel=all",
                      f"parallel.dispatcher={backend}", *options), tmp_path, env=env, torchrun=2)
     assert ep.returncode == 0, ep.stderr[-3000:]

@@ -69,15 +69,15 @@ class ParallelConfig(_Config):
         "a CUDA GPU of one node (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE), nccl otherwise",
     )
     dedup_rows: bool = Field(
-        False, description="ipc / nvshmem inside a node: send each token's row once per owner "
+        True, description="ipc / nvshmem inside a node: send each token's row once per owner "
         "rank instead of once per routed slot (bitwise the same results; fewer NVLink bytes: "
         "about 2.2x fewer at top-8 of 256 experts on 4 GPUs); ignored by other dispatchers")
     reduce_on_owner: bool = Field(
-        False, description="ipc / nvshmem inside a node, implies dedup_rows: the MoE combine and "
-        "the dispatch backward also send "
-        "one row per token and owner rank; the owner sums the token's slots first (float32, "
-        "rounded to the row dtype), so results differ from the per-slot sum by that rounding "
-        "(deterministic; see nmoe-comm's README); ignored by other dispatchers")
+        True, description="ipc / nvshmem inside a node, implies dedup_rows: the MoE combine and "
+        "the dispatch backward also send one row per token and owner rank; the owner sums the "
+        "token's slots first (float32, rounded to the row dtype), so results differ from the "
+        "per-slot sum by that rounding (deterministic; see nmoe-comm's README); ignored by "
+        "other dispatchers. false (with dedup_rows=false) restores one row per slot both ways")
     zero2_chunk_mb: int = Field(256, ge=1, description="reduce-scatter/all-gather chunk size")
 
 

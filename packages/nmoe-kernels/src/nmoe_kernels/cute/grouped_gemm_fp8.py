@@ -25,7 +25,10 @@ Epilogues:
 - "bf16": y [M, N] bf16 = round(acc).
 - "swiglu_quant": W13 columns are interleaved (column 2j = gate_j, column 2j+1 = up_j), so each
   thread holds (gate, up) pairs. In fp32: g, u = bf16(acc_gate), bf16(acc_up);
-  a = bf16(silu(g) * u) -- the same roundings as the unfused bf16 path -- then per row and 1x128
+  a = bf16(silu(g) * u) -- the same roundings as the unfused bf16 path; silu(g) = g * s with the
+  sigmoid s = rcp.approx(1 + exp(-g)) (``KernelConfig.fast_silu``, the default; an IEEE division
+  otherwise; both within the tests' bounds, which allow a code one E4M3 step off for 1% of
+  values) -- then per row and 1x128
   block of F: scale = max(amax / 448, 2^-126) (rounded up to a power of two with ue8m0),
   q = E4M3_rne(clamp(a * (1 / scale), -448, 448)). Writes q [M, F] E4M3 and the scales
   [M, Fb] fp32 MN-major over storage [Fb, M_al] (the layout the next GEMM's A scales use).
@@ -53,17 +56,33 @@ TMA-multicasts it to its partners, and a consumer warp releases a stage to every
 into it. A cluster takes cluster tiles (cluster_m x cluster_n CTA tiles of one segment); a CTA
 tile past its segment's rows or past N (odd tile counts) runs the mainloop and stores nothing.
 On one H200, clusters of 2 stayed within run-to-run noise of 1 x 1 with the overlapped
-mainloop, so they are not the default (see bench/results/fp8_H200.txt).
+mainloop, so they are not the default (see bench/results/fp8_H200_clusters.txt).
 
-Tiles: "bf16" uses 128 x 128 (warpgroups stacked along M); "swiglu_quant" uses 64 x 256
-(warpgroups side by side along N), so one tile holds the 128 SwiGLU outputs of a quantization
-block and the row amax is reduced in the tile (quad shuffles, then the two warpgroups exchange
-through smem). The tile scheduler walks (segment, cluster m-tile, cluster n-tile) in order: a
-cluster takes linear cluster tiles c, c + clusters, ... and advances a cursor over the device
-offsets, so segments need no padding and no host sync. A tile's A rows may run past its segment
-(they belong to the next expert or are TMA zero fill); the epilogue stores only rows of the
-tile's own segment, via smem and predicated 16-byte stores. Padding rows (segment E) get zero
-output without a mainloop.
+Epilogue under the next column tile (``KernelConfig.epi_overlap``, the default): after a column
+tile's K loop, the warpgroups issue the first K block of the next column tile before they run
+the epilogue, so the tensor cores have that block's wgmma while the CUDA cores run the epilogue.
+The loop over a CTA's tiles is peeled (its last tile after the loop) so that every such issue is
+unconditional: ptxas serializes every wgmma of the kernel (warning C7514) when an in-flight
+accumulator flows through a branch merge, which the CPU compile test checks for. Same K blocks
+and promotion order, so the same bits.
+
+Tiles: 128 x 128, warpgroups stacked along M (each 64 x 128). "swiglu_quant" runs *paired*
+tiles: a scheduled tile is 128 rows x 256 W13 columns (the 128 SwiGLU features of one
+quantization block), computed as two 128 x 128 column tiles back to back (the producer loads A
+twice, from L2). After the first half, each thread keeps its 32 bf16 activations and its two
+rows' maxima in its own shared-memory slots (18 words x 256 threads; registers are full with the
+K loop's three accumulators); after the second half it takes the row amax over both halves (each
+warpgroup owns whole rows: no exchange between warpgroups), quantizes both halves and stores 128
+FP8 bytes per row. The earlier layout, ``tile=(64, 256)`` (warpgroups side by side along N, row
+maxima exchanged through smem), gives the same bits, but its mainloop alone (no epilogue) took
+1.12x / 1.30x / 1.26x as long at super / moonlight / dsv3-local on one H100
+(bench/results/fp8_H100_diagnostics.txt, rows ``[c1x1ows]`` vs ``[c1x1os]``); it loads 25% more
+A + B bytes per FLOP (not profiled whether that is the cause). The tile scheduler walks
+(segment, cluster m-tile, cluster n-tile) in order: a cluster takes linear cluster tiles c, c +
+clusters, ... and advances a cursor over the device offsets, so segments need no padding and no
+host sync. A tile's A rows may run past its segment (they belong to the next expert or are TMA
+zero fill); the epilogue stores only rows of the tile's own segment, via smem and predicated
+16-byte stores. Padding rows (segment E) get zero output without a mainloop.
 """
 
 from __future__ import annotations
@@ -84,6 +103,7 @@ from .grouped_gemm_fp8_epilogue import (
     WG_TILE_M,
     Fp8EpilogueMixin,
 )
+from .grouped_gemm_fp8_mainloop import Fp8MainloopMixin
 from .occupancy import max_active_clusters
 
 __all__ = [
@@ -100,9 +120,11 @@ EPILOGUES = ("bf16", "swiglu_quant")
 BLOCK_K = 128  # quantization block along K == the K depth of one pipeline stage
 _NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes the last expert
 # (CTAs along M, CTAs along N) of a cluster, per epilogue, and whether the mainloop promotes K
-# block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/fp8_H200.txt, the
-# module docstring): the overlapped promotion pays everywhere, clusters did not beat run-to-run
-# noise.
+# block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/
+# fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere,
+# clusters did not beat run-to-run noise. epi_overlap and fast_silu: bench/results/fp8_H100.txt
+# and fp8_H200.txt (round-robin rows: e gains at super and moonlight on both cards and at K = 7168
+# on the H200; on the H100 it was 5-6% slower at K = 7168, inside that shape's ~10% noise).
 DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
 DEFAULT_OVERLAP = {"bf16": True, "swiglu_quant": True}
 DEFAULT_EPI_OVERLAP = {"bf16": True, "swiglu_quant": True}
@@ -219,7 +241,7 @@ def kernel_config(
     )
 
 
-class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
+class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
     """The CuTeDSL kernel; ``cute.compile(kernel, *args)`` with the arguments of `__call__`."""
 
     def __init__(self, config: KernelConfig):
@@ -336,44 +358,28 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
             num_multicast=self.cluster_m,
         )
 
-        if const_expr(self.fused):
+        if const_expr(self.fused):  # fp8 rows of a quantization block, padded by 16 B
             out_smem = cute.make_layout(
                 (tile_m, self.sched_n // 2), stride=(self.sched_n // 2 + 16, 1)
-            )  # fp8, rows padded by 16 B
-            stash_words = STASH_WORDS * self.num_mma_threads if self.paired else 4
+            )
+        else:  # bf16 rows padded by 16 B
+            out_smem = cute.make_layout((tile_m, tile_n), stride=(tile_n + 8, 1))
+        out_dtype = self.ab_dtype if const_expr(self.fused) else cutlass.BFloat16
+        amax_words = 2 * tile_m if const_expr(self.fused) else 4
+        stash_words = STASH_WORDS * self.num_mma_threads if const_expr(self.paired) else 4
 
-            @cute.struct
-            class SharedStorage:
-                pipe_barriers: cute.struct.MemRange[Int64, self.num_stages * 2]
-                s_a: cute.struct.Align[
-                    cute.struct.MemRange[self.ab_dtype, cute.cosize(a_smem_staged)], 1024
-                ]
-                s_b: cute.struct.Align[
-                    cute.struct.MemRange[self.ab_dtype, cute.cosize(b_smem_staged)], 1024
-                ]
-                s_out: cute.struct.Align[
-                    cute.struct.MemRange[self.ab_dtype, cute.cosize(out_smem)], 128
-                ]
-                s_amax: cute.struct.Align[cute.struct.MemRange[Float32, 2 * tile_m], 16]
-                s_stash: cute.struct.Align[cute.struct.MemRange[Int32, stash_words], 16]
-
-        else:
-            out_smem = cute.make_layout((tile_m, tile_n), stride=(tile_n + 8, 1))  # bf16
-
-            @cute.struct
-            class SharedStorage:
-                pipe_barriers: cute.struct.MemRange[Int64, self.num_stages * 2]
-                s_a: cute.struct.Align[
-                    cute.struct.MemRange[self.ab_dtype, cute.cosize(a_smem_staged)], 1024
-                ]
-                s_b: cute.struct.Align[
-                    cute.struct.MemRange[self.ab_dtype, cute.cosize(b_smem_staged)], 1024
-                ]
-                s_out: cute.struct.Align[
-                    cute.struct.MemRange[cutlass.BFloat16, cute.cosize(out_smem)], 128
-                ]
-                s_amax: cute.struct.Align[cute.struct.MemRange[Float32, 4], 16]
-                s_stash: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]
+        @cute.struct
+        class SharedStorage:
+            pipe_barriers: cute.struct.MemRange[Int64, self.num_stages * 2]
+            s_a: cute.struct.Align[
+                cute.struct.MemRange[self.ab_dtype, cute.cosize(a_smem_staged)], 1024
+            ]
+            s_b: cute.struct.Align[
+                cute.struct.MemRange[self.ab_dtype, cute.cosize(b_smem_staged)], 1024
+            ]
+            s_out: cute.struct.Align[cute.struct.MemRange[out_dtype, cute.cosize(out_smem)], 128]
+            s_amax: cute.struct.Align[cute.struct.MemRange[Float32, amax_words], 16]
+            s_stash: cute.struct.Align[cute.struct.MemRange[Int32, stash_words], 16]
 
         self.shared_storage = SharedStorage
 
@@ -716,15 +722,8 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
             wg_n_idx, row_lo, row_hi, num_rows,
         )  # fmt: skip
         if const_expr(self.config.epi_overlap):
-            # Software-pipelined over column tiles: the first K block of the next column tile
-            # (the other half of a paired tile, or the next tile) is issued before this one's
-            # epilogue, so its wgmma runs on the tensor cores while the epilogue runs on the
-            # CUDA cores (``partial`` is in flight meanwhile; ``acc`` and ``partial_b`` are free
-            # for the epilogue). Same K blocks, same promotion order: same bits.
-            # The expert tiles come first in a CTA's tile order, then the padding segment's.
-            # The loop over expert tiles is peeled (its last tile after it) so that every
-            # issue in it is unconditional: ptxas serializes all wgmmas of the kernel if an
-            # in-flight accumulator flows through a branch merge.
+            # Pipelined over column tiles (module docstring): expert tiles come first in a CTA's
+            # order, then padding tiles; the expert-tile loop is peeled (its last tile after it).
             if expert < num_experts:
                 state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
                     tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
@@ -807,86 +806,6 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                 )  # fmt: skip
 
     @cute.jit
-    def _pipelined_tile(
-        self,
-        mma: tuple,
-        epi: tuple,
-        tiled_mma: cute.TiledMma,
-        state: pipeline.PipelineState,
-        release_state: pipeline.PipelineState,
-        prev_lo: Float32,
-        prev_hi: Float32,
-        row0: Int32,
-        n_tile: Int32,
-        valid_rows: Int32,
-        n_block: Int32,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
-        expert: Int32,
-        num_k_blocks: Int32,
-        issue_next: cutlass.Constexpr[bool],
-        next_sfa_lo: Int32,
-        next_sfa_hi: Int32,
-        next_n_block: Int32,
-        next_expert: Int32,
-    ):
-        """One scheduled tile of the epilogue-overlapped loop, its first K block already in
-        flight: for each column tile, the rest of its K loop, then the first block of the next
-        column tile (the tile's next half, or with ``issue_next`` the next tile's first), then
-        its epilogue."""
-        _, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
-        for h in cutlass.range_constexpr(self.sub_tiles):
-            acc.fill(0.0)
-            state, release_state, tiled_mma = self._mainloop_rest(
-                tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
-                release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert,
-                num_k_blocks, prev_lo, prev_hi,
-            )  # fmt: skip
-            if const_expr(h + 1 < self.sub_tiles):
-                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
-                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
-                    sfa_row_lo, sfa_row_hi, n_block + h + 1, expert,
-                )  # fmt: skip
-            elif const_expr(issue_next):
-                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
-                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
-                    next_sfa_lo, next_sfa_hi, next_n_block, next_expert,
-                )  # fmt: skip
-            self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
-        return state, release_state, tiled_mma, prev_lo, prev_hi
-
-    @cute.jit
-    def _tile_coords(
-        self,
-        tile: Int32,
-        num_n_groups: Int32,
-        tiles_before: Int32,
-        seg_start: Int32,
-        seg_end: Int32,
-        m_rank: Int32,
-        n_rank: Int32,
-        num_n_tiles: Int32,
-        wg_n_idx: Int32,
-        row_lo: Int32,
-        row_hi: Int32,
-        num_rows: Int32,
-    ):
-        """(first row, scheduled n-tile, rows to store, weight-scale block of the first column
-        tile, A-scale rows lo / hi) of this CTA's tile in linear cluster tile ``tile``, for this
-        warpgroup and thread. Column tile h of a paired tile uses weight-scale block + h."""
-        row0, n_tile = self._cta_tile(tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank)
-        # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
-        valid_rows = cutlass.min(seg_end - row0, self.tile_m)
-        if n_tile >= num_n_tiles:
-            valid_rows = Int32(0)
-            n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
-        n_block = n_tile * (self.sched_n // SCALE_BLOCK_N) + wg_n_idx
-        # rows past M only feed rows that are never stored: clamp their scale reads
-        sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
-        sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
-        return row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi
-
-    @cute.jit
     def _epilogue(
         self,
         epi: tuple,
@@ -925,175 +844,6 @@ class GroupedGemmFp8Kernel(Fp8EpilogueMixin):
                     mma_tidx, mma_wg, wg_tidx, wg_barrier,
                 )  # fmt: skip
         cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
-
-    @cute.jit
-    def _mainloop_serial(
-        self,
-        tiled_mma: cute.TiledMma,
-        t_c_ra: cute.Tensor,
-        t_c_rb: cute.Tensor,
-        acc: cute.Tensor,
-        partial: cute.Tensor,
-        mainloop: pipeline.PipelineTmaAsync,
-        state: pipeline.PipelineState,
-        m_sfa: cute.Tensor,
-        m_sfb: cute.Tensor,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
-        n_block: Int32,
-        expert: Int32,
-        num_k_blocks: Int32,
-    ):
-        """The K loop without overlap: each block's wgmma is waited for before its promotion."""
-        num_mma_k = cute.size(t_c_ra, mode=[2])
-        for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
-            # The scale loads issue before the wait; their latency hides behind it and the
-            # block's wgmma.
-            scale_b = m_sfb[(n_block, kb, expert)]
-            scale_a_lo = m_sfa[(sfa_row_lo, kb)]
-            scale_a_hi = m_sfa[(sfa_row_hi, kb)]
-            mainloop.consumer_wait(state)
-            tiled_mma = self._issue_block(
-                tiled_mma, partial, t_c_ra, t_c_rb, state.index, num_mma_k
-            )
-            cute.nvgpu.warpgroup.wait_group(0)
-            mainloop.consumer_release(state)
-            state.advance()
-            # promotion: acc += (x_scale * w_scale) * partial, per accumulator row
-            self._promote(acc, partial, scale_a_lo * scale_b, scale_a_hi * scale_b)
-        return state, tiled_mma
-
-    @cute.jit
-    def _issue_block(self, tiled_mma, partial, t_c_ra, t_c_rb, stage: Int32, num_mma_k: int):
-        """wgmma of one 128-deep K block (smem stage ``stage``) into a fresh ``partial``."""
-        cute.nvgpu.warpgroup.fence()
-        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
-        for kk in cutlass.range_constexpr(num_mma_k):
-            coord = (None, None, kk, stage)
-            cute.gemm(tiled_mma, partial, t_c_ra[coord], t_c_rb[coord], partial)
-            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
-        cute.nvgpu.warpgroup.commit_group()
-        return tiled_mma  # rebound by the caller: its runtime field changed inside control flow
-
-    @cute.jit
-    def _promote(self, acc, partial, scale_lo: Float32, scale_hi: Float32):
-        """acc += scale * partial, with the row scale of each accumulator value's row."""
-        for v in cutlass.range_constexpr(cute.size(acc)):
-            if const_expr((v // 2) % 2 == 0):
-                acc[v] = acc[v] + scale_lo * partial[v]
-            else:
-                acc[v] = acc[v] + scale_hi * partial[v]
-
-    @cute.jit
-    def _mainloop_first(
-        self,
-        tiled_mma: cute.TiledMma,
-        t_c_ra: cute.Tensor,
-        t_c_rb: cute.Tensor,
-        partial_a: cute.Tensor,
-        mainloop: pipeline.PipelineTmaAsync,
-        state: pipeline.PipelineState,
-        m_sfa: cute.Tensor,
-        m_sfb: cute.Tensor,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
-        n_block: Int32,
-        expert: Int32,
-    ):
-        """Start of the overlapped K loop: issue block 0's wgmma into ``partial_a`` (not waited
-        for) and return its promotion scales (row lo, row hi) with the pipeline state."""
-        num_mma_k = cute.size(t_c_ra, mode=[2])
-        scale_b = m_sfb[(n_block, 0, expert)]
-        prev_lo = m_sfa[(sfa_row_lo, 0)] * scale_b
-        prev_hi = m_sfa[(sfa_row_hi, 0)] * scale_b
-        mainloop.consumer_wait(state)
-        tiled_mma = self._issue_block(tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k)
-        state.advance()
-        return state, tiled_mma, prev_lo, prev_hi
-
-    @cute.jit
-    def _mainloop_rest(
-        self,
-        tiled_mma: cute.TiledMma,
-        t_c_ra: cute.Tensor,
-        t_c_rb: cute.Tensor,
-        acc: cute.Tensor,
-        partial_a: cute.Tensor,
-        partial_b: cute.Tensor,
-        mainloop: pipeline.PipelineTmaAsync,
-        state: pipeline.PipelineState,
-        release_state: pipeline.PipelineState,
-        m_sfa: cute.Tensor,
-        m_sfb: cute.Tensor,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
-        n_block: Int32,
-        expert: Int32,
-        num_k_blocks: Int32,
-        prev_lo: Float32,
-        prev_hi: Float32,
-    ):
-        """The K loop with promotion behind the tensor cores, after `_mainloop_first` issued
-        block 0 into ``partial_a``: the wgmma of block kb is issued before block kb - 1 is
-        promoted, so the promotion FFMAs overlap it. Blocks alternate between two register
-        accumulators (even kb: ``partial_a``, odd: ``partial_b``); a stage is released once its
-        block's wgmma has completed (wait_group 1). The loop body is straight-line (two blocks
-        per trip) so that ptxas sees which accumulator is in flight. Ends with every block
-        promoted into ``acc`` and every stage released.
-        """
-        num_mma_k = cute.size(t_c_ra, mode=[2])
-        for kb in cutlass.range(1, num_k_blocks - 1, 2, unroll=1):
-            # block kb -> partial_b; then promote block kb - 1 (partial_a)
-            scale_b = m_sfb[(n_block, kb, expert)]
-            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
-            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
-            mainloop.consumer_wait(state)
-            tiled_mma = self._issue_block(
-                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
-            )
-            state.advance()
-            cute.nvgpu.warpgroup.wait_group(1)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_a, prev_lo, prev_hi)
-            # block kb + 1 -> partial_a; then promote block kb (partial_b)
-            scale_b = m_sfb[(n_block, kb + 1, expert)]
-            prev_lo = m_sfa[(sfa_row_lo, kb + 1)] * scale_b
-            prev_hi = m_sfa[(sfa_row_hi, kb + 1)] * scale_b
-            mainloop.consumer_wait(state)
-            tiled_mma = self._issue_block(
-                tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k
-            )
-            state.advance()
-            cute.nvgpu.warpgroup.wait_group(1)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_b, cur_lo, cur_hi)
-        if num_k_blocks % 2 == 0:  # one block left: it goes to partial_b
-            kb = num_k_blocks - 1
-            scale_b = m_sfb[(n_block, kb, expert)]
-            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
-            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
-            mainloop.consumer_wait(state)
-            tiled_mma = self._issue_block(
-                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
-            )
-            state.advance()
-            cute.nvgpu.warpgroup.wait_group(1)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_a, prev_lo, prev_hi)
-            cute.nvgpu.warpgroup.wait_group(0)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_b, cur_lo, cur_hi)
-        else:
-            cute.nvgpu.warpgroup.wait_group(0)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_a, prev_lo, prev_hi)
-        return state, release_state, tiled_mma
-
 
 def grid_size(
     num_rows: int,

@@ -1,0 +1,269 @@
+"""Mainloops of the FP8 blockscaled grouped GEMM (`grouped_gemm_fp8`), as a mixin of its
+kernel class: a tile's coordinates for the K loop (`_tile_coords`), the K loop of one column tile
+(serial promotion, or the overlapped promotion split into `_mainloop_first` -- block 0 issued --
+and `_mainloop_rest`), and `_pipelined_tile`, one scheduled tile of the epilogue-overlapped loop.
+The math and the pipelining are described in `grouped_gemm_fp8`'s module docstring; the mixin
+reads ``tile_m``, ``tile_n``, ``sched_n``, ``sub_tiles``, `_cta_tile` and `_epilogue` from the
+kernel object.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, const_expr
+
+from .grouped_gemm_fp8_epilogue import SCALE_BLOCK_N
+
+
+class Fp8MainloopMixin:
+    """The K-loop methods of `grouped_gemm_fp8.GroupedGemmFp8Kernel`."""
+
+    @cute.jit
+    def _pipelined_tile(
+        self,
+        mma: tuple,
+        epi: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        prev_lo: Float32,
+        prev_hi: Float32,
+        row0: Int32,
+        n_tile: Int32,
+        valid_rows: Int32,
+        n_block: Int32,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+        issue_next: cutlass.Constexpr[bool],
+        next_sfa_lo: Int32,
+        next_sfa_hi: Int32,
+        next_n_block: Int32,
+        next_expert: Int32,
+    ):
+        """One scheduled tile of the epilogue-overlapped loop, its first K block already in
+        flight: for each column tile, the rest of its K loop, then the first block of the next
+        column tile (the tile's next half, or with ``issue_next`` the next tile's first), then
+        its epilogue."""
+        _, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
+        for h in cutlass.range_constexpr(self.sub_tiles):
+            acc.fill(0.0)
+            state, release_state, tiled_mma = self._mainloop_rest(
+                tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, state,
+                release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert,
+                num_k_blocks, prev_lo, prev_hi,
+            )  # fmt: skip
+            if const_expr(h + 1 < self.sub_tiles):
+                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
+                    sfa_row_lo, sfa_row_hi, n_block + h + 1, expert,
+                )  # fmt: skip
+            elif const_expr(issue_next):
+                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
+                    next_sfa_lo, next_sfa_hi, next_n_block, next_expert,
+                )  # fmt: skip
+            self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
+        return state, release_state, tiled_mma, prev_lo, prev_hi
+
+    @cute.jit
+    def _mainloop_serial(
+        self,
+        tiled_mma: cute.TiledMma,
+        t_c_ra: cute.Tensor,
+        t_c_rb: cute.Tensor,
+        acc: cute.Tensor,
+        partial: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        state: pipeline.PipelineState,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+    ):
+        """The K loop without overlap: each block's wgmma is waited for before its promotion."""
+        num_mma_k = cute.size(t_c_ra, mode=[2])
+        for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
+            # The scale loads issue before the wait; their latency hides behind it and the
+            # block's wgmma.
+            scale_b = m_sfb[(n_block, kb, expert)]
+            scale_a_lo = m_sfa[(sfa_row_lo, kb)]
+            scale_a_hi = m_sfa[(sfa_row_hi, kb)]
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            cute.nvgpu.warpgroup.wait_group(0)
+            mainloop.consumer_release(state)
+            state.advance()
+            # promotion: acc += (x_scale * w_scale) * partial, per accumulator row
+            self._promote(acc, partial, scale_a_lo * scale_b, scale_a_hi * scale_b)
+        return state, tiled_mma
+
+    @cute.jit
+    def _issue_block(self, tiled_mma, partial, t_c_ra, t_c_rb, stage: Int32, num_mma_k: int):
+        """wgmma of one 128-deep K block (smem stage ``stage``) into a fresh ``partial``."""
+        cute.nvgpu.warpgroup.fence()
+        tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, False)
+        for kk in cutlass.range_constexpr(num_mma_k):
+            coord = (None, None, kk, stage)
+            cute.gemm(tiled_mma, partial, t_c_ra[coord], t_c_rb[coord], partial)
+            tiled_mma.set(cute.nvgpu.warpgroup.Field.ACCUMULATE, True)
+        cute.nvgpu.warpgroup.commit_group()
+        return tiled_mma  # rebound by the caller: its runtime field changed inside control flow
+
+    @cute.jit
+    def _promote(self, acc, partial, scale_lo: Float32, scale_hi: Float32):
+        """acc += scale * partial, with the row scale of each accumulator value's row."""
+        for v in cutlass.range_constexpr(cute.size(acc)):
+            if const_expr((v // 2) % 2 == 0):
+                acc[v] = acc[v] + scale_lo * partial[v]
+            else:
+                acc[v] = acc[v] + scale_hi * partial[v]
+
+    @cute.jit
+    def _mainloop_first(
+        self,
+        tiled_mma: cute.TiledMma,
+        t_c_ra: cute.Tensor,
+        t_c_rb: cute.Tensor,
+        partial_a: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        state: pipeline.PipelineState,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+    ):
+        """Start of the overlapped K loop: issue block 0's wgmma into ``partial_a`` (not waited
+        for) and return its promotion scales (row lo, row hi) with the pipeline state."""
+        num_mma_k = cute.size(t_c_ra, mode=[2])
+        scale_b = m_sfb[(n_block, 0, expert)]
+        prev_lo = m_sfa[(sfa_row_lo, 0)] * scale_b
+        prev_hi = m_sfa[(sfa_row_hi, 0)] * scale_b
+        mainloop.consumer_wait(state)
+        tiled_mma = self._issue_block(tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k)
+        state.advance()
+        return state, tiled_mma, prev_lo, prev_hi
+
+    @cute.jit
+    def _mainloop_rest(
+        self,
+        tiled_mma: cute.TiledMma,
+        t_c_ra: cute.Tensor,
+        t_c_rb: cute.Tensor,
+        acc: cute.Tensor,
+        partial_a: cute.Tensor,
+        partial_b: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+        prev_lo: Float32,
+        prev_hi: Float32,
+    ):
+        """The K loop with promotion behind the tensor cores, after `_mainloop_first` issued
+        block 0 into ``partial_a``: the wgmma of block kb is issued before block kb - 1 is
+        promoted, so the promotion FFMAs overlap it. Blocks alternate between two register
+        accumulators (even kb: ``partial_a``, odd: ``partial_b``); a stage is released once its
+        block's wgmma has completed (wait_group 1). The loop body is straight-line (two blocks
+        per trip) so that ptxas sees which accumulator is in flight. Ends with every block
+        promoted into ``acc`` and every stage released.
+        """
+        num_mma_k = cute.size(t_c_ra, mode=[2])
+        for kb in cutlass.range(1, num_k_blocks - 1, 2, unroll=1):
+            # block kb -> partial_b; then promote block kb - 1 (partial_a)
+            scale_b = m_sfb[(n_block, kb, expert)]
+            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
+            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            state.advance()
+            cute.nvgpu.warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_a, prev_lo, prev_hi)
+            # block kb + 1 -> partial_a; then promote block kb (partial_b)
+            scale_b = m_sfb[(n_block, kb + 1, expert)]
+            prev_lo = m_sfa[(sfa_row_lo, kb + 1)] * scale_b
+            prev_hi = m_sfa[(sfa_row_hi, kb + 1)] * scale_b
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            state.advance()
+            cute.nvgpu.warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_b, cur_lo, cur_hi)
+        if num_k_blocks % 2 == 0:  # one block left: it goes to partial_b
+            kb = num_k_blocks - 1
+            scale_b = m_sfb[(n_block, kb, expert)]
+            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
+            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
+            )
+            state.advance()
+            cute.nvgpu.warpgroup.wait_group(1)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_a, prev_lo, prev_hi)
+            cute.nvgpu.warpgroup.wait_group(0)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_b, cur_lo, cur_hi)
+        else:
+            cute.nvgpu.warpgroup.wait_group(0)
+            mainloop.consumer_release(release_state)
+            release_state.advance()
+            self._promote(acc, partial_a, prev_lo, prev_hi)
+        return state, release_state, tiled_mma
+
+    @cute.jit
+    def _tile_coords(
+        self,
+        tile: Int32,
+        num_n_groups: Int32,
+        tiles_before: Int32,
+        seg_start: Int32,
+        seg_end: Int32,
+        m_rank: Int32,
+        n_rank: Int32,
+        num_n_tiles: Int32,
+        wg_n_idx: Int32,
+        row_lo: Int32,
+        row_hi: Int32,
+        num_rows: Int32,
+    ):
+        """(first row, scheduled n-tile, rows to store, weight-scale block of the first column
+        tile, A-scale rows lo / hi) of this CTA's tile in linear cluster tile ``tile``, for this
+        warpgroup and thread. Column tile h of a paired tile uses weight-scale block + h."""
+        row0, n_tile = self._cta_tile(tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank)
+        # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
+        valid_rows = cutlass.min(seg_end - row0, self.tile_m)
+        if n_tile >= num_n_tiles:
+            valid_rows = Int32(0)
+            n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
+        n_block = n_tile * (self.sched_n // SCALE_BLOCK_N) + wg_n_idx
+        # rows past M only feed rows that are never stored: clamp their scale reads
+        sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
+        sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
+        return row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi
