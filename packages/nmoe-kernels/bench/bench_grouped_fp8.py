@@ -28,7 +28,10 @@ Rows:
 Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
 (launch overhead hidden, as in triton's do_bench; before 2026-11-26 each call was timed after a
 sync, which counted the host wrapper's launch overhead as GPU time); inputs are random (never
-zeros) and far larger than L2. TFLOP/s counts 2 * M * K * N per GEMM. JSON rows carry op,
+zeros) and far larger than L2. With ``--rounds R`` each shape's rows are timed in R round-robin
+passes (ours and the baselines together, then the variants together), medians reported: on the
+K = 7168 shapes a kernel's time drifts by up to ~10% within a run with the GPU's clock and power
+state. TFLOP/s counts 2 * M * K * N per GEMM. JSON rows carry op,
 shape, dtype, time, TFLOP/s, baseline, ratio, device name, torch, CUDA and driver versions.
 """
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 
@@ -139,13 +143,12 @@ VARIANT_FLAGS = {
 
 def parse_variant(variant: str) -> tuple[tuple[int, int], dict, tuple[int, int] | None]:
     """"<M>x<N>[flags]" -> (cluster, kernel_config options, tile); absent flags are off."""
-    head = variant.rstrip("".join(VARIANT_FLAGS))
-    flags = variant[len(head):]
-    unknown = set(flags) - set(VARIANT_FLAGS)
-    if unknown or "x" not in head:
+    match = re.fullmatch(r"(\d+)x(\d+)([a-z]*)", variant)
+    if match is None or set(match[3]) - set(VARIANT_FLAGS):
         raise ValueError(f"variant {variant!r}: want <M>x<N> followed by flags from "
-                         f"{sorted(VARIANT_FLAGS)}")
-    cluster = tuple(int(v) for v in head.split("x"))
+                         f"{''.join(VARIANT_FLAGS)}")
+    cluster = (int(match[1]), int(match[2]))
+    flags = match[3]
     opts = {name: flag in flags for flag, name in VARIANT_FLAGS.items() if name != "wide"}
     tile = (64, 256) if "w" in flags else None
     return cluster, opts, tile
@@ -189,6 +192,24 @@ def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
 
 
 ROUNDS = 1  # --rounds
+
+
+def timed_rounds(fns: dict) -> dict:
+    """Median over ``ROUNDS`` round-robin passes of `median_ms` per callable (each pass times
+    every callable once, so a drift of the GPU's clock hits all of them alike). A callable that
+    raises is reported once and gets None."""
+    times: dict = {name: [] for name in fns}
+    failed: set = set()
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            try:
+                times[name].append(median_ms(fn))
+            except Exception as err:  # report, keep going (e.g. a torch baseline unsupported)
+                print(f"  {name} failed: {type(err).__name__}: {err}")
+                failed.add(name)
+    return {name: statistics.median(ts) if ts else None for name, ts in times.items()}
 
 
 def cluster_rows(op, epilogue, clusters, operands, shape, flops, base_name, base_ms, env):
@@ -242,22 +263,6 @@ def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
     rows = []
 
     base_name = "torch._scaled_grouped_mm rowwise"
-    try:
-        base_ms = median_ms(
-            lambda: scaled_grouped_mm(xq_row, x_row_scale, w13_row, w13_row_scale, ends)
-        )
-    except Exception as err:  # report, keep going
-        print(f"  {name}: torch._scaled_grouped_mm failed: {type(err).__name__}: {err}")
-        base_ms = None
-    ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, w13q, w13s, offsets))
-    rows.append(row("w13_fp8", shape, ms, w13_flops, base_name, base_ms, env))
-    ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_swiglu_quant(xq, xs, w13q, w13s, offsets))
-    rows.append(row("w13_swiglu_quant_fp8", shape, ms, w13_flops, base_name, base_ms, env))
-    operands = (xq, xs, w13q, w13s, offsets)
-    for op, epilogue in (("w13_fp8", "bf16"), ("w13_swiglu_quant_fp8", "swiglu_quant")):
-        rows += cluster_rows(
-            op, epilogue, clusters, operands, shape, w13_flops, base_name, base_ms, env
-        )
 
     def fp8_mlp():
         q, s = nmoe_kernels.quantize_fp8_1x128(x, scale_layout="mn_major_tma_aligned")
@@ -272,26 +277,28 @@ def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
         a = F.silu(h[:, 0::2]) * h[:, 1::2]
         return torch._grouped_mm(a, w2_EKN, offs=ends)
 
-    if not HAVE_CUDA_QUANT:
+    fns = {
+        "base": lambda: scaled_grouped_mm(xq_row, x_row_scale, w13_row, w13_row_scale, ends),
+        "w13": lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, w13q, w13s, offsets),
+        "sq": lambda: nmoe_kernels.grouped_gemm_fp8_swiglu_quant(xq, xs, w13q, w13s, offsets),
+    }
+    if HAVE_CUDA_QUANT:
+        fns.update(bf16_mlp=bf16_mlp, fp8_mlp=fp8_mlp)
+    else:
         print(f"  {name}: mlp_fwd_fp8 left out (nmoe_kernels._C not built)")
-        return rows
-    try:
-        bf16_ms = median_ms(bf16_mlp)
-    except Exception as err:
-        print(f"  {name}: bf16 torch._grouped_mm path failed: {type(err).__name__}: {err}")
-        bf16_ms = None
-    ms = median_ms(fp8_mlp)
-    rows.append(
-        row(
-            "mlp_fwd_fp8",
-            shape,
-            ms,
-            w13_flops + w2_flops,
-            "bf16 torch._grouped_mm W13 + silu*up + W2",
-            bf16_ms,
-            env,
+    ms = timed_rounds(fns)
+    base_ms = ms["base"]
+    rows.append(row("w13_fp8", shape, ms["w13"], w13_flops, base_name, base_ms, env))
+    rows.append(row("w13_swiglu_quant_fp8", shape, ms["sq"], w13_flops, base_name, base_ms, env))
+    operands = (xq, xs, w13q, w13s, offsets)
+    for op, epilogue in (("w13_fp8", "bf16"), ("w13_swiglu_quant_fp8", "swiglu_quant")):
+        rows += cluster_rows(
+            op, epilogue, clusters, operands, shape, w13_flops, base_name, base_ms, env
         )
-    )
+    if HAVE_CUDA_QUANT:
+        mlp_base = "bf16 torch._grouped_mm W13 + silu*up + W2"
+        flops = w13_flops + w2_flops
+        rows.append(row("mlp_fwd_fp8", shape, ms["fp8_mlp"], flops, mlp_base, ms["bf16_mlp"], env))
     return rows
 
 
@@ -304,14 +311,11 @@ def bench_deepgemm(env: dict, clusters=()) -> list[dict]:
     _, wq, ws, w_row, w_row_scale = quantized_weights(groups, n, k)
     xq_row, x_row_scale = rowwise_quant(x)
     flops = 2 * num_rows * n * k
-    try:
-        base_ms = median_ms(
-            lambda: scaled_grouped_mm(xq_row, x_row_scale, w_row, w_row_scale, offsets[1:])
-        )
-    except Exception as err:
-        print(f"  deepgemm: torch._scaled_grouped_mm failed: {type(err).__name__}: {err}")
-        base_ms = None
-    ms = median_ms(lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets))
+    ms = timed_rounds({
+        "base": lambda: scaled_grouped_mm(xq_row, x_row_scale, w_row, w_row_scale, offsets[1:]),
+        "ours": lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets),
+    })  # fmt: skip
+    base_ms, ms = ms["base"], ms["ours"]
     shape = dict(groups=groups, rows_per_group=rows_per_group, N=n, K=k)
     base_name = "torch._scaled_grouped_mm rowwise"
     rows = [row("deepgemm_shape", shape, ms, flops, base_name, base_ms, env)]
@@ -354,7 +358,8 @@ def main() -> None:
         "--rounds",
         type=int,
         default=1,
-        help="time the --clusters variants in this many round-robin passes; report medians",
+        help="time every row (ours, the baselines, the --clusters variants) in this many "
+        "round-robin passes per shape; report medians",
     )
     args = parser.parse_args()
     global ROUNDS

@@ -1,0 +1,56 @@
+"""The FP8 bench's variant syntax and round-robin timing helper (CPU; no kernel runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_grouped_fp8.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_grouped_fp8", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_parse_variant_flags(bench):
+    cluster, opts, tile = bench.parse_variant("2x1oef")
+    assert cluster == (2, 1) and tile is None
+    assert opts == dict(overlap=True, epi_overlap=True, fast_silu=True, skip_epilogue=False)
+    cluster, opts, tile = bench.parse_variant("1x1ow")
+    assert cluster == (1, 1) and tile == (64, 256)
+    assert opts == dict(overlap=True, epi_overlap=False, fast_silu=False, skip_epilogue=False)
+    for bad in ("1x1q", "oe", "1x", "1x2 o"):
+        with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefsw"):
+            bench.parse_variant(bad)
+
+
+def test_timed_rounds_takes_medians_and_reports_failures(bench, monkeypatch, capsys):
+    calls = []
+    samples = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 4.0, 6.0])}
+
+    def fake_median_ms(fn):
+        return fn()
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            return next(samples[name])
+
+        return fn
+
+    def broken():
+        calls.append("c")
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(bench, "median_ms", fake_median_ms)
+    monkeypatch.setattr(bench, "ROUNDS", 3)
+    got = bench.timed_rounds({"a": make("a"), "b": make("b"), "c": broken})
+    assert got == {"a": 2.0, "b": 5.0, "c": None}
+    assert calls == ["a", "b", "c", "a", "b", "a", "b"]  # round-robin; a failure is not retried
+    assert "c failed: RuntimeError: unsupported" in capsys.readouterr().out
