@@ -352,7 +352,7 @@ def main() -> None:
         default="",
         help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o,1x1oef (CTAs along M x "
         "along N, then flags: o overlapped promotion, e epilogue under the next tile's first "
-        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 bf16 tiles)",
+        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles)",
     )
     parser.add_argument(
         "--rounds",
