@@ -146,9 +146,9 @@ class Fp8MainloopMixin:
         """Start of the overlapped K loop: issue block 0's wgmma into ``partial_a`` (not waited
         for) and return its promotion scales (row lo, row hi) with the pipeline state."""
         num_mma_k = cute.size(t_c_ra, mode=[2])
-        scale_b = m_sfb[(n_block, 0, expert)]
-        prev_lo = m_sfa[(sfa_row_lo, 0)] * scale_b
-        prev_hi = m_sfa[(sfa_row_hi, 0)] * scale_b
+        prev_lo, prev_hi = self._block_scales(
+            m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, 0, expert
+        )
         mainloop.consumer_wait(state)
         tiled_mma = self._issue_block(tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k)
         state.advance()
@@ -184,48 +184,29 @@ class Fp8MainloopMixin:
         per trip) so that ptxas sees which accumulator is in flight. Ends with every block
         promoted into ``acc`` and every stage released.
         """
-        num_mma_k = cute.size(t_c_ra, mode=[2])
+        k = (t_c_ra, t_c_rb, acc, mainloop)
         for kb in cutlass.range(1, num_k_blocks - 1, 2, unroll=1):
             # block kb -> partial_b; then promote block kb - 1 (partial_a)
-            scale_b = m_sfb[(n_block, kb, expert)]
-            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
-            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
-            mainloop.consumer_wait(state)
-            tiled_mma = self._issue_block(
-                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
+            cur_lo, cur_hi = self._block_scales(
+                m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb, expert
             )
-            state.advance()
-            cute.nvgpu.warpgroup.wait_group(1)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_a, prev_lo, prev_hi)
+            state, release_state, tiled_mma = self._overlapped_step(
+                k, tiled_mma, state, release_state, partial_b, partial_a, prev_lo, prev_hi
+            )
             # block kb + 1 -> partial_a; then promote block kb (partial_b)
-            scale_b = m_sfb[(n_block, kb + 1, expert)]
-            prev_lo = m_sfa[(sfa_row_lo, kb + 1)] * scale_b
-            prev_hi = m_sfa[(sfa_row_hi, kb + 1)] * scale_b
-            mainloop.consumer_wait(state)
-            tiled_mma = self._issue_block(
-                tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k
+            prev_lo, prev_hi = self._block_scales(
+                m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb + 1, expert
             )
-            state.advance()
-            cute.nvgpu.warpgroup.wait_group(1)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_b, cur_lo, cur_hi)
+            state, release_state, tiled_mma = self._overlapped_step(
+                k, tiled_mma, state, release_state, partial_a, partial_b, cur_lo, cur_hi
+            )
         if num_k_blocks % 2 == 0:  # one block left: it goes to partial_b
-            kb = num_k_blocks - 1
-            scale_b = m_sfb[(n_block, kb, expert)]
-            cur_lo = m_sfa[(sfa_row_lo, kb)] * scale_b
-            cur_hi = m_sfa[(sfa_row_hi, kb)] * scale_b
-            mainloop.consumer_wait(state)
-            tiled_mma = self._issue_block(
-                tiled_mma, partial_b, t_c_ra, t_c_rb, state.index, num_mma_k
+            cur_lo, cur_hi = self._block_scales(
+                m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, num_k_blocks - 1, expert
             )
-            state.advance()
-            cute.nvgpu.warpgroup.wait_group(1)
-            mainloop.consumer_release(release_state)
-            release_state.advance()
-            self._promote(acc, partial_a, prev_lo, prev_hi)
+            state, release_state, tiled_mma = self._overlapped_step(
+                k, tiled_mma, state, release_state, partial_b, partial_a, prev_lo, prev_hi
+            )
             cute.nvgpu.warpgroup.wait_group(0)
             mainloop.consumer_release(release_state)
             release_state.advance()
@@ -235,6 +216,38 @@ class Fp8MainloopMixin:
             mainloop.consumer_release(release_state)
             release_state.advance()
             self._promote(acc, partial_a, prev_lo, prev_hi)
+        return state, release_state, tiled_mma
+
+    @cute.jit
+    def _block_scales(self, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb, expert):
+        """The promotion scales (x scale x w scale) of K block ``kb`` for rows lo / hi."""
+        scale_b = m_sfb[(n_block, kb, expert)]
+        return m_sfa[(sfa_row_lo, kb)] * scale_b, m_sfa[(sfa_row_hi, kb)] * scale_b
+
+    @cute.jit
+    def _overlapped_step(
+        self,
+        k: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        issue_into: cute.Tensor,
+        promote_from: cute.Tensor,
+        promote_lo: Float32,
+        promote_hi: Float32,
+    ):
+        """Issue the next K block into ``issue_into``, wait for the block before it (wait_group
+        1), release its stage and promote it from ``promote_from``."""
+        t_c_ra, t_c_rb, acc, mainloop = k
+        mainloop.consumer_wait(state)
+        tiled_mma = self._issue_block(
+            tiled_mma, issue_into, t_c_ra, t_c_rb, state.index, cute.size(t_c_ra, mode=[2])
+        )
+        state.advance()
+        cute.nvgpu.warpgroup.wait_group(1)
+        mainloop.consumer_release(release_state)
+        release_state.advance()
+        self._promote(acc, promote_from, promote_lo, promote_hi)
         return state, release_state, tiled_mma
 
     @cute.jit
