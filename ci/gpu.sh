@@ -39,6 +39,9 @@
 #   adamw        the multi-tensor AdamW kernel: its GPU tests and nmoe-core's AdamW tests, the
 #                kernel bench over super's 2.84B parameters (against torch's fused AdamW), then
 #                bench-train at micro-batch 16: torch, fused, fused with bfloat16 AdamW moments
+#   ncu-fp8      Nsight Compute on the FP8 grouped GEMM (NCU_CASES: "shape:epilogue:variant" list,
+#                default the moonlight and dsv3-local W13 GEMMs with and without the epilogue);
+#                text reports (speed of light, warp states, memory, instruction stats) to $OUT
 #
 # Logs and results go to $OUT (default ./gpu-out). Offline machines get the missing Python
 # packages from the wheelhouse (../shared/tools/gpu-wheelhouse): run each part's stash.sh first;
@@ -320,6 +323,25 @@ stage_fast_path_tests() {
   tail -3 "$OUT/fast-training.log"
   timeout 60 "$PY" packages/nmoe-kernels/bench/bench_router_topk.py \
     --json "$OUT/router_topk.json" 2>&1 | tail -8
+  return $rc
+}
+
+stage_ncu_fp8() {
+  command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
+  local rc=0 case shape epi variant
+  for case in ${NCU_CASES:-moonlight:bf16:1x1oe moonlight:bf16:1x1oes dsv3-local:bf16:1x1oe \
+                            moonlight:swiglu_quant:1x1oef}; do
+    IFS=: read -r shape epi variant <<< "$case"
+    # --clock-control none: leave the clocks as they are (METHOD.md); one launch after warm-up
+    timeout 240 ncu --clock-control none -k regex:kernel_cutlass --launch-skip 2 \
+      --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      --section InstructionStats --section SchedulerStats \
+      "$PY" packages/nmoe-kernels/bench/profile_fp8_variant.py "$shape" "$epi" "$variant" \
+      > "$OUT/ncu_${shape}_${epi}_${variant}.txt" 2>&1 || rc=1
+    echo "--- $case"; grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Issue Slots Busy|Stall" \
+      "$OUT/ncu_${shape}_${epi}_${variant}.txt" | head -12
+  done
   return $rc
 }
 
