@@ -163,6 +163,11 @@ def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
 
     num_rows, k = xq.shape
     num_experts, n, _ = wq.shape
+    cluster, opts, tile = parse_variant(variant)
+    if epilogue != "swiglu_quant":
+        opts.pop("fast_silu")
+    if n % g.kernel_config(epilogue, cluster=cluster, tile=tile).sched_n:
+        return None  # N is not a whole number of this variant's scheduled tiles
     aligned = (num_rows + 3) // 4 * 4
     if epilogue == "bf16":
         out = torch.empty(num_rows, n, dtype=torch.bfloat16, device="cuda")
@@ -170,11 +175,6 @@ def cluster_variant(epilogue, variant, xq, xs, wq, ws, offsets):
     else:
         out = torch.empty(num_rows, n // 2, dtype=torch.float8_e4m3fn, device="cuda")
         out_sf = torch.empty(n // 2 // 128, aligned, device="cuda")
-    cluster, opts, tile = parse_variant(variant)
-    if epilogue != "swiglu_quant":
-        opts.pop("fast_silu")
-    if n % (256 if tile is not None or epilogue == "swiglu_quant" else 128):
-        return None  # 64 x 256 tiles (and paired swiglu_quant tiles) need N % 256 == 0
     key = (epilogue, variant)
     if key not in _COMPILED:
         _COMPILED[key] = g.compile_kernel(epilogue, False, cluster=cluster, tile=tile, **opts)

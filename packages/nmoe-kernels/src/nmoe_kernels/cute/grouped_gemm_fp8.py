@@ -705,7 +705,8 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
             thr_mma, t_c_coord, s_out, s_amax, s_stash, m_out, m_out_sf, mma_tidx, mma_wg,
             wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
         )  # fmt: skip
-        mma = (tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb)
+        # the K loop's fixed operands (tiled_mma is passed apart: the loops rebind it)
+        mma = (t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb)
 
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         release_state = pipeline.make_pipeline_state(

@@ -48,7 +48,7 @@ class Fp8MainloopMixin:
         flight: for each column tile, the rest of its K loop, then the first block of the next
         column tile (the tile's next half, or with ``issue_next`` the next tile's first), then
         its epilogue."""
-        _, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
+        t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
         for h in cutlass.range_constexpr(self.sub_tiles):
             acc.fill(0.0)
             state, release_state, tiled_mma = self._mainloop_rest(
