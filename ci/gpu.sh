@@ -40,8 +40,9 @@
 #                kernel bench over super's 2.84B parameters (against torch's fused AdamW), then
 #                bench-train at micro-batch 16: torch, fused, fused with bfloat16 AdamW moments
 #   ncu-fp8      Nsight Compute on the FP8 grouped GEMM (NCU_CASES: "shape:epilogue:variant" list,
-#                default the moonlight and dsv3-local W13 GEMMs with and without the epilogue);
-#                text reports (speed of light, warp states, memory, instruction stats) to $OUT
+#                default the moonlight and dsv3-local W13 GEMMs with and without the epilogue, and
+#                torch's rowwise baseline, variant "torch"); text reports (speed of light, warp
+#                states, memory, instruction stats, occupancy) to $OUT/ncu-fp8.txt
 #
 # Logs and results go to $OUT (default ./gpu-out). Offline machines get the missing Python
 # packages from the wheelhouse (../shared/tools/gpu-wheelhouse): run each part's stash.sh first;
@@ -328,20 +329,25 @@ stage_fast_path_tests() {
 
 stage_ncu_fp8() {
   command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
-  local rc=0 case shape epi variant
-  for case in ${NCU_CASES:-moonlight:bf16:1x1oe moonlight:bf16:1x1oes dsv3-local:bf16:1x1oe \
-                            moonlight:swiglu_quant:1x1oef}; do
+  local rc=0 case shape epi variant regex
+  : > "$OUT/ncu-fp8.txt"
+  for case in ${NCU_CASES:-moonlight:bf16:1x1oe moonlight:bf16:1x1oes moonlight:bf16:torch \
+                            dsv3-local:bf16:1x1oe moonlight:swiglu_quant:1x1oef}; do
     IFS=: read -r shape epi variant <<< "$case"
+    # the torch baseline's kernel is CUTLASS's (cutlass::device_kernel<...>), ours kernel_cutlass_*
+    regex=kernel_cutlass; [ "$variant" = torch ] && regex=cutlass
     # --clock-control none: leave the clocks as they are (METHOD.md); one launch after warm-up
-    timeout 240 ncu --clock-control none -k regex:kernel_cutlass --launch-skip 2 \
+    echo "##### $case" >> "$OUT/ncu-fp8.txt"
+    timeout 240 ncu --clock-control none -k "regex:$regex" --launch-skip 2 \
       --launch-count 1 --section SpeedOfLight --section WarpStateStats \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-      --section InstructionStats --section SchedulerStats \
+      --section InstructionStats --section SchedulerStats --section LaunchStats \
+      --section Occupancy \
       "$PY" packages/nmoe-kernels/bench/profile_fp8_variant.py "$shape" "$epi" "$variant" \
-      > "$OUT/ncu_${shape}_${epi}_${variant}.txt" 2>&1 || rc=1
-    echo "--- $case"; grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Issue Slots Busy|Stall" \
-      "$OUT/ncu_${shape}_${epi}_${variant}.txt" | head -12
+      >> "$OUT/ncu-fp8.txt" 2>&1 || { rc=1; echo "ncu failed: $case" >> "$OUT/ncu-fp8.txt"; }
   done
+  grep -E "^#####|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Issue Slots Busy|Registers Per|ncu failed" \
+    "$OUT/ncu-fp8.txt"
   return $rc
 }
 
