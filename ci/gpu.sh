@@ -334,8 +334,8 @@ stage_ncu_fp8() {
   for case in ${NCU_CASES:-moonlight:bf16:1x1oe moonlight:bf16:1x1oes moonlight:bf16:torch \
                             dsv3-local:bf16:1x1oe moonlight:swiglu_quant:1x1oef}; do
     IFS=: read -r shape epi variant <<< "$case"
-    # the torch baseline's kernel is CUTLASS's (cutlass::device_kernel<...>), ours kernel_cutlass_*
-    regex=kernel_cutlass; [ "$variant" = torch ] && regex=cutlass
+    # the torch baseline runs CUTLASS's cutlass::device_kernel<...>; ours are kernel_cutlass_*
+    regex=kernel_cutlass; [ "$variant" = torch ] && regex=device_kernel
     # --clock-control none: leave the clocks as they are (METHOD.md); one launch after warm-up
     echo "##### $case" >> "$OUT/ncu-fp8.txt"
     timeout 240 ncu --clock-control none -k "regex:$regex" --launch-skip 2 \

@@ -6,7 +6,7 @@
 Arguments: shape (a `bench_grouped_fp8.MOE_SHAPES` name), epilogue ("bf16" or "swiglu_quant"),
 variant (`bench_grouped_fp8.parse_variant`: "<M>x<N>" cluster, then flags; or ``torch`` for the
 baseline ``torch._scaled_grouped_mm`` with rowwise scales, epilogue "bf16" -- profile it with
-``-k regex:cutlass`` since its kernel is not one of ours). The operands are the benchmark's
+``-k regex:device_kernel`` since its kernel is not one of ours). The operands are the benchmark's
 (uniform random routing, random data); the kernel runs ``--iters`` times (default 4).
 """
 
