@@ -43,6 +43,8 @@
 #                default the moonlight and dsv3-local W13 GEMMs with and without the epilogue, and
 #                torch's rowwise baseline, variant "torch"); text reports (speed of light, warp
 #                states, memory, instruction stats, occupancy) to $OUT/ncu-fp8.txt
+#   ncu-bf16     the same for the BF16 grouped GEMMs and torch._grouped_mm (NCU_BF16_CASES:
+#                "shape:op:ours|torch", default dsv3-local wgrad_w2 and w2_fwd) to $OUT/ncu-bf16.txt
 #
 # Logs and results go to $OUT (default ./gpu-out). Offline machines get the missing Python
 # packages from the wheelhouse (../shared/tools/gpu-wheelhouse): run each part's stash.sh first;
@@ -327,27 +329,49 @@ stage_fast_path_tests() {
   return $rc
 }
 
+# One Nsight Compute text report per case, appended to $1: "case name" script args... (the
+# script's last argument picks the kernel filter: torch's ops run cutlass::device_kernel).
+ncu_report() {
+  local out=$1 name=$2; shift 2
+  local regex=kernel_cutlass; [ "${*: -1}" = torch ] && regex=device_kernel
+  echo "##### $name" >> "$out"
+  # --clock-control none: leave the clocks as they are (METHOD.md); one launch after warm-up
+  timeout 240 ncu --clock-control none -k "regex:$regex" --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats \
+    --section LaunchStats --section Occupancy "$PY" "$@" >> "$out" 2>&1 \
+    || { echo "ncu failed: $name" >> "$out"; return 1; }
+}
+
+ncu_summary() {
+  grep -E "^#####|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots Busy|Registers Per|ncu failed" "$1"
+}
+
 stage_ncu_fp8() {
   command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
-  local rc=0 case shape epi variant regex
+  local rc=0 case shape epi variant
   : > "$OUT/ncu-fp8.txt"
   for case in ${NCU_CASES:-moonlight:bf16:1x1oe moonlight:bf16:1x1oes moonlight:bf16:torch \
                             dsv3-local:bf16:1x1oe moonlight:swiglu_quant:1x1oef}; do
     IFS=: read -r shape epi variant <<< "$case"
-    # the torch baseline runs CUTLASS's cutlass::device_kernel<...>; ours are kernel_cutlass_*
-    regex=kernel_cutlass; [ "$variant" = torch ] && regex=device_kernel
-    # --clock-control none: leave the clocks as they are (METHOD.md); one launch after warm-up
-    echo "##### $case" >> "$OUT/ncu-fp8.txt"
-    timeout 240 ncu --clock-control none -k "regex:$regex" --launch-skip 2 \
-      --launch-count 1 --section SpeedOfLight --section WarpStateStats \
-      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-      --section InstructionStats --section SchedulerStats --section LaunchStats \
-      --section Occupancy \
-      "$PY" packages/nmoe-kernels/bench/profile_fp8_variant.py "$shape" "$epi" "$variant" \
-      >> "$OUT/ncu-fp8.txt" 2>&1 || { rc=1; echo "ncu failed: $case" >> "$OUT/ncu-fp8.txt"; }
+    ncu_report "$OUT/ncu-fp8.txt" "$case" packages/nmoe-kernels/bench/profile_fp8_variant.py \
+      "$shape" "$epi" "$variant" || rc=1
   done
-  grep -E "^#####|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|Issue Slots Busy|Registers Per|ncu failed" \
-    "$OUT/ncu-fp8.txt"
+  ncu_summary "$OUT/ncu-fp8.txt"
+  return $rc
+}
+
+stage_ncu_bf16() {
+  command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
+  local rc=0 case shape op impl
+  : > "$OUT/ncu-bf16.txt"
+  for case in ${NCU_BF16_CASES:-dsv3-local:wgrad_w2:ours dsv3-local:wgrad_w2:torch \
+                                 dsv3-local:w2_fwd:ours dsv3-local:w2_fwd:torch}; do
+    IFS=: read -r shape op impl <<< "$case"
+    ncu_report "$OUT/ncu-bf16.txt" "$case" packages/nmoe-kernels/bench/profile_bf16_op.py \
+      "$shape" "$op" "$impl" || rc=1
+  done
+  ncu_summary "$OUT/ncu-bf16.txt"
   return $rc
 }
 

@@ -1,10 +1,11 @@
 """Sweep the BF16 grouped GEMM's output tile width (BN) and tile order at the shapes where the
 default misses its target, against torch._grouped_mm in the same run (one Hopper GPU).
 
-    python packages/nmoe-kernels/bench/sweep_bf16_tiles.py [--json out.json] [--iters 20]
+    python packages/nmoe-kernels/bench/sweep_bf16_tiles.py [--json out.json] [--iters 20] \
+        [--cases dsv3-local:wgrad_w2,...] [--tile-n 256 ...]
 
 For each (shape, op) the kernel is compiled with every BN in {128, 192, 256} (and, for the
-grouped-M ops, both tile orders), timed with CUDA events (median), and checked bitwise against
+both tile orders), timed with CUDA events (median), and checked bitwise against
 the default configuration's output (BN only changes which CTA computes an output element, not
 the K order of its sum). The row marked ``*`` is the default (`choose_tile_n`, `RASTER`).
 Shapes and inputs as in bench_grouped_bf16.py.
@@ -23,6 +24,7 @@ import nmoe_kernels
 from nmoe_kernels import grouped_gemm
 from nmoe_kernels.cute import grouped_gemm_bf16 as kmod
 
+OPS = ("fwd_w2", "dgrad_w2", "wgrad_w13", "wgrad_w2")
 # (shape, op): the cases below their targets in bench/results/bf16_H100.txt.
 CASES = (
     ("dsv3-local", "fwd_w2"),
@@ -34,12 +36,12 @@ CASES = (
 
 
 def _with_config(tile_n: int, raster: str | None, fn):
-    """Run ``fn`` with the kernels compiled for BN = ``tile_n`` (and the grouped-M tile order
-    ``raster``); the compile cache is cleared around it so the defaults come back after."""
+    """Run ``fn`` with the kernels compiled for BN = ``tile_n`` and the tile order ``raster``;
+    the compile cache is cleared around it so the defaults come back after."""
     saved_choose, saved_raster = kmod.choose_tile_n, dict(grouped_gemm.RASTER)
     kmod.choose_tile_n = lambda gemm_n, op: tile_n
     if raster is not None:
-        grouped_gemm.RASTER.update(fwd=raster, swiglu=raster, dgrad=raster)
+        grouped_gemm.RASTER.update(fwd=raster, swiglu=raster, dgrad=raster, wgrad=raster)
     grouped_gemm._compiled.clear()
     try:
         out = fn()
@@ -84,7 +86,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--cases", help="shape:op list, comma separated (default: the misses)")
+    parser.add_argument("--tile-n", type=int, nargs="+", default=[128, 192, 256],
+                        choices=[128, 192, 256])
     args = parser.parse_args()
+    cases = CASES
+    if args.cases:
+        cases = tuple(tuple(c.split(":")) for c in args.cases.split(","))
+        for shape, op in cases:
+            if shape not in SHAPES or op not in OPS:
+                parser.error(f"--cases: want shape:op with shape in {sorted(SHAPES)} and op in "
+                             f"{OPS}, got {shape}:{op}")
     rows_out = []
 
     def timed(fn):
@@ -92,19 +104,24 @@ def main() -> None:
 
     print(f"{'shape':<11}{'op':<11}{'BN':>4}{'order':>6}{'ms':>9}{'TFLOP/s':>9}"
           f"{'torch ms':>10}{'ratio':>7}  same bits")
-    for shape, op in CASES:
+    for shape, op in cases:
         ours, base, flops, gemm_n, grouped_m = make_case(shape, op)
         default_bn = kmod.choose_tile_n(gemm_n, "wgrad" if not grouped_m else "fwd")
+        tokens, top_k, dim, ffn, experts = SHAPES[shape]
+        if grouped_m:
+            default_raster = grouped_gemm.RASTER["dgrad" if op.startswith("dgrad") else "fwd"]
+        else:
+            k_in = ffn if op == "wgrad_w2" else dim
+            default_raster = grouped_gemm.wgrad_raster(k_in, gemm_n, tokens * top_k, experts)
         reference = ours()
         base_ms = median_ms(base, args.iters, 3)
-        for tile_n in (128, 192, 256):
-            for raster in (("n", "m") if grouped_m else (None,)):
+        for tile_n in args.tile_n:
+            for raster in ("n", "m"):
                 got, ms = _with_config(tile_n, raster, functools.partial(timed, ours))
                 same = bool(torch.equal(got, reference))
                 del got
-                default_raster = grouped_gemm.RASTER["dgrad" if op.startswith("dgrad") else "fwd"]
-                is_default = tile_n == default_bn and raster in (None, default_raster)
-                row = dict(shape=shape, op=op, tile_n=tile_n, raster=raster or "m",
+                is_default = tile_n == default_bn and raster == default_raster
+                row = dict(shape=shape, op=op, tile_n=tile_n, raster=raster,
                            default=is_default, time_ms=ms, tflops=flops / ms / 1e9,
                            baseline="torch._grouped_mm", baseline_ms=base_ms,
                            ratio=base_ms / ms, same_bits_as_default=same)

@@ -66,6 +66,30 @@ def test_kernel_compiles_for_sm90a(op, dim_k, dim_n, weight_nk, tile_n, transpos
     assert ("cvt.rn.bf16" in ptx) == (out_dtype == "bf16"), out_dtype
 
 
+@pytest.mark.parametrize("raster", ["m", "n"])
+def test_wgrad_compiles_in_both_tile_orders(raster):
+    compiled = compile_kernel("wgrad", 2048, 7168, "sm_90a", keep_ptx=True, raster=raster,
+                              out_dtype="f32")
+    ptx = compiled.artifacts.PTX
+    if os.path.isfile(ptx):
+        ptx = open(ptx).read()
+    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32", ptx)) == 4
+    assert ".local" not in ptx
+
+
+def test_wgrad_tile_order_rule():
+    from nmoe_kernels.grouped_gemm import WGRAD_RASTER_N_BYTES, wgrad_raster
+
+    # dsv3-local's dW2 (K = F 2048 < N = D 7168, 2048 rows per expert: 29 MB of dy per expert)
+    assert wgrad_raster(2048, 7168, 65536, 32) == "n"
+    assert wgrad_raster(7168, 4096, 65536, 32) == "m"  # its dW13: dw has more rows than columns
+    assert wgrad_raster(384, 768, 229376, 256) == "m"  # super's dW2: 1.4 MB of dy per expert
+    rows = WGRAD_RASTER_N_BYTES // (2 * 4096)  # exactly at the threshold, one expert
+    assert wgrad_raster(1024, 4096, rows, 1) == "n"
+    assert wgrad_raster(1024, 4096, rows - 1, 1) == "m"
+    assert wgrad_raster(1024, 4096, 0, 0) == "m"  # no rows, no experts
+
+
 def test_tile_and_stage_choice():
     # BN minimises padding of the GEMM N (ties to the wider tile); SwiGLU always uses 256.
     assert [choose_tile_n(n, "fwd") for n in (768, 384, 1408, 2048, 7168, 2816)] == [

@@ -254,13 +254,14 @@ def test_raster_orders_agree_bitwise(case: str, monkeypatch):
     dy = torch.randn(num_rows, dim_n, device="cuda").bfloat16()
     results = {}
     for raster in ("m", "n"):
-        monkeypatch.setitem(module.RASTER, "fwd", raster)
-        monkeypatch.setitem(module.RASTER, "swiglu", raster)
-        monkeypatch.setitem(module.RASTER, "dgrad", raster)
+        for op in ("fwd", "swiglu", "dgrad", "wgrad"):
+            monkeypatch.setitem(module.RASTER, op, raster)
         results[raster] = (
             nmoe_kernels.grouped_gemm_bf16(x, w, offsets),
             nmoe_kernels.grouped_gemm_bf16_swiglu(x, w, offsets),
             nmoe_kernels.grouped_gemm_bf16_dgrad(dy, w, offsets),
+            nmoe_kernels.grouped_gemm_bf16_wgrad(x, dy, offsets),
+            nmoe_kernels.grouped_gemm_bf16_wgrad(x, dy, offsets, out_dtype=torch.float32),
         )
     for got, want in zip(results["n"], results["m"]):
         assert torch.equal(got, want)

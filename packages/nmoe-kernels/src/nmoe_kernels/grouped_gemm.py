@@ -40,10 +40,14 @@ __all__ = [
 _MAX_ELEMENTS = 2**31 - 1
 _compile_lock = threading.Lock()
 _compiled: dict[tuple, object] = {}
-# Tile order inside an expert for the grouped-M kernels (see nmoe_kernels.cute.scheduler).
-# "n" (weights' column blocks reused across an expert's row tiles) measured faster or equal on H200
-# for every benchmark shape (bench/results); wgrad has one order.
-RASTER = {"fwd": "n", "swiglu": "n", "dgrad": "n", "wgrad": "m"}
+# Tile order inside an expert (see nmoe_kernels.cute.scheduler and `wgrad_raster`). For the
+# grouped-M kernels "n" (weights' column blocks reused across an expert's row tiles) measured
+# faster or equal on H200 for every benchmark shape (bench/results). "auto" picks per call.
+RASTER = {"fwd": "n", "swiglu": "n", "dgrad": "n", "wgrad": "auto"}
+# wgrad takes the "n" order when one expert's dy rows are at least this many bytes wide x tall:
+# the "m" order then streams all of an expert's dy column blocks for every block of dw rows, more
+# than L2 keeps (bench/results/sweep_wgrad_H100.txt).
+WGRAD_RASTER_N_BYTES = 16 << 20
 _num_sms: dict[int, int] = {}
 
 
@@ -137,15 +141,31 @@ def _output(op: str, out, shape, like: torch.Tensor,
     return out
 
 
+def wgrad_raster(dim_k: int, dim_n: int, num_rows: int, num_experts: int) -> str:
+    """The wgrad tile order: "n" (an expert's dw row blocks swept per dy column block, so each
+    dy column block is read once and x's expert slice stays in L2) where dw has fewer rows than
+    columns and an expert's dy slice (rows per expert x N, bf16) is at least
+    `WGRAD_RASTER_N_BYTES`; else "m". Both orders give the same bits.
+
+    On one H100 (float32 dw): dsv3-local's dW2 (K 2048, N 7168, 2048 rows per expert) 2.94 ms
+    in "n" against 3.35 in "m"; its dW13 (K 7168 > N 4096) is faster in "m" (6.44 vs 6.84 ms);
+    at super (N 768) "m" was faster for both."""
+    rows_per_expert = num_rows / max(num_experts, 1)
+    if dim_k < dim_n and rows_per_expert * dim_n * 2 >= WGRAD_RASTER_N_BYTES:
+        return "n"
+    return "m"
+
+
 def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,
-            out_dtype: str = "bf16"):
+            out_dtype: str = "bf16", raster: str | None = None):
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: the BF16 grouped GEMM kernels are written for sm_90a (H100/H200); this GPU "
             f"is sm_{major}{minor}. Use nmoe_kernels.reference.grouped_gemm or torch._grouped_mm."
         )
-    key = (op, dim_k, dim_n, RASTER[op], weight_nk, out_dtype)
+    raster = raster or RASTER[op]
+    key = (op, dim_k, dim_n, raster, weight_nk, out_dtype)
     kernel = _compiled.get(key)
     if kernel is None:
         with _compile_lock:
@@ -154,7 +174,7 @@ def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.devi
                 from nmoe_kernels.cute.grouped_gemm_bf16 import compile_kernel
 
                 kernel = compile_kernel(
-                    op, dim_k, dim_n, "sm_90a", raster=RASTER[op], weight_nk=weight_nk,
+                    op, dim_k, dim_n, "sm_90a", raster=raster, weight_nk=weight_nk,
                     out_dtype=out_dtype,
                 )
                 _compiled[key] = kernel
@@ -173,7 +193,10 @@ def _launch(
 
     device = a.device
     c_f32 = c.dtype == torch.float32
-    kernel = _kernel(op, dim_k, dim_n, weight_nk, device, "f32" if c_f32 else "bf16")
+    raster = RASTER[op]
+    if raster == "auto":
+        raster = wgrad_raster(dim_k, dim_n, num_rows, num_experts)
+    kernel = _kernel(op, dim_k, dim_n, weight_nk, device, "f32" if c_f32 else "bf16", raster)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _num_sms:
         _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
