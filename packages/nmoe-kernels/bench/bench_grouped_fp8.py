@@ -22,7 +22,8 @@ Rows:
   N; the kernel's TMA multicast setting) followed by flags (`VARIANT_FLAGS`; an absent flag is
   off, whatever the default): ``o`` overlapped promotion, ``e`` the next tile's first K block
   under the epilogue, ``f`` rcp.approx sigmoid, ``s`` no epilogue (diagnostic), ``w`` 64 x 256
-  tiles (swiglu_quant's earlier layout) -- as rows ``<op>[c<variant>]``, timed in the same run
+  tiles (swiglu_quant's earlier layout), ``t`` an expert's row tiles of one column group first
+  (``n_major``) -- as rows ``<op>[c<variant>]``, timed in the same run
   as the default kernel.
 
 Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
@@ -138,6 +139,7 @@ VARIANT_FLAGS = {
     "f": "fast_silu",  # swiglu_quant: sigmoid through rcp.approx
     "s": "skip_epilogue",  # diagnostic: mainloop only
     "w": "wide",  # 64 x 256 tiles instead of 128 x 128 (swiglu_quant's earlier layout)
+    "t": "n_major",  # tile order: an expert's row tiles of one column group first
 }
 
 

@@ -21,12 +21,14 @@ def bench():
 def test_parse_variant_flags(bench):
     cluster, opts, tile = bench.parse_variant("2x1oef")
     assert cluster == (2, 1) and tile is None
-    assert opts == dict(overlap=True, epi_overlap=True, fast_silu=True, skip_epilogue=False)
-    cluster, opts, tile = bench.parse_variant("1x1ow")
+    assert opts == dict(overlap=True, epi_overlap=True, fast_silu=True, skip_epilogue=False,
+                        n_major=False)
+    cluster, opts, tile = bench.parse_variant("1x1owt")
     assert cluster == (1, 1) and tile == (64, 256)
-    assert opts == dict(overlap=True, epi_overlap=False, fast_silu=False, skip_epilogue=False)
+    assert opts == dict(overlap=True, epi_overlap=False, fast_silu=False, skip_epilogue=False,
+                        n_major=True)
     for bad in ("1x1q", "oe", "1x", "1x2 o"):
-        with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefsw"):
+        with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefswt"):
             bench.parse_variant(bad)
 
 
@@ -54,3 +56,4 @@ def test_timed_rounds_takes_medians_and_reports_failures(bench, monkeypatch, cap
     assert got == {"a": 2.0, "b": 5.0, "c": None}
     assert calls == ["a", "b", "c", "a", "b", "a", "b"]  # round-robin; a failure is not retried
     assert "c failed: RuntimeError: unsupported" in capsys.readouterr().out
+

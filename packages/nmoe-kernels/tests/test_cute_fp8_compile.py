@@ -71,6 +71,8 @@ def count(pattern: str, text: str) -> int:
         ("swiglu_quant", False, None, None, {"tile": (64, 256)}),
         ("swiglu_quant", False, None, None, {"tile": (64, 256), "epi_overlap": False}),
         ("bf16", False, None, None, {"tile": (64, 256)}),
+        ("bf16", False, None, None, {"n_major": True}),
+        ("swiglu_quant", False, None, None, {"n_major": True}),
     ],
 )
 def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_path):

@@ -280,27 +280,32 @@ def test_fp8_expert_mlp_chains_w13_into_w2(torch_seed):
 # (cluster (CTAs along M, N), overlapped promotion)
 # (cluster, overlapped promotion, epilogue under the next tile's first K block, CTA tile);
 # the first is the reference. Tile None = (128, 128): paired column halves for swiglu_quant.
-VARIANTS = [((1, 1), False, False, None), ((1, 2), False, False, None),
-            ((2, 1), False, False, None), ((2, 2), False, False, None),
-            ((1, 1), True, False, None), ((1, 2), True, False, None), ((2, 2), True, False, None),
-            ((1, 1), True, True, None), ((1, 2), True, True, None), ((2, 1), True, True, None),
-            ((1, 1), False, False, (64, 256)), ((1, 1), True, True, (64, 256)),
-            ((2, 1), True, True, (64, 256))]  # fmt: skip
+# (cluster, overlap, epi_overlap, tile, n_major)
+VARIANTS = [((1, 1), False, False, None, False), ((1, 2), False, False, None, False),
+            ((2, 1), False, False, None, False), ((2, 2), False, False, None, False),
+            ((1, 1), True, False, None, False), ((1, 2), True, False, None, False),
+            ((2, 2), True, False, None, False), ((1, 1), True, True, None, False),
+            ((1, 2), True, True, None, False), ((2, 1), True, True, None, False),
+            ((1, 1), False, False, (64, 256), False), ((1, 1), True, True, (64, 256), False),
+            ((2, 1), True, True, (64, 256), False), ((1, 1), True, True, None, True),
+            ((1, 1), False, False, None, True), ((2, 2), True, True, None, True)]  # fmt: skip
 
 
 @functools.cache
-def compiled_variant(epilogue, cluster, overlap, epi_overlap=False, fast_silu=None, tile=None):
+def compiled_variant(
+    epilogue, cluster, overlap, epi_overlap=False, fast_silu=None, tile=None, n_major=False
+):
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     return g.compile_kernel(
         epilogue, False, cluster=cluster, overlap=overlap, epi_overlap=epi_overlap,
-        fast_silu=fast_silu, tile=tile,
+        fast_silu=fast_silu, tile=tile, n_major=n_major,
     )  # fmt: skip
 
 
 def run_cluster_variant(
     epilogue, cluster, xq, xs, wq, ws, offsets, overlap=False, epi_overlap=False, fast_silu=None,
-    tile=None,
+    tile=None, n_major=False,
 ):  # fmt: skip
     """Launch the kernel compiled for ``cluster`` (CTAs along M, N), ``overlap``,
     ``epi_overlap``, ``fast_silu`` (None: the default) and ``tile`` (None: (128, 128)) on
@@ -315,7 +320,7 @@ def run_cluster_variant(
         out_sf = out
     else:
         out, out_sf = poisoned_swiglu_out(num_rows, n // 2)
-    compiled = compiled_variant(epilogue, cluster, overlap, epi_overlap, fast_silu, tile)
+    compiled = compiled_variant(epilogue, cluster, overlap, epi_overlap, fast_silu, tile, n_major)
     g.launch(
         compiled, epilogue, xq.data_ptr(), xs.data_ptr(), wq.data_ptr(), ws.data_ptr(),
         out.data_ptr(), out_sf.data_ptr(), offsets.data_ptr(), num_rows, n, k, num_experts,
@@ -349,13 +354,15 @@ def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
         y = want.view(torch.bfloat16)
         y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
         assert ((y.double() - y64).abs() <= 2.0**-8 * y64.abs() + 2.0**-11 * bound).all()
-    for cluster, overlap, epi_overlap, tile in VARIANTS[1:]:
+    for cluster, overlap, epi_overlap, tile, n_major in VARIANTS[1:]:
         if epilogue == "bf16" and tile is not None:
             continue  # 64 x 256 bf16 tiles need N % 256 == 0 (a bench diagnostic only)
         got = run_cluster_variant(
-            epilogue, cluster, xq, xs, wq, ws, offsets, overlap, epi_overlap, tile=tile
-        )
-        name = f"cluster {cluster}, overlap {overlap}, epi_overlap {epi_overlap}, tile {tile}"
+            epilogue, cluster, xq, xs, wq, ws, offsets, overlap, epi_overlap, tile=tile,
+            n_major=n_major,
+        )  # fmt: skip
+        name = (f"cluster {cluster}, overlap {overlap}, epi_overlap {epi_overlap}, tile {tile}, "
+                f"n_major {n_major}")
         if epilogue == "bf16":
             assert torch.equal(got, want), f"{name}: bf16 output differs from the one-CTA kernel"
         else:

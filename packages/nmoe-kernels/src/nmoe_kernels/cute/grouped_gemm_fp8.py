@@ -149,6 +149,8 @@ class KernelConfig:
     epi_overlap: bool = False
     fast_silu: bool = False  # swiglu_quant: sigmoid through rcp.approx instead of IEEE division
     skip_epilogue: bool = False  # diagnostic only: mainloop without epilogue (writes nothing)
+    # tile order inside an expert: its row tiles for one column group first (else the reverse)
+    n_major: bool = False
 
     @property
     def cluster_size(self) -> int:
@@ -192,6 +194,7 @@ def kernel_config(
     fast_silu: bool | None = None,
     tile: tuple[int, int] | None = None,
     skip_epilogue: bool = False,
+    n_major: bool = False,
 ) -> KernelConfig:
     """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
 
@@ -206,6 +209,11 @@ def kernel_config(
     quantization block one after the other in one CTA ("paired"); on (64, 256) the two warpgroups
     sit side by side and exchange row maxima through shared memory (the earlier layout, kept for
     comparison). ``skip_epilogue`` is a diagnostic (the mainloop alone; nothing is written).
+    ``n_major``: the tile order inside an expert -- all its row tiles of one column group before
+    the next group (its weight column blocks are read once, its rows stay in L2), instead of all
+    column groups of one row tile first (the default). Same bits; on one H100 it measured within
+    noise of the default at every bench shape (bench/results/fp8_H100_tile_order.txt), so the
+    wrapper does not use it.
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
@@ -238,6 +246,7 @@ def kernel_config(
         epi_overlap,
         bool(fast_silu and epilogue == "swiglu_quant"),
         bool(skip_epilogue),
+        bool(n_major),
     )
 
 
@@ -475,15 +484,24 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         seg_start: Int32,
         m_rank: Int32,
         n_rank: Int32,
+        expert_tiles: Int32,
     ):
-        """(first row, n-tile) of this CTA's tile in linear cluster tile ``tile``.
+        """(first row, n-tile) of this CTA's tile in linear cluster tile ``tile`` of the segment
+        whose cluster m-tiles start at ``tiles_before`` (``expert_tiles`` of them); the segment
+        owns linear tiles [tiles_before, tiles_before + expert_tiles) x num_n_groups, in either
+        order (``n_major``).
 
         The row may lie past the segment (its last cluster tile is partly empty) and the n-tile
         past N (an odd n-tile count); such CTA tiles run the mainloop but store nothing.
         """
-        m_group = tile // num_n_groups
-        n_group = tile - m_group * num_n_groups
-        row0 = seg_start + ((m_group - tiles_before) * self.cluster_m + m_rank) * self.tile_m
+        local = tile - tiles_before * num_n_groups
+        if const_expr(self.config.n_major):
+            n_group = local // expert_tiles
+            m_local = local - n_group * expert_tiles
+        else:
+            m_local = local // num_n_groups
+            n_group = local - m_local * num_n_groups
+        row0 = seg_start + (m_local * self.cluster_m + m_rank) * self.tile_m
         return row0, n_group * self.cluster_n + n_rank
 
     @cute.kernel
@@ -606,7 +624,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         )  # fmt: skip
         while expert <= num_experts:
             row0, n_tile = self._cta_tile(
-                tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank
+                tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank, expert_tiles
             )
             # A CTA tile past the N edge (odd tile count) loads the last column block: it keeps
             # the cluster's pipeline going, and its epilogue stores nothing.
@@ -720,7 +738,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         )  # fmt: skip
         row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
             tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank, num_n_tiles,
-            wg_n_idx, row_lo, row_hi, num_rows,
+            expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
         )  # fmt: skip
         if const_expr(self.config.epi_overlap):
             # Pipelined over column tiles (module docstring): expert tiles come first in a CTA's
@@ -739,7 +757,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
                 while expert < num_experts:
                     nrow0, nn_tile, nvalid_rows, nn_block, nsfa_lo, nsfa_hi = self._tile_coords(
                         tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                        num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                        num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                     )  # fmt: skip
                     state, release_state, tiled_mma, prev_lo, prev_hi = self._pipelined_tile(
                         mma, epi, tiled_mma, state, release_state, prev_lo, prev_hi, row0,
@@ -765,7 +783,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
             while expert <= num_experts:  # padding tiles: zero output, no mainloop
                 row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                    num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                    num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                 )  # fmt: skip
                 for h in cutlass.range_constexpr(self.sub_tiles):
                     acc.fill(0.0)
@@ -803,7 +821,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
                 )  # fmt: skip
                 row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                    num_n_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                    num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                 )  # fmt: skip
 
     @cute.jit

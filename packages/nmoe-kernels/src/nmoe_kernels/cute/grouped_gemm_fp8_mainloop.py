@@ -261,6 +261,7 @@ class Fp8MainloopMixin:
         m_rank: Int32,
         n_rank: Int32,
         num_n_tiles: Int32,
+        expert_tiles: Int32,
         wg_n_idx: Int32,
         row_lo: Int32,
         row_hi: Int32,
@@ -269,7 +270,9 @@ class Fp8MainloopMixin:
         """(first row, scheduled n-tile, rows to store, weight-scale block of the first column
         tile, A-scale rows lo / hi) of this CTA's tile in linear cluster tile ``tile``, for this
         warpgroup and thread. Column tile h of a paired tile uses weight-scale block + h."""
-        row0, n_tile = self._cta_tile(tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank)
+        row0, n_tile = self._cta_tile(
+            tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank, expert_tiles
+        )
         # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
         valid_rows = cutlass.min(seg_end - row0, self.tile_m)
         if n_tile >= num_n_tiles:
