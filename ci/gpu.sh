@@ -347,32 +347,29 @@ ncu_summary() {
   grep -E "^#####|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|Issue Slots Busy|Registers Per|ncu failed" "$1"
 }
 
-stage_ncu_fp8() {
+# Nsight Compute over "a:b:c" cases of one profile script (its three arguments), into $1.
+ncu_stage() {
   command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
-  local rc=0 case shape epi variant
-  : > "$OUT/ncu-fp8.txt"
-  for case in ${NCU_CASES:-moonlight:bf16:1x1oe moonlight:bf16:1x1oes moonlight:bf16:torch \
-                            dsv3-local:bf16:1x1oe moonlight:swiglu_quant:1x1oef}; do
-    IFS=: read -r shape epi variant <<< "$case"
-    ncu_report "$OUT/ncu-fp8.txt" "$case" packages/nmoe-kernels/bench/profile_fp8_variant.py \
-      "$shape" "$epi" "$variant" || rc=1
+  local out=$1 script=$2 rc=0 case a b c; shift 2
+  : > "$out"
+  for case in "$@"; do
+    IFS=: read -r a b c <<< "$case"
+    ncu_report "$out" "$case" "packages/nmoe-kernels/bench/$script" "$a" "$b" "$c" || rc=1
   done
-  ncu_summary "$OUT/ncu-fp8.txt"
+  ncu_summary "$out"
   return $rc
 }
 
+stage_ncu_fp8() {
+  # shellcheck disable=SC2086
+  ncu_stage "$OUT/ncu-fp8.txt" profile_fp8_variant.py ${NCU_CASES:-moonlight:bf16:1x1oe \
+    moonlight:bf16:1x1oes moonlight:bf16:torch dsv3-local:bf16:1x1oe moonlight:swiglu_quant:1x1oef}
+}
+
 stage_ncu_bf16() {
-  command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
-  local rc=0 case shape op impl
-  : > "$OUT/ncu-bf16.txt"
-  for case in ${NCU_BF16_CASES:-dsv3-local:wgrad_w2:ours dsv3-local:wgrad_w2:torch \
-                                 dsv3-local:w2_fwd:ours dsv3-local:w2_fwd:torch}; do
-    IFS=: read -r shape op impl <<< "$case"
-    ncu_report "$OUT/ncu-bf16.txt" "$case" packages/nmoe-kernels/bench/profile_bf16_op.py \
-      "$shape" "$op" "$impl" || rc=1
-  done
-  ncu_summary "$OUT/ncu-bf16.txt"
-  return $rc
+  # shellcheck disable=SC2086
+  ncu_stage "$OUT/ncu-bf16.txt" profile_bf16_op.py ${NCU_BF16_CASES:-dsv3-local:wgrad_w2:ours \
+    dsv3-local:wgrad_w2:torch dsv3-local:w2_fwd:ours dsv3-local:w2_fwd:torch}
 }
 
 stage_comm_check() {
