@@ -25,9 +25,9 @@ Structure (persistent, warp-specialized, one CTA per SM, 384 threads):
   a tile may load rows of the next expert; those rows are never stored. The padding rows after
   offsets[E] form one more segment whose tiles skip the mainloop and store zeros.
 - Epilogue: registers -> bf16 (or silu(gate) * up in float32, rounded once; or, for wgrad with
-  ``out_dtype="f32"``, the float32 accumulators unrounded) -> a padded, per-warpgroup
-  shared-memory buffer (32 output columns, double-buffered) -> 16-byte global stores predicated
-  per row and column, so no row outside the tile's segment is written.
+  ``out_dtype="f32"``, the float32 accumulators unrounded) -> an XOR-swizzled (`EPI_SWIZZLE`),
+  per-warpgroup shared-memory buffer (32 output columns, double-buffered) -> 16-byte global
+  stores predicated per row and column, so no row outside the tile's segment is written.
 - Wgrad (grouped K): an expert's rows are the reduction dim. TMA loads whole BK-row blocks, so
   in the expert's last block the consumer warpgroups zero the rows that belong to the next
   expert (both operands, so padding NaNs cannot leak) before the WGMMA reads them. An expert
@@ -51,7 +51,13 @@ OPS = ("fwd", "swiglu", "dgrad", "wgrad")
 TILE_M = 128
 TILE_K = 64
 EPI_COLS = 32  # output columns per epilogue sub-tile
-EPI_PAD_BYTES = 16  # padding per shared-memory epilogue row (bank-conflict-free stores)
+# Epilogue rows are EPI_COLS elements, unpadded; the 16-byte chunks of a row are XOR-swizzled with
+# its row bits (a cute Swizzle(bits, base, shift) on the element offset) so that both the
+# accumulator stores and the 16-byte row reads are bank-conflict free: bf16 chunk ^= (row >> 1) & 3
+# (4-byte stores of 8 rows per warp, 2 rows per 8-lane read phase), float32 8-element group
+# ^= row & 3 (8-byte stores of 4 rows per half warp). A 16-byte pad (the earlier layout) left the
+# bf16 reads and the float32 stores 2-way conflicted.
+EPI_SWIZZLE = {2: (2, 3, 3), 4: (2, 3, 2)}  # element bytes -> (bits, base, shift)
 SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block (227 KiB)
 MAX_STAGES = 8
 
@@ -145,7 +151,7 @@ class GroupedGemmBf16Sm90:
         self.threads_per_wg = 128
         self.num_threads = 3 * self.threads_per_wg
         self.num_consumer_threads = 2 * self.threads_per_wg
-        self.epi_row_stride = EPI_COLS + EPI_PAD_BYTES // self.c_bytes
+        self.epi_row_stride = EPI_COLS
         self.epi_buffer_elems = 64 * self.epi_row_stride
         self.epi_wg_elems = 2 * self.epi_buffer_elems
         ab_bytes = (TILE_M + self.tile_n) * TILE_K * 2
@@ -530,7 +536,8 @@ class GroupedGemmBf16Sm90:
         )
         wg_barrier = pipeline.NamedBarrier(barrier_id=2 + cwg, num_threads=self.threads_per_wg)
 
-        # Epilogue buffers: per warpgroup two [64, EPI_COLS] buffers of C's type, rows padded.
+        # Epilogue buffers: per warpgroup two [64, EPI_COLS] buffers of C's type, swizzled
+        # (EPI_SWIZZLE; every buffer starts at a multiple of the swizzle's 256-element period).
         epi_base = storage.epi.data_ptr()
         # Virtual [TILE_M, tile_n] view of one buffer: row (r, wg) -> r * stride + wg * wg_elems,
         # accumulator column -> its output column inside the sub-tile (sub-tile index stride 0).
@@ -539,8 +546,13 @@ class GroupedGemmBf16Sm90:
         else:
             col_layout = cute.make_layout((EPI_COLS, self.num_epi_tiles), stride=(1, 0))
         row_layout = cute.make_layout((64, 2), stride=(self.epi_row_stride, self.epi_wg_elems))
-        acc_view_layout = cute.make_layout(
-            (row_layout.shape, col_layout.shape), stride=(row_layout.stride, col_layout.stride)
+        swizzle = cute.make_swizzle(*EPI_SWIZZLE[self.c_bytes])
+        acc_view_layout = cute.make_composed_layout(
+            swizzle,
+            0,
+            cute.make_layout(
+                (row_layout.shape, col_layout.shape), stride=(row_layout.stride, col_layout.stride)
+            ),
         )
         tCsEpi = [
             thr_mma.partition_C(
@@ -551,7 +563,9 @@ class GroupedGemmBf16Sm90:
         wg_epi = [
             cute.make_tensor(
                 epi_base + cwg * self.epi_wg_elems + buf * self.epi_buffer_elems,
-                cute.make_layout((64, EPI_COLS), stride=(self.epi_row_stride, 1)),
+                cute.make_composed_layout(
+                    swizzle, 0, cute.make_layout((64, EPI_COLS), stride=(self.epi_row_stride, 1))
+                ),
             )
             for buf in range(2)
         ]
