@@ -44,7 +44,7 @@
 #                torch's rowwise baseline, variant "torch"); text reports (speed of light, warp
 #                states, memory, instruction stats, occupancy) to $OUT/ncu-fp8.txt
 #   ncu-bf16     the same for the BF16 grouped GEMMs and torch._grouped_mm (NCU_BF16_CASES:
-#                "shape:op:ours|torch", default dsv3-local wgrad_w2 and w2_fwd) to $OUT/ncu-bf16.txt
+#                "shape:op:ours|torch", default dsv3-local wgrad_w2 and fwd_w2) to $OUT/ncu-bf16.txt
 #
 # Logs and results go to $OUT (default ./gpu-out). Offline machines get the missing Python
 # packages from the wheelhouse (../shared/tools/gpu-wheelhouse): run each part's stash.sh first;
@@ -369,7 +369,7 @@ stage_ncu_fp8() {
 stage_ncu_bf16() {
   # shellcheck disable=SC2086
   ncu_stage "$OUT/ncu-bf16.txt" profile_bf16_op.py ${NCU_BF16_CASES:-dsv3-local:wgrad_w2:ours \
-    dsv3-local:wgrad_w2:torch dsv3-local:w2_fwd:ours dsv3-local:w2_fwd:torch}
+    dsv3-local:wgrad_w2:torch dsv3-local:fwd_w2:ours dsv3-local:fwd_w2:torch}
 }
 
 stage_comm_check() {

@@ -4,8 +4,8 @@ default misses its target, against torch._grouped_mm in the same run (one Hopper
     python packages/nmoe-kernels/bench/sweep_bf16_tiles.py [--json out.json] [--iters 20] \
         [--cases dsv3-local:wgrad_w2,...] [--tile-n 256 ...]
 
-For each (shape, op) the kernel is compiled with every BN in {128, 192, 256} (and, for the
-both tile orders), timed with CUDA events (median), and checked bitwise against
+For each (shape, op) the kernel is compiled with every BN in {128, 192, 256} and both tile
+orders, timed with CUDA events (median), and checked bitwise against
 the default configuration's output (BN only changes which CTA computes an output element, not
 the K order of its sum). The row marked ``*`` is the default (`choose_tile_n`, `RASTER`).
 Shapes and inputs as in bench_grouped_bf16.py.
@@ -35,13 +35,12 @@ CASES = (
 )
 
 
-def _with_config(tile_n: int, raster: str | None, fn):
+def _with_config(tile_n: int, raster: str, fn):
     """Run ``fn`` with the kernels compiled for BN = ``tile_n`` and the tile order ``raster``;
     the compile cache is cleared around it so the defaults come back after."""
     saved_choose, saved_raster = kmod.choose_tile_n, dict(grouped_gemm.RASTER)
     kmod.choose_tile_n = lambda gemm_n, op: tile_n
-    if raster is not None:
-        grouped_gemm.RASTER.update(fwd=raster, swiglu=raster, dgrad=raster, wgrad=raster)
+    grouped_gemm.RASTER.update(fwd=raster, swiglu=raster, dgrad=raster, wgrad=raster)
     grouped_gemm._compiled.clear()
     try:
         out = fn()
@@ -53,8 +52,9 @@ def _with_config(tile_n: int, raster: str | None, fn):
         grouped_gemm.RASTER.update(saved_raster)
 
 
-def make_case(shape: str, op: str):
-    """(ours, baseline, flops, GEMM N, grouped-M) for one case, on fresh random inputs."""
+def make_case(shape: str, op: str, wgrad_dtype: torch.dtype = torch.float32):
+    """(ours, baseline, flops, GEMM N, grouped-M, default tile order) for one case, on fresh
+    random inputs; wgrad writes ``wgrad_dtype`` (the trainer's float32 by default)."""
     tokens, top_k, dim, ffn, experts = SHAPES[shape]
     rows = tokens * top_k
     gen = torch.Generator().manual_seed(0)
@@ -65,21 +65,22 @@ def make_case(shape: str, op: str):
         a = torch.randn(rows, ffn, **bf)
         w = torch.randn(experts, ffn, dim, **bf) / ffn**0.5
         return (lambda: nmoe_kernels.grouped_gemm_bf16(a, w, offsets),
-                lambda: torch._grouped_mm(a, w, offs=ends), 2 * rows * dim * ffn, dim, True)
+                lambda: torch._grouped_mm(a, w, offs=ends), 2 * rows * dim * ffn, dim, True,
+                grouped_gemm.RASTER["fwd"])
     if op == "dgrad_w2":
         dy = torch.randn(rows, dim, **bf)
         w = torch.randn(experts, ffn, dim, **bf) / ffn**0.5
         return (lambda: nmoe_kernels.grouped_gemm_bf16_dgrad(dy, w, offsets),
                 lambda: torch._grouped_mm(dy, w.transpose(-2, -1), offs=ends),
-                2 * rows * dim * ffn, ffn, True)
+                2 * rows * dim * ffn, ffn, True, grouped_gemm.RASTER["dgrad"])
     n = dim if op == "wgrad_w2" else 2 * ffn
     k_in = ffn if op == "wgrad_w2" else dim
     xa = torch.randn(rows, k_in, **bf)
     dy = torch.randn(rows, n, **bf)
     # The trainer's wgrad writes float32 (no rounding of the master weights' gradient).
-    return (lambda: nmoe_kernels.grouped_gemm_bf16_wgrad(xa, dy, offsets,
-                                                         out_dtype=torch.float32),
-            lambda: torch._grouped_mm(xa.t(), dy, offs=ends), 2 * rows * k_in * n, n, False)
+    return (lambda: nmoe_kernels.grouped_gemm_bf16_wgrad(xa, dy, offsets, out_dtype=wgrad_dtype),
+            lambda: torch._grouped_mm(xa.t(), dy, offs=ends), 2 * rows * k_in * n, n, False,
+            grouped_gemm.wgrad_raster(k_in, n, rows, experts))
 
 
 def main() -> None:
@@ -105,14 +106,8 @@ def main() -> None:
     print(f"{'shape':<11}{'op':<11}{'BN':>4}{'order':>6}{'ms':>9}{'TFLOP/s':>9}"
           f"{'torch ms':>10}{'ratio':>7}  same bits")
     for shape, op in cases:
-        ours, base, flops, gemm_n, grouped_m = make_case(shape, op)
+        ours, base, flops, gemm_n, grouped_m, default_raster = make_case(shape, op)
         default_bn = kmod.choose_tile_n(gemm_n, "wgrad" if not grouped_m else "fwd")
-        tokens, top_k, dim, ffn, experts = SHAPES[shape]
-        if grouped_m:
-            default_raster = grouped_gemm.RASTER["dgrad" if op.startswith("dgrad") else "fwd"]
-        else:
-            k_in = ffn if op == "wgrad_w2" else dim
-            default_raster = grouped_gemm.wgrad_raster(k_in, gemm_n, tokens * top_k, experts)
         reference = ours()
         base_ms = median_ms(base, args.iters, 3)
         for tile_n in args.tile_n:

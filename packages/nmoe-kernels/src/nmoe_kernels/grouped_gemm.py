@@ -157,14 +157,13 @@ def wgrad_raster(dim_k: int, dim_n: int, num_rows: int, num_experts: int) -> str
 
 
 def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,
-            out_dtype: str = "bf16", raster: str | None = None):
+            out_dtype: str, raster: str):
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: the BF16 grouped GEMM kernels are written for sm_90a (H100/H200); this GPU "
             f"is sm_{major}{minor}. Use nmoe_kernels.reference.grouped_gemm or torch._grouped_mm."
         )
-    raster = raster or RASTER[op]
     key = (op, dim_k, dim_n, raster, weight_nk, out_dtype)
     kernel = _compiled.get(key)
     if kernel is None:

@@ -151,8 +151,7 @@ class GroupedGemmBf16Sm90:
         self.threads_per_wg = 128
         self.num_threads = 3 * self.threads_per_wg
         self.num_consumer_threads = 2 * self.threads_per_wg
-        self.epi_row_stride = EPI_COLS
-        self.epi_buffer_elems = 64 * self.epi_row_stride
+        self.epi_buffer_elems = 64 * EPI_COLS
         self.epi_wg_elems = 2 * self.epi_buffer_elems
         ab_bytes = (TILE_M + self.tile_n) * TILE_K * 2
         epi_bytes = 2 * self.epi_wg_elems * self.c_bytes
@@ -545,7 +544,7 @@ class GroupedGemmBf16Sm90:
             col_layout = cute.make_layout((2, EPI_COLS, self.num_epi_tiles), stride=(0, 1, 0))
         else:
             col_layout = cute.make_layout((EPI_COLS, self.num_epi_tiles), stride=(1, 0))
-        row_layout = cute.make_layout((64, 2), stride=(self.epi_row_stride, self.epi_wg_elems))
+        row_layout = cute.make_layout((64, 2), stride=(EPI_COLS, self.epi_wg_elems))
         swizzle = cute.make_swizzle(*EPI_SWIZZLE[self.c_bytes])
         acc_view_layout = cute.make_composed_layout(
             swizzle,
@@ -564,7 +563,7 @@ class GroupedGemmBf16Sm90:
             cute.make_tensor(
                 epi_base + cwg * self.epi_wg_elems + buf * self.epi_buffer_elems,
                 cute.make_composed_layout(
-                    swizzle, 0, cute.make_layout((64, EPI_COLS), stride=(self.epi_row_stride, 1))
+                    swizzle, 0, cute.make_layout((64, EPI_COLS), stride=(EPI_COLS, 1))
                 ),
             )
             for buf in range(2)
