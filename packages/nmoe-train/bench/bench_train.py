@@ -33,6 +33,7 @@ adds each row's ratio to a 1-GPU run's row of the same variant and micro-batch (
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import gc
@@ -297,7 +298,12 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
         torch_row = by_key.get(key(r, "torch", "bf16"))
         r["ratio_vs_torch"] = ratio(r, torch_row, "tokens_per_s")
         r["memory_vs_torch"] = ratio(r, torch_row, "peak_gib")
-        r["ratio_vs_fused_bf16"] = ratio(r, by_key.get(key(r, "fused", "bf16")), "tokens_per_s")
+        # Another recipe compares with the BF16 row of the same options when the run has one
+        # (FP8 with compile and cached weights against BF16 with them), else with plain BF16.
+        same_options = (by_key.get(("fused", "bf16", key(r)[2], r["micro_batch"]))
+                        if r["recipe"] != "bf16" else None)
+        r["ratio_vs_fused_bf16"] = ratio(r, same_options or by_key.get(key(r, "fused", "bf16")),
+                                         "tokens_per_s")
         r["ratio_vs_one_gpu"] = ratio(r, one.get(one_gpu_key(r)), "tokens_per_s") if one else None
         lines.append(
             f"{label(r):<{width}} {r.get('gpus', 1):>4} {r['micro_batch']:>5} "
@@ -306,7 +312,33 @@ def format_table(rows: list[dict], one_gpu: list[dict] | None = None) -> str:
             f"{r.get('comm_buffer_gib', 0.0):>6.1f} "
             f"{fmt(r['ratio_vs_torch']):>8} {fmt(r['memory_vs_torch']):>6} "
             f"{fmt(r['ratio_vs_fused_bf16']):>8} {fmt(r['ratio_vs_one_gpu']):>8}")
+    lines += largest_micro_batch_summary(rows, label)
     return "\n".join(lines)
+
+
+def largest_micro_batch_summary(rows: list[dict], label) -> list[str]:
+    """Lines comparing each variant at its largest micro-batch in ``rows`` (the issue's "largest
+    micro-batch that fits" when the run went up to an out-of-memory) with ``torch:bf16`` at its
+    own largest; empty when no variant has more than one micro-batch."""
+    largest: dict[str, dict] = {}
+    count: collections.Counter[str] = collections.Counter()
+    for r in rows:
+        name = label(r) + (f" x{r['gpus']}" if r.get("gpus", 1) > 1 else "")
+        count[name] += 1
+        if name not in largest or r["micro_batch"] > largest[name]["micro_batch"]:
+            largest[name] = r
+    if max(count.values(), default=0) < 2:
+        return []
+    torch_best = largest.get("torch:bf16")
+    lines = ["largest micro-batch of each variant in this run:"]
+    for name, r in largest.items():
+        versus = ""
+        if torch_best is not None and r is not torch_best:
+            versus = (f", {r['tokens_per_s'] / torch_best['tokens_per_s']:.2f}x torch:bf16 at "
+                      f"its largest ({torch_best['micro_batch']})")
+        lines.append(f"  {name}: micro-batch {r['micro_batch']}, {r['tokens_per_s']:.0f} "
+                     f"tokens/s/GPU, {r['peak_gib']:.1f} GiB{versus}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

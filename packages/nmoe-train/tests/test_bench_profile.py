@@ -102,7 +102,8 @@ def test_table_ratios_pair_rows_of_the_same_micro_batch_and_variant():
             for m in (8, 16)]
     one_gpu = [row("fused", "bf16", 8), row("torch", "bf16", 16)]
     table = bench.format_table(rows, one_gpu)
-    assert len(table.splitlines()) == 1 + len(rows)
+    # header, one line per row, then the largest-micro-batch summary: a title and one per variant
+    assert len(table.splitlines()) == 1 + len(rows) + 1 + 3
     by = {(r["backend"], r["recipe"], r["micro_batch"]): r for r in rows}
     for (_, _, micro), r in by.items():
         t = by[("torch", "bf16", micro)]
@@ -143,6 +144,33 @@ def test_variant_overrides_are_parsed_labelled_and_compared_with_the_plain_rows(
     assert moments["ratio_vs_fused_bf16"] == 133.0 / 140.0
     assert moments["memory_vs_torch"] == 38.0 / 70.0
     assert plain["ratio_vs_fused_bf16"] == 1.0
+    # FP8 with options compares with BF16 with the same options, when the run has them.
+    fp8 = row("fused", "fp8", 120.0, 38.0, ["optim.adamw_state_dtype=bfloat16"])
+    fp8_plain = row("fused", "fp8", 125.0, 47.0)
+    bench.format_table([plain, moments, fp8, fp8_plain])
+    assert fp8["ratio_vs_fused_bf16"] == 120.0 / 133.0
+    assert fp8_plain["ratio_vs_fused_bf16"] == 125.0 / 140.0
+    bench.format_table([plain, fp8])  # no BF16 row with its options: plain BF16
+    assert fp8["ratio_vs_fused_bf16"] == 120.0 / 140.0
+
+
+def test_summary_compares_each_variant_at_its_largest_micro_batch():
+    bench = _bench()
+
+    def row(backend, recipe, micro, tok, overrides=()):
+        return {"backend": backend, "recipe": recipe, "micro_batch": micro, "tokens_per_s": tok,
+                "ms_per_step": 1.0, "mfu": 0.3, "peak_gib": micro * 1.5,
+                "overrides": list(overrides)}
+
+    rows = [row("torch", "bf16", 16, 100.0), row("fused", "bf16", 16, 200.0, ["compile=true"]),
+            row("fused", "bf16", 48, 250.0, ["compile=true"])]
+    summary = bench.format_table(rows).splitlines()[1 + len(rows):]
+    assert summary[0].startswith("largest micro-batch")
+    assert summary[1].strip() == "torch:bf16: micro-batch 16, 100 tokens/s/GPU, 24.0 GiB"
+    assert summary[2].strip() == ("fused:bf16:compile=true: micro-batch 48, 250 tokens/s/GPU, "
+                                  "72.0 GiB, 2.50x torch:bf16 at its largest (16)")
+    # One micro-batch per variant: nothing to add.
+    assert len(bench.format_table(rows[:2]).splitlines()) == 3
 
 
 def test_plain_rows_run_eager_whatever_the_preset_says():
