@@ -43,6 +43,8 @@
 #                default the moonlight and dsv3-local W13 GEMMs with and without the epilogue, and
 #                torch's rowwise baseline, variant "torch"); text reports (speed of light, warp
 #                states, memory, instruction stats, occupancy) to $OUT/ncu-fp8.txt
+#   tests-spread the single-GPU test files of the kernels and the fused path spread over every
+#                visible GPU at once (one process per GPU; logs per file)
 #   ncu-bf16     the same for the BF16 grouped GEMMs and torch._grouped_mm (NCU_BF16_CASES:
 #                "shape:op:ours|torch", default dsv3-local wgrad_w2 and fwd_w2) to $OUT/ncu-bf16.txt
 #
@@ -213,7 +215,8 @@ PYEOF
 stage_bench_train() {
   # shellcheck disable=SC2086
   "$PY" packages/nmoe-train/bench/bench_train.py --json "$OUT/bench_train.json" \
-    --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16 $FAST} --micro-batches ${BENCH_MICRO:-16} \
+    --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16 $FAST} \
+    --micro-batches ${BENCH_MICRO:-16 32 48 64} \
     --steps "${BENCH_STEPS:-5}" ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} 2>&1 \
     | tee "$OUT/bench_train.log" | tail -30
   return "${PIPESTATUS[0]}"
@@ -388,6 +391,54 @@ stage_comm_check() {
     packages/nmoe-comm/bench/bench_dispatch.py --backends ipc --breakdown --dedup \
     > "$OUT/breakdown_$n.log" 2>&1 || rc=1
   grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/breakdown_$n.log" | tail -40
+  return $rc
+}
+
+stage_tests_spread() {
+  # The single-GPU test files (the kernels' GPU tests and the fused path's), spread over every
+  # visible GPU: one worker per GPU takes the next file from a shared queue (heavy files first),
+  # each file under its own time limit (SPREAD_TIMEOUT) with its own log. SPREAD_FILES replaces
+  # the list, SPREAD_MARK the marker expression (default "gpu and not slow"), SPREAD_GPUS the
+  # GPU indices (default all).
+  local files=(${SPREAD_FILES:-packages/nmoe-kernels/tests/test_grouped_gemm_bf16_gpu.py
+    packages/nmoe-kernels/tests/test_grouped_gemm_fp8_gpu.py
+    packages/nmoe-core/tests/test_fused_gpu.py
+    packages/nmoe-train/tests/test_fused_training_gpu.py
+    packages/nmoe-kernels/tests/test_quant_gpu.py
+    packages/nmoe-kernels/tests/test_quant_weights_gpu.py
+    packages/nmoe-kernels/tests/test_permute_gpu.py
+    packages/nmoe-kernels/tests/test_swiglu_backward_gpu.py
+    packages/nmoe-kernels/tests/test_cross_entropy_gpu.py
+    packages/nmoe-kernels/tests/test_adamw_gpu.py
+    packages/nmoe-kernels/tests/test_router_topk_gpu.py
+    packages/nmoe-comm/tests/test_local_gpu.py
+    packages/nmoe-core/tests/test_loss_gpu.py})
+  local g pids=() rc=0 queue="$OUT/.spread-queue"
+  echo 0 > "$queue"
+  for g in ${SPREAD_GPUS:-$(seq 0 $(($(ngpus) - 1)))}; do
+    (
+      while true; do
+        local i
+        i=$(flock "$queue" bash -c 'i=$(cat "$1"); echo $((i + 1)) > "$1"; echo "$i"' _ "$queue")
+        ((i < ${#files[@]})) || break
+        local name; name=$(basename "${files[$i]}" .py)
+        CUDA_VISIBLE_DEVICES=$g timeout "${SPREAD_TIMEOUT:-480}" "$PY" -m pytest -q \
+          -m "${SPREAD_MARK:-gpu and not slow}" -p no:cacheprovider -rfEs "${files[$i]}" \
+          > "$OUT/$name.log" 2>&1
+        echo "gpu $g $name rc=$? $(tail -1 "$OUT/$name.log")"
+      done
+    ) &
+    pids+=($!)
+  done
+  for g in "${pids[@]}"; do wait "$g"; done
+  local f name
+  for f in "${files[@]}"; do
+    name=$(basename "$f" .py)
+    if ! tail -1 "$OUT/$name.log" 2>/dev/null | grep -q " passed" \
+       || tail -1 "$OUT/$name.log" | grep -q "failed\|error"; then
+      echo "tests-spread: $name did not pass"; rc=1
+    fi
+  done
   return $rc
 }
 

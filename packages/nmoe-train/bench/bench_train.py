@@ -1,14 +1,15 @@
 """Training throughput of the MoE paths on one GPU: tokens/s, MFU and peak memory per step.
 
     python packages/nmoe-train/bench/bench_train.py --preset super --json out.json \
-        --variants torch:bf16 fused:bf16 fused:fp8 --micro-batches 4 8 16 --steps 6
+        --variants torch:bf16 fused:bf16 fused:fp8 --micro-batches 16 32 48 64 --steps 6
 
 Each variant (``backend:recipe``) trains the preset on synthetic tokens (throughput only) at
 sequence length 2048 with each micro-batch size until one runs out of memory; the table reports
 the median tokens/s of the steps after the first (compile/warm-up) step, MFU (training FLOPs as
 `nmoe_train.trainer.flops_per_token` counts them, over the card's dense bf16 peak) and the peak
 memory, plus each variant's ratio to ``torch:bf16`` at the same micro-batch, measured in the same
-process on the same card.
+process on the same card, and ends with each variant at its largest micro-batch (the largest that
+fits when the list went on to an out-of-memory) against ``torch:bf16`` at its own largest.
 
 ``--profile DIR``: after the timed steps of each variant, one more full step (forward, backward,
 optimizer) runs under torch.profiler (CPU + CUDA activities) inside named ranges (see
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=["torch:bf16", "fused:bf16"],
                         help="BACKEND:RECIPE[:KEY=VALUE,...] (config overrides for that variant; "
                              "ratios compare with the plain torch:bf16 / fused:bf16 rows)")
-    parser.add_argument("--micro-batches", nargs="+", type=int, default=[4, 8, 16])
+    parser.add_argument("--micro-batches", nargs="+", type=int, default=[16, 32, 48, 64])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", default=None)
