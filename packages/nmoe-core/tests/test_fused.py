@@ -463,3 +463,41 @@ def test_cached_bf16_weights_are_bitwise_the_per_call_casts():
     got_out, _, _ = _run(cached, x, seed, autocast=True)
     assert cache.builds == 2 and cache._cast is not first
     assert torch.equal(got_out, want_out), f"seed {seed}"
+
+
+def test_optimizer_step_refreshes_the_cached_bf16_copies():
+    """`MoE.weight_copy_targets` hands the cached bf16 copies to nmoe's AdamW, whose update writes
+    the new weights into them; after `MoE.after_optimizer_step` the next forward reads them
+    without a cast or rebuild and matches an uncached layer stepped the same way bitwise. A step
+    that wrote only one of the two weights drops the copies (the next forward casts)."""
+    from nmoe_core.optim import AdamW
+
+    seed = torch.seed() % 2**31
+    _, plain = _layers(seed, "random", dtype=torch.float32)
+    cached = MoE(_cfg(backend="fused"), layer_id=0)
+    cached.load_state_dict(plain.state_dict())
+    cached.experts.kernels = ReferenceExpertKernels()
+    cached.cache_expert_weights = True
+    cache = cached.experts.weight_cache
+    assert cached.weight_copy_targets() == {}  # nothing cast before the first forward
+    opts = [AdamW([layer.experts.w13, layer.experts.w2], lr=1e-2, state_dtype=torch.bfloat16)
+            for layer in (plain, cached)]
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(3):
+        x = torch.randn(20, 16, generator=gen)
+        for layer in (plain, cached):
+            out, grads, _ = _run(layer, x, seed + step, autocast=True)
+            for p, g in zip(layer.parameters(), grads[1:], strict=True):
+                p.grad = g
+            if layer is plain:
+                want_out = out
+        assert torch.equal(out, want_out), f"seed {seed} step {step}"
+        targets = cached.weight_copy_targets()
+        assert set(map(id, targets)) == {id(cached.experts.w13), id(cached.experts.w2)}
+        opts[0].step()
+        opts[1].step(param_copies=targets)
+        cached.after_optimizer_step({id(p) for p in opts[1].refreshed_copies})
+    assert (cache.builds, cache.refreshes, cache.invalidations) == (1, 3, 0)
+    assert torch.equal(cache._cast[1], cached.experts.w2.detach().to(torch.bfloat16))
+    cached.after_optimizer_step({id(cached.experts.w13)})  # w2 not written: drop, recast
+    assert cache.invalidations == 1 and cached.weight_copy_targets() == {}

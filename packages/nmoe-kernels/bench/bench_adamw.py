@@ -12,7 +12,11 @@ them, every variant with the gradient-clipping factor as a device scalar, as the
   the scaled gradients back: 32 bytes per parameter);
 - ``torch fused (fp32), no clip``: the same without ``grad_scale`` (28 bytes per parameter);
 - ``nmoe (fp32 moments)`` and ``nmoe (bf16 moments)``: `adamw_step_` with ``grad_coef`` (28 and
-  20 bytes per parameter: every array read and written once, the gradients only read).
+  20 bytes per parameter: every array read and written once, the gradients only read);
+- ``nmoe (bf16), experts cast after`` and ``nmoe (bf16), expert copies``: the trainer's two ways
+  to get the fused BF16 recipe's bf16 expert weights for the next step (``cache_expert_weights``):
+  the bf16-moment step, then ``.to(torch.bfloat16)`` of every expert stack (6 more bytes per
+  expert parameter), or the step writing them through ``param_copies`` (2 more).
 
 GB/s counts those bytes. Times are medians of CUDA-event-timed steps after warm-up; the arrays
 are far larger than L2. Each variant allocates its own tensors and frees them before the next
@@ -74,16 +78,25 @@ def bench_torch(shapes, clip: bool, iters: int) -> float:
     return median_ms(step, iters, 3)
 
 
-def bench_nmoe(shapes, moments: torch.dtype, iters: int) -> float:
+def bench_nmoe(shapes, moments: torch.dtype, iters: int, experts: str | None = None) -> float:
+    """``experts``: None, "cast" (cast the 3-D expert stacks to bf16 after the step) or "copies"
+    (the step writes their bf16 copies)."""
     params, grads, exp_avgs, exp_avg_sqs = _arrays(shapes, moments)
     coef = torch.full((), 0.5, device="cuda")
     count = [0]
+    copies = None
+    if experts == "copies":
+        copies = [torch.empty_like(p, dtype=torch.bfloat16) if p.dim() == 3 else None
+                  for p in params]
 
     def step():
         count[0] += 1
         nmoe_kernels.adamw_step_(params, grads, exp_avgs, exp_avg_sqs, step=count[0], lr=LR,
                                  beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD,
-                                 grad_coef=coef)
+                                 grad_coef=coef, param_copies=copies)
+        if experts == "cast":
+            return [p.to(torch.bfloat16) for p in params if p.dim() == 3]
+        return None
 
     return median_ms(step, iters, 3)
 
@@ -98,15 +111,20 @@ def main() -> None:
     torch.manual_seed(0)
     shapes = super_shapes(args.scale)
     numel = sum(torch.Size(s).numel() for s in shapes)
+    expert_share = sum(torch.Size(s).numel() for s in shapes if len(s) == 3) / numel
     variants = [
         ("torch fused (fp32)", 32, lambda: bench_torch(shapes, True, args.iters)),
         ("torch fused (fp32), no clip", 28, lambda: bench_torch(shapes, False, args.iters)),
         ("nmoe (fp32 moments)", 28, lambda: bench_nmoe(shapes, torch.float32, args.iters)),
         ("nmoe (bf16 moments)", 20, lambda: bench_nmoe(shapes, torch.bfloat16, args.iters)),
+        ("nmoe (bf16), experts cast after", 20 + 6 * expert_share,
+         lambda: bench_nmoe(shapes, torch.bfloat16, args.iters, "cast")),
+        ("nmoe (bf16), expert copies", 20 + 2 * expert_share,
+         lambda: bench_nmoe(shapes, torch.bfloat16, args.iters, "copies")),
     ]
     props = torch.cuda.get_device_properties(0)
     rows, base_ms = [], None
-    header = f"{'variant':<30}{'ms':>9}{'GB/s':>8}{'x torch fused':>15}"
+    header = f"{'variant':<34}{'ms':>9}{'GB/s':>8}{'x torch fused':>15}"
     print(f"{len(shapes)} tensors, {numel / 1e9:.3f}B float32 parameters")
     print(header)
     print("-" * len(header))
@@ -122,7 +140,7 @@ def main() -> None:
                    compute_capability=f"{props.major}.{props.minor}", torch=torch.__version__,
                    cuda=torch.version.cuda)
         rows.append(row)
-        print(f"{name:<30}{ms:>9.2f}{row['gb_per_s']:>8.0f}{row['ratio']:>15.2f}")
+        print(f"{name:<34}{ms:>9.2f}{row['gb_per_s']:>8.0f}{row['ratio']:>15.2f}")
     finish_report(rows, args.json)
 
 

@@ -110,6 +110,50 @@ def test_matches_reference(moments, clip, misaligned):
                step)
 
 
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_param_copies_are_the_rounded_update_bitwise(moments, misaligned):
+    """With bf16 copies the params and moments are bitwise those of the same kernel without
+    them, and each copy is bitwise ``param.to(torch.bfloat16)`` of the result; tensors without a
+    copy (None) are untouched by it. Misaligned copies (element offset 1) take the scalar path;
+    the copies' buffers are poisoned with NaN first."""
+    a = _tensors(moments, misaligned)
+    b = [[t.clone() for t in ts] for ts in a]
+    copies = [_fresh(p.shape, torch.bfloat16, misaligned, lambda t: t.fill_(float("nan")))
+              for p in a[0]]
+    copies[2] = None
+    coef = torch.rand((), device="cuda") * 0.9 + 0.05
+    nmoe_kernels.adamw_step_(*a, step=4, grad_coef=coef, param_copies=copies, **HYPER)
+    nmoe_kernels.adamw_step_(*b, step=4, grad_coef=coef, **HYPER)
+    torch.cuda.synchronize()
+    for x, y in zip(sum(a, []), sum(b, [])):
+        assert torch.equal(x, y), "the copies changed the update"
+    for i, (p, c) in enumerate(zip(a[0], copies)):
+        if c is not None:
+            assert torch.equal(c, p.to(torch.bfloat16)), f"copy {i} {tuple(p.shape)}"
+    # The reference with copies gives the same copies of its own params.
+    p_ref = [t.clone() for t in b[0]]
+    ref_copies = [None if c is None else torch.empty_like(c) for c in copies]
+    ref.adamw_step_(p_ref, b[1], [t.clone() for t in b[2]], [t.clone() for t in b[3]], step=5,
+                    param_copies=ref_copies, **HYPER)
+    for p, c in zip(p_ref, ref_copies):
+        if c is not None:
+            assert torch.equal(c, p.to(torch.bfloat16))
+
+
+def test_param_copy_errors_name_the_tensor():
+    p, g, m, v = ([t] for t in (torch.zeros(8, device="cuda") for _ in range(4)))
+    with pytest.raises(ValueError, match=r"param_copies\[0\] must be contiguous"):
+        nmoe_kernels.adamw_step_(p, g, m, v, step=1, **HYPER, param_copies=[
+            torch.zeros(16, device="cuda", dtype=torch.bfloat16)[::2]])
+    with pytest.raises(ValueError, match=r"param_copies\[0\] must be bfloat16"):
+        nmoe_kernels.adamw_step_(p, g, m, v, step=1, **HYPER,
+                                 param_copies=[torch.zeros(8, device="cuda")])
+    with pytest.raises(ValueError, match=r"param_copies\[0\] is on cpu"):
+        nmoe_kernels.adamw_step_(p, g, m, v, step=1, **HYPER,
+                                 param_copies=[torch.zeros(8, dtype=torch.bfloat16)])
+
+
 def test_coefficient_of_one_is_the_plain_step_bitwise():
     a = _tensors(torch.bfloat16, False)
     b = [[t.clone() for t in ts] for ts in a]

@@ -100,3 +100,31 @@ def test_errors_name_the_argument(fn):
         fn(p * 2, g * 2, bf + m, bf + v, step=1, **HYPER)  # one moment dtype per call
     with pytest.raises(ValueError, match="shapes"):
         fn(p, [torch.zeros(4)], m, v, step=1, **HYPER)
+    with pytest.raises(ValueError, match="one entry .* per param, got 2 for 1"):
+        fn(p, g, m, v, step=1, param_copies=[None, None], **HYPER)
+    with pytest.raises(ValueError, match=r"param_copies\[0\] must be bfloat16 of the param's "
+                                         r"shape \(3,\), got torch.float16"):
+        fn(p, g, m, v, step=1, param_copies=[torch.zeros(3, dtype=torch.float16)], **HYPER)
+    with pytest.raises(ValueError, match=r"param_copies\[0\] must be bfloat16 .* shape \(4,\)"):
+        fn(p, g, m, v, step=1, param_copies=[torch.zeros(4, dtype=torch.bfloat16)], **HYPER)
+
+
+@pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
+def test_param_copies_are_the_rounded_updated_params(moments):
+    # The copies receive bf16(p) of the updated params; the update itself is unchanged, and a
+    # None entry leaves that tensor without a copy.
+    seed = torch.seed() % 2**31
+    g0 = torch.Generator().manual_seed(seed)
+    p = [torch.randn(s, generator=g0) for s in SHAPES]
+    m = [torch.randn(s, generator=g0).to(moments) for s in SHAPES]
+    v = [torch.rand(s, generator=g0).to(moments) for s in SHAPES]
+    plain = [[x.clone() for x in ts] for ts in (p, m, v)]
+    copies = [torch.full(s, float("nan"), dtype=torch.bfloat16) for s in SHAPES]
+    copies[1] = None
+    grads = _draw(seed, 2)
+    adamw_step_(p, grads, m, v, step=2, param_copies=copies, **HYPER)
+    adamw_step_(*plain[:1], grads, *plain[1:], step=2, **HYPER)
+    for i in range(len(SHAPES)):
+        assert torch.equal(p[i], plain[0][i]) and torch.equal(m[i], plain[1][i]), f"seed {seed}"
+        if copies[i] is not None:
+            assert torch.equal(copies[i], p[i].to(torch.bfloat16)), f"seed {seed} tensor {i}"

@@ -1,6 +1,6 @@
 """Training on the fused MoE path: bitwise reproducible and tracking the torch path (GPU), the FP8
 recipe tracking BF16 (GPU), and the trainer refreshing FP8 weight copies once per optimizer step
-(CPU, with the reference kernels)."""
+and the optimizer writing the bf16 ones (CPU, with the reference kernels)."""
 
 from __future__ import annotations
 
@@ -137,3 +137,43 @@ def test_trainer_refreshes_fp8_weights_once_per_step(tmp_path, data_root):
     codes, scales = ref.quantize_fp8_128x128(experts.w2.detach(), transpose=True)
     assert torch.equal(copies.w2.nk.view(torch.uint8), codes.view(torch.uint8))
     assert torch.equal(copies.w2.nk_scales, scales)
+
+
+@pytest.mark.parametrize("moments", ["bfloat16", "float32"])
+@pytest.mark.parametrize("refresh", [True, False])
+def test_optimizer_refreshes_bf16_expert_copies(tmp_path, data_root, moments, refresh):
+    """CPU, reference kernels, ``cache_expert_weights``: with ``optimizer_refreshes_expert_copies``
+    nmoe's AdamW (bfloat16 moments on CPU; on a GPU either) writes the bf16 expert copies in its
+    update, so they are cast once in the whole run and each step's copies are bitwise the cast of
+    the updated masters; the losses are bitwise those of a run that casts every step. torch's
+    AdamW (float32 moments on CPU) cannot write them: the trainer then casts each step."""
+    from nmoe_core.fused import ReferenceExpertKernels
+
+    def run(refresh: bool, name: str):
+        cfg = resolve_config("tiny", [
+            *SMALL, "model.dim=128", "model.moe.moe_inter_dim=128", "model.moe.backend=fused",
+            "precision=bf16-mixed", "cache_expert_weights=true",
+            f"optimizer_refreshes_expert_copies={str(refresh).lower()}",
+            f"optim.adamw_state_dtype={moments}", "global_batch=8", "micro_batch=2", "steps=3",
+            "val_every=0", "checkpoints=false", "resume=false", f"runs_root={tmp_path}",
+            f"run_name={name}", f"data.data_root={data_root}", "target_loss=null"])
+        trainer = Trainer(cfg, quiet=True)
+        layers = trainer.model.moe_layers()
+        for layer in layers:
+            layer.experts.kernels = ReferenceExpertKernels()
+        losses = [trainer.train_step()["train/loss"] for _ in range(3)]
+        return trainer, layers, losses
+
+    trainer, layers, losses = run(refresh, f"refresh-{refresh}-{moments}")
+    takes_copies = refresh and moments == "bfloat16"
+    for layer in layers:
+        cache = layer.experts.weight_cache
+        want = (1, 0, 3) if takes_copies else (3, 3, 0)
+        assert (cache.builds, cache.invalidations, cache.refreshes) == want
+        if takes_copies:  # the copies the next forward reads: the cast of the current masters
+            w13, w2 = cache._cast
+            assert torch.equal(w13, layer.experts.w13.detach().to(torch.bfloat16))
+            assert torch.equal(w2, layer.experts.w2.detach().to(torch.bfloat16))
+    if refresh:
+        _, _, cast_losses = run(False, f"cast-{moments}")
+        assert losses == cast_losses

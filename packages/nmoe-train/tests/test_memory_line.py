@@ -65,7 +65,8 @@ def test_cached_expert_copies_are_reported_where_they_take_effect(tmp_path, monk
                                   f"run_name=cache-{fused}"])
     trainer = Trainer(cfg, quiet=True)
     experts = sum(p.numel() for _, p in trainer.model.param_kinds()["expert"])
-    copies = f"+ bf16 expert weight copies {2 * experts / GIB:.2f} GiB while a step runs"
+    copies = (f"+ bf16 expert weight copies {2 * experts / GIB:.2f} GiB kept across steps, "
+              "refreshed by the optimizer")
     assert (copies in trainer.memory_line()) is fused
     report = "\n".join(trainer.startup_report())
     assert ("bf16 expert weights cached per step" in report) is fused

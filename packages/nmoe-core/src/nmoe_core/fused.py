@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -175,9 +176,14 @@ class ExpertWeightCache:
     buffer the parameter's storage is a view of, as ZeRO-2's all-gather does) are only seen
     through `invalidate`.
 
+    The bf16 copies may instead be refreshed by the optimizer step itself: `copy_targets` hands
+    them to the update, which writes the new weights rounded to bf16 into them (the same bits a
+    cast gives), and `after_update` keeps them valid. They then stay allocated across steps.
+
     Attributes:
         builds: how many times the copies were built.
         invalidations: how many times `invalidate` was called.
+        refreshes: how many optimizer steps wrote the bf16 copies (`after_update`).
     """
 
     def __init__(self) -> None:
@@ -187,6 +193,7 @@ class ExpertWeightCache:
         self._cast_key: tuple | None = None
         self.builds = 0
         self.invalidations = 0
+        self.refreshes = 0
 
     @staticmethod
     def _key_of(w13: torch.Tensor, w2: torch.Tensor, kernels) -> tuple:
@@ -221,6 +228,30 @@ class ExpertWeightCache:
             self._cast_key = key
             self.builds += 1
         return self._cast
+
+    def copy_targets(self, w13_ED2F: torch.Tensor,
+                     w2_EFD: torch.Tensor) -> dict[torch.Tensor, torch.Tensor]:
+        """``{w13: its bf16 copy, w2: its bf16 copy}`` when a current bfloat16 `cast` exists,
+        else ``{}``: tensors an optimizer step may write the updated weights into
+        (``nmoe_core.optim.AdamW.step(param_copies=...)``), so that the next step's copies need
+        no cast. Report what it wrote with `after_update`."""
+        if self._cast is None or self._cast_key != (torch.bfloat16,
+                                                    *self._key_of(w13_ED2F, w2_EFD, None)):
+            return {}
+        return {w13_ED2F: self._cast[0], w2_EFD: self._cast[1]}
+
+    def after_update(self, w13_ED2F: torch.Tensor, w2_EFD: torch.Tensor,
+                     refreshed: Collection[int] = ()) -> None:
+        """After an optimizer step changed the master weights: keep the bf16 copies when the
+        step wrote both (``id(w13)`` and ``id(w2)`` in ``refreshed``, from `copy_targets`),
+        else `invalidate` everything. The FP8 copies are always dropped."""
+        if self._cast is not None and id(w13_ED2F) in refreshed and id(w2_EFD) in refreshed:
+            self._fp8 = None
+            self._key = None
+            self._cast_key = (self._cast_key[0], *self._key_of(w13_ED2F, w2_EFD, None))
+            self.refreshes += 1
+        else:
+            self.invalidate()
 
     def invalidate(self) -> None:
         """Drop the copies; the next forward rebuilds them from the current master weights."""

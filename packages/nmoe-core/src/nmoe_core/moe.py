@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -298,6 +298,16 @@ class GroupedExperts(nn.Module):
         trainer does, once per optimizer step)."""
         self.weight_cache.invalidate()
 
+    def weight_copy_targets(self) -> dict[torch.Tensor, torch.Tensor]:
+        """``{w13: bf16 copy, w2: bf16 copy}`` for an optimizer step to write into, when the
+        cached bf16 copies are current (`nmoe_core.fused.ExpertWeightCache.copy_targets`)."""
+        return self.weight_cache.copy_targets(self.w13, self.w2)
+
+    def after_optimizer_step(self, refreshed: Collection[int] = ()) -> None:
+        """Keep the bf16 copies the optimizer step wrote (``id`` of both weights in
+        ``refreshed``), drop every other copy (`ExpertWeightCache.after_update`)."""
+        self.weight_cache.after_update(self.w13, self.w2, refreshed)
+
 
 class MoE(nn.Module):
     """Routed experts plus shared experts, through a `Dispatcher` (inventory 2.2-2.3, 3).
@@ -400,9 +410,23 @@ class MoE(nn.Module):
 
     def invalidate_weight_cache(self) -> None:
         """Drop the experts' quantized (FP8 recipe) or cast (``cache_expert_weights``) weight
-        copies; the trainer calls this after every optimizer step, so each step quantizes or
-        casts the weights once, not per micro-batch."""
+        copies, so each step quantizes or casts the weights once, not per micro-batch. The
+        trainer calls `after_optimizer_step` instead, which also keeps copies the optimizer
+        refreshed."""
         self.experts.invalidate_weight_cache()
+
+    def weight_copy_targets(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The experts' current bf16 weight copies keyed by their master weights, for the
+        optimizer step to refresh (``{}`` without ``cache_expert_weights`` or before the first
+        forward; `GroupedExperts.weight_copy_targets`)."""
+        if not self.cache_expert_weights:
+            return {}
+        return self.experts.weight_copy_targets()
+
+    def after_optimizer_step(self, refreshed: Collection[int] = ()) -> None:
+        """After each optimizer step: keep the bf16 copies it wrote (``refreshed`` holds the
+        ``id`` of both expert weights), drop every other weight copy."""
+        self.experts.after_optimizer_step(refreshed)
 
     @torch.no_grad()
     def update_router_bias(self, load_E: torch.Tensor, rate: float) -> None:

@@ -21,8 +21,10 @@ void adamw_step(const py::object& table_capsule, int64_t num_blocks, bool moment
   const TensorView table(table_capsule, "table");
   table.check_dtype({ScalarType::kInt64});
   table.check_cuda();
-  if (table.ndim() != 2 || table.size(1) != kAdamwTableCols) {
-    table.fail("expected [num_tensors, " + std::to_string(kAdamwTableCols) + "], got " +
+  if (table.ndim() != 2 ||
+      (table.size(1) != kAdamwTableCols && table.size(1) != kAdamwTableCols + 1)) {
+    table.fail("expected [num_tensors, " + std::to_string(kAdamwTableCols) + "] or [num_tensors, " +
+               std::to_string(kAdamwTableCols + 1) + "] (with bf16 copies), got " +
                table.describe());
   }
   table.check_contiguous();
@@ -42,7 +44,8 @@ void adamw_step(const py::object& table_capsule, int64_t num_blocks, bool moment
                              static_cast<float>(neg_step_size),
                              static_cast<float>(eps)};
 #if NMOE_WITH_CUDA
-  launch_adamw_step(static_cast<const int64_t*>(table.data()), table.size(0), num_blocks,
+  launch_adamw_step(static_cast<const int64_t*>(table.data()), table.size(0),
+                    static_cast<int>(table.size(1)), num_blocks,
                     moments_bf16, scalars, grad_coef, table.device_id(), stream);
 #else
   (void)num_blocks;
@@ -57,12 +60,15 @@ void adamw_step(const py::object& table_capsule, int64_t num_blocks, bool moment
 
 void register_apis(py::module_& m) {
   m.attr("ADAMW_BLOCK_ELEMS") = kAdamwBlockElems;
+  // Present when the table may carry the bf16-copy column (a build without it rejects 7 columns).
+  m.attr("ADAMW_COPY_COLUMN") = kAdamwCopyCol;
   m.def("adamw_step", &adamw_step, py::arg("table"), py::arg("num_blocks"),
         py::arg("moments_bf16"), py::arg("decay"), py::arg("one_minus_beta1"), py::arg("beta2"),
         py::arg("one_minus_beta2"), py::arg("bias_correction2_sqrt"), py::arg("neg_step_size"),
         py::arg("eps"), py::arg("grad_coef"), py::arg("stream"),
         "One AdamW step of every tensor in `table` (int64 [T, 6] on the GPU: param, grad,\n"
-        "exp_avg, exp_avg_sq addresses, numel, first block), float32 params and grads, moments\n"
+        "exp_avg, exp_avg_sq addresses, numel, first block; [T, 7] adds the address of a bf16\n"
+        "copy of the param to refresh, 0 for none), float32 params and grads, moments\n"
         "bf16 or fp32, scalars as nmoe_kernels.optim.adamw_step_ derives them; grad_coef a\n"
         "float32 [] device tensor or None. Use nmoe_kernels.adamw_step_, which builds the table.");
 }

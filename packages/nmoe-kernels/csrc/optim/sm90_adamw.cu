@@ -9,6 +9,9 @@
 //   v  = v * b2 + (1 - b2) * g * g
 //   p  = p + neg_step_size * (m / (sqrt(v) / bias_correction2_sqrt + eps))
 //   store p; store m, v (rounded to nearest even when the moments are bfloat16)
+//   store bf16(p) into the tensor's low-precision copy, when the table names one (round to
+//   nearest even, as torch's .to(torch.bfloat16)): a training step's bf16 weight copy is then
+//   written by the update instead of by a separate cast that reads p again
 // Without fast-math sqrt and division are IEEE; nvcc may still contract a multiply-add into an
 // FMA, so a result can differ from the CPU reference in its last bit or two (the GPU tests bound
 // this per element). The parameter update uses this step's unrounded m and v.
@@ -20,7 +23,7 @@
 // accesses when every pointer of the tensor allows them, scalar accesses otherwise and for the
 // last numel % 4 elements. Every byte is read and written once: 28 bytes per parameter with
 // float32 moments, 20 with bfloat16 (torch's fused AdamW: 28, and 32 when it writes back the
-// scaled gradients).
+// scaled gradients), plus 2 per parameter that has a bf16 copy (a separate cast: 6).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -96,23 +99,31 @@ __device__ __forceinline__ bool aligned(const void* ptr, int bytes) {
   return (reinterpret_cast<uintptr_t>(ptr) & static_cast<uintptr_t>(bytes - 1)) == 0;
 }
 
+__device__ __forceinline__ void store4_bf16(__nv_bfloat16* ptr, const float (&x)[4]) {
+  MomentIO<__nv_bfloat16>::store4(ptr, x);
+}
+
 template <typename M>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const int64_t* __restrict__ table,
-                                                         int64_t num_tensors, AdamwScalars s,
+                                                         int64_t num_tensors, int cols,
+                                                         AdamwScalars s,
                                                          const float* __restrict__ grad_coef) {
   const int64_t block = blockIdx.x;
   // The last row whose first block is <= this block (rows are in block order).
   int64_t lo = 0, hi = num_tensors - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (__ldg(table + mid * kAdamwTableCols + 5) <= block) lo = mid; else hi = mid - 1;
+    if (__ldg(table + mid * cols + 5) <= block) lo = mid; else hi = mid - 1;
   }
-  const int64_t* row = table + lo * kAdamwTableCols;
+  const int64_t* row = table + lo * cols;
   float* __restrict__ param = reinterpret_cast<float*>(__ldg(row + 0));
   const float* __restrict__ grad = reinterpret_cast<const float*>(__ldg(row + 1));
   M* __restrict__ exp_avg = reinterpret_cast<M*>(__ldg(row + 2));
   M* __restrict__ exp_avg_sq = reinterpret_cast<M*>(__ldg(row + 3));
   const int64_t numel = __ldg(row + 4);
+  __nv_bfloat16* __restrict__ copy =
+      cols > kAdamwCopyCol ? reinterpret_cast<__nv_bfloat16*>(__ldg(row + kAdamwCopyCol))
+                           : nullptr;
   const int64_t start = (block - __ldg(row + 5)) * kAdamwBlockElems;
   const int64_t end = min(start + kAdamwBlockElems, numel);
   const float coef = grad_coef != nullptr ? __ldg(grad_coef) : 1.0f;
@@ -120,7 +131,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const int64_t* __restri
 
   using IO = MomentIO<M>;
   const bool vectorised = aligned(param, 16) && aligned(grad, 16) &&
-                          aligned(exp_avg, IO::kVecBytes) && aligned(exp_avg_sq, IO::kVecBytes);
+                          aligned(exp_avg, IO::kVecBytes) && aligned(exp_avg_sq, IO::kVecBytes) &&
+                          aligned(copy, 8);
   int64_t scalar_from = start;
   if (vectorised) {
     const int64_t vec_end = start + (end - start) / kVec * kVec;
@@ -142,6 +154,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const int64_t* __restri
       *reinterpret_cast<float4*>(param + i) = make_float4(out_p[0], out_p[1], out_p[2], out_p[3]);
       IO::store4(exp_avg + i, out_m);
       IO::store4(exp_avg_sq + i, out_v);
+      if (copy != nullptr) store4_bf16(copy + i, out_p);
     }
     scalar_from = vec_end;
   }
@@ -151,12 +164,13 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const int64_t* __restri
     param[i] = e.p;
     IO::store(exp_avg + i, e.m);
     IO::store(exp_avg_sq + i, e.v);
+    if (copy != nullptr) copy[i] = __float2bfloat16_rn(e.p);
   }
 }
 
 }  // namespace
 
-void launch_adamw_step(const int64_t* table, int64_t num_tensors, int64_t num_blocks,
+void launch_adamw_step(const int64_t* table, int64_t num_tensors, int cols, int64_t num_blocks,
                        bool moments_bf16, const AdamwScalars& scalars, const float* grad_coef,
                        int device, std::uintptr_t stream) {
   constexpr const char* kOp = "adamw_step_";
@@ -169,10 +183,10 @@ void launch_adamw_step(const int64_t* table, int64_t num_tensors, int64_t num_bl
   auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(num_blocks));
   if (moments_bf16) {
-    adamw_kernel<__nv_bfloat16><<<grid, kThreads, 0, cuda_stream>>>(table, num_tensors, scalars,
-                                                                     grad_coef);
+    adamw_kernel<__nv_bfloat16><<<grid, kThreads, 0, cuda_stream>>>(table, num_tensors, cols,
+                                                                     scalars, grad_coef);
   } else {
-    adamw_kernel<float><<<grid, kThreads, 0, cuda_stream>>>(table, num_tensors, scalars,
+    adamw_kernel<float><<<grid, kThreads, 0, cuda_stream>>>(table, num_tensors, cols, scalars,
                                                              grad_coef);
   }
   NMOE_CUDA_CHECK_LAUNCH(kOp);

@@ -15,7 +15,8 @@ __all__ = ["adamw_step_"]
 def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                 step: float, lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float, grad_coef: torch.Tensor | None = None) -> None:
+                weight_decay: float, grad_coef: torch.Tensor | None = None,
+                param_copies: Sequence[torch.Tensor | None] | None = None) -> None:
     """One AdamW step of every tensor, in place, in one CUDA launch.
 
     The float32 operations of `nmoe_kernels.reference.adamw_step_` (torch's single-tensor AdamW,
@@ -23,7 +24,9 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     multiply and an add into one FMA, so a result can differ from the reference on the same GPU
     in its last bits (float32 ulps; with bfloat16 moments, a stored moment that sits at a
     rounding boundary by one bfloat16 ulp). Memory traffic is one read and one write of each
-    array: 28 bytes per parameter with float32 moments, 20 with bfloat16. The tensor list is
+    array: 28 bytes per parameter with float32 moments, 20 with bfloat16, plus 2 for each
+    parameter with a bf16 copy (where a separate ``.to(torch.bfloat16)`` reads the parameter
+    again: 6). The tensor list is
     uploaded as a small table each call (one pinned, asynchronous copy); nothing synchronises
     with the host.
 
@@ -36,20 +39,35 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         lr, beta1, beta2, eps, weight_decay: the hyperparameters.
         grad_coef: optional 0-dim floating tensor on the same device multiplying every gradient
             (the gradient-clipping factor), read by the kernel; the gradients are not written.
+        param_copies: optional, one entry per param: a contiguous bfloat16 tensor of the param's
+            shape on its device that receives the updated param rounded to nearest even (bitwise
+            ``param.to(torch.bfloat16)`` of the result), or None for no copy.
     """
     op = "adamw_step_"
     # The rules shared with the reference first, so they raise the same errors with or
     # without a GPU; then this kernel's own: one CUDA device, contiguous tensors.
-    moment_dtype = check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, step)
+    moment_dtype = check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, step,
+                                         param_copies)
     if moment_dtype is None:
         return
     device = None
     rows, block = [], 0
     compiled = _extension.compiled_module(op)
     per_block = int(compiled.ADAMW_BLOCK_ELEMS)
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+    copies = list(param_copies) if param_copies is not None else [None] * len(params)
+    with_copies = any(c is not None for c in copies)
+    if with_copies and not hasattr(compiled, "ADAMW_COPY_COLUMN"):
+        raise RuntimeError(f"{op}: this build of nmoe_kernels._C predates param_copies; rebuild "
+                           "nmoe-kernels (pip install --no-build-isolation -e "
+                           "packages/nmoe-kernels) or pass param_copies=None")
+    for i, (p, g, m, v, c) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, copies)):
         names = {f"params[{i}]": p, f"grads[{i}]": g, f"exp_avgs[{i}]": m,
                  f"exp_avg_sqs[{i}]": v}
+        if c is not None:
+            if c.data_ptr() == p.data_ptr() and p.numel():
+                raise ValueError(f"{op}: param_copies[{i}] shares params[{i}]'s memory; give "
+                                 "the copy its own tensor")
+            names[f"param_copies[{i}]"] = c
         found = _extension.check_cuda_tensors(op, **names)
         if device is None:
             device = found
@@ -63,7 +81,10 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         numel = p.numel()
         if numel == 0:
             continue
-        rows.append([p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), numel, block])
+        row = [p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), numel, block]
+        if with_copies:
+            row.append(c.data_ptr() if c is not None else 0)
+        rows.append(row)
         block += -(-numel // per_block)
     if not rows:
         return

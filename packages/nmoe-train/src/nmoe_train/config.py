@@ -112,6 +112,12 @@ class TrainConfig(_Config):
         False, description="fused BF16 recipe: keep the experts' bf16 weight copies from a step's "
         "first forward to its optimizer step instead of casting the fp32 masters in every forward "
         "and backward (+2 bytes per expert parameter while the step runs; same results)")
+    optimizer_refreshes_expert_copies: bool = Field(
+        True, description="with cache_expert_weights: the AdamW step writes the experts' bf16 "
+        "copies as it updates the fp32 masters (2 bytes per expert parameter) instead of the next "
+        "forward casting the masters again (6 bytes); the copies then stay allocated across "
+        "steps. Same bits either way. Experts under Muon or sharded by data-parallel ZeRO-2 are "
+        "cast as before")
     compile: bool = Field(
         False, description="torch.compile each block's attention half, the MLPs and the routers "
         "(Transformer.compile_regions): fuses their casts, norms, rotary and residual passes; "

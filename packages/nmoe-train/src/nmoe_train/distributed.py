@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -365,18 +366,25 @@ class Zero2Optimizer:
             grads += [p.grad for p in group["params"] if p.grad is not None]
         _foreach_scale(grads, factor)
 
-    def step(self, grad_coef: torch.Tensor | None = None) -> None:
+    def step(self, grad_coef: torch.Tensor | None = None,
+             param_copies: Mapping[torch.Tensor, torch.Tensor] | None = None) -> set[int]:
         """Step the owned shards and local tensors, then all-gather the updated values.
 
         Args:
             grad_coef: optional 0-dim floating tensor on the device multiplying every gradient
                 inside the optimizers' updates (the clipping coefficient; `Optimizers.step`).
+            param_copies: optional ``{param: bfloat16 tensor}`` for the local (not sharded)
+                tensors' updates to write (`Optimizers.step`); a sharded tensor's update covers
+                only this rank's shard, so its copy is left to the caller.
+
+        Returns:
+            The ``id`` of every parameter whose copy was written.
         """
         self.sharded.step(grad_coef)
-        if self.local:
-            self.local.step(grad_coef)
+        refreshed = self.local.step(grad_coef, param_copies) if self.local else set()
         self._all_gather(self.buffer_a)
         self._all_gather(self.buffer_b)
+        return refreshed
 
     def zero_grad(self) -> None:
         self.buffer_a.grads.zero_()
@@ -476,9 +484,12 @@ class SingleProcessOptimizer:
         one ``torch._foreach_mul_``; `step`'s ``grad_coef`` needs no own pass."""
         _foreach_scale([p.grad for p in self.params if p.grad is not None], factor)
 
-    def step(self, grad_coef: torch.Tensor | None = None) -> None:
-        """Step every parameter; ``grad_coef`` as in `Optimizers.step` (the clipping factor)."""
-        self.inner.step(grad_coef)
+    def step(self, grad_coef: torch.Tensor | None = None,
+             param_copies: Mapping[torch.Tensor, torch.Tensor] | None = None) -> set[int]:
+        """Step every parameter; ``grad_coef`` and ``param_copies`` as in `Optimizers.step`
+        (the clipping factor; bf16 copies the update writes). Returns the ``id`` of every
+        parameter whose copy was written."""
+        return self.inner.step(grad_coef, param_copies)
 
     def zero_grad(self) -> None:
         self.inner.zero_grad(set_to_none=True)

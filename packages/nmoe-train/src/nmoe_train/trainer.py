@@ -527,9 +527,15 @@ class Trainer:
         clip_coef = None
         if cfg.optim.grad_clip is not None:
             clip_coef = clip_coefficient(grad_norm, cfg.optim.grad_clip).reshape(())
-        self.optimizer.step(grad_coef=clip_coef)
-        for layer in self.model.moe_layers():  # FP8 weight copies: once per step, not per micro
-            layer.invalidate_weight_cache()
+        # Weight copies (FP8, bf16) are made once per step, not per micro-batch; the bf16 ones
+        # come out of the AdamW update itself where it can write them.
+        copies = self._expert_copy_targets()
+        if copies:
+            refreshed = self.optimizer.step(grad_coef=clip_coef, param_copies=copies)
+        else:
+            refreshed = self.optimizer.step(grad_coef=clip_coef)
+        for layer in self.model.moe_layers():
+            layer.after_optimizer_step(refreshed or ())
         self.optimizer.zero_grad()
         loads = all_reduce_sum(self.model.router_loads().to(self.device))
         self.model.update_router_biases(
@@ -626,7 +632,9 @@ class Trainer:
                 f"{self.cfg.optim.adamw_state_dtype}) = {(weights + grads + state) / gib:.2f} GiB")
         if self._caches_expert_weights():
             experts = sum(p.numel() for _, p in self.model.param_kinds()["expert"])
-            line += f", + bf16 expert weight copies {2 * experts / gib:.2f} GiB while a step runs"
+            held = ("kept across steps, refreshed by the optimizer"
+                    if self.cfg.optimizer_refreshes_expert_copies else "while a step runs")
+            line += f", + bf16 expert weight copies {2 * experts / gib:.2f} GiB {held}"
         comm = sum(d.persistent_bytes for d in self.dispatchers())
         if comm:
             line += f", + dispatcher buffers {comm / gib:.2f} GiB (outside torch's allocator)"
@@ -641,6 +649,17 @@ class Trainer:
         rows = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32
         return resolve_backend(moe.backend, self.device, rows, self.cfg.model.dim,
                                moe.moe_inter_dim)
+
+    def _expert_copy_targets(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The cached bf16 expert copies for the optimizer step to write
+        (``optimizer_refreshes_expert_copies``), keyed by their master weights; ``{}`` when the
+        option or the cache is off, and before the first forward (nothing cached yet)."""
+        if not (self.cfg.optimizer_refreshes_expert_copies and self._caches_expert_weights()):
+            return {}
+        targets: dict[torch.Tensor, torch.Tensor] = {}
+        for layer in self.model.moe_layers():
+            targets.update(layer.weight_copy_targets())
+        return targets
 
     def _caches_expert_weights(self) -> bool:
         """Whether ``cache_expert_weights`` takes effect: the fused path's BF16 recipe under

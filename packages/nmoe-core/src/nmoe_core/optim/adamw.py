@@ -18,13 +18,14 @@ The update itself is `nmoe_kernels.adamw_step_` for CUDA parameters (one launch 
 tensor read and written once, 20 bytes per parameter with bfloat16 moments, 28 with float32) and
 `nmoe_kernels.reference.adamw_step_` elsewhere. The reference with float32 state is, operation
 for operation, torch's single-tensor AdamW (``foreach=False``), and the tests check they agree
-bitwise; the kernel is tested against the reference on the GPU.
+bitwise; the kernel is tested against the reference on the GPU. ``step(param_copies=...)`` lets
+the update also write bf16 copies of chosen parameters (the trainer's cached expert weights).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -62,6 +63,15 @@ def _adamw_step_for(param: torch.Tensor) -> Callable:
         if op is not None:
             return op
     return reference_adamw_step_
+
+
+@functools.cache
+def _kernel_takes_copies() -> bool:
+    """Whether the compiled ``adamw_step`` writes bf16 parameter copies (builds since its
+    ``ADAMW_COPY_COLUMN``)."""
+    import nmoe_kernels._C as C
+
+    return hasattr(C, "ADAMW_COPY_COLUMN")
 
 
 class AdamW(torch.optim.Optimizer):
@@ -106,7 +116,8 @@ class AdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None, grad_coef: torch.Tensor | None = None):  # noqa: D417
+    def step(self, closure=None, grad_coef: torch.Tensor | None = None,  # noqa: D417
+             param_copies: Mapping[torch.Tensor, torch.Tensor] | None = None):
         """Update every parameter that has a gradient.
 
         Args:
@@ -114,7 +125,15 @@ class AdamW(torch.optim.Optimizer):
             grad_coef: optional 0-dim floating tensor on the parameters' device multiplying every
                 gradient inside the update (the gradient-clipping factor); the gradients
                 themselves are left unchanged. None means 1.
+            param_copies: optional ``{param: bfloat16 tensor of its shape}``: the update writes
+                each listed parameter's new value, rounded to nearest even (bitwise
+                ``param.to(torch.bfloat16)``), into its tensor (`nmoe_kernels.adamw_step_`'s
+                ``param_copies``): a training step's bf16 weight copies come out of the update
+                instead of a cast that reads the masters again. Parameters of other optimizers
+                or without a gradient are skipped; `refreshed_copies` lists the ones written.
         """
+        copies = {id(p): c for p, c in (param_copies or {}).items()}
+        self.refreshed_copies: list[torch.Tensor] = []
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -130,13 +149,19 @@ class AdamW(torch.optim.Optimizer):
                 state = self._state_of(p, group["state_dtype"])
                 state["step"] += 1
                 by_step.setdefault(state["step"].item(), []).append(
-                    (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+                    (p, p.grad, state["exp_avg"], state["exp_avg_sq"], copies.get(id(p))))
             for step, tensors in by_step.items():  # one call per step count (usually one)
-                params, grads, exp_avgs, exp_avg_sqs = (list(t) for t in zip(*tensors))
-                _adamw_step_for(params[0])(
+                params, grads, exp_avgs, exp_avg_sqs, targets = (list(t) for t in zip(*tensors))
+                op = _adamw_step_for(params[0])
+                with_copies = any(c is not None for c in targets)
+                if with_copies and op is not reference_adamw_step_ and not _kernel_takes_copies():
+                    targets = [None] * len(targets)  # an older _C: the caller casts instead
+                    with_copies = False
+                op(
                     params, grads, exp_avgs, exp_avg_sqs, step=step, lr=group["lr"], beta1=beta1,
                     beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    grad_coef=grad_coef)
+                    grad_coef=grad_coef, param_copies=targets if with_copies else None)
+                self.refreshed_copies += [p for p, c in zip(params, targets) if c is not None]
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -112,10 +112,15 @@ def _adamw_kwargs(params: list[torch.Tensor]) -> dict[str, Any]:
     return {}
 
 
-def _adamw_step(adamw: torch.optim.Optimizer, grad_coef: torch.Tensor | None) -> None:
-    """``adamw.step()`` with every gradient multiplied by ``grad_coef`` (see `Optimizers.step`)."""
+def _adamw_step(adamw: torch.optim.Optimizer, grad_coef: torch.Tensor | None,
+                param_copies: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """``adamw.step()`` with every gradient multiplied by ``grad_coef`` (see `Optimizers.step`);
+    nmoe's `AdamW` also gets ``param_copies``."""
     if grad_coef is None:
-        adamw.step()
+        if isinstance(adamw, AdamW):
+            adamw.step(param_copies=param_copies)
+        else:
+            adamw.step()
         return
     grads = [p.grad for g in adamw.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
@@ -130,7 +135,7 @@ def _adamw_step(adamw: torch.optim.Optimizer, grad_coef: torch.Tensor | None) ->
             f"got {grad_coef.dtype} on {grad_coef.device}"
         )
     if isinstance(adamw, AdamW):  # takes the factor itself, gradients untouched
-        adamw.step(grad_coef=grad_coef)
+        adamw.step(grad_coef=grad_coef, param_copies=param_copies)
         return
     if all(g.get("fused") for g in adamw.param_groups):
         # torch's fused Adam(W) reads the optimizer attribute ``grad_scale`` (GradScaler's
@@ -179,8 +184,10 @@ class Optimizers:
     def groups(self) -> list[tuple[str, dict[str, Any]]]:
         return [(k, g) for k, opt in self.optimizers.items() for g in opt.param_groups]
 
-    def step(self, grad_coef: torch.Tensor | None = None) -> None:
-        """Step every optimizer (gradients must be reduced by the caller).
+    def step(self, grad_coef: torch.Tensor | None = None,
+             param_copies: Mapping[torch.Tensor, torch.Tensor] | None = None) -> set[int]:
+        """Step every optimizer (gradients must be reduced by the caller); returns the ``id`` of
+        every parameter whose ``param_copies`` entry the update wrote.
 
         Args:
             grad_coef: optional 0-dim floating tensor on the parameters' device multiplying every
@@ -198,11 +205,17 @@ class Optimizers:
 
                 Afterwards torch AdamW's gradients hold the multiplied values, the others the
                 original ones; zero them before the next backward as usual.
+            param_copies: optional ``{param: bfloat16 tensor}``; nmoe's AdamW writes the listed
+                parameters' updated values into them (`AdamW.step`). Muon and torch's AdamW do
+                not: their parameters' copies are not in the returned set, and the caller casts.
         """
         if self.muon is not None:
             self.muon.step(grad_coef=grad_coef)
         if self.adamw is not None:
-            _adamw_step(self.adamw, grad_coef)
+            _adamw_step(self.adamw, grad_coef, param_copies)
+            if param_copies and isinstance(self.adamw, AdamW):
+                return {id(p) for p in self.adamw.refreshed_copies}
+        return set()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():

@@ -21,7 +21,9 @@ _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 def check_adamw_step_args(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                           exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-                          step: float) -> torch.dtype | None:
+                          step: float,
+                          param_copies: Sequence[torch.Tensor | None] | None = None,
+                          ) -> torch.dtype | None:
     """The argument rules ``adamw_step_`` shares with its CUDA kernel (``nmoe_kernels.adamw_step_``
     adds device and contiguity rules); raises ValueError naming the offending argument.
 
@@ -32,6 +34,19 @@ def check_adamw_step_args(params: Sequence[torch.Tensor], grads: Sequence[torch.
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
         raise ValueError(f"{op}: params, grads, exp_avgs, exp_avg_sqs must have equal lengths, "
                          f"got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}")
+    if param_copies is not None:
+        if len(param_copies) != n:
+            raise ValueError(f"{op}: param_copies must have one entry (a tensor or None) per "
+                             f"param, got {len(param_copies)} for {n} params")
+        for i, (p, c) in enumerate(zip(params, param_copies)):
+            if c is None:
+                continue
+            if c.dtype != torch.bfloat16 or c.shape != p.shape:
+                raise ValueError(f"{op}: param_copies[{i}] must be bfloat16 of the param's shape "
+                                 f"{tuple(p.shape)}, got {c.dtype} of shape {tuple(c.shape)}")
+            if c.device != p.device:
+                raise ValueError(f"{op}: param_copies[{i}] is on {c.device}, params[{i}] on "
+                                 f"{p.device}; keep the copy on the param's device")
     if step < 1:
         raise ValueError(f"{op}: step must be >= 1 (the step this update completes), got {step}")
     if n == 0:
@@ -57,7 +72,8 @@ def check_adamw_step_args(params: Sequence[torch.Tensor], grads: Sequence[torch.
 def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                 exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor], *,
                 step: float, lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float, grad_coef: torch.Tensor | None = None) -> None:
+                weight_decay: float, grad_coef: torch.Tensor | None = None,
+                param_copies: Sequence[torch.Tensor | None] | None = None) -> None:
     """One AdamW step of every tensor, in place.
 
     Args:
@@ -70,13 +86,18 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             ``p *= 1 - lr * weight_decay``).
         grad_coef: optional 0-dim floating tensor on the params' device; every gradient is
             multiplied by it (in float32) before use: the gradient-clipping factor.
+        param_copies: optional, one entry per param: a bfloat16 tensor of the param's shape and
+            device that receives the updated param rounded to nearest even (what
+            ``param.to(torch.bfloat16)`` gives), or None. A training step's low-precision weight
+            copy is then refreshed by the update itself.
     """
-    check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, step)
+    check_adamw_step_args(params, grads, exp_avgs, exp_avg_sqs, step, param_copies)
+    copies = list(param_copies) if param_copies is not None else [None] * len(params)
     bias_correction1 = 1 - beta1**step
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     step_size = lr / bias_correction1
     coef = None
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+    for p, g, m, v, c in zip(params, grads, exp_avgs, exp_avg_sqs, copies, strict=True):
         if grad_coef is not None:
             if coef is None:
                 coef = grad_coef.to(torch.float32)
@@ -92,3 +113,5 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
         if wide:
             m.copy_(m32)
             v.copy_(v32)
+        if c is not None:
+            c.copy_(p)
