@@ -118,7 +118,10 @@ def test_param_copies_are_the_rounded_update_bitwise(moments, misaligned):
     copy (None) are untouched by it. Misaligned copies (element offset 1) take the scalar path;
     the copies' buffers are poisoned with NaN first."""
     a = _tensors(moments, misaligned)
-    b = [[t.clone() for t in ts] for ts in a]
+    # The same alignment as ``a`` (a plain clone is aligned): the scalar and the vector paths
+    # may contract different multiply-adds, so only the same path is bitwise comparable.
+    b = [[_fresh(t.shape, t.dtype, misaligned, lambda x, t=t: x.copy_(t)) for t in ts]
+         for ts in a]
     copies = [_fresh(p.shape, torch.bfloat16, misaligned, lambda t: t.fill_(float("nan")))
               for p in a[0]]
     copies[2] = None

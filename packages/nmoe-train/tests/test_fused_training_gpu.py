@@ -151,8 +151,8 @@ def test_optimizer_refreshes_bf16_expert_copies(tmp_path, data_root, moments, re
 
     def run(refresh: bool, name: str):
         cfg = resolve_config("tiny", [
-            *SMALL, "model.dim=128", "model.moe.moe_inter_dim=128", "model.moe.backend=fused",
-            "precision=bf16-mixed", "cache_expert_weights=true",
+            *SMALL, "device=cpu", "model.dim=128", "model.moe.moe_inter_dim=128",
+            "model.moe.backend=fused", "precision=bf16-mixed", "cache_expert_weights=true",
             f"optimizer_refreshes_expert_copies={str(refresh).lower()}",
             f"optim.adamw_state_dtype={moments}", "global_batch=8", "micro_batch=2", "steps=3",
             "val_every=0", "checkpoints=false", "resume=false", f"runs_root={tmp_path}",
