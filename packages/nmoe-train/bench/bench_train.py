@@ -8,8 +8,10 @@ sequence length 2048 with each micro-batch size until one runs out of memory; th
 the median tokens/s of the steps after the first (compile/warm-up) step, MFU (training FLOPs as
 `nmoe_train.trainer.flops_per_token` counts them, over the card's dense bf16 peak) and the peak
 memory, plus each variant's ratio to ``torch:bf16`` at the same micro-batch, measured in the same
-process on the same card, and ends with each variant at its largest micro-batch (the largest that
-fits when the list went on to an out-of-memory) against ``torch:bf16`` at its own largest.
+process on the same card (after ``--warmup-steps`` untimed steps of the first variant: the first
+row of a process ran ~6% slow without them), and ends with each variant at its largest
+micro-batch (the largest that fits when the list went on to an out-of-memory) against
+``torch:bf16`` at its own largest.
 
 ``--profile DIR``: after the timed steps of each variant, one more full step (forward, backward,
 optimizer) runs under torch.profiler (CPU + CUDA activities) inside named ranges (see
@@ -350,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                              "ratios compare with the plain torch:bf16 / fused:bf16 rows)")
     parser.add_argument("--micro-batches", nargs="+", type=int, default=[16, 32, 48, 64])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup-steps", type=int, default=4,
+                        help="untimed steps of the first variant at the first micro-batch before "
+                             "the table (0: none); the first row of a process otherwise ran ~6%% "
+                             "slow on an H100 (results/train_1xH100_expert_copies.txt)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -367,6 +373,17 @@ def main(argv: list[str] | None = None) -> int:
     if not main_rank:  # one table, from rank 0
         args.json = None
     rows = []
+    if args.warmup_steps > 0 and args.variants and args.micro_batches:
+        backend, recipe, extra = parse_variant(args.variants[0])
+        if main_rank:
+            print(f"warm-up: {args.variants[0]} micro-batch {args.micro_batches[0]}, "
+                  f"{args.warmup_steps} untimed steps", flush=True)
+        try:
+            run_variant(args.preset, backend, recipe, args.micro_batches[0], args.warmup_steps,
+                        args.seq_len, None, args.expert_parallel, args.dispatcher, extra)
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
     for variant in args.variants:
         backend, recipe, extra = parse_variant(variant)
         for micro in args.micro_batches:
