@@ -416,17 +416,24 @@ def test_weight_cache_guard_rebuilds_after_in_place_change():
     assert cache.builds == 3
 
 
+def _plain_and_cached(seed: int) -> tuple[MoE, MoE]:
+    """An uncached float32 fused layer and a copy of it with ``cache_expert_weights`` on (the
+    reference kernels)."""
+    _, plain = _layers(seed, "random", dtype=torch.float32)
+    cached = MoE(_cfg(backend="fused"), layer_id=0)
+    cached.load_state_dict(plain.state_dict())
+    cached.experts.kernels = ReferenceExpertKernels()
+    cached.cache_expert_weights = True
+    return plain, cached
+
+
 def test_cached_bf16_weights_are_bitwise_the_per_call_casts():
     """``cache_expert_weights`` (BF16 recipe under bf16 autocast): three micro-batches read one
     cast of the float32 masters (one build, no cast of w13/w2 in any forward or backward), and
     outputs and every gradient equal the uncached layer's bitwise; after the weights change and
     `invalidate_weight_cache`, the next micro-batch casts the new weights."""
     seed = torch.seed() % 2**31
-    _, plain = _layers(seed, "random", dtype=torch.float32)
-    cached = MoE(_cfg(backend="fused"), layer_id=0)
-    cached.load_state_dict(plain.state_dict())
-    cached.experts.kernels = ReferenceExpertKernels()
-    cached.cache_expert_weights = True
+    plain, cached = _plain_and_cached(seed)
     cache = cached.experts.weight_cache
     gen = torch.Generator().manual_seed(seed)
     expert_shapes = {tuple(cached.experts.w13.shape), tuple(cached.experts.w2.shape)}
@@ -473,11 +480,7 @@ def test_optimizer_step_refreshes_the_cached_bf16_copies():
     from nmoe_core.optim import AdamW
 
     seed = torch.seed() % 2**31
-    _, plain = _layers(seed, "random", dtype=torch.float32)
-    cached = MoE(_cfg(backend="fused"), layer_id=0)
-    cached.load_state_dict(plain.state_dict())
-    cached.experts.kernels = ReferenceExpertKernels()
-    cached.cache_expert_weights = True
+    plain, cached = _plain_and_cached(seed)
     cache = cached.experts.weight_cache
     assert cached.weight_copy_targets() == {}  # nothing cast before the first forward
     opts = [AdamW([layer.experts.w13, layer.experts.w2], lr=1e-2, state_dtype=torch.bfloat16)
