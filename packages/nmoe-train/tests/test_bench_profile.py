@@ -185,3 +185,35 @@ def test_plain_rows_run_eager_whatever_the_preset_says():
         "compile=true", "cache_expert_weights=true", "optim.adamw_state_dtype=bfloat16"))
     assert fast.compile and fast.cache_expert_weights and fast.global_batch == 64
     assert fast.optim.adamw_state_dtype == "bfloat16"
+
+
+def test_warmup_runs_the_first_variant_untimed_before_the_table(monkeypatch, tmp_path, capsys):
+    """``--warmup-steps``: the first variant at the first micro-batch runs that many steps
+    before any timed row, and is not in the table; an out-of-memory in the warm-up is no error.
+    (run_variant itself needs a GPU: replaced by a recorder.)"""
+    bench = _bench()
+    calls = []
+
+    def fake_run_variant(preset, backend, recipe, micro, steps, *args):
+        calls.append((backend, recipe, micro, steps))
+        if len(calls) == 1 and micro == 8:
+            raise torch.OutOfMemoryError("warm-up")
+        return {"backend": backend, "recipe": recipe, "micro_batch": micro, "gpus": 1,
+                "tokens_per_s": 1.0, "ms_per_step": 1.0, "mfu": 0.1, "peak_gib": 1.0,
+                "comm_buffer_gib": 0.0, "device": "cpu", "torch": torch.__version__,
+                "overrides": []}
+
+    monkeypatch.setattr(bench, "run_variant", fake_run_variant)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--variants", "fused:bf16", "torch:bf16", "--micro-batches", "16", "32",
+                       "--steps", "3", "--warmup-steps", "2", "--json", str(out)]) == 0
+    assert calls == [("fused", "bf16", 16, 2), ("fused", "bf16", 16, 3), ("fused", "bf16", 32, 3),
+                     ("torch", "bf16", 16, 3), ("torch", "bf16", 32, 3)]
+    assert len(json.loads(out.read_text())) == 4
+    assert "warm-up: fused:bf16 micro-batch 16, 2 untimed steps" in capsys.readouterr().out
+    calls.clear()
+    bench.main(["--variants", "fused:bf16", "--micro-batches", "8", "--steps", "3"])
+    assert calls == [("fused", "bf16", 8, 4), ("fused", "bf16", 8, 3)]  # warm-up OOM tolerated
+    calls.clear()
+    bench.main(["--variants", "fused:bf16", "--micro-batches", "8", "--warmup-steps", "0"])
+    assert calls == [("fused", "bf16", 8, 6)]

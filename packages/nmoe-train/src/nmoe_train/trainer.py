@@ -704,7 +704,9 @@ class Trainer:
             f", steps {cfg.steps}, target {cfg.target_loss}",
             (f"compile: {len(self.compiled_regions)} regions (attention halves, MLPs, routers)"
              if self.compiled_regions else "compile: off (eager)")
-            + (", bf16 expert weights cached per step" if self._caches_expert_weights() else ""),
+            + (", bf16 expert weights cached per step" if self._caches_expert_weights() else "")
+            + (" (refreshed by nmoe's AdamW step)" if self._caches_expert_weights()
+               and cfg.optimizer_refreshes_expert_copies else ""),
             f"data: {self.train_loader.describe() if self.train_loader else 'synthetic tokens'}",
         ]
         lines.append(self.memory_line())
