@@ -62,9 +62,19 @@ SMEM_CAPACITY = 232448  # sm_90 max dynamic shared memory per block (227 KiB)
 MAX_STAGES = 8
 
 
+# 256-wide tiles run so much better than narrower ones (fewer shared-memory operand bytes per
+# FLOP) that padding N up to a multiple of 256 pays while it stays small: on one H100, moonlight's
+# dgrad W2 (N = 1408 = 11 x 128) took 1.026 ms with BN 256 (8% padded) against 1.082 ms with the
+# exact BN 128 and 1.139 ms with BN 192, same bits (bench/results/sweep_bf16_H100.txt).
+WIDE_TILE_MAX_PAD = 0.10  # BN 256 whenever it pads N by at most this fraction of N
+
+
 def choose_tile_n(gemm_n: int, op: str) -> int:
-    """The BN that wastes the least of ``gemm_n`` (ties go to the wider tile)."""
+    """BN 256 when it pads ``gemm_n`` by at most `WIDE_TILE_MAX_PAD` of it, else the BN that
+    wastes the least (ties go to the wider tile); SwiGLU always 256."""
     if op == "swiglu":
+        return 256
+    if (-(-gemm_n // 256) * 256 - gemm_n) <= WIDE_TILE_MAX_PAD * gemm_n:
         return 256
     best = None
     for tile_n in (256, 192, 128):
