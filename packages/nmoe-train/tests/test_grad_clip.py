@@ -223,14 +223,14 @@ class _OldRecipe:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def step(self, grad_coef=None) -> None:
+    def step(self, grad_coef=None, param_copies=None) -> set[int]:
         grads = [p.grad for p in self.inner.params if p.grad is not None]
         norm = _old_norm(grads)
         self.norms.append(norm)
         if norm > self.clip:
             for g in grads:
                 g.mul_(self.clip / (norm + 1e-6))
-        self.inner.step()
+        return self.inner.step(param_copies=param_copies)
 
 
 def test_train_step_clips_like_norm_then_mul(tmp_path):

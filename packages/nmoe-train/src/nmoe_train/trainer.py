@@ -530,12 +530,9 @@ class Trainer:
         # Weight copies (FP8, bf16) are made once per step, not per micro-batch; the bf16 ones
         # come out of the AdamW update itself where it can write them.
         copies = self._expert_copy_targets()
-        if copies:
-            refreshed = self.optimizer.step(grad_coef=clip_coef, param_copies=copies)
-        else:
-            refreshed = self.optimizer.step(grad_coef=clip_coef)
+        refreshed = self.optimizer.step(grad_coef=clip_coef, param_copies=copies or None)
         for layer in self.model.moe_layers():
-            layer.after_optimizer_step(refreshed or ())
+            layer.after_optimizer_step(refreshed)
         self.optimizer.zero_grad()
         loads = all_reduce_sum(self.model.router_loads().to(self.device))
         self.model.update_router_biases(
