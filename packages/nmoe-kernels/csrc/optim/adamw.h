@@ -30,8 +30,9 @@ struct AdamwScalars {
 };
 
 // table: int64 [num_tensors, cols] on `device`, cols kAdamwTableCols or kAdamwTableCols + 1 (the
-// copy column); num_blocks: total CTAs (the last row's first block plus its block count). Moments are bfloat16 when moments_bf16, else float32;
-// params and grads float32. grad_coef: a float32 device scalar multiplying every gradient, or null.
+// copy column); num_blocks: total CTAs (the last row's first block plus its block count).
+// Moments are bfloat16 when moments_bf16, else float32; params and grads float32. grad_coef: a
+// float32 device scalar multiplying every gradient, or null.
 void launch_adamw_step(const int64_t* table, int64_t num_tensors, int cols, int64_t num_blocks,
                        bool moments_bf16, const AdamwScalars& scalars, const float* grad_coef,
                        int device, std::uintptr_t stream);

@@ -99,10 +99,6 @@ __device__ __forceinline__ bool aligned(const void* ptr, int bytes) {
   return (reinterpret_cast<uintptr_t>(ptr) & static_cast<uintptr_t>(bytes - 1)) == 0;
 }
 
-__device__ __forceinline__ void store4_bf16(__nv_bfloat16* ptr, const float (&x)[4]) {
-  MomentIO<__nv_bfloat16>::store4(ptr, x);
-}
-
 template <typename M>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const int64_t* __restrict__ table,
                                                          int64_t num_tensors, int cols,
@@ -154,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const int64_t* __restri
       *reinterpret_cast<float4*>(param + i) = make_float4(out_p[0], out_p[1], out_p[2], out_p[3]);
       IO::store4(exp_avg + i, out_m);
       IO::store4(exp_avg_sq + i, out_v);
-      if (copy != nullptr) store4_bf16(copy + i, out_p);
+      if (copy != nullptr) MomentIO<__nv_bfloat16>::store4(copy + i, out_p);
     }
     scalar_from = vec_end;
   }

@@ -26,9 +26,8 @@ def adamw_step_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     rounding boundary by one bfloat16 ulp). Memory traffic is one read and one write of each
     array: 28 bytes per parameter with float32 moments, 20 with bfloat16, plus 2 for each
     parameter with a bf16 copy (where a separate ``.to(torch.bfloat16)`` reads the parameter
-    again: 6). The tensor list is
-    uploaded as a small table each call (one pinned, asynchronous copy); nothing synchronises
-    with the host.
+    again: 6). The tensor list is uploaded as a small table each call (one pinned, asynchronous
+    copy); nothing synchronises with the host.
 
     Args:
         params: float32 CUDA tensors, contiguous, updated in place.
