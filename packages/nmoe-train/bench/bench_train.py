@@ -8,8 +8,9 @@ sequence length 2048 with each micro-batch size until one runs out of memory; th
 the median tokens/s of the steps after the first (compile/warm-up) step, MFU (training FLOPs as
 `nmoe_train.trainer.flops_per_token` counts them, over the card's dense bf16 peak) and the peak
 memory, plus each variant's ratio to ``torch:bf16`` at the same micro-batch, measured in the same
-process on the same card (after ``--warmup-steps`` untimed steps of the first variant: the first
-row of a process ran ~6% slow without them), and ends with each variant at its largest
+process on the same card (after ``--warmup-steps`` untimed steps of the first variant; rows of one
+process still differ by up to ~11% on an H100, results/train_1xH100_position_check.txt, so
+compare close variants over repeats in alternating order), and ends with each variant at its largest
 micro-batch (the largest that fits when the list went on to an out-of-memory) against
 ``torch:bf16`` at its own largest.
 
@@ -354,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup-steps", type=int, default=4,
                         help="untimed steps of the first variant at the first micro-batch before "
-                             "the table (0: none); the first row of a process otherwise ran ~6%% "
-                             "slow on an H100 (results/train_1xH100_expert_copies.txt)")
+                             "the table (0: none). They do not remove the row-to-row spread of "
+                             "up to ~11%% on an H100 (results/train_1xH100_position_check.txt)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
