@@ -34,6 +34,11 @@ in the sync-free and graph modes asked for (``reduce_on_owner=True``: the combin
 row per token and owner, the owner's partial sum; its match column allows that sum's bfloat16
 rounding, the dispatch still bitwise).
 
+``--two-kernel`` adds ``backend/2k`` rows (``pipelined=False``: the two-kernel path, scatter ->
+barrier -> unpack and return -> barrier -> reduce, against the default pipelined kernels in the
+same run); ``--grids DB,DP,CB,CP ...`` adds ``ipc@...`` rows with other grids for the pipelined
+kernels (blocks per SM and percent of sender blocks, dispatch then combine).
+
 ``--breakdown`` (``ipc`` / ``nvshmem`` only; default shape the decode size) times each stage of
 one dispatch + combine instead, synchronous and sync-free: the dispatcher's ``stage_hook``
 records a CUDA event and ``time.perf_counter_ns`` right after each stage is enqueued (dispatch:
@@ -41,7 +46,9 @@ records a CUDA event and ``time.perf_counter_ns`` right after each stage is enqu
 and its GPU barrier), ``scatter_slots`` (with the completion barrier), ``host_sync`` (the status
 read: the host waits for the GPU here), ``alloc`` (output tensors), ``unpack``, ``handle``
 (result objects), ``(return)``; combine: ``checks``, ``return_rows`` (with its barrier),
-``reduce_slots``, ``(return)``). Per stage it prints the host time between marks (Python,
+``reduce_slots``, ``(return)``; the pipelined kernels report ``dispatch_stream`` in place of
+``scatter_slots`` and ``unpack``, ``combine_stream`` in place of the combine's two, and their
+``host_sync`` comes before the kernel). Per stage it prints the host time between marks (Python,
 pybind and launch calls; for ``host_sync`` the wait) and the GPU time between the events (kernel
 time plus any idle gap waiting for the host or for other ranks at a barrier), medians over
 iterations, for the slowest rank and rank 0, plus the cost of one mark itself.
@@ -118,14 +125,24 @@ def _barrier(device) -> None:
 
 
 def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = False):
-    """``dedup``: False, True (``dedup_rows``) or "owner" (also ``reduce_on_owner``)."""
+    """``dedup``: False, True (``dedup_rows``) or "owner" (also ``reduce_on_owner``).
+    ``backend``: a registered name, ``NAME/2k`` (``pipelined=False``: the two-kernel path), or
+    ``NAME@DB,DP,CB,CP`` (the pipelined kernels' grids: dispatch and combine blocks per SM and
+    percent of senders; see `RdepDispatcher.dispatch_grid`)."""
     tokens, hidden, top_k = shape
-    options = {} if backend == "nccl" else {
+    name, _, grid = backend.partition("@")
+    name, _, mode = name.partition("/")
+    options = {} if name == "nccl" else {
         "hidden": hidden, "dtype": torch.bfloat16, "max_send_rows": tokens * top_k,
-        "dedup_rows": bool(dedup), "reduce_on_owner": dedup == "owner"}
-    return nmoe_comm.create_dispatcher(backend, num_experts=num_experts,
-                                       capacity=_capacity(tokens, top_k), world_size=world,
-                                       rank=rank, **options)
+        "dedup_rows": bool(dedup), "reduce_on_owner": dedup == "owner",
+        "pipelined": mode != "2k"}
+    dispatcher = nmoe_comm.create_dispatcher(name, num_experts=num_experts,
+                                             capacity=_capacity(tokens, top_k), world_size=world,
+                                             rank=rank, **options)
+    if grid:
+        db, dp, cb, cp = (int(v) for v in grid.split(","))
+        dispatcher.dispatch_grid, dispatcher.combine_grid = (db, dp), (cb, cp)
+    return dispatcher
 
 
 def _run(dispatcher, sets, fp8, sync, iters, warmup, device, y_pool):
@@ -360,7 +377,10 @@ def _stage_times(dispatcher, sets, sync, iters, warmup, device):
 
 def _breakdown_main(args, shapes, world, rank, device) -> None:
     """``--breakdown``: the stage table for each ipc/nvshmem backend, synchronous and sync-free."""
-    backends = [b for b in args.backends if b in ("ipc", "nvshmem")] or ["ipc"]
+    backends = [b for b in args.backends if b.partition("/")[0] in ("ipc", "nvshmem")] or [
+        "ipc"]
+    if args.two_kernel:
+        backends += [b + "/2k" for b in backends]
     if rank == 0:
         print(f"{torch.cuda.get_device_name(device)} x{world}, torch {torch.__version__}; "
               f"medians over {args.iters} iterations; host = time on the CPU between marks, "
@@ -418,6 +438,12 @@ def main() -> None:
                              "and owner both ways; its match column allows the bfloat16 "
                              "rounding of each owner's partial sum) in the --sync-free and "
                              "--graph modes given")
+    parser.add_argument("--two-kernel", action="store_true",
+                        help="also time each ipc/nvshmem variant with pipelined=False (rows "
+                             "NAME/2k: scatter, barrier, unpack; return, barrier, reduce)")
+    parser.add_argument("--grids", nargs="*", default=[], metavar="DB,DP,CB,CP",
+                        help="also time ipc with these pipelined-kernel grids (dispatch blocks "
+                             "per SM, percent senders, combine blocks per SM, percent senders)")
     parser.add_argument("--breakdown", action="store_true",
                         help="per-stage host/GPU times of ipc/nvshmem dispatch + combine "
                              "(default shape: the decode size) instead of the table")
@@ -460,6 +486,14 @@ def _table_main(args, shapes, world, rank, device) -> None:
     if args.fp8:
         variants += [(b, True, True, False, False) for b in args.backends]
     rdep_backends = [b for b in args.backends if b != "nccl"]
+    if args.two_kernel:  # the unpipelined path beside each, same run
+        extra = [b + "/2k" for b in rdep_backends]
+        variants += [(b, False, True, False, False) for b in extra]
+        rdep_backends += extra
+    for grid in args.grids:  # pipelined grid variants of ipc, same run
+        extra = [f"ipc@{grid}"]
+        variants += [(b, False, True, False, False) for b in extra]
+        rdep_backends += extra
     if args.dedup:
         variants += [(b, False, True, True, False) for b in rdep_backends]
     if args.sync_free:

@@ -40,7 +40,9 @@ namespace py = pybind11;
 //      the argument that was the host's epoch is now `sync_peers`, a flag (nonzero: barrier).
 //   5: partial sums on the owner (`reduce_on_owner`): scatter_slots takes `head_N`, unpack
 //      `chain_R`, `head_R`, `row_of_land`, reduce_slots `head_N`; owner_reduce.
-constexpr int kAbiVersion = 5;
+//   6: the pipelined transport: dispatch_stream, combine_stream; route_plan takes `slot_of_send`;
+//      Rdep takes the flag regions (dflags_off, cflags_off, dflag_chunks); 32 counter words.
+constexpr int kAbiVersion = 6;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -139,7 +141,8 @@ class Rdep {
   Rdep(int device, int rank, int world, int num_experts, int64_t capacity, int64_t max_send_rows,
        Ptr peer_bases, Ptr local_base, Ptr stage, int64_t signal_off, int64_t counter_off,
        int64_t counts_off, int64_t counts_src_off, int64_t recv_off, int64_t recv_stride,
-       int64_t ret_off, int64_t ret_stride, int64_t dots_off, uint64_t timeout_ns)
+       int64_t ret_off, int64_t ret_stride, int64_t dots_off, int64_t dflags_off,
+       int64_t cflags_off, int64_t dflag_chunks, uint64_t timeout_ns)
       : device_(device) {
     if (world < 1 || world > kMaxRanks || rank < 0 || rank >= world ||
         num_experts % world != 0 || recv_stride % 16 != 0 || ret_stride % 16 != 0) {
@@ -157,6 +160,9 @@ class Rdep {
     g_.ret_off = ret_off;
     g_.ret_stride = ret_stride;
     g_.dots_off = dots_off;
+    g_.dflags_off = dflags_off;
+    g_.cflags_off = cflags_off;
+    g_.dflag_chunks = dflag_chunks;
     g_.capacity = capacity;
     g_.max_send_rows = max_send_rows;
     g_.rank = rank;
@@ -169,12 +175,79 @@ class Rdep {
     sm_count_ = sm_count(device);
   }
 
+  // slot_of_send: 0, or int32 [num_slots] (the pipelined dispatch needs it).
   void route_plan(Ptr ids, bool ids_int64, int64_t num_slots, int32_t local_flags, Ptr send_pos,
-                  Ptr land_index, Ptr counts_E, Ptr info, int flags, uint64_t sync_peers, Ptr stream) {
+                  Ptr land_index, Ptr slot_of_send, Ptr counts_E, Ptr info, int flags,
+                  uint64_t sync_peers, Ptr stream) {
     CudaDeviceGuard guard(device_, "route_plan");
     launch_route_plan(g_, as<const void>(ids), ids_int64, num_slots, local_flags,
-                      as<int32_t>(send_pos), as<int32_t>(land_index), as<int64_t>(counts_E),
-                      as<int64_t>(info), flags, sync_peers, stream_of(stream));
+                      as<int32_t>(send_pos), as<int32_t>(land_index), as<int32_t>(slot_of_send),
+                      as<int64_t>(counts_E), as<int64_t>(info), flags, sync_peers,
+                      stream_of(stream));
+  }
+
+  // The pipelined dispatch (rdep_stream.cu): scatter_slots + unpack in one kernel; phase_R gets
+  // each row's token phase. num_rows: rows the outputs hold.
+  void dispatch_stream(Ptr ids, bool ids_int64, int64_t num_slots, int64_t num_tokens,
+                       int top_k, Ptr send_pos, Ptr land_index, Ptr slot_of_send, Ptr src0,
+                       int64_t stride0, int64_t bytes0, Ptr src1, int64_t stride1, int64_t bytes1,
+                       Ptr gates, Ptr info, bool dedup, Ptr head_N, int64_t num_rows, Ptr out0,
+                       Ptr out1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
+                       Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, int blocks_per_sm,
+                       int send_percent, Ptr stream) {
+    CudaDeviceGuard guard(device_, "dispatch_stream");
+    DispatchStreamArgs a{};
+    a.ids = as<const void>(ids);
+    a.ids_int64 = ids_int64;
+    a.num_slots = num_slots;
+    a.num_tokens = num_tokens;
+    a.top_k = top_k;
+    a.send_pos = as<const int32_t>(send_pos);
+    a.land_index = as<const int32_t>(land_index);
+    a.slot_of_send = as<const int32_t>(slot_of_send);
+    a.p0 = Payload{as<const char>(src0), stride0, bytes0};
+    a.p1 = Payload{as<const char>(src1), stride1, bytes1};
+    a.gates = as<const float>(gates);
+    a.info = as<const int64_t>(info);
+    a.dedup = dedup;
+    a.head_N = as<int32_t>(head_N);
+    a.max_rows = num_rows;
+    a.out0 = as<char>(out0);
+    a.out1 = as<char>(out1);
+    a.gates_R = as<float>(gates_R);
+    a.src_rank_R = as<int32_t>(src_rank_R);
+    a.ret_index_R = as<int32_t>(ret_index_R);
+    a.land_row_R = as<int32_t>(land_row_R);
+    a.chain_R = as<int32_t>(chain_R);
+    a.head_R = as<int32_t>(head_R);
+    a.row_of_land = as<int32_t>(row_of_land);
+    a.phase_R = as<int32_t>(phase_R);
+    launch_dispatch_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
+  }
+
+  // The pipelined combine: return_rows + reduce_slots in one kernel (num_tokens 0: reduce none;
+  // phase_tokens: T of the dispatch).
+  void combine_stream(int dtype, int64_t num_rows, Ptr num_rows_dev, int64_t hidden, Ptr rows,
+                      Ptr src_rank_R, Ptr ret_index_R, Ptr phase_R, int64_t num_tokens,
+                      int64_t phase_tokens, int top_k, Ptr send_pos, Ptr gates, Ptr out,
+                      int blocks_per_sm, int send_percent, Ptr stream) {
+    CudaDeviceGuard guard(device_, "combine_stream");
+    CombineStreamArgs a{};
+    a.dtype = row_dtype(dtype, "row");
+    a.max_rows = num_rows;
+    a.num_rows_dev = as<const int64_t>(num_rows_dev);
+    a.hidden = hidden;
+    a.rows = as<const void>(rows);
+    a.src_rank_R = as<const int32_t>(src_rank_R);
+    a.ret_index_R = as<const int32_t>(ret_index_R);
+    a.phase_R = as<const int32_t>(phase_R);
+    a.num_tokens = num_tokens;
+    a.phase_tokens = phase_tokens;
+    a.top_k = top_k;
+    a.send_pos = as<const int32_t>(send_pos);
+    a.gates = as<const float>(gates);
+    a.out = as<void>(out);
+    launch_combine_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
   }
 
   void scatter_slots(Ptr ids, bool ids_int64, int64_t num_slots, int top_k, Ptr send_pos,
@@ -293,15 +366,20 @@ PYBIND11_MODULE(_C, m) {
   m.attr("PLAN") = static_cast<int>(kPlan);
   m.attr("TRAILER_BYTES") = kTrailerBytes;
   m.attr("MAX_RANKS") = kMaxRanks;
+  m.attr("STREAM_CHUNK_ROWS") = kStreamChunkRows;
+  m.attr("STREAM_PHASES") = kStreamPhases;
+  m.attr("COUNTER_WORDS") = kCounterWords;
   py::class_<Rdep>(m, "Rdep")
       .def(py::init<int, int, int, int, int64_t, int64_t, Ptr, Ptr, Ptr, int64_t, int64_t,
-                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint64_t>(),
+                    int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    int64_t, int64_t, uint64_t>(),
            py::arg("device"), py::arg("rank"), py::arg("world"), py::arg("num_experts"),
            py::arg("capacity"), py::arg("max_send_rows"), py::arg("peer_bases"),
            py::arg("local_base"), py::arg("stage"), py::arg("signal_off"),
            py::arg("counter_off"), py::arg("counts_off"), py::arg("counts_src_off"),
            py::arg("recv_off"), py::arg("recv_stride"), py::arg("ret_off"),
-           py::arg("ret_stride"), py::arg("dots_off"), py::arg("timeout_ns"))
+           py::arg("ret_stride"), py::arg("dots_off"), py::arg("dflags_off"),
+           py::arg("cflags_off"), py::arg("dflag_chunks"), py::arg("timeout_ns"))
       .def("route_plan", &Rdep::route_plan)
       .def("scatter_slots", &Rdep::scatter_slots)
       .def("unpack", &Rdep::unpack)
@@ -310,6 +388,8 @@ PYBIND11_MODULE(_C, m) {
       .def("owner_reduce", &Rdep::owner_reduce)
       .def("owner_grad", &Rdep::owner_grad)
       .def("gather_dots", &Rdep::gather_dots)
+      .def("dispatch_stream", &Rdep::dispatch_stream)
+      .def("combine_stream", &Rdep::combine_stream)
       .def("barrier", &Rdep::barrier);
 #endif
 }

@@ -23,6 +23,14 @@ constexpr int kMaxRanks = 1024;
 constexpr int kTrailerBytes = 16;  // per landing row: float gate, then (dedup) int32 payload row
 constexpr int kTrailerRowOffset = 4;  // byte offset of that payload row in the trailer
 constexpr int kTrailerNextOffset = 8;  // (dedup) int32: landing row of the token's next slot here
+constexpr int kTrailerPhaseOffset = 12;  // (pipelined) int32: the slot's token phase at its source
+
+// Pipelined transport (rdep_stream.cu): a dispatch moves rows in chunks of kStreamChunkRows
+// consecutive send positions of one (source, owner) pair, each published by a flag; a combine
+// returns rows in kStreamPhases token phases (token t of T is in phase t * kStreamPhases / T),
+// each published by one flag per (owner, source).
+constexpr int kStreamChunkRows = 32;
+constexpr int kStreamPhases = 16;
 
 // Byte offsets of the regions of one rank's buffer (identical on every rank), and the groups's
 // shape. Passed to every kernel by value.
@@ -31,8 +39,8 @@ struct Layout {
   char* local_base;           // this rank's buffer
   char* stage;                // staging for unmapped peers (nullptr when every peer is mapped)
   int64_t signal_off;         // uint64 [W]: barrier epoch last received from each rank
-  int64_t counter_off;        // uint32 [8]: last-block counters (CounterSlot); words
-                              // 6-7: this rank's barrier epoch (uint64, kEpochWord)
+  int64_t counter_off;        // uint32 [kCounterWords]: last-block counters (CounterSlot);
+                              // words 4-5 and 6-7: the stream and barrier epochs (uint64)
   int64_t counts_off;         // int32 [W][E + 1]: count matrix C; row s written by rank s
   int64_t counts_src_off;     // int32 [E + 1]: this rank's count row (NVSHMEM fcollect source)
   int64_t recv_off;           // landing rows [capacity][recv_stride]: payloads + trailer
@@ -40,6 +48,11 @@ struct Layout {
   int64_t ret_off;            // returned rows [max_send_rows][ret_stride], in send order
   int64_t ret_stride;
   int64_t dots_off;           // float [max_send_rows], in send order
+  int64_t dflags_off;         // uint64 [W][dflag_chunks]: pipelined dispatch, chunk c of source s
+                              // published (the stream epoch) by s
+  int64_t cflags_off;         // uint64 [W][kStreamPhases]: pipelined combine, phase p of owner o
+                              // returned (the stream epoch) by o
+  int64_t dflag_chunks;       // ceil(capacity / kStreamChunkRows)
   int64_t capacity;
   int64_t max_send_rows;
   int rank;
@@ -65,11 +78,23 @@ enum CountFlags : int32_t { kFlagBadId = 1, kFlagTooManySlots = 2, kFlagRowTooWi
 // route_plan flags.
 enum RouteFlags : int { kRoute = 1, kExchange = 2, kPlan = 4 };
 
-// Last-block counters (index into the uint32 [8] counter region).
-enum CounterSlot : int { kCounterScatter = 0, kCounterReturn = 1, kCounterOwnerGrad = 2 };
-// The counter region read as uint64 [4]: index of this rank's barrier epoch (the barriers it has
-// run; counted on the device so that CUDA graphs replay with fresh epochs).
+// Last-block and work counters (index into the uint32 [kCounterWords] counter region).
+enum CounterSlot : int {
+  kCounterScatter = 0,
+  kCounterReturn = 1,
+  kCounterOwnerGrad = 2,
+  kCounterStreamDispatch = 8,   // blocks done (pipelined dispatch)
+  kCounterStreamCombine = 9,    // blocks done (pipelined combine)
+  kCounterClaimDispatch = 10,   // next receive item to claim
+  kCounterClaimCombine = 11,    // next reduce item to claim
+  kCounterPhaseBase = 16,       // [kStreamPhases]: sender blocks done with each combine phase
+};
+constexpr int kCounterWords = kCounterPhaseBase + kStreamPhases;
+// The counter region read as uint64: index of this rank's barrier epoch (the barriers it has
+// run; counted on the device so that CUDA graphs replay with fresh epochs), and of its stream
+// epoch (the pipelined kernels it has run; their flags carry it).
 constexpr int kEpochWord = 3;
+constexpr int kStreamEpochWord = 2;
 
 enum RowDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
@@ -79,10 +104,12 @@ struct Payload {
   int64_t bytes;    // bytes per row (0: no payload)
 };
 
+// slot_of_send (optional, int32 [N]): the slot at each send position (the pipelined dispatch
+// walks the send order).
 void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                        int32_t local_flags, int32_t* send_pos, int32_t* land_index,
-                       int64_t* counts_E, int64_t* info, int flags, unsigned long long sync_peers,
-                       cudaStream_t stream);
+                       int32_t* slot_of_send, int64_t* counts_E, int64_t* info, int flags,
+                       unsigned long long sync_peers, cudaStream_t stream);
 
 // dedup: each token's row goes once per owner (dispatch with every owner mapped; the trailer of
 // each slot's landing row names the landing row holding its payload and the landing row of the
@@ -126,6 +153,65 @@ void launch_owner_grad(const Layout& g, RowDtype y_dtype, RowDtype go_dtype, int
                        const int32_t* src_rank_R, const int32_t* ret_index_R,
                        const int32_t* land_row_R, void* grad_y, unsigned long long sync_peers,
                        int sm_count, cudaStream_t stream);
+
+// Pipelined dispatch (every peer mapped): scatter_slots and unpack in one kernel. Sender blocks
+// walk this rank's send order in chunks and publish each chunk with a flag on its owner;
+// receiver blocks copy each arrived chunk from landing order to contract order (the outputs of
+// unpack, plus phase_R, each row's token phase at its source), so the local copy overlaps the
+// transfers. No barrier: the receivers wait for exactly the chunks the count matrix announces.
+struct DispatchStreamArgs {
+  const void* ids;
+  bool ids_int64;
+  int64_t num_slots;
+  int64_t num_tokens;
+  int top_k;
+  const int32_t* send_pos;
+  const int32_t* land_index;
+  const int32_t* slot_of_send;
+  Payload p0, p1;
+  const float* gates;
+  const int64_t* info;
+  bool dedup;
+  int32_t* head_N;
+  int64_t max_rows;             // rows the outputs hold (R, or capacity when sync-free)
+  char* out0;
+  char* out1;
+  float* gates_R;
+  int32_t* src_rank_R;
+  int32_t* ret_index_R;
+  int32_t* land_row_R;
+  int32_t* chain_R;
+  int32_t* head_R;
+  int32_t* row_of_land;
+  int32_t* phase_R;
+};
+// Grid: `blocks_per_sm` blocks per SM (capped to what is resident at once), `send_percent` of
+// them senders.
+void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int blocks_per_sm,
+                            int send_percent, int sm_count, cudaStream_t stream);
+
+// Pipelined combine (every peer mapped, a pipelined dispatch's handle): return_rows and
+// reduce_slots in one kernel. Sender blocks return the rows phase by phase (phase_R) and publish
+// each finished phase with a flag on every source; reducer blocks sum each phase's tokens once
+// every owner has published it. Same sums, same order as reduce_slots (bitwise).
+struct CombineStreamArgs {
+  RowDtype dtype;
+  int64_t max_rows;
+  const int64_t* num_rows_dev;
+  int64_t hidden;
+  const void* rows;
+  const int32_t* src_rank_R;
+  const int32_t* ret_index_R;
+  const int32_t* phase_R;
+  int64_t num_tokens;           // this rank's tokens to reduce (0: none)
+  int64_t phase_tokens;         // T of this rank's dispatch (sets the phases)
+  int top_k;
+  const int32_t* send_pos;
+  const float* gates;
+  void* out;
+};
+void launch_combine_stream(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
+                           int send_percent, int sm_count, cudaStream_t stream);
 
 void launch_gather_dots(const Layout& g, int64_t num_slots, const int32_t* send_pos, float* out,
                         cudaStream_t stream);

@@ -13,7 +13,9 @@ replayed on fresh inputs between eager calls (``ipc``, ``nvshmem``), and destroy
 ``nvshmem`` also ``peer_access="puts"`` (the multi-node path: staged rows moved by NVSHMEM puts,
 on-stream fcollect and barriers) and a second dispatcher with ``dedup_rows=True`` and
 ``reduce_on_owner=True`` (one row per token and owner, both ways: the combine without gates and
-the dispatch backward sum on the owners). ``--mode sync_free`` runs the checks
+the dispatch backward sum on the owners); for ``ipc`` also a ``pipelined=False`` dispatcher (the
+two-kernel path; the others run the pipelined kernels, the default). ``--mode sync_free`` runs
+the checks
 through ``dispatch(..., sync=False)`` on ``dedup_rows=True`` dispatchers (rule 7: padded rows
 whose tail is NaN when handed back, ``num_received``, errors deferred to ``check_dispatch``
 after combine and both backwards ran on the failed handle), mixed with synchronous calls, then
@@ -118,6 +120,21 @@ def main() -> int:
     testing.check_group_case(small, "top1", testing.GroupCase((13,), 1, 20, 20, "distinct"),
                              torch.float32, args.seed, gather, device, sync=sync)
     small.destroy()
+    if args.backend == "ipc":  # the two-kernel path (scatter, barrier, unpack; return, reduce)
+        plain_cases = {**testing.GROUP_CASES, "fp8_random": testing.FP8_GROUP_CASES["fp8_random"]}
+        plain = nmoe_comm.create_dispatcher(
+            "ipc", num_experts=testing.group_num_experts(world_size),
+            capacity=testing.group_capacity(plain_cases, world_size), world_size=world_size,
+            rank=rank, pipelined=False,
+            **_options(args.backend, plain_cases, world_size, dedup=not sync))
+        if log:
+            log(f"moe dispatcher: {plain.describe()}")
+        testing.run_group_checks(plain, args.seed, gather, device, cases=testing.GROUP_CASES,
+                                 dtypes=(torch.bfloat16,),
+                                 fp8_cases={"fp8_random": testing.FP8_GROUP_CASES["fp8_random"]},
+                                 log=log, sync=sync)
+        testing.check_interleaved_calls(plain, args.seed, gather, device, sync=sync)
+        plain.destroy()
     if args.backend != "nccl":  # one row per token and owner both ways (reduce_on_owner)
         # Small enough to fit beside the first dispatcher in a heap sized for it (nvshmem).
         dedup_cases = {**testing.GROUP_CASES, "decode": testing.GPU_GROUP_CASES["decode"]}

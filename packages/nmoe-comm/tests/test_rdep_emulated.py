@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import pytest
 import torch
@@ -66,8 +67,8 @@ class EmulatedRdep:
         if epoch:
             self.group.barrier.wait()
 
-    def route_plan(self, ids, ids_int64, num_slots, local_flags, send_pos, land_index, counts_E,
-                   info, flags, epoch, stream):
+    def route_plan(self, ids, ids_int64, num_slots, local_flags, send_pos, land_index,
+                   slot_of_send, counts_E, info, flags, epoch, stream):
         assert flags == 7, "CUDA IPC path: route, exchange and plan in one launch"
         E, L, W, me = self.E, self.L, self.world, self.rank
         ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
@@ -83,6 +84,11 @@ class EmulatedRdep:
                 seen[e] += 1
             else:
                 pos_N[i] = -1
+        if slot_of_send:
+            inverse = _mem(slot_of_send, 4 * num_slots, torch.int32)
+            for i, pos in enumerate(pos_N.tolist()):
+                if pos >= 0:
+                    inverse[pos] = i
         row_flags = local_flags | (0 if bool(valid.all()) else 1)
         for p in range(W):  # this rank's count row into every peer's matrix
             width = E + 1
@@ -117,7 +123,7 @@ class EmulatedRdep:
 
     def scatter_slots(self, ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
                       stride0, bytes0, src1, stride1, bytes1, gates, info, dedup, head_N, epoch,
-                      stream):
+                      stream, phase_tokens=0):
         skip = info != 0 and int(_mem(info, 8, torch.int64)[0]) != 0
         if not skip:
             ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
@@ -147,6 +153,9 @@ class EmulatedRdep:
                 if dedup:
                     trailer[4:12] = torch.tensor([payload_row, next_row], dtype=torch.int32).view(
                         torch.uint8)
+                if phase_tokens:  # the pipelined dispatch: the token's phase at byte 12
+                    phase = token * rdep._STREAM_PHASES // phase_tokens
+                    trailer[12:16] = torch.tensor([phase], dtype=torch.int32).view(torch.uint8)
                 if head_N:
                     _mem(head_N + 4 * i, 4, torch.int32)[0] = int(payload_row == int(land_N[i]))
         self._sync(epoch)
@@ -157,7 +166,8 @@ class EmulatedRdep:
         return min(num_rows, int(_mem(num_rows_dev, 8, torch.int64)[0]))
 
     def unpack(self, num_rows, num_rows_dev, dedup, out0, bytes0, out1, bytes1, gates_R,
-               src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land, stream):
+               src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land, stream,
+               phase_R=0):
         if num_rows == 0:
             return
         L, W, me = self.L, self.world, self.rank
@@ -187,6 +197,9 @@ class EmulatedRdep:
             _mem(ret_index_R + 4 * r, 4, torch.int32)[0] = send_off[s] + land - int(
                 land_start[s, 0])
             _mem(land_row_R + 4 * r, 4, torch.int32)[0] = land
+            if phase_R:
+                _mem(phase_R + 4 * r, 4, torch.int32)[0] = int(
+                    src[stride - _TRAILER + 12:stride - _TRAILER + 16].view(torch.int32)[0])
             if chain_R:
                 assert dedup and head_R and row_of_land
                 head, nxt = src[stride - _TRAILER + 4:stride - _TRAILER + 12].view(torch.int32)
@@ -278,6 +291,101 @@ class EmulatedRdep:
     def barrier(self, epoch, stream):
         self._sync(epoch)
 
+    # The pipelined kernels (csrc/rdep_stream.cu): the same writes, and the flags a kernel
+    # publishes and waits for, with the stream epoch; a wait polls (other ranks are threads).
+    def _stream_epoch(self) -> int:
+        word = self._region(self.rank, self.g.counter_off + 8 * 2, 8, torch.int64)
+        return int(word[0]) + 1
+
+    def _end_stream(self, epoch: int) -> None:
+        self._region(self.rank, self.g.counter_off + 8 * 2, 8, torch.int64)[0] = epoch
+
+    def _wait(self, flag: torch.Tensor, epoch: int, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while int(flag[0]) < epoch:
+            if self.group.barrier.broken or time.monotonic() > deadline:
+                raise threading.BrokenBarrierError(f"rank {self.rank}: no {what}")
+            time.sleep(1e-4)
+
+    def _dflag(self, rank: int, source: int, chunk: int) -> torch.Tensor:
+        assert 0 <= chunk < self.g.dflag_chunks
+        return self._region(rank, self.g.dflags_off + 8 * (source * self.g.dflag_chunks + chunk),
+                            8, torch.int64)
+
+    def _cflag(self, rank: int, owner: int, phase: int) -> torch.Tensor:
+        offset = self.g.cflags_off + 8 * (owner * rdep._STREAM_PHASES + phase)
+        return self._region(rank, offset, 8, torch.int64)
+
+    def dispatch_stream(self, ids, ids_int64, num_slots, num_tokens, top_k, send_pos, land_index,
+                        slot_of_send, src0, stride0, bytes0, src1, stride1, bytes1, gates, info,
+                        dedup, head_N, num_rows, out0, out1, gates_R, src_rank_R, ret_index_R,
+                        land_row_R, chain_R, head_R, row_of_land, phase_R, blocks_per_sm,
+                        send_percent, stream):
+        chunk_rows, L, W, me = rdep._STREAM_CHUNK_ROWS, self.L, self.world, self.rank
+        epoch = self._stream_epoch()
+        ok = int(_mem(info, 8, torch.int64)[0]) == 0
+        C = self._counts().long()
+        if ok:
+            self.scatter_slots(ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
+                               stride0, bytes0, src1, stride1, bytes1, gates, info, dedup,
+                               head_N, 0, stream, phase_tokens=num_tokens)
+            for o in range(W):  # publish every chunk of this rank's rows for each owner
+                rows = int(C[me, o * L:(o + 1) * L].sum())
+                for chunk in range(-(-rows // chunk_rows)):
+                    self._dflag(o, me, chunk)[0] = epoch
+            for s in range(W):  # wait for every chunk the count matrix announces
+                rows = int(C[s, me * L:(me + 1) * L].sum())
+                for chunk in range(-(-rows // chunk_rows)):
+                    self._wait(self._dflag(me, s, chunk), epoch, "dispatch chunk")
+            received = int(C[:, me * L:(me + 1) * L].sum())
+            self.unpack(min(num_rows, received), 0, dedup, out0, bytes0, out1, bytes1, gates_R,
+                        src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land,
+                        stream, phase_R=phase_R)
+        self._end_stream(epoch)
+
+    def combine_stream(self, dtype, num_rows, num_rows_dev, hidden, rows, src_rank_R,
+                       ret_index_R, phase_R, num_tokens, phase_tokens, top_k, send_pos, gates,
+                       out, blocks_per_sm, send_percent, stream):
+        phases, W, me = rdep._STREAM_PHASES, self.world, self.rank
+        epoch = self._stream_epoch()
+        item = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
+        row_bytes = hidden * item
+        walk = self._walk(num_rows, num_rows_dev)
+        phase_of = [int(_mem(phase_R + 4 * r, 4, torch.int32)[0]) for r in range(walk)]
+        for p in range(phases):
+            for r in range(walk):
+                if phase_of[r] == p:
+                    src = int(_mem(src_rank_R + 4 * r, 4, torch.int32)[0])
+                    ret = int(_mem(ret_index_R + 4 * r, 4, torch.int32)[0])
+                    dst = self._region(src, self.g.ret_off + ret * self.g.ret_stride, row_bytes)
+                    dst[:] = _mem(rows + r * row_bytes, row_bytes)
+            for s in range(W):
+                self._cflag(s, me, p)[0] = epoch
+        for p in range(phases):
+            t0 = -(-p * phase_tokens // phases)
+            t1 = -(-(p + 1) * phase_tokens // phases)
+            if num_tokens == 0 or t0 == t1:
+                continue
+            for o in range(W):
+                self._wait(self._cflag(me, o, p), epoch, "combine phase")
+            self._reduce_range(dtype, t0, t1, top_k, hidden, send_pos, gates, out)
+        self._end_stream(epoch)
+
+    def _reduce_range(self, dtype, t0, t1, top_k, hidden, send_pos, gates, out):
+        """reduce_slots for tokens [t0, t1) (one row per slot)."""
+        row_dtype = _DTYPES[dtype]
+        item = torch.empty(0, dtype=row_dtype).element_size()
+        for t in range(t0, t1):
+            acc = None
+            for k in range(top_k):
+                pos = int(_mem(send_pos + 4 * (t * top_k + k), 4, torch.int32)[0])
+                y = self._region(self.rank, self.g.ret_off + pos * self.g.ret_stride,
+                                 hidden * item, row_dtype).float()
+                if gates:
+                    y = _mem(gates + 4 * (t * top_k + k), 4, torch.float32)[0] * y
+                acc = y if acc is None else acc + y
+            _mem(out + t * hidden * item, hidden * item, row_dtype)[:] = acc.to(row_dtype)
+
 
 class EmulatedDispatcher(RdepDispatcher):
     """`RdepDispatcher` over `EmulatedRdep` (every peer "mapped", in-kernel barriers)."""
@@ -286,10 +394,12 @@ class EmulatedDispatcher(RdepDispatcher):
 
     def __init__(self, group: _Group | None, num_experts: int, capacity: int, world_size: int,
                  rank: int, *, hidden: int, dtype: torch.dtype, max_send_rows: int,
-                 dedup_rows: bool = False, reduce_on_owner: bool = False):
+                 dedup_rows: bool = False, reduce_on_owner: bool = False,
+                 pipelined: bool = True):
         super().__init__(num_experts, capacity, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows, timeout_s=60,
-                          dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner)
+                          dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner,
+                          pipelined=pipelined)
         self.device = torch.device("cpu")
         self._device_index = None
         self._unmapped = ()
@@ -335,13 +445,15 @@ def _run_ranks(world: int, body, groups: tuple[_Group, ...]) -> None:
         raise failures[0]
 
 
-def _make(group, world, rank, cases, capacity=None, dedup_rows=False, reduce_on_owner=False):
+def _make(group, world, rank, cases, capacity=None, dedup_rows=False, reduce_on_owner=False,
+          pipelined=True):
     widest = max(max(c.hidden, c.out_hidden) for c in cases.values())
     send = max(max(c.tokens) * c.top_k for c in cases.values())
     capacity = capacity or testing.group_capacity(cases, world)
     return EmulatedDispatcher(group, testing.group_num_experts(world), capacity, world, rank,
                               hidden=widest, dtype=torch.float32, max_send_rows=send,
-                              dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner)
+                              dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner,
+                              pipelined=pipelined)
 
 
 @pytest.fixture
@@ -349,15 +461,18 @@ def no_cuda_stream(monkeypatch):
     monkeypatch.setattr(rdep, "_current_stream", lambda index: 0)
 
 
-@pytest.mark.parametrize(("world", "sync", "dedup"), [
-    (2, True, False), (2, False, False), (2, True, True), (2, False, True), (3, True, False),
-    (3, False, True), (2, True, "owner"), (3, False, "owner")])
-def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup):
+@pytest.mark.parametrize(("world", "sync", "dedup", "pipelined"), [
+    (2, True, False, True), (2, False, False, True), (2, True, True, True),
+    (2, False, True, True), (3, True, False, True), (3, False, True, True),
+    (2, True, "owner", True), (3, False, "owner", True), (2, True, False, False),
+    (3, False, True, False), (2, False, "owner", False)])
+def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup, pipelined):
     """Every `GROUP_CASES` case (random routing, a rank receiving nothing, everything on one
     expert, K = 1 and 8, D not a multiple of 128, a rank without tokens) in bfloat16 and
     float32, FP8 dispatch, two handles alive at once, collective errors and the capacity error:
     bitwise against the reference, synchronous and sync-free, one row per slot or (``dedup``)
-    per token and owner, and (``"owner"``, ``reduce_on_owner``) summed on the owners too."""
+    per token and owner, and (``"owner"``, ``reduce_on_owner``) summed on the owners too; with
+    the pipelined kernels (chunk and phase flags with stream epochs) and without."""
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     cases = {**testing.GROUP_CASES, "fp8_random": testing.FP8_GROUP_CASES["fp8_random"]}
     probe = _make(None, world, 0, cases)
@@ -367,7 +482,7 @@ def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup):
 
     def body(rank, gather):
         dispatcher = _make(group, world, rank, cases, dedup_rows=bool(dedup),
-                           reduce_on_owner=dedup == "owner")
+                           reduce_on_owner=dedup == "owner", pipelined=pipelined)
         testing.run_group_checks(
             dispatcher, seed, gather, "cpu", cases=testing.GROUP_CASES,
             dtypes=(torch.bfloat16, torch.float32),
@@ -375,7 +490,8 @@ def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup):
         testing.check_interleaved_calls(dispatcher, seed, gather, "cpu", sync=sync)
         testing.check_collective_errors(dispatcher, seed, gather, "cpu", sync=sync)
         small = _make(small_group, world, rank, testing.GROUP_CASES, capacity=40,
-                      dedup_rows=bool(dedup), reduce_on_owner=dedup == "owner")
+                      dedup_rows=bool(dedup), reduce_on_owner=dedup == "owner",
+                      pipelined=pipelined)
         testing.check_capacity_error(small, seed, gather, "cpu", sync=sync)
         testing.check_group_case(small, "top1", testing.GroupCase((13,), 1, 20, 20, "distinct"),
                                  torch.float32, seed, gather, "cpu", sync=sync)
@@ -463,22 +579,29 @@ def test_stage_hook_reports_every_stage(gen, no_cuda_stream):
     seen: dict = {}
 
     def body(rank, gather):
-        dispatcher = _make(group, world, rank, cases)
-        x, ids, gates = testing.rank_inputs(cases["top1"], "top1", rank, world, torch.float32,
-                                            seed)
-        for sync in (True, False):
-            stages: list[str] = []
-            dispatcher.stage_hook = stages.append
-            received = dispatcher.dispatch(x, ids, gates, sync=sync)
-            dispatcher.combine(received.x_RD, received.handle)
-            dispatcher.stage_hook = None
-            dispatcher.dispatch_backward(received.x_RD, received.handle)
-            seen[(rank, sync)] = stages
+        for pipelined in (True, False):
+            dispatcher = _make(group, world, rank, cases, pipelined=pipelined)
+            x, ids, gates = testing.rank_inputs(cases["top1"], "top1", rank, world,
+                                                torch.float32, seed)
+            for sync in (True, False):
+                stages: list[str] = []
+                dispatcher.stage_hook = stages.append
+                received = dispatcher.dispatch(x, ids, gates, sync=sync)
+                dispatcher.combine(received.x_RD, received.handle)
+                dispatcher.stage_hook = None
+                dispatcher.dispatch_backward(received.x_RD, received.handle)
+                seen[(rank, sync, pipelined)] = stages
 
     _run_ranks(world, body, (group,))
     combine = ["checks", "return_rows", "reduce_slots"]
     for rank in range(world):
-        assert seen[(rank, True)] == ["checks", "route_plan", "scatter_slots", "host_sync",
-                                      "alloc", "unpack", "handle", *combine]
-        assert seen[(rank, False)] == ["checks", "route_plan", "scatter_slots", "alloc",
-                                       "unpack", "handle", *combine]
+        assert seen[(rank, True, False)] == ["checks", "route_plan", "scatter_slots", "host_sync",
+                                             "alloc", "unpack", "handle", *combine]
+        assert seen[(rank, False, False)] == ["checks", "route_plan", "scatter_slots", "alloc",
+                                              "unpack", "handle", *combine]
+        # The pipelined kernels: the host sync comes before the one dispatch kernel.
+        assert seen[(rank, True, True)] == ["checks", "route_plan", "host_sync", "alloc",
+                                            "dispatch_stream", "handle", "checks",
+                                            "combine_stream"]
+        assert seen[(rank, False, True)] == ["checks", "route_plan", "alloc", "dispatch_stream",
+                                             "handle", "checks", "combine_stream"]

@@ -20,9 +20,9 @@ SLOT_SUM_ABI = 3
 #: The ABI whose kernels count barrier epochs on the device (the engine passes a flag where
 #: older builds took the host's epoch, so it must not run on them).
 DEVICE_EPOCH_ABI = 4
-#: The ABI this Python code drives: owner partial sums (``reduce_on_owner``) changed the
-#: signatures of scatter_slots, unpack and reduce_slots and added owner_reduce.
-RDEP_ABI = 5
+#: The ABI this Python code drives: the pipelined transport (dispatch_stream, combine_stream)
+#: changed route_plan's signature and the Rdep constructor's (5 added owner partial sums).
+RDEP_ABI = 6
 
 #: Row dtype codes of `nmoe_comm._C` (its ``RowDtype``).
 ROW_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -51,8 +51,8 @@ def missing_transport(*, need_gpu: bool = True) -> str | None:
         return f"nmoe_comm._C was built without nvcc, so it has no CUDA transport; {REBUILD_HINT}"
     if module.ABI_VERSION < RDEP_ABI:
         return (f"nmoe_comm._C has ABI {module.ABI_VERSION}, older than the {RDEP_ABI} this "
-                f"Python code drives (partial sums on the owners; barrier epochs counted on the "
-                f"device since 4); rebuild with "
+                f"Python code drives (the pipelined transport since 6, partial sums on the "
+                f"owners since 5); rebuild with "
                 f"`pip install --no-build-isolation -e packages/nmoe-comm`")
     if need_gpu and not torch.cuda.is_available():
         return "no CUDA GPU is visible to this process"

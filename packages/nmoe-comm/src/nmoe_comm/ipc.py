@@ -75,6 +75,10 @@ class IpcDispatcher(RdepDispatcher):
             dispatch backward also send one row per token and owner: the owner sums the token's
             slots first, and the source sums those partial rows (each rounded to the rows'
             dtype; deterministic, `nmoe_comm.rdep` says the order). The same on every rank.
+        pipelined: run each dispatch and combine as one kernel whose local copies (landing
+            order to contract order; the slot sums) overlap the NVLink transfers, chunk by
+            chunk (`nmoe_comm.rdep`); False runs the two-kernel path with a barrier between.
+            Bitwise the same results. The same on every rank.
 
     Raises:
         BackendUnavailableError: no compiled transport, no GPU, torch.distributed not
@@ -98,6 +102,7 @@ class IpcDispatcher(RdepDispatcher):
         timeout_s: float = 100.0,
         dedup_rows: bool = False,
         reduce_on_owner: bool = False,
+        pipelined: bool = True,
     ):
         super().__init__(num_experts, capacity, world_size, rank)
         missing = _extension.missing_transport()
@@ -106,12 +111,12 @@ class IpcDispatcher(RdepDispatcher):
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
                           timeout_s=timeout_s, dedup_rows=dedup_rows,
-                          reduce_on_owner=reduce_on_owner)
+                          reduce_on_owner=reduce_on_owner, pipelined=pipelined)
         self.group = group
         device = cuda_device(device)
         c_module = _extension.compiled_module()
         me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid),
-              self.layout, (dedup_rows, reduce_on_owner))
+              self.layout, (dedup_rows, reduce_on_owner, pipelined))
         everyone = [None] * world_size
         dist.all_gather_object(everyone, me, group=group)
         self._check_group(everyone, device, c_module)
@@ -141,11 +146,11 @@ class IpcDispatcher(RdepDispatcher):
                 raise ValueError(
                     f"rank {peer} sized its buffer differently (capacity, hidden, dtype, "
                     f"max_send_rows or num_experts differ); every rank must pass the same values")
-            if options != (self.dedup_rows, self.reduce_on_owner):
+            mine = (self.dedup_rows, self.reduce_on_owner, self.pipelined)
+            if options != mine:
                 raise ValueError(
-                    f"rank {peer} passed (dedup_rows, reduce_on_owner)={options}, this rank "
-                    f"{(self.dedup_rows, self.reduce_on_owner)}; every rank must pass the same "
-                    f"values")
+                    f"rank {peer} passed (dedup_rows, reduce_on_owner, pipelined)={options}, "
+                    f"this rank {mine}; every rank must pass the same values")
             index = _local_index_of(uuid)
             if index is None:
                 raise BackendUnavailableError(

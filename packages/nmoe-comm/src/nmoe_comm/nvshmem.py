@@ -117,8 +117,8 @@ class NvshmemDispatcher(RdepDispatcher):
 
     Args: as `nmoe_comm.ipc.IpcDispatcher` (``num_experts``, ``capacity``, ``world_size``,
     ``rank``, ``hidden``, ``dtype``, ``max_send_rows``, ``group``, ``device``, ``timeout_s`` for
-    the GPU-side barriers, ``dedup_rows`` and ``reduce_on_owner``, used when every peer is
-    mapped), plus
+    the GPU-side barriers, ``dedup_rows``, ``reduce_on_owner`` and ``pipelined``, used when
+    every peer is mapped), plus
     ``peer_access``: "auto" (stores to every peer NVSHMEM maps, puts to the others) or "puts"
     (puts to every other rank, the multi-node path; for tests).
 
@@ -145,6 +145,7 @@ class NvshmemDispatcher(RdepDispatcher):
         timeout_s: float = 100.0,
         dedup_rows: bool = False,
         reduce_on_owner: bool = False,
+        pipelined: bool = True,
         peer_access: str = "auto",
     ):
         super().__init__(num_experts, capacity, world_size, rank)
@@ -157,7 +158,7 @@ class NvshmemDispatcher(RdepDispatcher):
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
                           timeout_s=timeout_s, dedup_rows=dedup_rows,
-                          reduce_on_owner=reduce_on_owner)
+                          reduce_on_owner=reduce_on_owner, pipelined=pipelined)
         self.group = group
         device = cuda_device(device)
         layout = self.layout
@@ -167,12 +168,12 @@ class NvshmemDispatcher(RdepDispatcher):
         self._team = int(bindings.Team_id.TEAM_WORLD)
 
         everyone = [None] * world_size
-        mine = (layout, dedup_rows, reduce_on_owner)
+        mine = (layout, dedup_rows, reduce_on_owner, pipelined)
         dist.all_gather_object(everyone, mine, group=group)
         if any(other != mine for other in everyone):
             raise ValueError("ranks sized their buffers differently (capacity, hidden, dtype, "
                              "max_send_rows or num_experts differ) or passed different "
-                             "dedup_rows / reduce_on_owner; pass the same values")
+                             "dedup_rows / reduce_on_owner / pipelined; pass the same values")
         with torch.cuda.device(device):
             self._buffer = core.buffer(layout.total_bytes)  # collective
             base = int(self._buffer.handle)

@@ -122,6 +122,9 @@ _DTYPE_CODE = _extension.ROW_DTYPE_CODES
 _OK, _OVER_CAPACITY, _BAD_ID, _TOO_MANY_SLOTS, _ROW_TOO_WIDE = 0, 1, 2, 3, 4
 _FLAG_TOO_MANY_SLOTS, _FLAG_ROW_TOO_WIDE = 2, 4
 _ROUTE, _EXCHANGE, _PLAN = 1, 2, 4
+# The pipelined transport (csrc/rdep.h): rows per dispatch chunk, token phases of a combine, and
+# the words of the counter region (checked against the compiled module when attaching).
+_STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS = 32, 16, 32
 
 
 def _capturing() -> bool:
@@ -141,10 +144,13 @@ class BufferLayout:
         row_bytes: the widest row payload, ``hidden * dtype.itemsize`` rounded up to 16.
         recv_stride: bytes per landing row: payload plus a 16-byte trailer (the gate).
         ret_stride: bytes per returned row.
-        signal_off, counter_off, counts_off, counts_src_off, recv_off, ret_off, dots_off: region
-            offsets (barrier epochs ``[W]`` u64; last-block counters; count matrix
-            ``[W, E+1]`` i32; this rank's count row ``[E+1]`` i32; landing rows ``[capacity]``;
-            returned rows ``[max_send_rows]``; dots ``[max_send_rows]`` f32).
+        signal_off, counter_off, counts_off, counts_src_off, recv_off, ret_off, dots_off,
+            dflags_off, cflags_off: region offsets (barrier epochs ``[W]`` u64; counters and
+            epochs; count matrix ``[W, E+1]`` i32; this rank's count row ``[E+1]`` i32; landing
+            rows ``[capacity]``; returned rows ``[max_send_rows]``; dots ``[max_send_rows]``
+            f32; the pipelined dispatch's chunk flags ``[W, dflag_chunks]`` u64 and the
+            pipelined combine's phase flags ``[W, 16]`` u64).
+        dflag_chunks: chunks of 32 rows in ``capacity`` rows (a source's rows for one owner).
         total_bytes: the whole buffer.
         stage_bytes: the staging area for peers without load/store access (NVSHMEM across
             nodes): the larger of a dispatch's staged rows and a combine's.
@@ -160,6 +166,9 @@ class BufferLayout:
     recv_off: int
     ret_off: int
     dots_off: int
+    dflags_off: int
+    cflags_off: int
+    dflag_chunks: int
     total_bytes: int
     stage_bytes: int
 
@@ -179,20 +188,24 @@ class BufferLayout:
         row_bytes = _align(hidden * torch.empty(0, dtype=dtype).element_size(), 16)
         recv_stride = row_bytes + _TRAILER_BYTES
         offsets, cursor = {}, 0
+        dflag_chunks = -(-capacity // _STREAM_CHUNK_ROWS)
         for name, size in (
             ("signal_off", 8 * world_size),
-            ("counter_off", 4 * 8),
+            ("counter_off", 4 * _COUNTER_WORDS),
             ("counts_off", 4 * world_size * (num_experts + 1)),
             ("counts_src_off", 4 * (num_experts + 1)),
             ("recv_off", capacity * recv_stride),
             ("ret_off", max_send_rows * row_bytes),
             ("dots_off", 4 * max_send_rows),
+            ("dflags_off", 8 * world_size * dflag_chunks),
+            ("cflags_off", 8 * world_size * _STREAM_PHASES),
         ):
             offsets[name] = cursor
             cursor = _align(cursor + size)
         stage = max(max_send_rows * recv_stride, capacity * row_bytes)
         return cls(row_bytes=row_bytes, recv_stride=recv_stride, ret_stride=row_bytes,
-                   total_bytes=cursor, stage_bytes=_align(stage), **offsets)
+                   dflag_chunks=dflag_chunks, total_bytes=cursor, stage_bytes=_align(stage),
+                   **offsets)
 
 
 @dataclass(frozen=True)
@@ -221,6 +234,8 @@ class RdepRouting:
             int32 (``gates_R`` float32): each slot's first-slot-on-its-owner flag ``[N]``; this
             rank's received gates, the next landing row in each row's chain (-1 at the end), the
             row's head flag and the contract row of each landing row (``[R]`` each).
+        phase_R: pipelined dispatches only (else None), int32 ``[R]``: each row's token phase
+            at its source (the pipelined combine returns rows phase by phase).
     """
 
     info_8: torch.Tensor
@@ -239,6 +254,7 @@ class RdepRouting:
     chain_R: torch.Tensor | None = None
     head_R: torch.Tensor | None = None
     row_of_land_R: torch.Tensor | None = None
+    phase_R: torch.Tensor | None = None
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -246,6 +262,31 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 _current_stream = _extension.current_raw_stream
+
+
+class _DispatchOutputs:
+    """A dispatch's per-row outputs for ``num_rows`` rows: ``x_RD`` (and FP8 ``scales_RG``), and
+    in one int32 allocation gates_R (float32 bits), src_rank_R, ret_index_R, land_row_R, then
+    (reduce_on_owner) chain_R, head_R, row_of_land_R and (pipelined) phase_R."""
+
+    def __init__(self, num_rows: int, hidden: int, payloads, fp8: bool, owner_sums: bool,
+                 pipelined: bool, device: torch.device):
+        self.x_RD = torch.empty(num_rows, hidden, dtype=payloads[0].dtype, device=device)
+        self.scales_RG = torch.empty(num_rows, payloads[1].shape[1], dtype=torch.float32,
+                                     device=device) if fp8 else None
+        rows = torch.empty(4 + 3 * owner_sums + pipelined, num_rows, dtype=torch.int32,
+                           device=device)
+        self.gates_R = rows[0].view(torch.float32)
+        self.src_rank_R, self.ret_index_R, self.land_row_R = rows[1], rows[2], rows[3]
+        self.chain_R, self.head_R, self.row_of_land_R = (
+            (rows[4], rows[5], rows[6]) if owner_sums else (None, None, None))
+        self.phase_R = rows[-1] if pipelined else None
+
+    def routing_ptrs(self) -> tuple[int, ...]:
+        """gates_R, src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land_R."""
+        return tuple(_ptr(t) for t in (self.gates_R, self.src_rank_R, self.ret_index_R,
+                                       self.land_row_R, self.chain_R, self.head_R,
+                                       self.row_of_land_R))
 
 
 class RdepDispatcher(Dispatcher):
@@ -268,9 +309,14 @@ class RdepDispatcher(Dispatcher):
     #: attribute test per stage when None.
     stage_hook = None
 
+    #: Grids of the pipelined kernels: (blocks per SM, percent of them that send). The launcher
+    #: caps the blocks to what is resident at once. Tuned on 4 GPUs (bench ``--breakdown``).
+    dispatch_grid = (2, 75)
+    combine_grid = (4, 75)
+
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
                      timeout_s: float, dedup_rows: bool = False,
-                     reduce_on_owner: bool = False) -> None:
+                     reduce_on_owner: bool = False, pipelined: bool = True) -> None:
         if not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"hidden must be a positive int (the widest row, in elements), got "
                              f"{hidden!r}")
@@ -293,6 +339,9 @@ class RdepDispatcher(Dispatcher):
             raise ValueError("reduce_on_owner=True needs dedup_rows=True (the owner's partial "
                              "sums follow the chains a deduplicated dispatch records); pass both")
         self.reduce_on_owner = reduce_on_owner
+        if not isinstance(pipelined, bool):
+            raise ValueError(f"pipelined must be True or False, got {pipelined!r}")
+        self.pipelined = pipelined
         self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
                                         world_size=self.world_size, num_experts=self.num_experts,
                                         max_send_rows=max_send_rows)
@@ -306,6 +355,12 @@ class RdepDispatcher(Dispatcher):
         return self.reduce_on_owner and self._device_barriers  # it implies dedup_rows
 
     @property
+    def pipelined_active(self) -> bool:
+        """Whether dispatches (and the combines of their handles) run the pipelined kernels:
+        ``pipelined`` on a group whose peers are all mapped (module docstring)."""
+        return self.pipelined and self._device_barriers
+
+    @property
     def persistent_bytes(self) -> int:
         """This rank's buffer (`BufferLayout.total_bytes`), plus the NVSHMEM staging area where
         one is allocated."""
@@ -316,6 +371,12 @@ class RdepDispatcher(Dispatcher):
                 stage: int) -> None:
         """Build the kernels' view of the group once every rank's buffer is mapped here."""
         c_module = _extension.compiled_module()
+        compiled = (c_module.STREAM_CHUNK_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS)
+        if compiled != (_STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS):
+            raise RuntimeError(f"nmoe_comm._C was built with (chunk rows, phases, counter words) "
+                               f"{compiled}, this Python code expects "
+                               f"{(_STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS)}; rebuild "
+                               f"with `pip install --no-build-isolation -e packages/nmoe-comm`")
         self.device = device
         self._unmapped = tuple(p for p, base in enumerate(peer_bases) if base == 0)
         self._peer_bases = torch.tensor(peer_bases, dtype=torch.int64, device=device)
@@ -325,7 +386,8 @@ class RdepDispatcher(Dispatcher):
             self.max_send_rows, self._peer_bases.data_ptr(), local_base, stage,
             layout.signal_off, layout.counter_off, layout.counts_off, layout.counts_src_off,
             layout.recv_off, layout.recv_stride, layout.ret_off, layout.ret_stride,
-            layout.dots_off, int(self.timeout_s * 1e9))
+            layout.dots_off, layout.dflags_off, layout.cflags_off, layout.dflag_chunks,
+            int(self.timeout_s * 1e9))
         self._local_base = local_base
         self._stage = stage
         self._device_index = device.index
@@ -336,6 +398,7 @@ class RdepDispatcher(Dispatcher):
                 f"buffer {self.layout.total_bytes / 2**20:.0f} MiB"
                 + (", one row per token and owner" if self.dedup_rows else "")
                 + (" both ways" if self.reduce_on_owner else "")
+                + (", pipelined" if self.pipelined_active else "")
                 + (f", {len(self._unmapped)} peers via puts" if self._unmapped else ""))
 
     # ------------------------------------------------------------------------ transport hooks
@@ -452,15 +515,19 @@ class RdepDispatcher(Dispatcher):
         # One row per (token, owner) needs every owner mapped (staged puts move whole chunks).
         dedup = self.dedup_rows and self._device_barriers
         owner_sums = self.owner_sums_active
+        pipelined = self.pipelined_active
         # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
-        # send_pos [N], land_index [N] and (reduce_on_owner) head_N [N]. Owned by the handle.
-        slot_vectors = 3 if owner_sums else 2
+        # send_pos [N], land_index [N], (reduce_on_owner) head_N [N] and (pipelined)
+        # slot_of_send [N]. Owned by the handle.
+        slot_vectors = 2 + owner_sums + pipelined
         meta = torch.empty(8 + num_local + (slot_vectors * num_slots + 1) // 2, dtype=torch.int64,
                            device=device)
         info, counts_E = meta[:8], meta[8:8 + num_local]
         slots = meta[8 + num_local:].view(torch.int32)
         send_pos, land_index = slots[:num_slots], slots[num_slots:2 * num_slots]
         head_N = slots[2 * num_slots:3 * num_slots] if owner_sums else None
+        last = slots[(slot_vectors - 1) * num_slots:slot_vectors * num_slots]
+        slot_of_send = last if pipelined else None
         stream = _current_stream(self._device_index)
         is64 = ids.dtype == torch.int64
         if hook is not None:
@@ -468,67 +535,76 @@ class RdepDispatcher(Dispatcher):
 
         self._before_writing(_DISPATCH_READS, stream)
         self._route_and_plan((ids.data_ptr(), is64, num_slots, local_flags, send_pos.data_ptr(),
-                              land_index.data_ptr(), counts_E.data_ptr(), info.data_ptr()),
-                             stream)
+                              land_index.data_ptr(), _ptr(slot_of_send), counts_E.data_ptr(),
+                              info.data_ptr()), stream)
         if hook is not None:
             hook("route_plan")
         p1 = payloads[1] if fp8 else None
-        self._rdep.scatter_slots(
-            ids.data_ptr(), is64, num_slots, top_k, send_pos.data_ptr(), land_index.data_ptr(),
-            payloads[0].data_ptr(), widths[0], widths[0], _ptr(p1), widths[1] if fp8 else 0,
-            widths[1] if fp8 else 0, gates_TK.data_ptr(), info.data_ptr(), dedup, _ptr(head_N),
-            self._sync_peers(), stream)
-        if hook is not None:
-            hook("scatter_slots")
-        if sync:
-            status, counts_host = self._read_plan(info)  # the one host synchronisation
-            send_chunks, recv_chunks = self._chunks(counts_host)
-            if status[0] != _OK:
-                self._completed(stream, ())
-                self._consumed = _NOTHING
-                raise self._plan_error(status, num_slots, sum(widths))
-            self._completed(stream, self._send_puts(send_chunks, self.layout.recv_stride))
-            num_rows, num_received = int(status[3]), None
+        rows_args = (payloads[0].data_ptr(), widths[0], widths[0], _ptr(p1),
+                     widths[1] if fp8 else 0, widths[1] if fp8 else 0, gates_TK.data_ptr(),
+                     info.data_ptr(), dedup, _ptr(head_N))
+        if not pipelined:
+            self._rdep.scatter_slots(ids.data_ptr(), is64, num_slots, top_k, send_pos.data_ptr(),
+                                     land_index.data_ptr(), *rows_args, self._sync_peers(),
+                                     stream)
             if hook is not None:
-                hook("host_sync")
-        else:  # every peer mapped: no puts, no chunks; R stays on the device
-            send_chunks = recv_chunks = ()
-            num_rows, num_received = self.capacity, info[3:4]
-
-        x_RD = torch.empty(num_rows, hidden, dtype=payloads[0].dtype, device=device)
-        scales_RG = torch.empty(num_rows, payloads[1].shape[1], dtype=torch.float32,
-                                device=device) if fp8 else None
-        # gates_R (float32 bits), src_rank_R, ret_index_R, land_row_R and (reduce_on_owner)
-        # chain_R, head_R, row_of_land_R: one allocation.
-        rows_xR = torch.empty(7 if owner_sums else 4, num_rows, dtype=torch.int32, device=device)
-        gates_R = rows_xR[0].view(torch.float32)
-        src_rank_R, ret_index_R, land_row_R = rows_xR[1], rows_xR[2], rows_xR[3]
-        chain_R, head_R, row_of_land_R = (rows_xR[4], rows_xR[5], rows_xR[6]) if owner_sums else (
-            None, None, None)
+                hook("scatter_slots")
+        # The pipelined kernel needs its outputs sized first, so its host sync comes here.
+        num_rows, num_received, send_chunks, recv_chunks = self._settle_plan(
+            info, sync, stream, num_slots, sum(widths))
+        out = _DispatchOutputs(num_rows, hidden, payloads, fp8, owner_sums, pipelined, device)
         if hook is not None:
             hook("alloc")
-        self._rdep.unpack(num_rows, _ptr(num_received), dedup, x_RD.data_ptr(), widths[0],
-                          _ptr(scales_RG), widths[1] if fp8 else 0, gates_R.data_ptr(),
-                          src_rank_R.data_ptr(), ret_index_R.data_ptr(), land_row_R.data_ptr(),
-                          _ptr(chain_R), _ptr(head_R), _ptr(row_of_land_R), stream)
+        if pipelined:
+            self._rdep.dispatch_stream(
+                ids.data_ptr(), is64, num_slots, num_tokens, top_k, send_pos.data_ptr(),
+                land_index.data_ptr(), slot_of_send.data_ptr(), *rows_args, num_rows,
+                out.x_RD.data_ptr(), _ptr(out.scales_RG), *out.routing_ptrs(),
+                _ptr(out.phase_R), *self.dispatch_grid, stream)
+        else:
+            self._rdep.unpack(num_rows, _ptr(num_received), dedup, out.x_RD.data_ptr(),
+                              widths[0], _ptr(out.scales_RG), widths[1] if fp8 else 0,
+                              *out.routing_ptrs(), stream)
         self._consumed = _DISPATCH_READS
         if hook is not None:
-            hook("unpack")
+            hook("dispatch_stream" if pipelined else "unpack")
+        gates_R = out.gates_R
         handle = DispatchHandle(
             num_tokens=num_tokens, top_k=top_k, hidden=hidden, dtype=x_TD.dtype,
             gates_TK=gates_TK, expert_ids_TK=ids,
             state=RdepRouting(info_8=info, send_pos_N=send_pos, land_index_N=land_index,
-                              src_rank_R=src_rank_R, ret_index_R=ret_index_R,
-                              land_row_R=land_row_R, num_received=num_received,
+                              src_rank_R=out.src_rank_R, ret_index_R=out.ret_index_R,
+                              land_row_R=out.land_row_R, num_received=num_received,
                               row_bytes=sum(widths), send_chunks=send_chunks,
                               recv_chunks=recv_chunks, dispatcher_id=id(self), head_N=head_N,
-                              gates_R=gates_R if owner_sums else None, chain_R=chain_R,
-                              head_R=head_R, row_of_land_R=row_of_land_R))
-        dispatched = Dispatched(x_RD=x_RD, counts_E=counts_E, gates_R=gates_R, handle=handle,
-                                x_scales_RG=scales_RG, num_received=num_received)
+                              gates_R=gates_R if owner_sums else None, chain_R=out.chain_R,
+                              head_R=out.head_R, row_of_land_R=out.row_of_land_R,
+                              phase_R=out.phase_R))
+        dispatched = Dispatched(x_RD=out.x_RD, counts_E=counts_E, gates_R=gates_R,
+                                handle=handle, x_scales_RG=out.scales_RG,
+                                num_received=num_received)
         if hook is not None:
             hook("handle")
         return dispatched
+
+    def _settle_plan(self, info: torch.Tensor, sync: bool, stream: int, num_slots: int,
+                     row_bytes: int):
+        """Step 3 of the module docstring: ``(R or capacity, R on the device or None, send
+        chunks, receive chunks)``. A synchronous dispatch reads the plan (the one host sync),
+        raises a failed one on every rank alike and moves the staged rows; a sync-free one
+        leaves R on the device."""
+        if not sync:  # every peer mapped: no puts, no chunks
+            return self.capacity, info[3:4], (), ()
+        status, counts_host = self._read_plan(info)
+        send_chunks, recv_chunks = self._chunks(counts_host)
+        if status[0] != _OK:
+            self._completed(stream, ())
+            self._consumed = _NOTHING
+            raise self._plan_error(status, num_slots, row_bytes)
+        self._completed(stream, self._send_puts(send_chunks, self.layout.recv_stride))
+        if self.stage_hook is not None:
+            self.stage_hook("host_sync")
+        return int(status[3]), None, send_chunks, recv_chunks
 
     def check_dispatch(self, handle: DispatchHandle) -> None:
         """See `Dispatcher.check_dispatch`: reads the plan status of ``handle`` (one host sync)
@@ -633,6 +709,19 @@ class RdepDispatcher(Dispatcher):
             hook("checks")
         self._before_writing(_RET, stream)
         num_rows = routing.land_row_R.numel()
+        tokens = handle.num_tokens if self._reduced_slots(handle) else 0
+        out = torch.empty(handle.num_tokens, y_RD.shape[1], dtype=y_RD.dtype, device=self.device)
+        if routing.phase_R is not None and not on_owner:  # a pipelined dispatch's handle
+            self._rdep.combine_stream(
+                _DTYPE_CODE[y_RD.dtype], num_rows, _ptr(routing.num_received), y_RD.shape[1],
+                y_RD.data_ptr(), routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
+                routing.phase_R.data_ptr(), tokens, handle.num_tokens, handle.top_k,
+                routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK), out.data_ptr(),
+                *self.combine_grid, stream)
+            self._consumed = _RET
+            if hook is not None:
+                hook("combine_stream")
+            return out
         if on_owner:
             self._rdep.owner_reduce(_DTYPE_CODE[y_RD.dtype], num_rows, _ptr(routing.num_received),
                                     y_RD.shape[1], y_RD.data_ptr(), _ptr(owner_gates_R),
@@ -650,8 +739,6 @@ class RdepDispatcher(Dispatcher):
                                                       self.layout.ret_stride))
         if hook is not None:
             hook("owner_reduce" if on_owner else "return_rows")
-        out = torch.empty(handle.num_tokens, y_RD.shape[1], dtype=y_RD.dtype, device=self.device)
-        tokens = handle.num_tokens if self._reduced_slots(handle) else 0
         self._rdep.reduce_slots(_DTYPE_CODE[y_RD.dtype], tokens, handle.top_k,
                                 y_RD.shape[1], routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK),
                                 _ptr(routing.head_N) if on_owner else 0, out.data_ptr(), stream)

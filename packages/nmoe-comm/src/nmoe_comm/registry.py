@@ -122,7 +122,8 @@ def create_dispatcher(
         rank: this rank, ``0 <= rank < world_size``.
         **backend_options: keyword options of that backend (``local``: ``validate``;
             ``nccl``: ``group``; ``ipc`` / ``nvshmem``: ``hidden`` (required), ``dtype``,
-            ``max_send_rows``, ``group``, ``device``, ``timeout_s``, ``dedup_rows``;
+            ``max_send_rows``, ``group``, ``device``, ``timeout_s``, ``dedup_rows``,
+            ``reduce_on_owner``, ``pipelined``;
             ``nvshmem`` also ``peer_access``).
 
     Raises:

@@ -1,0 +1,527 @@
+// Pipelined RDEP transport: a dispatch and a combine that each run as ONE kernel in which the
+// local copy overlaps the transfers over NVLink (every peer mapped: `ipc`, `nvshmem` in a node).
+// The unpipelined kernels (rdep_kernels.cu) run scatter_slots -> barrier -> unpack and
+// return_rows -> barrier -> reduce_slots; there the unpack and the slot sums start only when the
+// last row has crossed. Here:
+//
+// dispatch_stream  sender blocks walk this rank's send order (slot_of_send) in chunks of
+//                  kStreamChunkRows consecutive send positions of one owner (the chunk lands on
+//                  consecutive landing rows), store each row and its trailer, then publish the
+//                  chunk: every thread fences (system scope), the block synchronises, and one
+//                  thread stores the stream epoch into the owner's flag [source][chunk] with
+//                  st.release.sys. Receiver blocks claim (source, chunk) items, wait with
+//                  ld.acquire.sys for the flag and copy the chunk's rows from landing order to
+//                  contract order (the outputs of unpack). Sender blocks turn into receivers when
+//                  they are done. The count matrix (route_plan) tells each receiver exactly which
+//                  chunks come, so no barrier closes the kernel.
+// combine_stream   sender blocks return the owner's rows phase by phase (the token phase of each
+//                  row, recorded by the dispatch); the last sender block to finish a phase
+//                  publishes it on every source. Reducer blocks claim (phase, token group) items
+//                  in phase order, wait until every owner has published the phase, and sum the
+//                  group's tokens exactly as reduce_slots does (same order, same rounding).
+//
+// Epochs: every pipelined kernel of a rank takes the next value of the rank's stream epoch (a
+// counter in its own buffer, advanced by the kernel's last block, so CUDA graphs replay with
+// fresh epochs); all ranks run the same sequence of calls, so their n-th pipelined kernels share
+// epoch n, and a flag is current when it holds at least the kernel's epoch.
+//
+// Residency: receivers only ever wait for senders and senders never wait, and the launchers
+// size the grid so that all blocks are resident at once, senders first.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_check.h"
+#include "rdep.h"
+#include "rdep_device.cuh"
+#include "row_types.cuh"
+
+namespace nmoe::comm {
+namespace {
+
+// Blocks per SM the pipelined kernels are compiled for: the dispatch at 128 registers per
+// thread (fewer spill: it inlines two copy paths of five widths each), the combine at 64.
+constexpr int kDispatchMinBlocks = 2;
+constexpr int kCombineMinBlocks = 4;
+
+__device__ __forceinline__ unsigned long long* stream_epoch_word(const Layout& g) {
+  return reinterpret_cast<unsigned long long*>(g.local_base + g.counter_off) + kStreamEpochWord;
+}
+
+__device__ __forceinline__ unsigned int* counter_word(const Layout& g, int slot) {
+  return reinterpret_cast<unsigned int*>(g.local_base + g.counter_off) + slot;
+}
+
+// Spins (one thread) until *flag >= epoch; traps after the layout's timeout with a message.
+__device__ void wait_flag(const Layout& g, const unsigned long long* flag,
+                          unsigned long long epoch, const char* what, int peer) {
+  const unsigned long long start = global_timer();
+  while (load_acquire_sys(flag) < epoch) {
+    if (global_timer() - start > g.timeout_ns) {
+      printf("nmoe_comm: rank %d waited %.0f s for %s from rank %d (stream epoch %llu), which "
+             "is behind or gone; every rank must call every dispatcher method in the same "
+             "order with the same options\n",
+             g.rank, g.timeout_ns * 1e-9, what, peer, epoch);
+      __trap();
+    }
+  }
+}
+
+// Ends a pipelined kernel: the last block to finish advances the stream epoch and resets the
+// claim counter for the next launch.
+__device__ void finish_stream(const Layout& g, int done_slot, int claim_slot,
+                              unsigned long long epoch) {
+  if (last_block_done(g, done_slot) && threadIdx.x == 0) {
+    *stream_epoch_word(g) = epoch;
+    atomicExch(counter_word(g, claim_slot), 0u);
+  }
+}
+
+// Claims the next work item for the whole block (one atomic, broadcast through shared memory).
+__device__ int64_t claim_item(const Layout& g, int claim_slot) {
+  __shared__ int64_t item;
+  if (threadIdx.x == 0) item = atomicAdd(counter_word(g, claim_slot), 1u);
+  __syncthreads();
+  const int64_t mine = item;
+  __syncthreads();
+  return mine;
+}
+
+// Per-block tables from the count matrix (int32, shared memory), as unpack builds them, plus
+// the sender's view: see StreamTables::smem_words.
+struct StreamTables {
+  int32_t* land_start;      // [W * L] (source, local expert) -> first landing row here
+  int32_t* contract_start;  // [L * W] (local expert, source) -> first contract row here
+  int32_t* land_base;       // [W] first landing row of each source here
+  int32_t* send_off;        // [W] each source's first send position for this rank
+  int32_t* recv_rows;       // [W] rows each source sends here
+  int32_t* send_start;      // [W] this rank's first send position for each owner
+  int32_t* send_rows;       // [W] rows this rank sends to each owner
+
+  static int64_t smem_words(int num_experts, int world) {
+    return 2LL * num_experts + 5LL * world;
+  }
+
+  __device__ void build(const Layout& g, int32_t* smem) {
+    const int W = g.world, L = g.local_experts, E = g.num_experts, me = g.rank;
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    land_start = smem;
+    contract_start = land_start + W * L;
+    land_base = contract_start + L * W;
+    send_off = land_base + W;
+    recv_rows = send_off + W;
+    send_start = recv_rows + W;
+    send_rows = send_start + W;
+    const auto* C = reinterpret_cast<const int32_t*>(g.local_base + g.counts_off);
+    for (int idx = threadIdx.x; idx < W * L; idx += blockDim.x) {
+      const int s = idx / L, e = idx % L;
+      const int32_t c = C[s * (E + 1) + me * L + e];
+      land_start[idx] = c;
+      contract_start[e * W + s] = c;
+    }
+    __syncthreads();
+    block_exclusive_scan(land_start, W * L);
+    block_exclusive_scan(contract_start, L * W);
+    for (int p = warp; p < W; p += kWarpsPerBlock) {
+      int64_t before = 0, from = 0, start = 0, to = 0;
+      for (int e = lane; e < E; e += kWarp) {
+        const int owner = e / L;
+        const int32_t c_pe = C[p * (E + 1) + e];   // source p's slots to expert e
+        const int32_t c_me = C[me * (E + 1) + e];  // this rank's slots to expert e
+        if (owner < me) before += c_pe;
+        if (owner == me) from += c_pe;
+        if (owner < p) start += c_me;
+        if (owner == p) to += c_me;
+      }
+      before = warp_sum(before);
+      from = warp_sum(from);
+      start = warp_sum(start);
+      to = warp_sum(to);
+      if (lane == 0) {
+        send_off[p] = static_cast<int32_t>(before);
+        recv_rows[p] = static_cast<int32_t>(from);
+        send_start[p] = static_cast<int32_t>(start);
+        send_rows[p] = static_cast<int32_t>(to);
+        land_base[p] = land_start[p * L];
+      }
+    }
+    __syncthreads();
+  }
+
+  // Chunks of the largest per-peer row count in `rows` [W].
+  __device__ static int64_t max_chunks(const int32_t* rows, int world) {
+    int64_t most = 0;
+    for (int p = 0; p < world; ++p) most = max(most, static_cast<int64_t>(rows[p]));
+    return (most + kStreamChunkRows - 1) / kStreamChunkRows;
+  }
+};
+
+__device__ __forceinline__ unsigned long long* dispatch_flag(char* base, const Layout& g,
+                                                             int source, int64_t chunk) {
+  return reinterpret_cast<unsigned long long*>(base + g.dflags_off) + source * g.dflag_chunks +
+         chunk;
+}
+
+__device__ __forceinline__ unsigned long long* combine_flag(char* base, const Layout& g,
+                                                            int owner, int phase) {
+  return reinterpret_cast<unsigned long long*>(base + g.cflags_off) + owner * kStreamPhases +
+         phase;
+}
+
+// ------------------------------------------------------------------------------------ dispatch
+
+// One slot's row to its owner's landing row, as scatter_slots_kernel stores it (dedup included),
+// plus the slot's token phase in the trailer. One warp.
+template <typename IdT>
+__device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
+                          int64_t p1_offset, int64_t i, int owner, char* peer, int lane) {
+  const int64_t token = i / a.top_k;
+  const int32_t land = a.land_index[i];
+  char* row = peer + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
+  int32_t payload_row = land, next_row = -1;
+  if (a.dedup) {  // warp-uniform: the token's other slots, in slot order
+    for (int64_t j = token * a.top_k; j < i; ++j) {
+      if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+        payload_row = a.land_index[j];
+        break;
+      }
+    }
+    for (int64_t j = i + 1; j < (token + 1) * a.top_k; ++j) {
+      if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+        next_row = a.land_index[j];
+        break;
+      }
+    }
+  }
+  if (payload_row == land) {
+    warp_copy(row, a.p0.src + token * a.p0.stride, a.p0.bytes, lane);
+    if (a.p1.bytes > 0) {
+      warp_copy(row + p1_offset, a.p1.src + token * a.p1.stride, a.p1.bytes, lane);
+    }
+  }
+  if (lane == 0) {
+    char* trailer = row + g.recv_stride - kTrailerBytes;
+    *reinterpret_cast<float*>(trailer) = a.gates[i];
+    if (a.dedup) {
+      *reinterpret_cast<int32_t*>(trailer + kTrailerRowOffset) = payload_row;
+      *reinterpret_cast<int32_t*>(trailer + kTrailerNextOffset) = next_row;
+    }
+    *reinterpret_cast<int32_t*>(trailer + kTrailerPhaseOffset) =
+        static_cast<int32_t>(token * kStreamPhases / a.num_tokens);
+    if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
+  }
+}
+
+// One landing row of source s (already published) to its contract row, as unpack_kernel does.
+// One warp. `chunk` is the landing row's chunk; a dedup payload in another chunk of the same
+// source is awaited first.
+__device__ void receive_row(const Layout& g, const DispatchStreamArgs& a,
+                            const StreamTables& t, int64_t p1_offset, int s, int64_t chunk,
+                            int32_t land, unsigned long long epoch, int lane) {
+  const int L = g.local_experts, W = g.world;
+  int lo = 0, hi = L - 1;  // the last local expert whose landing block starts at or before land
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (t.land_start[s * L + mid] <= land) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int e = lo;
+  const int64_t r = t.contract_start[e * W + s] + (land - t.land_start[s * L + e]);
+  const char* recv = g.local_base + g.recv_off;
+  const char* src = recv + static_cast<int64_t>(land) * g.recv_stride;
+  const char* trailer = src + g.recv_stride - kTrailerBytes;
+  const int32_t payload_row =
+      a.dedup ? *reinterpret_cast<const volatile int32_t*>(trailer + kTrailerRowOffset) : land;
+  if (a.dedup) {
+    const int64_t payload_chunk = (payload_row - t.land_base[s]) / kStreamChunkRows;
+    if (payload_chunk != chunk && lane == 0) {
+      wait_flag(g, dispatch_flag(g.local_base, g, s, payload_chunk), epoch, "a dispatch chunk",
+                s);
+    }
+    __syncwarp();
+  }
+  const char* payload = recv + static_cast<int64_t>(payload_row) * g.recv_stride;
+  warp_copy(a.out0 + r * a.p0.bytes, payload, a.p0.bytes, lane);
+  if (a.p1.bytes > 0) warp_copy(a.out1 + r * a.p1.bytes, payload + p1_offset, a.p1.bytes, lane);
+  if (lane == 0) {
+    a.gates_R[r] = *reinterpret_cast<const float*>(trailer);
+    a.src_rank_R[r] = s;
+    a.ret_index_R[r] = t.send_off[s] + (land - t.land_base[s]);
+    a.land_row_R[r] = land;
+    a.phase_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerPhaseOffset);
+    if (a.chain_R != nullptr) {  // dedup: the owner's partial sums (owner_reduce)
+      a.chain_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerNextOffset);
+      a.head_R[r] = payload_row == land;
+      a.row_of_land[land] = static_cast<int32_t>(r);
+    }
+  }
+}
+
+template <typename IdT>
+__global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
+    dispatch_stream_kernel(Layout g, DispatchStreamArgs a, int send_blocks, int64_t p1_offset) {
+  extern __shared__ int32_t smem[];
+  __shared__ unsigned long long epoch_s;
+  const int W = g.world, me = g.rank;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (threadIdx.x == 0) epoch_s = *stream_epoch_word(g) + 1;
+  StreamTables t;
+  t.build(g, smem);  // ends in __syncthreads
+  const unsigned long long epoch = epoch_s;
+  const bool ok = a.info[0] == kOk;  // every rank decides alike; nothing moves otherwise
+  const auto* ids = static_cast<const IdT*>(a.ids);
+
+  if (ok && static_cast<int>(blockIdx.x) < send_blocks) {
+    // Items in chunk-major order, owners rotated from the next rank: at any moment the senders
+    // of all ranks spread their stores over every owner.
+    const int64_t items = StreamTables::max_chunks(t.send_rows, W) * W;
+    for (int64_t q = blockIdx.x; q < items; q += send_blocks) {
+      const int owner = (me + 1 + static_cast<int>(q % W)) % W;
+      const int64_t chunk = q / W;
+      const int64_t first = chunk * kStreamChunkRows;
+      const int64_t last = min(static_cast<int64_t>(t.send_rows[owner]),
+                               first + kStreamChunkRows);
+      if (first >= last) continue;  // block-uniform
+      char* peer = peer_base(g, owner);
+      for (int64_t j = first + warp; j < last; j += kWarpsPerBlock) {
+        const int64_t i = a.slot_of_send[t.send_start[owner] + j];
+        send_slot(g, a, ids, p1_offset, i, owner, peer, lane);
+      }
+      __threadfence_system();
+      __syncthreads();
+      if (threadIdx.x == 0) store_release_sys(dispatch_flag(peer, g, me, chunk), epoch);
+    }
+  }
+
+  if (ok) {
+    const int64_t items = StreamTables::max_chunks(t.recv_rows, W) * W;
+    for (int64_t q = claim_item(g, kCounterClaimDispatch); q < items;
+         q = claim_item(g, kCounterClaimDispatch)) {
+      const int s = static_cast<int>(q % W);
+      const int64_t chunk = q / W;
+      const int64_t first = chunk * kStreamChunkRows;
+      const int64_t last = min(static_cast<int64_t>(t.recv_rows[s]), first + kStreamChunkRows);
+      if (first >= last) continue;  // block-uniform
+      if (threadIdx.x == 0) {
+        wait_flag(g, dispatch_flag(g.local_base, g, s, chunk), epoch, "a dispatch chunk", s);
+      }
+      __syncthreads();
+      for (int64_t j = first + warp; j < last; j += kWarpsPerBlock) {
+        receive_row(g, a, t, p1_offset, s, chunk, t.land_base[s] + static_cast<int32_t>(j),
+                    epoch, lane);
+      }
+    }
+  }
+  finish_stream(g, kCounterStreamDispatch, kCounterClaimDispatch, epoch);
+}
+
+// ------------------------------------------------------------------------------------- combine
+
+// Tokens of phase p for T tokens: [ceil(p T / P), ceil((p + 1) T / P)), i.e. t * P / T == p.
+__device__ __forceinline__ int64_t phase_begin(int p, int64_t num_tokens) {
+  return (static_cast<int64_t>(p) * num_tokens + kStreamPhases - 1) / kStreamPhases;
+}
+
+template <typename T, int kVec>
+__device__ void reduce_tokens(const Layout& g, const CombineStreamArgs& a, int64_t t0,
+                              int64_t t1) {
+  const char* ret = g.local_base + g.ret_off;
+  const int64_t groups = a.hidden / kVec;
+  const int64_t total = (t1 - t0) * groups;
+  T* out = static_cast<T*>(a.out);
+  for (int64_t item = threadIdx.x; item < total; item += blockDim.x) {
+    const int64_t t = t0 + item / groups, col = (item % groups) * kVec;
+    float acc[kVec] = {};
+    for (int k = 0; k < a.top_k; ++k) {
+      const int64_t pos = a.send_pos[t * a.top_k + k];
+      const auto* row = reinterpret_cast<const T*>(ret + pos * g.ret_stride) + col;
+      const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
+      const float gate = a.gates != nullptr ? a.gates[t * a.top_k + k] : 1.0f;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const float y = to_f32(v.v[j]);
+        const float term = a.gates != nullptr ? __fmul_rn(gate, y) : y;
+        acc[j] = k == 0 ? term : __fadd_rn(acc[j], term);
+      }
+    }
+    Pack<T, kVec> o;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) o.v[j] = from_f32<T>(acc[j]);
+    *reinterpret_cast<Pack<T, kVec>*>(out + t * a.hidden + col) = o;
+  }
+}
+
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
+    combine_stream_kernel(Layout g, CombineStreamArgs a, int send_blocks,
+                          int64_t tokens_per_item) {
+  __shared__ unsigned long long epoch_s;
+  __shared__ bool last_s;
+  const int W = g.world, me = g.rank;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (threadIdx.x == 0) epoch_s = *stream_epoch_word(g) + 1;
+  __syncthreads();
+  const unsigned long long epoch = epoch_s;
+
+  if (static_cast<int>(blockIdx.x) < send_blocks) {
+    const int64_t num_rows = rows_to_walk(a.max_rows, a.num_rows_dev);
+    const int64_t row_bytes = a.hidden * static_cast<int64_t>(sizeof(T));
+    const char* rows = static_cast<const char*>(a.rows);
+    const int64_t num_warps = static_cast<int64_t>(send_blocks) * kWarpsPerBlock;
+    for (int p = 0; p < kStreamPhases; ++p) {
+      for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; r < num_rows;
+           r += num_warps) {
+        if (a.phase_R[r] != p) continue;
+        char* dst = peer_base(g, a.src_rank_R[r]) + g.ret_off +
+                    static_cast<int64_t>(a.ret_index_R[r]) * g.ret_stride;
+        warp_copy(dst, rows + r * row_bytes, row_bytes, lane);
+      }
+      __threadfence_system();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        unsigned int* counter = counter_word(g, kCounterPhaseBase + p);
+        last_s = atomicAdd(counter, 1u) == static_cast<unsigned int>(send_blocks) - 1;
+        if (last_s) atomicExch(counter, 0u);
+      }
+      __syncthreads();
+      if (last_s) {  // every sender block has fenced its rows of phase p
+        __threadfence_system();
+        for (int s = threadIdx.x; s < W; s += blockDim.x) {
+          store_release_sys(combine_flag(peer_base(g, s), g, me, p), epoch);
+        }
+      }
+    }
+  }
+
+  // Reducers: (phase, token group) items in phase order.
+  __shared__ int64_t phase_items[kStreamPhases + 1];
+  if (threadIdx.x == 0) {
+    phase_items[0] = 0;
+    for (int p = 0; p < kStreamPhases; ++p) {
+      const int64_t n = phase_begin(p + 1, a.phase_tokens) - phase_begin(p, a.phase_tokens);
+      const int64_t mine = a.num_tokens > 0 ? (n + tokens_per_item - 1) / tokens_per_item : 0;
+      phase_items[p + 1] = phase_items[p] + mine;
+    }
+  }
+  __syncthreads();
+  const int64_t items = phase_items[kStreamPhases];
+  for (int64_t q = claim_item(g, kCounterClaimCombine); q < items;
+       q = claim_item(g, kCounterClaimCombine)) {
+    int p = 0;
+    while (phase_items[p + 1] <= q) ++p;
+    for (int o = threadIdx.x; o < W; o += blockDim.x) {
+      wait_flag(g, combine_flag(g.local_base, g, o, p), epoch, "a combine phase", o);
+    }
+    __syncthreads();
+    const int64_t t0 = phase_begin(p, a.phase_tokens) + (q - phase_items[p]) * tokens_per_item;
+    const int64_t t1 = min(phase_begin(p + 1, a.phase_tokens), t0 + tokens_per_item);
+    reduce_tokens<T, kVec>(g, a, t0, t1);
+  }
+  finish_stream(g, kCounterStreamCombine, kCounterClaimCombine, epoch);
+}
+
+// Blocks of `kernel` resident at once per SM with `smem` bytes of dynamic shared memory (the
+// grid is capped to them), asked once per kernel and size (a few microseconds per query).
+template <auto kKernel>
+int resident_per_sm(int64_t smem, const char* op) {
+  static int64_t cached_smem = -1;
+  static int cached = 0;
+  if (smem != cached_smem) {
+    int per_sm = 0;
+    NMOE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                        &per_sm, kKernel, kBlockThreads, static_cast<size_t>(smem)),
+                    op);
+    cached = std::max(1, per_sm);
+    cached_smem = smem;
+  }
+  return cached;
+}
+
+// Raises the dispatch kernel's dynamic shared memory limit when the tables need more than the
+// default 48 KiB (thousands of experts).
+template <auto kKernel>
+void allow_stream_smem(int64_t smem) {
+  if (smem <= 48 * 1024) return;
+  NMOE_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem)),
+                  "dispatch_stream");
+}
+
+// Grid and sender blocks: `blocks_per_sm` blocks per SM (capped to residency), of which
+// `send_percent` percent (at least one, and at least one receiver) send.
+void split_grid(int resident, int blocks_per_sm, int send_percent, int sm_count, int* grid,
+                int* send_blocks) {
+  *grid = std::max(2, std::min(resident, blocks_per_sm * sm_count));
+  *send_blocks = std::clamp(*grid * send_percent / 100, 1, *grid - 1);
+}
+
+}  // namespace
+
+void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int blocks_per_sm,
+                            int send_percent, int sm_count, cudaStream_t stream) {
+  if (a.chain_R != nullptr && (!a.dedup || a.head_R == nullptr || a.row_of_land == nullptr)) {
+    throw std::invalid_argument(
+        "nmoe_comm dispatch_stream: chain_R needs dedup and both head_R and row_of_land");
+  }
+  const int64_t smem = StreamTables::smem_words(g.num_experts, g.world) * 4;
+  const int64_t p1_off = (a.p0.bytes + 15) / 16 * 16;
+  auto run = [&](auto kernel, int per_sm) {
+    int grid = 0, senders = 0;
+    split_grid(per_sm * sm_count, blocks_per_sm, send_percent, sm_count, &grid, &senders);
+    kernel<<<grid, kBlockThreads, smem, stream>>>(g, a, senders, p1_off);
+  };
+  if (a.ids_int64) {
+    allow_stream_smem<dispatch_stream_kernel<int64_t>>(smem);
+    run(dispatch_stream_kernel<int64_t>,
+        resident_per_sm<dispatch_stream_kernel<int64_t>>(smem, "dispatch_stream"));
+  } else {
+    allow_stream_smem<dispatch_stream_kernel<int32_t>>(smem);
+    run(dispatch_stream_kernel<int32_t>,
+        resident_per_sm<dispatch_stream_kernel<int32_t>>(smem, "dispatch_stream"));
+  }
+  NMOE_CUDA_CHECK_LAUNCH("dispatch_stream");
+}
+
+template <typename T>
+void combine_stream_typed(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
+                          int send_percent, int sm_count, cudaStream_t stream) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  const bool vector = (a.hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  // About 16K elements per reduce item: enough work per claim, fine enough to overlap.
+  const int64_t tokens_per_item = std::max<int64_t>(1, (16384 + a.hidden - 1) / a.hidden);
+  auto run = [&](auto kernel, int per_sm) {
+    int grid = 0, senders = 0;
+    split_grid(per_sm * sm_count, blocks_per_sm, send_percent, sm_count, &grid, &senders);
+    kernel<<<grid, kBlockThreads, 0, stream>>>(g, a, senders, tokens_per_item);
+  };
+  if (vector) {
+    run(combine_stream_kernel<T, kVec>,
+        resident_per_sm<combine_stream_kernel<T, kVec>>(0, "combine_stream"));
+  } else {
+    run(combine_stream_kernel<T, 1>,
+        resident_per_sm<combine_stream_kernel<T, 1>>(0, "combine_stream"));
+  }
+  NMOE_CUDA_CHECK_LAUNCH("combine_stream");
+}
+
+void launch_combine_stream(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
+                           int send_percent, int sm_count, cudaStream_t stream) {
+  switch (a.dtype) {
+    case kF32:
+      return combine_stream_typed<float>(g, a, blocks_per_sm, send_percent, sm_count, stream);
+    case kBF16:
+      return combine_stream_typed<__nv_bfloat16>(g, a, blocks_per_sm, send_percent, sm_count,
+                                                 stream);
+    case kF16:
+      return combine_stream_typed<__half>(g, a, blocks_per_sm, send_percent, sm_count, stream);
+  }
+}
+
+}  // namespace nmoe::comm
