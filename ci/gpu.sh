@@ -45,6 +45,8 @@
 #                states, memory, instruction stats, occupancy) to $OUT/ncu-fp8.txt
 #   tests-spread the single-GPU test files of the kernels and the fused path spread over every
 #                visible GPU at once (one process per GPU; logs per file)
+#   comm-pipelined  nmoe-comm's pipelined transport: a 2-GPU smoke run, the multi-GPU tests
+#                (COMM_TESTS), the bench on all GPUs against pipelined=False (BENCH_COMM_ARGS)
 #   ncu-bf16     the same for the BF16 grouped GEMMs and torch._grouped_mm (NCU_BF16_CASES:
 #                "shape:op:ours|torch", default dsv3-local wgrad_w2 and fwd_w2) to $OUT/ncu-bf16.txt
 #
@@ -391,6 +393,29 @@ stage_comm_check() {
     packages/nmoe-comm/bench/bench_dispatch.py --backends ipc --breakdown --dedup \
     > "$OUT/breakdown_$n.log" 2>&1 || rc=1
   grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/breakdown_$n.log" | tail -40
+  return $rc
+}
+
+stage_comm_pipelined() {
+  # The pipelined transport (nmoe-comm dispatch_stream / combine_stream): a 2-GPU smoke run of
+  # the ipc worker (stops early on a hang: a stuck flag traps after the dispatcher's timeout),
+  # the multi-GPU tests (COMM_TESTS), then the bench on all GPUs against the two-kernel path in
+  # the same run (BENCH_COMM_ARGS adds e.g. --grids).
+  local rc=0 n; n=$(ngpus)
+  timeout 200 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+    packages/nmoe-comm/tests/multigpu_worker.py --backend ipc --seed "$RANDOM" --mode sync \
+    > "$OUT/comm-smoke.log" 2>&1 || rc=1
+  grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/comm-smoke.log" | tail -12
+  ((rc == 0)) || return 1
+  timeout "${COMM_TEST_TIMEOUT:-480}" "$PY" -m pytest -q -m multigpu -p no:cacheprovider \
+    --timeout=300 -rfEs packages/nmoe-comm/tests/test_multigpu.py \
+    -k "${COMM_TESTS:-ipc or (nvshmem and 4 and not free)}" > "$OUT/comm-tests.log" 2>&1 || rc=1
+  tail -8 "$OUT/comm-tests.log"
+  timeout "${BENCH_COMM_TIMEOUT:-300}" "$PY" -m torch.distributed.run --standalone \
+    --nproc_per_node "$n" packages/nmoe-comm/bench/bench_dispatch.py --backends ipc \
+    --two-kernel --sync-free --graph ${BENCH_COMM_ARGS:-} --json "$OUT/bench_pipelined_$n.json" \
+    > "$OUT/bench_pipelined_$n.log" 2>&1 || rc=1
+  grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_pipelined_$n.log" | tail -90
   return $rc
 }
 
