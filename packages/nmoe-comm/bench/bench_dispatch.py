@@ -35,9 +35,10 @@ row per token and owner, the owner's partial sum; its match column allows that s
 rounding, the dispatch still bitwise).
 
 ``--two-kernel`` adds ``backend/2k`` rows (``pipelined=False``: the two-kernel path, scatter ->
-barrier -> unpack and return -> barrier -> reduce, against the default pipelined kernels in the
-same run); ``--grids DB,DP,CB,CP ...`` adds ``ipc@...`` rows with other grids for the pipelined
-kernels (blocks per SM and percent of sender blocks, dispatch then combine).
+barrier -> unpack and return -> barrier -> reduce) and ``backend/pl`` rows (``pipelined=True``),
+beside the dispatcher's own choice, in the same run; ``--grids DB,DP,CB,CP ...`` adds
+``ipc@...`` rows with other grids for the pipelined kernels (blocks per SM and percent of sender
+blocks, dispatch then combine).
 
 ``--breakdown`` (``ipc`` / ``nvshmem`` only; default shape the decode size) times each stage of
 one dispatch + combine instead, synchronous and sync-free: the dispatcher's ``stage_hook``
@@ -126,8 +127,9 @@ def _barrier(device) -> None:
 
 def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = False):
     """``dedup``: False, True (``dedup_rows``) or "owner" (also ``reduce_on_owner``).
-    ``backend``: a registered name, ``NAME/2k`` (``pipelined=False``: the two-kernel path), or
-    ``NAME@DB,DP,CB,CP`` (the pipelined kernels' grids: dispatch and combine blocks per SM and
+    ``backend``: a registered name (``pipelined`` chosen by the dispatcher), ``NAME/2k``
+    (``pipelined=False``: the two-kernel path), ``NAME/pl`` (``pipelined=True``), or
+    ``NAME@DB,DP,CB,CP`` (pipelined, with these grids: dispatch and combine blocks per SM and
     percent of senders; see `RdepDispatcher.dispatch_grid`)."""
     tokens, hidden, top_k = shape
     name, _, grid = backend.partition("@")
@@ -135,7 +137,7 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
     options = {} if name == "nccl" else {
         "hidden": hidden, "dtype": torch.bfloat16, "max_send_rows": tokens * top_k,
         "dedup_rows": bool(dedup), "reduce_on_owner": dedup == "owner",
-        "pipelined": mode != "2k"}
+        "pipelined": {"2k": False, "pl": True}.get(mode, True if grid else None)}
     dispatcher = nmoe_comm.create_dispatcher(name, num_experts=num_experts,
                                              capacity=_capacity(tokens, top_k), world_size=world,
                                              rank=rank, **options)
@@ -380,7 +382,7 @@ def _breakdown_main(args, shapes, world, rank, device) -> None:
     backends = [b for b in args.backends if b.partition("/")[0] in ("ipc", "nvshmem")] or [
         "ipc"]
     if args.two_kernel:
-        backends += [b + "/2k" for b in backends]
+        backends += [b + mode for b in backends for mode in ("/2k", "/pl")]
     if rank == 0:
         print(f"{torch.cuda.get_device_name(device)} x{world}, torch {torch.__version__}; "
               f"medians over {args.iters} iterations; host = time on the CPU between marks, "
@@ -440,7 +442,8 @@ def main() -> None:
                              "--graph modes given")
     parser.add_argument("--two-kernel", action="store_true",
                         help="also time each ipc/nvshmem variant with pipelined=False (rows "
-                             "NAME/2k: scatter, barrier, unpack; return, barrier, reduce)")
+                             "NAME/2k: scatter, barrier, unpack; return, barrier, reduce) and "
+                             "pipelined=True (NAME/pl)")
     parser.add_argument("--grids", nargs="*", default=[], metavar="DB,DP,CB,CP",
                         help="also time ipc with these pipelined-kernel grids (dispatch blocks "
                              "per SM, percent senders, combine blocks per SM, percent senders)")
@@ -486,8 +489,8 @@ def _table_main(args, shapes, world, rank, device) -> None:
     if args.fp8:
         variants += [(b, True, True, False, False) for b in args.backends]
     rdep_backends = [b for b in args.backends if b != "nccl"]
-    if args.two_kernel:  # the unpipelined path beside each, same run
-        extra = [b + "/2k" for b in rdep_backends]
+    if args.two_kernel:  # both paths forced, beside the dispatcher's own choice, same run
+        extra = [b + mode for b in rdep_backends for mode in ("/2k", "/pl")]
         variants += [(b, False, True, False, False) for b in extra]
         rdep_backends += extra
     for grid in args.grids:  # pipelined grid variants of ipc, same run

@@ -176,27 +176,37 @@ __device__ __forceinline__ unsigned long long* combine_flag(char* base, const La
 
 // One slot's row to its owner's landing row, as scatter_slots_kernel stores it (dedup included),
 // plus the slot's token phase in the trailer. One warp.
+// dedup: the landing rows of the token's first slot on `owner` (which carries the payload) and
+// of its next slot there (-1: none), as scatter_slots_kernel finds them. Warp-uniform.
+template <typename IdT>
+__device__ void dedup_chain(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
+                            int64_t i, int owner, int32_t& payload_row, int32_t& next_row) {
+  const int64_t token = i / a.top_k;
+  payload_row = a.land_index[i];
+  next_row = -1;
+  if (!a.dedup) return;
+  for (int64_t j = token * a.top_k; j < i; ++j) {
+    if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+      payload_row = a.land_index[j];
+      break;
+    }
+  }
+  for (int64_t j = i + 1; j < (token + 1) * a.top_k; ++j) {
+    if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+      next_row = a.land_index[j];
+      break;
+    }
+  }
+}
+
 template <typename IdT>
 __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
                           int64_t p1_offset, int64_t i, int owner, char* peer, int lane) {
   const int64_t token = i / a.top_k;
   const int32_t land = a.land_index[i];
   char* row = peer + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
-  int32_t payload_row = land, next_row = -1;
-  if (a.dedup) {  // warp-uniform: the token's other slots, in slot order
-    for (int64_t j = token * a.top_k; j < i; ++j) {
-      if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
-        payload_row = a.land_index[j];
-        break;
-      }
-    }
-    for (int64_t j = i + 1; j < (token + 1) * a.top_k; ++j) {
-      if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
-        next_row = a.land_index[j];
-        break;
-      }
-    }
-  }
+  int32_t payload_row, next_row;
+  dedup_chain(g, a, ids, i, owner, payload_row, next_row);
   if (payload_row == land) {
     warp_copy(row, a.p0.src + token * a.p0.stride, a.p0.bytes, lane);
     if (a.p1.bytes > 0) {
@@ -212,6 +222,37 @@ __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const Id
     }
     *reinterpret_cast<int32_t*>(trailer + kTrailerPhaseOffset) =
         static_cast<int32_t>(token * kStreamPhases / a.num_tokens);
+    if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
+  }
+}
+
+// A slot this rank owns itself, at send position `pos`: straight to its contract row with the
+// routing unpack would record (no landing row, no flag; the receivers skip this rank's rows).
+template <typename IdT>
+__device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const StreamTables& t,
+                          const IdT* ids, int64_t i, int64_t pos, int lane) {
+  const int L = g.local_experts, W = g.world, me = g.rank;
+  const int64_t token = i / a.top_k;
+  const int32_t land = a.land_index[i];
+  const int e = static_cast<int>(static_cast<int64_t>(ids[i]) - static_cast<int64_t>(me) * L);
+  const int64_t r = t.contract_start[e * W + me] + (land - t.land_start[me * L + e]);
+  int32_t payload_row, next_row;
+  dedup_chain(g, a, ids, i, me, payload_row, next_row);
+  warp_copy(a.out0 + r * a.p0.bytes, a.p0.src + token * a.p0.stride, a.p0.bytes, lane);
+  if (a.p1.bytes > 0) {
+    warp_copy(a.out1 + r * a.p1.bytes, a.p1.src + token * a.p1.stride, a.p1.bytes, lane);
+  }
+  if (lane == 0) {
+    a.gates_R[r] = a.gates[i];
+    a.src_rank_R[r] = me;
+    a.ret_index_R[r] = static_cast<int32_t>(pos);
+    a.land_row_R[r] = land;
+    a.phase_R[r] = static_cast<int32_t>(token * kStreamPhases / a.num_tokens);
+    if (a.chain_R != nullptr) {
+      a.chain_R[r] = next_row;
+      a.head_R[r] = payload_row == land;
+      a.row_of_land[land] = static_cast<int32_t>(r);
+    }
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
   }
 }
@@ -289,6 +330,13 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
       const int64_t last = min(static_cast<int64_t>(t.send_rows[owner]),
                                first + kStreamChunkRows);
       if (first >= last) continue;  // block-uniform
+      if (owner == me) {  // local rows skip the landing area
+        for (int64_t j = first + warp; j < last; j += kWarpsPerBlock) {
+          const int64_t pos = t.send_start[me] + j;
+          keep_slot(g, a, t, ids, a.slot_of_send[pos], pos, lane);
+        }
+        continue;
+      }
       char* peer = peer_base(g, owner);
       for (int64_t j = first + warp; j < last; j += kWarpsPerBlock) {
         const int64_t i = a.slot_of_send[t.send_start[owner] + j];
@@ -308,7 +356,7 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
       const int64_t chunk = q / W;
       const int64_t first = chunk * kStreamChunkRows;
       const int64_t last = min(static_cast<int64_t>(t.recv_rows[s]), first + kStreamChunkRows);
-      if (first >= last) continue;  // block-uniform
+      if (first >= last || s == me) continue;  // block-uniform; local rows were kept directly
       if (threadIdx.x == 0) {
         wait_flag(g, dispatch_flag(g.local_base, g, s, chunk), epoch, "a dispatch chunk", s);
       }

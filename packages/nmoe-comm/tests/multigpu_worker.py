@@ -43,13 +43,15 @@ from nmoe_comm import testing  # noqa: E402
 
 
 def _options(backend: str, cases: dict, world_size: int, dedup: bool = False,
-             reduce_on_owner: bool = False) -> dict:
+             reduce_on_owner: bool = False, pipelined: bool = True) -> dict:
+    """Options of an ipc / nvshmem dispatcher for ``cases``: the pipelined kernels unless asked
+    otherwise (the test sizes are below the automatic choice's threshold)."""
     if backend == "nccl":
         return {}
     widest = max(max(c.hidden, c.out_hidden) for c in cases.values())
     send = max(max(c.tokens) * c.top_k for c in cases.values())
     return {"hidden": widest, "dtype": torch.float32, "max_send_rows": send,
-            "dedup_rows": dedup, "reduce_on_owner": reduce_on_owner}
+            "dedup_rows": dedup, "reduce_on_owner": reduce_on_owner, "pipelined": pipelined}
 
 
 def _check_sync_free_refused(dispatcher, seed: int, device) -> None:
@@ -125,8 +127,8 @@ def main() -> int:
         plain = nmoe_comm.create_dispatcher(
             "ipc", num_experts=testing.group_num_experts(world_size),
             capacity=testing.group_capacity(plain_cases, world_size), world_size=world_size,
-            rank=rank, pipelined=False,
-            **_options(args.backend, plain_cases, world_size, dedup=not sync))
+            rank=rank,
+            **_options(args.backend, plain_cases, world_size, dedup=not sync, pipelined=False))
         if log:
             log(f"moe dispatcher: {plain.describe()}")
         testing.run_group_checks(plain, args.seed, gather, device, cases=testing.GROUP_CASES,

@@ -77,8 +77,11 @@ class IpcDispatcher(RdepDispatcher):
             dtype; deterministic, `nmoe_comm.rdep` says the order). The same on every rank.
         pipelined: run each dispatch and combine as one kernel whose local copies (landing
             order to contract order; the slot sums) overlap the NVLink transfers, chunk by
-            chunk (`nmoe_comm.rdep`); False runs the two-kernel path with a barrier between.
-            Bitwise the same results. The same on every rank.
+            chunk (`nmoe_comm.rdep`); False runs the two-kernel path with a barrier between;
+            None (default) picks the pipelined kernels when ``max_send_rows`` is at least
+            `nmoe_comm.rdep.PIPELINE_MIN_SEND_ROWS` (4096; decode-sized dispatchers stay on the
+            two-kernel path, which is faster there). Bitwise the same results. The same on every
+            rank.
 
     Raises:
         BackendUnavailableError: no compiled transport, no GPU, torch.distributed not
@@ -102,7 +105,7 @@ class IpcDispatcher(RdepDispatcher):
         timeout_s: float = 100.0,
         dedup_rows: bool = False,
         reduce_on_owner: bool = False,
-        pipelined: bool = True,
+        pipelined: bool | None = None,
     ):
         super().__init__(num_experts, capacity, world_size, rank)
         missing = _extension.missing_transport()
@@ -116,7 +119,7 @@ class IpcDispatcher(RdepDispatcher):
         device = cuda_device(device)
         c_module = _extension.compiled_module()
         me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid),
-              self.layout, (dedup_rows, reduce_on_owner, pipelined))
+              self.layout, (dedup_rows, reduce_on_owner, self.pipelined))
         everyone = [None] * world_size
         dist.all_gather_object(everyone, me, group=group)
         self._check_group(everyone, device, c_module)

@@ -145,7 +145,7 @@ class NvshmemDispatcher(RdepDispatcher):
         timeout_s: float = 100.0,
         dedup_rows: bool = False,
         reduce_on_owner: bool = False,
-        pipelined: bool = True,
+        pipelined: bool | None = None,
         peer_access: str = "auto",
     ):
         super().__init__(num_experts, capacity, world_size, rank)
@@ -168,7 +168,7 @@ class NvshmemDispatcher(RdepDispatcher):
         self._team = int(bindings.Team_id.TEAM_WORLD)
 
         everyone = [None] * world_size
-        mine = (layout, dedup_rows, reduce_on_owner, pipelined)
+        mine = (layout, dedup_rows, reduce_on_owner, self.pipelined)
         dist.all_gather_object(everyone, mine, group=group)
         if any(other != mine for other in everyone):
             raise ValueError("ranks sized their buffers differently (capacity, hidden, dtype, "

@@ -125,6 +125,10 @@ _ROUTE, _EXCHANGE, _PLAN = 1, 2, 4
 # The pipelined transport (csrc/rdep.h): rows per dispatch chunk, token phases of a combine, and
 # the words of the counter region (checked against the compiled module when attaching).
 _STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS = 32, 16, 32
+#: ``pipelined=None`` turns the pipelined kernels on for dispatchers sized for at least this many
+#: slots per rank (``max_send_rows``). On 4 x H200 they were faster at 32768-131072 slots and
+#: slower at a decode step's 1024 (each combine phase costs a fence and a flag hop).
+PIPELINE_MIN_SEND_ROWS = 4096
 
 
 def _capturing() -> bool:
@@ -316,7 +320,7 @@ class RdepDispatcher(Dispatcher):
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
                      timeout_s: float, dedup_rows: bool = False,
-                     reduce_on_owner: bool = False, pipelined: bool = True) -> None:
+                     reduce_on_owner: bool = False, pipelined: bool | None = None) -> None:
         if not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"hidden must be a positive int (the widest row, in elements), got "
                              f"{hidden!r}")
@@ -339,8 +343,10 @@ class RdepDispatcher(Dispatcher):
             raise ValueError("reduce_on_owner=True needs dedup_rows=True (the owner's partial "
                              "sums follow the chains a deduplicated dispatch records); pass both")
         self.reduce_on_owner = reduce_on_owner
+        if pipelined is None:
+            pipelined = max_send_rows >= PIPELINE_MIN_SEND_ROWS
         if not isinstance(pipelined, bool):
-            raise ValueError(f"pipelined must be True or False, got {pipelined!r}")
+            raise ValueError(f"pipelined must be True, False or None (auto), got {pipelined!r}")
         self.pipelined = pipelined
         self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
                                         world_size=self.world_size, num_experts=self.num_experts,
