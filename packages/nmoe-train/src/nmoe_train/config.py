@@ -78,6 +78,12 @@ class ParallelConfig(_Config):
         "token's slots first (float32, rounded to the row dtype), so results differ from the "
         "per-slot sum by that rounding (deterministic; see nmoe-comm's README); ignored by "
         "other dispatchers. false (with dedup_rows=false) restores one row per slot both ways")
+    pipelined_comm: bool | None = Field(
+        None, description="ipc / nvshmem inside a node: true runs each dispatch and combine as "
+        "one kernel whose local copies overlap the NVLink transfers (nmoe-comm's pipelined "
+        "kernels; bitwise the same rows), false the two-kernel path; null lets the dispatcher "
+        "choose (pipelined from 4096 slots per rank and micro-batch); ignored by other "
+        "dispatchers")
     zero2_chunk_mb: int = Field(256, ge=1, description="reduce-scatter/all-gather chunk size")
 
 

@@ -236,6 +236,7 @@ class Trainer:
                 torch.bfloat16 if self.precision == "bf16-mixed" else torch.float32),
                 dedup_rows=cfg.parallel.dedup_rows or cfg.parallel.reduce_on_owner,
                 reduce_on_owner=cfg.parallel.reduce_on_owner,
+                pipelined=cfg.parallel.pipelined_comm,
                 max_send_rows=micro * cfg.seq_len * cfg.model.moe.n_activated_experts)
         from nmoe_comm import create_dispatcher
 
@@ -696,7 +697,8 @@ class Trainer:
             f"dispatcher {dispatcher_name}"
             + (f", capacity {dispatcher.capacity} rows" if dispatcher is not None else "")
             + (", dedup rows" if getattr(dispatcher, "dedup_rows", False) else "")
-            + (" (sums on owners)" if getattr(dispatcher, "reduce_on_owner", False) else ""),
+            + (" (sums on owners)" if getattr(dispatcher, "reduce_on_owner", False) else "")
+            + (", pipelined" if getattr(dispatcher, "pipelined_active", False) else ""),
             f"batch {cfg.global_batch} x {cfg.seq_len} tokens/step (micro {self.micro_batch}/rank)"
             f", steps {cfg.steps}, target {cfg.target_loss}",
             (f"compile: {len(self.compiled_regions)} regions (attention halves, MLPs, routers)"
