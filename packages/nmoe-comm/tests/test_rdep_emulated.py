@@ -605,3 +605,26 @@ def test_stage_hook_reports_every_stage(gen, no_cuda_stream):
                                             "combine_stream"]
         assert seen[(rank, False, True)] == ["checks", "route_plan", "alloc", "dispatch_stream",
                                              "handle", "checks", "combine_stream"]
+
+
+@pytest.mark.parametrize(("max_send_rows", "dedup", "hidden", "expected"), [
+    (1024, False, 7168, False),   # decode-sized: the two-kernel path
+    (4096, False, 768, True),     # training-sized, one row per slot
+    (32768, True, 768, False),    # deduplicated narrow rows (`super`): the two-kernel path
+    (32768, True, 2048, True),    # 4 KiB bfloat16 rows
+    (32768, True, 7168, True)])
+def test_pipelined_default_follows_size_and_row_width(max_send_rows, dedup, hidden, expected):
+    """``pipelined=None`` decides from the construction arguments only (alike on every rank):
+    on from `PIPELINE_MIN_SEND_ROWS` slots, and with ``dedup_rows`` only for rows of at least
+    `PIPELINE_MIN_DEDUP_ROW_BYTES`; an explicit True / False wins; anything else is refused."""
+    def make(pipelined):
+        dispatcher = RdepDispatcher.__new__(RdepDispatcher)
+        RdepDispatcher.__init__(dispatcher, 8, 64, 2, 0)
+        dispatcher._init_engine(hidden=hidden, dtype=torch.bfloat16, max_send_rows=max_send_rows,
+                                timeout_s=1, dedup_rows=dedup, pipelined=pipelined)
+        return dispatcher.pipelined
+
+    assert make(None) is expected
+    assert make(True) is True and make(False) is False
+    with pytest.raises(ValueError, match="pipelined must be True, False or None"):
+        make("yes")

@@ -79,9 +79,10 @@ class IpcDispatcher(RdepDispatcher):
             order to contract order; the slot sums) overlap the NVLink transfers, chunk by
             chunk (`nmoe_comm.rdep`); False runs the two-kernel path with a barrier between;
             None (default) picks the pipelined kernels when ``max_send_rows`` is at least
-            `nmoe_comm.rdep.PIPELINE_MIN_SEND_ROWS` (4096; decode-sized dispatchers stay on the
-            two-kernel path, which is faster there). Bitwise the same results. The same on every
-            rank.
+            `nmoe_comm.rdep.PIPELINE_MIN_SEND_ROWS` (4096) and, with ``dedup_rows``, rows have at
+            least 4096 bytes: decode-sized dispatchers and deduplicated narrow rows stay on the
+            two-kernel path, which measured faster there. Bitwise the same results. The same on
+            every rank.
 
     Raises:
         BackendUnavailableError: no compiled transport, no GPU, torch.distributed not

@@ -87,6 +87,21 @@ fixed order with float32 products and sums rounded separately (rule 2). ``combin
 owner forms ``grad_y`` and ``<dOut, y>`` per row and stores the dot at the source
 (``owner_grad``), the source gathers ``dGates``. None of these synchronise with the host.
 
+Pipelined kernels (``pipelined``, the default for dispatchers of at least 4096 slots per rank,
+and for deduplicated rows only from 4 KiB; every peer mapped; csrc/rdep_stream.cu): steps 2 and
+4 run as ONE kernel, ``dispatch_stream``: sender blocks walk the send order (``slot_of_send``,
+written by ``route_plan``) in chunks of 32 rows of one owner (consecutive landing rows), store
+them and publish each chunk with a flag on the owner; receiver blocks copy each published chunk
+to contract order while later chunks cross, and also record each row's token phase
+(``phase_R``, 16 phases by token index at the source); rows a rank owns itself go straight to
+contract order. A synchronous dispatch's host sync then comes right after ``route_plan`` (the
+kernel needs its outputs sized). The combine of such a handle (not the owners' partial sums) is
+``combine_stream``: senders return rows phase by phase, the last sender block of a phase
+publishes it on every source, and reducer blocks sum a phase's tokens (as ``reduce_slots``)
+once all owners published it. Flags carry a per-rank stream epoch counted on the device; no
+barrier closes either kernel (a combine's completion implies every owner finished its dispatch
+kernel and its returns, which keeps the reuse rules below valid).
+
 Reuse of the buffer: each call's writes are followed by a barrier before they are read, and a
 region read *after* a call's last barrier (``RECV``/``COUNTS`` by ``unpack``, ``RET`` by
 ``reduce_slots``, ``DOTS`` by the gather) gets an extra entry barrier before the next call that
@@ -129,6 +144,10 @@ _STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS = 32, 16, 32
 #: slots per rank (``max_send_rows``). On 4 x H200 they were faster at 32768-131072 slots and
 #: slower at a decode step's 1024 (each combine phase costs a fence and a flag hop).
 PIPELINE_MIN_SEND_ROWS = 4096
+#: ... and, with ``dedup_rows``, rows of at least this many bytes: deduplicated dispatches of
+#: narrow rows ran slower pipelined on 4 x H200 (768 bfloat16: 810 against 732 us; 2048: equal;
+#: 7168: 747 against 834), and so did `super`'s expert-parallel training step (hidden 768).
+PIPELINE_MIN_DEDUP_ROW_BYTES = 4096
 
 
 def _capturing() -> bool:
@@ -343,14 +362,15 @@ class RdepDispatcher(Dispatcher):
             raise ValueError("reduce_on_owner=True needs dedup_rows=True (the owner's partial "
                              "sums follow the chains a deduplicated dispatch records); pass both")
         self.reduce_on_owner = reduce_on_owner
-        if pipelined is None:
-            pipelined = max_send_rows >= PIPELINE_MIN_SEND_ROWS
-        if not isinstance(pipelined, bool):
-            raise ValueError(f"pipelined must be True, False or None (auto), got {pipelined!r}")
-        self.pipelined = pipelined
         self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
                                         world_size=self.world_size, num_experts=self.num_experts,
                                         max_send_rows=max_send_rows)
+        if pipelined is None:  # decided from the construction arguments: alike on every rank
+            pipelined = max_send_rows >= PIPELINE_MIN_SEND_ROWS and (
+                not dedup_rows or self.layout.row_bytes >= PIPELINE_MIN_DEDUP_ROW_BYTES)
+        if not isinstance(pipelined, bool):
+            raise ValueError(f"pipelined must be True, False or None (auto), got {pipelined!r}")
+        self.pipelined = pipelined
         self._consumed: frozenset[str] = frozenset()
         self._destroyed = False
 
