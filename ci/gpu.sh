@@ -47,6 +47,8 @@
 #                visible GPU at once (one process per GPU; logs per file)
 #   comm-pipelined  nmoe-comm's pipelined transport: a 2-GPU smoke run, the multi-GPU tests
 #                (COMM_TESTS), the bench on all GPUs against pipelined=False (BENCH_COMM_ARGS)
+#   ncu-fp8-source  per-instruction warp-stall samples (SASS page as CSV) of the FP8 grouped GEMM
+#                (NCU_SOURCE_CASES) for an offline breakdown of the mainloop
 #   ncu-bf16     the same for the BF16 grouped GEMMs and torch._grouped_mm (NCU_BF16_CASES:
 #                "shape:op:ours|torch", default dsv3-local wgrad_w2 and fwd_w2) to $OUT/ncu-bf16.txt
 #
@@ -369,6 +371,31 @@ stage_ncu_fp8() {
   # shellcheck disable=SC2086
   ncu_stage "$OUT/ncu-fp8.txt" profile_fp8_variant.py ${NCU_CASES:-moonlight:bf16:1x1oe \
     moonlight:bf16:1x1oes moonlight:bf16:torch dsv3-local:bf16:1x1oe moonlight:swiglu_quant:1x1oef}
+}
+
+stage_ncu_fp8_source() {
+  # Per-instruction warp-stall samples of the FP8 grouped GEMM (NCU_SOURCE_CASES, default the
+  # moonlight and dsv3-local W13 kernels without the fused epilogue): one report per case, then
+  # its SASS page as CSV ($OUT/<case>.sass.csv: each instruction with its stall samples by
+  # reason), for an offline breakdown of where the mainloop's issue slots go.
+  command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
+  local rc=0 case a b c name
+  for case in ${NCU_SOURCE_CASES:-moonlight:bf16:1x1oe dsv3-local:bf16:1x1oe}; do
+    IFS=: read -r a b c <<< "$case"
+    name=${case//:/_}
+    timeout 300 ncu --clock-control none -k "regex:kernel_cutlass" --launch-skip 2 \
+      --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
+      --import-source no -f -o "$OUT/$name" "$PY" packages/nmoe-kernels/bench/profile_fp8_variant.py \
+      "$a" "$b" "$c" > "$OUT/$name.log" 2>&1 || { echo "ncu failed: $case"; rc=1; continue; }
+    ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.sass.csv" \
+      2>> "$OUT/$name.log" || ncu -i "$OUT/$name.ncu-rep" --page source --csv \
+      > "$OUT/$name.sass.csv" 2>> "$OUT/$name.log" || rc=1
+    ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.details.txt" 2>> "$OUT/$name.log"
+    "$PY" packages/nmoe-kernels/bench/ncu_source_summary.py "$OUT/$name.sass.csv" \
+      > "$OUT/$name.summary.txt" 2>> "$OUT/$name.log" || rc=1
+    echo "##### $case"; head -24 "$OUT/$name.summary.txt"
+  done
+  return $rc
 }
 
 stage_ncu_bf16() {
