@@ -201,5 +201,75 @@ __device__ int32_t block_exclusive_scan(int32_t* a, int n) {
   return total;
 }
 
+// Per-block tables from the count matrix (int32, shared memory) that unpack and the pipelined
+// dispatch build: where each (source, local expert) block of rows lands and where it goes in
+// contract order, plus each peer's row counts both ways. smem_words() int32 words.
+struct StreamTables {
+  int32_t* land_start;      // [W * L] (source, local expert) -> first landing row here
+  int32_t* contract_start;  // [L * W] (local expert, source) -> first contract row here
+  int32_t* land_base;       // [W] first landing row of each source here
+  int32_t* send_off;        // [W] each source's first send position for this rank
+  int32_t* recv_rows;       // [W] rows each source sends here
+  int32_t* send_start;      // [W] this rank's first send position for each owner
+  int32_t* send_rows;       // [W] rows this rank sends to each owner
+
+  static int64_t smem_words(int num_experts, int world) {
+    return 2LL * num_experts + 5LL * world;
+  }
+
+  __device__ void build(const Layout& g, int32_t* smem) {
+    const int W = g.world, L = g.local_experts, E = g.num_experts, me = g.rank;
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+    land_start = smem;
+    contract_start = land_start + W * L;
+    land_base = contract_start + L * W;
+    send_off = land_base + W;
+    recv_rows = send_off + W;
+    send_start = recv_rows + W;
+    send_rows = send_start + W;
+    const auto* C = reinterpret_cast<const int32_t*>(g.local_base + g.counts_off);
+    for (int idx = threadIdx.x; idx < W * L; idx += blockDim.x) {
+      const int s = idx / L, e = idx % L;
+      const int32_t c = C[s * (E + 1) + me * L + e];
+      land_start[idx] = c;
+      contract_start[e * W + s] = c;
+    }
+    __syncthreads();
+    block_exclusive_scan(land_start, W * L);
+    block_exclusive_scan(contract_start, L * W);
+    for (int p = warp; p < W; p += kWarpsPerBlock) {
+      int64_t before = 0, from = 0, start = 0, to = 0;
+      for (int e = lane; e < E; e += kWarp) {
+        const int owner = e / L;
+        const int32_t c_pe = C[p * (E + 1) + e];   // source p's slots to expert e
+        const int32_t c_me = C[me * (E + 1) + e];  // this rank's slots to expert e
+        if (owner < me) before += c_pe;
+        if (owner == me) from += c_pe;
+        if (owner < p) start += c_me;
+        if (owner == p) to += c_me;
+      }
+      before = warp_sum(before);
+      from = warp_sum(from);
+      start = warp_sum(start);
+      to = warp_sum(to);
+      if (lane == 0) {
+        send_off[p] = static_cast<int32_t>(before);
+        recv_rows[p] = static_cast<int32_t>(from);
+        send_start[p] = static_cast<int32_t>(start);
+        send_rows[p] = static_cast<int32_t>(to);
+        land_base[p] = land_start[p * L];
+      }
+    }
+    __syncthreads();
+  }
+
+  // Chunks of the largest per-peer row count in `rows` [W].
+  __device__ static int64_t max_chunks(const int32_t* rows, int world) {
+    int64_t most = 0;
+    for (int p = 0; p < world; ++p) most = max(most, static_cast<int64_t>(rows[p]));
+    return (most + kStreamChunkRows - 1) / kStreamChunkRows;
+  }
+};
+
 }  // namespace
 }  // namespace nmoe::comm

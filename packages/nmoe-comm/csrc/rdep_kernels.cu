@@ -315,32 +315,14 @@ __global__ void __launch_bounds__(kBlockThreads)
                   int32_t* __restrict__ land_row_R, int32_t* __restrict__ chain_R,
                   int32_t* __restrict__ head_R, int32_t* __restrict__ row_of_land) {
   extern __shared__ int32_t smem[];
-  const int W = g.world, L = g.local_experts, E = g.num_experts, me = g.rank;
+  const int W = g.world, L = g.local_experts;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  int32_t* contract_start = smem;                // [L * W], (local expert, source) order
-  int32_t* land_start = contract_start + L * W;  // [W * L], (source, local expert) order
-  int32_t* land_base = land_start + W * L;       // [W]
-  int32_t* send_off = land_base + W;             // [W]: source s's first row for me, send order
-  const auto* C = reinterpret_cast<const int32_t*>(g.local_base + g.counts_off);
-  for (int idx = threadIdx.x; idx < L * W; idx += blockDim.x) {
-    const int s = idx / L, e = idx % L;
-    const int32_t c = C[s * (E + 1) + me * L + e];
-    land_start[idx] = c;
-    contract_start[e * W + s] = c;
-  }
-  __syncthreads();
-  block_exclusive_scan(land_start, W * L);
-  block_exclusive_scan(contract_start, L * W);
-  for (int s = warp; s < W; s += kWarpsPerBlock) {
-    int64_t before = 0;
-    for (int e = lane; e < me * L; e += kWarp) before += C[s * (E + 1) + e];
-    before = warp_sum(before);
-    if (lane == 0) {
-      send_off[s] = static_cast<int32_t>(before);
-      land_base[s] = land_start[s * L];
-    }
-  }
-  __syncthreads();
+  StreamTables t;
+  t.build(g, smem);  // ends in __syncthreads
+  const int32_t* contract_start = t.contract_start;
+  const int32_t* land_start = t.land_start;
+  const int32_t* land_base = t.land_base;
+  const int32_t* send_off = t.send_off;
   const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; r < num_rows;
@@ -638,7 +620,7 @@ void launch_unpack(const Layout& g, int64_t num_rows, const int64_t* num_rows_de
     throw std::invalid_argument(
         "nmoe_comm unpack: chain_R needs dedup and both head_R and row_of_land");
   }
-  const int64_t smem = (2LL * g.num_experts + 2LL * g.world) * 4;
+  const int64_t smem = StreamTables::smem_words(g.num_experts, g.world) * 4;
   allow_smem<unpack_kernel>(smem, "unpack");
   const Payload p0{nullptr, 0, bytes0};
   unpack_kernel<<<grid_for_rows(num_rows, sm_count), kBlockThreads, smem, stream>>>(
