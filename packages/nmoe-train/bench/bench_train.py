@@ -10,7 +10,8 @@ the median tokens/s of the steps after the first (compile/warm-up) step, MFU (tr
 memory, plus each variant's ratio to ``torch:bf16`` at the same micro-batch, measured in the same
 process on the same card (after ``--warmup-steps`` untimed steps of the first variant; rows of one
 process still differ by up to ~11% on an H100, results/train_1xH100_position_check.txt, so
-compare close variants over repeats in alternating order), and ends with each variant at its largest
+compare close variants with ``--rounds N``: every row N times, round-robin in alternating order,
+medians reported), and ends with each variant at its largest
 micro-batch (the largest that fits when the list went on to an out-of-memory) against
 ``torch:bf16`` at its own largest.
 
@@ -345,6 +346,27 @@ def largest_micro_batch_summary(rows: list[dict], label) -> list[str]:
     return lines
 
 
+def merge_rounds(rows: list[dict], variants: list[str]) -> list[dict]:
+    """One row per (variant, micro-batch), in the order of ``variants`` then micro-batch: the
+    median tokens/s, ms/step and MFU of its rounds and the largest peak memory, with every
+    round's tokens/s in ``tokens_per_s_rounds``. A variant's micro-batch that failed in a later
+    round keeps the rounds it ran."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["micro_batch"]), []).append(row)
+    merged = []
+    for _, runs in sorted(groups.items(),
+                          key=lambda item: (variants.index(item[0][0]), item[0][1])):
+        row = dict(runs[0])
+        for field in ("tokens_per_s", "ms_per_step", "mfu"):
+            row[field] = statistics.median(r[field] for r in runs)
+        row["peak_gib"] = max(r["peak_gib"] for r in runs)
+        row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in runs]
+        row.pop("round", None)
+        merged.append(row)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="super")
@@ -357,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="untimed steps of the first variant at the first micro-batch before "
                              "the table (0: none). They do not remove the row-to-row spread of "
                              "up to ~11%% on an H100 (results/train_1xH100_position_check.txt)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every (variant, micro-batch) this many times, round-robin with "
+                             "the variant order reversed on odd rounds (A B, B A, ...), and report "
+                             "the median of each (all round values in the JSON): rows of one "
+                             "process differ by up to ~11%% on an H100, which one round cannot "
+                             "tell from a difference between variants")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -385,30 +413,42 @@ def main(argv: list[str] | None = None) -> int:
         except torch.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
-    for variant in args.variants:
-        backend, recipe, extra = parse_variant(variant)
-        for micro in args.micro_batches:
-            try:
-                row = run_variant(args.preset, backend, recipe, micro, args.steps, args.seq_len,
-                                  args.profile, args.expert_parallel, args.dispatcher, extra)
-            except torch.OutOfMemoryError:
-                print(f"{variant} micro-batch {micro}: out of memory", file=sys.stderr)
-                gc.collect()
-                torch.cuda.empty_cache()
-                break
-            except Exception as err:  # report and go on with the other variants
-                print(f"{variant} micro-batch {micro}: {type(err).__name__}: {err}",
-                      file=sys.stderr)
-                break
-            rows.append(row)
-            if not main_rank:
-                continue
-            # Progress, and partial results that survive a time limit.
-            print(f"{variant} micro-batch {micro}: {row['tokens_per_s']:.0f} tokens/s, "
-                  f"{row['ms_per_step']:.1f} ms/step, peak {row['peak_gib']:.1f} GiB "
-                  f"+ {row['comm_buffer_gib']:.1f} GiB dispatcher buffers", flush=True)
-            if args.json:
-                Path(args.json).write_text(json.dumps(rows, indent=2))
+    failed: dict[str, int] = {}  # variant -> the micro-batch at which it ran out or failed
+    for round_index in range(max(1, args.rounds)):
+        order = args.variants if round_index % 2 == 0 else args.variants[::-1]
+        for variant in order:
+            backend, recipe, extra = parse_variant(variant)
+            for micro in args.micro_batches:
+                if micro >= failed.get(variant, micro + 1):
+                    break
+                try:
+                    row = run_variant(args.preset, backend, recipe, micro, args.steps,
+                                      args.seq_len, args.profile if round_index == 0 else None,
+                                      args.expert_parallel, args.dispatcher, extra)
+                except torch.OutOfMemoryError:
+                    print(f"{variant} micro-batch {micro}: out of memory", file=sys.stderr)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    failed[variant] = micro
+                    break
+                except Exception as err:  # report and go on with the other variants
+                    print(f"{variant} micro-batch {micro}: {type(err).__name__}: {err}",
+                          file=sys.stderr)
+                    failed[variant] = micro
+                    break
+                row["variant"], row["round"] = variant, round_index
+                rows.append(row)
+                if not main_rank:
+                    continue
+                # Progress, and partial results that survive a time limit.
+                print(f"{variant} micro-batch {micro}"
+                      + (f" (round {round_index + 1})" if args.rounds > 1 else "")
+                      + f": {row['tokens_per_s']:.0f} tokens/s, {row['ms_per_step']:.1f} ms/step, "
+                      f"peak {row['peak_gib']:.1f} GiB + {row['comm_buffer_gib']:.1f} GiB "
+                      f"dispatcher buffers", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=2))
+    rows = merge_rounds(rows, args.variants)
     shutdown_distributed()
     if not main_rank:
         return 0

@@ -217,3 +217,43 @@ def test_warmup_runs_the_first_variant_untimed_before_the_table(monkeypatch, tmp
     calls.clear()
     bench.main(["--variants", "fused:bf16", "--micro-batches", "8", "--warmup-steps", "0"])
     assert calls == [("fused", "bf16", 8, 6)]
+
+
+def test_rounds_alternate_the_order_and_report_medians(monkeypatch, tmp_path):
+    """``--rounds 3``: every (variant, micro-batch) runs three times, the variant order reversed
+    on odd rounds (A B, B A, A B); the table row is the median of the rounds with every round's
+    tokens/s kept; a micro-batch that ran out of memory is not tried again in later rounds."""
+    bench = _bench()
+    calls = []
+    speeds = iter([100.0, 300.0, 200.0, 110.0, 180.0, 150.0, 120.0, 250.0, 190.0, 130.0])
+
+    def fake_run_variant(preset, backend, recipe, micro, steps, seq_len, profile, *args):
+        calls.append((backend, micro, profile))
+        if backend == "torch" and micro == 32:
+            raise torch.OutOfMemoryError("too big")
+        value = next(speeds)
+        return {"backend": backend, "recipe": recipe, "micro_batch": micro, "gpus": 1,
+                "tokens_per_s": value, "ms_per_step": 1000.0 / value, "mfu": value / 1000,
+                "peak_gib": value / 10, "comm_buffer_gib": 0.0, "device": "cpu",
+                "torch": torch.__version__, "overrides": []}
+
+    monkeypatch.setattr(bench, "run_variant", fake_run_variant)
+    out = tmp_path / "rows.json"
+    assert bench.main(["--variants", "fused:bf16", "torch:bf16", "--micro-batches", "16", "32",
+                       "--rounds", "3", "--warmup-steps", "0", "--profile", str(tmp_path),
+                       "--json", str(out)]) == 0
+    order = [(b, m) for b, m, _ in calls]
+    assert order == [("fused", 16), ("fused", 32), ("torch", 16), ("torch", 32),
+                     ("torch", 16), ("fused", 16), ("fused", 32),
+                     ("fused", 16), ("fused", 32), ("torch", 16)]
+    assert [p is not None for _, _, p in calls] == [True] * 4 + [False] * 6  # round 1 only
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["micro_batch"]) for r in rows] == [
+        ("fused", 16), ("fused", 32), ("torch", 16)]
+    fused16, fused32, torch16 = rows
+    # fused 16 ran 100, 180, 120 -> median 120; fused 32: 300, 150, 250 -> 250;
+    # torch 16: 200, 110, 190 -> 190
+    assert fused16["tokens_per_s_rounds"] == [100.0, 180.0, 120.0]
+    assert fused16["tokens_per_s"] == 120.0 and fused32["tokens_per_s"] == 250.0
+    assert torch16["tokens_per_s"] == 190.0 and torch16["peak_gib"] == 20.0
+    assert fused16["ratio_vs_torch"] == pytest.approx(120.0 / 190.0)
