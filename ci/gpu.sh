@@ -31,7 +31,7 @@
 #                dispatch bench on all GPUs with the sync-free, dedup and CUDA-graph variants and
 #                (unless COMM_BREAKDOWN=0) the decode breakdown
 #   bench-train  nmoe-train/bench/bench_train.py: torch vs fused MoE paths (BENCH_VARIANTS,
-#                BENCH_MICRO); tokens/s, MFU, peak memory
+#                BENCH_MICRO, BENCH_ROUNDS); tokens/s, MFU, peak memory
 #   ep-trainer-tests  `n train` expert parallel on 2 GPUs (ipc and nccl) against 1 GPU, bounded by
 #                the 2-GPU data-parallel run's gap
 #   fast-path-tests  the GPU tests of compile, cached expert casts, the router top-k kernel, the
@@ -221,8 +221,8 @@ stage_bench_train() {
   "$PY" packages/nmoe-train/bench/bench_train.py --json "$OUT/bench_train.json" \
     --variants ${BENCH_VARIANTS:-torch:bf16 fused:bf16 $FAST} \
     --micro-batches ${BENCH_MICRO:-16 32 48 64} \
-    --steps "${BENCH_STEPS:-5}" ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} 2>&1 \
-    | tee "$OUT/bench_train.log" | tail -30
+    --steps "${BENCH_STEPS:-5}" --rounds "${BENCH_ROUNDS:-1}" \
+    ${BENCH_PROFILE:+--profile "$BENCH_PROFILE"} 2>&1 | tee "$OUT/bench_train.log" | tail -30
   return "${PIPESTATUS[0]}"
 }
 
