@@ -49,6 +49,8 @@
 #                (COMM_TESTS), the bench on all GPUs against pipelined=False (BENCH_COMM_ARGS)
 #   ncu-fp8-source  per-instruction warp-stall samples (SASS page as CSV) of the FP8 grouped GEMM
 #                (NCU_SOURCE_CASES) for an offline breakdown of the mainloop
+#   comm-ab      the dispatch bench of this tree's nmoe-comm against a baseline copy of another
+#                commit's (AB_BASE), back to back on one machine: baseline, this tree, baseline
 #   ncu-bf16     the same for the BF16 grouped GEMMs and torch._grouped_mm (NCU_BF16_CASES:
 #                "shape:op:ours|torch", default dsv3-local wgrad_w2 and fwd_w2) to $OUT/ncu-bf16.txt
 #
@@ -443,6 +445,37 @@ stage_comm_pipelined() {
     --two-kernel --sync-free --graph ${BENCH_COMM_ARGS:-} --json "$OUT/bench_pipelined_$n.json" \
     > "$OUT/bench_pipelined_$n.log" 2>&1 || rc=1
   grep -v "^\s*$\|\*\*\*\|OMP_NUM" "$OUT/bench_pipelined_$n.log" | tail -90
+  return $rc
+}
+
+stage_comm_ab() {
+  # The dispatch bench of this checkout's nmoe-comm against a baseline build of another commit's
+  # (AB_BASE, default .ab/packages/nmoe-comm: make it with
+  # `git archive BASE packages/nmoe-comm | tar -x -C .ab` and carry .ab), back to back on the
+  # same machine: baseline, this tree, baseline again (AB_ARGS: the bench arguments). The
+  # baseline is installed as a regular package in place of the editable one, which is restored
+  # (incremental rebuild) for the run of this tree and at the end.
+  local base=${AB_BASE:-.ab/packages/nmoe-comm} rc=0 n run tag
+  n=$(ngpus)
+  [ -f "$base/pyproject.toml" ] || { echo "comm-ab: no baseline package at $base"; return 1; }
+  for run in base new base2; do
+    if [ "$run" = new ]; then
+      "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e packages/nmoe-comm \
+        > "$OUT/ab-install.log" 2>&1 || { tail -20 "$OUT/ab-install.log"; return 1; }
+    else
+      "$PY" -m pip install -q --no-build-isolation --no-deps --no-index "$base" \
+        > "$OUT/ab-install.log" 2>&1 || { tail -20 "$OUT/ab-install.log"; return 1; }
+    fi
+    tag=$("$PY" -c 'import nmoe_comm, os; print(os.path.dirname(nmoe_comm.__file__))')
+    echo "== $run: nmoe_comm from $tag"
+    timeout "${BENCH_COMM_TIMEOUT:-300}" "$PY" -m torch.distributed.run --standalone \
+      --nproc_per_node "$n" packages/nmoe-comm/bench/bench_dispatch.py \
+      ${AB_ARGS:---backends nccl ipc --sync-free --graph} --json "$OUT/ab_${run}_$n.json" \
+      > "$OUT/ab_${run}_$n.log" 2>&1 || rc=1
+    grep -v "^\s*$\|\*\*\*\|OMP_NUM\|UserWarning\|_warn_once" "$OUT/ab_${run}_$n.log" | tail -60
+  done
+  "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e packages/nmoe-comm \
+    > "$OUT/ab-install.log" 2>&1 || rc=1
   return $rc
 }
 

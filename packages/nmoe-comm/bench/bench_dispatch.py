@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -232,18 +233,30 @@ def _run_graph(dispatcher, sets, iters, warmup, device):
 
 
 def _profile_replays(dispatch_graph, combine_graph, device, replays: int = 20) -> None:
-    """Rank 0 prints the CUDA kernels inside the replayed graphs, with their mean times
-    (NMOE_BENCH_GRAPH_PROFILE=1); every rank replays alike."""
+    """Rank 0 prints the CUDA kernels inside the replayed graphs with their mean time per call on
+    every rank (NMOE_BENCH_GRAPH_PROFILE=1): a kernel that ends in a barrier or waits for peers
+    carries the other ranks' lateness, so the ranks' columns show where the skew sits."""
     from torch.profiler import ProfilerActivity, profile
 
+    _barrier(device)  # else the first replay carries the ranks' skew entering the profiler
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             dispatch_graph.replay()
             combine_graph.replay()
         torch.cuda.synchronize(device)
+    mine = {e.key: e.device_time_total / max(1, e.count) for e in prof.key_averages()
+            if e.device_time_total > 0}
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
     if dist.get_rank() == 0:
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
-                                        max_name_column_width=60), flush=True)
+        names = sorted(ranks[0], key=lambda k: -ranks[0][k])
+        print("kernel (mean us per call)".ljust(48)
+              + "".join(f"rank {r}".rjust(10) for r in range(len(ranks))), flush=True)
+        for name in names:
+            found = re.search(r"(\w+_kernel)", name)
+            short = (found.group(1) if found else name)[:46]
+            print(short.ljust(48) + "".join(f"{k.get(name, 0.0):10.1f}" for k in ranks),
+                  flush=True)
 
 
 def _slowest(value: float, device) -> float:

@@ -182,7 +182,7 @@ class Rdep {
     CudaDeviceGuard guard(device_, "route_plan");
     launch_route_plan(g_, as<const void>(ids), ids_int64, num_slots, local_flags,
                       as<int32_t>(send_pos), as<int32_t>(land_index), as<int32_t>(slot_of_send),
-                      as<int64_t>(counts_E), as<int64_t>(info), flags, sync_peers,
+                      as<int64_t>(counts_E), as<int64_t>(info), flags, sync_peers, sm_count_,
                       stream_of(stream));
   }
 

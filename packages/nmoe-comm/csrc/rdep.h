@@ -87,6 +87,8 @@ enum CounterSlot : int {
   kCounterStreamCombine = 9,    // blocks done (pipelined combine)
   kCounterClaimDispatch = 10,   // next receive item to claim
   kCounterClaimCombine = 11,    // next reduce item to claim
+  kCounterRouteArrive = 12,     // route_plan's grid barrier: blocks arrived
+  kCounterRouteGeneration = 13, // route_plan's grid barrier: barriers completed
   kCounterPhaseBase = 16,       // [kStreamPhases]: sender blocks done with each combine phase
 };
 constexpr int kCounterWords = kCounterPhaseBase + kStreamPhases;
@@ -109,7 +111,7 @@ struct Payload {
 void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                        int32_t local_flags, int32_t* send_pos, int32_t* land_index,
                        int32_t* slot_of_send, int64_t* counts_E, int64_t* info, int flags,
-                       unsigned long long sync_peers, cudaStream_t stream);
+                       unsigned long long sync_peers, int sm_count, cudaStream_t stream);
 
 // dedup: each token's row goes once per owner (dispatch with every owner mapped; the trailer of
 // each slot's landing row names the landing row holding its payload and the landing row of the

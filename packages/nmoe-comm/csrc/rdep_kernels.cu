@@ -26,9 +26,12 @@ namespace {
 
 // ------------------------------------------------------------------------------- route / plan
 
-// Slot groups (32 slots, one per lane) whose ids a routing warp loads before processing them: the
-// single routing block is bound by the latency of its loads, not by their bytes.
+// Slot groups (32 slots, one per lane) whose ids a routing warp loads before processing them: a
+// routing block is bound by the latency of its loads, not by their bytes.
 constexpr int kRouteBatch = 8;
+// Slots per routing block: one block took ~2.6 ns per slot (95 us for 32768 slots on an H200),
+// so larger dispatches spread the slots over more blocks, each a few passes of 32 warps.
+constexpr int64_t kRouteSlotsPerBlock = 2048;
 
 // Expert ids of the slots base + u * 32 + lane, u < kRouteBatch, all loaded first: e[u] is the id,
 // or -1 for a slot at or past `end` or an id outside [0, E) (which sets `bad`).
@@ -56,13 +59,45 @@ __device__ __forceinline__ void load_route_batch(const IdT* __restrict__ ids, in
   }
 }
 
-// Source side of a dispatch, one block of 1024 threads.
+// All blocks of a grid wait here until every block has arrived (the blocks are resident at once:
+// the launcher keeps the grid within one block per SM). A generation count in the rank's counter
+// region makes it reusable across launches without a reset; one block passes straight through.
+__device__ void grid_sync(const Layout& g) {
+  __syncthreads();
+  if (gridDim.x > 1 && threadIdx.x == 0) {
+    auto* arrived = reinterpret_cast<unsigned int*>(g.local_base + g.counter_off) +
+                    kCounterRouteArrive;
+    auto* generation = reinterpret_cast<volatile unsigned int*>(g.local_base + g.counter_off) +
+                       kCounterRouteGeneration;
+    const unsigned int mine = *generation;  // read before arriving: it moves only after
+    __threadfence();
+    if (atomicAdd(arrived, 1u) == gridDim.x - 1) {
+      atomicExch(arrived, 0u);
+      __threadfence();
+      atomicAdd(const_cast<unsigned int*>(generation), 1u);
+    } else {
+      while (*generation == mine) {
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// Source side of a dispatch: blocks of 1024 threads (one, or a few per SM count, all resident);
+// the slots are split into contiguous ranges, one per warp, in block order.
 //   kRoute:    count this rank's slots per expert and give each slot its send position
-//              (stable: (token, slot) order inside an expert), with warp-private histograms.
-//   kExchange: store this rank's count row into row `rank` of every peer's count matrix, then
-//              barrier (CUDA IPC). Without it the row goes to counts_src for an NVSHMEM fcollect.
-//   kPlan:     from the full count matrix: status (bad ids, capacity...), counts_E of this
-//              rank, and each slot's landing index on its owner.
+//              (stable: (token, slot) order inside an expert), with warp-private histograms,
+//              their prefix sums over the block's warps, and each block's counts to `scratch`
+//              [gridDim.x][E + 1] (column E: bad ids seen), summed over the blocks before it
+//              after a grid barrier.
+//   kExchange: block 0 stores this rank's count row into row `rank` of every peer's count
+//              matrix, then barriers with the peers (CUDA IPC). Without it block 0 writes the
+//              row to counts_src for an NVSHMEM fcollect.
+//   kPlan:     from the full count matrix (after a second grid barrier when the exchange ran in
+//              this launch): status (bad ids, capacity...), counts_E of this rank (block 0), and
+//              each slot's landing index on its owner (grid-stride).
+// `scratch` is land_index itself: the plan overwrites it only after every block has read it.
 template <typename IdT>
 __global__ void __launch_bounds__(kRouteThreads)
     route_plan_kernel(Layout g, const IdT* __restrict__ ids, int64_t num_slots, int route_warps,
@@ -80,9 +115,13 @@ __global__ void __launch_bounds__(kRouteThreads)
   const int num_warps = blockDim.x / kWarp;
   int32_t* hist = smem;                     // [route_warps][E]
   int32_t* start = hist + route_warps * E;  // [E]: counts, then their exclusive prefix sums
-  int32_t* C = start + E;                   // [W][E + 1]
-  const int64_t chunk = (num_slots + route_warps - 1) / route_warps;
-  const int64_t begin = min(num_slots, warp * chunk);
+  int32_t* before = start + E;              // [E]: this expert's slots in the blocks before
+  int32_t* C = before + E;                  // [W][E + 1]
+  int32_t* scratch = land_index;            // [gridDim.x][E + 1], see above
+  const int64_t route_warps_all = static_cast<int64_t>(gridDim.x) * route_warps;
+  const int64_t chunk = (num_slots + route_warps_all - 1) / route_warps_all;
+  const int64_t begin =
+      min(num_slots, (static_cast<int64_t>(blockIdx.x) * route_warps + warp) * chunk);
   const int64_t end = min(num_slots, begin + chunk);
 
   if (flags & kRoute) {
@@ -116,20 +155,46 @@ __global__ void __launch_bounds__(kRouteThreads)
       start[e] = running;
     }
     __syncthreads();
-    const int32_t row_flags = local_flags | (any_bad_id ? kFlagBadId : 0);
-    if (flags & kExchange) {
-      for (int idx = threadIdx.x; idx < W * (E + 1); idx += blockDim.x) {
-        const int p = idx / (E + 1), e = idx % (E + 1);
-        auto* row = reinterpret_cast<int32_t*>(peer_base(g, p) + g.counts_off) +
-                    static_cast<int64_t>(me) * (E + 1);
-        row[e] = e < E ? start[e] : row_flags;
+    if (gridDim.x > 1) {  // every block's counts, then the sums over the blocks
+      int32_t* row = scratch + static_cast<int64_t>(blockIdx.x) * (E + 1);
+      for (int e = threadIdx.x; e <= E; e += blockDim.x) row[e] = e < E ? start[e] : any_bad_id;
+      grid_sync(g);
+      for (int e = threadIdx.x; e <= E; e += blockDim.x) {
+        int32_t total = 0, below = 0;
+        for (int b = 0; b < static_cast<int>(gridDim.x); ++b) {
+          const int32_t c = static_cast<const volatile int32_t*>(scratch)[b * (E + 1) + e];
+          total += c;
+          if (b < static_cast<int>(blockIdx.x)) below += c;
+        }
+        if (e < E) {
+          start[e] = total;
+          before[e] = below;
+        } else if (total != 0) {
+          any_bad_id = 1;
+        }
       }
-      block_barrier(g, sync_peers);
     } else {
-      auto* row = reinterpret_cast<int32_t*>(g.local_base + g.counts_src_off);
-      for (int e = threadIdx.x; e <= E; e += blockDim.x) row[e] = e < E ? start[e] : row_flags;
+      for (int e = threadIdx.x; e < E; e += blockDim.x) before[e] = 0;
+    }
+    __syncthreads();
+    const int32_t row_flags = local_flags | (any_bad_id ? kFlagBadId : 0);
+    if (blockIdx.x == 0) {
+      if (flags & kExchange) {
+        for (int idx = threadIdx.x; idx < W * (E + 1); idx += blockDim.x) {
+          const int p = idx / (E + 1), e = idx % (E + 1);
+          auto* row = reinterpret_cast<int32_t*>(peer_base(g, p) + g.counts_off) +
+                      static_cast<int64_t>(me) * (E + 1);
+          row[e] = e < E ? start[e] : row_flags;
+        }
+        block_barrier(g, sync_peers);
+      } else {
+        auto* row = reinterpret_cast<int32_t*>(g.local_base + g.counts_src_off);
+        for (int e = threadIdx.x; e <= E; e += blockDim.x) row[e] = e < E ? start[e] : row_flags;
+      }
     }
     block_exclusive_scan(start, E);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) start[e] += before[e];
+    __syncthreads();
     if (warp < route_warps) {
       int32_t* h = hist + warp * E;
       const unsigned lanes_below = (1u << lane) - 1u;
@@ -157,6 +222,8 @@ __global__ void __launch_bounds__(kRouteThreads)
     __syncthreads();
   }
   if (!(flags & kPlan)) return;
+  // Block 0's exchange barrier and every block's send positions come before the plan.
+  if (flags & kRoute) grid_sync(g);
 
   // The count matrix is complete: after the exchange barrier, or after the host's fcollect.
   const auto* counts = reinterpret_cast<const volatile int32_t*>(g.local_base + g.counts_off);
@@ -166,18 +233,18 @@ __global__ void __launch_bounds__(kRouteThreads)
   __syncthreads();
   block_exclusive_scan(start, E);  // start[o * L]: first send position of owner o
   for (int o = warp; o < W; o += num_warps) {
-    int64_t total = 0, before = 0;
+    int64_t total = 0, before_me = 0;
     for (int idx = lane; idx < W * L; idx += kWarp) {
       const int s = idx / L;
       const int32_t c = C[s * (E + 1) + o * L + idx % L];
       total += c;
-      if (s < me) before += c;
+      if (s < me) before_me += c;
     }
     total = warp_sum(total);
-    before = warp_sum(before);
+    before_me = warp_sum(before_me);
     if (lane == 0) {
       owner_rows[o] = total;
-      land_off[o] = static_cast<int32_t>(before);
+      land_off[o] = static_cast<int32_t>(before_me);
     }
   }
   __syncthreads();
@@ -201,22 +268,27 @@ __global__ void __launch_bounds__(kRouteThreads)
         arg2 = owner_rows[o];
       }
     }
-    info[0] = code;
-    info[1] = arg1;
-    info[2] = arg2;
-    info[3] = code == kOk ? owner_rows[me] : 0;  // R; 0 when nothing moves (sync-free reads it)
+    if (blockIdx.x == 0) {
+      info[0] = code;
+      info[1] = arg1;
+      info[2] = arg2;
+      info[3] = code == kOk ? owner_rows[me] : 0;  // R; 0 when nothing moves (sync-free reads it)
+    }
     status = code;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < L; e += blockDim.x) {
-    int64_t c = 0;
-    for (int s = 0; s < W; ++s) c += C[s * (E + 1) + me * L + e];
-    counts_E[e] = status == kOk ? c : 0;  // zeros when the plan failed: no row is moved
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < L; e += blockDim.x) {
+      int64_t c = 0;
+      for (int s = 0; s < W; ++s) c += C[s * (E + 1) + me * L + e];
+      counts_E[e] = status == kOk ? c : 0;  // zeros when the plan failed: no row is moved
+    }
   }
   if (status != kOk) return;
   // Each slot's landing row; the loads of kRouteBatch slots per thread are issued first.
-  const int64_t stride = blockDim.x;
-  for (int64_t base = threadIdx.x; base < num_slots; base += stride * kRouteBatch) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       base < num_slots; base += stride * kRouteBatch) {
     int64_t id[kRouteBatch];
     int32_t pos[kRouteBatch];
 #pragma unroll
@@ -557,7 +629,7 @@ int64_t p1_offset(const Payload& p0) { return (p0.bytes + 15) / 16 * 16; }
 }  // namespace
 
 int route_plan_warps(int num_experts, int world, int64_t* smem_bytes) {
-  const int64_t fixed = (static_cast<int64_t>(num_experts) +
+  const int64_t fixed = (2LL * num_experts +
                          static_cast<int64_t>(world) * (num_experts + 1)) * 4;
   const int64_t per_warp = static_cast<int64_t>(num_experts) * 4;
   const int64_t warps = std::min<int64_t>(kRouteThreads / kWarp,
@@ -565,27 +637,37 @@ int route_plan_warps(int num_experts, int world, int64_t* smem_bytes) {
   if (warps < 1 || world > kMaxRanks) {
     throw std::runtime_error(
         "nmoe_comm: " + std::to_string(num_experts) + " experts over " + std::to_string(world) +
-        " ranks do not fit the routing kernel's shared memory (at most about 6000 experts for 8 "
+        " ranks do not fit the routing kernel's shared memory (at most about 4600 experts for 8 "
         "ranks, and at most " + std::to_string(kMaxRanks) + " ranks)");
   }
   *smem_bytes = fixed + warps * per_warp;
   return static_cast<int>(warps);
 }
 
+// Blocks of the routing kernel: one per kRouteSlotsPerBlock slots, at most one per SM (they
+// meet at grid barriers) and at most what land_index holds as per-block count rows.
+int route_plan_blocks(int64_t num_slots, int num_experts, int sm_count) {
+  const int64_t wanted = (num_slots + kRouteSlotsPerBlock - 1) / kRouteSlotsPerBlock;
+  const int64_t fits = num_slots / (num_experts + 1);
+  return static_cast<int>(std::max<int64_t>(1, std::min({wanted, fits,
+                                                         static_cast<int64_t>(sm_count)})));
+}
+
 void launch_route_plan(const Layout& g, const void* ids, bool ids_int64, int64_t num_slots,
                        int32_t local_flags, int32_t* send_pos, int32_t* land_index,
                        int32_t* slot_of_send, int64_t* counts_E, int64_t* info, int flags,
-                       unsigned long long sync_peers, cudaStream_t stream) {
+                       unsigned long long sync_peers, int sm_count, cudaStream_t stream) {
   int64_t smem = 0;
   const int warps = route_plan_warps(g.num_experts, g.world, &smem);
+  const int blocks = route_plan_blocks(num_slots, g.num_experts, sm_count);
   if (ids_int64) {
     allow_smem<route_plan_kernel<int64_t>>(smem, "route_plan");
-    route_plan_kernel<int64_t><<<1, kRouteThreads, smem, stream>>>(
+    route_plan_kernel<int64_t><<<blocks, kRouteThreads, smem, stream>>>(
         g, static_cast<const int64_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
         slot_of_send, counts_E, info, flags, sync_peers);
   } else {
     allow_smem<route_plan_kernel<int32_t>>(smem, "route_plan");
-    route_plan_kernel<int32_t><<<1, kRouteThreads, smem, stream>>>(
+    route_plan_kernel<int32_t><<<blocks, kRouteThreads, smem, stream>>>(
         g, static_cast<const int32_t*>(ids), num_slots, warps, local_flags, send_pos, land_index,
         slot_of_send, counts_E, info, flags, sync_peers);
   }

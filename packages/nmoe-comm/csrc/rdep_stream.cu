@@ -47,6 +47,10 @@ namespace {
 // thread (fewer spill: it inlines two copy paths of five widths each), the combine at 64.
 constexpr int kDispatchMinBlocks = 2;
 constexpr int kCombineMinBlocks = 4;
+// Rows of one dispatch chunk each warp of a sender block stores.
+constexpr int kRowsPerWarp = kStreamChunkRows / kWarpsPerBlock;
+static_assert(kStreamChunkRows % kWarpsPerBlock == 0 && kRowsPerWarp <= kWarp,
+              "a dispatch chunk is whole rows per warp, one lane per row");
 
 __device__ __forceinline__ unsigned long long* stream_epoch_word(const Layout& g) {
   return reinterpret_cast<unsigned long long*>(g.local_base + g.counter_off) + kStreamEpochWord;
@@ -111,9 +115,10 @@ __device__ __forceinline__ unsigned long long* combine_flag(char* base, const La
 // of its next slot there (-1: none), as scatter_slots_kernel finds them. Warp-uniform.
 template <typename IdT>
 __device__ void dedup_chain(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
-                            int64_t i, int owner, int32_t& payload_row, int32_t& next_row) {
+                            int64_t i, int owner, int32_t land, int32_t& payload_row,
+                            int32_t& next_row) {
   const int64_t token = i / a.top_k;
-  payload_row = a.land_index[i];
+  payload_row = land;
   next_row = -1;
   if (!a.dedup) return;
   for (int64_t j = token * a.top_k; j < i; ++j) {
@@ -132,12 +137,12 @@ __device__ void dedup_chain(const Layout& g, const DispatchStreamArgs& a, const 
 
 template <typename IdT>
 __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
-                          int64_t p1_offset, int64_t i, int owner, char* peer, int lane) {
+                          int64_t p1_offset, int64_t i, int32_t land, int owner, char* peer,
+                          int lane) {
   const int64_t token = i / a.top_k;
-  const int32_t land = a.land_index[i];
   char* row = peer + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
   int32_t payload_row, next_row;
-  dedup_chain(g, a, ids, i, owner, payload_row, next_row);
+  dedup_chain(g, a, ids, i, owner, land, payload_row, next_row);
   if (payload_row == land) {
     warp_copy(row, a.p0.src + token * a.p0.stride, a.p0.bytes, lane);
     if (a.p1.bytes > 0) {
@@ -161,14 +166,13 @@ __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const Id
 // routing unpack would record (no landing row, no flag; the receivers skip this rank's rows).
 template <typename IdT>
 __device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const StreamTables& t,
-                          const IdT* ids, int64_t i, int64_t pos, int lane) {
+                          const IdT* ids, int64_t i, int32_t land, int64_t pos, int lane) {
   const int L = g.local_experts, W = g.world, me = g.rank;
   const int64_t token = i / a.top_k;
-  const int32_t land = a.land_index[i];
   const int e = static_cast<int>(static_cast<int64_t>(ids[i]) - static_cast<int64_t>(me) * L);
   const int64_t r = t.contract_start[e * W + me] + (land - t.land_start[me * L + e]);
   int32_t payload_row, next_row;
-  dedup_chain(g, a, ids, i, me, payload_row, next_row);
+  dedup_chain(g, a, ids, i, me, land, payload_row, next_row);
   warp_copy(a.out0 + r * a.p0.bytes, a.p0.src + token * a.p0.stride, a.p0.bytes, lane);
   if (a.p1.bytes > 0) {
     warp_copy(a.out1 + r * a.p1.bytes, a.p1.src + token * a.p1.stride, a.p1.bytes, lane);
@@ -261,18 +265,26 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
       const int64_t last = min(static_cast<int64_t>(t.send_rows[owner]),
                                first + kStreamChunkRows);
       if (first >= last) continue;  // block-uniform
-      if (owner == me) {  // local rows skip the landing area
-        for (int64_t j = first + warp; j < last; j += kWarpsPerBlock) {
-          const int64_t pos = t.send_start[me] + j;
-          keep_slot(g, a, t, ids, a.slot_of_send[pos], pos, lane);
+      // This warp's rows of the chunk are first + warp + u * kWarpsPerBlock; lane u loads the
+      // slot and landing row of its u-th row, all before the first copy.
+      const int64_t mine = first + warp + static_cast<int64_t>(lane) * kWarpsPerBlock;
+      int32_t slot = 0, land = 0;
+      if (lane < kRowsPerWarp && mine < last) {
+        slot = a.slot_of_send[t.send_start[owner] + mine];
+        land = a.land_index[slot];
+      }
+      for (int u = 0; u < kRowsPerWarp && first + warp + u * kWarpsPerBlock < last; ++u) {
+        const int64_t i = __shfl_sync(kFullMask, slot, u);
+        const int32_t land_u = __shfl_sync(kFullMask, land, u);
+        if (owner == me) {  // local rows skip the landing area
+          const int64_t pos = t.send_start[me] + first + warp + u * kWarpsPerBlock;
+          keep_slot(g, a, t, ids, i, land_u, pos, lane);
+        } else {
+          send_slot(g, a, ids, p1_offset, i, land_u, owner, peer_base(g, owner), lane);
         }
-        continue;
       }
+      if (owner == me) continue;  // block-uniform; no landing rows to publish
       char* peer = peer_base(g, owner);
-      for (int64_t j = first + warp; j < last; j += kWarpsPerBlock) {
-        const int64_t i = a.slot_of_send[t.send_start[owner] + j];
-        send_slot(g, a, ids, p1_offset, i, owner, peer, lane);
-      }
       __threadfence_system();
       __syncthreads();
       if (threadIdx.x == 0) store_release_sys(dispatch_flag(peer, g, me, chunk), epoch);
@@ -337,6 +349,12 @@ __device__ void reduce_tokens(const Layout& g, const CombineStreamArgs& a, int64
   }
 }
 
+// One returned row (a call, not inlined: the copy's registers then do not count against the
+// sender loop's under the combine's 64-register budget, which spilled in the loop otherwise).
+__device__ __noinline__ void return_row(char* dst, const char* src, int64_t nbytes, int lane) {
+  warp_copy(dst, src, nbytes, lane);
+}
+
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
     combine_stream_kernel(Layout g, CombineStreamArgs a, int send_blocks,
@@ -354,13 +372,24 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
     const int64_t row_bytes = a.hidden * static_cast<int64_t>(sizeof(T));
     const char* rows = static_cast<const char*>(a.rows);
     const int64_t num_warps = static_cast<int64_t>(send_blocks) * kWarpsPerBlock;
+    // This warp's rows are gw + k * num_warps. For each phase their phases are read 32 rows at
+    // a time, one row per lane, and the phase's rows picked by ballot (their routing loaded by
+    // those lanes at once): no dependent load per row and phase.
+    const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
     for (int p = 0; p < kStreamPhases; ++p) {
-      for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; r < num_rows;
-           r += num_warps) {
-        if (a.phase_R[r] != p) continue;
-        char* dst = peer_base(g, a.src_rank_R[r]) + g.ret_off +
-                    static_cast<int64_t>(a.ret_index_R[r]) * g.ret_stride;
-        warp_copy(dst, rows + r * row_bytes, row_bytes, lane);
+      for (int64_t k0 = 0; gw + k0 * num_warps < num_rows; k0 += kWarp) {
+        const int64_t mine = gw + (k0 + lane) * num_warps;
+        const bool here = mine < num_rows && a.phase_R[mine] == p;
+        const int32_t src = here ? a.src_rank_R[mine] : 0;
+        const int32_t ret = here ? a.ret_index_R[mine] : 0;
+        for (unsigned todo = __ballot_sync(kFullMask, here); todo != 0; todo &= todo - 1) {
+          const int l = __ffs(todo) - 1;
+          const int64_t r = gw + (k0 + l) * num_warps;
+          const int s = __shfl_sync(kFullMask, src, l);
+          const int64_t ret_index = __shfl_sync(kFullMask, ret, l);
+          char* dst = peer_base(g, s) + g.ret_off + ret_index * g.ret_stride;
+          return_row(dst, rows + r * row_bytes, row_bytes, lane);
+        }
       }
       __threadfence_system();
       __syncthreads();

@@ -17,9 +17,11 @@ Three orders of rows (all follow from the count matrix ``C [W, E]``, ``C[s, e]``
 
 Dispatch (``route_plan`` -> ``scatter_slots`` -> one host sync -> ``unpack``):
 
-1. ``route_plan`` (one block): per-expert counts of this rank's slots and each slot's send
-   position (warp-private histograms, no sort); the count row goes to every peer's count matrix
-   (CUDA IPC: direct stores, then a GPU barrier; NVSHMEM: an ``fcollect`` on the stream); then,
+1. ``route_plan`` (one block per 2048 slots, at most one per SM, meeting at grid barriers):
+   per-expert counts of this rank's slots and each slot's send position (warp-private
+   histograms, per-block counts summed over the blocks before, no sort); the count row goes to
+   every peer's count matrix (CUDA IPC: direct stores, then a GPU barrier; NVSHMEM: an
+   ``fcollect`` on the stream); then,
    from the full matrix, each slot's landing row on its owner, this rank's ``counts_E``, and a
    status that every rank computes identically: a bad expert id anywhere, a rank sending more
    than ``max_send_rows`` slots, rows too wide for the buffer, or an owner over ``capacity``.

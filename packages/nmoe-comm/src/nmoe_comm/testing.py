@@ -525,18 +525,25 @@ def check_interleaved_calls(dispatcher, seed: int, gather, device, *, sync: bool
             assert_bitwise_equal(grad_y[:num_rows], want_grad_y, f"{tag}: combine_backward")
 
 
-def check_collective_errors(dispatcher, seed: int, gather, device, *, sync: bool = True) -> None:
-    """An expert id outside ``[0, E)`` on rank 0 only, then too many slots on the last rank
-    only: every rank raises ValueError naming the culprit, and the dispatcher keeps working.
-    Backends whose errors are collective run this (``ipc``, ``nvshmem``, ``nccl``). With
+def check_collective_errors(dispatcher, seed: int, gather, device, *, sync: bool = True,
+                            bad_id_tokens: int = 0) -> None:
+    """An expert id outside ``[0, E)`` on rank 0 only (its last slot), then too many slots on
+    the last rank only: every rank raises ValueError naming the culprit, and the dispatcher keeps
+    working. Backends whose errors are collective run this (``ipc``, ``nvshmem``, ``nccl``). With
     ``sync=False`` the errors come from `Dispatcher.check_dispatch` after combine and both
-    backwards ran on the failed handles (see `_dispatch_deferred`)."""
+    backwards ran on the failed handles (see `_dispatch_deferred`). ``bad_id_tokens`` > 0: the
+    bad-id dispatch has that many tokens per rank (top-1) instead of the "top1" case's, so that
+    a multi-block routing kernel meets the bad id outside its first block."""
     rank, world_size = dispatcher.rank, dispatcher.world_size
     name, case = "top1", GROUP_CASES["top1"]
-    x, ids, gates = rank_inputs(case, name, rank, world_size, torch.float32, seed)
+    if bad_id_tokens > 0:
+        wide = GroupCase((bad_id_tokens,), 1, case.hidden, case.out_hidden, "distinct")
+        x, ids, gates = rank_inputs(wide, name, rank, world_size, torch.float32, seed)
+    else:
+        x, ids, gates = rank_inputs(case, name, rank, world_size, torch.float32, seed)
     bad_ids = ids.clone()
     if rank == 0 and bad_ids.numel():
-        bad_ids[0, 0] = group_num_experts(world_size)
+        bad_ids[-1, -1] = group_num_experts(world_size)
     try:
         _dispatch_deferred(dispatcher, x.to(device), bad_ids.to(device), gates.to(device), sync,
                            case.out_hidden)
