@@ -36,9 +36,9 @@ rounding, the dispatch still bitwise).
 
 ``--two-kernel`` adds ``backend/2k`` rows (``pipelined=False``: the two-kernel path, scatter ->
 barrier -> unpack and return -> barrier -> reduce) and ``backend/pl`` rows (``pipelined=True``),
-beside the dispatcher's own choice, in the same run; ``--grids DB,DP,CB,CP ...`` adds
+beside the dispatcher's own choice, in the same run; ``--grids DB,DP,CB,CP[,CR] ...`` adds
 ``ipc@...`` rows with other grids for the pipelined kernels (blocks per SM and percent of sender
-blocks, dispatch then combine).
+blocks, dispatch then combine, and optionally the dispatch's rows per chunk).
 
 ``--breakdown`` (``ipc`` / ``nvshmem`` only; default shape the decode size) times each stage of
 one dispatch + combine instead, synchronous and sync-free: the dispatcher's ``stage_hook``
@@ -130,8 +130,9 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
     """``dedup``: False, True (``dedup_rows``) or "owner" (also ``reduce_on_owner``).
     ``backend``: a registered name (``pipelined`` chosen by the dispatcher), ``NAME/2k``
     (``pipelined=False``: the two-kernel path), ``NAME/pl`` (``pipelined=True``), or
-    ``NAME@DB,DP,CB,CP`` (pipelined, with these grids: dispatch and combine blocks per SM and
-    percent of senders; see `RdepDispatcher.dispatch_grid`)."""
+    ``NAME@DB,DP,CB,CP[,CR]`` (pipelined, with these grids: dispatch and combine blocks per SM
+    and percent of senders, and the dispatch's rows per chunk; see
+    `RdepDispatcher.dispatch_grid`)."""
     tokens, hidden, top_k = shape
     name, _, grid = backend.partition("@")
     name, _, mode = name.partition("/")
@@ -143,8 +144,9 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
                                              capacity=_capacity(tokens, top_k), world_size=world,
                                              rank=rank, **options)
     if grid:
-        db, dp, cb, cp = (int(v) for v in grid.split(","))
-        dispatcher.dispatch_grid, dispatcher.combine_grid = (db, dp), (cb, cp)
+        db, dp, cb, cp, *chunk = (int(v) for v in grid.split(","))
+        dispatcher.dispatch_grid = (db, dp, chunk[0] if chunk else dispatcher.dispatch_grid[2])
+        dispatcher.combine_grid = (cb, cp)
     return dispatcher
 
 
@@ -469,9 +471,10 @@ def main() -> None:
                         help="also time each ipc/nvshmem variant with pipelined=False (rows "
                              "NAME/2k: scatter, barrier, unpack; return, barrier, reduce) and "
                              "pipelined=True (NAME/pl)")
-    parser.add_argument("--grids", nargs="*", default=[], metavar="DB,DP,CB,CP",
+    parser.add_argument("--grids", nargs="*", default=[], metavar="DB,DP,CB,CP[,CR]",
                         help="also time ipc with these pipelined-kernel grids (dispatch blocks "
-                             "per SM, percent senders, combine blocks per SM, percent senders)")
+                             "per SM, percent senders, combine blocks per SM, percent senders, "
+                             "optionally the dispatch's rows per chunk)")
     parser.add_argument("--breakdown", action="store_true",
                         help="per-stage host/GPU times of ipc/nvshmem dispatch + combine "
                              "(default shape: the decode size) instead of the table")

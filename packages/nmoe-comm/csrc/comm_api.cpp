@@ -42,7 +42,9 @@ namespace py = pybind11;
 //      `chain_R`, `head_R`, `row_of_land`, reduce_slots `head_N`; owner_reduce.
 //   6: the pipelined transport: dispatch_stream, combine_stream; route_plan takes `slot_of_send`;
 //      Rdep takes the flag regions (dflags_off, cflags_off, dflag_chunks); 32 counter words.
-constexpr int kAbiVersion = 6;
+//   7: dispatch_stream takes `chunk_rows` (rows per published chunk; the flag region holds one
+//      flag per STREAM_FLAG_ROWS = 8 rows of capacity, which replaces STREAM_CHUNK_ROWS = 32).
+constexpr int kAbiVersion = 7;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -194,7 +196,7 @@ class Rdep {
                        Ptr gates, Ptr info, bool dedup, Ptr head_N, int64_t num_rows, Ptr out0,
                        Ptr out1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
                        Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, int blocks_per_sm,
-                       int send_percent, Ptr stream) {
+                       int send_percent, int chunk_rows, Ptr stream) {
     CudaDeviceGuard guard(device_, "dispatch_stream");
     DispatchStreamArgs a{};
     a.ids = as<const void>(ids);
@@ -222,6 +224,7 @@ class Rdep {
     a.head_R = as<int32_t>(head_R);
     a.row_of_land = as<int32_t>(row_of_land);
     a.phase_R = as<int32_t>(phase_R);
+    a.chunk_rows = chunk_rows;
     launch_dispatch_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
   }
 
@@ -366,7 +369,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("PLAN") = static_cast<int>(kPlan);
   m.attr("TRAILER_BYTES") = kTrailerBytes;
   m.attr("MAX_RANKS") = kMaxRanks;
-  m.attr("STREAM_CHUNK_ROWS") = kStreamChunkRows;
+  m.attr("STREAM_FLAG_ROWS") = kStreamFlagRows;
   m.attr("STREAM_PHASES") = kStreamPhases;
   m.attr("COUNTER_WORDS") = kCounterWords;
   py::class_<Rdep>(m, "Rdep")

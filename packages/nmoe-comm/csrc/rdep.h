@@ -25,11 +25,13 @@ constexpr int kTrailerRowOffset = 4;  // byte offset of that payload row in the 
 constexpr int kTrailerNextOffset = 8;  // (dedup) int32: landing row of the token's next slot here
 constexpr int kTrailerPhaseOffset = 12;  // (pipelined) int32: the slot's token phase at its source
 
-// Pipelined transport (rdep_stream.cu): a dispatch moves rows in chunks of kStreamChunkRows
-// consecutive send positions of one (source, owner) pair, each published by a flag; a combine
-// returns rows in kStreamPhases token phases (token t of T is in phase t * kStreamPhases / T),
-// each published by one flag per (owner, source).
-constexpr int kStreamChunkRows = 32;
+// Pipelined transport (rdep_stream.cu): a dispatch moves rows in chunks of `chunk_rows`
+// consecutive send positions of one (source, owner) pair (a multiple of kStreamFlagRows, at most
+// kStreamChunkRowsMax; the flag region holds one flag per kStreamFlagRows rows of capacity),
+// each published by a flag; a combine returns rows in kStreamPhases token phases (token t of T
+// is in phase t * kStreamPhases / T), each published by one flag per (owner, source).
+constexpr int kStreamFlagRows = 8;
+constexpr int kStreamChunkRowsMax = 256;
 constexpr int kStreamPhases = 16;
 
 // Byte offsets of the regions of one rank's buffer (identical on every rank), and the groups's
@@ -52,7 +54,7 @@ struct Layout {
                               // published (the stream epoch) by s
   int64_t cflags_off;         // uint64 [W][kStreamPhases]: pipelined combine, phase p of owner o
                               // returned (the stream epoch) by o
-  int64_t dflag_chunks;       // ceil(capacity / kStreamChunkRows)
+  int64_t dflag_chunks;       // ceil(capacity / kStreamFlagRows): flags per source
   int64_t capacity;
   int64_t max_send_rows;
   int rank;
@@ -186,9 +188,10 @@ struct DispatchStreamArgs {
   int32_t* head_R;
   int32_t* row_of_land;
   int32_t* phase_R;
+  int chunk_rows;               // rows per published chunk (see kStreamFlagRows)
 };
 // Grid: `blocks_per_sm` blocks per SM (capped to what is resident at once), `send_percent` of
-// them senders.
+// them senders. Throws std::invalid_argument for a chunk_rows the flag region cannot take.
 void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int blocks_per_sm,
                             int send_percent, int sm_count, cudaStream_t stream);
 

@@ -263,11 +263,11 @@ struct StreamTables {
     __syncthreads();
   }
 
-  // Chunks of the largest per-peer row count in `rows` [W].
-  __device__ static int64_t max_chunks(const int32_t* rows, int world) {
+  // Chunks of `chunk_rows` of the largest per-peer row count in `rows` [W].
+  __device__ static int64_t max_chunks(const int32_t* rows, int world, int chunk_rows) {
     int64_t most = 0;
     for (int p = 0; p < world; ++p) most = max(most, static_cast<int64_t>(rows[p]));
-    return (most + kStreamChunkRows - 1) / kStreamChunkRows;
+    return (most + chunk_rows - 1) / chunk_rows;
   }
 };
 

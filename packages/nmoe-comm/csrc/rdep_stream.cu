@@ -5,7 +5,7 @@
 // last row has crossed. Here:
 //
 // dispatch_stream  sender blocks walk this rank's send order (slot_of_send) in chunks of
-//                  kStreamChunkRows consecutive send positions of one owner (the chunk lands on
+//                  chunk_rows consecutive send positions of one owner (the chunk lands on
 //                  consecutive landing rows), store each row and its trailer, then publish the
 //                  chunk: every thread fences (system scope), the block synchronises, and one
 //                  thread stores the stream epoch into the owner's flag [source][chunk] with
@@ -47,10 +47,10 @@ namespace {
 // thread (fewer spill: it inlines two copy paths of five widths each), the combine at 64.
 constexpr int kDispatchMinBlocks = 2;
 constexpr int kCombineMinBlocks = 4;
-// Rows of one dispatch chunk each warp of a sender block stores.
-constexpr int kRowsPerWarp = kStreamChunkRows / kWarpsPerBlock;
-static_assert(kStreamChunkRows % kWarpsPerBlock == 0 && kRowsPerWarp <= kWarp,
-              "a dispatch chunk is whole rows per warp, one lane per row");
+// A dispatch chunk is whole rows per warp of a sender block, one lane per row of a warp.
+static_assert(kStreamFlagRows % kWarpsPerBlock == 0 &&
+                  kStreamChunkRowsMax / kWarpsPerBlock <= kWarp,
+              "chunk_rows must give each sender warp whole rows, at most one per lane");
 
 __device__ __forceinline__ unsigned long long* stream_epoch_word(const Layout& g) {
   return reinterpret_cast<unsigned long long*>(g.local_base + g.counter_off) + kStreamEpochWord;
@@ -216,7 +216,7 @@ __device__ void receive_row(const Layout& g, const DispatchStreamArgs& a,
   const int32_t payload_row =
       a.dedup ? *reinterpret_cast<const volatile int32_t*>(trailer + kTrailerRowOffset) : land;
   if (a.dedup) {
-    const int64_t payload_chunk = (payload_row - t.land_base[s]) / kStreamChunkRows;
+    const int64_t payload_chunk = (payload_row - t.land_base[s]) / a.chunk_rows;
     if (payload_chunk != chunk && lane == 0) {
       wait_flag(g, dispatch_flag(g.local_base, g, s, payload_chunk), epoch, "a dispatch chunk",
                 s);
@@ -257,23 +257,23 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
   if (ok && static_cast<int>(blockIdx.x) < send_blocks) {
     // Items in chunk-major order, owners rotated from the next rank: at any moment the senders
     // of all ranks spread their stores over every owner.
-    const int64_t items = StreamTables::max_chunks(t.send_rows, W) * W;
+    const int64_t items = StreamTables::max_chunks(t.send_rows, W, a.chunk_rows) * W;
+    const int rows_per_warp = a.chunk_rows / kWarpsPerBlock;
     for (int64_t q = blockIdx.x; q < items; q += send_blocks) {
       const int owner = (me + 1 + static_cast<int>(q % W)) % W;
       const int64_t chunk = q / W;
-      const int64_t first = chunk * kStreamChunkRows;
-      const int64_t last = min(static_cast<int64_t>(t.send_rows[owner]),
-                               first + kStreamChunkRows);
+      const int64_t first = chunk * a.chunk_rows;
+      const int64_t last = min(static_cast<int64_t>(t.send_rows[owner]), first + a.chunk_rows);
       if (first >= last) continue;  // block-uniform
       // This warp's rows of the chunk are first + warp + u * kWarpsPerBlock; lane u loads the
       // slot and landing row of its u-th row, all before the first copy.
       const int64_t mine = first + warp + static_cast<int64_t>(lane) * kWarpsPerBlock;
       int32_t slot = 0, land = 0;
-      if (lane < kRowsPerWarp && mine < last) {
+      if (lane < rows_per_warp && mine < last) {
         slot = a.slot_of_send[t.send_start[owner] + mine];
         land = a.land_index[slot];
       }
-      for (int u = 0; u < kRowsPerWarp && first + warp + u * kWarpsPerBlock < last; ++u) {
+      for (int u = 0; u < rows_per_warp && first + warp + u * kWarpsPerBlock < last; ++u) {
         const int64_t i = __shfl_sync(kFullMask, slot, u);
         const int32_t land_u = __shfl_sync(kFullMask, land, u);
         if (owner == me) {  // local rows skip the landing area
@@ -292,13 +292,13 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
   }
 
   if (ok) {
-    const int64_t items = StreamTables::max_chunks(t.recv_rows, W) * W;
+    const int64_t items = StreamTables::max_chunks(t.recv_rows, W, a.chunk_rows) * W;
     for (int64_t q = claim_item(g, kCounterClaimDispatch); q < items;
          q = claim_item(g, kCounterClaimDispatch)) {
       const int s = static_cast<int>(q % W);
       const int64_t chunk = q / W;
-      const int64_t first = chunk * kStreamChunkRows;
-      const int64_t last = min(static_cast<int64_t>(t.recv_rows[s]), first + kStreamChunkRows);
+      const int64_t first = chunk * a.chunk_rows;
+      const int64_t last = min(static_cast<int64_t>(t.recv_rows[s]), first + a.chunk_rows);
       if (first >= last || s == me) continue;  // block-uniform; local rows were kept directly
       if (threadIdx.x == 0) {
         wait_flag(g, dispatch_flag(g.local_base, g, s, chunk), epoch, "a dispatch chunk", s);
@@ -477,6 +477,14 @@ void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int bl
   if (a.chain_R != nullptr && (!a.dedup || a.head_R == nullptr || a.row_of_land == nullptr)) {
     throw std::invalid_argument(
         "nmoe_comm dispatch_stream: chain_R needs dedup and both head_R and row_of_land");
+  }
+  if (a.chunk_rows < kStreamFlagRows || a.chunk_rows > kStreamChunkRowsMax ||
+      a.chunk_rows % kStreamFlagRows != 0) {
+    throw std::invalid_argument(
+        "nmoe_comm dispatch_stream: chunk_rows must be a multiple of " +
+        std::to_string(kStreamFlagRows) + " from " + std::to_string(kStreamFlagRows) + " to " +
+        std::to_string(kStreamChunkRowsMax) + ", got " + std::to_string(a.chunk_rows) +
+        " (RdepDispatcher.dispatch_grid[2])");
   }
   const int64_t smem = StreamTables::smem_words(g.num_experts, g.world) * 4;
   const int64_t p1_off = (a.p0.bytes + 15) / 16 * 16;

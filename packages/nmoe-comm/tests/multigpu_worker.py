@@ -68,6 +68,20 @@ def _check_sync_free_refused(dispatcher, seed: int, device) -> None:
         raise AssertionError(f"{dispatcher.name} accepted dispatch(sync=False)")
 
 
+def _check_chunk_sizes(dispatcher, cases: dict, seed: int, gather, device, sync: bool,
+                       log) -> None:
+    """The pipelined dispatch with its smallest and largest chunks (``dispatch_grid[2]``, rows
+    per published chunk) on a small and a multi-block case, bitwise against the reference."""
+    for chunk_rows in (8, 256):
+        dispatcher.dispatch_grid = (*type(dispatcher).dispatch_grid[:2], chunk_rows)
+        for name in ("random", "prefill"):
+            testing.check_group_case(dispatcher, name, cases[name], torch.bfloat16, seed, gather,
+                                     device, sync=sync)
+    del dispatcher.dispatch_grid
+    if log:
+        log("ok pipelined dispatch chunks of 8 and 256 rows")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=["nccl", "ipc", "nvshmem"])
@@ -114,6 +128,7 @@ def main() -> int:
         log("ok interleaved calls and collective errors")
     if args.backend != "nccl":  # a decode step captured in a CUDA graph (every peer mapped)
         testing.check_cuda_graph(dispatcher, args.seed, gather, device, log=log)
+        _check_chunk_sizes(dispatcher, cases, args.seed, gather, device, sync, log)
 
     small = nmoe_comm.create_dispatcher(
         args.backend, num_experts=testing.group_num_experts(world_size), capacity=40,

@@ -320,8 +320,9 @@ class EmulatedRdep:
                         slot_of_send, src0, stride0, bytes0, src1, stride1, bytes1, gates, info,
                         dedup, head_N, num_rows, out0, out1, gates_R, src_rank_R, ret_index_R,
                         land_row_R, chain_R, head_R, row_of_land, phase_R, blocks_per_sm,
-                        send_percent, stream):
-        chunk_rows, L, W, me = rdep._STREAM_CHUNK_ROWS, self.L, self.world, self.rank
+                        send_percent, chunk_rows, stream):
+        assert chunk_rows % rdep._STREAM_FLAG_ROWS == 0, chunk_rows
+        L, W, me = self.L, self.world, self.rank
         epoch = self._stream_epoch()
         ok = int(_mem(info, 8, torch.int64)[0]) == 0
         C = self._counts().long()

@@ -19,12 +19,12 @@ from nmoe_comm.rdep import BufferLayout, RdepDispatcher
 
 def test_compiled_module_reports_its_build():
     c_module = importlib.import_module("nmoe_comm._C")
-    assert c_module.ABI_VERSION == 6 and isinstance(c_module.WITH_CUDA, bool)
+    assert c_module.ABI_VERSION == 7 and isinstance(c_module.WITH_CUDA, bool)
     if c_module.WITH_CUDA:
         assert {"Rdep", "alloc", "ipc_handle", "ipc_open", "sum_slots"} <= set(dir(c_module))
         assert {"dispatch_stream", "combine_stream"} <= set(dir(c_module.Rdep))
-        assert (c_module.STREAM_CHUNK_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS) == (
-            32, 16, 32)
+        assert (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS) == (
+            8, 16, 32)
         assert _extension.slot_sum_kernel() is c_module.sum_slots
         assert _extension.missing_slot_sum() is None
     else:
@@ -67,8 +67,8 @@ def test_buffer_layout_regions(gen, dtype):
         (layout.recv_off, capacity * layout.recv_stride), (layout.ret_off, send * layout.row_bytes),
         (layout.dots_off, 4 * send), (layout.dflags_off, 8 * world * layout.dflag_chunks),
         (layout.cflags_off, 8 * world * 16)]
-    # The pipelined dispatch: one flag per 32-row chunk of a source's rows for one owner.
-    assert layout.dflag_chunks == (capacity + 31) // 32
+    # The pipelined dispatch: one flag per 8 rows of capacity per source (chunks of 8 rows and up).
+    assert layout.dflag_chunks == (capacity + 7) // 8
     for (offset, size), (next_offset, _) in zip(regions, regions[1:] + [(layout.total_bytes, 0)]):
         assert offset % 128 == 0 and offset + size <= next_offset, (offset, size, next_offset)
     assert layout.total_bytes - (regions[-1][0] + regions[-1][1]) < 128

@@ -139,9 +139,10 @@ _DTYPE_CODE = _extension.ROW_DTYPE_CODES
 _OK, _OVER_CAPACITY, _BAD_ID, _TOO_MANY_SLOTS, _ROW_TOO_WIDE = 0, 1, 2, 3, 4
 _FLAG_TOO_MANY_SLOTS, _FLAG_ROW_TOO_WIDE = 2, 4
 _ROUTE, _EXCHANGE, _PLAN = 1, 2, 4
-# The pipelined transport (csrc/rdep.h): rows per dispatch chunk, token phases of a combine, and
-# the words of the counter region (checked against the compiled module when attaching).
-_STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS = 32, 16, 32
+# The pipelined transport (csrc/rdep.h): rows of capacity per dispatch flag (a chunk is a
+# multiple of them), token phases of a combine, and the words of the counter region (checked
+# against the compiled module when attaching).
+_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS = 8, 16, 32
 #: ``pipelined=None`` turns the pipelined kernels on for dispatchers sized for at least this many
 #: slots per rank (``max_send_rows``). On 4 x H200 they were faster at 32768-131072 slots and
 #: slower at a decode step's 1024 (each combine phase costs a fence and a flag hop).
@@ -213,7 +214,7 @@ class BufferLayout:
         row_bytes = _align(hidden * torch.empty(0, dtype=dtype).element_size(), 16)
         recv_stride = row_bytes + _TRAILER_BYTES
         offsets, cursor = {}, 0
-        dflag_chunks = -(-capacity // _STREAM_CHUNK_ROWS)
+        dflag_chunks = -(-capacity // _STREAM_FLAG_ROWS)
         for name, size in (
             ("signal_off", 8 * world_size),
             ("counter_off", 4 * _COUNTER_WORDS),
@@ -334,10 +335,11 @@ class RdepDispatcher(Dispatcher):
     #: attribute test per stage when None.
     stage_hook = None
 
-    #: Grids of the pipelined kernels: (blocks per SM, percent of them that send). The launcher
-    #: caps the blocks to what is resident at once. On 4 x H200 four other grids (60-90% senders)
+    #: Grids of the pipelined kernels: (blocks per SM, percent of them that send), and for the
+    #: dispatch the rows per published chunk (a multiple of 8, at most 256). The launcher caps
+    #: the blocks to what is resident at once. On 4 x H200 four other grids (60-90% senders)
     #: moved the largest payload by under 1.3% (bench ``--grids``).
-    dispatch_grid = (2, 75)
+    dispatch_grid = (2, 75, 32)
     combine_grid = (4, 75)
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
@@ -400,11 +402,11 @@ class RdepDispatcher(Dispatcher):
                 stage: int) -> None:
         """Build the kernels' view of the group once every rank's buffer is mapped here."""
         c_module = _extension.compiled_module()
-        compiled = (c_module.STREAM_CHUNK_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS)
-        if compiled != (_STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS):
-            raise RuntimeError(f"nmoe_comm._C was built with (chunk rows, phases, counter words) "
+        compiled = (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS)
+        if compiled != (_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS):
+            raise RuntimeError(f"nmoe_comm._C was built with (flag rows, phases, counter words) "
                                f"{compiled}, this Python code expects "
-                               f"{(_STREAM_CHUNK_ROWS, _STREAM_PHASES, _COUNTER_WORDS)}; rebuild "
+                               f"{(_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS)}; rebuild "
                                f"with `pip install --no-build-isolation -e packages/nmoe-comm`")
         self.device = device
         self._unmapped = tuple(p for p, base in enumerate(peer_bases) if base == 0)
