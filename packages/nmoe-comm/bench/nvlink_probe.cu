@@ -16,6 +16,9 @@
 //   push_na the same with ld.global.nc.L1::no_allocate and st.global.L1::no_allocate.
 //   pull    a warp per row: 16-byte loads from the peer's row, stores to local memory (the peer
 //           pulls what it is sent).
+//   push+local  push from 75% of the blocks while the other 25% copy this GPU's receive buffer
+//           into a local buffer (rows * row_bytes * 4/3 bytes, as a dispatch's receivers and local
+//           rows do): the ceiling with the transport's local HBM traffic beside the NVLink one.
 //   tma     one lane per warp: a bulk copy (cp.async.bulk) of the local row into shared memory,
 //           then a bulk copy from shared memory to the peer row; two buffers per warp, so one
 //           row loads while the previous one is stored.
@@ -59,6 +62,9 @@ struct Job {
   Peers peers;
   const char* src;  // this GPU's rows
   char* dst;        // this GPU's receive buffer
+  char* local;      // push+local: a local buffer of local_rows rows
+  int64_t local_rows;
+  int send_blocks;  // push+local: blocks that push (the others copy locally)
   int64_t rows;
   int64_t row_bytes;
   int me;
@@ -138,8 +144,24 @@ template <int kUnroll, bool kNoAlloc, bool kPull>
 __global__ void __launch_bounds__(256) copy_kernel(Job job) {
   gate(job);
   const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
-  for (int64_t j = blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp; j < job.rows;
+  int blocks = static_cast<int>(gridDim.x), block = static_cast<int>(blockIdx.x);
+  if (job.send_blocks > 0) {  // push+local
+    if (block >= job.send_blocks) {  // local copy: receive buffer rows -> local rows
+      const int64_t copiers = static_cast<int64_t>(blocks - job.send_blocks) * (blockDim.x / kWarp);
+      const int64_t dst_rows = job.local_rows;
+      for (int64_t j = (block - job.send_blocks) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+           j < dst_rows; j += copiers) {
+        warp_copy16<kUnroll, kNoAlloc>(job.local + j * job.row_bytes,
+                                       job.dst + (j % job.rows) * job.row_bytes, job.row_bytes,
+                                       lane);
+      }
+      ungate(job);
+      return;
+    }
+    blocks = job.send_blocks;
+  }
+  const int64_t warps = static_cast<int64_t>(blocks) * (blockDim.x / kWarp);
+  for (int64_t j = block * (blockDim.x / kWarp) + threadIdx.x / kWarp; j < job.rows;
        j += warps) {
     int peer;
     int64_t row;
@@ -224,6 +246,7 @@ __global__ void __launch_bounds__(128) tma_kernel(Job job) {
 struct Gpu {
   char* src = nullptr;
   char* dst = nullptr;
+  char* local = nullptr;
   unsigned long long* span = nullptr;
   cudaStream_t stream[kMaxGpus] = {};
   int sms = 0;
@@ -262,6 +285,7 @@ int main(int argc, char** argv) {
   const int others = world - 1;
   const int64_t per_source = (rows + others - 1) / others + kChunk;
   const int64_t dst_rows = per_source * world;
+  const int64_t local_rows = rows * 4 / 3;  // a dispatch's received rows plus its own rows
   std::vector<Gpu> gpus(world);
   cudaDeviceProp prop{};
   CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -279,6 +303,7 @@ int main(int argc, char** argv) {
     }
     CHECK(cudaMalloc(&gpus[d].src, rows * row_bytes));
     CHECK(cudaMalloc(&gpus[d].dst, dst_rows * row_bytes));
+    CHECK(cudaMalloc(&gpus[d].local, local_rows * row_bytes));
     CHECK(cudaMemset(gpus[d].src, d + 1, rows * row_bytes));
     CHECK(cudaMalloc(&gpus[d].span, 2 * sizeof(unsigned long long)));
     for (int p = 0; p < world; ++p) CHECK(cudaStreamCreateWithFlags(&gpus[d].stream[p],
@@ -311,12 +336,15 @@ int main(int argc, char** argv) {
         CHECK(cudaMemcpyAsync(gpus[d].span, init, sizeof(init), cudaMemcpyHostToDevice,
                               gpus[d].stream[0]));
         CHECK(cudaStreamSynchronize(gpus[d].stream[0]));
-        Job job{peers, gpus[d].src, gpus[d].dst, rows, row_bytes, d, world, go_dev,
-                gpus[d].span};
+        Job job{peers, gpus[d].src, gpus[d].dst, gpus[d].local, local_rows, 0, rows, row_bytes,
+                d, world, go_dev, gpus[d].span};
         const int sms = std::max(1, gpus[d].sms * sm_percent / 100);
         const int grid = sms * blocks_per_sm;
         cudaStream_t s = gpus[d].stream[0];
-        if (method == "push") {
+        if (method == "push+local") {
+          job.send_blocks = std::max(1, grid * 3 / 4);
+          copy_kernel<4, false, false><<<grid, 256, 0, s>>>(job);
+        } else if (method == "push") {
           copy_kernel<4, false, false><<<grid, 256, 0, s>>>(job);
         } else if (method == "push_u8") {
           copy_kernel<8, false, false><<<grid, 256, 0, s>>>(job);
@@ -394,6 +422,7 @@ int main(int argc, char** argv) {
   for (int pct : {25, 50, 75, 100}) {
     for (int bps : {1, 2}) run_kernel("tma", bps, pct);
   }
+  for (int bps : {1, 2, 4}) run_kernel("push+local", bps, 100);
   run_ce();
 
   std::printf("JSON [");
