@@ -349,8 +349,8 @@ __device__ void reduce_tokens(const Layout& g, const CombineStreamArgs& a, int64
   }
 }
 
-// One returned row (a call, not inlined: the copy's registers then do not count against the
-// sender loop's under the combine's 64-register budget, which spilled in the loop otherwise).
+// One returned row (a call, not inlined: under the combine's 64-register budget the copy loop
+// then gets its registers to itself; inlined, the sender loop spilled a little more).
 __device__ __noinline__ void return_row(char* dst, const char* src, int64_t nbytes, int lane) {
   warp_copy(dst, src, nbytes, lane);
 }
