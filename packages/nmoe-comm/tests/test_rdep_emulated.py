@@ -629,3 +629,36 @@ def test_pipelined_default_follows_size_and_row_width(max_send_rows, dedup, hidd
     assert make(True) is True and make(False) is False
     with pytest.raises(ValueError, match="pipelined must be True, False or None"):
         make("yes")
+
+
+@pytest.mark.parametrize(("dispatch_grid", "combine_grid", "match"), [
+    ((2, 75, 12), (4, 75), r"dispatch_grid\[2\].*multiple of 8"),
+    ((2, 75, 512), (4, 75), r"dispatch_grid\[2\].*from 8 to 256"),
+    ((2, 75), (4, 75), "dispatch_grid must be a tuple of 3 ints"),
+    ((0, 75, 32), (4, 75), "blocks per SM must be >= 1"),
+    ((2, 75, 32), (4, 101), r"combine_grid = \(4, 101\)"),
+    ((2, 75, 32.0), (4, 75), "tuple of 3 ints")])
+def test_bad_stream_grid_raises_before_anything_moves(gen, no_cuda_stream, dispatch_grid,
+                                                       combine_grid, match):
+    """A pipelined dispatch checks `RdepDispatcher.dispatch_grid` and ``combine_grid`` before
+    any routing or row moves: every rank raises ValueError naming the attribute, and the same
+    dispatcher works once the grid is valid again."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    world, cases = 2, {"random": testing.GROUP_CASES["random"]}
+    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases)
+        x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
+                                            torch.float32, seed)
+        dispatcher.dispatch_grid, dispatcher.combine_grid = dispatch_grid, combine_grid
+        with pytest.raises(ValueError, match=match):
+            dispatcher.dispatch(x, ids, gates)
+        del dispatcher.dispatch_grid, dispatcher.combine_grid
+        testing.check_group_case(dispatcher, "random", cases["random"], torch.float32, seed,
+                                 gather, "cpu")
+
+    try:
+        _run_ranks(world, body, (group,))
+    except AssertionError as err:
+        raise AssertionError(f"{err} (seed {seed})") from err

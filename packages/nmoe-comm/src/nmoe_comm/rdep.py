@@ -143,6 +143,9 @@ _ROUTE, _EXCHANGE, _PLAN = 1, 2, 4
 # multiple of them), token phases of a combine, and the words of the counter region (checked
 # against the compiled module when attaching).
 _STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS = 8, 16, 32
+_STREAM_CHUNK_ROWS_MAX = 256
+
+
 #: ``pipelined=None`` turns the pipelined kernels on for dispatchers sized for at least this many
 #: slots per rank (``max_send_rows``). On 4 x H200 they were faster at 32768-131072 slots and
 #: slower at a decode step's 1024 (each combine phase costs a fence and a flag hop).
@@ -151,6 +154,26 @@ PIPELINE_MIN_SEND_ROWS = 4096
 #: narrow rows ran slower pipelined on 4 x H200 (768 bfloat16: 810 against 732 us; 2048: equal;
 #: 7168: 747 against 834), and so did `super`'s expert-parallel training step (hidden 768).
 PIPELINE_MIN_DEDUP_ROW_BYTES = 4096
+
+
+def check_stream_grids(dispatch_grid, combine_grid) -> None:
+    """Raise ValueError unless ``dispatch_grid`` is (blocks per SM >= 1, percent of senders in
+    [0, 100], rows per chunk: a multiple of 8 from 8 to 256) and ``combine_grid`` is (blocks per
+    SM >= 1, percent of senders in [0, 100]), all ints (`RdepDispatcher.dispatch_grid`)."""
+    for name, grid, size in (("dispatch_grid", dispatch_grid, 3), ("combine_grid", combine_grid,
+                                                                   2)):
+        if (not isinstance(grid, tuple | list) or len(grid) != size
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in grid)):
+            raise ValueError(f"RdepDispatcher.{name} must be a tuple of {size} ints, got "
+                             f"{grid!r}")
+        if grid[0] < 1 or not 0 <= grid[1] <= 100:
+            raise ValueError(f"RdepDispatcher.{name} = {tuple(grid)}: blocks per SM must be >= 1 "
+                             f"and the percent of sender blocks in [0, 100]")
+    chunk = dispatch_grid[2]
+    if chunk % _STREAM_FLAG_ROWS or not _STREAM_FLAG_ROWS <= chunk <= _STREAM_CHUNK_ROWS_MAX:
+        raise ValueError(f"RdepDispatcher.dispatch_grid[2] (rows per dispatch chunk) must be a "
+                         f"multiple of {_STREAM_FLAG_ROWS} from {_STREAM_FLAG_ROWS} to "
+                         f"{_STREAM_CHUNK_ROWS_MAX}, got {chunk}")
 
 
 def _capturing() -> bool:
@@ -547,6 +570,8 @@ class RdepDispatcher(Dispatcher):
         dedup = self.dedup_rows and self._device_barriers
         owner_sums = self.owner_sums_active
         pipelined = self.pipelined_active
+        if pipelined:  # before anything moves, so every rank raises alike
+            check_stream_grids(self.dispatch_grid, self.combine_grid)
         # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
         # send_pos [N], land_index [N], (reduce_on_owner) head_N [N] and (pipelined)
         # slot_of_send [N]. Owned by the handle.
