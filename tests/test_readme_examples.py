@@ -216,6 +216,7 @@ EXAMPLES: dict[tuple[str, int], Example] = {
     ("packages/nmoe-comm/README.md", 6): Example("shell", "python packages/nmoe-comm/bench"),
     ("packages/nmoe-comm/README.md", 7): Example("shell", "NCCL_NVLS_ENABLE=0"),
     ("packages/nmoe-comm/README.md", 8): Example("shell", "NCCL_NVLS_ENABLE=0"),
+    ("packages/nmoe-comm/README.md", 9): Example("shell", "nvcc -O3"),
     ("packages/nmoe-core/README.md", 0): Example("run", "import torch", check=CHECK_MODEL_STEP),
     ("packages/nmoe-eval/README.md", 0): Example("shell", "pip install"),
     ("packages/nmoe-eval/README.md", 1): Example("shell", "n eval RUN_DIR --tasks core"),
@@ -710,14 +711,17 @@ class CommandChecker:
 
     def __init__(self, shell: Shell):
         self.shell = shell
+        self.built: set[str] = set()  # programs an nvcc line of the block compiled (-o NAME)
 
     def __call__(self, argv: list[str], comment: str = "", inline: bool = False) -> None:
         while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):  # VAR=value prefixes
             argv = argv[1:]
         program, args = Path(argv[0]).name, argv[1:]
+        if argv[0] == f"./{program}" and program in self.built:
+            return  # run what the block just compiled
         handler = {"n": self.n, "torchrun": self.torchrun, "python": self.python,
                    "pip": self.pip, "pytest": self.pytest, "ruff": self.ruff,
-                   "bash": self.bash}.get(program)
+                   "bash": self.bash, "nvcc": self.nvcc}.get(program)
         assert handler is not None, (
             f"no check for `{program}` commands: teach CommandChecker how to check {argv}")
         handler(args, comment, inline)
@@ -843,6 +847,13 @@ class CommandChecker:
                 assert (ROOT / arg).exists(), f"pytest {arg}: no such path"
             previous = arg
 
+    def nvcc(self, args: list[str], comment: str, inline: bool) -> None:
+        sources = [a for a in args if a.endswith(".cu")]
+        assert sources and all((ROOT / a).is_file() for a in sources), f"nvcc {args}"
+        assert any("sm_90a" in a for a in args), f"nvcc {args}: build for Hopper (sm_90a)"
+        if "-o" in args:
+            self.built.add(args[args.index("-o") + 1])
+
     def ruff(self, args: list[str], comment: str, inline: bool) -> None:
         assert args[0] == "check" and all((ROOT / a).exists() for a in args[1:]), args
 
@@ -905,6 +916,8 @@ BROKEN_COMMANDS = [
     "bash ci/gpu.sh setup bench-trains",
     "bash ci/gpu.sh bench-train  # BENCH_VARIANT",
     "pip install 'nmoe-comm[nvshmem4]'",
+    "nvcc -gencode=arch=compute_90a,code=sm_90a packages/nmoe-comm/bench/nvlink_prob.cu -o p",
+    "./nvlink_probe 14336",  # not compiled by an nvcc line before it
 ]
 
 
