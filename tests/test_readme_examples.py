@@ -189,8 +189,9 @@ for owner in range(world):
 for r in range(world):
     want = (gates[r].double().sum(1, keepdim=True) * f(xs[r].double()))
     assert outs[r].shape == xs[r].shape
-    err = (outs[r].double() - want).abs().max().item() if sizes[r] else 0.0
-    assert err <= 1e-5 * (1 + want.abs().max().item()), f"rank {r}: max error {err}"
+    if sizes[r]:  # a rank that sends nothing gets an empty output: nothing to compare
+        err = (outs[r].double() - want).abs().max().item()
+        assert err <= 1e-5 * (1 + want.abs().max().item()), f"rank {r}: max error {err}"
 print("CHECK ok")
 """
 
