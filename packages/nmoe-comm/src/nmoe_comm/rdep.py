@@ -360,8 +360,9 @@ class RdepDispatcher(Dispatcher):
 
     #: Grids of the pipelined kernels: (blocks per SM, percent of them that send), and for the
     #: dispatch the rows per published chunk (a multiple of 8, at most 256). The launcher caps
-    #: the blocks to what is resident at once. On 4 x H200 four other grids (60-90% senders)
-    #: moved the largest payload by under 1.3% (bench ``--grids``).
+    #: the blocks to what is resident at once. On 4 x H200 other shares of senders (60-90%) and
+    #: one or two blocks per SM for either kernel moved the largest payload by under 1.3% or made
+    #: it slower (bench ``--grids``; bench/results/dispatch_4xH200_blocks_per_sm.txt).
     dispatch_grid = (2, 75, 32)
     combine_grid = (4, 75)
 
