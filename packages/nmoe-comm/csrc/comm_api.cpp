@@ -44,7 +44,8 @@ namespace py = pybind11;
 //      Rdep takes the flag regions (dflags_off, cflags_off, dflag_chunks); 32 counter words.
 //   7: dispatch_stream takes `chunk_rows` (rows per published chunk; the flag region holds one
 //      flag per STREAM_FLAG_ROWS = 8 rows of capacity, which replaces STREAM_CHUNK_ROWS = 32).
-constexpr int kAbiVersion = 7;
+//   8: exports STREAM_CHUNK_ROWS_MAX (the largest chunk_rows), checked when a dispatcher attaches.
+constexpr int kAbiVersion = 8;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -372,6 +373,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("STREAM_FLAG_ROWS") = kStreamFlagRows;
   m.attr("STREAM_PHASES") = kStreamPhases;
   m.attr("COUNTER_WORDS") = kCounterWords;
+  m.attr("STREAM_CHUNK_ROWS_MAX") = kStreamChunkRowsMax;
   py::class_<Rdep>(m, "Rdep")
       .def(py::init<int, int, int, int, int64_t, int64_t, Ptr, Ptr, Ptr, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,

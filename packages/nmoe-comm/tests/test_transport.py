@@ -19,12 +19,12 @@ from nmoe_comm.rdep import BufferLayout, RdepDispatcher
 
 def test_compiled_module_reports_its_build():
     c_module = importlib.import_module("nmoe_comm._C")
-    assert c_module.ABI_VERSION == 7 and isinstance(c_module.WITH_CUDA, bool)
+    assert c_module.ABI_VERSION == 8 and isinstance(c_module.WITH_CUDA, bool)
     if c_module.WITH_CUDA:
         assert {"Rdep", "alloc", "ipc_handle", "ipc_open", "sum_slots"} <= set(dir(c_module))
         assert {"dispatch_stream", "combine_stream"} <= set(dir(c_module.Rdep))
-        assert (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS) == (
-            8, 16, 32)
+        assert (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS,
+                c_module.STREAM_CHUNK_ROWS_MAX) == (8, 16, 32, 256)
         assert _extension.slot_sum_kernel() is c_module.sum_slots
         assert _extension.missing_slot_sum() is None
     else:
@@ -172,3 +172,28 @@ def test_kernel_index_math_matches_the_reference(gen, world):
             assert (s, token, slot) == (int(state.src_rank_R[r]), int(state.src_token_R[r]),
                                         int(state.src_slot_R[r])), (o, r)
             assert ret_index[r] == int(send_pos[s][flat])
+
+
+@pytest.mark.parametrize("field", ["STREAM_FLAG_ROWS", "STREAM_PHASES", "COUNTER_WORDS",
+                                   "STREAM_CHUNK_ROWS_MAX"])
+def test_attach_refuses_a_build_with_other_transport_constants(monkeypatch, field):
+    """A stale `nmoe_comm._C` whose transport constants differ from the Python side's is refused
+    when a dispatcher attaches, with the rebuild command, before any kernel object is made."""
+    from types import SimpleNamespace
+
+    from nmoe_comm import rdep
+
+    constants = dict(STREAM_FLAG_ROWS=rdep._STREAM_FLAG_ROWS, STREAM_PHASES=rdep._STREAM_PHASES,
+                     COUNTER_WORDS=rdep._COUNTER_WORDS,
+                     STREAM_CHUNK_ROWS_MAX=rdep._STREAM_CHUNK_ROWS_MAX)
+    constants[field] *= 2
+
+    def no_rdep(*args, **kwargs):
+        raise AssertionError("Rdep must not be constructed from a mismatched build")
+
+    fake = SimpleNamespace(Rdep=no_rdep, **constants)
+    monkeypatch.setattr(rdep._extension, "compiled_module", lambda: fake)
+    engine = object.__new__(rdep.RdepDispatcher)
+    with pytest.raises(RuntimeError, match="rebuild with `pip install") as err:
+        engine._attach(torch.device("cpu"), 0, [0], 0)
+    assert str(constants[field]) in str(err.value)

@@ -426,12 +426,14 @@ class RdepDispatcher(Dispatcher):
                 stage: int) -> None:
         """Build the kernels' view of the group once every rank's buffer is mapped here."""
         c_module = _extension.compiled_module()
-        compiled = (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS)
-        if compiled != (_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS):
-            raise RuntimeError(f"nmoe_comm._C was built with (flag rows, phases, counter words) "
-                               f"{compiled}, this Python code expects "
-                               f"{(_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS)}; rebuild "
-                               f"with `pip install --no-build-isolation -e packages/nmoe-comm`")
+        compiled = (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS,
+                    c_module.STREAM_CHUNK_ROWS_MAX)
+        expected = (_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS, _STREAM_CHUNK_ROWS_MAX)
+        if compiled != expected:
+            raise RuntimeError(f"nmoe_comm._C was built with (flag rows, phases, counter words, "
+                               f"largest chunk rows) {compiled}, this Python code expects "
+                               f"{expected}; rebuild with "
+                               f"`pip install --no-build-isolation -e packages/nmoe-comm`")
         self.device = device
         self._unmapped = tuple(p for p, base in enumerate(peer_bases) if base == 0)
         self._peer_bases = torch.tensor(peer_bases, dtype=torch.int64, device=device)
