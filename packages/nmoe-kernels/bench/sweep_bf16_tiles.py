@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--cases", help="shape:op list, comma separated (default: the misses)")
     parser.add_argument("--tile-n", type=int, nargs="+", default=[128, 192, 256],
-                        choices=list(kmod.TILE_NS))
+                        choices=[128, 192, 256])
     parser.add_argument("--rasters", nargs="+", default=["n", "m"], choices=RASTERS,
                         help="tile orders inside an expert (bands b<G>: G row blocks per band)")
     args = parser.parse_args()

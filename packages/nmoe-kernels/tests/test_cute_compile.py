@@ -108,20 +108,3 @@ def test_tile_and_stage_choice():
         GroupedGemmBf16Sm90("fwd", 770, 768)
     with pytest.raises(ValueError, match="op must be one of"):
         GroupedGemmBf16Sm90("bwd", 768, 768)
-
-
-def test_dgrad_compiles_with_160_wide_tiles(monkeypatch):
-    """BN 160 (K-major B): moonlight's dgrad W2 (GEMM N = 1408) on 9 column tiles, 2% padded."""
-    from nmoe_kernels.cute import grouped_gemm_bf16 as kmod
-
-    monkeypatch.setattr(kmod, "choose_tile_n", lambda gemm_n, op: 160)
-    compiled = compile_kernel("dgrad", 1408, 2048, "sm_90a", keep_ptx=True, raster="n")
-    ptx = compiled.artifacts.PTX
-    if os.path.isfile(ptx):
-        ptx = open(ptx).read()
-    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n160k16\.f32\.bf16", ptx)) == 4
-    assert ".local" not in ptx
-    with pytest.raises(ValueError, match="needs a K-major B operand"):
-        kmod.GroupedGemmBf16Sm90("fwd", 2048, 1408, tile_n=160)
-    with pytest.raises(ValueError, match="swiglu needs tile_n a multiple of 64"):
-        kmod.GroupedGemmBf16Sm90("swiglu", 2048, 2816, tile_n=160, weight_nk=True)

@@ -2,7 +2,7 @@
 
 Shape letters: M rows (tokens routed here, sorted by expert), K input dim, N output dim, E experts,
 F expert intermediate dim (N = 2F for the W13 projection). Tile letters: BM x BN x BK is one CTA
-tile of the GEMM (BM = 128, BK = 64, BN in {128, 160, 192, 256}; 160 with a K-major B only).
+tile of the GEMM (BM = 128, BK = 64, BN in {128, 192, 256}).
 
 One kernel class covers the four ops; the GEMM is C[BM x BN] = A[BM x K] @ B[K x BN]:
 
@@ -58,9 +58,6 @@ OPS = ("fwd", "swiglu", "dgrad", "wgrad")
 TILE_M = 128
 TILE_K = 64
 EPI_COLS = 32  # output columns per epilogue sub-tile
-# CTA tile widths (BN): multiples of EPI_COLS; 160 only with a K-major B (dgrad of [E, K, N]
-# weights, fwd of [E, N, K]): moonlight's 1408 = 8.8 x 160 pads 2% against 256's 9%.
-TILE_NS = (128, 160, 192, 256)
 # Epilogue rows are EPI_COLS elements, unpadded; the 16-byte chunks of a row are XOR-swizzled with
 # its row bits (a cute Swizzle(bits, base, shift) on the element offset) so that both the
 # accumulator stores and the 16-byte row reads are bank-conflict free: bf16 chunk ^= (row >> 1) & 3
@@ -157,14 +154,8 @@ class GroupedGemmBf16Sm90:
         self.w_stride_k, self.w_stride_n = (1, dim_k) if weight_nk else (dim_n, 1)
         self.b_k_major = (op == "dgrad") != weight_nk
         self.tile_n = tile_n or choose_tile_n(self.gemm_n, op)
-        if self.tile_n not in TILE_NS:
-            raise ValueError(f"tile_n must be one of {TILE_NS}, got {self.tile_n}")
-        if self.tile_n % 64 and not self.b_k_major:
-            raise ValueError(f"tile_n={self.tile_n} needs a K-major B operand (its N-major "
-                             f"128-byte swizzle atom is 64 columns wide); use 128, 192 or 256")
-        if self.swiglu and self.tile_n % (2 * EPI_COLS):
-            raise ValueError(f"swiglu needs tile_n a multiple of {2 * EPI_COLS}, got "
-                             f"{self.tile_n}")
+        if self.tile_n not in (128, 192, 256):
+            raise ValueError(f"tile_n must be 128, 192 or 256, got {self.tile_n}")
         if self.swiglu and dim_n % 2:
             raise ValueError(f"swiglu needs an even N (2F), got {dim_n}")
         self.out_n = dim_n // 2 if self.swiglu else self.gemm_n
