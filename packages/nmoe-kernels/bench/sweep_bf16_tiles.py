@@ -2,10 +2,11 @@
 default misses its target, against torch._grouped_mm in the same run (one Hopper GPU).
 
     python packages/nmoe-kernels/bench/sweep_bf16_tiles.py [--json out.json] [--iters 20] \
-        [--cases dsv3-local:wgrad_w2,...] [--tile-n 256 ...]
+        [--cases dsv3-local:wgrad_w2,...] [--tile-n 256 ...] [--rasters n m b4 ...]
 
-For each (shape, op) the kernel is compiled with every BN in {128, 192, 256} and both tile
-orders, timed with CUDA events (median), and checked bitwise against
+For each (shape, op) the kernel is compiled with every BN in {128, 192, 256} and every tile
+order asked for (default "n" and "m"; bands "b<G>", `nmoe_kernels.cute.scheduler`), timed with
+CUDA events (median), and checked bitwise against
 the default configuration's output (BN only changes which CTA computes an output element, not
 the K order of its sum). The row marked ``*`` is the default (`choose_tile_n`, `RASTER`).
 Shapes and inputs as in bench_grouped_bf16.py.
@@ -23,6 +24,7 @@ from bench_grouped_bf16 import SHAPES, expert_offsets
 import nmoe_kernels
 from nmoe_kernels import grouped_gemm
 from nmoe_kernels.cute import grouped_gemm_bf16 as kmod
+from nmoe_kernels.cute.scheduler import RASTERS
 
 OPS = ("fwd_w2", "dgrad_w2", "wgrad_w13", "wgrad_w2")
 # (shape, op): the cases below their targets in bench/results/bf16_H100.txt.
@@ -90,6 +92,8 @@ def main() -> None:
     parser.add_argument("--cases", help="shape:op list, comma separated (default: the misses)")
     parser.add_argument("--tile-n", type=int, nargs="+", default=[128, 192, 256],
                         choices=[128, 192, 256])
+    parser.add_argument("--rasters", nargs="+", default=["n", "m"], choices=RASTERS,
+                        help="tile orders inside an expert (bands b<G>: G row blocks per band)")
     args = parser.parse_args()
     cases = CASES
     if args.cases:
@@ -111,7 +115,7 @@ def main() -> None:
         reference = ours()
         base_ms = median_ms(base, args.iters, 3)
         for tile_n in args.tile_n:
-            for raster in ("n", "m"):
+            for raster in args.rasters:
                 got, ms = _with_config(tile_n, raster, functools.partial(timed, ours))
                 same = bool(torch.equal(got, reference))
                 del got

@@ -67,10 +67,11 @@ def test_kernel_compiles_for_sm90a(op, dim_k, dim_n, weight_nk, tile_n, transpos
     assert ("cvt.rn.bf16" in ptx) == (out_dtype == "bf16"), out_dtype
 
 
-@pytest.mark.parametrize("raster", ["m", "n"])
-def test_wgrad_compiles_in_both_tile_orders(raster):
-    compiled = compile_kernel("wgrad", 2048, 7168, "sm_90a", keep_ptx=True, raster=raster,
-                              out_dtype="f32")
+@pytest.mark.parametrize("op,raster", [("wgrad", "m"), ("wgrad", "n"), ("wgrad", "b4"),
+                                       ("dgrad", "b8")])
+def test_kernels_compile_in_every_tile_order(op, raster):
+    compiled = compile_kernel(op, 2048, 7168, "sm_90a", keep_ptx=True, raster=raster,
+                              out_dtype="f32" if op == "wgrad" else "bf16")
     ptx = compiled.artifacts.PTX
     if os.path.isfile(ptx):
         ptx = open(ptx).read()

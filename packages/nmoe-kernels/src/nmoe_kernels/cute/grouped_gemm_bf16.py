@@ -44,7 +44,14 @@ from cutlass import BFloat16, Float32, Int32, const_expr
 from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 
-from nmoe_kernels.cute.scheduler import RASTERS, TABLE_LEN, build_expert_table, locate_tile
+from nmoe_kernels.cute.scheduler import (
+    RASTERS,
+    TABLE_LEN,
+    band_rows,
+    band_tile,
+    build_expert_table,
+    locate_tile,
+)
 
 OPS = ("fwd", "swiglu", "dgrad", "wgrad")
 
@@ -92,9 +99,10 @@ class GroupedGemmBf16Sm90:
         dim_k: the model's K (input dim of w [E, K, N]).
         dim_n: the model's N (output dim of w; 2F for swiglu).
         tile_n: BN; default `choose_tile_n`.
-        raster: tile order inside an expert (`scheduler` docstring); for wgrad (grouped K), "m"
-            sweeps the N tiles of one block of BM output rows (dw's K dim) first, "n" the M tiles
-            of one column block first, so each expert's dy column block is read once.
+        raster: tile order inside an expert (`scheduler` docstring: "m", "n" or bands "b<G>");
+            for wgrad (grouped K), "m" sweeps the N tiles of one block of BM output rows (dw's K
+            dim) first, "n" the M tiles of one column block first, so each expert's dy column
+            block is read once.
         weight_nk: fwd / swiglu / dgrad only: the weights are stored [E, N, K] (K contiguous,
             the nn.Linear layout) instead of [E, K, N]; B is then read K-major by fwd / swiglu
             and N-major by dgrad.
@@ -329,12 +337,11 @@ class GroupedGemmBf16Sm90:
             tiles_per_expert = self.num_m_tiles * self.num_n_tiles
             expert = linear_idx // tiles_per_expert
             rest = linear_idx - expert * tiles_per_expert
-            if const_expr(self.raster == "m"):  # the N tiles of one block of dw rows first
-                m_tile = rest // self.num_n_tiles
-                n_tile = rest - m_tile * self.num_n_tiles
-            else:  # the M tiles of one column block first: dy's column block read once
-                n_tile = rest // self.num_m_tiles
-                m_tile = rest - n_tile * self.num_m_tiles
+            # "m": the N tiles of one block of dw rows first; "n": the M tiles of one column
+            # block first (dy's column block read once); "b<G>": bands of G row blocks
+            m_tile, n_tile = band_tile(
+                rest, Int32(self.num_m_tiles), self.num_n_tiles, band_rows(self.raster)
+            )
             is_valid = expert < num_experts
             k_start = Int32(0)
             k_end = Int32(0)

@@ -11,7 +11,10 @@ output.
 
 Tile order inside a segment ("raster"): "m" sweeps the N tiles of one block of BM rows before the
 next block (consecutive CTAs share rows of A); "n" sweeps the M tiles of one N tile first
-(consecutive CTAs share a column block of the expert's weights). A CTA's linear indices only grow
+(consecutive CTAs share a column block of the expert's weights); "b<G>" (e.g. "b4") cuts the
+segment into bands of G blocks of BM rows and sweeps each band as "n" does, band after band (the
+usual L2 swizzle: CTAs at work at once touch G row blocks and a few column blocks). "b1" is "m"
+and a band as tall as the segment is "n". A CTA's linear indices only grow
 (``blockIdx.x + i * gridDim.x``), so the walk state is carried from one tile to the next and each
 CTA walks the table at most once.
 """
@@ -25,7 +28,36 @@ from cutlass import Int32
 # Largest expert count the shared-memory tables hold (two int32 tables of MAX_EXPERTS + 2).
 MAX_EXPERTS = 1024
 TABLE_LEN = MAX_EXPERTS + 2
-RASTERS = ("m", "n")
+RASTERS = ("m", "n", "b2", "b4", "b8", "b16")
+
+
+def band_rows(raster: str) -> int:
+    """Blocks of BM rows per band of ``raster``: 1 for "m", 0 (the whole segment) for "n", G for
+    "b<G>"."""
+    if raster not in RASTERS:
+        raise ValueError(f"raster must be one of {RASTERS}, got {raster!r}")
+    return {"m": 1, "n": 0}.get(raster) if raster in ("m", "n") else int(raster[1:])
+
+
+@cute.jit
+def band_tile(local: Int32, num_m_tiles: Int32, num_n_tiles, band: cutlass.Constexpr[int]):
+    """(m_tile, n_tile) of tile ``local`` of a segment of ``num_m_tiles`` x ``num_n_tiles``
+    tiles in the order of `band_rows` ``band`` (module docstring)."""
+    m_tile = Int32(0)
+    n_tile = Int32(0)
+    if cutlass.const_expr(band == 1):
+        m_tile = local // num_n_tiles
+        n_tile = local - m_tile * num_n_tiles
+    elif cutlass.const_expr(band == 0):
+        n_tile = local // num_m_tiles
+        m_tile = local - n_tile * num_m_tiles
+    else:
+        first_row = local // (band * num_n_tiles) * band
+        rows = cutlass.min(num_m_tiles - first_row, Int32(band))
+        rest = local - first_row * num_n_tiles
+        n_tile = rest // rows
+        m_tile = first_row + rest - n_tile * rows
+    return m_tile, n_tile
 
 
 @cute.jit
@@ -104,14 +136,6 @@ def locate_tile(
         while sTileStart[seg + 1] <= linear_idx:
             seg = seg + 1
     first = sTileStart[seg]
-    local = linear_idx - first
-    m_tile = Int32(0)
-    n_tile = Int32(0)
-    if cutlass.const_expr(raster == "m"):
-        m_tile = local // num_n_tiles
-        n_tile = local - m_tile * num_n_tiles
-    else:
-        num_m_tiles = cutlass.max((sTileStart[seg + 1] - first) // num_n_tiles, Int32(1))
-        n_tile = local // num_m_tiles
-        m_tile = local - n_tile * num_m_tiles
+    num_m_tiles = cutlass.max((sTileStart[seg + 1] - first) // num_n_tiles, Int32(1))
+    m_tile, n_tile = band_tile(linear_idx - first, num_m_tiles, num_n_tiles, band_rows(raster))
     return is_valid, seg, m_tile, n_tile
