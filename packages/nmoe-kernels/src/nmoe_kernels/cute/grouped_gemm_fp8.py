@@ -56,7 +56,10 @@ TMA-multicasts it to its partners, and a consumer warp releases a stage to every
 into it. A cluster takes cluster tiles (cluster_m x cluster_n CTA tiles of one segment); a CTA
 tile past its segment's rows or past N (odd tile counts) runs the mainloop and stores nothing.
 On one H200, clusters of 2 stayed within run-to-run noise of 1 x 1 with the overlapped
-mainloop, so they are not the default (see bench/results/fp8_H200_clusters.txt).
+mainloop before the epilogue overlap (bench/results/fp8_H200_clusters.txt); with the current
+mainloop on one H100 they gain 7-26% at long reductions or long segments and lose 5-8% at
+moonlight's short ones (bench/results/fp8_H100_clusters_k.txt), so the public ops choose per call
+(`choose_cluster`); `kernel_config`'s default stays one CTA.
 
 Epilogue under the next column tile (``KernelConfig.epi_overlap``, the default): after a column
 tile's K loop, the warpgroups issue the first K block of the next column tile before they run
@@ -122,8 +125,8 @@ BLOCK_K = 128  # quantization block along K == the K depth of one pipeline stage
 _NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes the last expert
 # (CTAs along M, CTAs along N) of a cluster, per epilogue, and whether the mainloop promotes K
 # block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/
-# fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere,
-# clusters did not beat run-to-run noise. epi_overlap and fast_silu: bench/results/fp8_H100.txt
+# fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere;
+# clusters: see LONG_CLUSTER below. epi_overlap and fast_silu: bench/results/fp8_H100.txt
 # and fp8_H200.txt (round-robin rows: e gains at super and moonlight on both cards and at K = 7168
 # on the H200; on the H100 it was 5-6% slower at K = 7168, inside that shape's ~10% noise).
 DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
