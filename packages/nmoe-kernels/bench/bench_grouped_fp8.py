@@ -304,8 +304,10 @@ def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
     return rows
 
 
-def bench_deepgemm(env: dict, clusters=()) -> list[dict]:
-    groups, rows_per_group, n, k = DEEPGEMM_SHAPE
+def bench_deepgemm(env: dict, clusters=(), k: int | None = None) -> list[dict]:
+    """DeepGEMM's grouped shape; ``k`` replaces its K = 7168 (``--deepgemm-k``)."""
+    groups, rows_per_group, n, k_default = DEEPGEMM_SHAPE
+    k = k or k_default
     num_rows = groups * rows_per_group
     offsets = torch.arange(0, num_rows + 1, rows_per_group, dtype=torch.int32, device="cuda")
     x = torch.randn(num_rows, k, device="cuda", dtype=torch.bfloat16)
@@ -357,6 +359,12 @@ def main() -> None:
         "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles)",
     )
     parser.add_argument(
+        "--deepgemm-k",
+        default=str(DEEPGEMM_SHAPE[3]),
+        help="comma-separated K values for the deepgemm shape (4 x 8192 rows, N 4096), e.g. "
+        "2048,4096,7168: how the kernel variants scale with the reduction depth",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -385,7 +393,11 @@ def main() -> None:
     rows = []
     for name in args.shapes.split(","):
         if name == "deepgemm":
-            rows += bench_deepgemm(env, clusters)
+            for k in (int(v) for v in args.deepgemm_k.split(",")):
+                if k <= 0 or k % 128:
+                    parser.error(f"--deepgemm-k: K must be a positive multiple of 128, got {k}")
+                rows += bench_deepgemm(env, clusters, k)
+                torch.cuda.empty_cache()
         else:
             rows += bench_moe(name, env, gen, clusters)
         torch.cuda.empty_cache()

@@ -60,11 +60,13 @@ def count(pattern: str, text: str) -> int:
         ("bf16", False, (1, 1), False, {}),
         ("bf16", False, (2, 2), False, {}),
         ("bf16", False, (1, 2), True, {}),
+        ("bf16", False, (2, 1), True, {}),  # LONG_CLUSTER["bf16"]
         ("bf16", False, (1, 1), True, {"epi_overlap": False}),
         ("bf16", False, (1, 1), True, {"epi_overlap": True}),
         ("swiglu_quant", False, None, None, {}),
         ("swiglu_quant", True, None, None, {}),
         ("swiglu_quant", False, (2, 1), True, {}),
+        ("swiglu_quant", False, (1, 2), True, {}),  # LONG_CLUSTER["swiglu_quant"]
         ("swiglu_quant", False, (1, 1), True, {"epi_overlap": False, "fast_silu": False}),
         ("swiglu_quant", False, (1, 1), False, {"epi_overlap": False}),
         ("swiglu_quant", True, (1, 2), True, {"epi_overlap": True, "fast_silu": False}),
@@ -144,7 +146,11 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
         # C7514: ptxas found an in-flight wgmma accumulator read (e.g. through a branch merge)
         # and serialized every wgmma of the kernel
         assert "C7514" not in report and "serialized" not in report, report
-        if config.cluster_size == 1:  # (clusters of the paired tile spill 8 bytes: not default)
+        # Clusters of the paired swiglu_quant tile spill 8 bytes (a stack slot; LONG_CLUSTER's
+        # (1, 2) still ran 14-16% faster than one CTA at K = 7168); the rest spill nothing.
+        if config.cluster_size == 1 or (epilogue, config.cluster_m, config.cluster_n) == (
+            "bf16", 2, 1
+        ):
             assert " 0 bytes spill stores" in report, report
 
 
@@ -206,3 +212,24 @@ def test_wrappers_reject_cpu_tensors_with_a_clear_error():
     offsets = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="x_fp8_MK must be a CUDA tensor"):
         grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets)
+
+
+def test_choose_cluster_multicasts_long_reductions_and_long_segments():
+    """The public ops' cluster: one CTA at the shapes where clusters measured slower (short K,
+    short segments), `LONG_CLUSTER` at K >= 4096 or >= 4096 rows per expert."""
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    for epilogue in g.EPILOGUES:
+        long = g.LONG_CLUSTER[epilogue]
+        assert g.choose_cluster(epilogue, 229376, 768, 256) == (1, 1)  # super
+        assert g.choose_cluster(epilogue, 98304, 2048, 64) == (1, 1)  # moonlight W13
+        assert g.choose_cluster(epilogue, 65536, 2048, 32) == (1, 1)  # dsv3-local W2
+        assert g.choose_cluster(epilogue, 65536, 7168, 32) == long  # dsv3-local W13
+        assert g.choose_cluster(epilogue, 32768, 2048, 4) == long  # DeepGEMM's rows, short K
+        assert g.choose_cluster(epilogue, 128, 4096, 8) == long  # the K bound is inclusive
+        assert g.choose_cluster(epilogue, 4096 * 8 - 1, 4095, 8) == (1, 1)
+        assert g.choose_cluster(epilogue, 4096 * 8, 4095, 8) == long
+        assert g.choose_cluster(epilogue, 0, 128, 0) == (1, 1)
+    assert g.LONG_CLUSTER == {"bf16": (2, 1), "swiglu_quant": (1, 2)}
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        g.choose_cluster("fp8", 1, 128, 1)

@@ -368,3 +368,32 @@ def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
         else:
             assert torch.equal(got[0], want[0]), f"{name}: FP8 codes differ"
             assert torch.equal(got[1], want[1]), f"{name}: scales differ"
+
+
+@pytest.mark.parametrize("epilogue", ["bf16", "swiglu_quant"])
+@pytest.mark.parametrize("case", ["E8_edges", "E32_random"])
+def test_public_ops_with_long_k_launch_the_cluster_and_agree_bitwise(case, epilogue, torch_seed):
+    """At K >= CLUSTER_MIN_K the public ops launch `LONG_CLUSTER` (TMA multicast between two
+    CTAs); their outputs must be the one-CTA default kernel's bits, poisoned outputs included."""
+    from nmoe_kernels import grouped_gemm_fp8 as ops
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts, pad = segment_counts(case, gen)
+    k = g.CLUSTER_MIN_K + 128 * int(torch.randint(0, 4, (1,), generator=gen))
+    n = 384 if epilogue == "bf16" else 768  # odd CTA tiles along N: a (1, 2) cluster overhangs
+    xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
+    num_rows = xq.shape[0]
+    assert g.choose_cluster(epilogue, num_rows, k, len(counts)) == g.LONG_CLUSTER[epilogue]
+    want = run_cluster_variant(epilogue, (1, 1), xq, xs, wq, ws, offsets, overlap=True,
+                               epi_overlap=True)
+    if epilogue == "bf16":
+        out = torch.full((num_rows, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        got = ops.grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets, out=out)
+        assert torch.equal(got.view(torch.int16), want)
+    else:
+        got = ops.grouped_gemm_fp8_swiglu_quant(
+            xq, xs, wq, ws, offsets, out=poisoned_swiglu_out(num_rows, n // 2)
+        )
+        assert torch.equal(got[0].view(torch.uint8), want[0])
+        assert torch.equal(got[1], want[1])

@@ -18,7 +18,9 @@ Formats (DeepSeek-V3 recipe):
 
 Accumulation: fp32, with per-128-K-block promotion (wgmma accumulates one K block in fresh
 registers, then ``acc += x_scale[m, kb] * w_scale[e, n // 128, kb] * partial``). Kernels compile
-on first use per (epilogue, ue8m0) with M, N, K, E symbolic, and are cached for the process.
+on first use per (epilogue, ue8m0, cluster) with M, N, K, E symbolic, and are cached for the
+process; the cluster (TMA multicast between two CTAs) is chosen per call from K and the rows per
+expert (`nmoe_kernels.cute.grouped_gemm_fp8.choose_cluster`), the same bits either way.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ _FP8 = torch.float8_e4m3fn
 
 
 @functools.cache
-def _compiled(epilogue: str, ue8m0: bool):
+def _compiled(epilogue: str, ue8m0: bool, cluster: tuple[int, int]):
     from nmoe_kernels.cute.grouped_gemm_fp8 import compile_kernel
 
-    return compile_kernel(epilogue, ue8m0)
+    return compile_kernel(epilogue, ue8m0, cluster=cluster)
 
 
 @functools.cache
@@ -154,11 +156,12 @@ def _check_inputs(op, x_fp8_MK, x_scales_MKb, w_fp8_ENK, w_scales_ENbKb, offsets
 
 
 def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dims):
-    from nmoe_kernels.cute.grouped_gemm_fp8 import launch
+    from nmoe_kernels.cute.grouped_gemm_fp8 import choose_cluster, launch
 
     num_rows, n, k, num_experts, aligned = dims
+    cluster = choose_cluster(epilogue, num_rows, k, num_experts)
     launch(
-        _compiled(epilogue, ue8m0),
+        _compiled(epilogue, ue8m0, cluster),
         epilogue,
         x.data_ptr(),
         xs.data_ptr(),
@@ -174,6 +177,7 @@ def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dim
         aligned,
         _num_sms(device.index if device.index is not None else torch.cuda.current_device()),
         torch.cuda.current_stream(device).cuda_stream,
+        cluster=cluster,
     )
 
 
