@@ -304,9 +304,11 @@ def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
     return rows
 
 
-def bench_deepgemm(env: dict, clusters=(), k: int | None = None) -> list[dict]:
-    """DeepGEMM's grouped shape; ``k`` replaces its K = 7168 (``--deepgemm-k``)."""
-    groups, rows_per_group, n, k_default = DEEPGEMM_SHAPE
+def bench_deepgemm(env: dict, clusters=(), k: int | None = None, shape=None,
+                   op: str = "deepgemm_shape") -> list[dict]:
+    """DeepGEMM's grouped shape; ``k`` replaces its K = 7168 (``--deepgemm-k``); ``shape`` =
+    (groups, rows per group, N, K) replaces the whole shape (``--grouped``)."""
+    groups, rows_per_group, n, k_default = shape or DEEPGEMM_SHAPE
     k = k or k_default
     num_rows = groups * rows_per_group
     offsets = torch.arange(0, num_rows + 1, rows_per_group, dtype=torch.int32, device="cuda")
@@ -322,11 +324,9 @@ def bench_deepgemm(env: dict, clusters=(), k: int | None = None) -> list[dict]:
     base_ms, ms = ms["base"], ms["ours"]
     shape = dict(groups=groups, rows_per_group=rows_per_group, N=n, K=k)
     base_name = "torch._scaled_grouped_mm rowwise"
-    rows = [row("deepgemm_shape", shape, ms, flops, base_name, base_ms, env)]
+    rows = [row(op, shape, ms, flops, base_name, base_ms, env)]
     operands = (xq, xs, wq, ws, offsets)
-    rows += cluster_rows(
-        "deepgemm_shape", "bf16", clusters, operands, shape, flops, base_name, base_ms, env
-    )
+    rows += cluster_rows(op, "bf16", clusters, operands, shape, flops, base_name, base_ms, env)
     return rows
 
 
@@ -365,6 +365,13 @@ def main() -> None:
         "2048,4096,7168: how the kernel variants scale with the reduction depth",
     )
     parser.add_argument(
+        "--grouped",
+        default="",
+        help="also time plain grouped GEMMs of these shapes, E:ROWS:N:K comma-separated (E "
+        "experts of ROWS rows each), e.g. the expert MLPs' W2: 32:2048:7168:2048 (dsv3-local), "
+        "64:1536:2048:1408 (moonlight), 256:896:768:384 (super); rows 'grouped'",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -400,6 +407,15 @@ def main() -> None:
                 torch.cuda.empty_cache()
         else:
             rows += bench_moe(name, env, gen, clusters)
+        torch.cuda.empty_cache()
+    for spec in (s for s in args.grouped.split(",") if s):
+        try:
+            shape = tuple(int(v) for v in spec.split(":"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4 or min(shape) <= 0 or shape[2] % 128 or shape[3] % 128:
+            parser.error(f"--grouped: want E:ROWS:N:K with N and K multiples of 128, got {spec}")
+        rows += bench_deepgemm(env, clusters, shape=shape, op="grouped")
         torch.cuda.empty_cache()
 
     print(

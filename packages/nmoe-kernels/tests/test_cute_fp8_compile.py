@@ -216,19 +216,20 @@ def test_wrappers_reject_cpu_tensors_with_a_clear_error():
 
 def test_choose_cluster_multicasts_long_reductions_and_long_segments():
     """The public ops' cluster: one CTA at the shapes where clusters measured slower (short K,
-    short segments), `LONG_CLUSTER` at K >= 4096 or >= 4096 rows per expert."""
+    short segments), `LONG_CLUSTER` at K >= 4096 or >= 2048 rows per expert."""
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     for epilogue in g.EPILOGUES:
         long = g.LONG_CLUSTER[epilogue]
         assert g.choose_cluster(epilogue, 229376, 768, 256) == (1, 1)  # super
         assert g.choose_cluster(epilogue, 98304, 2048, 64) == (1, 1)  # moonlight W13
-        assert g.choose_cluster(epilogue, 65536, 2048, 32) == (1, 1)  # dsv3-local W2
+        assert g.choose_cluster(epilogue, 65536, 2048, 32) == long  # dsv3-local W2
+        assert g.choose_cluster(epilogue, 98304, 1408, 64) == (1, 1)  # moonlight W2
         assert g.choose_cluster(epilogue, 65536, 7168, 32) == long  # dsv3-local W13
         assert g.choose_cluster(epilogue, 32768, 2048, 4) == long  # DeepGEMM's rows, short K
         assert g.choose_cluster(epilogue, 128, 4096, 8) == long  # the K bound is inclusive
-        assert g.choose_cluster(epilogue, 4096 * 8 - 1, 4095, 8) == (1, 1)
-        assert g.choose_cluster(epilogue, 4096 * 8, 4095, 8) == long
+        assert g.choose_cluster(epilogue, 2048 * 8 - 1, 4095, 8) == (1, 1)
+        assert g.choose_cluster(epilogue, 2048 * 8, 4095, 8) == long
         assert g.choose_cluster(epilogue, 0, 128, 0) == (1, 1)
     assert g.LONG_CLUSTER == {"bf16": (2, 1), "swiglu_quant": (1, 2)}
     with pytest.raises(ValueError, match="epilogue must be one of"):

@@ -136,10 +136,12 @@ DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
 # mainloop (bench/results/fp8_H100_clusters_k.txt, 5 round-robin passes): DeepGEMM's shape
 # (4 x 8192 rows, N 4096) ran 9-16% faster with (2, 1) at every K from 2048 to 7168, dsv3-local's
 # W13 (K 7168, 2048 rows per expert) 7% ((2, 1), plain) and 14-16% ((1, 2), swiglu_quant), while
-# moonlight's W13 (K 2048, 1536 rows per expert) ran 5-8% slower with either cluster.
+# moonlight's W13 (K 2048, 1536 rows per expert) ran 1-8% slower with either cluster; among the
+# expert MLPs' W2 GEMMs, dsv3-local's (K 2048, 2048 rows per expert) ran 5-6% faster, moonlight's
+# (K 1408, 1536 rows) and super's (K 384, 896 rows) not.
 LONG_CLUSTER = {"bf16": (2, 1), "swiglu_quant": (1, 2)}
 CLUSTER_MIN_K = 4096
-CLUSTER_MIN_ROWS_PER_EXPERT = 4096
+CLUSTER_MIN_ROWS_PER_EXPERT = 2048
 DEFAULT_OVERLAP = {"bf16": True, "swiglu_quant": True}
 DEFAULT_EPI_OVERLAP = {"bf16": True, "swiglu_quant": True}
 DEFAULT_FAST_SILU = True
