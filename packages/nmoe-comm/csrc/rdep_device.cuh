@@ -1,6 +1,9 @@
 // Device primitives shared by the RDEP kernels (rdep_kernels.cu, rdep_stream.cu): sizes, the
-// cross-GPU release/acquire pair, the in-kernel barrier and last-block detection, warp copies
-// and a block prefix sum. Internal to nmoe_comm._C (an anonymous namespace per translation unit).
+// cross-GPU release/acquire pair, the in-kernel barrier and last-block detection, warp copies,
+// a block prefix sum, and the row logic that the two-kernel path (scatter_slots, unpack,
+// reduce_slots) and the pipelined kernels must share to give bitwise the same results: the
+// dedup chain of a slot, the routing recorded per contract row, and a token's slot sum.
+// Internal to nmoe_comm._C (an anonymous namespace per translation unit).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,6 +12,7 @@
 #include <cstdio>
 
 #include "rdep.h"
+#include "row_types.cuh"
 
 namespace nmoe::comm {
 namespace {
@@ -270,6 +274,125 @@ struct StreamTables {
     return (most + chunk_rows - 1) / chunk_rows;
   }
 };
+
+// ------------------------------------------------------- row logic of both dispatch/combine paths
+
+// The launch arguments dedup_chain reads: scatter_slots builds one from its own, the pipelined
+// dispatch passes its DispatchStreamArgs (same field names) instead.
+struct DedupArgs {
+  const int32_t* land_index;
+  int top_k;
+  bool dedup;
+};
+
+// The dedup chain of slot i (routed to `owner`, landing row `land` there), as scatter_slots and
+// the pipelined dispatch (send_slot, keep_slot) store it in the trailer: `payload_row` is the
+// landing row of the token's first slot (lowest k) on `owner`, which carries the payload (`land`
+// itself when slot i is that slot), `next_row` the landing row of the token's next slot (higher
+// k) there, or -1: the chain the owner's partial sums walk (owner_reduce). Without `a.dedup`:
+// land and -1. Warp-uniform when i is: the token's other slots are scanned in slot order.
+// `Args`: DedupArgs or DispatchStreamArgs, read in place (with the fields copied out into
+// arguments, the pipelined dispatch compiled to different, longer SASS).
+template <typename IdT, typename Args>
+__device__ __forceinline__ void dedup_chain(const Layout& g, const Args& a, const IdT* ids,
+                                            int64_t i, int owner, int32_t land,
+                                            int32_t& payload_row, int32_t& next_row) {
+  const int64_t token = i / a.top_k;
+  payload_row = land;  // the landing row that holds this slot's payload
+  next_row = -1;       // the landing row of the token's next slot there
+  if (a.dedup) {
+    for (int64_t j = token * a.top_k; j < i; ++j) {
+      if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+        payload_row = a.land_index[j];
+        break;
+      }
+    }
+    for (int64_t j = i + 1; j < (token + 1) * a.top_k; ++j) {
+      if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
+        next_row = a.land_index[j];
+        break;
+      }
+    }
+  }
+}
+
+// The per-row routing an owner's dispatch handle keeps, by contract row: the outputs of unpack
+// and of the pipelined dispatch. phase_R: pipelined only. chain_R, head_R, row_of_land: optional
+// (dedup; all three or none).
+struct RowRouting {
+  float* gates_R;
+  int32_t* src_rank_R;
+  int32_t* ret_index_R;
+  int32_t* land_row_R;
+  int32_t* phase_R;
+  int32_t* chain_R;
+  int32_t* head_R;
+  int32_t* row_of_land;
+};
+
+// Records contract row r's routing (one lane; unpack, and the pipelined dispatch's receive_row
+// and keep_slot): its gate, source rank, index in the source's send order and landing row; with
+// kPhase its token phase; with chain_R its next landing row in the token's chain, whether it
+// heads the chain on this owner, and r as the contract row of its landing row, in this order.
+// The fields a caller computes from memory come as callables (`ret_index()`, `phase()`,
+// `next_row()`, `head()`), called where the field is stored, so each caller loads and stores in
+// the same order as it did with the stores written out (the trailer fields of the chain are read
+// only with chain_R). With kPhase false `phase` is never called (pass nullptr).
+template <bool kPhase, typename RetIndex, typename Phase, typename NextRow, typename Head>
+__device__ __forceinline__ void record_routing(const RowRouting& o, int64_t r, float gate,
+                                               int32_t src_rank, int32_t land,
+                                               RetIndex ret_index, Phase phase,
+                                               NextRow next_row, Head head) {
+  o.gates_R[r] = gate;
+  o.src_rank_R[r] = src_rank;
+  o.ret_index_R[r] = ret_index();
+  o.land_row_R[r] = land;
+  if constexpr (kPhase) o.phase_R[r] = phase();
+  if (o.chain_R != nullptr) {  // dedup: the owner's partial sums (owner_reduce)
+    o.chain_R[r] = next_row();
+    o.head_R[r] = head();
+    o.row_of_land[land] = static_cast<int32_t>(r);
+  }
+}
+
+// Source side of a combine, one thread: kVec columns from `col` of token t's output,
+// out[t] = sum_k gate[t, k] * ret[send_pos[t, k]] in float32, slot order, every product and sum
+// rounded on its own (__fmul_rn / __fadd_rn: never an FMA; contract rule 2), rounded to T;
+// without gates the plain sum (rule 3). reduce_slots and the pipelined combine's reducers both
+// sum with this, so their results are bitwise the same. kHeadN: with `head_N` (owner_reduce
+// returned the rows) only the slots flagged there are summed, each owner's partial sum in the
+// order of the token's first slots on the owners; without kHeadN (the pipelined combine, which
+// has no head_N) every slot is, head_N is not read and k == 0 marks the first slot, as that
+// kernel had it (a `first` flag there compiled differently). `ret` rows are ret_stride bytes
+// apart; the launchers pick kVec > 1 only where every access is 16-byte aligned.
+template <typename T, int kVec, bool kHeadN>
+__device__ __forceinline__ void sum_token_slots(const char* ret, int64_t ret_stride, int top_k,
+                                                int64_t hidden, const int32_t* send_pos,
+                                                const float* gates, const int32_t* head_N,
+                                                int64_t t, int64_t col, T* out) {
+  float acc[kVec] = {};  // stays zero only if no slot is flagged (a failed plan's head_N)
+  bool first = true;     // kHeadN: no slot summed yet; otherwise k == 0
+  for (int k = 0; k < top_k; ++k) {
+    if constexpr (kHeadN) {
+      if (head_N != nullptr && head_N[t * top_k + k] == 0) continue;
+    }
+    const int64_t pos = send_pos[t * top_k + k];
+    const auto* row = reinterpret_cast<const T*>(ret + pos * ret_stride) + col;
+    const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
+    const float gate = gates != nullptr ? gates[t * top_k + k] : 1.0f;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const float y = to_f32(v.v[j]);
+      const float term = gates != nullptr ? __fmul_rn(gate, y) : y;
+      acc[j] = (kHeadN ? first : k == 0) ? term : __fadd_rn(acc[j], term);
+    }
+    first = false;
+  }
+  Pack<T, kVec> o;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) o.v[j] = from_f32<T>(acc[j]);
+  *reinterpret_cast<Pack<T, kVec>*>(out + t * hidden + col) = o;
+}
 
 }  // namespace
 }  // namespace nmoe::comm

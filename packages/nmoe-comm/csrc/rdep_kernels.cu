@@ -340,22 +340,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     char* row = peer != nullptr
                     ? peer + g.recv_off + static_cast<int64_t>(land_index[i]) * g.recv_stride
                     : g.stage + static_cast<int64_t>(send_pos[i]) * g.recv_stride;
-    int32_t payload_row = land_index[i];  // the landing row that holds this slot's payload
-    int32_t next_row = -1;                 // the landing row of the token's next slot there
-    if (dedup) {  // warp-uniform: the token's other slots, in slot order
-      for (int64_t j = token * top_k; j < i; ++j) {
-        if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
-          payload_row = land_index[j];
-          break;
-        }
-      }
-      for (int64_t j = i + 1; j < (token + 1) * top_k; ++j) {
-        if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
-          next_row = land_index[j];
-          break;
-        }
-      }
-    }
+    int32_t payload_row, next_row;  // warp-uniform
+    dedup_chain(g, DedupArgs{land_index, top_k, dedup}, ids, i, owner, land_index[i],
+                payload_row, next_row);
     if (payload_row == land_index[i]) {
       warp_copy(row, p0.src + token * p0.stride, p0.bytes, lane);
       if (p1.bytes > 0) warp_copy(row + p1_offset, p1.src + token * p1.stride, p1.bytes, lane);
@@ -395,6 +382,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int32_t* land_start = t.land_start;
   const int32_t* land_base = t.land_base;
   const int32_t* send_off = t.send_off;
+  const RowRouting routing{gates_R, src_rank_R, ret_index_R, land_row_R,
+                           /*phase_R=*/nullptr, chain_R, head_R, row_of_land};
   const int64_t num_rows = rows_to_walk(max_rows, num_rows_dev);
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; r < num_rows;
@@ -420,15 +409,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     warp_copy(out0 + r * bytes0, payload, bytes0, lane);
     if (bytes1 > 0) warp_copy(out1 + r * bytes1, payload + p1_offset, bytes1, lane);
     if (lane == 0) {
-      gates_R[r] = *reinterpret_cast<const float*>(trailer);
-      src_rank_R[r] = s;
-      ret_index_R[r] = send_off[s] + (land - land_base[s]);
-      land_row_R[r] = land;
-      if (chain_R != nullptr) {  // dedup: the owner's partial sums (owner_reduce)
-        chain_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerNextOffset);
-        head_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerRowOffset) == land;
-        row_of_land[land] = static_cast<int32_t>(r);
-      }
+      record_routing<false>(
+          routing, r, *reinterpret_cast<const float*>(trailer), s, land,
+          [&] { return send_off[s] + (land - land_base[s]); }, nullptr,
+          [&] { return *reinterpret_cast<const int32_t*>(trailer + kTrailerNextOffset); },
+          [&] { return *reinterpret_cast<const int32_t*>(trailer + kTrailerRowOffset) == land; });
     }
   }
 }
@@ -520,26 +505,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < total;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = item / groups, col = (item % groups) * kVec;
-    float acc[kVec] = {};  // stays zero only if no slot is flagged (a failed plan's head_N)
-    bool first = true;
-    for (int k = 0; k < top_k; ++k) {
-      if (head_N != nullptr && head_N[t * top_k + k] == 0) continue;
-      const int64_t pos = send_pos[t * top_k + k];
-      const auto* row = reinterpret_cast<const T*>(ret + pos * ret_stride) + col;
-      const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
-      const float gate = gates != nullptr ? gates[t * top_k + k] : 1.0f;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const float y = to_f32(v.v[j]);
-        const float term = gates != nullptr ? __fmul_rn(gate, y) : y;
-        acc[j] = first ? term : __fadd_rn(acc[j], term);
-      }
-      first = false;
-    }
-    Pack<T, kVec> o;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) o.v[j] = from_f32<T>(acc[j]);
-    *reinterpret_cast<Pack<T, kVec>*>(out + t * hidden + col) = o;
+    sum_token_slots<T, kVec, true>(ret, ret_stride, top_k, hidden, send_pos, gates, head_N, t,
+                                   col, out);
   }
 }
 

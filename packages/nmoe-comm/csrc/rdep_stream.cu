@@ -109,32 +109,14 @@ __device__ __forceinline__ unsigned long long* combine_flag(char* base, const La
 
 // ------------------------------------------------------------------------------------ dispatch
 
-// One slot's row to its owner's landing row, as scatter_slots_kernel stores it (dedup included),
-// plus the slot's token phase in the trailer. One warp.
-// dedup: the landing rows of the token's first slot on `owner` (which carries the payload) and
-// of its next slot there (-1: none), as scatter_slots_kernel finds them. Warp-uniform.
-template <typename IdT>
-__device__ void dedup_chain(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
-                            int64_t i, int owner, int32_t land, int32_t& payload_row,
-                            int32_t& next_row) {
-  const int64_t token = i / a.top_k;
-  payload_row = land;
-  next_row = -1;
-  if (!a.dedup) return;
-  for (int64_t j = token * a.top_k; j < i; ++j) {
-    if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
-      payload_row = a.land_index[j];
-      break;
-    }
-  }
-  for (int64_t j = i + 1; j < (token + 1) * a.top_k; ++j) {
-    if (static_cast<int>(static_cast<int64_t>(ids[j]) / g.local_experts) == owner) {
-      next_row = a.land_index[j];
-      break;
-    }
-  }
+// The routing outputs of a pipelined dispatch (record_routing writes them).
+__device__ __forceinline__ RowRouting routing_of(const DispatchStreamArgs& a) {
+  return RowRouting{a.gates_R, a.src_rank_R, a.ret_index_R, a.land_row_R,
+                    a.phase_R, a.chain_R,    a.head_R,      a.row_of_land};
 }
 
+// One slot's row to its owner's landing row, as scatter_slots_kernel stores it (dedup included,
+// the same dedup_chain), plus the slot's token phase in the trailer. One warp.
 template <typename IdT>
 __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
                           int64_t p1_offset, int64_t i, int32_t land, int owner, char* peer,
@@ -178,16 +160,10 @@ __device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const St
     warp_copy(a.out1 + r * a.p1.bytes, a.p1.src + token * a.p1.stride, a.p1.bytes, lane);
   }
   if (lane == 0) {
-    a.gates_R[r] = a.gates[i];
-    a.src_rank_R[r] = me;
-    a.ret_index_R[r] = static_cast<int32_t>(pos);
-    a.land_row_R[r] = land;
-    a.phase_R[r] = static_cast<int32_t>(token * kStreamPhases / a.num_tokens);
-    if (a.chain_R != nullptr) {
-      a.chain_R[r] = next_row;
-      a.head_R[r] = payload_row == land;
-      a.row_of_land[land] = static_cast<int32_t>(r);
-    }
+    record_routing<true>(
+        routing_of(a), r, a.gates[i], me, land, [&] { return static_cast<int32_t>(pos); },
+        [&] { return static_cast<int32_t>(token * kStreamPhases / a.num_tokens); },
+        [&] { return next_row; }, [&] { return payload_row == land; });
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
   }
 }
@@ -227,16 +203,15 @@ __device__ void receive_row(const Layout& g, const DispatchStreamArgs& a,
   warp_copy(a.out0 + r * a.p0.bytes, payload, a.p0.bytes, lane);
   if (a.p1.bytes > 0) warp_copy(a.out1 + r * a.p1.bytes, payload + p1_offset, a.p1.bytes, lane);
   if (lane == 0) {
-    a.gates_R[r] = *reinterpret_cast<const float*>(trailer);
-    a.src_rank_R[r] = s;
-    a.ret_index_R[r] = t.send_off[s] + (land - t.land_base[s]);
-    a.land_row_R[r] = land;
-    a.phase_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerPhaseOffset);
-    if (a.chain_R != nullptr) {  // dedup: the owner's partial sums (owner_reduce)
-      a.chain_R[r] = *reinterpret_cast<const int32_t*>(trailer + kTrailerNextOffset);
-      a.head_R[r] = payload_row == land;
-      a.row_of_land[land] = static_cast<int32_t>(r);
-    }
+    record_routing<true>(
+        routing_of(a), r, *reinterpret_cast<const float*>(trailer), s, land,
+        // t's tables by value (with a reference to t in the lambda the kernel's SASS changed)
+        [&, send_off = t.send_off, land_base = t.land_base] {
+          return send_off[s] + (land - land_base[s]);
+        },
+        [&] { return *reinterpret_cast<const int32_t*>(trailer + kTrailerPhaseOffset); },
+        [&] { return *reinterpret_cast<const int32_t*>(trailer + kTrailerNextOffset); },
+        [&] { return payload_row == land; });
   }
 }
 
@@ -329,23 +304,8 @@ __device__ void reduce_tokens(const Layout& g, const CombineStreamArgs& a, int64
   T* out = static_cast<T*>(a.out);
   for (int64_t item = threadIdx.x; item < total; item += blockDim.x) {
     const int64_t t = t0 + item / groups, col = (item % groups) * kVec;
-    float acc[kVec] = {};
-    for (int k = 0; k < a.top_k; ++k) {
-      const int64_t pos = a.send_pos[t * a.top_k + k];
-      const auto* row = reinterpret_cast<const T*>(ret + pos * g.ret_stride) + col;
-      const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
-      const float gate = a.gates != nullptr ? a.gates[t * a.top_k + k] : 1.0f;
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        const float y = to_f32(v.v[j]);
-        const float term = a.gates != nullptr ? __fmul_rn(gate, y) : y;
-        acc[j] = k == 0 ? term : __fadd_rn(acc[j], term);
-      }
-    }
-    Pack<T, kVec> o;
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) o.v[j] = from_f32<T>(acc[j]);
-    *reinterpret_cast<Pack<T, kVec>*>(out + t * a.hidden + col) = o;
+    sum_token_slots<T, kVec, false>(ret, g.ret_stride, a.top_k, a.hidden, a.send_pos, a.gates,
+                                    /*head_N=*/nullptr, t, col, out);
   }
 }
 
