@@ -662,3 +662,47 @@ def test_bad_stream_grid_raises_before_anything_moves(gen, no_cuda_stream, dispa
         _run_ranks(world, body, (group,))
     except AssertionError as err:
         raise AssertionError(f"{err} (seed {seed})") from err
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_failed_plan_keeps_the_count_matrix_until_every_rank_read_it(gen, no_cuda_stream,
+                                                                     pipelined):
+    """Rank 0 passes a bad expert id; rank 1 is slow to read the count matrix of that plan.
+    Rank 0 raises first and dispatches again at once, which writes its new (clean) count row
+    into rank 1's matrix -- unless the next call barriers first. Rank 1 must still raise the
+    same error, and the next dispatch must work on both ranks (against the reference). The
+    pipelined path has no barrier after the plan; the two-kernel scatter ends in one."""
+    world, name = 2, "random"
+    cases = {name: testing.GROUP_CASES[name]}
+    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases, pipelined=pipelined)
+        x, ids, gates = testing.rank_inputs(cases[name], name, rank, world, torch.float32, seed)
+        bad = ids.clone()
+        if rank == 0:
+            bad.view(-1)[-1] = dispatcher.num_experts
+        engine = dispatcher._rdep
+        reads = engine._counts
+        calls = []
+
+        def slow_counts():  # rank 1 reads the matrix of the failing plan late
+            calls.append(None)
+            if rank == 1 and len(calls) == 1:
+                time.sleep(0.5)
+            return reads()
+
+        engine._counts = slow_counts
+        with pytest.raises(ValueError, match="rank 0 passed expert ids outside"
+                           if rank == 1 else "this rank passed expert ids outside"):
+            dispatcher.dispatch(x, bad, gates)
+        again = dispatcher.dispatch(x, ids, gates)  # at once: no collective in between
+        y = dispatcher.combine(again.x_RD, again.handle)
+        gather(None)  # both ranks done before the reference check
+        testing.check_group_case(dispatcher, name, cases[name], torch.float32, seed, gather,
+                                 "cpu")
+        fresh = dispatcher.dispatch(x, ids, gates)
+        assert torch.equal(y, dispatcher.combine(fresh.x_RD, fresh.handle))  # bitwise
+
+    _run_ranks(world, body, (group,))

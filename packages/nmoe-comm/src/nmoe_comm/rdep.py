@@ -131,6 +131,7 @@ from nmoe_comm.validation import check_dispatch_inputs, check_gates, check_rows,
 RECV, COUNTS, RET, DOTS = "recv", "counts", "ret", "dots"
 _DISPATCH_READS = frozenset({COUNTS, RECV})  # read by unpack after the dispatch's last barrier
 _RECV, _RET, _DOTS, _NOTHING = frozenset({RECV}), frozenset({RET}), frozenset({DOTS}), frozenset()
+_COUNTS = frozenset({COUNTS})
 
 _ALIGN = 128
 _TRAILER_BYTES = 16  # per landing row: float32 gate, 12 bytes reserved
@@ -658,7 +659,12 @@ class RdepDispatcher(Dispatcher):
         send_chunks, recv_chunks = self._chunks(counts_host)
         if status[0] != _OK:
             self._completed(stream, ())
-            self._consumed = _NOTHING
+            # Every rank's plan read the count matrix after the exchange's barrier, and on the
+            # pipelined path no barrier follows (the two-kernel scatter_slots ends in one): a
+            # rank that raises first could otherwise start its next dispatch and overwrite its
+            # count row on a peer that is still reading it -- which could then miss the error
+            # (a bad id, an overflow) that this rank raised. The next call barriers first.
+            self._consumed = _COUNTS
             raise self._plan_error(status, num_slots, row_bytes)
         self._completed(stream, self._send_puts(send_chunks, self.layout.recv_stride))
         if self.stage_hook is not None:
