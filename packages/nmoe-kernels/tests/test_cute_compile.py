@@ -108,3 +108,11 @@ def test_tile_and_stage_choice():
         GroupedGemmBf16Sm90("fwd", 770, 768)
     with pytest.raises(ValueError, match="op must be one of"):
         GroupedGemmBf16Sm90("bwd", 768, 768)
+
+
+def test_band_rows_names_every_tile_order():
+    from nmoe_kernels.cute.scheduler import RASTERS, band_rows
+
+    assert [band_rows(r) for r in RASTERS] == [1, 0, 2, 4, 8, 16]
+    with pytest.raises(ValueError, match="raster must be one of"):
+        band_rows("b3")

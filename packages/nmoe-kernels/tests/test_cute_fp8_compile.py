@@ -217,9 +217,10 @@ def test_wrappers_reject_cpu_tensors_with_a_clear_error():
 def test_choose_cluster_multicasts_long_reductions_and_long_segments():
     """The public ops' cluster: one CTA at the shapes where clusters measured slower (short K,
     short segments), `LONG_CLUSTER` at K >= 4096 or >= 2048 rows per expert."""
-    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+    from nmoe_kernels import grouped_gemm_fp8 as g
+    from nmoe_kernels.cute.grouped_gemm_fp8 import EPILOGUES
 
-    for epilogue in g.EPILOGUES:
+    for epilogue in EPILOGUES:
         long = g.LONG_CLUSTER[epilogue]
         assert g.choose_cluster(epilogue, 229376, 768, 256) == (1, 1)  # super
         assert g.choose_cluster(epilogue, 98304, 2048, 64) == (1, 1)  # moonlight W13

@@ -376,15 +376,14 @@ def test_public_ops_with_long_k_launch_the_cluster_and_agree_bitwise(case, epilo
     """At K >= CLUSTER_MIN_K the public ops launch `LONG_CLUSTER` (TMA multicast between two
     CTAs); their outputs must be the one-CTA default kernel's bits, poisoned outputs included."""
     from nmoe_kernels import grouped_gemm_fp8 as ops
-    from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     gen = torch.Generator().manual_seed(torch_seed)
     counts, pad = segment_counts(case, gen)
-    k = g.CLUSTER_MIN_K + 128 * int(torch.randint(0, 4, (1,), generator=gen))
+    k = ops.CLUSTER_MIN_K + 128 * int(torch.randint(0, 4, (1,), generator=gen))
     n = 384 if epilogue == "bf16" else 768  # odd CTA tiles along N: a (1, 2) cluster overhangs
     xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
     num_rows = xq.shape[0]
-    assert g.choose_cluster(epilogue, num_rows, k, len(counts)) == g.LONG_CLUSTER[epilogue]
+    assert ops.choose_cluster(epilogue, num_rows, k, len(counts)) == ops.LONG_CLUSTER[epilogue]
     want = run_cluster_variant(epilogue, (1, 1), xq, xs, wq, ws, offsets, overlap=True,
                                epi_overlap=True)
     if epilogue == "bf16":

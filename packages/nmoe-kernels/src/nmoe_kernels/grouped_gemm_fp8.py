@@ -20,7 +20,7 @@ Accumulation: fp32, with per-128-K-block promotion (wgmma accumulates one K bloc
 registers, then ``acc += x_scale[m, kb] * w_scale[e, n // 128, kb] * partial``). Kernels compile
 on first use per (epilogue, ue8m0, cluster) with M, N, K, E symbolic, and are cached for the
 process; the cluster (TMA multicast between two CTAs) is chosen per call from K and the rows per
-expert (`nmoe_kernels.cute.grouped_gemm_fp8.choose_cluster`), the same bits either way.
+expert (`choose_cluster`), the same bits either way.
 """
 
 from __future__ import annotations
@@ -36,6 +36,31 @@ __all__ = [
 ]
 
 _FP8 = torch.float8_e4m3fn
+
+
+# The public ops pick the cluster per call (`choose_cluster`): long reductions or long segments
+# run L2-bound on 128 x 128 tiles (32 KiB of operands per 4 MFLOP K block), and a cluster of two
+# CTAs that multicasts one operand cuts those reads by a quarter. On one H100 with the current
+# mainloop (bench/results/fp8_H100_clusters_k.txt, 5 round-robin passes): DeepGEMM's shape
+# (4 x 8192 rows, N 4096) ran 9-16% faster with (2, 1) at every K from 2048 to 7168, dsv3-local's
+# W13 (K 7168, 2048 rows per expert) 7% ((2, 1), plain) and 14-16% ((1, 2), swiglu_quant), while
+# moonlight's W13 (K 2048, 1536 rows per expert) ran 1-8% slower with either cluster; among the
+# expert MLPs' W2 GEMMs, dsv3-local's (K 2048, 2048 rows per expert) ran 5-6% faster, moonlight's
+# (K 1408, 1536 rows) and super's (K 384, 896 rows) not.
+LONG_CLUSTER = {"bf16": (2, 1), "swiglu_quant": (1, 2)}
+CLUSTER_MIN_K = 4096
+CLUSTER_MIN_ROWS_PER_EXPERT = 2048
+
+
+def choose_cluster(epilogue: str, num_rows: int, k: int, num_experts: int) -> tuple[int, int]:
+    """The cluster the public ops launch: `LONG_CLUSTER` where K >= `CLUSTER_MIN_K` or the
+    experts average at least `CLUSTER_MIN_ROWS_PER_EXPERT` rows, else one CTA. Every
+    cluster shape writes the same bits (GPU test), so the choice only moves time."""
+    if epilogue not in LONG_CLUSTER:
+        raise ValueError(f"epilogue must be one of {tuple(LONG_CLUSTER)}, got {epilogue!r}")
+    if k >= CLUSTER_MIN_K or num_rows >= CLUSTER_MIN_ROWS_PER_EXPERT * max(num_experts, 1):
+        return LONG_CLUSTER[epilogue]
+    return (1, 1)
 
 
 @functools.cache
@@ -156,7 +181,7 @@ def _check_inputs(op, x_fp8_MK, x_scales_MKb, w_fp8_ENK, w_scales_ENbKb, offsets
 
 
 def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dims):
-    from nmoe_kernels.cute.grouped_gemm_fp8 import choose_cluster, launch
+    from nmoe_kernels.cute.grouped_gemm_fp8 import launch
 
     num_rows, n, k, num_experts, aligned = dims
     cluster = choose_cluster(epilogue, num_rows, k, num_experts)

@@ -59,7 +59,7 @@ On one H200, clusters of 2 stayed within run-to-run noise of 1 x 1 with the over
 mainloop before the epilogue overlap (bench/results/fp8_H200_clusters.txt); with the current
 mainloop on one H100 they gain 7-26% at long reductions or long segments and lose 5-8% at
 moonlight's short ones (bench/results/fp8_H100_clusters_k.txt), so the public ops choose per call
-(`choose_cluster`); `kernel_config`'s default stays one CTA.
+(`nmoe_kernels.grouped_gemm_fp8.choose_cluster`); `kernel_config`'s default stays one CTA.
 
 Epilogue under the next column tile (``KernelConfig.epi_overlap``, the default): after a column
 tile's K loop, the warpgroups issue the first K block of the next column tile before they run
@@ -113,7 +113,6 @@ __all__ = [
     "EPILOGUES",
     "GroupedGemmFp8Kernel",
     "KernelConfig",
-    "choose_cluster",
     "compile_kernel",
     "grid_size",
     "kernel_config",
@@ -126,22 +125,11 @@ _NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes
 # (CTAs along M, CTAs along N) of a cluster, per epilogue, and whether the mainloop promotes K
 # block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/
 # fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere;
-# clusters: see LONG_CLUSTER below. epi_overlap and fast_silu: bench/results/fp8_H100.txt
-# and fp8_H200.txt (round-robin rows: e gains at super and moonlight on both cards and at K = 7168
-# on the H200; on the H100 it was 5-6% slower at K = 7168, inside that shape's ~10% noise).
+# the public ops choose a cluster per call (nmoe_kernels.grouped_gemm_fp8.LONG_CLUSTER).
+# epi_overlap and fast_silu: bench/results/fp8_H100.txt and fp8_H200.txt (round-robin rows: e
+# gains at super and moonlight on both cards and at K = 7168 on the H200; on the H100 it was 5-6%
+# slower at K = 7168, inside that shape's ~10% noise).
 DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
-# The public ops pick the cluster per call (`choose_cluster`): long reductions or long segments
-# run L2-bound on 128 x 128 tiles (32 KiB of operands per 4 MFLOP K block), and a cluster of two
-# CTAs that multicasts one operand cuts those reads by a quarter. On one H100 with the current
-# mainloop (bench/results/fp8_H100_clusters_k.txt, 5 round-robin passes): DeepGEMM's shape
-# (4 x 8192 rows, N 4096) ran 9-16% faster with (2, 1) at every K from 2048 to 7168, dsv3-local's
-# W13 (K 7168, 2048 rows per expert) 7% ((2, 1), plain) and 14-16% ((1, 2), swiglu_quant), while
-# moonlight's W13 (K 2048, 1536 rows per expert) ran 1-8% slower with either cluster; among the
-# expert MLPs' W2 GEMMs, dsv3-local's (K 2048, 2048 rows per expert) ran 5-6% faster, moonlight's
-# (K 1408, 1536 rows) and super's (K 384, 896 rows) not.
-LONG_CLUSTER = {"bf16": (2, 1), "swiglu_quant": (1, 2)}
-CLUSTER_MIN_K = 4096
-CLUSTER_MIN_ROWS_PER_EXPERT = 2048
 DEFAULT_OVERLAP = {"bf16": True, "swiglu_quant": True}
 DEFAULT_EPI_OVERLAP = {"bf16": True, "swiglu_quant": True}
 DEFAULT_FAST_SILU = True
@@ -918,17 +906,6 @@ def _pointer_args(epilogue: str, a, sfa, b, sfb, out, out_sf, offsets) -> tuple:
         make_ptr(Float32, out_sf, gmem, assumed_align=16),
         make_ptr(Int32, offsets, gmem, assumed_align=4),
     )
-
-
-def choose_cluster(epilogue: str, num_rows: int, k: int, num_experts: int) -> tuple[int, int]:
-    """The cluster the public ops launch: `LONG_CLUSTER` where K >= `CLUSTER_MIN_K` or the
-    experts average at least `CLUSTER_MIN_ROWS_PER_EXPERT` rows, else `DEFAULT_CLUSTER`. Every
-    cluster shape writes the same bits (GPU test), so the choice only moves time."""
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if k >= CLUSTER_MIN_K or num_rows >= CLUSTER_MIN_ROWS_PER_EXPERT * max(num_experts, 1):
-        return LONG_CLUSTER[epilogue]
-    return DEFAULT_CLUSTER[epilogue]
 
 
 def compile_kernel(

@@ -36,7 +36,11 @@ def band_rows(raster: str) -> int:
     "b<G>"."""
     if raster not in RASTERS:
         raise ValueError(f"raster must be one of {RASTERS}, got {raster!r}")
-    return {"m": 1, "n": 0}.get(raster) if raster in ("m", "n") else int(raster[1:])
+    if raster == "m":
+        return 1
+    if raster == "n":
+        return 0
+    return int(raster[1:])
 
 
 @cute.jit
