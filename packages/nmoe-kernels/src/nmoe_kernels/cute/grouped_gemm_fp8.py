@@ -126,7 +126,7 @@ _NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes
 # block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/
 # fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere;
 # the public ops choose a cluster per call (nmoe_kernels.grouped_gemm_fp8.LONG_CLUSTER).
-# epi_overlap and fast_silu: bench/results/fp8_H100.txt and fp8_H200.txt (round-robin rows: e
+# epi_overlap and fast_silu: bench/results/fp8_H100_epilogue_overlap.txt, fp8_H200.txt (rows: e
 # gains at super and moonlight on both cards and at K = 7168 on the H200; on the H100 it was 5-6%
 # slower at K = 7168, inside that shape's ~10% noise).
 DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
