@@ -304,12 +304,11 @@ def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
     return rows
 
 
-def bench_deepgemm(env: dict, clusters=(), k: int | None = None, shape=None,
+def bench_deepgemm(env: dict, clusters=(), shape=DEEPGEMM_SHAPE,
                    op: str = "deepgemm_shape") -> list[dict]:
-    """DeepGEMM's grouped shape; ``k`` replaces its K = 7168 (``--deepgemm-k``); ``shape`` =
-    (groups, rows per group, N, K) replaces the whole shape (``--grouped``)."""
-    groups, rows_per_group, n, k_default = shape or DEEPGEMM_SHAPE
-    k = k or k_default
+    """A plain grouped GEMM of ``shape`` = (groups, rows per group, N, K): DeepGEMM's by
+    default, at another K with ``--deepgemm-k``, any with ``--grouped``."""
+    groups, rows_per_group, n, k = shape
     num_rows = groups * rows_per_group
     offsets = torch.arange(0, num_rows + 1, rows_per_group, dtype=torch.int32, device="cuda")
     x = torch.randn(num_rows, k, device="cuda", dtype=torch.bfloat16)
@@ -403,7 +402,7 @@ def main() -> None:
             for k in (int(v) for v in args.deepgemm_k.split(",")):
                 if k <= 0 or k % 128:
                     parser.error(f"--deepgemm-k: K must be a positive multiple of 128, got {k}")
-                rows += bench_deepgemm(env, clusters, k)
+                rows += bench_deepgemm(env, clusters, (*DEEPGEMM_SHAPE[:3], k))
                 torch.cuda.empty_cache()
         else:
             rows += bench_moe(name, env, gen, clusters)
