@@ -14,14 +14,18 @@ Cases, each against a baseline measured in the same run on the same inputs:
 - wgrad_w13 / wgrad_w2: dW[e] = X_e^T dY_e vs torch._grouped_mm(x.t(), dy) (K-grouped);
 - "[nk]" rows: the same ops with every weight stored [E, N, K] (passed as the transposed view),
   for torch too; "[m]" rows (--raster-experiment): the grouped-M kernels with the "m" tile order.
-Timing: CUDA events around each call, warm-up first, median of the repetitions. The inputs
-(hundreds of MB) exceed the L2 cache. Each case also checks that both paths agree (relative RMS).
+Timing: CUDA events around each call, warm-up first, median of the repetitions; with
+``--rounds R`` each case is timed R times, ours and torch alternating which goes first, and the
+table gives the medians over the rounds (this card's clock and power state drift between
+back-to-back timings). The inputs (hundreds of MB) exceed the L2 cache. Each case also checks
+that both paths agree (relative RMS).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +54,8 @@ def expert_offsets(num_rows: int, num_experts: int, gen: torch.Generator) -> tor
     return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
 
 
-def bench_shape(name: str, iters: int, raster_experiment: bool = False) -> list[dict]:
+def bench_shape(name: str, iters: int, raster_experiment: bool = False,
+                rounds: int = 1) -> list[dict]:
     tokens, top_k, dim, ffn, experts = SHAPES[name]
     rows = tokens * top_k
     gen = torch.Generator().manual_seed(0)
@@ -172,7 +177,11 @@ def bench_shape(name: str, iters: int, raster_experiment: bool = False) -> list[
     for op, flops, ours, baseline in cases:
         got, want = ours(), baseline()
         agree = rel_rms(got, want)
-        ms, base_ms = median_ms(ours, iters, 3), median_ms(baseline, iters, 3)
+        ours_ms, torch_ms = [], []
+        for r in range(rounds):  # ours first in even rounds, torch first in odd ones
+            for fn, times in ((ours, ours_ms), (baseline, torch_ms))[:: 1 - 2 * (r % 2)]:
+                times.append(median_ms(fn, iters, 3))
+        ms, base_ms = statistics.median(ours_ms), statistics.median(torch_ms)
         results.append(
             dict(
                 op=op,
@@ -186,6 +195,8 @@ def bench_shape(name: str, iters: int, raster_experiment: bool = False) -> list[
                 baseline_ms=base_ms,
                 baseline_tflops=flops / base_ms / 1e9,
                 ratio=base_ms / ms,
+                round_ms=ours_ms,
+                baseline_round_ms=torch_ms,
                 rel_rms_vs_baseline=agree,
             )
         )
@@ -204,6 +215,8 @@ def main() -> None:
     parser.add_argument("--json", help="write result rows to this file")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shape names")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time each case this many times, alternating ours and torch")
     parser.add_argument(
         "--raster-experiment",
         action="store_true",
@@ -224,7 +237,8 @@ def main() -> None:
     )
     rows = []
     for name in args.shapes.split(","):
-        rows += [dict(r, **env) for r in bench_shape(name, args.iters, args.raster_experiment)]
+        rows += [dict(r, **env)
+                 for r in bench_shape(name, args.iters, args.raster_experiment, args.rounds)]
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -4,6 +4,7 @@
 # (the package is put on PYTHONPATH). Logs and JSON go to $OUT.
 #
 #   OUT=/tmp/out bash packages/nmoe-kernels/bench/gpu_bf16_run.sh [smoke|tests|bench|all] [bench args]
+#   OUT=/tmp/out bash packages/nmoe-kernels/bench/gpu_bf16_run.sh sweep [sweep_bf16_tiles.py args]
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -90,7 +91,12 @@ if { [ "$what" = tests ] || [ "$what" = all ]; } && [ "$rc" = 0 ]; then
   echo "tests rc=$?"; grep -E "passed|failed|Error|assert" "$OUT/test.log" | tail -25
 fi
 if { [ "$what" = bench ] || [ "$what" = all ]; } && [ "$rc" = 0 ]; then
-  timeout 240 "$PY" packages/nmoe-kernels/bench/bench_grouped_bf16.py \
+  timeout 540 "$PY" packages/nmoe-kernels/bench/bench_grouped_bf16.py \
     --json "$OUT/bf16_$tag.json" "$@" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -25 "$OUT/bench.log"
+fi
+if [ "$what" = sweep ] && [ "$rc" = 0 ]; then
+  (cd packages/nmoe-kernels/bench && timeout 540 "$PY" sweep_bf16_tiles.py \
+    --json "$OUT/sweep_bf16_$tag.json" "$@") > "$OUT/sweep.log" 2>&1
+  echo "sweep rc=$?"; cat "$OUT/sweep.log" | tail -60
 fi

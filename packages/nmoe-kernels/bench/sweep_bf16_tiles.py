@@ -1,21 +1,27 @@
-"""Sweep the BF16 grouped GEMM's output tile width (BN) and tile order at the shapes where the
-default misses its target, against torch._grouped_mm in the same run (one Hopper GPU).
+"""Sweep the BF16 grouped GEMM's output tile width (BN), tile order and thread-block cluster at
+the shapes where the default misses its target, against torch._grouped_mm in the same run (one
+Hopper GPU).
 
     python packages/nmoe-kernels/bench/sweep_bf16_tiles.py [--json out.json] [--iters 20] \
-        [--cases dsv3-local:wgrad_w2,...] [--tile-n 256 ...] [--rasters n m b4 ...]
+        [--passes 3] [--cases dsv3-local:wgrad_w2,...] [--tile-n 256 ...] \
+        [--rasters n m b4 ...] [--clusters 1x1 2x1 1x2]
 
-For each (shape, op) the kernel is compiled with every BN in {128, 192, 256} and every tile
-order asked for (default "n" and "m"; bands "b<G>", `nmoe_kernels.cute.scheduler`), timed with
-CUDA events (median), and checked bitwise against
-the default configuration's output (BN only changes which CTA computes an output element, not
-the K order of its sum). The row marked ``*`` is the default (`choose_tile_n`, `RASTER`).
-Shapes and inputs as in bench_grouped_bf16.py.
+Every configuration asked for (BN in {128, 192, 256}; tile orders "n", "m" and bands "b<G>",
+`nmoe_kernels.cute.scheduler`; clusters "<along M>x<along N>"; what is not asked for stays at
+each case's default) is compiled and checked bitwise
+against the default configuration's output (none of them changes the K order of an output
+element's sum). Then ``--passes`` round-robin passes time torch and every configuration, each a
+CUDA-event median of ``--iters`` calls, in an order that rotates from pass to pass; the table
+gives the median over the passes (and their spread), so configurations are compared under the
+same clock and power state. The row marked ``*`` is the default (`choose_tile_n`, `RASTER`,
+`CLUSTER`). Shapes and inputs as in bench_grouped_bf16.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 
 import torch
 from bench_common import finish_report, median_ms  # same directory
@@ -26,7 +32,9 @@ from nmoe_kernels import grouped_gemm
 from nmoe_kernels.cute import grouped_gemm_bf16 as kmod
 from nmoe_kernels.cute.scheduler import RASTERS
 
-OPS = ("fwd_w2", "dgrad_w2", "wgrad_w13", "wgrad_w2")
+OPS = ("fwd_w2", "swiglu_w13", "dgrad_w13", "dgrad_w2", "wgrad_w13", "wgrad_w2")
+KERNEL_OP = {"fwd_w2": "fwd", "swiglu_w13": "swiglu", "dgrad_w13": "dgrad", "dgrad_w2": "dgrad",
+             "wgrad_w13": "wgrad", "wgrad_w2": "wgrad"}
 # (shape, op): the cases below their targets in bench/results/bf16_H100.txt.
 CASES = (
     ("dsv3-local", "fwd_w2"),
@@ -37,26 +45,44 @@ CASES = (
 )
 
 
-def _with_config(tile_n: int, raster: str, fn):
-    """Run ``fn`` with the kernels compiled for BN = ``tile_n`` and the tile order ``raster``;
-    the compile cache is cleared around it so the defaults come back after."""
-    saved_choose, saved_raster = kmod.choose_tile_n, dict(grouped_gemm.RASTER)
-    kmod.choose_tile_n = lambda gemm_n, op: tile_n
-    grouped_gemm.RASTER.update(fwd=raster, swiglu=raster, dgrad=raster, wgrad=raster)
-    grouped_gemm._compiled.clear()
-    try:
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    finally:
-        kmod.choose_tile_n = saved_choose
-        grouped_gemm.RASTER.clear()
-        grouped_gemm.RASTER.update(saved_raster)
+def parse_cluster(text: str) -> tuple[int, int]:
+    m, _, n = text.partition("x")
+    if not (m.isdigit() and n.isdigit()) or int(m) not in (1, 2) or int(n) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"cluster must be <1|2>x<1|2>, got {text!r}")
+    return int(m), int(n)
+
+
+class Config:
+    """One (BN, tile order, cluster) configuration of the public ops, with its own compiled
+    kernels (swapped into `grouped_gemm`'s cache while it runs)."""
+
+    def __init__(self, tile_n: int, raster: str, cluster: tuple[int, int]):
+        self.tile_n, self.raster, self.cluster = tile_n, raster, cluster
+        self.cache: dict = {}
+
+    def run(self, fn):
+        saved = (kmod.choose_tile_n, dict(grouped_gemm.RASTER), dict(grouped_gemm.CLUSTER),
+                 dict(grouped_gemm._compiled))
+        kmod.choose_tile_n = lambda gemm_n, op: self.tile_n
+        for op in grouped_gemm.RASTER:
+            grouped_gemm.RASTER[op] = self.raster
+            grouped_gemm.CLUSTER[op] = self.cluster
+        grouped_gemm._compiled.clear()
+        grouped_gemm._compiled.update(self.cache)
+        try:
+            return fn()
+        finally:
+            self.cache.update(grouped_gemm._compiled)
+            kmod.choose_tile_n = saved[0]
+            grouped_gemm.RASTER.update(saved[1])
+            grouped_gemm.CLUSTER.update(saved[2])
+            grouped_gemm._compiled.clear()
+            grouped_gemm._compiled.update(saved[3])
 
 
 def make_case(shape: str, op: str, wgrad_dtype: torch.dtype = torch.float32):
-    """(ours, baseline, flops, GEMM N, grouped-M, default tile order) for one case, on fresh
-    random inputs; wgrad writes ``wgrad_dtype`` (the trainer's float32 by default)."""
+    """(ours, baseline, flops, GEMM N, default tile order, default cluster) for one case, on
+    fresh random inputs; wgrad writes ``wgrad_dtype`` (the trainer's float32 by default)."""
     tokens, top_k, dim, ffn, experts = SHAPES[shape]
     rows = tokens * top_k
     gen = torch.Generator().manual_seed(0)
@@ -67,33 +93,53 @@ def make_case(shape: str, op: str, wgrad_dtype: torch.dtype = torch.float32):
         a = torch.randn(rows, ffn, **bf)
         w = torch.randn(experts, ffn, dim, **bf) / ffn**0.5
         return (lambda: nmoe_kernels.grouped_gemm_bf16(a, w, offsets),
-                lambda: torch._grouped_mm(a, w, offs=ends), 2 * rows * dim * ffn, dim, True,
-                grouped_gemm.RASTER["fwd"])
-    if op == "dgrad_w2":
-        dy = torch.randn(rows, dim, **bf)
-        w = torch.randn(experts, ffn, dim, **bf) / ffn**0.5
+                lambda: torch._grouped_mm(a, w, offs=ends), 2 * rows * dim * ffn, dim,
+                grouped_gemm.RASTER["fwd"],
+                grouped_gemm.choose_cluster("fwd", ffn, dim, rows, experts))
+    if op == "swiglu_w13":
+        x = torch.randn(rows, dim, **bf)
+        w = torch.randn(experts, dim, 2 * ffn, **bf) / dim**0.5
+
+        def torch_swiglu():
+            h = torch._grouped_mm(x, w, offs=ends)
+            return torch.nn.functional.silu(h[:, 0::2]) * h[:, 1::2]
+        return (lambda: nmoe_kernels.grouped_gemm_bf16_swiglu(x, w, offsets), torch_swiglu,
+                2 * rows * dim * 2 * ffn, 2 * ffn, grouped_gemm.RASTER["swiglu"],
+                grouped_gemm.choose_cluster("swiglu", dim, 2 * ffn, rows, experts))
+    if op in ("dgrad_w2", "dgrad_w13"):
+        k_in, n = (ffn, dim) if op == "dgrad_w2" else (dim, 2 * ffn)
+        dy = torch.randn(rows, n, **bf)
+        w = torch.randn(experts, k_in, n, **bf) / k_in**0.5
         return (lambda: nmoe_kernels.grouped_gemm_bf16_dgrad(dy, w, offsets),
                 lambda: torch._grouped_mm(dy, w.transpose(-2, -1), offs=ends),
-                2 * rows * dim * ffn, ffn, True, grouped_gemm.RASTER["dgrad"])
+                2 * rows * k_in * n, k_in, grouped_gemm.RASTER["dgrad"],
+                grouped_gemm.choose_cluster("dgrad", k_in, n, rows, experts))
     n = dim if op == "wgrad_w2" else 2 * ffn
     k_in = ffn if op == "wgrad_w2" else dim
     xa = torch.randn(rows, k_in, **bf)
     dy = torch.randn(rows, n, **bf)
     # The trainer's wgrad writes float32 (no rounding of the master weights' gradient).
     return (lambda: nmoe_kernels.grouped_gemm_bf16_wgrad(xa, dy, offsets, out_dtype=wgrad_dtype),
-            lambda: torch._grouped_mm(xa.t(), dy, offs=ends), 2 * rows * k_in * n, n, False,
-            grouped_gemm.wgrad_raster(k_in, n, rows, experts))
+            lambda: torch._grouped_mm(xa.t(), dy, offs=ends), 2 * rows * k_in * n, n,
+            grouped_gemm.wgrad_raster(k_in, n, rows, experts),
+            grouped_gemm.choose_cluster("wgrad", k_in, n, rows, experts))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--passes", type=int, default=3,
+                        help="round-robin passes over torch and every configuration")
     parser.add_argument("--cases", help="shape:op list, comma separated (default: the misses)")
-    parser.add_argument("--tile-n", type=int, nargs="+", default=[128, 192, 256],
-                        choices=[128, 192, 256])
-    parser.add_argument("--rasters", nargs="+", default=["n", "m"], choices=RASTERS,
-                        help="tile orders inside an expert (bands b<G>: G row blocks per band)")
+    parser.add_argument("--tile-n", type=int, nargs="+", choices=[128, 192, 256],
+                        help="tile widths (default: each case's own, `choose_tile_n`)")
+    parser.add_argument("--rasters", nargs="+", choices=RASTERS,
+                        help="tile orders inside an expert (bands b<G>: G row blocks per band; "
+                             "default: each case's own)")
+    parser.add_argument("--clusters", nargs="+", type=parse_cluster,
+                        help="thread-block clusters <CTAs along M>x<CTAs along N>, e.g. 2x1 "
+                             "(default: each case's own, `choose_cluster`)")
     args = parser.parse_args()
     cases = CASES
     if args.cases:
@@ -103,32 +149,45 @@ def main() -> None:
                 parser.error(f"--cases: want shape:op with shape in {sorted(SHAPES)} and op in "
                              f"{OPS}, got {shape}:{op}")
     rows_out = []
-
-    def timed(fn):
-        return fn(), median_ms(fn, args.iters, 3)
-
-    print(f"{'shape':<11}{'op':<11}{'BN':>4}{'order':>6}{'ms':>9}{'TFLOP/s':>9}"
-          f"{'torch ms':>10}{'ratio':>7}  same bits")
+    print(f"{'shape':<11}{'op':<11}{'BN':>4}{'order':>6}{'clus':>5}{'ms':>9}{'spread':>14}"
+          f"{'TFLOP/s':>9}{'torch ms':>10}{'ratio':>7}  same bits")
     for shape, op in cases:
-        ours, base, flops, gemm_n, grouped_m, default_raster = make_case(shape, op)
-        default_bn = kmod.choose_tile_n(gemm_n, "wgrad" if not grouped_m else "fwd")
+        ours, base, flops, gemm_n, default_raster, default_cluster = make_case(shape, op)
+        default_bn = kmod.choose_tile_n(gemm_n, KERNEL_OP[op])
         reference = ours()
-        base_ms = median_ms(base, args.iters, 3)
-        for tile_n in args.tile_n:
-            for raster in args.rasters:
-                got, ms = _with_config(tile_n, raster, functools.partial(timed, ours))
-                same = bool(torch.equal(got, reference))
-                del got
-                is_default = tile_n == default_bn and raster == default_raster
-                row = dict(shape=shape, op=op, tile_n=tile_n, raster=raster,
-                           default=is_default, time_ms=ms, tflops=flops / ms / 1e9,
-                           baseline="torch._grouped_mm", baseline_ms=base_ms,
-                           ratio=base_ms / ms, same_bits_as_default=same)
-                rows_out.append(row)
-                print(f"{shape:<11}{op:<11}{tile_n:>4}{row['raster']:>6}{ms:>9.3f}"
-                      f"{row['tflops']:>9.1f}{base_ms:>10.3f}{row['ratio']:>7.2f}  {same}"
-                      f"{'  *' if is_default else ''}", flush=True)
+        configs = [Config(t, r, c) for t in args.tile_n or [default_bn]
+                   for r in args.rasters or [default_raster]
+                   for c in args.clusters or [default_cluster]]
+        same = []
+        for config in configs:  # compile, and check the bits
+            got = config.run(ours)
+            torch.cuda.synchronize()
+            same.append(bool(torch.equal(got, reference)))
+            del got
         del reference
+        times = [[] for _ in configs]
+        base_times = []
+        for p in range(args.passes):
+            base_times.append(median_ms(base, args.iters, 3))
+            order = list(range(len(configs)))
+            order = order[p % len(order):] + order[:p % len(order)]
+            for i in order:
+                times[i].append(configs[i].run(functools.partial(median_ms, ours, args.iters, 3)))
+        base_ms = statistics.median(base_times)
+        for config, ts, ok in zip(configs, times, same):
+            ms = statistics.median(ts)
+            is_default = (config.tile_n == default_bn and config.raster == default_raster
+                          and config.cluster == default_cluster)
+            cl = f"{config.cluster[0]}x{config.cluster[1]}"
+            row = dict(shape=shape, op=op, tile_n=config.tile_n, raster=config.raster,
+                       cluster=cl, default=is_default, time_ms=ms, pass_ms=ts,
+                       tflops=flops / ms / 1e9, baseline="torch._grouped_mm", baseline_ms=base_ms,
+                       baseline_pass_ms=base_times, ratio=base_ms / ms, same_bits_as_default=ok)
+            rows_out.append(row)
+            spread = f"{min(ts):.3f}-{max(ts):.3f}"
+            print(f"{shape:<11}{op:<11}{config.tile_n:>4}{config.raster:>6}{cl:>5}{ms:>9.3f}"
+                  f"{spread:>14}{row['tflops']:>9.1f}{base_ms:>10.3f}{row['ratio']:>7.2f}  {ok}"
+                  f"{'  *' if is_default else ''}", flush=True)
     grouped_gemm._compiled.clear()
     finish_report(rows_out, args.json)
 

@@ -60,6 +60,7 @@ def test_kernel_compiles_for_sm90a(op, dim_k, dim_n, weight_nk, tile_n, transpos
     assert "setmaxnreg.dec.sync.aligned.u32 \t40" in ptx.replace("u32 40", "u32 \t40")
     assert "setmaxnreg.inc.sync.aligned.u32 \t232" in ptx.replace("u32 232", "u32 \t232")
     assert ".local" not in ptx, "local memory in the kernel (register spill or stack array)"
+    assert "multicast::cluster" not in ptx  # one CTA: no cluster
     assert ("ex2.approx" in ptx) == (op == "swiglu")
     assert ("fence.proxy.async.shared::cta" in ptx) == (op == "wgrad")
     # 16-byte global stores in the predicated epilogue; float32 C: no conversion to bf16.
@@ -116,3 +117,63 @@ def test_band_rows_names_every_tile_order():
     assert [band_rows(r) for r in RASTERS] == [1, 0, 2, 4, 8, 16]
     with pytest.raises(ValueError, match="raster must be one of"):
         band_rows("b3")
+
+
+@pytest.mark.parametrize("op,cluster", [("fwd", (2, 1)), ("swiglu", (1, 2)), ("dgrad", (2, 2)),
+                                        ("wgrad", (2, 1))])
+def test_clustered_kernels_compile_with_multicast(op, cluster):
+    """Clusters load each shared operand tile once per cluster and TMA-multicast it; the
+    one-CTA kernel issues no multicast. Same WGMMA count, no spills."""
+    compiled = compile_kernel(op, 2048, 2816, "sm_90a", keep_ptx=True, cluster=cluster)
+    ptx = compiled.artifacts.PTX
+    if os.path.isfile(ptx):
+        ptx = open(ptx).read()
+    loads = set(re.findall(r"cp\.async\.bulk\.tensor\.(\d)d\.[\w:.]*", ptx))
+    mcast = {m for m in re.findall(r"cp\.async\.bulk\.tensor\.(\d)d[\w:.]*multicast::cluster",
+                                   ptx)}
+    # A (x or dy, 2-D) is multicast along N, B (the 3-D weights; 2-D dy for wgrad) along M
+    b_dims = "2" if op == "wgrad" else "3"
+    want = ({b_dims} if cluster[0] > 1 else set()) | ({"2"} if cluster[1] > 1 else set())
+    assert mcast == want, (loads, mcast)
+    assert len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32", ptx)) == 4
+    assert ".local" not in ptx
+    # stage releases reach the partner CTAs' empty barriers
+    assert "mbarrier.arrive.shared::cluster" in ptx
+
+
+def test_cluster_shape_is_checked():
+    kernel = GroupedGemmBf16Sm90("fwd", 2048, 2816, cluster=(1, 2))
+    # 11 column tiles of 256 -> 6 cluster tiles along N (the last CTA tile is a spare)
+    assert (kernel.num_n_tiles, kernel.num_n_groups, kernel.cluster_size) == (11, 6, 2)
+    wgrad = GroupedGemmBf16Sm90("wgrad", 1408, 2048, cluster=(2, 1))
+    assert (wgrad.num_m_tiles, wgrad.num_m_groups) == (11, 6)
+    for bad in [(4, 1), (1, 3), (0, 1), (2,)]:
+        with pytest.raises(ValueError, match="cluster must be"):
+            GroupedGemmBf16Sm90("fwd", 768, 768, cluster=bad)
+
+
+def test_cluster_rule():
+    from nmoe_kernels.grouped_gemm import CLUSTER_MIN_ROWS_PER_EXPERT, choose_cluster
+
+    # (tokens x top-k rows, E) of the bench shapes: super 896 rows per expert, moonlight 1536,
+    # dsv3-local 2048
+    sup, moon, dsv3 = (229376, 256), (98304, 64), (65536, 32)
+    # grouped M with >= 1024 rows per expert: row-block pairs
+    assert choose_cluster("swiglu", 7168, 4096, *dsv3) == (2, 1)
+    assert choose_cluster("fwd", 1408, 2048, *moon) == (2, 1)
+    assert choose_cluster("dgrad", 1408, 2048, *moon) == (2, 1)
+    # fewer rows: column-tile pairs where the column-tile count is even, else one CTA
+    assert choose_cluster("swiglu", 768, 768, *sup) == (1, 1)  # 3 column tiles of 256
+    assert choose_cluster("dgrad", 384, 768, *sup) == (1, 2)  # dx: 2 column tiles of 192
+    assert choose_cluster("fwd", 384, 768, *sup) == (1, 1)
+    rows = CLUSTER_MIN_ROWS_PER_EXPERT * 8
+    assert choose_cluster("fwd", 2048, 2816, rows, 8) == (2, 1)
+    assert choose_cluster("fwd", 2048, 2816, rows - 1, 8) == (1, 1)  # 11 column tiles
+    assert choose_cluster("fwd", 2048, 2048, 0, 8) == (1, 2)
+    # wgrad (>= 1024 rows per expert): dw's row blocks (K / 128) in pairs when even, else its
+    # column tiles
+    assert choose_cluster("wgrad", 7168, 4096, *dsv3) == (2, 1)
+    assert choose_cluster("wgrad", 1408, 2048, *moon) == (1, 2)  # 11 row blocks, 8 columns
+    assert choose_cluster("wgrad", 384, 768, *sup) == (1, 1)  # 3 x 3
+    assert choose_cluster("wgrad", 768, 768, *sup) == (1, 1)  # short K loops: one CTA
+    assert choose_cluster("wgrad", 1408, 2816, *moon) == (1, 1)  # 11 x 11 tiles

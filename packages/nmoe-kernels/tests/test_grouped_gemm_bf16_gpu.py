@@ -292,3 +292,46 @@ def test_weights_stored_nk_give_identical_results(case: str):
         rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert rel < 1e-3, f"{name}: [E, N, K] weights differ from [E, K, N] by {rel:.2e}"
         assert torch.equal(got, want), f"{name}: close ({rel:.1e}) but not bit-identical"
+
+
+@pytest.mark.parametrize("cluster", [(2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("case", ["edges", "one_expert", "e64"])
+def test_clusters_agree_bitwise(case: str, cluster: tuple[int, int], monkeypatch):
+    """A thread-block cluster changes which CTA loads an operand tile (TMA multicast), never an
+    output element's sum: every op is bit-identical to the one-CTA kernel. Moonlight's W13 has 11
+    column tiles of 256 and the wgrad dw below 11 row blocks (odd: spare CTA tiles past N / past
+    dw's rows), and the segments end mid-cluster-tile (spare tiles past an expert's rows, some
+    wholly past M): spare tiles must store nothing, so outputs are poisoned with NaN first."""
+    import nmoe_kernels.grouped_gemm as module
+
+    dim_k, dim_n = SHAPES["moonlight"]
+    offsets, num_rows = make_offsets(case, 96)
+    num_experts = offsets.numel() - 1
+    x, w = inputs(num_rows, dim_k, dim_n, num_experts)
+    dy = torch.randn(num_rows, dim_n, device="cuda").bfloat16()
+    x_w2 = torch.randn(num_rows, 1408, device="cuda").bfloat16()
+
+    def poisoned(*shape, dtype=torch.bfloat16):
+        return torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+
+    def run(shape):
+        for op in module.CLUSTER:
+            monkeypatch.setitem(module.CLUSTER, op, shape)
+        return {
+            "fwd": nmoe_kernels.grouped_gemm_bf16(x, w, offsets, out=poisoned(num_rows, dim_n)),
+            "swiglu": nmoe_kernels.grouped_gemm_bf16_swiglu(
+                x, w, offsets, out=poisoned(num_rows, dim_n // 2)),
+            "dgrad": nmoe_kernels.grouped_gemm_bf16_dgrad(
+                dy, w, offsets, out=poisoned(num_rows, dim_k)),
+            "wgrad": nmoe_kernels.grouped_gemm_bf16_wgrad(
+                x_w2, x, offsets, out=poisoned(num_experts, 1408, dim_k)),
+            "wgrad f32": nmoe_kernels.grouped_gemm_bf16_wgrad(
+                x_w2, x, offsets, out=poisoned(num_experts, 1408, dim_k, dtype=torch.float32),
+                out_dtype=torch.float32),
+        }
+
+    want = run((1, 1))
+    got = run(cluster)
+    for name in want:
+        assert not want[name].isnan().any(), f"{name}: the one-CTA kernel left NaN"
+        assert torch.equal(got[name], want[name]), f"{name}: cluster {cluster} differs"

@@ -48,7 +48,13 @@ RASTER = {"fwd": "n", "swiglu": "n", "dgrad": "n", "wgrad": "auto"}
 # the "m" order then streams all of an expert's dy column blocks for every block of dw rows, more
 # than L2 keeps (bench/results/sweep_wgrad_H100.txt).
 WGRAD_RASTER_N_BYTES = 16 << 20
-_num_sms: dict[int, int] = {}
+# Thread-block cluster per op: "auto" (`choose_cluster`) or (CTAs along M, CTAs along N).
+CLUSTER = {"fwd": "auto", "swiglu": "auto", "dgrad": "auto", "wgrad": "auto"}
+# Ops pair row blocks (2 x 1) when the experts average at least this many rows: an expert with an
+# odd row-block count leaves one CTA tile of its last pair idle (grouped M), on average half a tile
+# per expert, <= 1/16 of the work at 8 row blocks; wgrad's K loop is that short below it.
+CLUSTER_MIN_ROWS_PER_EXPERT = 1024
+_num_sms: dict[tuple[int, int], int] = {}  # (device, cluster size) -> persistent CTAs
 
 
 def _check_tensor(op: str, name: str, t, ndim: int, dims: str,
@@ -156,15 +162,49 @@ def wgrad_raster(dim_k: int, dim_n: int, num_rows: int, num_experts: int) -> str
     return "m"
 
 
+def choose_cluster(op: str, dim_k: int, dim_n: int, num_rows: int,
+                   num_experts: int) -> tuple[int, int]:
+    """The thread-block cluster of an op's kernel, (CTAs along M, CTAs along N): two CTAs that
+    TMA-multicast the operand tile they share, where that leaves (almost) no CTA tile idle.
+
+    With experts averaging >= `CLUSTER_MIN_ROWS_PER_EXPERT` rows:
+    - grouped-M ops (fwd, swiglu, dgrad): (2, 1), two row blocks of one expert sharing the
+      weights' column block (torch's CUTLASS kernel pairs CTAs the same way);
+    - wgrad (grouped K; dw's rows are K): (2, 1) when dw's row-block count is even, else (1, 2)
+      when its column-tile count is, else one CTA.
+    With fewer rows, the grouped-M ops pair column tiles (1, 2) when their count is even, and
+    wgrad (short K loops) keeps one CTA.
+
+    Every cluster gives the same bits. On one H100, all three in one round-robin pass
+    (`bench/results/sweep_bf16_clusters_H100.txt`, one CTA / (2, 1) / (1, 2), ms):
+    dsv3-local W13+SwiGLU 6.88 / 5.63 / 5.65, fwd W2 3.29 / 2.94 / 2.89, dgrad W13 6.84 / 5.74 /
+    5.76, wgrad W13 6.75 / 6.35 / 6.30; moonlight W13+SwiGLU 1.98 / 1.73 / 1.90, dgrad W2 1.15 /
+    1.03 / 1.02; super (896 rows per expert, 7 row blocks) W13+SwiGLU 0.554 / 0.559 / 0.679, fwd
+    W2 0.341 / 0.350 / 0.402, wgrad W13 0.662 / 0.675 / 0.734, dgrad W2 (2 column tiles) 0.370 /
+    0.348 / 0.333."""
+    from nmoe_kernels.cute.grouped_gemm_bf16 import TILE_M, choose_tile_n
+
+    gemm_n = dim_k if op == "dgrad" else dim_n
+    n_even = -(-gemm_n // choose_tile_n(gemm_n, op)) % 2 == 0
+    many_rows = num_rows >= CLUSTER_MIN_ROWS_PER_EXPERT * max(num_experts, 1)
+    if op != "wgrad":
+        return (2, 1) if many_rows else (1, 2) if n_even else (1, 1)
+    if not many_rows:
+        return (1, 1)
+    if -(-dim_k // TILE_M) % 2 == 0:
+        return (2, 1)
+    return (1, 2) if n_even else (1, 1)
+
+
 def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,
-            out_dtype: str, raster: str):
+            out_dtype: str, raster: str, cluster: tuple[int, int]):
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: the BF16 grouped GEMM kernels are written for sm_90a (H100/H200); this GPU "
             f"is sm_{major}{minor}. Use nmoe_kernels.reference.grouped_gemm or torch._grouped_mm."
         )
-    key = (op, dim_k, dim_n, raster, weight_nk, out_dtype)
+    key = (op, dim_k, dim_n, raster, weight_nk, out_dtype, cluster)
     kernel = _compiled.get(key)
     if kernel is None:
         with _compile_lock:
@@ -174,10 +214,28 @@ def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.devi
 
                 kernel = compile_kernel(
                     op, dim_k, dim_n, "sm_90a", raster=raster, weight_nk=weight_nk,
-                    out_dtype=out_dtype,
+                    out_dtype=out_dtype, cluster=cluster,
                 )
                 _compiled[key] = kernel
     return kernel
+
+
+def _grid(index: int, cluster_size: int) -> int:
+    """Persistent CTAs for device ``index``: one per SM, in whole clusters, no more clusters
+    than the device runs at once (`nmoe_kernels.cute.occupancy.max_active_clusters`)."""
+    key = (index, cluster_size)
+    if key not in _num_sms:
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        clusters = sms // cluster_size
+        if cluster_size > 1:
+            from nmoe_kernels.cute.occupancy import max_active_clusters
+
+            with torch.cuda.device(index):
+                resident = max_active_clusters(cluster_size, index)
+            if resident:
+                clusters = min(clusters, resident)
+        _num_sms[key] = max(clusters, 1) * cluster_size
+    return _num_sms[key]
 
 
 def _launch(
@@ -195,10 +253,13 @@ def _launch(
     raster = RASTER[op]
     if raster == "auto":
         raster = wgrad_raster(dim_k, dim_n, num_rows, num_experts)
-    kernel = _kernel(op, dim_k, dim_n, weight_nk, device, "f32" if c_f32 else "bf16", raster)
+    cluster = CLUSTER[op]
+    cluster = (choose_cluster(op, dim_k, dim_n, num_rows, num_experts) if cluster == "auto"
+               else tuple(cluster))
+    kernel = _kernel(op, dim_k, dim_n, weight_nk, device, "f32" if c_f32 else "bf16", raster,
+                     cluster)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _num_sms:
-        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    num_ctas = _grid(index, cluster[0] * cluster[1])
     gmem = cute.AddressSpace.gmem
     stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
     with torch.cuda.device(device):
@@ -210,7 +271,7 @@ def _launch(
             make_ptr(cutlass.Int32, offsets_E1.data_ptr(), gmem, assumed_align=4),
             cutlass.Int32(num_rows),
             cutlass.Int32(num_experts),
-            cutlass.Int32(_num_sms[index]),
+            cutlass.Int32(num_ctas),
             stream,
         )
 

@@ -28,6 +28,13 @@ Structure (persistent, warp-specialized, one CTA per SM, 384 threads):
   ``out_dtype="f32"``, the float32 accumulators unrounded) -> an XOR-swizzled (`EPI_SWIZZLE`),
   per-warpgroup shared-memory buffer (32 output columns, double-buffered) -> 16-byte global
   stores predicated per row and column, so no row outside the tile's segment is written.
+- Clusters (``cluster`` = (CTAs along M, CTAs along N), each 1 or 2): a cluster takes cluster
+  tiles of cluster_m x cluster_n CTA tiles of one segment (the schedule counts cluster tiles), and
+  the CTAs that share an operand tile each load a slice of it and TMA-multicast it to the others
+  (B along M: one expert's weight column block read once per two row blocks; A along N). A stage
+  is released to every CTA that writes into it. CTA tiles past the segment's rows or past N (an
+  odd tile count) still run the mainloop, which keeps the partner's pipeline going, and store
+  nothing. Every cluster shape computes each output element with the same K order: same bits.
 - Wgrad (grouped K): an expert's rows are the reduction dim. TMA loads whole BK-row blocks, so
   in the expert's last block the consumer warpgroups zero the rows that belong to the next
   expert (both operands, so padding NaNs cannot leak) before the WGMMA reads them. An expert
@@ -108,6 +115,8 @@ class GroupedGemmBf16Sm90:
             and N-major by dgrad.
         out_dtype: "bf16", or "f32" for wgrad: the float32 accumulators are stored as they are
             (the gradient of float32 master weights, without a rounding to bf16 and a cast).
+        cluster: (CTAs along M, CTAs along N) of a thread-block cluster, each 1 or 2 (module
+            docstring): along M the CTAs multicast B, along N they multicast A.
     """
 
     def __init__(
@@ -119,6 +128,7 @@ class GroupedGemmBf16Sm90:
         raster: str = "m",
         weight_nk: bool = False,
         out_dtype: str = "bf16",
+        cluster: tuple[int, int] = (1, 1),
     ):
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
@@ -165,6 +175,15 @@ class GroupedGemmBf16Sm90:
         self.num_n_tiles = -(-self.gemm_n // self.tile_n)
         if self.grouped_k:
             self.num_m_tiles = -(-self.gemm_m // TILE_M)
+        cluster = tuple(cluster)
+        if len(cluster) != 2 or any(c not in (1, 2) for c in cluster):
+            raise ValueError(f"cluster must be (1 or 2, 1 or 2) CTAs along (M, N), got {cluster}")
+        self.cluster_m, self.cluster_n = cluster
+        self.cluster_size = self.cluster_m * self.cluster_n
+        # The schedule counts cluster tiles: cluster_m row blocks x cluster_n column blocks.
+        self.num_n_groups = -(-self.num_n_tiles // self.cluster_n)
+        if self.grouped_k:
+            self.num_m_groups = -(-self.num_m_tiles // self.cluster_m)
 
         self.threads_per_wg = 128
         self.num_threads = 3 * self.threads_per_wg
@@ -211,7 +230,8 @@ class GroupedGemmBf16Sm90:
         """Launch on ``stream``. Pointers are to bf16 (A, B), bf16 or float32 (C, ``out_dtype``)
         and int32 (offsets) device memory.
 
-        num_rows is M (rows of x / dy), num_experts is E, num_ctas the persistent grid size.
+        num_rows is M (rows of x / dy), num_experts is E, num_ctas the persistent grid size
+        (a multiple of the cluster size).
         """
         if const_expr(self.op in ("fwd", "swiglu")):
             mA = cute.make_tensor(
@@ -269,17 +289,22 @@ class GroupedGemmBf16Sm90:
         a_smem_layout = self._smem_layout(self.a_k_major, TILE_M)
         b_smem_layout = self._smem_layout(self.b_k_major, self.tile_n)
 
+        # A is shared by the CTAs of a cluster along N, B by those along M.
+        g2s = cpasync.CopyBulkTensorTileG2SOp()
+        g2s_mcast = cpasync.CopyBulkTensorTileG2SMulticastOp()
         tma_atom_a, tma_a = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(),
+            g2s_mcast if const_expr(self.cluster_n > 1) else g2s,
             mA,
             cute.slice_(a_smem_layout, (None, None, 0)),
             (TILE_M, TILE_K),
+            num_multicast=self.cluster_n,
         )
         tma_atom_b, tma_b = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileG2SOp(),
+            g2s_mcast if const_expr(self.cluster_m > 1) else g2s,
             mB,
             cute.slice_(b_smem_layout, (None, None, 0)),
             (self.tile_n, TILE_K),
+            num_multicast=self.cluster_m,
         )
 
         @cute.struct
@@ -308,6 +333,7 @@ class GroupedGemmBf16Sm90:
         ).launch(
             grid=[num_ctas, 1, 1],
             block=[self.num_threads, 1, 1],
+            cluster=[self.cluster_size, 1, 1],
             min_blocks_per_mp=1,
             stream=stream,
         )
@@ -315,18 +341,46 @@ class GroupedGemmBf16Sm90:
     # ---------------------------------------------------------------- device side
 
     @cute.jit
-    def _tile(self, linear_idx: Int32, segment: Int32, sOffsets, sTileStart, num_experts: Int32):
-        """Decode a linear tile index.
+    def _cluster_position(self):
+        """(cluster index, cluster count, CTA coordinate along M, along N in the cluster)."""
+        bidx, _, _ = cute.arch.block_idx()
+        grid_x, _, _ = cute.arch.grid_dim()
+        if const_expr(self.cluster_size == 1):
+            return Int32(bidx), Int32(grid_x), Int32(0), Int32(0)
+        rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        return (
+            Int32(bidx) // self.cluster_size,
+            Int32(grid_x) // self.cluster_size,
+            rank % self.cluster_m,
+            rank // self.cluster_m,
+        )
+
+    @cute.jit
+    def _tile(
+        self,
+        linear_idx: Int32,
+        segment: Int32,
+        sOffsets,
+        sTileStart,
+        num_experts: Int32,
+        m_rank: Int32,
+        n_rank: Int32,
+    ):
+        """Decode a linear cluster-tile index into this CTA's tile (``m_rank``, ``n_rank``: its
+        coordinate in the cluster).
 
         Returns (is_valid, segment, row_or_m_base, n_tile, k_start, num_k_tiles, row_end):
         grouped M: row_base is the tile's first row, row_end its segment's end, k over gemm_k;
         grouped K: row_base is the GEMM-M offset (dim_k), k_start the expert's first row and
-        row_end its last, and segment is the expert.
+        row_end its last, and segment is the expert. The tile may lie past its segment's rows or
+        past N (a cluster's spare CTA tile): its mainloop runs and its epilogue stores nothing.
         """
         if const_expr(not self.grouped_k):
-            is_valid, seg, m_tile, n_tile = locate_tile(
-                linear_idx, segment, sTileStart, num_experts + 1, self.num_n_tiles, self.raster
+            is_valid, seg, m_group, n_group = locate_tile(
+                linear_idx, segment, sTileStart, num_experts + 1, self.num_n_groups, self.raster
             )
+            m_tile = m_group * self.cluster_m + m_rank
+            n_tile = n_group * self.cluster_n + n_rank
             row_base = sOffsets[seg] + m_tile * TILE_M
             row_end = sOffsets[seg + 1]
             num_k_tiles = Int32((self.gemm_k + TILE_K - 1) // TILE_K)
@@ -334,14 +388,16 @@ class GroupedGemmBf16Sm90:
                 num_k_tiles = Int32(0)  # padding rows: zero output
             return is_valid, seg, row_base, n_tile, Int32(0), num_k_tiles, row_end
         else:
-            tiles_per_expert = self.num_m_tiles * self.num_n_tiles
+            tiles_per_expert = self.num_m_groups * self.num_n_groups
             expert = linear_idx // tiles_per_expert
             rest = linear_idx - expert * tiles_per_expert
             # "m": the N tiles of one block of dw rows first; "n": the M tiles of one column
             # block first (dy's column block read once); "b<G>": bands of G row blocks
-            m_tile, n_tile = band_tile(
-                rest, Int32(self.num_m_tiles), self.num_n_tiles, band_rows(self.raster)
+            m_group, n_group = band_tile(
+                rest, Int32(self.num_m_groups), self.num_n_groups, band_rows(self.raster)
             )
+            m_tile = m_group * self.cluster_m + m_rank
+            n_tile = n_group * self.cluster_n + n_rank
             is_valid = expert < num_experts
             k_start = Int32(0)
             k_end = Int32(0)
@@ -367,8 +423,6 @@ class GroupedGemmBf16Sm90:
         b_smem_layout: cute.ComposedLayout,
     ):
         tidx, _, _ = cute.arch.thread_idx()
-        bidx, _, _ = cute.arch.block_idx()
-        grid_x, _, _ = cute.arch.grid_dim()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg_idx = cute.arch.make_warp_uniform(tidx // self.threads_per_wg)
 
@@ -386,14 +440,21 @@ class GroupedGemmBf16Sm90:
         stage_bytes = cute.size_in_bytes(
             BFloat16, cute.slice_(a_smem_layout, (None, None, 0))
         ) + cute.size_in_bytes(BFloat16, cute.slice_(b_smem_layout, (None, None, 0)))
+        # A stage of this CTA is written by the CTAs that share its A (along N) or B (along M),
+        # so each consumer warp releases it to all of them: cluster_m + cluster_n - 1 arrivals
+        # per warp on each such CTA's empty barrier. With a cluster, create() syncs the cluster
+        # after the barrier init, before any multicast or remote arrive.
+        mcast_peers = self.cluster_m + self.cluster_n - 1
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.pipeline_barriers.data_ptr(),
             num_stages=self.num_stages,
             producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8),
+            consumer_group=pipeline.CooperativeGroup(
+                pipeline.Agent.Thread, mcast_peers * self.num_consumer_threads // 32
+            ),
             tx_count=stage_bytes,
-            cta_layout_vmnk=cute.make_layout((1, 1, 1, 1)),
-            defer_sync=True,
+            cta_layout_vmnk=cute.make_layout((1, self.cluster_m, self.cluster_n, 1)),
+            defer_sync=self.cluster_size == 1,
         )
         cute.arch.mbarrier_init_fence()
         # Ends with a CTA barrier, which also publishes the mbarrier initialisation.
@@ -403,8 +464,8 @@ class GroupedGemmBf16Sm90:
             num_rows,
             sOffsets,
             sTileStart,
-            TILE_M,
-            self.num_n_tiles,
+            TILE_M * self.cluster_m,
+            self.num_n_groups,
             self.num_threads,
         )
 
@@ -422,8 +483,6 @@ class GroupedGemmBf16Sm90:
                     sOffsets,
                     sTileStart,
                     num_experts,
-                    bidx,
-                    grid_x,
                 )
         else:
             cute.arch.setmaxregister_increase(232)
@@ -437,8 +496,6 @@ class GroupedGemmBf16Sm90:
                 sOffsets,
                 sTileStart,
                 num_experts,
-                bidx,
-                grid_x,
                 tidx - self.threads_per_wg,
                 wg_idx - 1,
             )
@@ -456,68 +513,94 @@ class GroupedGemmBf16Sm90:
         sOffsets,
         sTileStart,
         num_experts,
-        bidx,
-        grid_x,
     ):
+        """One warp: TMA loads of the A and B tiles of every K tile of this CTA's tiles. In a
+        cluster it loads its slice of each shared tile and multicasts it to the sharing CTAs."""
+        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        cta_layout = cute.make_layout((self.cluster_m, self.cluster_n))
+        a_mcast_mask = cute.make_layout_image_mask(cta_layout, (m_rank, n_rank), mode=1)
+        b_mcast_mask = cute.make_layout_image_mask(cta_layout, (m_rank, n_rank), mode=0)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.num_stages)
-        linear_idx = Int32(bidx)
+        linear_idx = cluster_id
         is_valid, seg, row_base, n_tile, k_start, num_k_tiles, row_end = self._tile(
-            linear_idx, Int32(0), sOffsets, sTileStart, num_experts
+            linear_idx, Int32(0), sOffsets, sTileStart, num_experts, m_rank, n_rank
         )
         while is_valid:
             if num_k_tiles > 0:
+                # A spare CTA tile past N (odd tile count) loads the last column block; one past
+                # the rows loads whatever is there (TMA fills rows outside the tensor with
+                # zeros). It keeps the cluster's pipeline going; its epilogue stores nothing.
+                n_load = cutlass.min(n_tile, Int32(self.num_n_tiles - 1))
                 if const_expr(not self.grouped_k):
                     gA = cute.local_tile(
                         cute.domain_offset((row_base, 0), mA), (TILE_M, TILE_K), (0, None)
                     )
                     gB = cute.local_tile(
-                        mB[(None, None, seg)], (self.tile_n, TILE_K), (n_tile, None)
+                        mB[(None, None, seg)], (self.tile_n, TILE_K), (n_load, None)
                     )
                 else:
                     gA = cute.local_tile(
                         cute.domain_offset((0, k_start), mA),
                         (TILE_M, TILE_K),
-                        (row_base // TILE_M, None),
+                        (cutlass.min(row_base // TILE_M, Int32(self.num_m_tiles - 1)), None),
                     )
                     gB = cute.local_tile(
                         cute.domain_offset((0, k_start), mB),
                         (self.tile_n, TILE_K),
-                        (n_tile, None),
+                        (n_load, None),
                     )
                 tAsA, tAgA = cpasync.tma_partition(
                     tma_atom_a,
-                    0,
-                    cute.make_layout(1),
+                    n_rank,
+                    cute.make_layout(self.cluster_n),
                     cute.group_modes(sA, 0, 2),
                     cute.group_modes(gA, 0, 2),
                 )
                 tBsB, tBgB = cpasync.tma_partition(
                     tma_atom_b,
-                    0,
-                    cute.make_layout(1),
+                    m_rank,
+                    cute.make_layout(self.cluster_m),
                     cute.group_modes(sB, 0, 2),
                     cute.group_modes(gB, 0, 2),
                 )
                 for k_tile in range(num_k_tiles):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)
-                    cute.copy(
-                        tma_atom_a,
-                        tAgA[(None, k_tile)],
-                        tAsA[(None, state.index)],
-                        tma_bar_ptr=barrier,
-                    )
-                    cute.copy(
-                        tma_atom_b,
-                        tBgB[(None, k_tile)],
-                        tBsB[(None, state.index)],
-                        tma_bar_ptr=barrier,
-                    )
+                    if const_expr(self.cluster_n > 1):
+                        cute.copy(
+                            tma_atom_a,
+                            tAgA[(None, k_tile)],
+                            tAsA[(None, state.index)],
+                            tma_bar_ptr=barrier,
+                            mcast_mask=a_mcast_mask,
+                        )
+                    else:
+                        cute.copy(
+                            tma_atom_a,
+                            tAgA[(None, k_tile)],
+                            tAsA[(None, state.index)],
+                            tma_bar_ptr=barrier,
+                        )
+                    if const_expr(self.cluster_m > 1):
+                        cute.copy(
+                            tma_atom_b,
+                            tBgB[(None, k_tile)],
+                            tBsB[(None, state.index)],
+                            tma_bar_ptr=barrier,
+                            mcast_mask=b_mcast_mask,
+                        )
+                    else:
+                        cute.copy(
+                            tma_atom_b,
+                            tBgB[(None, k_tile)],
+                            tBsB[(None, state.index)],
+                            tma_bar_ptr=barrier,
+                        )
                     mainloop.producer_commit(state)
                     state.advance()
-            linear_idx = linear_idx + grid_x
+            linear_idx = linear_idx + num_clusters
             is_valid, seg, row_base, n_tile, k_start, num_k_tiles, row_end = self._tile(
-                linear_idx, seg, sOffsets, sTileStart, num_experts
+                linear_idx, seg, sOffsets, sTileStart, num_experts, m_rank, n_rank
             )
         mainloop.producer_tail(state)
 
@@ -533,8 +616,6 @@ class GroupedGemmBf16Sm90:
         sOffsets,
         sTileStart,
         num_experts,
-        bidx,
-        grid_x,
         ctidx,
         cwg,
     ):
@@ -606,9 +687,10 @@ class GroupedGemmBf16Sm90:
             pipeline.PipelineUserType.Consumer, self.num_stages
         )
 
-        linear_idx = Int32(bidx)
+        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        linear_idx = cluster_id
         is_valid, seg, row_base, n_tile, k_start, num_k_tiles, row_end = self._tile(
-            linear_idx, Int32(0), sOffsets, sTileStart, num_experts
+            linear_idx, Int32(0), sOffsets, sTileStart, num_experts, m_rank, n_rank
         )
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
         while is_valid:
@@ -652,9 +734,9 @@ class GroupedGemmBf16Sm90:
                 cwg,
             )
 
-            linear_idx = linear_idx + grid_x
+            linear_idx = linear_idx + num_clusters
             is_valid, seg, row_base, n_tile, k_start, num_k_tiles, row_end = self._tile(
-                linear_idx, seg, sOffsets, sTileStart, num_experts
+                linear_idx, seg, sOffsets, sTileStart, num_experts, m_rank, n_rank
             )
 
     @cute.jit
@@ -755,11 +837,13 @@ def compile_kernel(
     raster: str = "m",
     weight_nk: bool = False,
     out_dtype: str = "bf16",
+    cluster: tuple[int, int] = (1, 1),
 ):
     """Compile the kernel for (op, K, N) for ``arch`` without touching a GPU.
 
     M (rows) and E (experts) stay runtime arguments, so one compile serves every token count
-    and routing (``raster``, ``weight_nk`` and ``out_dtype`` as in `GroupedGemmBf16Sm90`).
+    and routing (``raster``, ``weight_nk``, ``out_dtype`` and ``cluster`` as in
+    `GroupedGemmBf16Sm90`; launch a clustered kernel on a multiple of its cluster size).
     Returns the compiled callable
     ``f(a_ptr, b_ptr, c_ptr, offsets_ptr, num_rows, num_experts, num_ctas, stream)``; with
     ``keep_ptx`` its ``artifacts.PTX`` holds the PTX text. CuTeDSL also keeps compiled binaries
@@ -769,7 +853,7 @@ def compile_kernel(
     from cutlass.cute.runtime import make_fake_stream, make_ptr
 
     kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, raster=raster, weight_nk=weight_nk,
-                                 out_dtype=out_dtype)
+                                 out_dtype=out_dtype, cluster=cluster)
     options = [cute.GPUArch(arch)]
     if keep_ptx:
         options.append(cute.KeepPTX(True))
