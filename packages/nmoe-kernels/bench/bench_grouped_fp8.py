@@ -23,7 +23,8 @@ Rows:
   off, whatever the default): ``o`` overlapped promotion, ``e`` the next tile's first K block
   under the epilogue, ``f`` rcp.approx sigmoid, ``s`` no epilogue (diagnostic), ``w`` 64 x 256
   tiles (swiglu_quant's earlier layout), ``t`` an expert's row tiles of one column group first
-  (``n_major``) -- as rows ``<op>[c<variant>]``, timed in the same run
+  (``n_major``), ``l`` a cluster launch attribute for one CTA (the launch before 2026-11-27) -- as
+  rows ``<op>[c<variant>]``, timed in the same run
   as the default kernel.
 
 Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
@@ -140,6 +141,7 @@ VARIANT_FLAGS = {
     "s": "skip_epilogue",  # diagnostic: mainloop only
     "w": "wide",  # 64 x 256 tiles instead of 128 x 128 (swiglu_quant's earlier layout)
     "t": "n_major",  # tile order: an expert's row tiles of one column group first
+    "l": "cluster_launch",  # diagnostic: one CTA launched with a 1 x 1 x 1 cluster attribute
 }
 
 
@@ -355,7 +357,8 @@ def main() -> None:
         default="",
         help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o,1x1oef (CTAs along M x "
         "along N, then flags: o overlapped promotion, e epilogue under the next tile's first "
-        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles)",
+        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles, t n_major tile order, "
+        "l one CTA with a cluster launch attribute)",
     )
     parser.add_argument(
         "--deepgemm-k",

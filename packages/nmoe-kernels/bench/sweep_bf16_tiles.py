@@ -4,7 +4,7 @@ Hopper GPU).
 
     python packages/nmoe-kernels/bench/sweep_bf16_tiles.py [--json out.json] [--iters 20] \
         [--passes 3] [--cases dsv3-local:wgrad_w2,...] [--tile-n 256 ...] \
-        [--rasters n m b4 ...] [--clusters 1x1 2x1 1x2]
+        [--rasters n m b4 ...] [--clusters 1x1 2x1 1x2] [--base-kernel old/grouped_gemm_bf16.py]
 
 Every configuration asked for (BN in {128, 192, 256}; tile orders "n", "m" and bands "b<G>",
 `nmoe_kernels.cute.scheduler`; clusters "<along M>x<along N>"; what is not asked for stays at
@@ -14,14 +14,20 @@ element's sum). Then ``--passes`` round-robin passes time torch and every config
 CUDA-event median of ``--iters`` calls, in an order that rotates from pass to pass; the table
 gives the median over the passes (and their spread), so configurations are compared under the
 same clock and power state. The row marked ``*`` is the default (`choose_tile_n`, `RASTER`,
-`CLUSTER`). Shapes and inputs as in bench_grouped_bf16.py.
+`CLUSTER`). ``--base-kernel`` adds a row "base": the kernel module at that path (e.g. another
+commit's ``grouped_gemm_bf16.py``, from ``git show``) compiled with each case's default BN and
+order, one CTA, timed in the same passes: an A/B of a kernel change. Shapes and inputs as in
+bench_grouped_bf16.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
+import inspect
 import statistics
+import sys
 
 import torch
 from bench_common import finish_report, median_ms  # same directory
@@ -56,13 +62,16 @@ class Config:
     """One (BN, tile order, cluster) configuration of the public ops, with its own compiled
     kernels (swapped into `grouped_gemm`'s cache while it runs)."""
 
-    def __init__(self, tile_n: int, raster: str, cluster: tuple[int, int]):
+    def __init__(self, tile_n: int, raster: str, cluster: tuple[int, int], module=None):
         self.tile_n, self.raster, self.cluster = tile_n, raster, cluster
+        self.module = module  # another kernel module (--base-kernel), or None for this tree's
         self.cache: dict = {}
 
     def run(self, fn):
         saved = (kmod.choose_tile_n, dict(grouped_gemm.RASTER), dict(grouped_gemm.CLUSTER),
                  dict(grouped_gemm._compiled))
+        if self.module is not None:  # the public ops import compile_kernel at compile time
+            sys.modules[kmod.__name__] = self.module
         kmod.choose_tile_n = lambda gemm_n, op: self.tile_n
         for op in grouped_gemm.RASTER:
             grouped_gemm.RASTER[op] = self.raster
@@ -72,12 +81,35 @@ class Config:
         try:
             return fn()
         finally:
+            sys.modules[kmod.__name__] = kmod
             self.cache.update(grouped_gemm._compiled)
             kmod.choose_tile_n = saved[0]
             grouped_gemm.RASTER.update(saved[1])
             grouped_gemm.CLUSTER.update(saved[2])
             grouped_gemm._compiled.clear()
             grouped_gemm._compiled.update(saved[3])
+
+
+def load_base_kernel(path: str):
+    """The kernel module at ``path`` under a name of its own, wrapped so that the public ops can
+    compile from it: keyword arguments its ``compile_kernel`` lacks (``cluster``) must be at
+    their one-CTA defaults and are dropped."""
+    spec = importlib.util.spec_from_file_location("nmoe_base_grouped_gemm_bf16", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accepted = set(inspect.signature(module.compile_kernel).parameters)
+    compile_base = module.compile_kernel
+
+    def compile_kernel(*args, **kwargs):
+        for name in set(kwargs) - accepted:
+            if name != "cluster" or tuple(kwargs[name]) != (1, 1):
+                raise ValueError(f"--base-kernel: its compile_kernel has no {name!r}")
+            del kwargs[name]
+        return compile_base(*args, **kwargs)
+
+    module.compile_kernel = compile_kernel
+    module.choose_tile_n = kmod.choose_tile_n  # patched per configuration like this tree's
+    return module
 
 
 def make_case(shape: str, op: str, wgrad_dtype: torch.dtype = torch.float32):
@@ -140,6 +172,8 @@ def main() -> None:
     parser.add_argument("--clusters", nargs="+", type=parse_cluster,
                         help="thread-block clusters <CTAs along M>x<CTAs along N>, e.g. 2x1 "
                              "(default: each case's own, `choose_cluster`)")
+    parser.add_argument("--base-kernel", help="path of another grouped_gemm_bf16.py to time "
+                        "as row 'base' (one CTA, each case's default BN and order)")
     args = parser.parse_args()
     cases = CASES
     if args.cases:
@@ -148,6 +182,7 @@ def main() -> None:
             if shape not in SHAPES or op not in OPS:
                 parser.error(f"--cases: want shape:op with shape in {sorted(SHAPES)} and op in "
                              f"{OPS}, got {shape}:{op}")
+    base_module = load_base_kernel(args.base_kernel) if args.base_kernel else None
     rows_out = []
     print(f"{'shape':<11}{'op':<11}{'BN':>4}{'order':>6}{'clus':>5}{'ms':>9}{'spread':>14}"
           f"{'TFLOP/s':>9}{'torch ms':>10}{'ratio':>7}  same bits")
@@ -158,6 +193,8 @@ def main() -> None:
         configs = [Config(t, r, c) for t in args.tile_n or [default_bn]
                    for r in args.rasters or [default_raster]
                    for c in args.clusters or [default_cluster]]
+        if base_module is not None:
+            configs.append(Config(default_bn, default_raster, (1, 1), base_module))
         same = []
         for config in configs:  # compile, and check the bits
             got = config.run(ours)
@@ -177,8 +214,8 @@ def main() -> None:
         for config, ts, ok in zip(configs, times, same):
             ms = statistics.median(ts)
             is_default = (config.tile_n == default_bn and config.raster == default_raster
-                          and config.cluster == default_cluster)
-            cl = f"{config.cluster[0]}x{config.cluster[1]}"
+                          and config.cluster == default_cluster and config.module is None)
+            cl = "base" if config.module else f"{config.cluster[0]}x{config.cluster[1]}"
             row = dict(shape=shape, op=op, tile_n=config.tile_n, raster=config.raster,
                        cluster=cl, default=is_default, time_ms=ms, pass_ms=ts,
                        tflops=flops / ms / 1e9, baseline="torch._grouped_mm", baseline_ms=base_ms,

@@ -22,13 +22,13 @@ def test_parse_variant_flags(bench):
     cluster, opts, tile = bench.parse_variant("2x1oef")
     assert cluster == (2, 1) and tile is None
     assert opts == dict(overlap=True, epi_overlap=True, fast_silu=True, skip_epilogue=False,
-                        n_major=False)
-    cluster, opts, tile = bench.parse_variant("1x1owt")
+                        n_major=False, cluster_launch=False)
+    cluster, opts, tile = bench.parse_variant("1x1owtl")
     assert cluster == (1, 1) and tile == (64, 256)
     assert opts == dict(overlap=True, epi_overlap=False, fast_silu=False, skip_epilogue=False,
-                        n_major=True)
+                        n_major=True, cluster_launch=True)
     for bad in ("1x1q", "oe", "1x", "1x2 o"):
-        with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefswt"):
+        with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefswtl"):
             bench.parse_variant(bad)
 
 

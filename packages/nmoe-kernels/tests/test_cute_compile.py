@@ -158,22 +158,17 @@ def test_cluster_rule():
     # (tokens x top-k rows, E) of the bench shapes: super 896 rows per expert, moonlight 1536,
     # dsv3-local 2048
     sup, moon, dsv3 = (229376, 256), (98304, 64), (65536, 32)
-    # grouped M with >= 1024 rows per expert: row-block pairs
-    assert choose_cluster("swiglu", 7168, 4096, *dsv3) == (2, 1)
-    assert choose_cluster("fwd", 1408, 2048, *moon) == (2, 1)
-    assert choose_cluster("dgrad", 1408, 2048, *moon) == (2, 1)
-    # fewer rows: column-tile pairs where the column-tile count is even, else one CTA
-    assert choose_cluster("swiglu", 768, 768, *sup) == (1, 1)  # 3 column tiles of 256
-    assert choose_cluster("dgrad", 384, 768, *sup) == (1, 2)  # dx: 2 column tiles of 192
-    assert choose_cluster("fwd", 384, 768, *sup) == (1, 1)
-    rows = CLUSTER_MIN_ROWS_PER_EXPERT * 8
-    assert choose_cluster("fwd", 2048, 2816, rows, 8) == (2, 1)
-    assert choose_cluster("fwd", 2048, 2816, rows - 1, 8) == (1, 1)  # 11 column tiles
-    assert choose_cluster("fwd", 2048, 2048, 0, 8) == (1, 2)
-    # wgrad (>= 1024 rows per expert): dw's row blocks (K / 128) in pairs when even, else its
-    # column tiles
+    # wgrad with >= 1024 rows per expert and an even number of dw row blocks: pairs
     assert choose_cluster("wgrad", 7168, 4096, *dsv3) == (2, 1)
-    assert choose_cluster("wgrad", 1408, 2048, *moon) == (1, 2)  # 11 row blocks, 8 columns
-    assert choose_cluster("wgrad", 384, 768, *sup) == (1, 1)  # 3 x 3
-    assert choose_cluster("wgrad", 768, 768, *sup) == (1, 1)  # short K loops: one CTA
-    assert choose_cluster("wgrad", 1408, 2816, *moon) == (1, 1)  # 11 x 11 tiles
+    assert choose_cluster("wgrad", 2048, 7168, *dsv3) == (2, 1)
+    assert choose_cluster("wgrad", 2048, 2816, *moon) == (2, 1)
+    assert choose_cluster("wgrad", 1408, 2048, *moon) == (1, 1)  # 11 row blocks
+    assert choose_cluster("wgrad", 768, 768, *sup) == (1, 1)  # short K loops
+    rows = CLUSTER_MIN_ROWS_PER_EXPERT * 8
+    assert choose_cluster("wgrad", 2048, 2048, rows, 8) == (2, 1)
+    assert choose_cluster("wgrad", 2048, 2048, rows - 1, 8) == (1, 1)
+    assert choose_cluster("wgrad", 2048, 2048, 0, 0) == (1, 1)
+    # grouped-M ops: one CTA
+    for op in ("fwd", "swiglu", "dgrad"):
+        for shape in (sup, moon, dsv3):
+            assert choose_cluster(op, 7168, 4096, *shape) == (1, 1)

@@ -50,9 +50,7 @@ RASTER = {"fwd": "n", "swiglu": "n", "dgrad": "n", "wgrad": "auto"}
 WGRAD_RASTER_N_BYTES = 16 << 20
 # Thread-block cluster per op: "auto" (`choose_cluster`) or (CTAs along M, CTAs along N).
 CLUSTER = {"fwd": "auto", "swiglu": "auto", "dgrad": "auto", "wgrad": "auto"}
-# Ops pair row blocks (2 x 1) when the experts average at least this many rows: an expert with an
-# odd row-block count leaves one CTA tile of its last pair idle (grouped M), on average half a tile
-# per expert, <= 1/16 of the work at 8 row blocks; wgrad's K loop is that short below it.
+# wgrad pairs dw row blocks (2 x 1) only where an expert's K loop (its rows) is at least this long.
 CLUSTER_MIN_ROWS_PER_EXPERT = 1024
 _num_sms: dict[tuple[int, int], int] = {}  # (device, cluster size) -> persistent CTAs
 
@@ -164,36 +162,25 @@ def wgrad_raster(dim_k: int, dim_n: int, num_rows: int, num_experts: int) -> str
 
 def choose_cluster(op: str, dim_k: int, dim_n: int, num_rows: int,
                    num_experts: int) -> tuple[int, int]:
-    """The thread-block cluster of an op's kernel, (CTAs along M, CTAs along N): two CTAs that
-    TMA-multicast the operand tile they share, where that leaves (almost) no CTA tile idle.
+    """The thread-block cluster of an op's kernel, (CTAs along M, CTAs along N).
 
-    With experts averaging >= `CLUSTER_MIN_ROWS_PER_EXPERT` rows:
-    - grouped-M ops (fwd, swiglu, dgrad): (2, 1), two row blocks of one expert sharing the
-      weights' column block (torch's CUTLASS kernel pairs CTAs the same way);
-    - wgrad (grouped K; dw's rows are K): (2, 1) when dw's row-block count is even, else (1, 2)
-      when its column-tile count is, else one CTA.
-    With fewer rows, the grouped-M ops pair column tiles (1, 2) when their count is even, and
-    wgrad (short K loops) keeps one CTA.
+    (2, 1) for wgrad when the experts average >= `CLUSTER_MIN_ROWS_PER_EXPERT` rows and dw's
+    row-block count (K / 128) is even: two CTAs computing adjacent dw row blocks of one expert
+    TMA-multicast the dy column block they share. Every other call runs one CTA per tile.
 
-    Every cluster gives the same bits. On one H100, all three in one round-robin pass
-    (`bench/results/sweep_bf16_clusters_H100.txt`, one CTA / (2, 1) / (1, 2), ms):
-    dsv3-local W13+SwiGLU 6.88 / 5.63 / 5.65, fwd W2 3.29 / 2.94 / 2.89, dgrad W13 6.84 / 5.74 /
-    5.76, wgrad W13 6.75 / 6.35 / 6.30; moonlight W13+SwiGLU 1.98 / 1.73 / 1.90, dgrad W2 1.15 /
-    1.03 / 1.02; super (896 rows per expert, 7 row blocks) W13+SwiGLU 0.554 / 0.559 / 0.679, fwd
-    W2 0.341 / 0.350 / 0.402, wgrad W13 0.662 / 0.675 / 0.734, dgrad W2 (2 column tiles) 0.370 /
-    0.348 / 0.333."""
-    from nmoe_kernels.cute.grouped_gemm_bf16 import TILE_M, choose_tile_n
+    Every cluster gives the same bits. Measured on one H100 against one CTA in the same
+    round-robin passes (`bench/results/sweep_bf16_launch_H100.txt`,
+    `sweep_bf16_clusters_confirm_H100.txt`): dsv3-local's wgrad W13 6.54-6.61 -> 6.20-6.33 ms
+    (4-5% faster in both runs), its wgrad W2 and moonlight's wgrad W13 within 1%; the grouped-M
+    ops gained nothing reliable from either pairing (dsv3-local fwd W2 and W13+SwiGLU 3-6%
+    slower in (2, 1), moonlight dgrad W2 3-4% faster, super slower in every cluster), so they
+    keep one CTA. `CLUSTER` overrides the choice per op."""
+    from nmoe_kernels.cute.grouped_gemm_bf16 import TILE_M
 
-    gemm_n = dim_k if op == "dgrad" else dim_n
-    n_even = -(-gemm_n // choose_tile_n(gemm_n, op)) % 2 == 0
-    many_rows = num_rows >= CLUSTER_MIN_ROWS_PER_EXPERT * max(num_experts, 1)
-    if op != "wgrad":
-        return (2, 1) if many_rows else (1, 2) if n_even else (1, 1)
-    if not many_rows:
-        return (1, 1)
-    if -(-dim_k // TILE_M) % 2 == 0:
+    if (op == "wgrad" and -(-dim_k // TILE_M) % 2 == 0
+            and num_rows >= CLUSTER_MIN_ROWS_PER_EXPERT * max(num_experts, 1)):
         return (2, 1)
-    return (1, 2) if n_even else (1, 1)
+    return (1, 1)
 
 
 def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,

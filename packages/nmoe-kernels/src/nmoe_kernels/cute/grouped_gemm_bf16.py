@@ -333,7 +333,9 @@ class GroupedGemmBf16Sm90:
         ).launch(
             grid=[num_ctas, 1, 1],
             block=[self.num_threads, 1, 1],
-            cluster=[self.cluster_size, 1, 1],
+            # No cluster attribute for one CTA: a cluster launch of 1 x 1 x 1 ran this kernel 2-8%
+            # slower on H100 (bench/results/sweep_bf16_ab_attr_H100.txt).
+            cluster=[self.cluster_size, 1, 1] if const_expr(self.cluster_size > 1) else None,
             min_blocks_per_mp=1,
             stream=stream,
         )

@@ -155,6 +155,7 @@ class KernelConfig:
     skip_epilogue: bool = False  # diagnostic only: mainloop without epilogue (writes nothing)
     # tile order inside an expert: its row tiles for one column group first (else the reverse)
     n_major: bool = False
+    cluster_launch: bool = False  # diagnostic: a cluster launch attribute even for one CTA
 
     @property
     def cluster_size(self) -> int:
@@ -199,6 +200,7 @@ def kernel_config(
     tile: tuple[int, int] | None = None,
     skip_epilogue: bool = False,
     n_major: bool = False,
+    cluster_launch: bool = False,
 ) -> KernelConfig:
     """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
 
@@ -217,7 +219,8 @@ def kernel_config(
     the next group (its weight column blocks are read once, its rows stay in L2), instead of all
     column groups of one row tile first (the default). Same bits; on one H100 it measured within
     noise of the default at every bench shape (bench/results/fp8_H100_tile_order.txt), so the
-    wrapper does not use it.
+    wrapper does not use it. ``cluster_launch`` (diagnostic) launches one CTA with a 1 x 1 x 1
+    cluster attribute, as the kernel did before 2026-11-27.
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
@@ -251,6 +254,7 @@ def kernel_config(
         bool(fast_silu and epilogue == "swiglu_quant"),
         bool(skip_epilogue),
         bool(n_major),
+        bool(cluster_launch),
     )
 
 
@@ -415,7 +419,10 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         ).launch(
             grid=[num_ctas, 1, 1],
             block=[self.num_threads, 1, 1],
-            cluster=[self.cluster_size, 1, 1],
+            # No cluster attribute for one CTA: a cluster launch of 1 x 1 x 1 ran this kernel up
+            # to 9% slower on H100 (bench/results/fp8_H100_launch_attr.txt, variant "l").
+            cluster=[self.cluster_size, 1, 1]
+            if const_expr(self.cluster_size > 1 or self.config.cluster_launch) else None,
             min_blocks_per_mp=1,
             stream=stream,
         )
