@@ -7,7 +7,7 @@
 #   setup        install every package editable (compiles nmoe_kernels._C with nvcc)
 #   tests        pytest -m "gpu or multigpu" over the whole repository
 #   bench-quant  the FP8 1x128 quantization benchmark (nmoe-kernels/bench)
-#   sweep-bf16   the BF16 grouped GEMM's tile width and order at the shapes below their targets,
+#   sweep-bf16   the BF16 grouped GEMM's tile width, order and cluster at the shapes below their targets,
 #                against torch._grouped_mm (nmoe-kernels/bench/sweep_bf16_tiles.py)
 #   train-super  `n train super` for a few steps on the built-in corpus; reports tokens/s
 #   eval-bundle  unpack .gpu-extra/eval_bundle.tgz (the offline CORE bundle built on a CPU machine

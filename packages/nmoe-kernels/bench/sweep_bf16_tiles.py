@@ -41,7 +41,8 @@ from nmoe_kernels.cute.scheduler import RASTERS
 OPS = ("fwd_w2", "swiglu_w13", "dgrad_w13", "dgrad_w2", "wgrad_w13", "wgrad_w2")
 KERNEL_OP = {"fwd_w2": "fwd", "swiglu_w13": "swiglu", "dgrad_w13": "dgrad", "dgrad_w2": "dgrad",
              "wgrad_w13": "wgrad", "wgrad_w2": "wgrad"}
-# (shape, op): the cases below their targets in bench/results/bf16_H100.txt.
+# (shape, op): the default cases, rows that missed their targets in an H100 table
+# (bench/results/bf16_H100*.txt).
 CASES = (
     ("dsv3-local", "fwd_w2"),
     ("dsv3-local", "wgrad_w2"),
