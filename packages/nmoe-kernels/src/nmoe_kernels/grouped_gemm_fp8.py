@@ -40,13 +40,13 @@ _FP8 = torch.float8_e4m3fn
 
 # The public ops pick the cluster per call (`choose_cluster`): long reductions or long segments
 # run L2-bound on 128 x 128 tiles (32 KiB of operands per 4 MFLOP K block), and a cluster of two
-# CTAs that multicasts one operand cuts those reads by a quarter. On one H100 with the current
-# mainloop (bench/results/fp8_H100_clusters_k.txt, 5 round-robin passes): DeepGEMM's shape
-# (4 x 8192 rows, N 4096) ran 9-16% faster with (2, 1) at every K from 2048 to 7168, dsv3-local's
-# W13 (K 7168, 2048 rows per expert) 7% ((2, 1), plain) and 14-16% ((1, 2), swiglu_quant), while
-# moonlight's W13 (K 2048, 1536 rows per expert) ran 1-8% slower with either cluster; among the
-# expert MLPs' W2 GEMMs, dsv3-local's (K 2048, 2048 rows per expert) ran 5-6% faster, moonlight's
-# (K 1408, 1536 rows) and super's (K 384, 896 rows) not.
+# CTAs that multicasts one operand cuts those reads by a quarter. On one H100, against one CTA
+# launched without a cluster attribute in the same 5 round-robin passes
+# (bench/results/fp8_H100_launch_fix_clusters.txt): (2, 1) ran 4-8% faster at DeepGEMM's shape
+# (4 x 8192 rows, N 4096) for K 2048-7168 and at dsv3-local's W2 (K 2048, 2048 rows per expert),
+# 3% at moonlight's W2 (K 1408, 1536 rows); one CTA was fastest or tied at moonlight's W13 (K 2048,
+# 1536 rows) and super's. (The earlier 7-26% of bench/results/fp8_H100_clusters_k.txt compared
+# against a one-CTA launch that carried a 1 x 1 x 1 cluster attribute, itself up to 9% slower.)
 LONG_CLUSTER = {"bf16": (2, 1), "swiglu_quant": (1, 2)}
 CLUSTER_MIN_K = 4096
 CLUSTER_MIN_ROWS_PER_EXPERT = 2048

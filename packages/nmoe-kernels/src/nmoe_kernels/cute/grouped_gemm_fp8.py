@@ -57,9 +57,10 @@ into it. A cluster takes cluster tiles (cluster_m x cluster_n CTA tiles of one s
 tile past its segment's rows or past N (odd tile counts) runs the mainloop and stores nothing.
 On one H200, clusters of 2 stayed within run-to-run noise of 1 x 1 with the overlapped
 mainloop before the epilogue overlap (bench/results/fp8_H200_clusters.txt); with the current
-mainloop on one H100 they gain 7-26% at long reductions or long segments and lose 5-8% at
-moonlight's short ones (bench/results/fp8_H100_clusters_k.txt), so the public ops choose per call
-(`nmoe_kernels.grouped_gemm_fp8.choose_cluster`); `kernel_config`'s default stays one CTA.
+mainloop on one H100 (2, 1) gains 4-8% at long reductions or long segments and nothing at
+moonlight's W13 (bench/results/fp8_H100_launch_fix_clusters.txt), so the public ops choose per
+call (`nmoe_kernels.grouped_gemm_fp8.choose_cluster`); `kernel_config`'s default stays one CTA,
+launched without a cluster attribute (which cost up to 9%).
 
 Epilogue under the next column tile (``KernelConfig.epi_overlap``, the default): after a column
 tile's K loop, the warpgroups issue the first K block of the next column tile before they run
