@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--clusters", nargs="+", type=parse_cluster,
                         help="thread-block clusters <CTAs along M>x<CTAs along N>, e.g. 2x1 "
                              "(default: each case's own, `choose_cluster`)")
+    parser.add_argument("--wgrad-dtype", choices=["f32", "bf16"], default="f32",
+                        help="dw's dtype in the wgrad cases (the trainer's float32 by default)")
     parser.add_argument("--base-kernel", help="path of another grouped_gemm_bf16.py to time "
                         "as row 'base' (one CTA, each case's default BN and order)")
     args = parser.parse_args()
@@ -188,7 +190,8 @@ def main() -> None:
     print(f"{'shape':<11}{'op':<11}{'BN':>4}{'order':>6}{'clus':>5}{'ms':>9}{'spread':>14}"
           f"{'TFLOP/s':>9}{'torch ms':>10}{'ratio':>7}  same bits")
     for shape, op in cases:
-        ours, base, flops, gemm_n, default_raster, default_cluster = make_case(shape, op)
+        ours, base, flops, gemm_n, default_raster, default_cluster = make_case(
+            shape, op, torch.float32 if args.wgrad_dtype == "f32" else torch.bfloat16)
         default_bn = kmod.choose_tile_n(gemm_n, KERNEL_OP[op])
         reference = ours()
         configs = [Config(t, r, c) for t in args.tile_n or [default_bn]

@@ -2,9 +2,10 @@
 
 Inputs are drawn fresh per run (seed printed by conftest). Segment layouts cover lengths 0, 1, 127,
 128, 129 and random ones, every row on one expert, E in {1, 8, 64, 256}, and padding rows after
-offsets[E]; shapes are the "super" expert (D = 768, 2F = 768) and a moonlight-like one (2048,
-2816). Outputs are poisoned with NaN before every call, so any element the kernel fails to write
-(padding rows included, which must be zero) fails the test.
+offsets[E]; shapes are the "super" expert (D = 768, 2F = 768), a moonlight-like one (2048,
+2816) and an "odd" one (200, 1008) whose edges fall inside the epilogue's sub-tiles. Outputs are
+poisoned with NaN before every call, so any element the kernel fails to write (padding rows
+included, which must be zero) fails the test.
 
 Tolerance, against a float64 reference built from the same bf16 inputs: bf16 products are exact
 in float32, so the kernel's error is float32 accumulation (at most K * 2^-24 * sum|x_k w_k| for
@@ -29,7 +30,11 @@ from nmoe_kernels import reference as ref
 
 pytestmark = pytest.mark.gpu
 
-SHAPES = {"super": (768, 768), "moonlight": (2048, 2816)}  # (K = D, N = 2F)
+SHAPES = {"super": (768, 768), "moonlight": (2048, 2816),  # (K = D, N = 2F)
+          # edges inside a 32-column / 64-row epilogue sub-tile: N 1008 (16 columns of the last
+          # BN 256 tile's last sub-tile; SwiGLU: F 504, 24 columns), dw's K 200 (8 rows of the
+          # second warpgroup's last sub-tile), x's K 200 (a partial last K tile)
+          "odd": (200, 1008)}
 # dgrad also at moonlight's W2 (dx [M, F = 1408]): BN 256 with a partial last column tile
 # (choose_tile_n pads 1408 to 1536).
 DGRAD_SHAPES = {**SHAPES, "moonlight-w2": (1408, 2048)}
