@@ -57,7 +57,9 @@ from nmoe_kernels.cute.scheduler import (
     band_rows,
     band_tile,
     build_expert_table,
+    cluster_position,
     locate_tile,
+    tma_load,
 )
 
 OPS = ("fwd", "swiglu", "dgrad", "wgrad")
@@ -343,21 +345,6 @@ class GroupedGemmBf16Sm90:
     # ---------------------------------------------------------------- device side
 
     @cute.jit
-    def _cluster_position(self):
-        """(cluster index, cluster count, CTA coordinate along M, along N in the cluster)."""
-        bidx, _, _ = cute.arch.block_idx()
-        grid_x, _, _ = cute.arch.grid_dim()
-        if const_expr(self.cluster_size == 1):
-            return Int32(bidx), Int32(grid_x), Int32(0), Int32(0)
-        rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-        return (
-            Int32(bidx) // self.cluster_size,
-            Int32(grid_x) // self.cluster_size,
-            rank % self.cluster_m,
-            rank // self.cluster_m,
-        )
-
-    @cute.jit
     def _tile(
         self,
         linear_idx: Int32,
@@ -518,7 +505,9 @@ class GroupedGemmBf16Sm90:
     ):
         """One warp: TMA loads of the A and B tiles of every K tile of this CTA's tiles. In a
         cluster it loads its slice of each shared tile and multicasts it to the sharing CTAs."""
-        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        cluster_id, num_clusters, m_rank, n_rank = cluster_position(
+            self.cluster_m, self.cluster_size
+        )
         cta_layout = cute.make_layout((self.cluster_m, self.cluster_n))
         a_mcast_mask = cute.make_layout_image_mask(cta_layout, (m_rank, n_rank), mode=1)
         b_mcast_mask = cute.make_layout_image_mask(cta_layout, (m_rank, n_rank), mode=0)
@@ -568,36 +557,10 @@ class GroupedGemmBf16Sm90:
                 for k_tile in range(num_k_tiles):
                     mainloop.producer_acquire(state)
                     barrier = mainloop.producer_get_barrier(state)
-                    if const_expr(self.cluster_n > 1):
-                        cute.copy(
-                            tma_atom_a,
-                            tAgA[(None, k_tile)],
-                            tAsA[(None, state.index)],
-                            tma_bar_ptr=barrier,
-                            mcast_mask=a_mcast_mask,
-                        )
-                    else:
-                        cute.copy(
-                            tma_atom_a,
-                            tAgA[(None, k_tile)],
-                            tAsA[(None, state.index)],
-                            tma_bar_ptr=barrier,
-                        )
-                    if const_expr(self.cluster_m > 1):
-                        cute.copy(
-                            tma_atom_b,
-                            tBgB[(None, k_tile)],
-                            tBsB[(None, state.index)],
-                            tma_bar_ptr=barrier,
-                            mcast_mask=b_mcast_mask,
-                        )
-                    else:
-                        cute.copy(
-                            tma_atom_b,
-                            tBgB[(None, k_tile)],
-                            tBsB[(None, state.index)],
-                            tma_bar_ptr=barrier,
-                        )
+                    tma_load(tma_atom_a, tAgA[(None, k_tile)], tAsA[(None, state.index)],
+                             barrier, a_mcast_mask, self.cluster_n > 1)
+                    tma_load(tma_atom_b, tBgB[(None, k_tile)], tBsB[(None, state.index)],
+                             barrier, b_mcast_mask, self.cluster_m > 1)
                     mainloop.producer_commit(state)
                     state.advance()
             linear_idx = linear_idx + num_clusters
@@ -689,7 +652,9 @@ class GroupedGemmBf16Sm90:
             pipeline.PipelineUserType.Consumer, self.num_stages
         )
 
-        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        cluster_id, num_clusters, m_rank, n_rank = cluster_position(
+            self.cluster_m, self.cluster_size
+        )
         linear_idx = cluster_id
         is_valid, seg, row_base, n_tile, k_start, num_k_tiles, row_end = self._tile(
             linear_idx, Int32(0), sOffsets, sTileStart, num_experts, m_rank, n_rank

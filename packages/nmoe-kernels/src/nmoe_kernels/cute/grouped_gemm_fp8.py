@@ -109,6 +109,7 @@ from .grouped_gemm_fp8_epilogue import (
 )
 from .grouped_gemm_fp8_mainloop import Fp8MainloopMixin
 from .occupancy import max_active_clusters
+from .scheduler import cluster_position, tma_load
 
 __all__ = [
     "EPILOGUES",
@@ -473,21 +474,6 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         return Int32(0), Int32(0), Int32(0), seg_end, expert_tiles
 
     @cute.jit
-    def _cluster_position(self):
-        """(cluster index, cluster count, CTA coordinate along M, along N in the cluster)."""
-        bid, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
-        if const_expr(self.cluster_size == 1):
-            return Int32(bid), Int32(grid), Int32(0), Int32(0)
-        rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
-        return (
-            Int32(bid) // self.cluster_size,
-            Int32(grid) // self.cluster_size,
-            rank % self.cluster_m,
-            rank // self.cluster_m,
-        )
-
-    @cute.jit
     def _cta_tile(
         self,
         tile: Int32,
@@ -615,7 +601,9 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         the B tile (1 / cluster_m) and multicasts each to the CTAs that share it.
         """
         tile_m = self.tile_m
-        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        cluster_id, num_clusters, m_rank, n_rank = cluster_position(
+            self.cluster_m, self.cluster_size
+        )
         cta_layout = cute.make_layout((self.cluster_m, self.cluster_n))
         cta_coord = (m_rank, n_rank)
         a_mcast_mask = cute.make_layout_image_mask(cta_layout, cta_coord, mode=1)
@@ -654,27 +642,11 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
                     for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
                         mainloop.producer_acquire(state)
                         barrier = mainloop.producer_get_barrier(state)
-                        if const_expr(self.cluster_n > 1):
-                            cute.copy(
-                                tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
-                                tma_bar_ptr=barrier, mcast_mask=a_mcast_mask,
-                            )  # fmt: skip
-                        else:
-                            cute.copy(
-                                tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)],
-                                tma_bar_ptr=barrier,
-                            )  # fmt: skip
-                        if const_expr(self.cluster_m > 1):
-                            cute.copy(
-                                tma_b, t_b_g[(None, b_tile, kb, expert)],
-                                t_b_s[(None, state.index)], tma_bar_ptr=barrier,
-                                mcast_mask=b_mcast_mask,
-                            )  # fmt: skip
-                        else:
-                            cute.copy(
-                                tma_b, t_b_g[(None, b_tile, kb, expert)],
-                                t_b_s[(None, state.index)], tma_bar_ptr=barrier,
-                            )  # fmt: skip
+                        tma_load(tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)], barrier,
+                                 a_mcast_mask, self.cluster_n > 1)
+                        tma_load(tma_b, t_b_g[(None, b_tile, kb, expert)],
+                                 t_b_s[(None, state.index)], barrier, b_mcast_mask,
+                                 self.cluster_m > 1)
                         mainloop.producer_commit(state)
                         state.advance()
             tile = tile + num_clusters
@@ -708,7 +680,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
     ):
         """Two MMA warpgroups: blockscaled mainloop with per-K-block promotion, then epilogue."""
         tile_m, tile_n = self.tile_m, self.tile_n
-        cluster_id, num_clusters, m_rank, n_rank = self._cluster_position()
+        cid, num_clusters, m_rank, n_rank = cluster_position(self.cluster_m, self.cluster_size)
         num_n_groups = (num_n_tiles + self.cluster_n - 1) // self.cluster_n
         wg_tidx = mma_tidx - mma_wg * self.threads_per_wg
         wg_n_idx = mma_wg % self.wg_n  # this warpgroup's 128-column block inside the tile
@@ -742,7 +714,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         release_state = pipeline.make_pipeline_state(
             pipeline.PipelineUserType.Consumer, self.num_stages
         )  # the overlapped mainloop releases one block behind `state`
-        tile = Int32(cluster_id)
+        tile = Int32(cid)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._first_cursor(m_offsets)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
             tile, num_n_groups, m_offsets, num_experts, num_rows,

@@ -44,6 +44,34 @@ def band_rows(raster: str) -> int:
 
 
 @cute.jit
+def cluster_position(cluster_m: cutlass.Constexpr[int], cluster_size: cutlass.Constexpr[int]):
+    """(cluster index, cluster count, CTA coordinate along M, along N in the cluster) of this CTA
+    in a 1-D grid of clusters of ``cluster_size`` CTAs, ``cluster_m`` of them along M (rank =
+    m + cluster_m * n). One CTA: its block index, the grid size, (0, 0)."""
+    bidx, _, _ = cute.arch.block_idx()
+    grid_x, _, _ = cute.arch.grid_dim()
+    if cutlass.const_expr(cluster_size == 1):
+        return Int32(bidx), Int32(grid_x), Int32(0), Int32(0)
+    rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+    return (
+        Int32(bidx) // cluster_size,
+        Int32(grid_x) // cluster_size,
+        rank % cluster_m,
+        rank // cluster_m,
+    )
+
+
+@cute.jit
+def tma_load(atom, src, dst, barrier, mcast_mask, multicast: cutlass.Constexpr[bool]):
+    """One TMA load of ``src`` into ``dst`` completing on ``barrier``; with ``multicast`` also
+    into the same shared-memory offset of the cluster's CTAs in ``mcast_mask``."""
+    if cutlass.const_expr(multicast):
+        cute.copy(atom, src, dst, tma_bar_ptr=barrier, mcast_mask=mcast_mask)
+    else:
+        cute.copy(atom, src, dst, tma_bar_ptr=barrier)
+
+
+@cute.jit
 def band_tile(local: Int32, num_m_tiles: Int32, num_n_tiles, band: cutlass.Constexpr[int]):
     """(m_tile, n_tile) of tile ``local`` of a segment of ``num_m_tiles`` x ``num_n_tiles``
     tiles in the order of `band_rows` ``band`` (module docstring)."""
