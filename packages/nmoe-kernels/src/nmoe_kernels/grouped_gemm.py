@@ -52,7 +52,7 @@ WGRAD_RASTER_N_BYTES = 16 << 20
 CLUSTER = {"fwd": "auto", "swiglu": "auto", "dgrad": "auto", "wgrad": "auto"}
 # wgrad pairs dw row blocks (2 x 1) only where an expert's K loop (its rows) is at least this long.
 CLUSTER_MIN_ROWS_PER_EXPERT = 1024
-_num_sms: dict[tuple[int, int], int] = {}  # (device, cluster size) -> persistent CTAs
+_persistent_ctas: dict[tuple[int, int], int] = {}  # (device, cluster size) -> persistent CTAs
 
 
 def _check_tensor(op: str, name: str, t, ndim: int, dims: str,
@@ -211,7 +211,7 @@ def _grid(index: int, cluster_size: int) -> int:
     """Persistent CTAs for device ``index``: one per SM, in whole clusters, no more clusters
     than the device runs at once (`nmoe_kernels.cute.occupancy.max_active_clusters`)."""
     key = (index, cluster_size)
-    if key not in _num_sms:
+    if key not in _persistent_ctas:
         sms = torch.cuda.get_device_properties(index).multi_processor_count
         clusters = sms // cluster_size
         if cluster_size > 1:
@@ -221,8 +221,8 @@ def _grid(index: int, cluster_size: int) -> int:
                 resident = max_active_clusters(cluster_size, index)
             if resident:
                 clusters = min(clusters, resident)
-        _num_sms[key] = max(clusters, 1) * cluster_size
-    return _num_sms[key]
+        _persistent_ctas[key] = max(clusters, 1) * cluster_size
+    return _persistent_ctas[key]
 
 
 def _launch(
