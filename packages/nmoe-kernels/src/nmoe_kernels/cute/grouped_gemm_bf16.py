@@ -518,10 +518,13 @@ class GroupedGemmBf16Sm90:
         )
         while is_valid:
             if num_k_tiles > 0:
-                # A spare CTA tile past N (odd tile count) loads the last column block; one past
-                # the rows loads whatever is there (TMA fills rows outside the tensor with
-                # zeros). It keeps the cluster's pipeline going; its epilogue stores nothing.
-                n_load = cutlass.min(n_tile, Int32(self.num_n_tiles - 1))
+                # A spare CTA tile of a cluster past N (odd tile count) loads the last column
+                # block, one past dw's rows the last row block, one past an expert's rows
+                # whatever is there (TMA fills rows outside the tensor with zeros). It keeps the
+                # cluster's pipeline going; its epilogue stores nothing. One CTA has no spares.
+                n_load = n_tile
+                if const_expr(self.cluster_n > 1):
+                    n_load = cutlass.min(n_tile, Int32(self.num_n_tiles - 1))
                 if const_expr(not self.grouped_k):
                     gA = cute.local_tile(
                         cute.domain_offset((row_base, 0), mA), (TILE_M, TILE_K), (0, None)
@@ -530,10 +533,11 @@ class GroupedGemmBf16Sm90:
                         mB[(None, None, seg)], (self.tile_n, TILE_K), (n_load, None)
                     )
                 else:
+                    m_load = row_base // TILE_M
+                    if const_expr(self.cluster_m > 1):
+                        m_load = cutlass.min(m_load, Int32(self.num_m_tiles - 1))
                     gA = cute.local_tile(
-                        cute.domain_offset((0, k_start), mA),
-                        (TILE_M, TILE_K),
-                        (cutlass.min(row_base // TILE_M, Int32(self.num_m_tiles - 1)), None),
+                        cute.domain_offset((0, k_start), mA), (TILE_M, TILE_K), (m_load, None)
                     )
                     gB = cute.local_tile(
                         cute.domain_offset((0, k_start), mB),
