@@ -22,10 +22,10 @@ Rows:
   N; the kernel's TMA multicast setting) followed by flags (`VARIANT_FLAGS`; an absent flag is
   off, whatever the default): ``o`` overlapped promotion, ``e`` the next tile's first K block
   under the epilogue, ``f`` rcp.approx sigmoid, ``s`` no epilogue (diagnostic), ``w`` 64 x 256
-  tiles (swiglu_quant's earlier layout), ``t`` an expert's row tiles of one column group first
-  (``n_major``), ``l`` a cluster launch attribute for one CTA (the launch before 2026-11-27) -- as
-  rows ``<op>[c<variant>]``, timed in the same run
-  as the default kernel.
+  tiles (swiglu_quant's earlier layout), ``W`` 128 x 256 tiles (serial promotion), ``t`` an
+  expert's row tiles of one column group first (``n_major``), ``l`` a cluster launch attribute
+  for one CTA (the launch before 2026-11-27), and optionally ``@S`` for S pipeline stages -- as
+  rows ``<op>[c<variant>]``, timed in the same run as the default kernel.
 
 Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
 (launch overhead hidden, as in triton's do_bench; before 2026-11-26 each call was timed after a
@@ -140,6 +140,7 @@ VARIANT_FLAGS = {
     "f": "fast_silu",  # swiglu_quant: sigmoid through rcp.approx
     "s": "skip_epilogue",  # diagnostic: mainloop only
     "w": "wide",  # 64 x 256 tiles instead of 128 x 128 (swiglu_quant's earlier layout)
+    "W": "wide",  # 128 x 256 tiles (serial promotion; needs no "o")
     "t": "n_major",  # tile order: an expert's row tiles of one column group first
     "l": "cluster_launch",  # diagnostic: one CTA launched with a 1 x 1 x 1 cluster attribute
 }
@@ -147,14 +148,16 @@ VARIANT_FLAGS = {
 
 def parse_variant(variant: str) -> tuple[tuple[int, int], dict, tuple[int, int] | None]:
     """"<M>x<N>[flags]" -> (cluster, kernel_config options, tile); absent flags are off."""
-    match = re.fullmatch(r"(\d+)x(\d+)([a-z]*)", variant)
+    match = re.fullmatch(r"(\d+)x(\d+)([a-zA-Z]*)(?:@(\d))?", variant)
     if match is None or set(match[3]) - set(VARIANT_FLAGS):
         raise ValueError(f"variant {variant!r}: want <M>x<N> followed by flags from "
-                         f"{''.join(VARIANT_FLAGS)}")
+                         f"{''.join(VARIANT_FLAGS)} and optionally @<stages>")
     cluster = (int(match[1]), int(match[2]))
     flags = match[3]
     opts = {name: flag in flags for flag, name in VARIANT_FLAGS.items() if name != "wide"}
-    tile = (64, 256) if "w" in flags else None
+    tile = (64, 256) if "w" in flags else (128, 256) if "W" in flags else None
+    if match[4]:  # "@S": S pipeline stages (diagnostic)
+        opts["stages"] = int(match[4])
     return cluster, opts, tile
 
 
@@ -357,8 +360,8 @@ def main() -> None:
         default="",
         help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o,1x1oef (CTAs along M x "
         "along N, then flags: o overlapped promotion, e epilogue under the next tile's first "
-        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles, t n_major tile order, "
-        "l one CTA with a cluster launch attribute)",
+        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles, W 128x256 tiles, t n_major "
+        "tile order, l one CTA with a cluster launch attribute; @S: S pipeline stages)",
     )
     parser.add_argument(
         "--deepgemm-k",

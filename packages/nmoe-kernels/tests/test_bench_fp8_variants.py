@@ -27,8 +27,13 @@ def test_parse_variant_flags(bench):
     assert cluster == (1, 1) and tile == (64, 256)
     assert opts == dict(overlap=True, epi_overlap=False, fast_silu=False, skip_epilogue=False,
                         n_major=True, cluster_launch=True)
-    for bad in ("1x1q", "oe", "1x", "1x2 o"):
-        with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefswtl"):
+    cluster, opts, tile = bench.parse_variant("2x1We")
+    assert cluster == (2, 1) and tile == (128, 256)
+    assert opts == dict(overlap=False, epi_overlap=True, fast_silu=False, skip_epilogue=False,
+                        n_major=False, cluster_launch=False)
+    assert bench.parse_variant("1x1W@3")[1]["stages"] == 3
+    for bad in ("1x1q", "oe", "1x", "1x2 o", "1x1O"):
+        with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefswWtl"):
             bench.parse_variant(bad)
 
 

@@ -75,6 +75,13 @@ def count(pattern: str, text: str) -> int:
         ("bf16", False, None, None, {"tile": (64, 256)}),
         ("bf16", False, None, None, {"n_major": True}),
         ("swiglu_quant", False, None, None, {"n_major": True}),
+        # the 128 x 256 tile (`grouped_gemm_fp8_wide`); (2, 1) is LONG_TILE["bf16"]'s cluster
+        ("bf16", False, (2, 1), None, {"tile": (128, 256)}),
+        ("bf16", False, None, None, {"tile": (128, 256)}),
+        ("bf16", False, (1, 2), False, {"tile": (128, 256), "epi_overlap": False}),
+        ("swiglu_quant", False, None, None, {"tile": (128, 256)}),
+        ("swiglu_quant", True, (2, 2), None, {"tile": (128, 256), "fast_silu": False}),
+        ("swiglu_quant", False, None, None, {"tile": (128, 256), "epi_overlap": False}),
     ],
 )
 def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_path):
@@ -89,16 +96,24 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
     # (S = 2 for paired swiglu_quant tiles). The epilogue-overlapped loop is peeled (its last
     # tile after it): prologue first + S x (rest + first) in the loop + S rests and S - 1 firsts
     # after it = 8 S sites, and the epilogue appears twice plus once for padding tiles.
+    # The 128 x 256 tile: `_wide_first` (1 site) and `_wide_rest` (3: the loop's second half and
+    # next block, the last block's second half), peeled like the above with epi_overlap; two
+    # wait_group 0 per finished block, none with 1.
     subs = config.sub_tiles
-    if config.epi_overlap:
-        sites, rests = 8 * subs, 2 * subs
-    elif config.overlap:
-        sites, rests = 4 * subs, subs
+    if config.wide:
+        sites, rests = (8, 2) if config.epi_overlap else (4, 1)
+        waits1, waits0 = 0, 4 * rests
     else:
-        sites, rests = subs, 0
+        if config.epi_overlap:
+            sites, rests = 8 * subs, 2 * subs
+        elif config.overlap:
+            sites, rests = 4 * subs, subs
+        else:
+            sites, rests = subs, 0
+        waits1 = 3 * rests
+        waits0 = 2 * rests if config.overlap else subs  # serial: promote after every block
     assert count(wgmma, ptx) == 4 * sites
-    waits0 = 2 * rests if config.overlap else subs  # serial: promote after every block
-    assert count(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx) == 3 * rests
+    assert count(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx) == waits1
     assert count(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx) == waits0
     local = r"\.shared::cta\.global\.tile\.mbarrier::complete_tx::bytes\.L2"
     mcast = r"\.shared::cluster\.global\.tile\.mbarrier::complete_tx::bytes\.multicast::cluster"
@@ -117,10 +132,12 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
     if epilogue == "swiglu_quant":
         copies = 2 if config.epi_overlap else 1  # epilogues of tiles with a mainloop
         epis = copies + (1 if config.epi_overlap else 0)  # with the padding-tile epilogue
-        paired = subs == 2  # per thread: 32 features per half, quantized in the second
-        # FP8 packing (2 per cvt) of 64 (paired) / 32 values; the padding copy of the paired
-        # epilogue still quantizes the stashed half (16 + 1), the 64 x 256 one a constant (1)
-        padding_cvts = (17 if paired else 1) if config.epi_overlap else 0
+        # per thread, paired and wide tiles: 64 features of one quantization block (paired: 32
+        # per half, quantized in the second); 64 x 256: 32
+        paired = subs == 2 or config.wide
+        # FP8 packing (2 per cvt) of 64 / 32 values; the padding copy of the paired epilogue
+        # still quantizes the stashed half (16 + 1), the wide and 64 x 256 ones a constant (1)
+        padding_cvts = (17 if subs == 2 else 1) if config.epi_overlap else 0
         e4m3 = r"cvt\.rn\.satfinite\.e4m3x2\.f32"
         assert count(e4m3, ptx) == (32 if paired else 16) * copies + padding_cvts
         # row amax: 2 rows x 2 quad steps per half
@@ -147,10 +164,13 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
         # and serialized every wgmma of the kernel
         assert "C7514" not in report and "serialized" not in report, report
         # Clusters of the paired swiglu_quant tile spill 8 bytes (a stack slot; LONG_CLUSTER's
-        # (1, 2) still ran 14-16% faster than one CTA at K = 7168); the rest spill nothing.
-        if config.cluster_size == 1 or (epilogue, config.cluster_m, config.cluster_n) == (
-            "bf16", 2, 1
-        ):
+        # (1, 2) still ran 14-16% faster than one CTA at K = 7168), and so does the one-CTA
+        # 128 x 256 bf16 tile with epi_overlap (4 bytes; the public ops run it as (2, 1)); the
+        # rest spill nothing.
+        wide_one_cta_bf16 = config.wide and epilogue == "bf16" and config.cluster_size == 1
+        if not wide_one_cta_bf16 and (config.cluster_size == 1 or (
+            epilogue, config.cluster_m, config.cluster_n
+        ) == ("bf16", 2, 1)):
             assert " 0 bytes spill stores" in report, report
 
 
@@ -158,11 +178,28 @@ def test_kernel_config_fits_shared_memory():
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     for epilogue in g.EPILOGUES:
-        config = g.kernel_config(epilogue)
-        stage = g._stage_bytes(config.tile_m, config.tile_n)
-        epi = g._epilogue_smem_bytes(epilogue, config.tile_m, config.tile_n)
-        assert config.num_stages >= 4
-        assert config.num_stages * stage + epi + 2048 <= 232448
+        for tile, min_stages in ((None, 4), ((128, 256), 3), ((64, 256), 4)):
+            config = g.kernel_config(epilogue, tile=tile)
+            stage = g._stage_bytes(config.tile_m, config.tile_n)
+            epi = g._epilogue_smem_bytes(epilogue, config.tile_m, config.tile_n)
+            assert config.num_stages >= min_stages
+            assert config.num_stages * stage + epi + 2048 <= 232448
+
+
+def test_wide_tile_config_rejects_the_overlapped_promotion_and_bad_stages():
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    config = g.kernel_config("bf16", tile=(128, 256))
+    assert config.wide and config.wg_layout == (2, 1) and config.sched_n == 256
+    assert not config.overlap and config.epi_overlap and config.sub_tiles == 1
+    assert g.kernel_config("swiglu_quant", tile=(128, 256)).num_stages == 4
+    with pytest.raises(ValueError, match="promotes serially"):
+        g.kernel_config("bf16", overlap=True, tile=(128, 256))
+    with pytest.raises(ValueError, match="tile must be"):
+        g.kernel_config("bf16", tile=(256, 128))
+    with pytest.raises(ValueError, match=r"stages must be in \[2, 3\]"):
+        g.kernel_config("bf16", tile=(128, 256), stages=4)
+    assert g.kernel_config("bf16", stages=2).num_stages == 2
 
 
 def test_grid_size_bounds_the_tile_count():
@@ -170,14 +207,15 @@ def test_grid_size_bounds_the_tile_count():
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     gen = torch.Generator().manual_seed(torch.seed())
-    for cluster in [(1, 1), (1, 2), (2, 1), (2, 2)]:
-        config = g.kernel_config("bf16", cluster=cluster)
+    for cluster, tile in [((1, 1), None), ((1, 2), None), ((2, 1), None), ((2, 2), None),
+                          ((2, 1), (128, 256)), ((1, 2), (128, 256))]:
+        config = g.kernel_config("bf16", cluster=cluster, tile=tile)
         for _ in range(100):
             num_experts = int(torch.randint(1, 40, (1,), generator=gen))
             counts = torch.randint(0, 400, (num_experts,), generator=gen)
             pad = int(torch.randint(0, 200, (1,), generator=gen))
             num_rows = int(counts.sum()) + pad
-            n = 128 * int(torch.randint(1, 5, (1,), generator=gen))
+            n = config.sched_n * int(torch.randint(1, 5, (1,), generator=gen))
             rows = config.tile_m * config.cluster_m
             tiles = sum((int(c) + rows - 1) // rows for c in [*counts, pad])
             tiles *= -(-(n // config.tile_n) // config.cluster_n)  # cluster tiles along N
@@ -235,3 +273,17 @@ def test_choose_cluster_multicasts_long_reductions_and_long_segments():
     assert g.LONG_CLUSTER == {"bf16": (2, 1), "swiglu_quant": (1, 2)}
     with pytest.raises(ValueError, match="epilogue must be one of"):
         g.choose_cluster("fp8", 1, 128, 1)
+
+
+def test_choose_config_runs_long_bf16_gemms_on_wide_tiles_where_n_allows():
+    """(cluster, tile): the 128 x 256 tile with the long problems' cluster for bf16 when N % 256
+    == 0; 128 x 128 (None) for swiglu_quant, for short problems and for N = 128 mod 256."""
+    from nmoe_kernels import grouped_gemm_fp8 as g
+
+    assert g.choose_config("bf16", 65536, 4096, 7168, 32) == ((2, 1), (128, 256))  # dsv3 W13
+    assert g.choose_config("bf16", 65536, 7168, 2048, 32) == ((2, 1), (128, 256))  # dsv3 W2
+    assert g.choose_config("bf16", 32768, 4096, 7168, 4) == ((2, 1), (128, 256))  # DeepGEMM
+    assert g.choose_config("bf16", 65536, 384, 7168, 32) == ((2, 1), None)  # N % 256 == 128
+    assert g.choose_config("bf16", 98304, 2816, 2048, 64) == ((1, 1), None)  # moonlight W13
+    assert g.choose_config("bf16", 229376, 768, 768, 256) == ((1, 1), None)  # super
+    assert g.choose_config("swiglu_quant", 65536, 4096, 7168, 32) == ((1, 2), None)

@@ -370,20 +370,71 @@ def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
             assert torch.equal(got[1], want[1]), f"{name}: scales differ"
 
 
+# (cluster, epi_overlap) of the 128 x 256 tile
+WIDE_VARIANTS = [((1, 1), True), ((1, 1), False), ((2, 1), True), ((1, 2), True), ((2, 2), True),
+                 ((2, 1), False)]  # fmt: skip
+
+
 @pytest.mark.parametrize("epilogue", ["bf16", "swiglu_quant"])
+@pytest.mark.parametrize("case", CASES)
+def test_wide_tile_agrees_bitwise(case, epilogue, torch_seed):
+    """The 128 x 256 tile (two 128-column halves per warpgroup sharing one block accumulator,
+    serial promotion) writes the 128 x 128 kernel's bits for every cluster shape, with and
+    without the epilogue under the next tile's first half-block: each output element sees the
+    same m64n128k32 wgmma K blocks and the same promotion arithmetic in the same order. N = 768
+    is 3 wide tiles (odd: a cluster along N has a CTA tile past N); K is 5 blocks at E <= 32
+    (past the 3-stage bf16 pipeline) and 4 at E = 256."""
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts, pad = segment_counts(case, gen)
+    k = 512 if case == "E256_random" else 640
+    n = 768
+    xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
+    want = run_cluster_variant(epilogue, (1, 1), xq, xs, wq, ws, offsets, overlap=True,
+                               epi_overlap=True)
+    for cluster, epi_overlap in WIDE_VARIANTS:
+        got = run_cluster_variant(
+            epilogue, cluster, xq, xs, wq, ws, offsets, None, epi_overlap, tile=(128, 256)
+        )
+        name = f"128 x 256 tile, cluster {cluster}, epi_overlap {epi_overlap}"
+        if epilogue == "bf16":
+            assert torch.equal(got, want), f"{name}: bf16 output differs from 128 x 128"
+        else:
+            assert torch.equal(got[0], want[0]), f"{name}: FP8 codes differ"
+            assert torch.equal(got[1], want[1]), f"{name}: scales differ"
+
+
+def test_wide_tile_long_k_matches_float64(torch_seed):
+    """The 128 x 256 tile at K = 7168 (56 K blocks through a 3-stage pipeline) against float64,
+    and bitwise against the 128 x 128 kernel."""
+    gen = torch.Generator().manual_seed(torch_seed)
+    counts = torch.randint(1, 400, (4,), generator=gen).tolist()
+    xq, xs, wq, ws, offsets = make_problem(counts, 0, 7168, 512, gen)
+    got = run_cluster_variant("bf16", (2, 1), xq, xs, wq, ws, offsets, None, True,
+                              tile=(128, 256))
+    want = run_cluster_variant("bf16", (1, 1), xq, xs, wq, ws, offsets, True, True)
+    assert torch.equal(got, want)
+    y64, bound = float64_gemm(xq, xs, wq, ws, offsets)
+    tol = 2.0**-8 * y64.abs() + 2.0**-11 * bound
+    assert ((got.view(torch.bfloat16).double() - y64).abs() <= tol).all()
+
+
+@pytest.mark.parametrize(("epilogue", "n"), [("bf16", 384), ("bf16", 768), ("swiglu_quant", 768)])
 @pytest.mark.parametrize("case", ["E8_edges", "E32_random"])
-def test_public_ops_with_long_k_launch_the_cluster_and_agree_bitwise(case, epilogue, torch_seed):
+def test_public_ops_with_long_k_launch_the_cluster_and_agree_bitwise(case, epilogue, n, torch_seed):
     """At K >= CLUSTER_MIN_K the public ops launch `LONG_CLUSTER` (TMA multicast between two
-    CTAs); their outputs must be the one-CTA default kernel's bits, poisoned outputs included."""
+    CTAs) on `LONG_TILE` where N allows (bf16: 128 x 256 at N = 768, 128 x 128 at N = 384); their
+    outputs must be the one-CTA default kernel's bits, poisoned outputs included. N is an odd
+    number of CTA tiles, so a cluster along N overhangs."""
     from nmoe_kernels import grouped_gemm_fp8 as ops
 
     gen = torch.Generator().manual_seed(torch_seed)
     counts, pad = segment_counts(case, gen)
     k = ops.CLUSTER_MIN_K + 128 * int(torch.randint(0, 4, (1,), generator=gen))
-    n = 384 if epilogue == "bf16" else 768  # odd CTA tiles along N: a (1, 2) cluster overhangs
     xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
     num_rows = xq.shape[0]
-    assert ops.choose_cluster(epilogue, num_rows, k, len(counts)) == ops.LONG_CLUSTER[epilogue]
+    cluster, tile = ops.choose_config(epilogue, num_rows, n, k, len(counts))
+    assert cluster == ops.LONG_CLUSTER[epilogue]
+    assert tile == (ops.LONG_TILE[epilogue] if n % 256 == 0 else None)
     want = run_cluster_variant(epilogue, (1, 1), xq, xs, wq, ws, offsets, overlap=True,
                                epi_overlap=True)
     if epilogue == "bf16":

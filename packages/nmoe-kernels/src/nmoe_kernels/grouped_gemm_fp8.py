@@ -19,8 +19,9 @@ Formats (DeepSeek-V3 recipe):
 Accumulation: fp32, with per-128-K-block promotion (wgmma accumulates one K block in fresh
 registers, then ``acc += x_scale[m, kb] * w_scale[e, n // 128, kb] * partial``). Kernels compile
 on first use per (epilogue, ue8m0, cluster) with M, N, K, E symbolic, and are cached for the
-process; the cluster (TMA multicast between two CTAs) is chosen per call from K and the rows per
-expert (`choose_cluster`), the same bits either way.
+process; the cluster (TMA multicast between two CTAs) and the CTA tile (128 x 128 or 128 x 256)
+are chosen per call from K, N and the rows per expert (`choose_config`), the same bits either
+way.
 """
 
 from __future__ import annotations
@@ -50,6 +51,28 @@ _FP8 = torch.float8_e4m3fn
 LONG_CLUSTER = {"bf16": (2, 1), "swiglu_quant": (1, 2)}
 CLUSTER_MIN_K = 4096
 CLUSTER_MIN_ROWS_PER_EXPERT = 2048
+# The CTA tile of the same long problems, where N allows it: the bf16 GEMM runs 128 x 256 tiles
+# (`cute.grouped_gemm_fp8_wide`: 25% fewer operand bytes per FLOP than 128 x 128, and with the
+# (2, 1) cluster's multicast of B half of them). On one H100, against (2, 1) on 128 x 128 in the
+# same round-robin passes of three runs (bench/results/fp8_H100_wide.txt): 6-15% faster at
+# dsv3-local's W13 in all three; at DeepGEMM's shape 11% and 8% faster, then 0.7% slower.
+# swiglu_quant keeps 128 x 128 (paired halves): 128 x 256 was 3% faster to 1% slower at
+# dsv3-local and 8-10% slower at moonlight.
+LONG_TILE = {"bf16": (128, 256), "swiglu_quant": None}
+
+
+def choose_config(
+    epilogue: str, num_rows: int, n: int, k: int, num_experts: int
+) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """(cluster, tile) the public ops launch: `LONG_CLUSTER` and `LONG_TILE` where K >=
+    `CLUSTER_MIN_K` or the experts average at least `CLUSTER_MIN_ROWS_PER_EXPERT` rows (the
+    wide tile only where N % 256 == 0), else one CTA on 128 x 128 tiles (None). Every cluster
+    and tile writes the same bits (GPU tests), so the choice only moves time."""
+    cluster = choose_cluster(epilogue, num_rows, k, num_experts)
+    tile = LONG_TILE[epilogue] if cluster != (1, 1) else None
+    if tile is not None and n % tile[1]:
+        tile = None
+    return cluster, tile
 
 
 def choose_cluster(epilogue: str, num_rows: int, k: int, num_experts: int) -> tuple[int, int]:
@@ -64,10 +87,10 @@ def choose_cluster(epilogue: str, num_rows: int, k: int, num_experts: int) -> tu
 
 
 @functools.cache
-def _compiled(epilogue: str, ue8m0: bool, cluster: tuple[int, int]):
+def _compiled(epilogue: str, ue8m0: bool, cluster: tuple[int, int], tile=None):
     from nmoe_kernels.cute.grouped_gemm_fp8 import compile_kernel
 
-    return compile_kernel(epilogue, ue8m0, cluster=cluster)
+    return compile_kernel(epilogue, ue8m0, cluster=cluster, tile=tile)
 
 
 @functools.cache
@@ -184,9 +207,9 @@ def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dim
     from nmoe_kernels.cute.grouped_gemm_fp8 import launch
 
     num_rows, n, k, num_experts, aligned = dims
-    cluster = choose_cluster(epilogue, num_rows, k, num_experts)
+    cluster, tile = choose_config(epilogue, num_rows, n, k, num_experts)
     launch(
-        _compiled(epilogue, ue8m0, cluster),
+        _compiled(epilogue, ue8m0, cluster, tile),
         epilogue,
         x.data_ptr(),
         xs.data_ptr(),
@@ -203,6 +226,7 @@ def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dim
         _num_sms(device.index if device.index is not None else torch.cuda.current_device()),
         torch.cuda.current_stream(device).cuda_stream,
         cluster=cluster,
+        tile=tile,
     )
 
 

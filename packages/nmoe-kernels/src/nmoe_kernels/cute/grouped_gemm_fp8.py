@@ -70,7 +70,10 @@ unconditional: ptxas serializes every wgmma of the kernel (warning C7514) when a
 accumulator flows through a branch merge, which the CPU compile test checks for. Same K blocks
 and promotion order, so the same bits.
 
-Tiles: 128 x 128, warpgroups stacked along M (each 64 x 128). "swiglu_quant" runs *paired*
+Tiles: 128 x 128, warpgroups stacked along M (each 64 x 128); or 128 x 256 (``tile=(128, 256)``,
+`grouped_gemm_fp8_wide`: each warpgroup 64 x 256 as two column halves sharing one block
+accumulator, serial promotion, 25% fewer operand bytes per FLOP; the public bf16 op's tile for
+long problems). "swiglu_quant" runs *paired*
 tiles: a scheduled tile is 128 rows x 256 W13 columns (the 128 SwiGLU features of one
 quantization block), computed as two 128 x 128 column tiles back to back (the producer loads A
 twice, from L2). After the first half, each thread keeps its 32 bf16 activations and its two
@@ -103,11 +106,14 @@ from cutlass.cute.runtime import make_ptr
 from cutlass.tensor_utils import LayoutEnum
 
 from .grouped_gemm_fp8_epilogue import (
+    BLOCK_K,
     SCALE_BLOCK_N,
     WG_TILE_M,
     Fp8EpilogueMixin,
 )
 from .grouped_gemm_fp8_mainloop import Fp8MainloopMixin
+from .grouped_gemm_fp8_schedule import Fp8ScheduleMixin
+from .grouped_gemm_fp8_wide import Fp8WideMixin
 from .occupancy import max_active_clusters
 from .scheduler import cluster_position, tma_load
 
@@ -122,8 +128,6 @@ __all__ = [
 ]
 
 EPILOGUES = ("bf16", "swiglu_quant")
-BLOCK_K = 128  # quantization block along K == the K depth of one pipeline stage
-_NO_MORE_TILES = 1 << 30  # tile count given to the expert cursor once it passes the last expert
 # (CTAs along M, CTAs along N) of a cluster, per epilogue, and whether the mainloop promotes K
 # block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/
 # fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere;
@@ -164,8 +168,17 @@ class KernelConfig:
         return self.cluster_m * self.cluster_n
 
     @property
+    def wide(self) -> bool:
+        """128 x 256 tiles: each MMA warpgroup owns 64 rows x 256 columns, computed as two
+        128-column halves per K block that share one block accumulator (`Fp8WideMixin`)."""
+        return (self.tile_m, self.tile_n) == (128, 256)
+
+    @property
     def wg_layout(self) -> tuple[int, int]:
-        """MMA warpgroups along (M, N); each warpgroup owns a 64 x 128 sub-tile."""
+        """MMA warpgroups along (M, N); each warpgroup owns a 64 x 128 sub-tile (64 x 256 on
+        wide tiles)."""
+        if self.wide:
+            return 2, 1
         return self.tile_m // WG_TILE_M, self.tile_n // SCALE_BLOCK_N
 
     @property
@@ -184,6 +197,9 @@ def _stage_bytes(tile_m: int, tile_n: int) -> int:
 
 
 def _epilogue_smem_bytes(epilogue: str, tile_m: int, tile_n: int) -> int:
+    if (tile_m, tile_n) == (128, 256):  # wide: one 128-column half at a time (bf16), or the
+        epi_n = SCALE_BLOCK_N  # FP8 rows of the tile's whole quantization block
+        return tile_m * (epi_n + 8) * 2 if epilogue == "bf16" else tile_m * (epi_n + 16)
     if epilogue == "bf16":
         return tile_m * (tile_n + 8) * 2
     if tile_n == 128:  # paired: FP8 rows of a whole quantization block + the first half's stash
@@ -203,6 +219,7 @@ def kernel_config(
     skip_epilogue: bool = False,
     n_major: bool = False,
     cluster_launch: bool = False,
+    stages: int | None = None,
 ) -> KernelConfig:
     """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
 
@@ -212,9 +229,12 @@ def kernel_config(
     block before this tile's epilogue, so the tensor cores work while it runs (needs ``overlap``);
     None picks `DEFAULT_EPI_OVERLAP` where ``overlap`` holds. ``fast_silu``: compute the sigmoid of
     the swiglu_quant epilogue with ``rcp.approx`` (one MUFU op) instead of an IEEE division; None
-    picks `DEFAULT_FAST_SILU`. ``tile`` = (rows, columns) of the CTA tile, (128, 128) or (64, 256);
-    None picks (128, 128). swiglu_quant on (128, 128) runs the two column halves of each 128-feature
-    quantization block one after the other in one CTA ("paired"); on (64, 256) the two warpgroups
+    picks `DEFAULT_FAST_SILU`. ``tile`` = (rows, columns) of the CTA tile, (128, 128), (128, 256)
+    or (64, 256); None picks (128, 128). (128, 256) is the wide tile (`Fp8WideMixin`): 25% fewer
+    operand bytes per FLOP, serial promotion (``overlap`` must be False or None), N % 256 == 0,
+    and ``epi_overlap`` issues the next tile's first half-block before the epilogue.
+    swiglu_quant on (128, 128) runs the two column halves of each 128-feature quantization block
+    one after the other in one CTA ("paired"); on (64, 256) the two warpgroups
     sit side by side and exchange row maxima through shared memory (the earlier layout, kept for
     comparison). ``skip_epilogue`` is a diagnostic (the mainloop alone; nothing is written).
     ``n_major``: the tile order inside an expert -- all its row tiles of one column group before
@@ -222,7 +242,8 @@ def kernel_config(
     column groups of one row tile first (the default). Same bits; on one H100 it measured within
     noise of the default at every bench shape (bench/results/fp8_H100_tile_order.txt), so the
     wrapper does not use it. ``cluster_launch`` (diagnostic) launches one CTA with a 1 x 1 x 1
-    cluster attribute, as the kernel did before 2026-11-27.
+    cluster attribute, as the kernel did before 2026-11-27. ``stages`` (diagnostic) caps the
+    pipeline stages below the most that fit in shared memory (None: the most, at most 8).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
@@ -230,19 +251,32 @@ def kernel_config(
     if cluster_m not in (1, 2) or cluster_n not in (1, 2):
         raise ValueError(f"cluster must be (1 or 2, 1 or 2), got {cluster!r}")
     tile_m, tile_n = (128, 128) if tile is None else tuple(tile)
-    if (tile_m, tile_n) not in ((128, 128), (64, 256)):
-        raise ValueError(f"tile must be (128, 128) or (64, 256), got {tile!r}")
-    overlap = DEFAULT_OVERLAP[epilogue] if overlap is None else bool(overlap)
+    if (tile_m, tile_n) not in ((128, 128), (128, 256), (64, 256)):
+        raise ValueError(f"tile must be (128, 128), (128, 256) or (64, 256), got {tile!r}")
+    wide = (tile_m, tile_n) == (128, 256)
+    if wide and overlap:
+        raise ValueError(
+            "the (128, 256) tile promotes serially (its warpgroups take turns on the tensor "
+            "cores): pass overlap=False or None"
+        )
+    overlap = (not wide and DEFAULT_OVERLAP[epilogue]) if overlap is None else bool(overlap)
     if epi_overlap is None:
-        epi_overlap = DEFAULT_EPI_OVERLAP[epilogue] and overlap
+        epi_overlap = DEFAULT_EPI_OVERLAP[epilogue] and (overlap or wide)
     epi_overlap = bool(epi_overlap)
-    if epi_overlap and not overlap:
+    if epi_overlap and not (overlap or wide):
         raise ValueError("epi_overlap needs the overlapped mainloop (overlap=True)")
     fast_silu = DEFAULT_FAST_SILU if fast_silu is None else bool(fast_silu)
     smem_capacity = 232448  # sm_90: 227 KiB of dynamic shared memory per CTA
     reserved = 2048  # mbarriers, alignment padding
     free = smem_capacity - reserved - _epilogue_smem_bytes(epilogue, tile_m, tile_n)
     num_stages = min(8, free // _stage_bytes(tile_m, tile_n))
+    if stages is not None:
+        if not 2 <= stages <= num_stages:
+            raise ValueError(
+                f"stages must be in [2, {num_stages}] for the {epilogue} kernel on {tile_m} x "
+                f"{tile_n} tiles (shared memory), got {stages!r}"
+            )
+        num_stages = int(stages)
     return KernelConfig(
         epilogue,
         bool(ue8m0 and epilogue == "swiglu_quant"),
@@ -260,7 +294,7 @@ def kernel_config(
     )
 
 
-class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
+class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8EpilogueMixin):
     """The CuTeDSL kernel; ``cute.compile(kernel, *args)`` with the arguments of `__call__`."""
 
     def __init__(self, config: KernelConfig):
@@ -284,6 +318,7 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         self.sub_tiles = config.sub_tiles
         self.sched_n = config.sched_n
         self.paired = self.fused and self.sub_tiles == 2
+        self.wide = config.wide
         self.ab_dtype = cutlass.Float8E4M3FN
         self.acc_dtype = Float32
 
@@ -381,8 +416,9 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
             out_smem = cute.make_layout(
                 (tile_m, self.sched_n // 2), stride=(self.sched_n // 2 + 16, 1)
             )
-        else:  # bf16 rows padded by 16 B
-            out_smem = cute.make_layout((tile_m, tile_n), stride=(tile_n + 8, 1))
+        else:  # bf16 rows padded by 16 B (wide tiles: one 128-column half at a time)
+            epi_n = SCALE_BLOCK_N if const_expr(self.wide) else tile_n
+            out_smem = cute.make_layout((tile_m, epi_n), stride=(epi_n + 8, 1))
         out_dtype = self.ab_dtype if const_expr(self.fused) else cutlass.BFloat16
         amax_words = 2 * tile_m if const_expr(self.fused) else 4
         stash_words = STASH_WORDS * self.num_mma_threads if const_expr(self.paired) else 4
@@ -430,77 +466,6 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         )
 
     # ------------------------------------------------------------------ device side
-
-    @cute.jit
-    def _advance_cursor(
-        self,
-        tile: Int32,
-        num_n_tiles: Int32,
-        m_offsets: cute.Tensor,
-        num_experts: Int32,
-        num_rows: Int32,
-        expert: Int32,
-        tiles_before: Int32,
-        seg_start: Int32,
-        seg_end: Int32,
-        expert_tiles: Int32,
-    ):
-        """Move the segment cursor forward until it holds linear cluster tile ``tile``.
-
-        A cluster tile is cluster_m x cluster_n CTA tiles (rows of one segment); ``num_n_tiles``
-        counts cluster tiles along N. The cursor is (segment, cluster m-tiles of the segments
-        before it, its rows [start, end), its cluster m-tile count). Segments 0..E-1 are the
-        experts; segment E is the padding rows [offsets[E], M), whose tiles get zero GEMM output.
-        Past segment E the count is _NO_MORE_TILES and the segment index is E + 1.
-        """
-        m_tile = tile // num_n_tiles
-        while m_tile >= tiles_before + expert_tiles:
-            tiles_before = tiles_before + expert_tiles
-            expert = expert + 1
-            seg_start = seg_end
-            if expert < num_experts:
-                seg_end = m_offsets[expert + 1]
-            else:
-                seg_end = num_rows
-            expert_tiles = (seg_end - seg_start + (self.cluster_rows - 1)) // self.cluster_rows
-            if expert > num_experts:
-                expert_tiles = Int32(_NO_MORE_TILES)
-        return expert, tiles_before, seg_start, seg_end, expert_tiles
-
-    @cute.jit
-    def _first_cursor(self, m_offsets: cute.Tensor):
-        seg_end = m_offsets[1]
-        expert_tiles = (seg_end + (self.cluster_rows - 1)) // self.cluster_rows
-        return Int32(0), Int32(0), Int32(0), seg_end, expert_tiles
-
-    @cute.jit
-    def _cta_tile(
-        self,
-        tile: Int32,
-        num_n_groups: Int32,
-        tiles_before: Int32,
-        seg_start: Int32,
-        m_rank: Int32,
-        n_rank: Int32,
-        expert_tiles: Int32,
-    ):
-        """(first row, n-tile) of this CTA's tile in linear cluster tile ``tile`` of the segment
-        whose cluster m-tiles start at ``tiles_before`` (``expert_tiles`` of them); the segment
-        owns linear tiles [tiles_before, tiles_before + expert_tiles) x num_n_groups, in either
-        order (``n_major``).
-
-        The row may lie past the segment (its last cluster tile is partly empty) and the n-tile
-        past N (an odd n-tile count); such CTA tiles run the mainloop but store nothing.
-        """
-        local = tile - tiles_before * num_n_groups
-        if const_expr(self.config.n_major):
-            n_group = local // expert_tiles
-            m_local = local - n_group * expert_tiles
-        else:
-            m_local = local // num_n_groups
-            n_group = local - m_local * num_n_groups
-        row0 = seg_start + (m_local * self.cluster_m + m_rank) * self.tile_m
-        return row0, n_group * self.cluster_n + n_rank
 
     @cute.kernel
     def kernel(
@@ -573,11 +538,18 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
                 )  # fmt: skip
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
-            self._consumer(
-                tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, s_amax,
-                s_stash, mainloop, m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts, num_rows,
-                num_n_tiles, num_k_blocks,
-            )
+            if const_expr(self.wide):
+                self._consumer_wide(
+                    tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, mainloop,
+                    m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts, num_rows, num_n_tiles,
+                    num_k_blocks,
+                )  # fmt: skip
+            else:
+                self._consumer(
+                    tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, s_amax,
+                    s_stash, mainloop, m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts,
+                    num_rows, num_n_tiles, num_k_blocks,
+                )  # fmt: skip
 
     @cute.jit
     def _producer(
@@ -831,8 +803,8 @@ class GroupedGemmFp8Kernel(Fp8MainloopMixin, Fp8EpilogueMixin):
         if run:
             if const_expr(not self.fused):
                 self._epilogue_bf16(
-                    acc, thr_mma, s_out, m_out, row0, valid_rows, n_tile, mma_wg, wg_tidx,
-                    wg_barrier,
+                    acc, thr_mma, s_out, m_out, row0, valid_rows, n_tile * self.wg_n + wg_n_idx,
+                    mma_wg, wg_tidx, wg_barrier,
                 )  # fmt: skip
             elif const_expr(not self.paired):
                 self._epilogue_swiglu_quant(

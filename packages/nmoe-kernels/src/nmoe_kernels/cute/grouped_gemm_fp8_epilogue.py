@@ -18,6 +18,7 @@ from cutlass import Float32, Int32, const_expr
 FP8_MAX = 448.0
 MIN_SCALE = 2.0**-126
 SCALE_BLOCK_N = 128  # weight scale block along N == the N width of one MMA warpgroup
+BLOCK_K = 128  # quantization block along K == the K depth of one pipeline stage
 WG_TILE_M = 64  # rows of one MMA warpgroup (wgmma m64)
 
 
@@ -33,12 +34,13 @@ class Fp8EpilogueMixin:
         m_out: cute.Tensor,
         row0: Int32,
         valid_rows: Int32,
-        n_tile: Int32,
+        col_block: Int32,
         mma_wg: Int32,
         wg_tidx: Int32,
         wg_barrier: pipeline.NamedBarrier,
     ):
-        """Round to bf16, stage this warpgroup's 64 x 128 block in smem, store valid rows."""
+        """Round to bf16, stage this warpgroup's 64 x 128 block in smem, store valid rows;
+        ``col_block`` is the block's column offset in units of 128."""
         wg_rows = WG_TILE_M
         wg_cols = SCALE_BLOCK_N
         wg_m_idx = mma_wg // self.wg_n
@@ -50,10 +52,9 @@ class Fp8EpilogueMixin:
         wg_barrier.arrive_and_wait()
 
         s_blk = cute.local_tile(s_out, (wg_rows, wg_cols), (wg_m_idx, wg_n_idx))
-        g_tile = cute.local_tile(
-            cute.domain_offset((row0, 0), m_out), (self.tile_m, self.tile_n), (0, n_tile)
+        g_blk = cute.local_tile(
+            cute.domain_offset((row0, 0), m_out), (wg_rows, wg_cols), (wg_m_idx, col_block)
         )
-        g_blk = cute.local_tile(g_tile, (wg_rows, wg_cols), (wg_m_idx, wg_n_idx))
         self._store_rows(
             s_blk, g_blk, valid_rows - wg_m_idx * wg_rows, wg_tidx, self.threads_per_wg,
             cutlass.BFloat16,
@@ -220,6 +221,35 @@ class Fp8EpilogueMixin:
         act0.store(cute.recast_tensor(words, cutlass.BFloat16).load().to(Float32))
         q0 = self._quantize_pairs(act0, inv_lo, inv_hi)
         q1 = self._quantize_pairs(act, inv_lo, inv_hi)
+        self._store_quantized_block(
+            q0, q1, scale_lo, scale_hi, t_c_coord, s_out, m_out, m_out_sf, row0, valid_rows,
+            n_tile, mma_wg, wg_tidx, wg_barrier,
+        )  # fmt: skip
+
+    @cute.jit
+    def _store_quantized_block(
+        self,
+        q0: cute.Tensor,
+        q1: cute.Tensor,
+        scale_lo: Float32,
+        scale_hi: Float32,
+        t_c_coord: cute.Tensor,
+        s_out: cute.Tensor,
+        m_out: cute.Tensor,
+        m_out_sf: cute.Tensor,
+        row0: Int32,
+        valid_rows: Int32,
+        n_tile: Int32,
+        mma_wg: Int32,
+        wg_tidx: Int32,
+        wg_barrier: pipeline.NamedBarrier,
+    ):
+        """The end of a swiglu_quant epilogue whose warpgroups own whole rows of a 128-feature
+        quantization block: ``q0`` / ``q1`` are this thread's FP8 codes of the block's first and
+        second 64 features (pairs at ``t_c_coord`` of a 128-column half) and ``scale_*`` its rows'
+        scales. Stages the FP8 rows in smem and stores them with the scales (block ``n_tile`` of
+        F / 128)."""
+        num_pairs = cute.size(q1)
         wg_barrier.arrive_and_wait()  # this warpgroup's reads of its s_out rows are done
         half = SCALE_BLOCK_N // 2
         for p in cutlass.range_constexpr(num_pairs):

@@ -1,7 +1,8 @@
 """Mainloops of the FP8 blockscaled grouped GEMM (`grouped_gemm_fp8`), as a mixin of its
-kernel class: a tile's coordinates for the K loop (`_tile_coords`), the K loop of one column tile
-(serial promotion, or the overlapped promotion split into `_mainloop_first` -- block 0 issued --
-and `_mainloop_rest`), and `_pipelined_tile`, one scheduled tile of the epilogue-overlapped loop.
+kernel class on 128 x 128 and 64 x 256 tiles: the K loop of one column tile (serial promotion, or
+the overlapped promotion split into `_mainloop_first` -- block 0 issued -- and `_mainloop_rest`),
+and `_pipelined_tile`, one scheduled tile of the epilogue-overlapped loop. (`_issue_block` and
+`_promote` also serve the 128 x 256 tile's loop, `grouped_gemm_fp8_wide`.)
 The math and the pipelining are described in `grouped_gemm_fp8`'s module docstring; the mixin
 reads ``tile_m``, ``tile_n``, ``sched_n``, ``sub_tiles``, `_cta_tile` and `_epilogue` from the
 kernel object.
@@ -13,8 +14,6 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, const_expr
-
-from .grouped_gemm_fp8_epilogue import SCALE_BLOCK_N
 
 
 class Fp8MainloopMixin:
@@ -249,37 +248,3 @@ class Fp8MainloopMixin:
         release_state.advance()
         self._promote(acc, promote_from, promote_lo, promote_hi)
         return state, release_state, tiled_mma
-
-    @cute.jit
-    def _tile_coords(
-        self,
-        tile: Int32,
-        num_n_groups: Int32,
-        tiles_before: Int32,
-        seg_start: Int32,
-        seg_end: Int32,
-        m_rank: Int32,
-        n_rank: Int32,
-        num_n_tiles: Int32,
-        expert_tiles: Int32,
-        wg_n_idx: Int32,
-        row_lo: Int32,
-        row_hi: Int32,
-        num_rows: Int32,
-    ):
-        """(first row, scheduled n-tile, rows to store, weight-scale block of the first column
-        tile, A-scale rows lo / hi) of this CTA's tile in linear cluster tile ``tile``, for this
-        warpgroup and thread. Column tile h of a paired tile uses weight-scale block + h."""
-        row0, n_tile = self._cta_tile(
-            tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank, expert_tiles
-        )
-        # <= 0 for a CTA tile past its segment's rows or past N: it stores nothing
-        valid_rows = cutlass.min(seg_end - row0, self.tile_m)
-        if n_tile >= num_n_tiles:
-            valid_rows = Int32(0)
-            n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
-        n_block = n_tile * (self.sched_n // SCALE_BLOCK_N) + wg_n_idx
-        # rows past M only feed rows that are never stored: clamp their scale reads
-        sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
-        sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
-        return row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi

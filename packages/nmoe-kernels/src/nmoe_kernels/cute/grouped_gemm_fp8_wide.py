@@ -1,0 +1,340 @@
+"""The wide tile of the FP8 blockscaled grouped GEMM (`grouped_gemm_fp8`, ``tile=(128, 256)``), as
+a mixin of its kernel class: the consumer warpgroups' tile loop, K loop and epilogue dispatch.
+
+Why: on 128 x 128 tiles the mainloop reads 32 KiB of A and B per 128-deep K block, 4 MFLOP,
+and runs at about half the H100's FP8 peak with L2 busy 66-86% of the cycles
+(bench/results/fp8_H100_ncu.txt). A 128 x 256 tile reads 48 KiB for 8 MFLOP: 25% fewer operand
+bytes per FLOP (with a (2, 1) cluster multicasting B, half of the 128 x 128 tile's).
+
+The register budget decides the layout. Each of the two MMA warpgroups owns 64 rows x 256 columns:
+two fp32 accumulators of 64 registers per thread (one per 128-column half, ``acc0`` and
+``acc1``) and one 64-register block accumulator ``partial`` -- 192 registers, as many as the
+128 x 128 tile's overlapped promotion holds (a 64 x 256 block accumulator would not fit). Per K
+block a warpgroup runs, one after the other:
+
+    wgmma(A_kb, B_kb[columns   0-127]) -> partial; wait; acc0 += s_a * s_b0 * partial
+    wgmma(A_kb, B_kb[columns 128-255]) -> partial; wait; release the stage;
+    acc1 += s_a * s_b1 * partial
+
+with s_a the row's activation scale of block kb and s_b0 / s_b1 the weight scales of the two
+128-column blocks (each half sits in one weight-scale block, so a half's promotion needs one
+product per row). A warpgroup's own promotion does not overlap its wgmma (one block accumulator);
+the two warpgroups share the tensor cores and take turns: while one promotes, the other's wgmma
+runs (DeepGEMM's sm90 FP8 kernels rely on the same). The promotion order per output element is
+the 128 x 128 tile's -- K blocks in order, ``acc += (s_a * s_b) * partial`` -- so every tile
+shape writes the same bits.
+
+With ``epi_overlap`` a warpgroup issues the first half-block (K block 0, columns 0-127) of its
+next tile before it runs the epilogue, as the 128 x 128 tile's loop does; that loop is peeled the
+same way (its last tile after it) so the in-flight ``partial`` never meets a branch merge.
+
+Epilogues: "bf16" stages and stores the two 128-column halves one after the other through a
+128 x 128 smem buffer (3 pipeline stages of 48 KiB fit beside it); "swiglu_quant" has the whole
+128-feature quantization block of its rows in registers: SwiGLU of both halves, the row amax over
+both (quad shuffles), 1x128 quantization and FP8 stores (`_store_quantized_block`, shared with
+the paired 128 x 128 tile's second half).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, const_expr
+
+from .grouped_gemm_fp8_epilogue import BLOCK_K, SCALE_BLOCK_N
+from .scheduler import cluster_position
+
+
+class Fp8WideMixin:
+    """The ``tile=(128, 256)`` methods of `grouped_gemm_fp8.GroupedGemmFp8Kernel`."""
+
+    @cute.jit
+    def _wide_scales(self, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb, expert):
+        """Promotion scales of K block ``kb``: (row lo, row hi) x (half 0, half 1)."""
+        scale_a_lo = m_sfa[(sfa_row_lo, kb)]
+        scale_a_hi = m_sfa[(sfa_row_hi, kb)]
+        scale_b0 = m_sfb[(n_block, kb, expert)]
+        scale_b1 = m_sfb[(n_block + 1, kb, expert)]
+        return (
+            scale_a_lo * scale_b0,
+            scale_a_hi * scale_b0,
+            scale_a_lo * scale_b1,
+            scale_a_hi * scale_b1,
+        )
+
+    @cute.jit
+    def _wide_first(
+        self,
+        tiled_mma: cute.TiledMma,
+        t_c_ra: cute.Tensor,
+        t_c_rb0: cute.Tensor,
+        partial: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        state: pipeline.PipelineState,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+    ):
+        """Issue K block 0's first half into ``partial`` (not waited for; its stage stays
+        held) and return block 0's promotion scales."""
+        s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_scales(
+            m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, 0, expert
+        )
+        mainloop.consumer_wait(state)
+        tiled_mma = self._issue_block(
+            tiled_mma, partial, t_c_ra, t_c_rb0, state.index, cute.size(t_c_ra, mode=[2])
+        )
+        return tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1
+
+    @cute.jit
+    def _wide_finish_block(
+        self,
+        k: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        s_lo0: Float32,
+        s_hi0: Float32,
+        s_lo1: Float32,
+        s_hi1: Float32,
+    ):
+        """Finish the K block at ``state`` whose first half is in flight in ``partial``:
+        promote it into ``acc0``, run the second half, release the stage, promote into
+        ``acc1``."""
+        t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop = k
+        cute.nvgpu.warpgroup.wait_group(0)
+        self._promote(acc0, partial, s_lo0, s_hi0)
+        tiled_mma = self._issue_block(
+            tiled_mma, partial, t_c_ra, t_c_rb1, state.index, cute.size(t_c_ra, mode=[2])
+        )
+        cute.nvgpu.warpgroup.wait_group(0)
+        mainloop.consumer_release(state)
+        state.advance()
+        self._promote(acc1, partial, s_lo1, s_hi1)
+        return state, tiled_mma
+
+    @cute.jit
+    def _wide_rest(
+        self,
+        mma: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+        s_lo0: Float32,
+        s_hi0: Float32,
+        s_lo1: Float32,
+        s_hi1: Float32,
+    ):
+        """The K loop after `_wide_first`: every block promoted into ``acc0`` / ``acc1`` and
+        every stage released. The next block's scales load before the waits, so their latency
+        hides behind this block's wgmma."""
+        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb = mma
+        k = (t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop)
+        num_mma_k = cute.size(t_c_ra, mode=[2])
+        for kb in cutlass.range(1, num_k_blocks, 1, unroll=1):
+            n_lo0, n_hi0, n_lo1, n_hi1 = self._wide_scales(
+                m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb, expert
+            )
+            state, tiled_mma = self._wide_finish_block(
+                k, tiled_mma, state, s_lo0, s_hi0, s_lo1, s_hi1
+            )
+            mainloop.consumer_wait(state)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial, t_c_ra, t_c_rb0, state.index, num_mma_k
+            )
+            s_lo0, s_hi0, s_lo1, s_hi1 = n_lo0, n_hi0, n_lo1, n_hi1
+        state, tiled_mma = self._wide_finish_block(k, tiled_mma, state, s_lo0, s_hi0, s_lo1, s_hi1)
+        return state, tiled_mma
+
+    @cute.jit
+    def _epilogue_wide(
+        self,
+        epi: tuple,
+        acc0: cute.Tensor,
+        acc1: cute.Tensor,
+        row0: Int32,
+        valid_rows: Int32,
+        n_tile: Int32,
+    ):
+        """The configured epilogue of a 128 x 256 tile (``skip_epilogue``: only in a branch
+        that never runs, which keeps the mainloop's results live)."""
+        thr_mma, t_c_coord, s_out, m_out, m_out_sf, mma_wg, wg_tidx, wg_barrier = epi
+        if const_expr(self.config.skip_epilogue):
+            run = valid_rows < Int32(-(1 << 30))
+        else:
+            run = True
+        if run:
+            if const_expr(self.fused):
+                act0 = self._swiglu_act(acc0)
+                act1 = self._swiglu_act(acc1)
+                lo0, hi0 = self._quad_row_amax(act0)
+                lo1, hi1 = self._quad_row_amax(act1)
+                scale_lo = self._fp8_scale(cutlass.max(lo0, lo1))
+                scale_hi = self._fp8_scale(cutlass.max(hi0, hi1))
+                inv_lo = Float32(1.0) / scale_lo
+                inv_hi = Float32(1.0) / scale_hi
+                q0 = self._quantize_pairs(act0, inv_lo, inv_hi)
+                q1 = self._quantize_pairs(act1, inv_lo, inv_hi)
+                self._store_quantized_block(
+                    q0, q1, scale_lo, scale_hi, t_c_coord, s_out, m_out, m_out_sf, row0,
+                    valid_rows, n_tile, mma_wg, wg_tidx, wg_barrier,
+                )  # fmt: skip
+            else:
+                self._epilogue_bf16(
+                    acc0, thr_mma, s_out, m_out, row0, valid_rows, n_tile * 2, mma_wg, wg_tidx,
+                    wg_barrier,
+                )  # fmt: skip
+                self._epilogue_bf16(
+                    acc1, thr_mma, s_out, m_out, row0, valid_rows, n_tile * 2 + 1, mma_wg,
+                    wg_tidx, wg_barrier,
+                )  # fmt: skip
+        cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
+
+    @cute.jit
+    def _consumer_wide(
+        self,
+        mma_tidx: Int32,
+        mma_wg: Int32,
+        tiled_mma: cute.TiledMma,
+        s_a: cute.Tensor,
+        s_b: cute.Tensor,
+        s_out: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        m_out: cute.Tensor,
+        m_out_sf: cute.Tensor,
+        m_offsets: cute.Tensor,
+        num_experts: Int32,
+        num_rows: Int32,
+        num_n_tiles: Int32,
+        num_k_blocks: Int32,
+    ):
+        """Two MMA warpgroups on 128 x 256 tiles (module docstring)."""
+        cid, num_clusters, m_rank, n_rank = cluster_position(self.cluster_m, self.cluster_size)
+        num_n_groups = (num_n_tiles + self.cluster_n - 1) // self.cluster_n
+        wg_tidx = mma_tidx - mma_wg * self.threads_per_wg
+
+        thr_mma_wg = tiled_mma.get_slice(mma_wg * self.threads_per_wg)
+        t_c_ra = tiled_mma.make_fragment_A(thr_mma_wg.partition_A(s_a))
+        # the B tile's two 128-column halves (rows of the [N, K] stage), each with every stage
+        t_c_rb0 = tiled_mma.make_fragment_B(
+            thr_mma_wg.partition_B(cute.local_tile(s_b, (SCALE_BLOCK_N, BLOCK_K), (0, 0, None)))
+        )
+        t_c_rb1 = tiled_mma.make_fragment_B(
+            thr_mma_wg.partition_B(cute.local_tile(s_b, (SCALE_BLOCK_N, BLOCK_K), (1, 0, None)))
+        )
+        thr_mma = tiled_mma.get_slice(mma_tidx)
+        # coordinates of this thread's values in a 128-column half (both halves alike)
+        t_c_coord = thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, SCALE_BLOCK_N)))
+        acc0 = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
+        acc1 = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
+        partial = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
+        row_lo = t_c_coord[0][0]
+        row_hi = t_c_coord[2][0]
+
+        wg_barrier = pipeline.NamedBarrier(barrier_id=1 + mma_wg, num_threads=self.threads_per_wg)
+        epi = (thr_mma, t_c_coord, s_out, m_out, m_out_sf, mma_wg, wg_tidx, wg_barrier)
+        mma = (t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb)
+
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
+        tile = Int32(cid)
+        expert, tiles_before, seg_start, seg_end, expert_tiles = self._first_cursor(m_offsets)
+        expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
+            tile, num_n_groups, m_offsets, num_experts, num_rows,
+            expert, tiles_before, seg_start, seg_end, expert_tiles,
+        )  # fmt: skip
+        row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+            tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank, num_n_tiles,
+            expert_tiles, 0, row_lo, row_hi, num_rows,
+        )  # fmt: skip
+        if const_expr(self.config.epi_overlap):
+            # expert tiles first, then padding tiles; the expert-tile loop is peeled
+            if expert < num_experts:
+                tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
+                    tiled_mma, t_c_ra, t_c_rb0, partial, mainloop, state, m_sfa, m_sfb,
+                    sfa_row_lo, sfa_row_hi, n_block, expert,
+                )  # fmt: skip
+                cur_expert = expert
+                tile = tile + num_clusters
+                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
+                    tile, num_n_groups, m_offsets, num_experts, num_rows,
+                    expert, tiles_before, seg_start, seg_end, expert_tiles,
+                )  # fmt: skip
+                while expert < num_experts:
+                    nrow0, nn_tile, nvalid_rows, nn_block, nsfa_lo, nsfa_hi = self._tile_coords(
+                        tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
+                        num_n_tiles, expert_tiles, 0, row_lo, row_hi, num_rows,
+                    )  # fmt: skip
+                    acc0.fill(0.0)
+                    acc1.fill(0.0)
+                    state, tiled_mma = self._wide_rest(
+                        mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
+                        num_k_blocks, s_lo0, s_hi0, s_lo1, s_hi1,
+                    )  # fmt: skip
+                    tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
+                        tiled_mma, t_c_ra, t_c_rb0, partial, mainloop, state, m_sfa, m_sfb,
+                        nsfa_lo, nsfa_hi, nn_block, expert,
+                    )  # fmt: skip
+                    self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
+                    row0, n_tile, valid_rows = nrow0, nn_tile, nvalid_rows
+                    n_block, sfa_row_lo, sfa_row_hi = nn_block, nsfa_lo, nsfa_hi
+                    cur_expert = expert
+                    tile = tile + num_clusters
+                    expert, tiles_before, seg_start, seg_end, expert_tiles = (
+                        self._advance_cursor(
+                            tile, num_n_groups, m_offsets, num_experts, num_rows,
+                            expert, tiles_before, seg_start, seg_end, expert_tiles,
+                        )
+                    )  # fmt: skip
+                # the CTA's last expert tile
+                acc0.fill(0.0)
+                acc1.fill(0.0)
+                state, tiled_mma = self._wide_rest(
+                    mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
+                    num_k_blocks, s_lo0, s_hi0, s_lo1, s_hi1,
+                )  # fmt: skip
+                self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
+            while expert <= num_experts:  # padding tiles: zero output, no mainloop
+                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+                    tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
+                    num_n_tiles, expert_tiles, 0, row_lo, row_hi, num_rows,
+                )  # fmt: skip
+                acc0.fill(0.0)
+                acc1.fill(0.0)
+                self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
+                tile = tile + num_clusters
+                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
+                    tile, num_n_groups, m_offsets, num_experts, num_rows,
+                    expert, tiles_before, seg_start, seg_end, expert_tiles,
+                )  # fmt: skip
+        else:
+            while expert <= num_experts:
+                acc0.fill(0.0)
+                acc1.fill(0.0)
+                if expert < num_experts:  # padding rows get a zero product
+                    tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
+                        tiled_mma, t_c_ra, t_c_rb0, partial, mainloop, state, m_sfa, m_sfb,
+                        sfa_row_lo, sfa_row_hi, n_block, expert,
+                    )  # fmt: skip
+                    state, tiled_mma = self._wide_rest(
+                        mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert,
+                        num_k_blocks, s_lo0, s_hi0, s_lo1, s_hi1,
+                    )  # fmt: skip
+                self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
+                tile = tile + num_clusters
+                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
+                    tile, num_n_groups, m_offsets, num_experts, num_rows,
+                    expert, tiles_before, seg_start, seg_end, expert_tiles,
+                )  # fmt: skip
+                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+                    tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
+                    num_n_tiles, expert_tiles, 0, row_lo, row_hi, num_rows,
+                )  # fmt: skip
