@@ -319,6 +319,7 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         self.sched_n = config.sched_n
         self.paired = self.fused and self.sub_tiles == 2
         self.wide = config.wide
+        self.hooks = "_wide" if self.wide else "_narrow"  # the consumer's per-tile methods
         self.ab_dtype = cutlass.Float8E4M3FN
         self.acc_dtype = Float32
 
@@ -538,18 +539,11 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                 )  # fmt: skip
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
-            if const_expr(self.wide):
-                self._consumer_wide(
-                    tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, mainloop,
-                    m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts, num_rows, num_n_tiles,
-                    num_k_blocks,
-                )  # fmt: skip
-            else:
-                self._consumer(
-                    tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, s_amax,
-                    s_stash, mainloop, m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts,
-                    num_rows, num_n_tiles, num_k_blocks,
-                )  # fmt: skip
+            self._consumer(
+                tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, s_amax,
+                s_stash, mainloop, m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts,
+                num_rows, num_n_tiles, num_k_blocks,
+            )  # fmt: skip
 
     @cute.jit
     def _producer(
@@ -650,42 +644,30 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         num_n_tiles: Int32,
         num_k_blocks: Int32,
     ):
-        """Two MMA warpgroups: blockscaled mainloop with per-K-block promotion, then epilogue."""
-        tile_m, tile_n = self.tile_m, self.tile_n
+        """Two MMA warpgroups: the persistent loop over this CTA's tiles. The K loop and the
+        epilogue of a tile come from the tile shape's hooks (`_narrow_*` in `Fp8MainloopMixin`
+        for 128 x 128 and 64 x 256 tiles, `_wide_*` in `Fp8WideMixin` for 128 x 256), which
+        carry the promotion scales s0..s3 of a tile's in-flight first K block to the next tile
+        (the narrow tiles use two)."""
+        setup, first, pipelined, zero_tile, plain_tile = (
+            getattr(self, self.hooks + name)
+            for name in ("_setup", "_first", "_pipelined", "_zero_tile", "_plain_tile")
+        )
         cid, num_clusters, m_rank, n_rank = cluster_position(self.cluster_m, self.cluster_size)
         num_n_groups = (num_n_tiles + self.cluster_n - 1) // self.cluster_n
-        wg_tidx = mma_tidx - mma_wg * self.threads_per_wg
-        wg_n_idx = mma_wg % self.wg_n  # this warpgroup's 128-column block inside the tile
-
-        thr_mma_wg = tiled_mma.get_slice(mma_wg * self.threads_per_wg)
-        t_c_ra = tiled_mma.make_fragment_A(thr_mma_wg.partition_A(s_a))
-        t_c_rb = tiled_mma.make_fragment_B(thr_mma_wg.partition_B(s_b))
-
-        thr_mma = tiled_mma.get_slice(mma_tidx)
-        t_c_coord = thr_mma.partition_C(cute.make_identity_tensor((tile_m, tile_n)))
-        acc = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
-        partial = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
-        # second in-flight block accumulator of the overlapped mainloop (unused otherwise)
-        partial_b = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
-        # wgmma m64 accumulator fragment ((2, 2, N/8), 1, 1): value v sits in row
-        # base + 8 * ((v // 2) % 2) and column base + (v % 2) + 8 * (v // 4).
-        row_lo = t_c_coord[0][0]
-        row_hi = t_c_coord[2][0]
-
-        wg_barrier = pipeline.NamedBarrier(barrier_id=1 + mma_wg, num_threads=self.threads_per_wg)
-        mma_barrier = pipeline.NamedBarrier(barrier_id=3, num_threads=self.num_mma_threads)
-        # everything the epilogue needs besides the accumulator and the tile
-        epi = (
-            thr_mma, t_c_coord, s_out, s_amax, s_stash, m_out, m_out_sf, mma_tidx, mma_wg,
-            wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
+        # mma: the K loop's fixed operands (tiled_mma is passed apart: the loops rebind it);
+        # epi: everything the epilogue needs besides the accumulators and the tile
+        mma, epi, row_lo, row_hi, wg_n_idx = setup(
+            mma_tidx, mma_wg, tiled_mma, s_a, s_b, s_out, s_amax, s_stash, mainloop, m_sfa,
+            m_sfb, m_out, m_out_sf,
         )  # fmt: skip
-        # the K loop's fixed operands (tiled_mma is passed apart: the loops rebind it)
-        mma = (t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb)
 
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         release_state = pipeline.make_pipeline_state(
             pipeline.PipelineUserType.Consumer, self.num_stages
         )  # the overlapped mainloop releases one block behind `state`
+        s2 = Float32(0.0)
+        s3 = Float32(0.0)
         tile = Int32(cid)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._first_cursor(m_offsets)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
@@ -697,13 +679,12 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
             expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
         )  # fmt: skip
         if const_expr(self.config.epi_overlap):
-            # Pipelined over column tiles (module docstring): expert tiles come first in a CTA's
-            # order, then padding tiles; the expert-tile loop is peeled (its last tile after it).
+            # Pipelined over tiles (module docstring): expert tiles come first in a CTA's order,
+            # then padding tiles; the expert-tile loop is peeled (its last tile after it).
             if expert < num_experts:
-                state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
-                    tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb,
-                    sfa_row_lo, sfa_row_hi, n_block, expert,
-                )  # fmt: skip
+                state, tiled_mma, s0, s1, s2, s3 = first(
+                    mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, s2, s3
+                )
                 cur_expert = expert
                 tile = tile + num_clusters
                 expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
@@ -715,8 +696,8 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                         tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
                         num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                     )  # fmt: skip
-                    state, release_state, tiled_mma, prev_lo, prev_hi = self._pipelined_tile(
-                        mma, epi, tiled_mma, state, release_state, prev_lo, prev_hi, row0,
+                    state, release_state, tiled_mma, s0, s1, s2, s3 = pipelined(
+                        mma, epi, tiled_mma, state, release_state, s0, s1, s2, s3, row0,
                         n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi, cur_expert,
                         num_k_blocks, True, nsfa_lo, nsfa_hi, nn_block, expert,
                     )  # fmt: skip
@@ -731,8 +712,8 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                         )
                     )  # fmt: skip
                 # the CTA's last expert tile
-                state, release_state, tiled_mma, prev_lo, prev_hi = self._pipelined_tile(
-                    mma, epi, tiled_mma, state, release_state, prev_lo, prev_hi, row0, n_tile,
+                state, release_state, tiled_mma, s0, s1, s2, s3 = pipelined(
+                    mma, epi, tiled_mma, state, release_state, s0, s1, s2, s3, row0, n_tile,
                     valid_rows, n_block, sfa_row_lo, sfa_row_hi, cur_expert, num_k_blocks,
                     False, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
                 )  # fmt: skip
@@ -741,9 +722,7 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
                     num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
                 )  # fmt: skip
-                for h in cutlass.range_constexpr(self.sub_tiles):
-                    acc.fill(0.0)
-                    self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
+                zero_tile(mma, epi, row0, valid_rows, n_tile)
                 tile = tile + num_clusters
                 expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
                     tile, num_n_groups, m_offsets, num_experts, num_rows,
@@ -751,25 +730,10 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                 )  # fmt: skip
         else:
             while expert <= num_experts:
-                for h in cutlass.range_constexpr(self.sub_tiles):
-                    acc.fill(0.0)
-                    if const_expr(self.config.overlap):
-                        if expert < num_experts:  # padding rows get a zero product
-                            state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
-                                tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa,
-                                m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert,
-                            )  # fmt: skip
-                            state, release_state, tiled_mma = self._mainloop_rest(
-                                tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop,
-                                state, release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi,
-                                n_block + h, expert, num_k_blocks, prev_lo, prev_hi,
-                            )  # fmt: skip
-                    elif expert < num_experts:  # padding rows get a zero product
-                        state, tiled_mma = self._mainloop_serial(
-                            tiled_mma, t_c_ra, t_c_rb, acc, partial, mainloop, state, m_sfa,
-                            m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert, num_k_blocks,
-                        )  # fmt: skip
-                    self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
+                state, release_state, tiled_mma = plain_tile(
+                    mma, epi, tiled_mma, state, release_state, row0, n_tile, valid_rows, n_block,
+                    sfa_row_lo, sfa_row_hi, expert, num_experts, num_k_blocks,
+                )  # fmt: skip
                 tile = tile + num_clusters
                 expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
                     tile, num_n_groups, m_offsets, num_experts, num_rows,

@@ -1,7 +1,9 @@
 """Mainloops of the FP8 blockscaled grouped GEMM (`grouped_gemm_fp8`), as a mixin of its
 kernel class on 128 x 128 and 64 x 256 tiles: the K loop of one column tile (serial promotion, or
 the overlapped promotion split into `_mainloop_first` -- block 0 issued -- and `_mainloop_rest`),
-and `_pipelined_tile`, one scheduled tile of the epilogue-overlapped loop. (`_issue_block` and
+and the ``_narrow_*`` per-tile methods the kernel's tile loop (`_consumer`) calls on these tile
+shapes: operand setup, a tile's first K block, one scheduled tile of the epilogue-overlapped loop
+(`_narrow_pipelined`), a padding tile and a tile without the overlap. (`_issue_block` and
 `_promote` also serve the 128 x 256 tile's loop, `grouped_gemm_fp8_wide`.)
 The math and the pipelining are described in `grouped_gemm_fp8`'s module docstring; the mixin
 reads ``tile_m``, ``tile_n``, ``sched_n``, ``sub_tiles``, `_cta_tile` and `_epilogue` from the
@@ -20,7 +22,125 @@ class Fp8MainloopMixin:
     """The K-loop methods of `grouped_gemm_fp8.GroupedGemmFp8Kernel`."""
 
     @cute.jit
-    def _pipelined_tile(
+    def _narrow_setup(
+        self,
+        mma_tidx: Int32,
+        mma_wg: Int32,
+        tiled_mma: cute.TiledMma,
+        s_a: cute.Tensor,
+        s_b: cute.Tensor,
+        s_out: cute.Tensor,
+        s_amax: cute.Tensor,
+        s_stash: cute.Tensor,
+        mainloop: pipeline.PipelineTmaAsync,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
+        m_out: cute.Tensor,
+        m_out_sf: cute.Tensor,
+    ):
+        """(mma, epi, row lo, row hi, warpgroup's column block) of `_consumer`: the K loop's
+        fragments and accumulators and the epilogue's operands, for this thread."""
+        wg_tidx = mma_tidx - mma_wg * self.threads_per_wg
+        wg_n_idx = mma_wg % self.wg_n  # this warpgroup's 128-column block inside the tile
+
+        thr_mma_wg = tiled_mma.get_slice(mma_wg * self.threads_per_wg)
+        t_c_ra = tiled_mma.make_fragment_A(thr_mma_wg.partition_A(s_a))
+        t_c_rb = tiled_mma.make_fragment_B(thr_mma_wg.partition_B(s_b))
+
+        thr_mma = tiled_mma.get_slice(mma_tidx)
+        t_c_coord = thr_mma.partition_C(cute.make_identity_tensor((self.tile_m, self.tile_n)))
+        acc = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
+        partial = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
+        # second in-flight block accumulator of the overlapped mainloop (unused otherwise)
+        partial_b = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
+        # wgmma m64 accumulator fragment ((2, 2, N/8), 1, 1): value v sits in row
+        # base + 8 * ((v // 2) % 2) and column base + (v % 2) + 8 * (v // 4).
+        row_lo = t_c_coord[0][0]
+        row_hi = t_c_coord[2][0]
+
+        wg_barrier = pipeline.NamedBarrier(barrier_id=1 + mma_wg, num_threads=self.threads_per_wg)
+        mma_barrier = pipeline.NamedBarrier(barrier_id=3, num_threads=self.num_mma_threads)
+        epi = (
+            thr_mma, t_c_coord, s_out, s_amax, s_stash, m_out, m_out_sf, mma_tidx, mma_wg,
+            wg_tidx, wg_n_idx, wg_barrier, mma_barrier,
+        )  # fmt: skip
+        mma = (t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb)
+        return mma, epi, row_lo, row_hi, wg_n_idx
+
+    @cute.jit
+    def _narrow_first(
+        self,
+        mma: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        n_block: Int32,
+        expert: Int32,
+        s2: Float32,
+        s3: Float32,
+    ):
+        """`_mainloop_first` of a tile's first column tile; s2 / s3 pass through unused."""
+        t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
+        state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+            tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa, m_sfb, sfa_row_lo,
+            sfa_row_hi, n_block, expert,
+        )  # fmt: skip
+        return state, tiled_mma, prev_lo, prev_hi, s2, s3
+
+    @cute.jit
+    def _narrow_zero_tile(self, mma: tuple, epi: tuple, row0: Int32, valid_rows: Int32,
+                          n_tile: Int32):
+        """A padding tile: the epilogue of zero accumulators for every column tile."""
+        acc = mma[2]
+        for h in cutlass.range_constexpr(self.sub_tiles):
+            acc.fill(0.0)
+            self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
+
+    @cute.jit
+    def _narrow_plain_tile(
+        self,
+        mma: tuple,
+        epi: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        row0: Int32,
+        n_tile: Int32,
+        valid_rows: Int32,
+        n_block: Int32,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        expert: Int32,
+        num_experts: Int32,
+        num_k_blocks: Int32,
+    ):
+        """One scheduled tile without the epilogue overlap: per column tile the whole K loop
+        (overlapped or serial promotion; none for padding rows), then its epilogue."""
+        t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
+        for h in cutlass.range_constexpr(self.sub_tiles):
+            acc.fill(0.0)
+            if const_expr(self.config.overlap):
+                if expert < num_experts:  # padding rows get a zero product
+                    state, tiled_mma, prev_lo, prev_hi = self._mainloop_first(
+                        tiled_mma, t_c_ra, t_c_rb, partial, mainloop, state, m_sfa,
+                        m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert,
+                    )  # fmt: skip
+                    state, release_state, tiled_mma = self._mainloop_rest(
+                        tiled_mma, t_c_ra, t_c_rb, acc, partial, partial_b, mainloop,
+                        state, release_state, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi,
+                        n_block + h, expert, num_k_blocks, prev_lo, prev_hi,
+                    )  # fmt: skip
+            elif expert < num_experts:  # padding rows get a zero product
+                state, tiled_mma = self._mainloop_serial(
+                    tiled_mma, t_c_ra, t_c_rb, acc, partial, mainloop, state, m_sfa,
+                    m_sfb, sfa_row_lo, sfa_row_hi, n_block + h, expert, num_k_blocks,
+                )  # fmt: skip
+            self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
+        return state, release_state, tiled_mma
+
+    @cute.jit
+    def _narrow_pipelined(
         self,
         mma: tuple,
         epi: tuple,
@@ -29,6 +149,8 @@ class Fp8MainloopMixin:
         release_state: pipeline.PipelineState,
         prev_lo: Float32,
         prev_hi: Float32,
+        s2: Float32,
+        s3: Float32,
         row0: Int32,
         n_tile: Int32,
         valid_rows: Int32,
@@ -46,7 +168,7 @@ class Fp8MainloopMixin:
         """One scheduled tile of the epilogue-overlapped loop, its first K block already in
         flight: for each column tile, the rest of its K loop, then the first block of the next
         column tile (the tile's next half, or with ``issue_next`` the next tile's first), then
-        its epilogue."""
+        its epilogue. s2 / s3 pass through unused."""
         t_c_ra, t_c_rb, acc, partial, partial_b, mainloop, m_sfa, m_sfb = mma
         for h in cutlass.range_constexpr(self.sub_tiles):
             acc.fill(0.0)
@@ -66,7 +188,7 @@ class Fp8MainloopMixin:
                     next_sfa_lo, next_sfa_hi, next_n_block, next_expert,
                 )  # fmt: skip
             self._epilogue(epi, acc, h, row0, valid_rows, n_tile)
-        return state, release_state, tiled_mma, prev_lo, prev_hi
+        return state, release_state, tiled_mma, prev_lo, prev_hi, s2, s3
 
     @cute.jit
     def _mainloop_serial(

@@ -1,5 +1,6 @@
 """The wide tile of the FP8 blockscaled grouped GEMM (`grouped_gemm_fp8`, ``tile=(128, 256)``), as
-a mixin of its kernel class: the consumer warpgroups' tile loop, K loop and epilogue dispatch.
+a mixin of its kernel class: the ``_wide_*`` per-tile methods that the kernel's tile loop
+(`_consumer`) calls on this tile shape -- operand setup, K loop, epilogue.
 
 Why: on 128 x 128 tiles the mainloop reads 32 KiB of A and B per 128-deep K block, 4 MFLOP,
 and runs at about half the H100's FP8 peak with L2 busy 66-86% of the cycles
@@ -43,7 +44,6 @@ import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, const_expr
 
 from .grouped_gemm_fp8_epilogue import BLOCK_K, SCALE_BLOCK_N
-from .scheduler import cluster_position
 
 
 class Fp8WideMixin:
@@ -66,21 +66,19 @@ class Fp8WideMixin:
     @cute.jit
     def _wide_first(
         self,
+        mma: tuple,
         tiled_mma: cute.TiledMma,
-        t_c_ra: cute.Tensor,
-        t_c_rb0: cute.Tensor,
-        partial: cute.Tensor,
-        mainloop: pipeline.PipelineTmaAsync,
         state: pipeline.PipelineState,
-        m_sfa: cute.Tensor,
-        m_sfb: cute.Tensor,
         sfa_row_lo: Int32,
         sfa_row_hi: Int32,
         n_block: Int32,
         expert: Int32,
+        s2: Float32,
+        s3: Float32,
     ):
         """Issue K block 0's first half into ``partial`` (not waited for; its stage stays
-        held) and return block 0's promotion scales."""
+        held) and return block 0's promotion scales (row lo / hi of half 0, of half 1)."""
+        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb = mma
         s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_scales(
             m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, 0, expert
         )
@@ -88,7 +86,7 @@ class Fp8WideMixin:
         tiled_mma = self._issue_block(
             tiled_mma, partial, t_c_ra, t_c_rb0, state.index, cute.size(t_c_ra, mode=[2])
         )
-        return tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1
+        return state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1
 
     @cute.jit
     def _wide_finish_block(
@@ -198,7 +196,7 @@ class Fp8WideMixin:
         cute.arch.sync_warp()  # reconverge after the predicated stores, before wgmma
 
     @cute.jit
-    def _consumer_wide(
+    def _wide_setup(
         self,
         mma_tidx: Int32,
         mma_wg: Int32,
@@ -206,22 +204,17 @@ class Fp8WideMixin:
         s_a: cute.Tensor,
         s_b: cute.Tensor,
         s_out: cute.Tensor,
+        s_amax: cute.Tensor,
+        s_stash: cute.Tensor,
         mainloop: pipeline.PipelineTmaAsync,
         m_sfa: cute.Tensor,
         m_sfb: cute.Tensor,
         m_out: cute.Tensor,
         m_out_sf: cute.Tensor,
-        m_offsets: cute.Tensor,
-        num_experts: Int32,
-        num_rows: Int32,
-        num_n_tiles: Int32,
-        num_k_blocks: Int32,
     ):
-        """Two MMA warpgroups on 128 x 256 tiles (module docstring)."""
-        cid, num_clusters, m_rank, n_rank = cluster_position(self.cluster_m, self.cluster_size)
-        num_n_groups = (num_n_tiles + self.cluster_n - 1) // self.cluster_n
+        """(mma, epi, row lo, row hi, column block 0) of `_consumer` on 128 x 256 tiles: the B
+        tile's two 128-column halves, the two tile accumulators and the block accumulator."""
         wg_tidx = mma_tidx - mma_wg * self.threads_per_wg
-
         thr_mma_wg = tiled_mma.get_slice(mma_wg * self.threads_per_wg)
         t_c_ra = tiled_mma.make_fragment_A(thr_mma_wg.partition_A(s_a))
         # the B tile's two 128-column halves (rows of the [N, K] stage), each with every stage
@@ -237,104 +230,95 @@ class Fp8WideMixin:
         acc0 = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
         acc1 = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
         partial = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
-        row_lo = t_c_coord[0][0]
-        row_hi = t_c_coord[2][0]
-
         wg_barrier = pipeline.NamedBarrier(barrier_id=1 + mma_wg, num_threads=self.threads_per_wg)
         epi = (thr_mma, t_c_coord, s_out, m_out, m_out_sf, mma_wg, wg_tidx, wg_barrier)
         mma = (t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb)
+        return mma, epi, t_c_coord[0][0], t_c_coord[2][0], 0
 
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
-        tile = Int32(cid)
-        expert, tiles_before, seg_start, seg_end, expert_tiles = self._first_cursor(m_offsets)
-        expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-            tile, num_n_groups, m_offsets, num_experts, num_rows,
-            expert, tiles_before, seg_start, seg_end, expert_tiles,
+    @cute.jit
+    def _wide_pipelined(
+        self,
+        mma: tuple,
+        epi: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        s_lo0: Float32,
+        s_hi0: Float32,
+        s_lo1: Float32,
+        s_hi1: Float32,
+        row0: Int32,
+        n_tile: Int32,
+        valid_rows: Int32,
+        n_block: Int32,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        expert: Int32,
+        num_k_blocks: Int32,
+        issue_next: cutlass.Constexpr[bool],
+        next_sfa_lo: Int32,
+        next_sfa_hi: Int32,
+        next_n_block: Int32,
+        next_expert: Int32,
+    ):
+        """One tile of the epilogue-overlapped loop, its first half-block in flight: the rest
+        of its K loop, then (with ``issue_next``) the next tile's first half-block, then its
+        epilogue. ``release_state`` passes through (this loop releases at ``state``)."""
+        acc0, acc1 = mma[3], mma[4]
+        acc0.fill(0.0)
+        acc1.fill(0.0)
+        state, tiled_mma = self._wide_rest(
+            mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, num_k_blocks,
+            s_lo0, s_hi0, s_lo1, s_hi1,
         )  # fmt: skip
-        row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
-            tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank, num_n_tiles,
-            expert_tiles, 0, row_lo, row_hi, num_rows,
-        )  # fmt: skip
-        if const_expr(self.config.epi_overlap):
-            # expert tiles first, then padding tiles; the expert-tile loop is peeled
-            if expert < num_experts:
-                tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
-                    tiled_mma, t_c_ra, t_c_rb0, partial, mainloop, state, m_sfa, m_sfb,
-                    sfa_row_lo, sfa_row_hi, n_block, expert,
-                )  # fmt: skip
-                cur_expert = expert
-                tile = tile + num_clusters
-                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-                    tile, num_n_groups, m_offsets, num_experts, num_rows,
-                    expert, tiles_before, seg_start, seg_end, expert_tiles,
-                )  # fmt: skip
-                while expert < num_experts:
-                    nrow0, nn_tile, nvalid_rows, nn_block, nsfa_lo, nsfa_hi = self._tile_coords(
-                        tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                        num_n_tiles, expert_tiles, 0, row_lo, row_hi, num_rows,
-                    )  # fmt: skip
-                    acc0.fill(0.0)
-                    acc1.fill(0.0)
-                    state, tiled_mma = self._wide_rest(
-                        mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
-                        num_k_blocks, s_lo0, s_hi0, s_lo1, s_hi1,
-                    )  # fmt: skip
-                    tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
-                        tiled_mma, t_c_ra, t_c_rb0, partial, mainloop, state, m_sfa, m_sfb,
-                        nsfa_lo, nsfa_hi, nn_block, expert,
-                    )  # fmt: skip
-                    self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
-                    row0, n_tile, valid_rows = nrow0, nn_tile, nvalid_rows
-                    n_block, sfa_row_lo, sfa_row_hi = nn_block, nsfa_lo, nsfa_hi
-                    cur_expert = expert
-                    tile = tile + num_clusters
-                    expert, tiles_before, seg_start, seg_end, expert_tiles = (
-                        self._advance_cursor(
-                            tile, num_n_groups, m_offsets, num_experts, num_rows,
-                            expert, tiles_before, seg_start, seg_end, expert_tiles,
-                        )
-                    )  # fmt: skip
-                # the CTA's last expert tile
-                acc0.fill(0.0)
-                acc1.fill(0.0)
-                state, tiled_mma = self._wide_rest(
-                    mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
-                    num_k_blocks, s_lo0, s_hi0, s_lo1, s_hi1,
-                )  # fmt: skip
-                self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
-            while expert <= num_experts:  # padding tiles: zero output, no mainloop
-                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
-                    tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                    num_n_tiles, expert_tiles, 0, row_lo, row_hi, num_rows,
-                )  # fmt: skip
-                acc0.fill(0.0)
-                acc1.fill(0.0)
-                self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
-                tile = tile + num_clusters
-                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-                    tile, num_n_groups, m_offsets, num_experts, num_rows,
-                    expert, tiles_before, seg_start, seg_end, expert_tiles,
-                )  # fmt: skip
-        else:
-            while expert <= num_experts:
-                acc0.fill(0.0)
-                acc1.fill(0.0)
-                if expert < num_experts:  # padding rows get a zero product
-                    tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
-                        tiled_mma, t_c_ra, t_c_rb0, partial, mainloop, state, m_sfa, m_sfb,
-                        sfa_row_lo, sfa_row_hi, n_block, expert,
-                    )  # fmt: skip
-                    state, tiled_mma = self._wide_rest(
-                        mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert,
-                        num_k_blocks, s_lo0, s_hi0, s_lo1, s_hi1,
-                    )  # fmt: skip
-                self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
-                tile = tile + num_clusters
-                expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
-                    tile, num_n_groups, m_offsets, num_experts, num_rows,
-                    expert, tiles_before, seg_start, seg_end, expert_tiles,
-                )  # fmt: skip
-                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
-                    tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                    num_n_tiles, expert_tiles, 0, row_lo, row_hi, num_rows,
-                )  # fmt: skip
+        if const_expr(issue_next):
+            state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
+                mma, tiled_mma, state, next_sfa_lo, next_sfa_hi, next_n_block, next_expert,
+                s_lo1, s_hi1,
+            )  # fmt: skip
+        self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
+        return state, release_state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1
+
+    @cute.jit
+    def _wide_zero_tile(self, mma: tuple, epi: tuple, row0: Int32, valid_rows: Int32,
+                        n_tile: Int32):
+        """A padding tile: the epilogue of zero accumulators."""
+        acc0, acc1 = mma[3], mma[4]
+        acc0.fill(0.0)
+        acc1.fill(0.0)
+        self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
+
+    @cute.jit
+    def _wide_plain_tile(
+        self,
+        mma: tuple,
+        epi: tuple,
+        tiled_mma: cute.TiledMma,
+        state: pipeline.PipelineState,
+        release_state: pipeline.PipelineState,
+        row0: Int32,
+        n_tile: Int32,
+        valid_rows: Int32,
+        n_block: Int32,
+        sfa_row_lo: Int32,
+        sfa_row_hi: Int32,
+        expert: Int32,
+        num_experts: Int32,
+        num_k_blocks: Int32,
+    ):
+        """One tile without the epilogue overlap: its K loop (none for padding rows), then its
+        epilogue."""
+        acc0, acc1 = mma[3], mma[4]
+        acc0.fill(0.0)
+        acc1.fill(0.0)
+        if expert < num_experts:  # padding rows get a zero product
+            state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
+                mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, Float32(0.0),
+                Float32(0.0),
+            )  # fmt: skip
+            state, tiled_mma = self._wide_rest(
+                mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, num_k_blocks,
+                s_lo0, s_hi0, s_lo1, s_hi1,
+            )  # fmt: skip
+        self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
+        return state, release_state, tiled_mma
