@@ -144,9 +144,8 @@ class Fp8EpilogueMixin:
         mma_barrier.arrive_and_wait()  # amax of both halves visible; previous s_out reads done
         amax_lo = cutlass.max(s_amax[(row_lo, 0)], s_amax[(row_lo, 1)])
         amax_hi = cutlass.max(s_amax[(row_hi, 0)], s_amax[(row_hi, 1)])
-        scale_lo = self._fp8_scale(amax_lo)
-        scale_hi = self._fp8_scale(amax_hi)
-        q8 = self._quantize_pairs(act, Float32(1.0) / scale_lo, Float32(1.0) / scale_hi)
+        scale_lo, scale_hi, inv_lo, inv_hi = self._row_scales(amax_lo, amax_hi)
+        q8 = self._quantize_pairs(act, inv_lo, inv_hi)
         for p in cutlass.range_constexpr(num_pairs):
             coord = t_c_coord[2 * p]  # the gate column 2j of feature j
             s_out[(coord[0], coord[1] // 2)] = q8[p]
@@ -210,10 +209,7 @@ class Fp8EpilogueMixin:
         amax0 = cute.recast_tensor(amax0_words, Float32)
         amax_lo = cutlass.max(amax_lo, amax0[0])
         amax_hi = cutlass.max(amax_hi, amax0[1])
-        scale_lo = self._fp8_scale(amax_lo)
-        scale_hi = self._fp8_scale(amax_hi)
-        inv_lo = Float32(1.0) / scale_lo
-        inv_hi = Float32(1.0) / scale_hi
+        scale_lo, scale_hi, inv_lo, inv_hi = self._row_scales(amax_lo, amax_hi)
         words = cute.make_rmem_tensor((num_pairs // 2,), Int32)
         for w in cutlass.range_constexpr(num_pairs // 2):
             words[w] = s_stash[(w, mma_tidx)]
@@ -306,6 +302,14 @@ class Fp8EpilogueMixin:
                 )
                 cute.autovec_copy(src, frag)
                 cute.autovec_copy(frag, dst)
+
+    @cute.jit
+    def _row_scales(self, amax_lo: Float32, amax_hi: Float32):
+        """(scale lo, scale hi, 1 / scale lo, 1 / scale hi) of rows lo / hi (`_fp8_scale`; the
+        reciprocal correctly rounded, as the reference's)."""
+        scale_lo = self._fp8_scale(amax_lo)
+        scale_hi = self._fp8_scale(amax_hi)
+        return scale_lo, scale_hi, Float32(1.0) / scale_lo, Float32(1.0) / scale_hi
 
     @cute.jit
     def _fp8_scale(self, amax: Float32) -> Float32:

@@ -174,10 +174,9 @@ class Fp8WideMixin:
                 act1 = self._swiglu_act(acc1)
                 lo0, hi0 = self._quad_row_amax(act0)
                 lo1, hi1 = self._quad_row_amax(act1)
-                scale_lo = self._fp8_scale(cutlass.max(lo0, lo1))
-                scale_hi = self._fp8_scale(cutlass.max(hi0, hi1))
-                inv_lo = Float32(1.0) / scale_lo
-                inv_hi = Float32(1.0) / scale_hi
+                scale_lo, scale_hi, inv_lo, inv_hi = self._row_scales(
+                    cutlass.max(lo0, lo1), cutlass.max(hi0, hi1)
+                )
                 q0 = self._quantize_pairs(act0, inv_lo, inv_hi)
                 q1 = self._quantize_pairs(act1, inv_lo, inv_hi)
                 self._store_quantized_block(
