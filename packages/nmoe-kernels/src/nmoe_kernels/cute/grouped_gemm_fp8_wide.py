@@ -77,7 +77,8 @@ class Fp8WideMixin:
         s3: Float32,
     ):
         """Issue K block 0's first half into ``partial`` (not waited for; its stage stays
-        held) and return block 0's promotion scales (row lo / hi of half 0, of half 1)."""
+        held) and return block 0's promotion scales (row lo / hi of half 0, of half 1), which
+        replace the carried s0..s3 (``s2`` / ``s3`` in: the tile loop's interface, unused)."""
         t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb = mma
         s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_scales(
             m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, 0, expert
