@@ -167,7 +167,9 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
         # (1, 2) still ran 14-16% faster than one CTA at K = 7168), and so does the one-CTA
         # 128 x 256 bf16 tile with epi_overlap (4 bytes; the public ops run it as (2, 1)); the
         # rest spill nothing.
-        wide_one_cta_bf16 = config.wide and epilogue == "bf16" and config.cluster_size == 1
+        wide_one_cta_bf16 = (
+            config.wide and epilogue == "bf16" and config.cluster_size == 1 and config.epi_overlap
+        )
         if not wide_one_cta_bf16 and (config.cluster_size == 1 or (
             epilogue, config.cluster_m, config.cluster_n
         ) == ("bf16", 2, 1)):
