@@ -31,9 +31,12 @@ Time is the median of per-call CUDA-event timings after warm-up, calls enqueued 
 (launch overhead hidden, as in triton's do_bench; before 2026-11-26 each call was timed after a
 sync, which counted the host wrapper's launch overhead as GPU time); inputs are random (never
 zeros) and far larger than L2. With ``--rounds R`` each shape's rows are timed in R round-robin
-passes (ours and the baselines together, then the variants together), medians reported: on the
-K = 7168 shapes a kernel's time drifts by up to ~10% within a run with the GPU's clock and power
-state. TFLOP/s counts 2 * M * K * N per GEMM. JSON rows carry op,
+passes (every pass times each row once: ours and the baselines, then the variants), medians
+reported: on the K = 7168 shapes a kernel's time drifts by up to ~10% within a run with the GPU's
+clock and power state. (Before 2026-11-27 the variants were timed in passes of their own after
+ours and the baselines, where the same kernel ran up to ~10% slower than in the first group; a
+later row of one pass can still run a few % slower: bench/results/fp8_H100_wide.txt, run 5.)
+TFLOP/s counts 2 * M * K * N per GEMM. JSON rows carry op,
 shape, dtype, time, TFLOP/s, baseline, ratio, device name, torch, CUDA and driver versions.
 """
 
@@ -219,22 +222,20 @@ def timed_rounds(fns: dict) -> dict:
     return {name: statistics.median(ts) if ts else None for name, ts in times.items()}
 
 
-def cluster_rows(op, epilogue, clusters, operands, shape, flops, base_name, base_ms, env):
-    """One row per variant: the median over ``ROUNDS`` round-robin passes over the variants
-    (each pass times every variant once, so drifts of the GPU's clock hit all of them alike)."""
+def variant_fns(op: str, epilogue: str, clusters, operands) -> dict:
+    """{"<op>[c<variant>]": callable} for the listed kernel variants whose tile fits N."""
     fns = {}
     for variant in clusters:
         fn = cluster_variant(epilogue, variant, *operands)
         if fn is not None:
-            fns[variant] = fn
-    times = {variant: [] for variant in fns}
-    for _ in range(ROUNDS):
-        for variant, fn in fns.items():
-            times[variant].append(median_ms(fn))
-    return [
-        row(f"{op}[c{variant}]", shape, statistics.median(ts), flops, base_name, base_ms, env)
-        for variant, ts in times.items()
-    ]
+            fns[f"{op}[c{variant}]"] = fn
+    return fns
+
+
+def variant_rows(names, ms, shape, flops, base_name, base_ms, env) -> list[dict]:
+    """The rows of the variants ``names`` timed in ``ms`` (a failed one has no row)."""
+    return [row(name, shape, ms[name], flops, base_name, base_ms, env)
+            for name in names if ms[name] is not None]
 
 
 def row(op, shape, ms, flops, baseline, baseline_ms, env):
@@ -293,15 +294,15 @@ def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
         fns.update(bf16_mlp=bf16_mlp, fp8_mlp=fp8_mlp)
     else:
         print(f"  {name}: mlp_fwd_fp8 left out (nmoe_kernels._C not built)")
-    ms = timed_rounds(fns)
+    operands = (xq, xs, w13q, w13s, offsets)
+    variants = {}
+    for op, epilogue in (("w13_fp8", "bf16"), ("w13_swiglu_quant_fp8", "swiglu_quant")):
+        variants.update(variant_fns(op, epilogue, clusters, operands))
+    ms = timed_rounds({**fns, **variants})  # the variants in the same passes as the rest
     base_ms = ms["base"]
     rows.append(row("w13_fp8", shape, ms["w13"], w13_flops, base_name, base_ms, env))
     rows.append(row("w13_swiglu_quant_fp8", shape, ms["sq"], w13_flops, base_name, base_ms, env))
-    operands = (xq, xs, w13q, w13s, offsets)
-    for op, epilogue in (("w13_fp8", "bf16"), ("w13_swiglu_quant_fp8", "swiglu_quant")):
-        rows += cluster_rows(
-            op, epilogue, clusters, operands, shape, w13_flops, base_name, base_ms, env
-        )
+    rows += variant_rows(variants, ms, shape, w13_flops, base_name, base_ms, env)
     if HAVE_CUDA_QUANT:
         mlp_base = "bf16 torch._grouped_mm W13 + silu*up + W2"
         flops = w13_flops + w2_flops
@@ -321,16 +322,16 @@ def bench_deepgemm(env: dict, clusters=(), shape=DEEPGEMM_SHAPE,
     _, wq, ws, w_row, w_row_scale = quantized_weights(groups, n, k)
     xq_row, x_row_scale = rowwise_quant(x)
     flops = 2 * num_rows * n * k
+    variants = variant_fns(op, "bf16", clusters, (xq, xs, wq, ws, offsets))
     ms = timed_rounds({
         "base": lambda: scaled_grouped_mm(xq_row, x_row_scale, w_row, w_row_scale, offsets[1:]),
         "ours": lambda: nmoe_kernels.grouped_gemm_fp8_blockscaled(xq, xs, wq, ws, offsets),
+        **variants,
     })  # fmt: skip
-    base_ms, ms = ms["base"], ms["ours"]
     shape = dict(groups=groups, rows_per_group=rows_per_group, N=n, K=k)
     base_name = "torch._scaled_grouped_mm rowwise"
-    rows = [row(op, shape, ms, flops, base_name, base_ms, env)]
-    operands = (xq, xs, wq, ws, offsets)
-    rows += cluster_rows(op, "bf16", clusters, operands, shape, flops, base_name, base_ms, env)
+    rows = [row(op, shape, ms["ours"], flops, base_name, ms["base"], env)]
+    rows += variant_rows(variants, ms, shape, flops, base_name, ms["base"], env)
     return rows
 
 

@@ -54,10 +54,10 @@ CLUSTER_MIN_ROWS_PER_EXPERT = 2048
 # The CTA tile of the same long problems, where N allows it: the bf16 GEMM runs 128 x 256 tiles
 # (`cute.grouped_gemm_fp8_wide`: 25% fewer operand bytes per FLOP than 128 x 128, and with the
 # (2, 1) cluster's multicast of B half of them). On one H100, against (2, 1) on 128 x 128 in the
-# same round-robin passes of three runs (bench/results/fp8_H100_wide.txt): 6-15% faster at
-# dsv3-local's W13 in all three; at DeepGEMM's shape 11% and 8% faster, then 0.7% slower.
-# swiglu_quant keeps 128 x 128 (paired halves): 128 x 256 was 3% faster to 1% slower at
-# dsv3-local and 8-10% slower at moonlight.
+# same round-robin passes of four runs (bench/results/fp8_H100_wide.txt): 6-15% faster at
+# dsv3-local's W13 in all four; at DeepGEMM's shape 11%, 8% and 3% faster, once 0.7% slower.
+# swiglu_quant keeps 128 x 128 (paired halves): 128 x 256 was 3% faster to 3% slower at
+# dsv3-local and 6-10% slower at moonlight.
 LONG_TILE = {"bf16": (128, 256), "swiglu_quant": None}
 
 
