@@ -51,17 +51,13 @@ class Fp8WideMixin:
 
     @cute.jit
     def _wide_scales(self, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb, expert):
-        """Promotion scales of K block ``kb``: (row lo, row hi) x (half 0, half 1)."""
-        scale_a_lo = m_sfa[(sfa_row_lo, kb)]
-        scale_a_hi = m_sfa[(sfa_row_hi, kb)]
-        scale_b0 = m_sfb[(n_block, kb, expert)]
-        scale_b1 = m_sfb[(n_block + 1, kb, expert)]
-        return (
-            scale_a_lo * scale_b0,
-            scale_a_hi * scale_b0,
-            scale_a_lo * scale_b1,
-            scale_a_hi * scale_b1,
-        )
+        """Promotion scales of K block ``kb``: (row lo, row hi) of half 0, then of half 1
+        (`_block_scales` of the halves' weight-scale blocks ``n_block`` and ``n_block + 1``)."""
+        s_lo0, s_hi0 = self._block_scales(m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb,
+                                          expert)
+        s_lo1, s_hi1 = self._block_scales(m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block + 1, kb,
+                                          expert)
+        return s_lo0, s_hi0, s_lo1, s_hi1
 
     @cute.jit
     def _wide_first(
