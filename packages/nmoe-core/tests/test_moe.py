@@ -140,13 +140,18 @@ def test_router_bias_moves_toward_balance():
         return (load.max() / load.float().mean()).item(), load
 
     before, load = route()
-    for _ in range(400):
+    settled = torch.zeros(8)
+    for step in range(400):
         layer.update_router_bias(load, rate=0.005)
         _, load = route()
-    after, _ = route()
+        if step >= 300:
+            settled += load.float()
+    after = (settled.max() / settled.mean()).item()
     assert before > 2.5, f"setup not skewed enough ({before}), seed {seed}"
-    # Sign-based steps of 0.005 keep the load within a band around balance, not exactly at it.
-    assert after < 1.6, f"imbalance {before:.2f} -> {after:.2f}, seed {seed}"
+    # Sign-based steps of 0.005 keep the load oscillating in a band around balance, and one
+    # step's imbalance can land at the band's edge (1.60 on one seed of ~360 drawn); the load
+    # summed over the last 100 steps measures where the band sits: at most 1.28 on those seeds.
+    assert after < 1.4, f"imbalance {before:.2f} -> {after:.2f} (last 100 steps), seed {seed}"
     assert layer.router.bias[:2].max() < layer.router.bias[2:].min(), f"seed {seed}"
 
 

@@ -206,12 +206,14 @@ ROUNDS = 1  # --rounds
 
 def timed_rounds(fns: dict) -> dict:
     """Median over ``ROUNDS`` round-robin passes of `median_ms` per callable (each pass times
-    every callable once, so a drift of the GPU's clock hits all of them alike). A callable that
-    raises is reported once and gets None."""
+    every callable once, so a drift of the GPU's clock hits all of them alike). Odd passes run
+    in reverse order: a callable timed late in a pass had run up to ~6% slower than the same
+    kernel timed early, and alternating spreads that over every row. A callable that raises is
+    reported once and gets None."""
     times: dict = {name: [] for name in fns}
     failed: set = set()
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
+    for rnd in range(ROUNDS):
+        for name, fn in pass_order(fns, rnd):
             if name in failed:
                 continue
             try:
@@ -220,6 +222,12 @@ def timed_rounds(fns: dict) -> dict:
                 print(f"  {name} failed: {type(err).__name__}: {err}")
                 failed.add(name)
     return {name: statistics.median(ts) if ts else None for name, ts in times.items()}
+
+
+def pass_order(fns: dict, rnd: int) -> list:
+    """(name, callable) pairs of pass ``rnd``: insertion order on even passes, reversed on odd."""
+    items = list(fns.items())
+    return items[::-1] if rnd % 2 else items
 
 
 def variant_fns(op: str, epilogue: str, clusters, operands) -> dict:
