@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -27,11 +28,19 @@ pytest.importorskip("cutlass")
 
 
 def compiled_ptx(epilogue: str, ue8m0: bool, ptx_dir, cluster=None, overlap=None, **opts) -> str:
+    """The kernel's PTX; fails where the DSL warns while compiling it (a user would see the
+    warning on the op's first call)."""
+    from cutlass.base_dsl.ast_helpers import DSLOptimizationWarning
+
     from nmoe_kernels.cute.grouped_gemm_fp8 import compile_kernel
 
-    compiled = compile_kernel(
-        epilogue, ue8m0, ptx_dir=str(ptx_dir), cluster=cluster, overlap=overlap, **opts
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DSLOptimizationWarning)
+        compiled = compile_kernel(
+            epilogue, ue8m0, ptx_dir=str(ptx_dir), cluster=cluster, overlap=overlap, **opts
+        )
+    dsl = [str(w.message) for w in caught if issubclass(w.category, DSLOptimizationWarning)]
+    assert not dsl, f"DSL warnings while compiling: {dsl}"
     return compiled.artifacts.PTX
 
 
