@@ -19,6 +19,12 @@ Timing: CUDA events around each call, warm-up first, median of the repetitions; 
 table gives the medians over the rounds (this card's clock and power state drift between
 back-to-back timings). The inputs (hundreds of MB) exceed the L2 cache. Each case also checks
 that both paths agree (relative RMS).
+
+Under the table: issue 4's BF16 targets (`bench_targets.BF16_TARGETS`: mlp_fwd >= 1.2x, dgrad
+and wgrad >= 1.0x at every shape), each met or missed and by how much, and each row's floor
+(column ``floor``: % of the floor set by ``c`` compute or ``b`` bytes, from the dense BF16 GEMM
+rate and copy bandwidth measured at the start of the run; ``--no-ceilings`` skips them). The
+JSON is ``{"rows", "ceilings", "targets"}`` (before 2026-11-28 the bare row list).
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ import statistics
 import torch
 import torch.nn.functional as F
 from bench_common import median_ms  # same directory
+from bench_targets import (  # same directory
+    BF16_TARGETS,
+    evaluate,
+    floor_column,
+    floor_fields,
+    measure_ceilings,
+    print_verdicts,
+)
 
 import nmoe_kernels
 from nmoe_kernels import grouped_gemm
@@ -54,8 +68,23 @@ def expert_offsets(num_rows: int, num_experts: int, gen: torch.Generator) -> tor
     return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
 
 
+def min_bytes(op: str, m: int, d: int, f: int, e: int) -> int:
+    """Fewest bytes of bf16 case ``op`` (its name without a "[...]" suffix): every input read
+    once, the output written once."""
+    w13, w2 = e * d * 2 * f, e * f * d
+    elements = {
+        "w13_swiglu": m * d + w13 + m * f,
+        "mlp_fwd": m * d + w13 + w2 + m * d,
+        "dgrad_w13": m * 2 * f + w13 + m * d,
+        "dgrad_w2": m * d + w2 + m * f,
+        "wgrad_w13": m * d + m * 2 * f + w13,
+        "wgrad_w2": m * f + m * d + w2,
+    }[op.split("[")[0]]
+    return 2 * elements
+
+
 def bench_shape(name: str, iters: int, raster_experiment: bool = False,
-                rounds: int = 1) -> list[dict]:
+                rounds: int = 1, ceilings: dict | None = None) -> list[dict]:
     tokens, top_k, dim, ffn, experts = SHAPES[name]
     rows = tokens * top_k
     gen = torch.Generator().manual_seed(0)
@@ -185,6 +214,7 @@ def bench_shape(name: str, iters: int, raster_experiment: bool = False,
         results.append(
             dict(
                 op=op,
+                case=name,
                 shape=name,
                 dims=dict(tokens=tokens, top_k=top_k, D=dim, F=ffn, E=experts, M=rows),
                 dtype="bfloat16",
@@ -198,12 +228,13 @@ def bench_shape(name: str, iters: int, raster_experiment: bool = False,
                 round_ms=ours_ms,
                 baseline_round_ms=torch_ms,
                 rel_rms_vs_baseline=agree,
+                **floor_fields(flops, min_bytes(op, rows, dim, ffn, experts), ms, ceilings),
             )
         )
         r = results[-1]
         print(
             f"{name:<11}{op:<14}{ms:>9.3f}{r['tflops']:>9.1f}{base_ms:>10.3f}"
-            f"{r['baseline_tflops']:>9.1f}{r['ratio']:>8.2f}{agree:>10.1e}",
+            f"{r['baseline_tflops']:>9.1f}{r['ratio']:>8.2f}{agree:>10.1e}{floor_column(r):>8}",
             flush=True,
         )
         del got, want
@@ -222,6 +253,12 @@ def main() -> None:
         action="store_true",
         help="also time the grouped-M kernels with the M-major tile order inside each expert",
     )
+    parser.add_argument(
+        "--no-ceilings",
+        action="store_true",
+        help="skip measuring the card's dense BF16 GEMM rate and copy bandwidth (the rows' "
+        "floors are then left out)",
+    )
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
     env = dict(
@@ -231,18 +268,29 @@ def main() -> None:
         cuda=torch.version.cuda,
     )
     print(f"{env['device']} ({env['sms']} SMs), torch {env['torch']}, CUDA {env['cuda']}")
+    ceilings = None
+    if not args.no_ceilings:
+        try:
+            ceilings = measure_ceilings("bf16", lambda fn: median_ms(fn, args.iters, 3))
+            print(f"ceilings: {ceilings['dense']} {ceilings['dense_tflops']:.0f} TFLOP/s, "
+                  f"device copy {ceilings['copy_gbs']:.0f} GB/s")
+        except Exception as err:  # the table is still worth having without floors
+            print(f"  ceiling measurement failed ({type(err).__name__}: {err}); no floors")
+        torch.cuda.empty_cache()
     print(
         f"{'shape':<11}{'op':<14}{'ours ms':>9}{'TFLOP/s':>9}{'torch ms':>10}{'TFLOP/s':>9}"
-        f"{'ratio':>8}{'rel rms':>10}"
+        f"{'ratio':>8}{'rel rms':>10}{'floor':>8}"
     )
     rows = []
     for name in args.shapes.split(","):
-        rows += [dict(r, **env)
-                 for r in bench_shape(name, args.iters, args.raster_experiment, args.rounds)]
+        rows += [dict(r, **env) for r in bench_shape(
+            name, args.iters, args.raster_experiment, args.rounds, ceilings)]
         torch.cuda.empty_cache()
+    verdicts = evaluate(rows, BF16_TARGETS)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(dict(rows=rows, ceilings=ceilings, targets=verdicts), f, indent=1)
+    print_verdicts(verdicts, ceilings)
 
 
 if __name__ == "__main__":
