@@ -102,10 +102,13 @@ def test_bf16_gradient_dtypes_and_router_gradient(gen):
     assert (x.grad.dtype, gates.grad.dtype, weights.grad.dtype) == (
         torch.bfloat16, torch.float32, torch.bfloat16)
     # dGates[t, k] = <1, y(t, k)> = sum of y's 32 entries. y = x @ W is rounded to bfloat16
-    # (relative 2^-9 = 2e-3 per entry; |y| ~ 1), so the sum of 32 entries is off by at most about
-    # 32 * 2e-3 * 1 = 6e-2 absolute in the worst case and ~sqrt(32) * 2e-3 = 1e-2 typically.
+    # (at most 2^-9 relative per entry; |y| reaches ~5 here), so the sum is off by at most
+    # 2^-9 * sum|y| plus float32 rounding: bound 2^-8 * sum|y| (measured <= 0.39 of it over 3000
+    # draws; the former absolute 6e-2 had been reached up to 0.048 over 6000 draws).
     y_TKF = torch.einsum("td,tkdf->tkf", x.detach().double(), weights.detach().double()[ids])
-    torch.testing.assert_close(gates.grad.double(), y_TKF.sum(-1), rtol=0, atol=6e-2)
+    err = (gates.grad.double() - y_TKF.sum(-1)).abs()
+    bound = 2**-8 * y_TKF.abs().sum(-1)
+    assert bool((err <= bound).all()), f"dGates error {float((err / bound).max()):.3g} x bound"
 
 
 def test_gradcheck(gen):

@@ -67,15 +67,19 @@ def test_float32_state_is_bitwise_torch_single_tensor_adamw():
 
 def _reference_bf16(params, seed: int):
     """AdamW in float64 whose moments are rounded to bfloat16 where they are stored: the update
-    uses the unrounded moment of this step, the next step starts from the stored one."""
+    uses the unrounded moment of this step, the next step starts from the stored one. Also
+    keeps, per stored moment, how far a float32 implementation may be from it (``bm``, ``bv``):
+    this step's two roundings to bfloat16 (half an ulp each, <= 2^-7 of the value together), the
+    float32 error of the multiply-add (relative to its terms, as m can cancel) and the previous
+    step's difference carried by beta."""
     out = []
     for hyper, group in zip(GROUPS, params):
         b1, b2 = hyper["betas"]
         lr, wd, eps = hyper["lr"], hyper["weight_decay"], hyper["eps"]
         states = []
         for p in group:
-            states.append(dict(p=p.detach().double().clone(), m=torch.zeros(p.shape,
-                          dtype=torch.float64), v=torch.zeros(p.shape, dtype=torch.float64), t=0))
+            m, v, bm, bv = (torch.zeros(p.shape, dtype=torch.float64) for _ in range(4))
+            states.append(dict(p=p.detach().double().clone(), m=m, v=v, bm=bm, bv=bv, t=0))
         out.append((hyper, states, b1, b2, lr, wd, eps))
     for step in range(STEPS):
         _grads(params, seed, step)
@@ -90,6 +94,10 @@ def _reference_bf16(params, seed: int):
                 v = b2 * st["v"] + (1 - b2) * gr * gr
                 bc1, bc2 = 1 - b1 ** st["t"], 1 - b2 ** st["t"]
                 st["p"] -= lr / bc1 * m / (v.sqrt() / bc2**0.5 + eps)
+                st["bm"] = (2**-7 * m.abs() + b1 * st["bm"]
+                            + 2**-22 * (b1 * st["m"].abs() + (1 - b1) * gr.abs()))
+                st["bv"] = (2**-7 * v + b2 * st["bv"]
+                            + 2**-22 * (b2 * st["v"] + (1 - b2) * gr * gr))
                 st["m"] = m.to(torch.bfloat16).double()
                 st["v"] = v.to(torch.bfloat16).double()
     return out
@@ -99,10 +107,13 @@ def test_bfloat16_state_against_float64_with_the_same_rounding():
     # The kernel-free update computes in float32 and rounds each moment once to bfloat16; the
     # reference computes in float64 and rounds at the same points. They differ by float32
     # rounding, which can flip a stored moment to its neighbouring bfloat16 value (one bfloat16
-    # ulp, 2^-8 relative) when the exact value sits near a rounding boundary. Bounds: every
-    # stored moment within 1 ulp (relative 2^-7 of its size, a tiny floor for values near 0);
-    # every parameter within 1e-6 of its size plus 2% of one step (a flipped moment moves one
-    # update by <= 2^-7 = 0.8% of lr for each step after it).
+    # ulp, 2^-8 relative) when the exact value sits near a rounding boundary; a flipped moment
+    # is carried into the next step's moment (times beta), where a second flip can add to it
+    # (2 ulps on ~1 seed in 1000, e.g. seeds 1552139830 and 277528374, which failed a 1-ulp
+    # bound). Bounds: every stored moment within the bound `_reference_bf16` accumulates
+    # (measured <= 0.94 of it over 15,000 seeds); every parameter within 1e-6 of its size plus
+    # 2% of one step (a flipped moment moves one update by <= 2^-7 = 0.8% of lr for each step
+    # after it).
     seed = torch.seed() % 2**31
     params = _params(seed)
     ref = _reference_bf16(_clone(params), seed)
@@ -115,9 +126,10 @@ def test_bfloat16_state_against_float64_with_the_same_rounding():
             s = opt.state[p]
             assert s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16
             assert int(s["step"]) == st["t"]
-            for key, want in (("exp_avg", st["m"]), ("exp_avg_sq", st["v"])):
+            for key, want, bound in (("exp_avg", st["m"], st["bm"]),
+                                     ("exp_avg_sq", st["v"], st["bv"])):
                 err = (s[key].double() - want).abs()
-                assert bool((err <= 2**-7 * want.abs() + 1e-30).all()), (
+                assert bool((err <= bound + 1e-30).all()), (
                     f"seed {seed} {hyper['name']} {key}: {float(err.max()):.3g}")
             err = (p.detach().double() - st["p"]).abs()
             bound = 1e-6 * st["p"].abs() + 0.02 * hyper["lr"] * STEPS

@@ -197,9 +197,12 @@ def test_steps_match_float64_reference(shape, col_blocks, scaled):
         buf_err = (buf.double() - buf_ref).abs().max().item()
         assert buf_err < 1e-6, f"seed={seed} step {step} momentum err {buf_err:.3g}"
         # Params: NS error (<= 1e-5, see NS_F32_ATOL) scaled by lr * update_rms * sqrt(max dim)
-        # < 0.03, plus float32 rounding of O(1) params (1e-7): 1e-6 holds with margin.
+        # < 0.03, plus float32 rounding of the params, which grows with their size: randn
+        # entries reach 4-5, where one ulp is 4.8e-7 (a plain 1e-6 was reached up to 0.83 over
+        # 9000 runs). Relative to the tensor's largest entry (>= 1): measured <= 0.28e-6.
         p_err = (p.detach().double() - p_ref).abs().max().item()
-        assert p_err < 1e-6, f"seed={seed} step {step} param err {p_err:.3g}"
+        p_scale = max(1.0, p_ref.abs().max().item())
+        assert p_err < 1e-6 * p_scale, f"seed={seed} step {step} param err {p_err:.3g}"
 
 
 def test_bf16_param_is_rounded_once_from_float32_update():

@@ -40,8 +40,9 @@ def test_chunked_argmax_keeps_the_first_of_ties():
     assert argmax.item() == 3
 
 
-def full_logits_reference(model, request: ScoreRequest) -> tuple[float, bool]:
-    """Independent: the sequence alone, full [S, V] logits, float64 log_softmax."""
+def full_logits_reference(model, request: ScoreRequest) -> tuple[float, bool, float]:
+    """Independent: the sequence alone, full [S, V] logits, float64 log_softmax. Also returns
+    the smallest gap between the largest and second-largest logit over the span."""
     tokens = torch.tensor([request.tokens])
     with torch.no_grad():
         logits = model.logits(model(tokens).hidden)[0].double()
@@ -49,7 +50,14 @@ def full_logits_reference(model, request: ScoreRequest) -> tuple[float, bool]:
     positions = range(request.start, request.end)
     nll = -sum(logp[p - 1, request.tokens[p]].item() for p in positions)
     greedy = all(logits[p - 1].argmax().item() == request.tokens[p] for p in positions)
-    return nll, greedy
+    top2 = logits[[p - 1 for p in positions]].topk(2, dim=-1).values
+    return nll, greedy, (top2[:, 0] - top2[:, 1]).min().item()
+
+
+# Batching and padding move the float32 logits by ~1e-6 (measured <= 1.4e-6 over 200 draws),
+# and the tiny model's 50k logits sit close together (a top-2 gap below 1e-4 somewhere in ~2%
+# of draws, 6e-6 at the least): an argmax that close to its runner-up may flip.
+NEAR_TIE = 1e-4
 
 
 def test_score_requests_matches_full_logits_on_a_tiny_model(seed, tiny_model):
@@ -71,11 +79,12 @@ def test_score_requests_matches_full_logits_on_a_tiny_model(seed, tiny_model):
     got = score_requests(tiny_model, requests, pad_id=50256, device="cpu", max_batch_tokens=100,
                          chunk_size=5000)
     for req, res in zip(requests, got, strict=True):
-        nll, greedy = full_logits_reference(tiny_model, req)
+        nll, greedy, gap = full_logits_reference(tiny_model, req)
         # float32 forward: batching/padding changes summation order; 2e-4 nats per token.
         assert abs(res.nll - nll) <= 2e-4 * res.num_tokens, f"{res.nll} vs {nll}, seed {seed}"
-        assert res.greedy == greedy and res.num_tokens == req.end - req.start
-    assert got[-1].greedy
+        assert res.greedy == greedy or gap < NEAR_TIE, f"gap {gap:.3g}, seed {seed}"
+        assert res.num_tokens == req.end - req.start
+    assert got[-1].greedy or gap < NEAR_TIE, f"gap {gap:.3g}, seed {seed}"  # the last request's
 
 
 def test_plan_batches_respects_the_budget(seed):

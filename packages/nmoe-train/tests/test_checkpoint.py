@@ -354,11 +354,17 @@ def test_a_stop_signal_during_publish_is_held_until_latest_points_at_the_new_ste
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(checkpoint.os, "rename", rename_then_interrupt)
-    ckpt = Checkpointer(tmp_path, keep_last=None)
-    ckpt.save(4, {"w": torch.randn(32, generator=gen)}, {}, {"step": 4})
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.wait()
-    assert (tmp_path / LATEST).read_text().strip() == step_dir_name(4)
-    assert ckpt.latest() == tmp_path / step_dir_name(4)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    ckpt.close()
+    # Python's own SIGINT handler, also where pytest was started with SIGINT ignored (a
+    # background job or nohup), where the held signal would rightly be ignored again.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ckpt = Checkpointer(tmp_path, keep_last=None)
+        ckpt.save(4, {"w": torch.randn(32, generator=gen)}, {}, {"step": 4})
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.wait()
+        assert (tmp_path / LATEST).read_text().strip() == step_dir_name(4)
+        assert ckpt.latest() == tmp_path / step_dir_name(4)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ckpt.close()
+    finally:
+        signal.signal(signal.SIGINT, outer)
