@@ -192,10 +192,6 @@ class KernelConfig:
         """GEMM columns of one scheduled tile."""
         return self.tile_n * self.sub_tiles
 
-def _stage_bytes(tile_m: int, tile_n: int) -> int:
-    return tile_m * BLOCK_K + tile_n * BLOCK_K  # A and B tiles, fp8
-
-
 def _epilogue_smem(epilogue: str, tile_m: int, tile_n: int) -> tuple:
     """The epilogue's shared memory: (out rows, out columns, out row stride, out element bytes,
     row-maximum words, stash words). The kernel's `SharedStorage` is built from it.
