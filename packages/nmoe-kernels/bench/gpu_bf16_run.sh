@@ -93,7 +93,7 @@ fi
 if { [ "$what" = bench ] || [ "$what" = all ]; } && [ "$rc" = 0 ]; then
   timeout 540 "$PY" packages/nmoe-kernels/bench/bench_grouped_bf16.py \
     --json "$OUT/bf16_$tag.json" "$@" > "$OUT/bench.log" 2>&1
-  echo "bench rc=$?"; tail -25 "$OUT/bench.log"
+  echo "bench rc=$?"; tail -50 "$OUT/bench.log"
 fi
 if [ "$what" = sweep ] && [ "$rc" = 0 ]; then
   (cd packages/nmoe-kernels/bench && timeout 540 "$PY" sweep_bf16_tiles.py \

@@ -42,5 +42,5 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   t0=$SECONDS
   PYTHONPATH=$pypath timeout ${NMOE_FP8_BENCH_TIMEOUT:-240} "$PY" packages/nmoe-kernels/bench/bench_grouped_fp8.py \
     --json "$OUT/fp8_$tag.json" "$@" > "$OUT/bench.log" 2>&1
-  echo "bench rc=$? ($((SECONDS - t0)) s)"; tail -40 "$OUT/bench.log"
+  echo "bench rc=$? ($((SECONDS - t0)) s)"; tail -50 "$OUT/bench.log"
 fi
