@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import random
-import sys
 
 import pytest
 import torch
 
 from nmoe_kernels import reference as ref
 
-BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "bench"
 
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    sys.path.insert(0, str(BENCH_DIR))  # the scripts import their siblings, as when run there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH_DIR))
-    return module
+@pytest.fixture(scope="module")
+def targets(load_bench):
+    return load_bench("bench_targets")
 
 
 @pytest.fixture(scope="module")
-def targets():
-    return load("bench_targets")
-
-
-@pytest.fixture(scope="module")
-def fp8_bench():
-    return load("bench_grouped_fp8")
+def fp8_bench(load_bench):
+    return load_bench("bench_grouped_fp8")
 
 
 def test_floor_is_the_larger_term(targets):
@@ -129,8 +112,8 @@ def test_fp8_byte_counts_match_the_quantized_operands(fp8_bench):
     assert fp8_bench.weight_bytes(experts, n, k) == wq.nbytes + ws.nbytes
 
 
-def test_bf16_byte_counts_are_each_operand_once():
-    bench = load("bench_grouped_bf16")
+def test_bf16_byte_counts_are_each_operand_once(load_bench):
+    bench = load_bench("bench_grouped_bf16")
     m, d, f, e = (random.randrange(1, 1000) for _ in range(4))
     x, h, a, y = (m, d), (m, 2 * f), (m, f), (m, d)  # input, W13 out, SwiGLU out, W2 out
     w13, w2 = (e, d, 2 * f), (e, f, d)

@@ -12,20 +12,13 @@ import pytest
 
 pytest.importorskip("cutlass", reason="needs nvidia-cutlass-dsl")
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 KERNEL = (pathlib.Path(__file__).resolve().parents[1] / "src" / "nmoe_kernels" / "cute"
           / "grouped_gemm_bf16.py")
 
 
 @pytest.fixture(scope="module")
-def sweep():
-    sys.path.insert(0, str(BENCH))  # the sweep imports its sibling bench modules
-    try:
-        import sweep_bf16_tiles
-
-        yield sweep_bf16_tiles
-    finally:
-        sys.path.remove(str(BENCH))
+def sweep(load_bench):
+    return load_bench("sweep_bf16_tiles")  # it imports its sibling bench modules
 
 
 def test_cluster_syntax(sweep):
