@@ -338,18 +338,17 @@ def bench_moe(name: str, env: dict, gen, clusters=()) -> list[dict]:
     else:
         print(f"  {name}: mlp_fwd_fp8 left out (nmoe_kernels._C not built)")
     operands = (xq, xs, w13q, w13s, offsets)
-    variants = {}
-    for op, epilogue in (("w13_fp8", "bf16"), ("w13_swiglu_quant_fp8", "swiglu_quant")):
-        variants.update(variant_fns(op, epilogue, clusters, operands))
-    ms = timed_rounds({**fns, **variants})  # the variants in the same passes as the rest
+    w13_variants = variant_fns("w13_fp8", "bf16", clusters, operands)
+    sq_variants = variant_fns("w13_swiglu_quant_fp8", "swiglu_quant", clusters, operands)
+    # the variants in the same passes as the rest
+    ms = timed_rounds({**fns, **w13_variants, **sq_variants})
     base_ms = ms["base"]
     rows.append(row("w13_fp8", name, shape, ms["w13"], w13_cost, base_name, base_ms, env))
     rows.append(
         row("w13_swiglu_quant_fp8", name, shape, ms["sq"], sq_cost, base_name, base_ms, env)
     )
-    for op in variants:
-        cost = sq_cost if op.startswith("w13_swiglu_quant_fp8") else w13_cost
-        rows += variant_rows([op], ms, name, shape, cost, base_name, base_ms, env)
+    rows += variant_rows(w13_variants, ms, name, shape, w13_cost, base_name, base_ms, env)
+    rows += variant_rows(sq_variants, ms, name, shape, sq_cost, base_name, base_ms, env)
     if HAVE_CUDA_QUANT:
         mlp_base = "bf16 torch._grouped_mm W13 + silu*up + W2"
         cost = (w13_flops + w2_flops, mlp_bytes)
