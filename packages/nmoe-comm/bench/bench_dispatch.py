@@ -34,11 +34,15 @@ in the sync-free and graph modes asked for (``reduce_on_owner=True``: the combin
 row per token and owner, the owner's partial sum; its match column allows that sum's bfloat16
 rounding, the dispatch still bitwise).
 
-``--two-kernel`` adds ``backend/2k`` rows (``pipelined=False``: the two-kernel path, scatter ->
-barrier -> unpack and return -> barrier -> reduce) and ``backend/pl`` rows (``pipelined=True``),
-beside the dispatcher's own choice, in the same run; ``--grids DB,DP,CB,CP[,CR] ...`` adds
-``ipc@...`` rows with other grids for the pipelined kernels (blocks per SM and percent of sender
-blocks, dispatch then combine, and optionally the dispatch's rows per chunk).
+``--zero-copy`` adds ``backend/zc`` rows (``zero_copy=True``: ``x_RD`` is a view of the dispatcher's
+buffer and each row is stored by its source straight at its final row); a backend named ``ipc/ret``
+times the pipelined combine that returns a rank's own rows through its return buffer
+(``read_own_rows = False``, as before own rows were read in place). ``--two-kernel`` adds
+``backend/2k`` rows (``pipelined=False``: the two-kernel path, scatter -> barrier -> unpack and
+return -> barrier -> reduce) and ``backend/pl`` rows (``pipelined=True``), beside the dispatcher's
+own choice, in the same run; ``--grids DB,DP,CB,CP[,CR] ...`` adds ``ipc@...`` rows with other grids
+for the pipelined kernels (blocks per SM and percent of sender blocks, dispatch then combine, and
+optionally the dispatch's rows per chunk).
 
 ``--breakdown`` (``ipc`` / ``nvshmem`` only; default shape the decode size) times each stage of
 one dispatch + combine instead, synchronous and sync-free: the dispatcher's ``stage_hook``
@@ -129,7 +133,10 @@ def _barrier(device) -> None:
 def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = False):
     """``dedup``: False, True (``dedup_rows``) or "owner" (also ``reduce_on_owner``).
     ``backend``: a registered name (``pipelined`` chosen by the dispatcher), ``NAME/2k``
-    (``pipelined=False``: the two-kernel path), ``NAME/pl`` (``pipelined=True``), or
+    (``pipelined=False``: the two-kernel path), ``NAME/pl`` (``pipelined=True``), ``NAME/zc``
+    (``zero_copy=True``: ``x_RD`` a view of the buffer, rows stored at their final row),
+    ``NAME/ret`` (the pipelined combine returns this rank's own rows through its return buffer,
+    ``read_own_rows = False``: the combine before own rows were read in place), or
     ``NAME@DB,DP,CB,CP[,CR]`` (pipelined, with these grids: dispatch and combine blocks per SM
     and percent of senders, and the dispatch's rows per chunk; see
     `RdepDispatcher.dispatch_grid`)."""
@@ -139,10 +146,13 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
     options = {} if name == "nccl" else {
         "hidden": hidden, "dtype": torch.bfloat16, "max_send_rows": tokens * top_k,
         "dedup_rows": bool(dedup), "reduce_on_owner": dedup == "owner",
-        "pipelined": {"2k": False, "pl": True}.get(mode, True if grid else None)}
+        "pipelined": {"2k": False, "pl": True}.get(mode, True if grid else None),
+        "zero_copy": mode == "zc"}
     dispatcher = nmoe_comm.create_dispatcher(name, num_experts=num_experts,
                                              capacity=_capacity(tokens, top_k), world_size=world,
                                              rank=rank, **options)
+    if mode == "ret":
+        dispatcher.read_own_rows = False
     if grid:
         db, dp, cb, cp, *chunk = (int(v) for v in grid.split(","))
         dispatcher.dispatch_grid = (db, dp, chunk[0] if chunk else dispatcher.dispatch_grid[2])
@@ -162,7 +172,8 @@ def _run(dispatcher, sets, fp8, sync, iters, warmup, device, y_pool):
     x_RD = first[0].x_RD
     if first[0].num_received is not None:  # sync-free: the first R rows are the result
         x_RD = x_RD[:int(first[0].num_received.cpu()[0])]
-    reference_out = (x_RD, dispatcher.combine(first[1], first[0].handle))
+    # A copy: a zero-copy dispatcher's x_RD is overwritten by the timed dispatches.
+    reference_out = (x_RD.clone(), dispatcher.combine(first[1], first[0].handle))
     for j in range(warmup):
         received, y = step(j)
         dispatcher.combine(y, received.handle)
@@ -347,14 +358,15 @@ def _verdicts(rows) -> list[str]:
                          f"{'PASS' if ok else 'MISS'}")
     # GB/s per rank of the bytes that cross: one row per slot, so rows of deduplicated or
     # owner-summed variants (fewer bytes cross) are left out of this target.
-    for backend in ("ipc", "ipc:sync_free", "ipc:graph"):
+    for backend in ("ipc", "ipc:sync_free", "ipc:graph", "ipc/zc", "ipc/zc:sync_free",
+                    "ipc/zc:graph"):
         found = row(backend, LARGE[0])
         if found:
             ok = found["gb_per_s"] >= 320.0
             lines.append(f"{backend} >= 320 GB/s per rank at {LARGE[0]} (crossing bytes): "
                          f"{found['gb_per_s']:.0f} {'PASS' if ok else 'MISS'}")
     for backend in ("ipc", "ipc:sync_free", "ipc+dedup", "ipc+dedup:sync_free", "ipc:graph",
-                    "ipc+dedup:graph", "ipc+owner:sync_free", "ipc+owner:graph"):
+                    "ipc+dedup:graph", "ipc+owner:sync_free", "ipc+owner:graph", "ipc/zc:graph"):
         for op, limit in (("dispatch", 60.0), ("combine", 80.0)):
             us = time(backend, DECODE, op)
             if us:
@@ -471,6 +483,10 @@ def main() -> None:
                         help="also time each ipc/nvshmem variant with pipelined=False (rows "
                              "NAME/2k: scatter, barrier, unpack; return, barrier, reduce) and "
                              "pipelined=True (NAME/pl)")
+    parser.add_argument("--zero-copy", action="store_true",
+                        help="also time each ipc/nvshmem variant with zero_copy=True (rows "
+                             "NAME/zc: x_RD a view of the buffer; one row per slot is stored "
+                             "straight at its final row on the owner)")
     parser.add_argument("--grids", nargs="*", default=[], metavar="DB,DP,CB,CP[,CR]",
                         help="also time ipc with these pipelined-kernel grids (dispatch blocks "
                              "per SM, percent senders, combine blocks per SM, percent senders, "
@@ -519,6 +535,10 @@ def _table_main(args, shapes, world, rank, device) -> None:
     rdep_backends = [b for b in args.backends if b != "nccl"]
     if args.two_kernel:  # both paths forced, beside the dispatcher's own choice, same run
         extra = [b + mode for b in rdep_backends for mode in ("/2k", "/pl")]
+        variants += [(b, False, True, False, False) for b in extra]
+        rdep_backends += extra
+    if args.zero_copy:  # zero-copy outputs beside the dispatcher's own, same run
+        extra = [b + "/zc" for b in rdep_backends if "/" not in b]
         variants += [(b, False, True, False, False) for b in extra]
         rdep_backends += extra
     for grid in args.grids:  # pipelined grid variants of ipc, same run

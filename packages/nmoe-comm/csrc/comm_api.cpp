@@ -45,7 +45,9 @@ namespace py = pybind11;
 //   7: dispatch_stream takes `chunk_rows` (rows per published chunk; the flag region holds one
 //      flag per STREAM_FLAG_ROWS = 8 rows of capacity, which replaces STREAM_CHUNK_ROWS = 32).
 //   8: exports STREAM_CHUNK_ROWS_MAX (the largest chunk_rows), checked when a dispatcher attaches.
-constexpr int kAbiVersion = 8;
+//   9: zero-copy dispatch outputs: Rdep takes `view_off` (-1: none), dispatch_stream `own_row_N`
+//      and `direct`, combine_stream `own_row_N` (the pipelined combine reads own rows in place).
+constexpr int kAbiVersion = 9;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -145,7 +147,7 @@ class Rdep {
        Ptr peer_bases, Ptr local_base, Ptr stage, int64_t signal_off, int64_t counter_off,
        int64_t counts_off, int64_t counts_src_off, int64_t recv_off, int64_t recv_stride,
        int64_t ret_off, int64_t ret_stride, int64_t dots_off, int64_t dflags_off,
-       int64_t cflags_off, int64_t dflag_chunks, uint64_t timeout_ns)
+       int64_t cflags_off, int64_t dflag_chunks, int64_t view_off, uint64_t timeout_ns)
       : device_(device) {
     if (world < 1 || world > kMaxRanks || rank < 0 || rank >= world ||
         num_experts % world != 0 || recv_stride % 16 != 0 || ret_stride % 16 != 0) {
@@ -166,6 +168,7 @@ class Rdep {
     g_.dflags_off = dflags_off;
     g_.cflags_off = cflags_off;
     g_.dflag_chunks = dflag_chunks;
+    g_.view_off = view_off;
     g_.capacity = capacity;
     g_.max_send_rows = max_send_rows;
     g_.rank = rank;
@@ -196,8 +199,9 @@ class Rdep {
                        int64_t stride0, int64_t bytes0, Ptr src1, int64_t stride1, int64_t bytes1,
                        Ptr gates, Ptr info, bool dedup, Ptr head_N, int64_t num_rows, Ptr out0,
                        Ptr out1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
-                       Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, int blocks_per_sm,
-                       int send_percent, int chunk_rows, Ptr stream) {
+                       Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, Ptr own_row_N,
+                       bool direct, int blocks_per_sm, int send_percent, int chunk_rows,
+                       Ptr stream) {
     CudaDeviceGuard guard(device_, "dispatch_stream");
     DispatchStreamArgs a{};
     a.ids = as<const void>(ids);
@@ -226,6 +230,8 @@ class Rdep {
     a.row_of_land = as<int32_t>(row_of_land);
     a.phase_R = as<int32_t>(phase_R);
     a.chunk_rows = chunk_rows;
+    a.own_row_N = as<int32_t>(own_row_N);
+    a.direct = direct;
     launch_dispatch_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
   }
 
@@ -234,7 +240,7 @@ class Rdep {
   void combine_stream(int dtype, int64_t num_rows, Ptr num_rows_dev, int64_t hidden, Ptr rows,
                       Ptr src_rank_R, Ptr ret_index_R, Ptr phase_R, int64_t num_tokens,
                       int64_t phase_tokens, int top_k, Ptr send_pos, Ptr gates, Ptr out,
-                      int blocks_per_sm, int send_percent, Ptr stream) {
+                      Ptr own_row_N, int blocks_per_sm, int send_percent, Ptr stream) {
     CudaDeviceGuard guard(device_, "combine_stream");
     CombineStreamArgs a{};
     a.dtype = row_dtype(dtype, "row");
@@ -251,6 +257,7 @@ class Rdep {
     a.send_pos = as<const int32_t>(send_pos);
     a.gates = as<const float>(gates);
     a.out = as<void>(out);
+    a.own_row_N = as<const int32_t>(own_row_N);
     launch_combine_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
   }
 
@@ -377,14 +384,15 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Rdep>(m, "Rdep")
       .def(py::init<int, int, int, int, int64_t, int64_t, Ptr, Ptr, Ptr, int64_t, int64_t,
                     int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                    int64_t, int64_t, uint64_t>(),
+                    int64_t, int64_t, int64_t, uint64_t>(),
            py::arg("device"), py::arg("rank"), py::arg("world"), py::arg("num_experts"),
            py::arg("capacity"), py::arg("max_send_rows"), py::arg("peer_bases"),
            py::arg("local_base"), py::arg("stage"), py::arg("signal_off"),
            py::arg("counter_off"), py::arg("counts_off"), py::arg("counts_src_off"),
            py::arg("recv_off"), py::arg("recv_stride"), py::arg("ret_off"),
            py::arg("ret_stride"), py::arg("dots_off"), py::arg("dflags_off"),
-           py::arg("cflags_off"), py::arg("dflag_chunks"), py::arg("timeout_ns"))
+           py::arg("cflags_off"), py::arg("dflag_chunks"), py::arg("view_off"),
+           py::arg("timeout_ns"))
       .def("route_plan", &Rdep::route_plan)
       .def("scatter_slots", &Rdep::scatter_slots)
       .def("unpack", &Rdep::unpack)

@@ -55,6 +55,8 @@ struct Layout {
   int64_t cflags_off;         // uint64 [W][kStreamPhases]: pipelined combine, phase p of owner o
                               // returned (the stream epoch) by o
   int64_t dflag_chunks;       // ceil(capacity / kStreamFlagRows): flags per source
+  int64_t view_off;           // zero-copy dispatch outputs (-1: none): the first payload's rows
+                              // [capacity][p0 bytes], then from view_p1_off the second's
   int64_t capacity;
   int64_t max_send_rows;
   int rank;
@@ -189,6 +191,11 @@ struct DispatchStreamArgs {
   int32_t* row_of_land;
   int32_t* phase_R;
   int chunk_rows;               // rows per published chunk (see kStreamFlagRows)
+  int32_t* own_row_N;           // [num_slots]: the slot's contract row here when this rank owns
+                                // its expert, else -1 (the pipelined combine reads own rows in
+                                // place); may be nullptr
+  bool direct;                  // senders store payloads straight into the owner's zero-copy
+                                // outputs (g.view_off) at their contract rows; needs !dedup
 };
 // Grid: `blocks_per_sm` blocks per SM (capped to what is resident at once), `send_percent` of
 // them senders. Throws std::invalid_argument for a chunk_rows the flag region cannot take.
@@ -214,6 +221,8 @@ struct CombineStreamArgs {
   const int32_t* send_pos;
   const float* gates;
   void* out;
+  const int32_t* own_row_N;     // the dispatch's own_row_N, or nullptr: every row is returned
+                                // through this rank's ret region, its own rows included
 };
 void launch_combine_stream(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
                            int send_percent, int sm_count, cudaStream_t stream);

@@ -205,6 +205,12 @@ __device__ int32_t block_exclusive_scan(int32_t* a, int n) {
   return total;
 }
 
+// Byte offset, inside the zero-copy outputs (Layout::view_off), of the second payload's rows:
+// after capacity rows of the first payload, rounded up to 16 (rdep.py computes the same).
+__device__ __forceinline__ int64_t view_p1_off(const Layout& g, int64_t p0_bytes) {
+  return (g.capacity * p0_bytes + 15) / 16 * 16;
+}
+
 // Per-block tables from the count matrix (int32, shared memory) that unpack and the pipelined
 // dispatch build: where each (source, local expert) block of rows lands and where it goes in
 // contract order, plus each peer's row counts both ways. smem_words() int32 words.
@@ -216,12 +222,17 @@ struct StreamTables {
   int32_t* recv_rows;       // [W] rows each source sends here
   int32_t* send_start;      // [W] this rank's first send position for each owner
   int32_t* send_rows;       // [W] rows this rank sends to each owner
+  // build(..., direct) only: [E] for global expert x = o * L + e, the contract row on owner o of
+  // this rank's rows of x less their first position in this rank's send order to o (a send
+  // position relative to send_start[o] plus this is the row's contract row there); then [W]
+  // scratch.
+  int32_t* direct_base;
 
   static int64_t smem_words(int num_experts, int world) {
-    return 2LL * num_experts + 5LL * world;
+    return 3LL * num_experts + 6LL * world;
   }
 
-  __device__ void build(const Layout& g, int32_t* smem) {
+  __device__ void build(const Layout& g, int32_t* smem, bool direct = false) {
     const int W = g.world, L = g.local_experts, E = g.num_experts, me = g.rank;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     land_start = smem;
@@ -263,6 +274,30 @@ struct StreamTables {
         send_rows[p] = static_cast<int32_t>(to);
         land_base[p] = land_start[p * L];
       }
+    }
+    __syncthreads();
+    if (direct) build_direct(C, W, L, E, me);
+  }
+
+  // direct_base[x] = sum over the owner's experts x' < x of (all ranks' rows of x' less this
+  // rank's) + the rows of x from ranks before this one: the owner's contract order is (local
+  // expert, source), this rank's send order to it (local expert) with its own rows only.
+  __device__ void build_direct(const int32_t* C, int W, int L, int E, int me) {
+    direct_base = send_rows + W;
+    int32_t* seg = direct_base + E;
+    for (int x = threadIdx.x; x < E; x += blockDim.x) {
+      int32_t others = 0;
+      for (int s = 0; s < W; ++s) others += s == me ? 0 : C[s * (E + 1) + x];
+      direct_base[x] = others;
+    }
+    __syncthreads();
+    block_exclusive_scan(direct_base, E);  // ends in __syncthreads
+    for (int o = threadIdx.x; o < W; o += blockDim.x) seg[o] = direct_base[o * L];
+    __syncthreads();
+    for (int x = threadIdx.x; x < E; x += blockDim.x) {
+      int32_t before = 0;
+      for (int s = 0; s < me; ++s) before += C[s * (E + 1) + x];
+      direct_base[x] += before - seg[x / L];
     }
     __syncthreads();
   }
@@ -365,11 +400,18 @@ __device__ __forceinline__ void record_routing(const RowRouting& o, int64_t r, f
 // has no head_N) every slot is, head_N is not read and k == 0 marks the first slot, as that
 // kernel had it (a `first` flag there compiled differently). `ret` rows are ret_stride bytes
 // apart; the launchers pick kVec > 1 only where every access is 16-byte aligned.
-template <typename T, int kVec, bool kHeadN>
+//
+// kOwnRows (the pipelined combine with a dispatch's own_row_N): a slot whose own_row_N entry r is
+// >= 0 (this rank owns its expert) is read in place, at row r of `own_rows` (own_stride bytes
+// apart), instead of from ret: the combine does not copy those rows into ret first.
+template <typename T, int kVec, bool kHeadN, bool kOwnRows = false>
 __device__ __forceinline__ void sum_token_slots(const char* ret, int64_t ret_stride, int top_k,
                                                 int64_t hidden, const int32_t* send_pos,
                                                 const float* gates, const int32_t* head_N,
-                                                int64_t t, int64_t col, T* out) {
+                                                int64_t t, int64_t col, T* out,
+                                                const char* own_rows = nullptr,
+                                                int64_t own_stride = 0,
+                                                const int32_t* own_row_N = nullptr) {
   float acc[kVec] = {};  // stays zero only if no slot is flagged (a failed plan's head_N)
   bool first = true;     // kHeadN: no slot summed yet; otherwise k == 0
   for (int k = 0; k < top_k; ++k) {
@@ -377,7 +419,12 @@ __device__ __forceinline__ void sum_token_slots(const char* ret, int64_t ret_str
       if (head_N != nullptr && head_N[t * top_k + k] == 0) continue;
     }
     const int64_t pos = send_pos[t * top_k + k];
-    const auto* row = reinterpret_cast<const T*>(ret + pos * ret_stride) + col;
+    const char* base = ret + pos * ret_stride;
+    if constexpr (kOwnRows) {
+      const int64_t own = own_row_N[t * top_k + k];
+      if (own >= 0) base = own_rows + own * own_stride;
+    }
+    const auto* row = reinterpret_cast<const T*>(base) + col;
     const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
     const float gate = gates != nullptr ? gates[t * top_k + k] : 1.0f;
 #pragma unroll

@@ -13,12 +13,17 @@
 //                  ld.acquire.sys for the flag and copy the chunk's rows from landing order to
 //                  contract order (the outputs of unpack). Sender blocks turn into receivers when
 //                  they are done. The count matrix (route_plan) tells each receiver exactly which
-//                  chunks come, so no barrier closes the kernel.
+//                  chunks come, so no barrier closes the kernel. With `direct` (a zero-copy
+//                  dispatcher, one row per slot) the senders store each payload straight at its
+//                  contract row in the owner's zero-copy outputs, and the receivers only record
+//                  the routing from the trailers: no row is copied twice.
 // combine_stream   sender blocks return the owner's rows phase by phase (the token phase of each
 //                  row, recorded by the dispatch); the last sender block to finish a phase
 //                  publishes it on every source. Reducer blocks claim (phase, token group) items
 //                  in phase order, wait until every owner has published the phase, and sum the
 //                  group's tokens exactly as reduce_slots does (same order, same rounding).
+//                  With the dispatch's own_row_N the rows this rank owns itself are not returned
+//                  through ret: the reducers read them in place from the expert outputs.
 //
 // Epochs: every pipelined kernel of a rank takes the next value of the rank's stream epoch (a
 // counter in its own buffer, advanced by the kernel's last block, so CUDA graphs replay with
@@ -116,20 +121,27 @@ __device__ __forceinline__ RowRouting routing_of(const DispatchStreamArgs& a) {
 }
 
 // One slot's row to its owner's landing row, as scatter_slots_kernel stores it (dedup included,
-// the same dedup_chain), plus the slot's token phase in the trailer. One warp.
+// the same dedup_chain), plus the slot's token phase in the trailer. One warp. With a.direct the
+// payload goes straight to the owner's zero-copy outputs at `contract_row` (the trailer still to
+// the landing row, where the owner's receivers read it).
 template <typename IdT>
 __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
-                          int64_t p1_offset, int64_t i, int32_t land, int owner, char* peer,
-                          int lane) {
+                          int64_t p1_offset, int64_t i, int32_t land, int64_t contract_row,
+                          int owner, char* peer, int lane) {
   const int64_t token = i / a.top_k;
   char* row = peer + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
   int32_t payload_row, next_row;
   dedup_chain(g, a, ids, i, owner, land, payload_row, next_row);
   if (payload_row == land) {
-    warp_copy(row, a.p0.src + token * a.p0.stride, a.p0.bytes, lane);
-    if (a.p1.bytes > 0) {
-      warp_copy(row + p1_offset, a.p1.src + token * a.p1.stride, a.p1.bytes, lane);
+    char* dst0 = row;
+    char* dst1 = row + p1_offset;
+    if (a.direct) {
+      char* view = peer + g.view_off;
+      dst0 = view + contract_row * a.p0.bytes;
+      dst1 = view + view_p1_off(g, a.p0.bytes) + contract_row * a.p1.bytes;
     }
+    warp_copy(dst0, a.p0.src + token * a.p0.stride, a.p0.bytes, lane);
+    if (a.p1.bytes > 0) warp_copy(dst1, a.p1.src + token * a.p1.stride, a.p1.bytes, lane);
   }
   if (lane == 0) {
     char* trailer = row + g.recv_stride - kTrailerBytes;
@@ -141,6 +153,7 @@ __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const Id
     *reinterpret_cast<int32_t*>(trailer + kTrailerPhaseOffset) =
         static_cast<int32_t>(token * kStreamPhases / a.num_tokens);
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
+    if (a.own_row_N != nullptr) a.own_row_N[i] = -1;
   }
 }
 
@@ -165,12 +178,13 @@ __device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const St
         [&] { return static_cast<int32_t>(token * kStreamPhases / a.num_tokens); },
         [&] { return next_row; }, [&] { return payload_row == land; });
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
+    if (a.own_row_N != nullptr) a.own_row_N[i] = static_cast<int32_t>(r);
   }
 }
 
 // One landing row of source s (already published) to its contract row, as unpack_kernel does.
 // One warp. `chunk` is the landing row's chunk; a dedup payload in another chunk of the same
-// source is awaited first.
+// source is awaited first. With a.direct the payload is already there: only the routing.
 __device__ void receive_row(const Layout& g, const DispatchStreamArgs& a,
                             const StreamTables& t, int64_t p1_offset, int s, int64_t chunk,
                             int32_t land, unsigned long long epoch, int lane) {
@@ -199,9 +213,13 @@ __device__ void receive_row(const Layout& g, const DispatchStreamArgs& a,
     }
     __syncwarp();
   }
-  const char* payload = recv + static_cast<int64_t>(payload_row) * g.recv_stride;
-  warp_copy(a.out0 + r * a.p0.bytes, payload, a.p0.bytes, lane);
-  if (a.p1.bytes > 0) warp_copy(a.out1 + r * a.p1.bytes, payload + p1_offset, a.p1.bytes, lane);
+  if (!a.direct) {
+    const char* payload = recv + static_cast<int64_t>(payload_row) * g.recv_stride;
+    warp_copy(a.out0 + r * a.p0.bytes, payload, a.p0.bytes, lane);
+    if (a.p1.bytes > 0) {
+      warp_copy(a.out1 + r * a.p1.bytes, payload + p1_offset, a.p1.bytes, lane);
+    }
+  }
   if (lane == 0) {
     record_routing<true>(
         routing_of(a), r, *reinterpret_cast<const float*>(trailer), s, land,
@@ -224,10 +242,16 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (threadIdx.x == 0) epoch_s = *stream_epoch_word(g) + 1;
   StreamTables t;
-  t.build(g, smem);  // ends in __syncthreads
+  t.build(g, smem, a.direct);  // ends in __syncthreads
   const unsigned long long epoch = epoch_s;
   const bool ok = a.info[0] == kOk;  // every rank decides alike; nothing moves otherwise
   const auto* ids = static_cast<const IdT*>(a.ids);
+  if (!ok && a.own_row_N != nullptr) {  // a failed sync-free plan: the combine reads only ret
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+         i < a.num_slots; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      a.own_row_N[i] = -1;
+    }
+  }
 
   if (ok && static_cast<int>(blockIdx.x) < send_blocks) {
     // Items in chunk-major order, owners rotated from the next rank: at any moment the senders
@@ -255,7 +279,12 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
           const int64_t pos = t.send_start[me] + first + warp + u * kWarpsPerBlock;
           keep_slot(g, a, t, ids, i, land_u, pos, lane);
         } else {
-          send_slot(g, a, ids, p1_offset, i, land_u, owner, peer_base(g, owner), lane);
+          const int64_t contract_row =
+              a.direct ? t.direct_base[static_cast<int64_t>(ids[i])] + first + warp +
+                             u * kWarpsPerBlock
+                       : -1;
+          send_slot(g, a, ids, p1_offset, i, land_u, contract_row, owner, peer_base(g, owner),
+                    lane);
         }
       }
       if (owner == me) continue;  // block-uniform; no landing rows to publish
@@ -302,6 +331,17 @@ __device__ void reduce_tokens(const Layout& g, const CombineStreamArgs& a, int64
   const int64_t groups = a.hidden / kVec;
   const int64_t total = (t1 - t0) * groups;
   T* out = static_cast<T*>(a.out);
+  if (a.own_row_N != nullptr) {  // this rank's own rows in place (the senders skipped them)
+    const char* own_rows = static_cast<const char*>(a.rows);
+    const int64_t own_stride = a.hidden * static_cast<int64_t>(sizeof(T));
+    for (int64_t item = threadIdx.x; item < total; item += blockDim.x) {
+      const int64_t t = t0 + item / groups, col = (item % groups) * kVec;
+      sum_token_slots<T, kVec, false, true>(ret, g.ret_stride, a.top_k, a.hidden, a.send_pos,
+                                            a.gates, /*head_N=*/nullptr, t, col, out, own_rows,
+                                            own_stride, a.own_row_N);
+    }
+    return;
+  }
   for (int64_t item = threadIdx.x; item < total; item += blockDim.x) {
     const int64_t t = t0 + item / groups, col = (item % groups) * kVec;
     sum_token_slots<T, kVec, false>(ret, g.ret_stride, a.top_k, a.hidden, a.send_pos, a.gates,
@@ -336,11 +376,13 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
     // a time, one row per lane, and the phase's rows picked by ballot (their routing loaded by
     // those lanes at once): no dependent load per row and phase.
     const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+    const bool skip_own = a.own_row_N != nullptr;
     for (int p = 0; p < kStreamPhases; ++p) {
       for (int64_t k0 = 0; gw + k0 * num_warps < num_rows; k0 += kWarp) {
         const int64_t mine = gw + (k0 + lane) * num_warps;
-        const bool here = mine < num_rows && a.phase_R[mine] == p;
+        bool here = mine < num_rows && a.phase_R[mine] == p;
         const int32_t src = here ? a.src_rank_R[mine] : 0;
+        if (skip_own && src == me) here = false;  // the reducers read it in place
         const int32_t ret = here ? a.ret_index_R[mine] : 0;
         for (unsigned todo = __ballot_sync(kFullMask, here); todo != 0; todo &= todo - 1) {
           const int l = __ffs(todo) - 1;
@@ -438,6 +480,11 @@ void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int bl
     throw std::invalid_argument(
         "nmoe_comm dispatch_stream: chain_R needs dedup and both head_R and row_of_land");
   }
+  if (a.direct && (a.dedup || g.view_off < 0)) {
+    throw std::invalid_argument(
+        "nmoe_comm dispatch_stream: direct stores need one row per slot (no dedup) and a "
+        "buffer with zero-copy outputs (view_off)");
+  }
   if (a.chunk_rows < kStreamFlagRows || a.chunk_rows > kStreamChunkRowsMax ||
       a.chunk_rows % kStreamFlagRows != 0) {
     throw std::invalid_argument(
@@ -469,7 +516,9 @@ template <typename T>
 void combine_stream_typed(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
                           int send_percent, int sm_count, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  const bool vector = (a.hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  // Own rows read in place (own_row_N) are vector loads from `rows` too.
+  const bool vector = (a.hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
+                      (a.own_row_N == nullptr || reinterpret_cast<uintptr_t>(a.rows) % 16 == 0);
   // About 16K elements per reduce item: enough work per claim, fine enough to overlap.
   const int64_t tokens_per_item = std::max<int64_t>(1, (16384 + a.hidden - 1) / a.hidden);
   auto run = [&](auto kernel, int per_sm) {

@@ -14,14 +14,14 @@ replayed on fresh inputs between eager calls (``ipc``, ``nvshmem``), and destroy
 on-stream fcollect and barriers) and a second dispatcher with ``dedup_rows=True`` and
 ``reduce_on_owner=True`` (one row per token and owner, both ways: the combine without gates and
 the dispatch backward sum on the owners); for ``ipc`` also a ``pipelined=False`` dispatcher (the
-two-kernel path; the others run the pipelined kernels, the default). ``--mode sync_free`` runs
-the checks
-through ``dispatch(..., sync=False)`` on ``dedup_rows=True`` dispatchers (rule 7: padded rows
-whose tail is NaN when handed back, ``num_received``, errors deferred to ``check_dispatch``
-after combine and both backwards ran on the failed handle), mixed with synchronous calls, then
-the same with ``reduce_on_owner=True`` (its decode step captured in a CUDA graph too);
-``nccl`` and the nvshmem puts path must refuse it. Exits non-zero with the first mismatch (case,
-dtype, rank, seed, element).
+two-kernel path; the others run the pipelined kernels, the default) and a ``zero_copy=True`` one
+(views of the buffer, each row stored by its source straight at its contract row). ``--mode
+sync_free`` runs the checks through ``dispatch(..., sync=False)`` on ``dedup_rows=True`` dispatchers
+(rule 7: padded rows whose tail is NaN when handed back, ``num_received``, errors deferred to
+``check_dispatch`` after combine and both backwards ran on the failed handle), mixed with
+synchronous calls, then the same with ``reduce_on_owner=True`` (its decode step captured in a CUDA
+graph too); ``nccl`` and the nvshmem puts path must refuse it. Exits non-zero with the first
+mismatch (case, dtype, rank, seed, element).
 """
 
 from __future__ import annotations
@@ -80,6 +80,26 @@ def _check_chunk_sizes(dispatcher, cases: dict, seed: int, gather, device, sync:
     del dispatcher.dispatch_grid
     if log:
         log("ok pipelined dispatch chunks of 8 and 256 rows")
+
+
+def _check_zero_copy(cases: dict, everything: dict, seed: int, gather, device, sync: bool,
+                     log) -> None:
+    """An ipc dispatcher with zero-copy outputs (each row stored by its source straight at its
+    contract row): every case, FP8, interleaved calls, collective errors and a CUDA graph."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    direct = nmoe_comm.create_dispatcher(
+        "ipc", num_experts=testing.group_num_experts(world_size),
+        capacity=testing.group_capacity(everything, world_size), world_size=world_size,
+        rank=rank, zero_copy=True, **_options("ipc", everything, world_size))
+    if log:
+        log(f"moe dispatcher: {direct.describe()}")
+    testing.run_group_checks(direct, seed, gather, device, cases=cases,
+                             dtypes=(torch.bfloat16, torch.float32),
+                             fp8_cases=testing.FP8_GROUP_CASES, log=log, sync=sync)
+    testing.check_interleaved_calls(direct, seed, gather, device, sync=sync)
+    testing.check_collective_errors(direct, seed, gather, device, sync=sync, bad_id_tokens=4096)
+    testing.check_cuda_graph(direct, seed, gather, device, log=log)
+    direct.destroy()
 
 
 def main() -> int:
@@ -153,6 +173,8 @@ def main() -> int:
                                  log=log, sync=sync)
         testing.check_interleaved_calls(plain, args.seed, gather, device, sync=sync)
         plain.destroy()
+    if args.backend == "ipc":
+        _check_zero_copy(cases, everything, args.seed, gather, device, sync, log)
     if args.backend != "nccl":  # one row per token and owner both ways (reduce_on_owner)
         # Small enough to fit beside the first dispatcher in a heap sized for it (nvshmem).
         dedup_cases = {**testing.GROUP_CASES, "decode": testing.GPU_GROUP_CASES["decode"]}

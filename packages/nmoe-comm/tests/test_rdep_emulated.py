@@ -167,7 +167,7 @@ class EmulatedRdep:
 
     def unpack(self, num_rows, num_rows_dev, dedup, out0, bytes0, out1, bytes1, gates_R,
                src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land, stream,
-               phase_R=0):
+               phase_R=0, direct=False):
         if num_rows == 0:
             return
         L, W, me = self.L, self.world, self.rank
@@ -189,9 +189,10 @@ class EmulatedRdep:
             if dedup:
                 row = int(src[stride - _TRAILER + 4:stride - _TRAILER + 8].view(torch.int32)[0])
                 payload = self._region(me, self.g.recv_off + row * stride, stride)
-            _mem(out0 + r * bytes0, bytes0)[:] = payload[:bytes0]
-            if bytes1:
-                _mem(out1 + r * bytes1, bytes1)[:] = payload[p1_offset:p1_offset + bytes1]
+            if not direct or s == me:  # direct: the source stored the payload at row r
+                _mem(out0 + r * bytes0, bytes0)[:] = payload[:bytes0]
+                if bytes1:
+                    _mem(out1 + r * bytes1, bytes1)[:] = payload[p1_offset:p1_offset + bytes1]
             _mem(gates_R + 4 * r, 4)[:] = src[stride - _TRAILER:stride - _TRAILER + 4]
             _mem(src_rank_R + 4 * r, 4, torch.int32)[0] = s
             _mem(ret_index_R + 4 * r, 4, torch.int32)[0] = send_off[s] + land - int(
@@ -319,17 +320,22 @@ class EmulatedRdep:
     def dispatch_stream(self, ids, ids_int64, num_slots, num_tokens, top_k, send_pos, land_index,
                         slot_of_send, src0, stride0, bytes0, src1, stride1, bytes1, gates, info,
                         dedup, head_N, num_rows, out0, out1, gates_R, src_rank_R, ret_index_R,
-                        land_row_R, chain_R, head_R, row_of_land, phase_R, blocks_per_sm,
-                        send_percent, chunk_rows, stream):
+                        land_row_R, chain_R, head_R, row_of_land, phase_R, own_row_N, direct,
+                        blocks_per_sm, send_percent, chunk_rows, stream):
         assert chunk_rows % rdep._STREAM_FLAG_ROWS == 0, chunk_rows
+        assert not (direct and dedup) and (not direct or self.g.view_off >= 0)
         L, W, me = self.L, self.world, self.rank
         epoch = self._stream_epoch()
         ok = int(_mem(info, 8, torch.int64)[0]) == 0
         C = self._counts().long()
+        if not ok and own_row_N:
+            _mem(own_row_N, 4 * num_slots, torch.int32)[:] = -1
         if ok:
             self.scatter_slots(ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
                                stride0, bytes0, src1, stride1, bytes1, gates, info, dedup,
                                head_N, 0, stream, phase_tokens=num_tokens)
+            self._contract_rows(ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
+                                stride0, bytes0, src1, stride1, bytes1, own_row_N, direct)
             for o in range(W):  # publish every chunk of this rank's rows for each owner
                 rows = int(C[me, o * L:(o + 1) * L].sum())
                 for chunk in range(-(-rows // chunk_rows)):
@@ -341,12 +347,42 @@ class EmulatedRdep:
             received = int(C[:, me * L:(me + 1) * L].sum())
             self.unpack(min(num_rows, received), 0, dedup, out0, bytes0, out1, bytes1, gates_R,
                         src_rank_R, ret_index_R, land_row_R, chain_R, head_R, row_of_land,
-                        stream, phase_R=phase_R)
+                        stream, phase_R=phase_R, direct=direct)
         self._end_stream(epoch)
+
+    def _contract_rows(self, ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
+                       stride0, bytes0, src1, stride1, bytes1, own_row_N, direct):
+        """Each slot's contract row on its owner, from the count matrix (independently of the
+        kernel's direct_base): own_row_N, and with ``direct`` the payload moved from the landing
+        row (which is then poisoned) to the owner's zero-copy outputs at that row."""
+        E, L, me = self.E, self.L, self.rank
+        C = self._counts().long()[:, :E]
+        ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
+                     torch.int64 if ids_int64 else torch.int32).long()
+        pos_N = _mem(send_pos, 4 * num_slots, torch.int32).long()
+        land_N = _mem(land_index, 4 * num_slots, torch.int32).long()
+        first_pos = torch.cumsum(C[me], 0) - C[me]  # each expert's first send position
+        stride, p1_offset = self.g.recv_stride, (bytes0 + 15) // 16 * 16
+        for i in range(num_slots):
+            x = int(ids_N[i])
+            o, e = x // L, x % L
+            r = int(C[:, o * L:o * L + e].sum()) + int(C[:me, x].sum()) + int(
+                pos_N[i] - first_pos[x])
+            if own_row_N:
+                _mem(own_row_N + 4 * i, 4, torch.int32)[0] = r if o == me else -1
+            if direct and o != me:
+                landed = self._region(o, self.g.recv_off + int(land_N[i]) * stride, stride)
+                view = self._region(o, self.g.view_off, self.g.view_bytes)
+                p1 = self.g.view_p1_off(self.capacity, bytes0)
+                view[r * bytes0:(r + 1) * bytes0] = landed[:bytes0]
+                if bytes1:
+                    view[p1 + r * bytes1:p1 + (r + 1) * bytes1] = landed[
+                        p1_offset:p1_offset + bytes1]
+                landed[:stride - _TRAILER] = 0xFF  # the owner must not read it (NaN bytes)
 
     def combine_stream(self, dtype, num_rows, num_rows_dev, hidden, rows, src_rank_R,
                        ret_index_R, phase_R, num_tokens, phase_tokens, top_k, send_pos, gates,
-                       out, blocks_per_sm, send_percent, stream):
+                       out, own_row_N, blocks_per_sm, send_percent, stream):
         phases, W, me = rdep._STREAM_PHASES, self.world, self.rank
         epoch = self._stream_epoch()
         item = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
@@ -357,6 +393,8 @@ class EmulatedRdep:
             for r in range(walk):
                 if phase_of[r] == p:
                     src = int(_mem(src_rank_R + 4 * r, 4, torch.int32)[0])
+                    if own_row_N and src == me:  # read in place by the reducers
+                        continue
                     ret = int(_mem(ret_index_R + 4 * r, 4, torch.int32)[0])
                     dst = self._region(src, self.g.ret_off + ret * self.g.ret_stride, row_bytes)
                     dst[:] = _mem(rows + r * row_bytes, row_bytes)
@@ -369,19 +407,27 @@ class EmulatedRdep:
                 continue
             for o in range(W):
                 self._wait(self._cflag(me, o, p), epoch, "combine phase")
-            self._reduce_range(dtype, t0, t1, top_k, hidden, send_pos, gates, out)
+            self._reduce_range(dtype, t0, t1, top_k, hidden, send_pos, gates, out,
+                               rows if own_row_N else 0, own_row_N)
         self._end_stream(epoch)
 
-    def _reduce_range(self, dtype, t0, t1, top_k, hidden, send_pos, gates, out):
-        """reduce_slots for tokens [t0, t1) (one row per slot)."""
+    def _reduce_range(self, dtype, t0, t1, top_k, hidden, send_pos, gates, out, own_rows=0,
+                      own_row_N=0):
+        """reduce_slots for tokens [t0, t1) (one row per slot; a slot with an own_row_N entry
+        >= 0 read in place from ``own_rows``)."""
         row_dtype = _DTYPES[dtype]
         item = torch.empty(0, dtype=row_dtype).element_size()
         for t in range(t0, t1):
             acc = None
             for k in range(top_k):
                 pos = int(_mem(send_pos + 4 * (t * top_k + k), 4, torch.int32)[0])
-                y = self._region(self.rank, self.g.ret_off + pos * self.g.ret_stride,
-                                 hidden * item, row_dtype).float()
+                own = int(_mem(own_row_N + 4 * (t * top_k + k), 4, torch.int32)[0]) if (
+                    own_row_N) else -1
+                if own >= 0:
+                    y = _mem(own_rows + own * hidden * item, hidden * item, row_dtype).float()
+                else:
+                    y = self._region(self.rank, self.g.ret_off + pos * self.g.ret_stride,
+                                     hidden * item, row_dtype).float()
                 if gates:
                     y = _mem(gates + 4 * (t * top_k + k), 4, torch.float32)[0] * y
                 acc = y if acc is None else acc + y
@@ -396,11 +442,14 @@ class EmulatedDispatcher(RdepDispatcher):
     def __init__(self, group: _Group | None, num_experts: int, capacity: int, world_size: int,
                  rank: int, *, hidden: int, dtype: torch.dtype, max_send_rows: int,
                  dedup_rows: bool = False, reduce_on_owner: bool = False,
-                 pipelined: bool = True):
+                 pipelined: bool = True, zero_copy: bool = False):
         super().__init__(num_experts, capacity, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows, timeout_s=60,
                           dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner,
-                          pipelined=pipelined)
+                          pipelined=pipelined, zero_copy=zero_copy)
+        if zero_copy and group is not None:  # as _attach does on a GPU
+            off, size = self.layout.view_off, self.layout.view_bytes
+            self._view = group.buffers[rank][off:off + size]
         self.device = torch.device("cpu")
         self._device_index = None
         self._unmapped = ()
@@ -447,14 +496,14 @@ def _run_ranks(world: int, body, groups: tuple[_Group, ...]) -> None:
 
 
 def _make(group, world, rank, cases, capacity=None, dedup_rows=False, reduce_on_owner=False,
-          pipelined=True):
+          pipelined=True, zero_copy=False):
     widest = max(max(c.hidden, c.out_hidden) for c in cases.values())
     send = max(max(c.tokens) * c.top_k for c in cases.values())
     capacity = capacity or testing.group_capacity(cases, world)
     return EmulatedDispatcher(group, testing.group_num_experts(world), capacity, world, rank,
                               hidden=widest, dtype=torch.float32, max_send_rows=send,
                               dedup_rows=dedup_rows, reduce_on_owner=reduce_on_owner,
-                              pipelined=pipelined)
+                              pipelined=pipelined, zero_copy=zero_copy)
 
 
 @pytest.fixture
@@ -462,28 +511,34 @@ def no_cuda_stream(monkeypatch):
     monkeypatch.setattr(rdep, "_current_stream", lambda index: 0)
 
 
-@pytest.mark.parametrize(("world", "sync", "dedup", "pipelined"), [
-    (2, True, False, True), (2, False, False, True), (2, True, True, True),
-    (2, False, True, True), (3, True, False, True), (3, False, True, True),
-    (2, True, "owner", True), (3, False, "owner", True), (2, True, False, False),
-    (3, False, True, False), (2, False, "owner", False)])
-def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup, pipelined):
+@pytest.mark.parametrize(("world", "sync", "dedup", "pipelined", "zero_copy"), [
+    (2, True, False, True, False), (2, False, False, True, False), (2, True, True, True, False),
+    (2, False, True, True, False), (3, True, False, True, False), (3, False, True, True, False),
+    (2, True, "owner", True, False), (3, False, "owner", True, False),
+    (2, True, False, False, False), (3, False, True, False, False),
+    (2, False, "owner", False, False), (2, True, False, True, True), (3, False, False, True, True),
+    (2, False, True, True, True), (2, True, False, False, True)])
+def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup, pipelined, zero_copy):
     """Every `GROUP_CASES` case (random routing, a rank receiving nothing, everything on one
     expert, K = 1 and 8, D not a multiple of 128, a rank without tokens) in bfloat16 and
     float32, FP8 dispatch, two handles alive at once, collective errors and the capacity error:
     bitwise against the reference, synchronous and sync-free, one row per slot or (``dedup``)
     per token and owner, and (``"owner"``, ``reduce_on_owner``) summed on the owners too; with
-    the pipelined kernels (chunk and phase flags with stream epochs) and without."""
+    the pipelined kernels (chunk and phase flags with stream epochs) and without; with
+    ``zero_copy`` outputs (views of the buffer; pipelined one row per slot: stored straight at
+    the contract rows, the landing payloads poisoned)."""
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     cases = {**testing.GROUP_CASES, "fp8_random": testing.FP8_GROUP_CASES["fp8_random"]}
-    probe = _make(None, world, 0, cases)
+    probe = _make(None, world, 0, cases, zero_copy=zero_copy)
     group = _Group(world, probe.layout.total_bytes)
-    small_layout = _make(None, world, 0, testing.GROUP_CASES, capacity=40).layout
+    small_layout = _make(None, world, 0, testing.GROUP_CASES, capacity=40,
+                         zero_copy=zero_copy).layout
     small_group = _Group(world, small_layout.total_bytes)
 
     def body(rank, gather):
         dispatcher = _make(group, world, rank, cases, dedup_rows=bool(dedup),
-                           reduce_on_owner=dedup == "owner", pipelined=pipelined)
+                           reduce_on_owner=dedup == "owner", pipelined=pipelined,
+                           zero_copy=zero_copy)
         testing.run_group_checks(
             dispatcher, seed, gather, "cpu", cases=testing.GROUP_CASES,
             dtypes=(torch.bfloat16, torch.float32),
@@ -492,7 +547,7 @@ def test_engine_equals_reference(gen, no_cuda_stream, world, sync, dedup, pipeli
         testing.check_collective_errors(dispatcher, seed, gather, "cpu", sync=sync)
         small = _make(small_group, world, rank, testing.GROUP_CASES, capacity=40,
                       dedup_rows=bool(dedup), reduce_on_owner=dedup == "owner",
-                      pipelined=pipelined)
+                      pipelined=pipelined, zero_copy=zero_copy)
         testing.check_capacity_error(small, seed, gather, "cpu", sync=sync)
         testing.check_group_case(small, "top1", testing.GroupCase((13,), 1, 20, 20, "distinct"),
                                  torch.float32, seed, gather, "cpu", sync=sync)
@@ -706,3 +761,32 @@ def test_failed_plan_keeps_the_count_matrix_until_every_rank_read_it(gen, no_cud
         assert torch.equal(y, dispatcher.combine(fresh.x_RD, fresh.handle))  # bitwise
 
     _run_ranks(world, body, (group,))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_direct_base_gives_the_contract_rows(gen, world):
+    """The zero-copy dispatch's sender arithmetic (csrc ``StreamTables::build_direct``: the
+    count matrix's other ranks' rows scanned over each owner's experts, plus the rows of earlier
+    ranks) puts every slot at the contract row of the reference's layout, on random count
+    matrices with empty experts and empty ranks."""
+    local = int(torch.randint(1, 5, (1,), generator=gen))
+    E = world * local
+    C = torch.randint(0, 4, (world, E), generator=gen)
+    C[:, int(torch.randint(0, E, (1,), generator=gen))] = 0  # an expert nobody routes to
+    C[int(torch.randint(0, world, (1,), generator=gen))] = 0  # a rank that sends nothing
+    for me in range(world):
+        others = C.sum(0) - C[me]
+        scan = torch.cumsum(others, 0) - others
+        seg = scan[torch.arange(E) // local * local]
+        direct_base = scan - seg + C[:me].sum(0)
+        for o in range(world):
+            owner = slice(o * local, (o + 1) * local)
+            # the owner's contract order: (local expert, source, slot), every source's rows
+            contract = [(x, s, j) for x in range(o * local, (o + 1) * local)
+                        for s in range(world) for j in range(int(C[s, x]))]
+            rel = 0  # position in this rank's send order to o
+            for x in range(o * local, (o + 1) * local):
+                for j in range(int(C[me, x])):
+                    assert int(direct_base[x]) + rel == contract.index((x, me, j)), (me, o, x)
+                    rel += 1
+            assert rel == int(C[me, owner].sum())

@@ -19,7 +19,7 @@ from nmoe_comm.rdep import BufferLayout, RdepDispatcher
 
 def test_compiled_module_reports_its_build():
     c_module = importlib.import_module("nmoe_comm._C")
-    assert c_module.ABI_VERSION == 8 and isinstance(c_module.WITH_CUDA, bool)
+    assert c_module.ABI_VERSION == 9 and isinstance(c_module.WITH_CUDA, bool)
     if c_module.WITH_CUDA:
         assert {"Rdep", "alloc", "ipc_handle", "ipc_open", "sum_slots"} <= set(dir(c_module))
         assert {"dispatch_stream", "combine_stream"} <= set(dir(c_module.Rdep))

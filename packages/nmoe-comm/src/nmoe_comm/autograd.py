@@ -90,6 +90,11 @@ def dispatch(
         differentiable. Its backward is `Dispatcher.dispatch_backward` (a fixed-order float32
         sum over each token's K slots).
     """
+    if getattr(dispatcher, "zero_copy", False):
+        raise ValueError(
+            f"dispatcher: a zero_copy {dispatcher.name} dispatcher returns x_RD as a view of its "
+            f"buffer, overwritten by the next dispatch, while autograd keeps activations for the "
+            f"backward; construct it with zero_copy=False for training")
     result: list[Dispatched] = []
     x_RD = _Dispatch.apply(x_TD, dispatcher, expert_ids_TK, gates_TK, result, sync)
     received = result[0]

@@ -83,6 +83,14 @@ class IpcDispatcher(RdepDispatcher):
             least 4096 bytes: decode-sized dispatchers and deduplicated narrow rows stay on the
             two-kernel path, which measured faster there. Bitwise the same results. The same on
             every rank.
+        zero_copy: return each dispatch's ``x_RD`` (and FP8 ``x_scales_RG``) as views of
+            ``capacity`` output rows in the buffer (``capacity * row bytes`` more memory per
+            rank) instead of fresh tensors; on the pipelined path without ``dedup_rows`` the
+            sources then store each row straight at its final row on the owner, and no row is
+            copied on the owner. The views hold until this rank's next ``dispatch`` and until
+            `destroy`: for inference (a decode or prefill step that consumes ``x_RD`` before the
+            next layer's dispatch), not for training (autograd refuses it). Bitwise the same
+            rows. The same on every rank.
 
     Raises:
         BackendUnavailableError: no compiled transport, no GPU, torch.distributed not
@@ -107,6 +115,7 @@ class IpcDispatcher(RdepDispatcher):
         dedup_rows: bool = False,
         reduce_on_owner: bool = False,
         pipelined: bool | None = None,
+        zero_copy: bool = False,
     ):
         super().__init__(num_experts, capacity, world_size, rank)
         missing = _extension.missing_transport()
@@ -115,12 +124,13 @@ class IpcDispatcher(RdepDispatcher):
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
                           timeout_s=timeout_s, dedup_rows=dedup_rows,
-                          reduce_on_owner=reduce_on_owner, pipelined=pipelined)
+                          reduce_on_owner=reduce_on_owner, pipelined=pipelined,
+                          zero_copy=zero_copy)
         self.group = group
         device = cuda_device(device)
         c_module = _extension.compiled_module()
         me = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid),
-              self.layout, (dedup_rows, reduce_on_owner, self.pipelined))
+              self.layout, (dedup_rows, reduce_on_owner, self.pipelined, zero_copy))
         everyone = [None] * world_size
         dist.all_gather_object(everyone, me, group=group)
         self._check_group(everyone, device, c_module)
@@ -146,15 +156,15 @@ class IpcDispatcher(RdepDispatcher):
                 f"the ipc backend needs every rank on one host, got {sorted(hosts)}; use nvshmem "
                 f"or nccl across nodes")
         for peer, (_, uuid, layout, options) in enumerate(everyone):
+            mine = (self.dedup_rows, self.reduce_on_owner, self.pipelined, self.zero_copy)
+            if options != mine:
+                raise ValueError(
+                    f"rank {peer} passed (dedup_rows, reduce_on_owner, pipelined, zero_copy)="
+                    f"{options}, this rank {mine}; every rank must pass the same values")
             if layout != self.layout:
                 raise ValueError(
                     f"rank {peer} sized its buffer differently (capacity, hidden, dtype, "
                     f"max_send_rows or num_experts differ); every rank must pass the same values")
-            mine = (self.dedup_rows, self.reduce_on_owner, self.pipelined)
-            if options != mine:
-                raise ValueError(
-                    f"rank {peer} passed (dedup_rows, reduce_on_owner, pipelined)={options}, "
-                    f"this rank {mine}; every rank must pass the same values")
             index = _local_index_of(uuid)
             if index is None:
                 raise BackendUnavailableError(
@@ -178,6 +188,7 @@ class IpcDispatcher(RdepDispatcher):
         for base in self._opened:
             c_module.ipc_close(self.device.index, base)
         dist.barrier(group=self.group)
+        self._view = None  # zero-copy views still held by the caller dangle from here on
         c_module.free(self.device.index, self._base)
         self._destroyed = True
 

@@ -117,8 +117,8 @@ class NvshmemDispatcher(RdepDispatcher):
 
     Args: as `nmoe_comm.ipc.IpcDispatcher` (``num_experts``, ``capacity``, ``world_size``,
     ``rank``, ``hidden``, ``dtype``, ``max_send_rows``, ``group``, ``device``, ``timeout_s`` for
-    the GPU-side barriers, ``dedup_rows``, ``reduce_on_owner`` and ``pipelined``, used when
-    every peer is mapped), plus
+    the GPU-side barriers, ``dedup_rows``, ``reduce_on_owner``, ``pipelined`` and ``zero_copy``,
+    used when every peer is mapped; ``zero_copy`` gives views on any group), plus
     ``peer_access``: "auto" (stores to every peer NVSHMEM maps, puts to the others) or "puts"
     (puts to every other rank, the multi-node path; for tests).
 
@@ -147,6 +147,7 @@ class NvshmemDispatcher(RdepDispatcher):
         reduce_on_owner: bool = False,
         pipelined: bool | None = None,
         peer_access: str = "auto",
+        zero_copy: bool = False,
     ):
         super().__init__(num_experts, capacity, world_size, rank)
         if peer_access not in ("auto", "puts"):
@@ -158,7 +159,8 @@ class NvshmemDispatcher(RdepDispatcher):
         check_group(group, world_size, rank)
         self._init_engine(hidden=hidden, dtype=dtype, max_send_rows=max_send_rows,
                           timeout_s=timeout_s, dedup_rows=dedup_rows,
-                          reduce_on_owner=reduce_on_owner, pipelined=pipelined)
+                          reduce_on_owner=reduce_on_owner, pipelined=pipelined,
+                          zero_copy=zero_copy)
         self.group = group
         device = cuda_device(device)
         layout = self.layout
@@ -168,12 +170,13 @@ class NvshmemDispatcher(RdepDispatcher):
         self._team = int(bindings.Team_id.TEAM_WORLD)
 
         everyone = [None] * world_size
-        mine = (layout, dedup_rows, reduce_on_owner, self.pipelined)
+        mine = (layout, dedup_rows, reduce_on_owner, self.pipelined, zero_copy)
         dist.all_gather_object(everyone, mine, group=group)
         if any(other != mine for other in everyone):
             raise ValueError("ranks sized their buffers differently (capacity, hidden, dtype, "
                              "max_send_rows or num_experts differ) or passed different "
-                             "dedup_rows / reduce_on_owner / pipelined; pass the same values")
+                             "dedup_rows / reduce_on_owner / pipelined / zero_copy; pass the same "
+                             "values")
         with torch.cuda.device(device):
             self._buffer = core.buffer(layout.total_bytes)  # collective
             base = int(self._buffer.handle)
@@ -223,6 +226,7 @@ class NvshmemDispatcher(RdepDispatcher):
         self._stream_barrier(stream)
         torch.cuda.synchronize(self.device)
         del self._counts, self._bytes
+        self._view = None  # zero-copy views still held by the caller dangle from here on
         with torch.cuda.device(self.device):
             if self._stage_buffer is not None:
                 self._core.free(self._stage_buffer)

@@ -104,6 +104,20 @@ once all owners published it. Flags carry a per-rank stream epoch counted on the
 barrier closes either kernel (a combine's completion implies every owner finished its dispatch
 kernel and its returns, which keeps the reuse rules below valid).
 
+Zero-copy outputs (``zero_copy=True``, an option of ``ipc`` / ``nvshmem``): the buffer gains
+``capacity`` rows of outputs and a dispatch returns ``x_RD`` (and FP8 ``x_scales_RG``) as views
+of them instead of fresh tensors. On the pipelined path without ``dedup_rows`` the senders store
+each slot's payload straight at its contract row on the owner (``direct``: the owner's rank, its
+local expert and the count matrix give the row), so the receivers only record the routing from
+the trailers and no row is copied twice; elsewhere the unpack writes into the views. The views
+hold until this rank's next ``dispatch`` (whose senders may overwrite them once every rank has
+entered it) and until ``destroy``: use them before, or copy them; autograd refuses such a
+dispatcher (activations kept for the backward would be overwritten).
+
+The pipelined combine reads the rows a rank owns itself in place, from ``y_RD`` at the contract
+row each such slot got (``own_row_N``, recorded by ``dispatch_stream``), instead of copying them
+into its return buffer first; the sums are the same, in the same order.
+
 Reuse of the buffer: each call's writes are followed by a barrier before they are read, and a
 region read *after* a call's last barrier (``RECV``/``COUNTS`` by ``unpack``, ``RET`` by
 ``reduce_slots``, ``DOTS`` by the gather) gets an extra entry barrier before the next call that
@@ -201,6 +215,8 @@ class BufferLayout:
             f32; the pipelined dispatch's chunk flags ``[W, dflag_chunks]`` u64 and the
             pipelined combine's phase flags ``[W, 16]`` u64).
         dflag_chunks: chunks of 32 rows in ``capacity`` rows (a source's rows for one owner).
+        view_off, view_bytes: the zero-copy outputs (``zero_copy``; else -1 and 0), last:
+            ``capacity`` rows of the first payload, then from `view_p1_off` the second's.
         total_bytes: the whole buffer.
         stage_bytes: the staging area for peers without load/store access (NVSHMEM across
             nodes): the larger of a dispatch's staged rows and a combine's.
@@ -221,6 +237,8 @@ class BufferLayout:
     dflag_chunks: int
     total_bytes: int
     stage_bytes: int
+    view_off: int = -1
+    view_bytes: int = 0
 
     @classmethod
     def plan(
@@ -232,9 +250,10 @@ class BufferLayout:
         world_size: int,
         num_experts: int,
         max_send_rows: int,
+        zero_copy: bool = False,
     ) -> BufferLayout:
         """The layout for ``capacity`` landing rows and ``max_send_rows`` returned rows of up
-        to ``hidden`` elements of ``dtype``."""
+        to ``hidden`` elements of ``dtype``, and with ``zero_copy`` ``capacity`` output rows."""
         row_bytes = _align(hidden * torch.empty(0, dtype=dtype).element_size(), 16)
         recv_stride = row_bytes + _TRAILER_BYTES
         offsets, cursor = {}, 0
@@ -252,10 +271,18 @@ class BufferLayout:
         ):
             offsets[name] = cursor
             cursor = _align(cursor + size)
+        if zero_copy:  # both payloads' rows: at most capacity * row_bytes plus the rounding
+            offsets["view_off"], offsets["view_bytes"] = cursor, capacity * row_bytes + 16
+            cursor = _align(cursor + offsets["view_bytes"])
         stage = max(max_send_rows * recv_stride, capacity * row_bytes)
         return cls(row_bytes=row_bytes, recv_stride=recv_stride, ret_stride=row_bytes,
                    dflag_chunks=dflag_chunks, total_bytes=cursor, stage_bytes=_align(stage),
                    **offsets)
+
+    def view_p1_off(self, capacity: int, p0_bytes: int) -> int:
+        """Offset in the zero-copy outputs of the second payload's rows (csrc ``view_p1_off``):
+        ``capacity`` rows of ``p0_bytes``, rounded up to 16."""
+        return _align(capacity * p0_bytes, 16)
 
 
 @dataclass(frozen=True)
@@ -286,6 +313,9 @@ class RdepRouting:
             row's head flag and the contract row of each landing row (``[R]`` each).
         phase_R: pipelined dispatches only (else None), int32 ``[R]``: each row's token phase
             at its source (the pipelined combine returns rows phase by phase).
+        own_row_N: pipelined dispatches only (else None), int32 ``[N]``: the contract row of
+            each slot this rank owns itself, -1 for the others (the pipelined combine reads
+            those rows in place).
     """
 
     info_8: torch.Tensor
@@ -305,6 +335,18 @@ class RdepRouting:
     head_R: torch.Tensor | None = None
     row_of_land_R: torch.Tensor | None = None
     phase_R: torch.Tensor | None = None
+    own_row_N: torch.Tensor | None = None
+
+
+def _device_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 CUDA tensor over ``nbytes`` of device memory at ``ptr`` (shares it; the memory
+    stays owned by the dispatcher)."""
+
+    class _Region:  # __cuda_array_interface__ v3: torch.as_tensor keeps this object alive
+        __cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                    "version": 3, "strides": None}
+
+    return torch.as_tensor(_Region(), device=device)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -320,10 +362,20 @@ class _DispatchOutputs:
     (reduce_on_owner) chain_R, head_R, row_of_land_R and (pipelined) phase_R."""
 
     def __init__(self, num_rows: int, hidden: int, payloads, fp8: bool, owner_sums: bool,
-                 pipelined: bool, device: torch.device):
-        self.x_RD = torch.empty(num_rows, hidden, dtype=payloads[0].dtype, device=device)
-        self.scales_RG = torch.empty(num_rows, payloads[1].shape[1], dtype=torch.float32,
-                                     device=device) if fp8 else None
+                 pipelined: bool, device: torch.device, view: torch.Tensor | None = None,
+                 p1_off: int = 0):
+        if view is None:
+            self.x_RD = torch.empty(num_rows, hidden, dtype=payloads[0].dtype, device=device)
+            self.scales_RG = torch.empty(num_rows, payloads[1].shape[1], dtype=torch.float32,
+                                         device=device) if fp8 else None
+        else:  # zero-copy: views of the buffer's output rows (p1_off: the scales' rows)
+            p0_bytes = hidden * payloads[0].element_size()
+            self.x_RD = view[:num_rows * p0_bytes].view(payloads[0].dtype).view(num_rows, hidden)
+            self.scales_RG = None
+            if fp8:
+                groups = payloads[1].shape[1]
+                self.scales_RG = view[p1_off:p1_off + num_rows * 4 * groups].view(
+                    torch.float32).view(num_rows, groups)
         rows = torch.empty(4 + 3 * owner_sums + pipelined, num_rows, dtype=torch.int32,
                            device=device)
         self.gates_R = rows[0].view(torch.float32)
@@ -366,10 +418,15 @@ class RdepDispatcher(Dispatcher):
     #: it slower (bench ``--grids``; bench/results/dispatch_4xH200_blocks_per_sm.txt).
     dispatch_grid = (2, 75, 32)
     combine_grid = (4, 75)
+    #: The pipelined combine reads the rows this rank owns itself in place (module docstring);
+    #: False returns them through the return buffer like every other row (the bench's ``/ret``
+    #: rows compare the two in one run). Bitwise the same results either way.
+    read_own_rows = True
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
                      timeout_s: float, dedup_rows: bool = False,
-                     reduce_on_owner: bool = False, pipelined: bool | None = None) -> None:
+                     reduce_on_owner: bool = False, pipelined: bool | None = None,
+                     zero_copy: bool = False) -> None:
         if not isinstance(hidden, int) or hidden <= 0:
             raise ValueError(f"hidden must be a positive int (the widest row, in elements), got "
                              f"{hidden!r}")
@@ -392,9 +449,13 @@ class RdepDispatcher(Dispatcher):
             raise ValueError("reduce_on_owner=True needs dedup_rows=True (the owner's partial "
                              "sums follow the chains a deduplicated dispatch records); pass both")
         self.reduce_on_owner = reduce_on_owner
+        if not isinstance(zero_copy, bool):
+            raise ValueError(f"zero_copy must be True or False, got {zero_copy!r}")
+        self.zero_copy = zero_copy
+        self._view: torch.Tensor | None = None  # the zero-copy outputs, once attached
         self.layout = BufferLayout.plan(capacity=self.capacity, hidden=hidden, dtype=dtype,
                                         world_size=self.world_size, num_experts=self.num_experts,
-                                        max_send_rows=max_send_rows)
+                                        max_send_rows=max_send_rows, zero_copy=zero_copy)
         if pipelined is None:  # decided from the construction arguments: alike on every rank
             pipelined = max_send_rows >= PIPELINE_MIN_SEND_ROWS and (
                 not dedup_rows or self.layout.row_bytes >= PIPELINE_MIN_DEDUP_ROW_BYTES)
@@ -445,7 +506,9 @@ class RdepDispatcher(Dispatcher):
             layout.signal_off, layout.counter_off, layout.counts_off, layout.counts_src_off,
             layout.recv_off, layout.recv_stride, layout.ret_off, layout.ret_stride,
             layout.dots_off, layout.dflags_off, layout.cflags_off, layout.dflag_chunks,
-            int(self.timeout_s * 1e9))
+            layout.view_off, int(self.timeout_s * 1e9))
+        if self.zero_copy:
+            self._view = _device_bytes(local_base + layout.view_off, layout.view_bytes, device)
         self._local_base = local_base
         self._stage = stage
         self._device_index = device.index
@@ -456,6 +519,7 @@ class RdepDispatcher(Dispatcher):
                 f"buffer {self.layout.total_bytes / 2**20:.0f} MiB"
                 + (", one row per token and owner" if self.dedup_rows else "")
                 + (" both ways" if self.reduce_on_owner else "")
+                + (", zero-copy outputs" if self.zero_copy else "")
                 + (", pipelined" if self.pipelined_active else "")
                 + (f", {len(self._unmapped)} peers via puts" if self._unmapped else ""))
 
@@ -576,18 +640,20 @@ class RdepDispatcher(Dispatcher):
         pipelined = self.pipelined_active
         if pipelined:  # before anything moves, so every rank raises alike
             check_stream_grids(self.dispatch_grid, self.combine_grid)
+        # Payloads straight to the owners' contract rows: one row per slot, zero-copy outputs.
+        direct = self.zero_copy and pipelined and not dedup
         # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
         # send_pos [N], land_index [N], (reduce_on_owner) head_N [N] and (pipelined)
-        # slot_of_send [N]. Owned by the handle.
-        slot_vectors = 2 + owner_sums + pipelined
+        # slot_of_send [N] and own_row_N [N]. Owned by the handle.
+        slot_vectors = 2 + owner_sums + 2 * pipelined
         meta = torch.empty(8 + num_local + (slot_vectors * num_slots + 1) // 2, dtype=torch.int64,
                            device=device)
         info, counts_E = meta[:8], meta[8:8 + num_local]
         slots = meta[8 + num_local:].view(torch.int32)
-        send_pos, land_index = slots[:num_slots], slots[num_slots:2 * num_slots]
-        head_N = slots[2 * num_slots:3 * num_slots] if owner_sums else None
-        slot_of_send = (slots[(slot_vectors - 1) * num_slots:slot_vectors * num_slots]
-                        if pipelined else None)
+        vectors = iter(slots[v * num_slots:(v + 1) * num_slots] for v in range(slot_vectors))
+        send_pos, land_index = next(vectors), next(vectors)
+        head_N = next(vectors) if owner_sums else None
+        slot_of_send, own_row_N = (next(vectors), next(vectors)) if pipelined else (None, None)
         stream = _current_stream(self._device_index)
         is64 = ids.dtype == torch.int64
         if hook is not None:
@@ -612,7 +678,9 @@ class RdepDispatcher(Dispatcher):
         # The pipelined kernel needs its outputs sized first, so its host sync comes here.
         num_rows, num_received, send_chunks, recv_chunks = self._settle_plan(
             info, sync, stream, num_slots, sum(widths))
-        out = _DispatchOutputs(num_rows, hidden, payloads, fp8, owner_sums, pipelined, device)
+        out = _DispatchOutputs(num_rows, hidden, payloads, fp8, owner_sums, pipelined, device,
+                               view=self._view,
+                               p1_off=self.layout.view_p1_off(self.capacity, widths[0]))
         if hook is not None:
             hook("alloc")
         if pipelined:
@@ -620,7 +688,7 @@ class RdepDispatcher(Dispatcher):
                 ids.data_ptr(), is64, num_slots, num_tokens, top_k, send_pos.data_ptr(),
                 land_index.data_ptr(), slot_of_send.data_ptr(), *rows_args, num_rows,
                 out.x_RD.data_ptr(), _ptr(out.scales_RG), *out.routing_ptrs(),
-                _ptr(out.phase_R), *self.dispatch_grid, stream)
+                _ptr(out.phase_R), _ptr(own_row_N), direct, *self.dispatch_grid, stream)
         else:
             self._rdep.unpack(num_rows, _ptr(num_received), dedup, out.x_RD.data_ptr(),
                               widths[0], _ptr(out.scales_RG), widths[1] if fp8 else 0,
@@ -639,7 +707,7 @@ class RdepDispatcher(Dispatcher):
                               recv_chunks=recv_chunks, dispatcher_id=id(self), head_N=head_N,
                               gates_R=gates_R if owner_sums else None, chain_R=out.chain_R,
                               head_R=out.head_R, row_of_land_R=out.row_of_land_R,
-                              phase_R=out.phase_R))
+                              phase_R=out.phase_R, own_row_N=own_row_N))
         dispatched = Dispatched(x_RD=out.x_RD, counts_E=counts_E, gates_R=gates_R,
                                 handle=handle, x_scales_RG=out.scales_RG,
                                 num_received=num_received)
@@ -782,7 +850,8 @@ class RdepDispatcher(Dispatcher):
                 y_RD.data_ptr(), routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
                 routing.phase_R.data_ptr(), tokens, handle.num_tokens, handle.top_k,
                 routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK), out.data_ptr(),
-                *self.combine_grid, stream)
+                _ptr(routing.own_row_N) if self.read_own_rows else 0, *self.combine_grid,
+                stream)
             self._consumed = _RET
             if hook is not None:
                 hook("combine_stream")
@@ -891,12 +960,15 @@ class RdepDispatcher(Dispatcher):
         world_size: int = 1,
         max_send_rows: int | None = None,
         num_experts: int = 256,
+        zero_copy: bool = False,
     ) -> int:
         """Persistent bytes per rank: `BufferLayout.total_bytes` (the count matrix assumes
-        ``num_experts``, 256 by default; it is a few KiB either way). Per-call outputs
-        (``x_RD``, ``gates_R``, index vectors) are allocated by torch on top."""
+        ``num_experts``, 256 by default; it is a few KiB either way), with ``zero_copy`` the
+        output rows too (``capacity`` rows of ``hidden`` elements). Per-call outputs (``x_RD``
+        unless ``zero_copy``, ``gates_R``, index vectors) are allocated by torch on top."""
         layout = BufferLayout.plan(
             capacity=capacity, hidden=hidden, dtype=dtype, world_size=world_size,
             num_experts=num_experts,
-            max_send_rows=capacity if max_send_rows is None else max_send_rows)
+            max_send_rows=capacity if max_send_rows is None else max_send_rows,
+            zero_copy=zero_copy)
         return layout.total_bytes

@@ -123,7 +123,7 @@ def create_dispatcher(
         **backend_options: keyword options of that backend (``local``: ``validate``;
             ``nccl``: ``group``; ``ipc`` / ``nvshmem``: ``hidden`` (required), ``dtype``,
             ``max_send_rows``, ``group``, ``device``, ``timeout_s``, ``dedup_rows``,
-            ``reduce_on_owner``, ``pipelined``;
+            ``reduce_on_owner``, ``pipelined``, ``zero_copy``;
             ``nvshmem`` also ``peer_access``).
 
     Raises:
