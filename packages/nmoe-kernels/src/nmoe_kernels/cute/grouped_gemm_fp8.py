@@ -192,47 +192,19 @@ class KernelConfig:
         """GEMM columns of one scheduled tile."""
         return self.tile_n * self.sub_tiles
 
-def _epilogue_smem(epilogue: str, tile_m: int, tile_n: int) -> tuple:
-    """The epilogue's shared memory: (out rows, out columns, out row stride, out element bytes,
-    row-maximum words, stash words). The kernel's `SharedStorage` is built from it.
+def _stage_bytes(tile_m: int, tile_n: int) -> int:
+    return tile_m * BLOCK_K + tile_n * BLOCK_K  # A and B tiles, fp8
 
-    bf16: the tile's rows padded by 16 B (wide tiles: one 128-column half at a time);
-    swiglu_quant: FP8 rows of one 128-feature quantization block padded by 16 B, two row maxima
-    per tile row and, on paired 128 x 128 tiles, the first half's stash (`STASH_WORDS` per MMA
-    thread)."""
-    wide = (tile_m, tile_n) == (128, 256)
+
+def _epilogue_smem_bytes(epilogue: str, tile_m: int, tile_n: int) -> int:
+    if (tile_m, tile_n) == (128, 256):  # wide: one 128-column half at a time (bf16), or the
+        epi_n = SCALE_BLOCK_N  # FP8 rows of the tile's whole quantization block
+        return tile_m * (epi_n + 8) * 2 if epilogue == "bf16" else tile_m * (epi_n + 16)
     if epilogue == "bf16":
-        epi_n = SCALE_BLOCK_N if wide else tile_n
-        return tile_m, epi_n, epi_n + 8, 2, 4, 4
-    paired = tile_n == 128
-    cols = SCALE_BLOCK_N if paired or wide else tile_n // 2
-    return tile_m, cols, cols + 16, 1, 2 * tile_m, STASH_WORDS * 256 if paired else 4
-
-
-def _align(offset: int, alignment: int) -> int:
-    return -(-offset // alignment) * alignment
-
-
-def _smem_bytes(epilogue: str, tile_m: int, tile_n: int, stages: int) -> int:
-    """Bytes of the kernel's `SharedStorage` with ``stages`` pipeline stages, member by member
-    in its order and alignment (A and B stage rings at 1024 B, the epilogue buffer at 128 B,
-    row maxima and stash at 16 B, then two mbarriers per stage), rounded up to 1024 B as the
-    struct is. A CPU test checks it against the compiled kernel's struct."""
-    rows, cols, stride, elem, amax_words, stash_words = _epilogue_smem(epilogue, tile_m, tile_n)
-    offset = stages * tile_m * BLOCK_K  # s_a, at 0
-    offset = _align(offset, 1024) + stages * tile_n * BLOCK_K  # s_b
-    offset = _align(offset, 128) + ((rows - 1) * stride + cols) * elem  # s_out
-    offset = _align(offset, 16) + amax_words * 4
-    offset = _align(offset, 16) + stash_words * 4
-    offset = _align(offset, 8) + stages * 2 * 8  # pipe_barriers
-    return _align(offset, 1024)
-
-
-#: Shared memory per CTA on sm_90 (227 KiB).
-SMEM_CAPACITY = 232448
-#: Bytes the default stage count leaves free (`kernel_config`): the rule every measured kernel
-#: ran with. A request for more stages (``stages=``) may use all of `SMEM_CAPACITY`.
-DEFAULT_SMEM_SLACK = 2048
+        return tile_m * (tile_n + 8) * 2
+    if tile_n == 128:  # paired: FP8 rows of a whole quantization block + the first half's stash
+        return tile_m * (SCALE_BLOCK_N + 16) + STASH_WORDS * 256 * 4
+    return tile_m * (tile_n // 2 + 16) + 2 * tile_m * 4
 
 
 def kernel_config(
@@ -271,9 +243,7 @@ def kernel_config(
     noise of the default at every bench shape (bench/results/fp8_H100_tile_order.txt), so the
     wrapper does not use it. ``cluster_launch`` (diagnostic) launches one CTA with a 1 x 1 x 1
     cluster attribute, as the kernel did before 2026-11-27. ``stages`` (diagnostic) caps the
-    pipeline stages (None: the most that fit with `DEFAULT_SMEM_SLACK` bytes to spare, at most
-    8); it may ask for up to the most that fit exactly, one more stage than the default for the
-    bf16 kernels (not yet measured on a GPU).
+    pipeline stages below the most that fit in shared memory (None: the most, at most 8).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
@@ -296,16 +266,14 @@ def kernel_config(
     if epi_overlap and not (overlap or wide):
         raise ValueError("epi_overlap needs the overlapped mainloop (overlap=True)")
     fast_silu = DEFAULT_FAST_SILU if fast_silu is None else bool(fast_silu)
-    def fitting(capacity: int) -> int:
-        fit = [s for s in range(2, 9) if _smem_bytes(epilogue, tile_m, tile_n, s) <= capacity]
-        return max(fit)
-
-    num_stages = fitting(SMEM_CAPACITY - DEFAULT_SMEM_SLACK)
+    smem_capacity = 232448  # sm_90: 227 KiB of dynamic shared memory per CTA
+    reserved = 2048  # mbarriers, alignment padding
+    free = smem_capacity - reserved - _epilogue_smem_bytes(epilogue, tile_m, tile_n)
+    num_stages = min(8, free // _stage_bytes(tile_m, tile_n))
     if stages is not None:
-        most = fitting(SMEM_CAPACITY)
-        if not 2 <= stages <= most:
+        if not 2 <= stages <= num_stages:
             raise ValueError(
-                f"stages must be in [2, {most}] for the {epilogue} kernel on {tile_m} x "
+                f"stages must be in [2, {num_stages}] for the {epilogue} kernel on {tile_m} x "
                 f"{tile_n} tiles (shared memory), got {stages!r}"
             )
         num_stages = int(stages)
@@ -445,16 +413,20 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
             num_multicast=self.cluster_m,
         )
 
-        out_rows, out_cols, out_stride, _, amax_words, stash_words = _epilogue_smem(
-            self.config.epilogue, tile_m, tile_n
-        )
-        out_smem = cute.make_layout((out_rows, out_cols), stride=(out_stride, 1))
+        if const_expr(self.fused):  # fp8 rows of a quantization block, padded by 16 B
+            out_smem = cute.make_layout(
+                (tile_m, self.sched_n // 2), stride=(self.sched_n // 2 + 16, 1)
+            )
+        else:  # bf16 rows padded by 16 B (wide tiles: one 128-column half at a time)
+            epi_n = SCALE_BLOCK_N if const_expr(self.wide) else tile_n
+            out_smem = cute.make_layout((tile_m, epi_n), stride=(epi_n + 8, 1))
         out_dtype = self.ab_dtype if const_expr(self.fused) else cutlass.BFloat16
+        amax_words = 2 * tile_m if const_expr(self.fused) else 4
+        stash_words = STASH_WORDS * self.num_mma_threads if const_expr(self.paired) else 4
 
-        # The big rings first, at the 1024-aligned base, the small members and the mbarriers
-        # last: no 1 KiB pad before the rings (`_smem_bytes` mirrors this order).
         @cute.struct
         class SharedStorage:
+            pipe_barriers: cute.struct.MemRange[Int64, self.num_stages * 2]
             s_a: cute.struct.Align[
                 cute.struct.MemRange[self.ab_dtype, cute.cosize(a_smem_staged)], 1024
             ]
@@ -464,7 +436,6 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
             s_out: cute.struct.Align[cute.struct.MemRange[out_dtype, cute.cosize(out_smem)], 128]
             s_amax: cute.struct.Align[cute.struct.MemRange[Float32, amax_words], 16]
             s_stash: cute.struct.Align[cute.struct.MemRange[Int32, stash_words], 16]
-            pipe_barriers: cute.struct.MemRange[Int64, self.num_stages * 2]
 
         self.shared_storage = SharedStorage
 
