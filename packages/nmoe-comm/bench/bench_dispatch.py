@@ -35,9 +35,7 @@ row per token and owner, the owner's partial sum; its match column allows that s
 rounding, the dispatch still bitwise).
 
 ``--zero-copy`` adds ``backend/zc`` rows (``zero_copy=True``: ``x_RD`` is a view of the dispatcher's
-buffer and each row is stored by its source straight at its final row); a backend named ``ipc/ret``
-times the pipelined combine that returns a rank's own rows through its return buffer
-(``read_own_rows = False``, as before own rows were read in place). ``--two-kernel`` adds
+buffer and each row is stored by its source straight at its final row). ``--two-kernel`` adds
 ``backend/2k`` rows (``pipelined=False``: the two-kernel path, scatter -> barrier -> unpack and
 return -> barrier -> reduce) and ``backend/pl`` rows (``pipelined=True``), beside the dispatcher's
 own choice, in the same run; ``--grids DB,DP,CB,CP[,CR] ...`` adds ``ipc@...`` rows with other grids
@@ -134,9 +132,7 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
     """``dedup``: False, True (``dedup_rows``) or "owner" (also ``reduce_on_owner``).
     ``backend``: a registered name (``pipelined`` chosen by the dispatcher), ``NAME/2k``
     (``pipelined=False``: the two-kernel path), ``NAME/pl`` (``pipelined=True``), ``NAME/zc``
-    (``zero_copy=True``: ``x_RD`` a view of the buffer, rows stored at their final row),
-    ``NAME/ret`` (the pipelined combine returns this rank's own rows through its return buffer,
-    ``read_own_rows = False``: the combine before own rows were read in place), or
+    (``zero_copy=True``: ``x_RD`` a view of the buffer, rows stored at their final row), or
     ``NAME@DB,DP,CB,CP[,CR]`` (pipelined, with these grids: dispatch and combine blocks per SM
     and percent of senders, and the dispatch's rows per chunk; see
     `RdepDispatcher.dispatch_grid`)."""
@@ -151,8 +147,6 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
     dispatcher = nmoe_comm.create_dispatcher(name, num_experts=num_experts,
                                              capacity=_capacity(tokens, top_k), world_size=world,
                                              rank=rank, **options)
-    if mode == "ret":
-        dispatcher.read_own_rows = False
     if grid:
         db, dp, cb, cp, *chunk = (int(v) for v in grid.split(","))
         dispatcher.dispatch_grid = (db, dp, chunk[0] if chunk else dispatcher.dispatch_grid[2])

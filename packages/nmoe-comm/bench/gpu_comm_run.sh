@@ -23,6 +23,14 @@ if ! "$PY" -c 'import nmoe_comm._C as C, sys; sys.exit(0 if C.WITH_CUDA and C.AB
     -e packages/nmoe-comm > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
   echo "build: $((SECONDS - t0)) s"
 fi
+# The FP8 dispatch quantizes with nmoe-kernels' CUDA kernel.
+if ! "$PY" -c 'import nmoe_kernels._C as C, sys; sys.exit(0 if C.WITH_CUDA else 1)' 2>/dev/null; then
+  t0=$SECONDS
+  NMOE_CUDA_ARCHS=90a "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \
+    -e packages/nmoe-kernels > "$OUT/build-kernels.log" 2>&1 \
+    || { tail -30 "$OUT/build-kernels.log"; exit 1; }
+  echo "build nmoe-kernels: $((SECONDS - t0)) s"
+fi
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
   t0=$SECONDS

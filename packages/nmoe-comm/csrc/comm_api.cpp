@@ -45,8 +45,7 @@ namespace py = pybind11;
 //   7: dispatch_stream takes `chunk_rows` (rows per published chunk; the flag region holds one
 //      flag per STREAM_FLAG_ROWS = 8 rows of capacity, which replaces STREAM_CHUNK_ROWS = 32).
 //   8: exports STREAM_CHUNK_ROWS_MAX (the largest chunk_rows), checked when a dispatcher attaches.
-//   9: zero-copy dispatch outputs: Rdep takes `view_off` (-1: none), dispatch_stream `own_row_N`
-//      and `direct`, combine_stream `own_row_N` (the pipelined combine reads own rows in place).
+//   9: zero-copy dispatch outputs: Rdep takes `view_off` (-1: none), dispatch_stream `direct`.
 constexpr int kAbiVersion = 9;
 
 #if NMOE_WITH_CUDA
@@ -199,9 +198,8 @@ class Rdep {
                        int64_t stride0, int64_t bytes0, Ptr src1, int64_t stride1, int64_t bytes1,
                        Ptr gates, Ptr info, bool dedup, Ptr head_N, int64_t num_rows, Ptr out0,
                        Ptr out1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
-                       Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, Ptr own_row_N,
-                       bool direct, int blocks_per_sm, int send_percent, int chunk_rows,
-                       Ptr stream) {
+                       Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, bool direct,
+                       int blocks_per_sm, int send_percent, int chunk_rows, Ptr stream) {
     CudaDeviceGuard guard(device_, "dispatch_stream");
     DispatchStreamArgs a{};
     a.ids = as<const void>(ids);
@@ -230,7 +228,6 @@ class Rdep {
     a.row_of_land = as<int32_t>(row_of_land);
     a.phase_R = as<int32_t>(phase_R);
     a.chunk_rows = chunk_rows;
-    a.own_row_N = as<int32_t>(own_row_N);
     a.direct = direct;
     launch_dispatch_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
   }
@@ -240,7 +237,7 @@ class Rdep {
   void combine_stream(int dtype, int64_t num_rows, Ptr num_rows_dev, int64_t hidden, Ptr rows,
                       Ptr src_rank_R, Ptr ret_index_R, Ptr phase_R, int64_t num_tokens,
                       int64_t phase_tokens, int top_k, Ptr send_pos, Ptr gates, Ptr out,
-                      Ptr own_row_N, int blocks_per_sm, int send_percent, Ptr stream) {
+                      int blocks_per_sm, int send_percent, Ptr stream) {
     CudaDeviceGuard guard(device_, "combine_stream");
     CombineStreamArgs a{};
     a.dtype = row_dtype(dtype, "row");
@@ -257,7 +254,6 @@ class Rdep {
     a.send_pos = as<const int32_t>(send_pos);
     a.gates = as<const float>(gates);
     a.out = as<void>(out);
-    a.own_row_N = as<const int32_t>(own_row_N);
     launch_combine_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
   }
 

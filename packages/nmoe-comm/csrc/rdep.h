@@ -191,9 +191,6 @@ struct DispatchStreamArgs {
   int32_t* row_of_land;
   int32_t* phase_R;
   int chunk_rows;               // rows per published chunk (see kStreamFlagRows)
-  int32_t* own_row_N;           // [num_slots]: the slot's contract row here when this rank owns
-                                // its expert, else -1 (the pipelined combine reads own rows in
-                                // place); may be nullptr
   bool direct;                  // senders store payloads straight into the owner's zero-copy
                                 // outputs (g.view_off) at their contract rows; needs !dedup
 };
@@ -221,8 +218,6 @@ struct CombineStreamArgs {
   const int32_t* send_pos;
   const float* gates;
   void* out;
-  const int32_t* own_row_N;     // the dispatch's own_row_N, or nullptr: every row is returned
-                                // through this rank's ret region, its own rows included
 };
 void launch_combine_stream(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
                            int send_percent, int sm_count, cudaStream_t stream);

@@ -400,18 +400,11 @@ __device__ __forceinline__ void record_routing(const RowRouting& o, int64_t r, f
 // has no head_N) every slot is, head_N is not read and k == 0 marks the first slot, as that
 // kernel had it (a `first` flag there compiled differently). `ret` rows are ret_stride bytes
 // apart; the launchers pick kVec > 1 only where every access is 16-byte aligned.
-//
-// kOwnRows (the pipelined combine with a dispatch's own_row_N): a slot whose own_row_N entry r is
-// >= 0 (this rank owns its expert) is read in place, at row r of `own_rows` (own_stride bytes
-// apart), instead of from ret: the combine does not copy those rows into ret first.
-template <typename T, int kVec, bool kHeadN, bool kOwnRows = false>
+template <typename T, int kVec, bool kHeadN>
 __device__ __forceinline__ void sum_token_slots(const char* ret, int64_t ret_stride, int top_k,
                                                 int64_t hidden, const int32_t* send_pos,
                                                 const float* gates, const int32_t* head_N,
-                                                int64_t t, int64_t col, T* out,
-                                                const char* own_rows = nullptr,
-                                                int64_t own_stride = 0,
-                                                const int32_t* own_row_N = nullptr) {
+                                                int64_t t, int64_t col, T* out) {
   float acc[kVec] = {};  // stays zero only if no slot is flagged (a failed plan's head_N)
   bool first = true;     // kHeadN: no slot summed yet; otherwise k == 0
   for (int k = 0; k < top_k; ++k) {
@@ -419,12 +412,7 @@ __device__ __forceinline__ void sum_token_slots(const char* ret, int64_t ret_str
       if (head_N != nullptr && head_N[t * top_k + k] == 0) continue;
     }
     const int64_t pos = send_pos[t * top_k + k];
-    const char* base = ret + pos * ret_stride;
-    if constexpr (kOwnRows) {
-      const int64_t own = own_row_N[t * top_k + k];
-      if (own >= 0) base = own_rows + own * own_stride;
-    }
-    const auto* row = reinterpret_cast<const T*>(base) + col;
+    const auto* row = reinterpret_cast<const T*>(ret + pos * ret_stride) + col;
     const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(row);
     const float gate = gates != nullptr ? gates[t * top_k + k] : 1.0f;
 #pragma unroll

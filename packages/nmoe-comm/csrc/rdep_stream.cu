@@ -22,8 +22,6 @@
 //                  publishes it on every source. Reducer blocks claim (phase, token group) items
 //                  in phase order, wait until every owner has published the phase, and sum the
 //                  group's tokens exactly as reduce_slots does (same order, same rounding).
-//                  With the dispatch's own_row_N the rows this rank owns itself are not returned
-//                  through ret: the reducers read them in place from the expert outputs.
 //
 // Epochs: every pipelined kernel of a rank takes the next value of the rank's stream epoch (a
 // counter in its own buffer, advanced by the kernel's last block, so CUDA graphs replay with
@@ -153,7 +151,6 @@ __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const Id
     *reinterpret_cast<int32_t*>(trailer + kTrailerPhaseOffset) =
         static_cast<int32_t>(token * kStreamPhases / a.num_tokens);
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
-    if (a.own_row_N != nullptr) a.own_row_N[i] = -1;
   }
 }
 
@@ -178,7 +175,6 @@ __device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const St
         [&] { return static_cast<int32_t>(token * kStreamPhases / a.num_tokens); },
         [&] { return next_row; }, [&] { return payload_row == land; });
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
-    if (a.own_row_N != nullptr) a.own_row_N[i] = static_cast<int32_t>(r);
   }
 }
 
@@ -246,12 +242,6 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
   const unsigned long long epoch = epoch_s;
   const bool ok = a.info[0] == kOk;  // every rank decides alike; nothing moves otherwise
   const auto* ids = static_cast<const IdT*>(a.ids);
-  if (!ok && a.own_row_N != nullptr) {  // a failed sync-free plan: the combine reads only ret
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-         i < a.num_slots; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      a.own_row_N[i] = -1;
-    }
-  }
 
   if (ok && static_cast<int>(blockIdx.x) < send_blocks) {
     // Items in chunk-major order, owners rotated from the next rank: at any moment the senders
@@ -331,17 +321,6 @@ __device__ void reduce_tokens(const Layout& g, const CombineStreamArgs& a, int64
   const int64_t groups = a.hidden / kVec;
   const int64_t total = (t1 - t0) * groups;
   T* out = static_cast<T*>(a.out);
-  if (a.own_row_N != nullptr) {  // this rank's own rows in place (the senders skipped them)
-    const char* own_rows = static_cast<const char*>(a.rows);
-    const int64_t own_stride = a.hidden * static_cast<int64_t>(sizeof(T));
-    for (int64_t item = threadIdx.x; item < total; item += blockDim.x) {
-      const int64_t t = t0 + item / groups, col = (item % groups) * kVec;
-      sum_token_slots<T, kVec, false, true>(ret, g.ret_stride, a.top_k, a.hidden, a.send_pos,
-                                            a.gates, /*head_N=*/nullptr, t, col, out, own_rows,
-                                            own_stride, a.own_row_N);
-    }
-    return;
-  }
   for (int64_t item = threadIdx.x; item < total; item += blockDim.x) {
     const int64_t t = t0 + item / groups, col = (item % groups) * kVec;
     sum_token_slots<T, kVec, false>(ret, g.ret_stride, a.top_k, a.hidden, a.send_pos, a.gates,
@@ -376,13 +355,11 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
     // a time, one row per lane, and the phase's rows picked by ballot (their routing loaded by
     // those lanes at once): no dependent load per row and phase.
     const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-    const bool skip_own = a.own_row_N != nullptr;
     for (int p = 0; p < kStreamPhases; ++p) {
       for (int64_t k0 = 0; gw + k0 * num_warps < num_rows; k0 += kWarp) {
         const int64_t mine = gw + (k0 + lane) * num_warps;
-        bool here = mine < num_rows && a.phase_R[mine] == p;
+        const bool here = mine < num_rows && a.phase_R[mine] == p;
         const int32_t src = here ? a.src_rank_R[mine] : 0;
-        if (skip_own && src == me) here = false;  // the reducers read it in place
         const int32_t ret = here ? a.ret_index_R[mine] : 0;
         for (unsigned todo = __ballot_sync(kFullMask, here); todo != 0; todo &= todo - 1) {
           const int l = __ffs(todo) - 1;
@@ -516,9 +493,7 @@ template <typename T>
 void combine_stream_typed(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
                           int send_percent, int sm_count, cudaStream_t stream) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  // Own rows read in place (own_row_N) are vector loads from `rows` too.
-  const bool vector = (a.hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
-                      (a.own_row_N == nullptr || reinterpret_cast<uintptr_t>(a.rows) % 16 == 0);
+  const bool vector = (a.hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   // About 16K elements per reduce item: enough work per claim, fine enough to overlap.
   const int64_t tokens_per_item = std::max<int64_t>(1, (16384 + a.hidden - 1) / a.hidden);
   auto run = [&](auto kernel, int per_sm) {

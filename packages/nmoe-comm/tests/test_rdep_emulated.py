@@ -320,22 +320,21 @@ class EmulatedRdep:
     def dispatch_stream(self, ids, ids_int64, num_slots, num_tokens, top_k, send_pos, land_index,
                         slot_of_send, src0, stride0, bytes0, src1, stride1, bytes1, gates, info,
                         dedup, head_N, num_rows, out0, out1, gates_R, src_rank_R, ret_index_R,
-                        land_row_R, chain_R, head_R, row_of_land, phase_R, own_row_N, direct,
-                        blocks_per_sm, send_percent, chunk_rows, stream):
+                        land_row_R, chain_R, head_R, row_of_land, phase_R, direct, blocks_per_sm,
+                        send_percent, chunk_rows, stream):
         assert chunk_rows % rdep._STREAM_FLAG_ROWS == 0, chunk_rows
         assert not (direct and dedup) and (not direct or self.g.view_off >= 0)
         L, W, me = self.L, self.world, self.rank
         epoch = self._stream_epoch()
         ok = int(_mem(info, 8, torch.int64)[0]) == 0
         C = self._counts().long()
-        if not ok and own_row_N:
-            _mem(own_row_N, 4 * num_slots, torch.int32)[:] = -1
         if ok:
             self.scatter_slots(ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
                                stride0, bytes0, src1, stride1, bytes1, gates, info, dedup,
                                head_N, 0, stream, phase_tokens=num_tokens)
-            self._contract_rows(ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
-                                stride0, bytes0, src1, stride1, bytes1, own_row_N, direct)
+            if direct:
+                self._direct_rows(ids, ids_int64, num_slots, send_pos, land_index, bytes0,
+                                  bytes1)
             for o in range(W):  # publish every chunk of this rank's rows for each owner
                 rows = int(C[me, o * L:(o + 1) * L].sum())
                 for chunk in range(-(-rows // chunk_rows)):
@@ -350,11 +349,10 @@ class EmulatedRdep:
                         stream, phase_R=phase_R, direct=direct)
         self._end_stream(epoch)
 
-    def _contract_rows(self, ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
-                       stride0, bytes0, src1, stride1, bytes1, own_row_N, direct):
-        """Each slot's contract row on its owner, from the count matrix (independently of the
-        kernel's direct_base): own_row_N, and with ``direct`` the payload moved from the landing
-        row (which is then poisoned) to the owner's zero-copy outputs at that row."""
+    def _direct_rows(self, ids, ids_int64, num_slots, send_pos, land_index, bytes0, bytes1):
+        """``direct``: each remote slot's payload moved from its landing row (then poisoned) to
+        the owner's zero-copy outputs at its contract row there, found from the count matrix
+        independently of the kernel's direct_base."""
         E, L, me = self.E, self.L, self.rank
         C = self._counts().long()[:, :E]
         ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
@@ -368,9 +366,7 @@ class EmulatedRdep:
             o, e = x // L, x % L
             r = int(C[:, o * L:o * L + e].sum()) + int(C[:me, x].sum()) + int(
                 pos_N[i] - first_pos[x])
-            if own_row_N:
-                _mem(own_row_N + 4 * i, 4, torch.int32)[0] = r if o == me else -1
-            if direct and o != me:
+            if o != me:
                 landed = self._region(o, self.g.recv_off + int(land_N[i]) * stride, stride)
                 view = self._region(o, self.g.view_off, self.g.view_bytes)
                 p1 = self.g.view_p1_off(self.capacity, bytes0)
@@ -382,7 +378,7 @@ class EmulatedRdep:
 
     def combine_stream(self, dtype, num_rows, num_rows_dev, hidden, rows, src_rank_R,
                        ret_index_R, phase_R, num_tokens, phase_tokens, top_k, send_pos, gates,
-                       out, own_row_N, blocks_per_sm, send_percent, stream):
+                       out, blocks_per_sm, send_percent, stream):
         phases, W, me = rdep._STREAM_PHASES, self.world, self.rank
         epoch = self._stream_epoch()
         item = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
@@ -393,8 +389,6 @@ class EmulatedRdep:
             for r in range(walk):
                 if phase_of[r] == p:
                     src = int(_mem(src_rank_R + 4 * r, 4, torch.int32)[0])
-                    if own_row_N and src == me:  # read in place by the reducers
-                        continue
                     ret = int(_mem(ret_index_R + 4 * r, 4, torch.int32)[0])
                     dst = self._region(src, self.g.ret_off + ret * self.g.ret_stride, row_bytes)
                     dst[:] = _mem(rows + r * row_bytes, row_bytes)
@@ -407,27 +401,19 @@ class EmulatedRdep:
                 continue
             for o in range(W):
                 self._wait(self._cflag(me, o, p), epoch, "combine phase")
-            self._reduce_range(dtype, t0, t1, top_k, hidden, send_pos, gates, out,
-                               rows if own_row_N else 0, own_row_N)
+            self._reduce_range(dtype, t0, t1, top_k, hidden, send_pos, gates, out)
         self._end_stream(epoch)
 
-    def _reduce_range(self, dtype, t0, t1, top_k, hidden, send_pos, gates, out, own_rows=0,
-                      own_row_N=0):
-        """reduce_slots for tokens [t0, t1) (one row per slot; a slot with an own_row_N entry
-        >= 0 read in place from ``own_rows``)."""
+    def _reduce_range(self, dtype, t0, t1, top_k, hidden, send_pos, gates, out):
+        """reduce_slots for tokens [t0, t1) (one row per slot)."""
         row_dtype = _DTYPES[dtype]
         item = torch.empty(0, dtype=row_dtype).element_size()
         for t in range(t0, t1):
             acc = None
             for k in range(top_k):
                 pos = int(_mem(send_pos + 4 * (t * top_k + k), 4, torch.int32)[0])
-                own = int(_mem(own_row_N + 4 * (t * top_k + k), 4, torch.int32)[0]) if (
-                    own_row_N) else -1
-                if own >= 0:
-                    y = _mem(own_rows + own * hidden * item, hidden * item, row_dtype).float()
-                else:
-                    y = self._region(self.rank, self.g.ret_off + pos * self.g.ret_stride,
-                                     hidden * item, row_dtype).float()
+                y = self._region(self.rank, self.g.ret_off + pos * self.g.ret_stride,
+                                 hidden * item, row_dtype).float()
                 if gates:
                     y = _mem(gates + 4 * (t * top_k + k), 4, torch.float32)[0] * y
                 acc = y if acc is None else acc + y
@@ -790,3 +776,27 @@ def test_direct_base_gives_the_contract_rows(gen, world):
                     assert int(direct_base[x]) + rel == contract.index((x, me, j)), (me, o, x)
                     rel += 1
             assert rel == int(C[me, owner].sum())
+
+
+@pytest.mark.parametrize(("zero_copy", "dedup", "grid"), [
+    (False, False, RdepDispatcher.dispatch_grid), (True, False, rdep.ZERO_COPY_DISPATCH_GRID),
+    (True, True, RdepDispatcher.dispatch_grid)])
+def test_zero_copy_direct_stores_take_more_senders(zero_copy, dedup, grid):
+    """A zero-copy dispatcher with one row per slot (direct stores: the receivers only record
+    the routing) dispatches with more sender blocks; with dedup_rows the receivers still copy
+    rows, and the default grid stays. Its buffer gains the output rows."""
+    cases = testing.GROUP_CASES
+    made = _make(None, 2, 0, cases, dedup_rows=dedup, zero_copy=zero_copy)
+    plain = _make(None, 2, 0, cases, dedup_rows=dedup)
+    assert made.dispatch_grid == grid
+    extra = made.layout.total_bytes - plain.layout.total_bytes
+    if zero_copy:
+        assert made.layout.view_bytes == made.capacity * made.layout.row_bytes + 16
+        assert made.layout.view_off >= plain.layout.total_bytes and extra >= made.layout.view_bytes
+        assert made.buffer_size_hint(capacity=made.capacity, hidden=made.hidden,
+                                     dtype=made.row_dtype, world_size=2,
+                                     max_send_rows=made.max_send_rows,
+                                     num_experts=made.num_experts,
+                                     zero_copy=True) == made.layout.total_bytes
+    else:
+        assert extra == 0 and made.layout.view_off == -1

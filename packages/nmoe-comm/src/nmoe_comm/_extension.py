@@ -20,9 +20,8 @@ SLOT_SUM_ABI = 3
 #: The ABI whose kernels count barrier epochs on the device (the engine passes a flag where
 #: older builds took the host's epoch, so it must not run on them).
 DEVICE_EPOCH_ABI = 4
-#: The ABI this Python code drives: zero-copy outputs (view_off) and own rows read in place
-#: (own_row_N) changed the Rdep constructor, dispatch_stream and combine_stream (9); the module
-#: exports STREAM_CHUNK_ROWS_MAX (8);
+#: The ABI this Python code drives: zero-copy outputs changed the Rdep constructor (view_off) and
+#: dispatch_stream (direct) (9); the module exports STREAM_CHUNK_ROWS_MAX (8);
 #: dispatch_stream takes its chunk rows (7); the pipelined transport changed route_plan's
 #: signature and the Rdep constructor's (6).
 RDEP_ABI = 9

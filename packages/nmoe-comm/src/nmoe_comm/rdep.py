@@ -114,10 +114,6 @@ hold until this rank's next ``dispatch`` (whose senders may overwrite them once 
 entered it) and until ``destroy``: use them before, or copy them; autograd refuses such a
 dispatcher (activations kept for the backward would be overwritten).
 
-The pipelined combine reads the rows a rank owns itself in place, from ``y_RD`` at the contract
-row each such slot got (``own_row_N``, recorded by ``dispatch_stream``), instead of copying them
-into its return buffer first; the sums are the same, in the same order.
-
 Reuse of the buffer: each call's writes are followed by a barrier before they are read, and a
 region read *after* a call's last barrier (``RECV``/``COUNTS`` by ``unpack``, ``RET`` by
 ``reduce_slots``, ``DOTS`` by the gather) gets an extra entry barrier before the next call that
@@ -169,6 +165,12 @@ PIPELINE_MIN_SEND_ROWS = 4096
 #: narrow rows ran slower pipelined on 4 x H200 (768 bfloat16: 810 against 732 us; 2048: equal;
 #: 7168: 747 against 834), and so did `super`'s expert-parallel training step (hidden 768).
 PIPELINE_MIN_DEDUP_ROW_BYTES = 4096
+#: The pipelined dispatch's grid on a ``zero_copy`` dispatcher with one row per slot: its
+#: receivers only record the routing (the sources store the rows at their final place), so more
+#: blocks send. On 4 x H200 (CUDA-graph loop, two runs; bench/results/dispatch_4xH200_zero_copy.txt)
+#: 85% senders took 1063 us against 1089-1091 at 75% for (4096, 7168, 8), 540 against 572 at
+#: (16384, 768, 8) and 500 against 509-510 at (8192, 2048, 6); 80% and 90% fell in between.
+ZERO_COPY_DISPATCH_GRID = (2, 85, 32)
 
 
 def check_stream_grids(dispatch_grid, combine_grid) -> None:
@@ -313,9 +315,6 @@ class RdepRouting:
             row's head flag and the contract row of each landing row (``[R]`` each).
         phase_R: pipelined dispatches only (else None), int32 ``[R]``: each row's token phase
             at its source (the pipelined combine returns rows phase by phase).
-        own_row_N: pipelined dispatches only (else None), int32 ``[N]``: the contract row of
-            each slot this rank owns itself, -1 for the others (the pipelined combine reads
-            those rows in place).
     """
 
     info_8: torch.Tensor
@@ -335,7 +334,6 @@ class RdepRouting:
     head_R: torch.Tensor | None = None
     row_of_land_R: torch.Tensor | None = None
     phase_R: torch.Tensor | None = None
-    own_row_N: torch.Tensor | None = None
 
 
 def _device_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -418,10 +416,6 @@ class RdepDispatcher(Dispatcher):
     #: it slower (bench ``--grids``; bench/results/dispatch_4xH200_blocks_per_sm.txt).
     dispatch_grid = (2, 75, 32)
     combine_grid = (4, 75)
-    #: The pipelined combine reads the rows this rank owns itself in place (module docstring);
-    #: False returns them through the return buffer like every other row (the bench's ``/ret``
-    #: rows compare the two in one run). Bitwise the same results either way.
-    read_own_rows = True
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
                      timeout_s: float, dedup_rows: bool = False,
@@ -462,6 +456,8 @@ class RdepDispatcher(Dispatcher):
         if not isinstance(pipelined, bool):
             raise ValueError(f"pipelined must be True, False or None (auto), got {pipelined!r}")
         self.pipelined = pipelined
+        if zero_copy and pipelined and not dedup_rows:  # direct stores (module docstring)
+            self.dispatch_grid = ZERO_COPY_DISPATCH_GRID
         self._consumed: frozenset[str] = frozenset()
         self._destroyed = False
 
@@ -644,8 +640,8 @@ class RdepDispatcher(Dispatcher):
         direct = self.zero_copy and pipelined and not dedup
         # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
         # send_pos [N], land_index [N], (reduce_on_owner) head_N [N] and (pipelined)
-        # slot_of_send [N] and own_row_N [N]. Owned by the handle.
-        slot_vectors = 2 + owner_sums + 2 * pipelined
+        # slot_of_send [N]. Owned by the handle.
+        slot_vectors = 2 + owner_sums + pipelined
         meta = torch.empty(8 + num_local + (slot_vectors * num_slots + 1) // 2, dtype=torch.int64,
                            device=device)
         info, counts_E = meta[:8], meta[8:8 + num_local]
@@ -653,7 +649,7 @@ class RdepDispatcher(Dispatcher):
         vectors = iter(slots[v * num_slots:(v + 1) * num_slots] for v in range(slot_vectors))
         send_pos, land_index = next(vectors), next(vectors)
         head_N = next(vectors) if owner_sums else None
-        slot_of_send, own_row_N = (next(vectors), next(vectors)) if pipelined else (None, None)
+        slot_of_send = next(vectors) if pipelined else None
         stream = _current_stream(self._device_index)
         is64 = ids.dtype == torch.int64
         if hook is not None:
@@ -688,7 +684,7 @@ class RdepDispatcher(Dispatcher):
                 ids.data_ptr(), is64, num_slots, num_tokens, top_k, send_pos.data_ptr(),
                 land_index.data_ptr(), slot_of_send.data_ptr(), *rows_args, num_rows,
                 out.x_RD.data_ptr(), _ptr(out.scales_RG), *out.routing_ptrs(),
-                _ptr(out.phase_R), _ptr(own_row_N), direct, *self.dispatch_grid, stream)
+                _ptr(out.phase_R), direct, *self.dispatch_grid, stream)
         else:
             self._rdep.unpack(num_rows, _ptr(num_received), dedup, out.x_RD.data_ptr(),
                               widths[0], _ptr(out.scales_RG), widths[1] if fp8 else 0,
@@ -707,7 +703,7 @@ class RdepDispatcher(Dispatcher):
                               recv_chunks=recv_chunks, dispatcher_id=id(self), head_N=head_N,
                               gates_R=gates_R if owner_sums else None, chain_R=out.chain_R,
                               head_R=out.head_R, row_of_land_R=out.row_of_land_R,
-                              phase_R=out.phase_R, own_row_N=own_row_N))
+                              phase_R=out.phase_R))
         dispatched = Dispatched(x_RD=out.x_RD, counts_E=counts_E, gates_R=gates_R,
                                 handle=handle, x_scales_RG=out.scales_RG,
                                 num_received=num_received)
@@ -850,8 +846,7 @@ class RdepDispatcher(Dispatcher):
                 y_RD.data_ptr(), routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
                 routing.phase_R.data_ptr(), tokens, handle.num_tokens, handle.top_k,
                 routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK), out.data_ptr(),
-                _ptr(routing.own_row_N) if self.read_own_rows else 0, *self.combine_grid,
-                stream)
+                *self.combine_grid, stream)
             self._consumed = _RET
             if hook is not None:
                 hook("combine_stream")
