@@ -358,7 +358,7 @@ def _verdicts(rows) -> list[str]:
         if found:
             ok = found["gb_per_s"] >= 320.0
             lines.append(f"{backend} >= 320 GB/s per rank at {LARGE[0]} (crossing bytes): "
-                         f"{found['gb_per_s']:.0f} {'PASS' if ok else 'MISS'}")
+                         f"{found['gb_per_s']:.1f} {'PASS' if ok else 'MISS'}")
     for backend in ("ipc", "ipc:sync_free", "ipc+dedup", "ipc+dedup:sync_free", "ipc:graph",
                     "ipc+dedup:graph", "ipc+owner:sync_free", "ipc+owner:graph", "ipc/zc:graph"):
         for op, limit in (("dispatch", 60.0), ("combine", 80.0)):
