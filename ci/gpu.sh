@@ -59,12 +59,7 @@
 # this script then puts them on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-[ -d /root/nmoe-boot ] && export PYTHONPATH=/root/nmoe-boot${PYTHONPATH:+:$PYTHONPATH}
-# NVLink multicast stays off on shared machines.
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export PYTHONUNBUFFERED=1 HF_DATASETS_OFFLINE=1
+source ci/gpu_env.sh
 PY=${PYTHON:-python3}
 status=0
 # The fastest measured `super` configuration (nmoe-train README): a bench variant.

@@ -8,11 +8,7 @@
 # COMM_TEST_TIMEOUT / COMM_BENCH_TIMEOUT: seconds for each (default 420 / 300).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-[ -d /root/nmoe-boot ] && export PYTHONPATH=/root/nmoe-boot${PYTHONPATH:+:$PYTHONPATH}
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export PYTHONUNBUFFERED=1
+source ci/gpu_env.sh
 what=${1:-all}; shift || true
 PY=python3
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c

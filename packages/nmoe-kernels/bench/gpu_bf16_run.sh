@@ -7,12 +7,8 @@
 #   OUT=/tmp/out bash packages/nmoe-kernels/bench/gpu_bf16_run.sh sweep [sweep_bf16_tiles.py args]
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source ci/gpu_env.sh
 export PYTHONPATH=$PWD/packages/nmoe-kernels/src${PYTHONPATH:+:$PYTHONPATH}
-[ -d /root/nmoe-boot ] && export PYTHONPATH=$PYTHONPATH:/root/nmoe-boot
-export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export PYTHONUNBUFFERED=1
 what=${1:-all}; shift || true
 PY=python3
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
