@@ -800,3 +800,18 @@ def test_zero_copy_direct_stores_take_more_senders(zero_copy, dedup, grid):
                                      zero_copy=True) == made.layout.total_bytes
     else:
         assert extra == 0 and made.layout.view_off == -1
+
+
+def test_autograd_refuses_a_zero_copy_dispatcher(no_cuda_stream):
+    """Autograd keeps x_RD for the backward, and a zero-copy dispatcher's x_RD is overwritten by
+    the next dispatch: `nmoe_comm.autograd.dispatch` raises before anything moves, naming the
+    option and the fix."""
+    from nmoe_comm import autograd as comm_autograd
+
+    cases = testing.GROUP_CASES
+    made = _make(None, 1, 0, cases, zero_copy=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    ids = torch.zeros(4, 1, dtype=torch.int64)
+    gates = torch.ones(4, 1)
+    with pytest.raises(ValueError, match="zero_copy=False for training"):
+        comm_autograd.dispatch(made, x, ids, gates)

@@ -355,9 +355,11 @@ _current_stream = _extension.current_raw_stream
 
 
 class _DispatchOutputs:
-    """A dispatch's per-row outputs for ``num_rows`` rows: ``x_RD`` (and FP8 ``scales_RG``), and
-    in one int32 allocation gates_R (float32 bits), src_rank_R, ret_index_R, land_row_R, then
-    (reduce_on_owner) chain_R, head_R, row_of_land_R and (pipelined) phase_R."""
+    """A dispatch's per-row outputs for ``num_rows`` rows: ``x_RD`` (and FP8 ``scales_RG``;
+    fresh tensors, or with ``view`` views of a zero-copy dispatcher's output rows, the scales'
+    from byte ``p1_off``), and in one int32 allocation gates_R (float32 bits), src_rank_R,
+    ret_index_R, land_row_R, then (reduce_on_owner) chain_R, head_R, row_of_land_R and
+    (pipelined) phase_R."""
 
     def __init__(self, num_rows: int, hidden: int, payloads, fp8: bool, owner_sums: bool,
                  pipelined: bool, device: torch.device, view: torch.Tensor | None = None,
