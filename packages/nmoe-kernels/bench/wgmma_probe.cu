@@ -1,0 +1,395 @@
+// Tensor-core probe for the FP8 grouped GEMM's mainloop designs on Hopper (sm_90a): how fast can
+// two MMA warpgroups of one CTA drive the tensor cores with FP8 wgmma (m64nNk32, e4m3 x e4m3 ->
+// f32) under each way the kernel could be written, with and without a producer filling the
+// shared-memory stages the way TMA does?
+//
+// Each CTA (one per SM, persistent) runs `iters` K blocks of 128 through a 4-stage ring: one
+// producer thread arms a stage's "full" mbarrier and bulk-copies (cp.async.bulk) the stage's A
+// (128 rows x 128 B) and B (NT rows x 128 B) bytes from an L2-resident global buffer into it
+// ("fill"), or only arrives on the barrier ("nofill": the operands stay what they were). Two MMA
+// warpgroups (64 rows each) wait for the stage, run the block's wgmmas, and release the stage.
+// The data is arbitrary: only the time is measured. Variants (name = mode_tile_wgmma_operand):
+//   plain    accumulate every block into the same registers (no promotion: a rowwise- or
+//            tensor-scaled GEMM's mainloop), wait_group 0 per block.
+//   serial   each block (and each column half, on 128 x 256 tiles with n128 wgmmas) into a fresh
+//            partial accumulator, wait_group 0, then acc += scale * partial (64 FFMAs per half),
+//            as DeepGEMM's FP8 kernel and nmoe's 128 x 256 tile do.
+//   overlap  two partials in turn: block b's wgmmas issue before block b - 1 is waited for
+//            (wait_group 1) and promoted, as nmoe's 128 x 128 tile does. Only with A in
+//            registers here: written with both operands by descriptor, ptxas serializes this
+//            probe's wgmmas (C7514; the CuTeDSL kernel's own overlapped loop compiles clean).
+//   ss / rs  A by shared-memory descriptor, or in registers (ldmatrix from the stage first).
+// Every variant reports TFLOP/s of the CTA tiles' math over the kernel's time (median of 5).
+//
+// Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a wgmma_probe.cu -o wgmma_probe
+// Run:   ./wgmma_probe [iters=8192] [reps=5]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(call)                                                                         \
+  do {                                                                                      \
+    cudaError_t err_ = (call);                                                              \
+    if (err_ != cudaSuccess) {                                                              \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call,                     \
+                   cudaGetErrorString(err_));                                               \
+      std::exit(1);                                                                         \
+    }                                                                                       \
+  } while (0)
+
+constexpr int kStages = 4;
+constexpr int kBlockK = 128;  // bytes (fp8 elements) of K per block
+constexpr int kThreads = 384;
+constexpr uint32_t kABytes = 128 * kBlockK;
+
+enum Mode { kPlain = 0, kSerial = 1, kOverlap = 2 };
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// K-major operand with the 128-byte swizzle: 8-row atoms of 1024 bytes (stride byte offset), the
+// leading byte offset unused; a k32 step advances the start address by 32 bytes.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t addr) {
+  uint64_t d = (addr >> 4) & 0x3FFF;
+  d |= uint64_t{1} << 16;
+  d |= uint64_t{1024 >> 4} << 32;
+  d |= uint64_t{1} << 62;
+  return d;
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t ok = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred P1;\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
+        "selp.b32 %0, 1, 0, P1;\n}\n"
+        : "=r"(ok)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!ok);
+}
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes,
+                                         uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
+          "r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of `d` across a wgmma wait.
+template <int ND>
+__device__ __forceinline__ void fence_regs(float (&d)[ND]) {
+#pragma unroll
+  for (int i = 0; i < ND; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int R>
+__device__ __forceinline__ void regs_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R));
+}
+template <int R>
+__device__ __forceinline__ void regs_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));
+}
+
+// generated: wgmma.mma_async m64nNk32 e4m3 wrappers (SS: both operands by descriptor; RS: A in
+// four registers per thread), accumulating into d when scale_d != 0
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_n256(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(da), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_rs_n256(float (&d)[128], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, {%128,%129,%130,%131}, %132, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}
+
+
+template <int WN, bool RS>
+__device__ __forceinline__ void mma_k32(float (&d)[WN / 2], uint64_t da, const uint32_t (&a)[4],
+                                        uint64_t db, int scale_d) {
+  if constexpr (RS) {
+    if constexpr (WN == 128) wgmma_rs_n128(d, a, db, scale_d);
+    else wgmma_rs_n256(d, a, db, scale_d);
+  } else {
+    if constexpr (WN == 128) wgmma_ss_n128(d, da, db, scale_d);
+    else wgmma_ss_n256(d, da, db, scale_d);
+  }
+}
+
+template <int NT, int WN, int MODE, bool RS, bool FILL>
+__global__ void __launch_bounds__(kThreads, 1)
+    probe_kernel(const uint8_t* __restrict__ src, size_t src_bytes, int iters,
+                 float* __restrict__ out) {
+  constexpr int H = NT / WN;  // wgmma column halves per block
+  constexpr int ND = WN / 2;  // accumulator registers per thread per half
+  constexpr uint32_t kStage = kABytes + NT * kBlockK;
+  static_assert(MODE != kOverlap || H == 1, "overlap: one column half");
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                             ~uintptr_t{1023});
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStage);
+  uint64_t* empty = full + kStages;
+  float* scales = reinterpret_cast<float*>(empty + kStages);
+  const int wg = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + s, 1);
+      mbar_init(empty + s, 8);  // one arrival per MMA warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (threadIdx.x < 64) scales[threadIdx.x] = 1.0f + threadIdx.x * 1e-3f;
+  __syncthreads();
+
+  if (wg == 0) {  // producer
+    regs_dec<40>();
+    if (warp == 0 && lane == 0) {
+      for (int b = 0; b < iters; ++b) {
+        const int s = b % kStages;
+        if (b >= kStages) mbar_wait(empty + s, ((b / kStages) - 1) & 1);
+        uint8_t* stage = smem + s * kStage;
+        if constexpr (FILL) {
+          const size_t off =
+              (static_cast<size_t>(blockIdx.x * 131 + b) * kStage) % (src_bytes - kStage) &
+              ~size_t{1023};
+          mbar_expect_tx(full + s, kStage);
+          bulk_g2s(stage, src + off, kABytes, full + s);
+          bulk_g2s(stage + kABytes, src + off + kABytes, NT * kBlockK, full + s);
+        } else {
+          mbar_arrive(full + s);
+        }
+      }
+    }
+    return;
+  }
+  regs_inc<232>();
+  const int mwg = wg - 1;
+  const uint32_t smem_base = smem_u32(smem);
+  float acc[H][ND];
+#pragma unroll
+  for (int h = 0; h < H; ++h)
+#pragma unroll
+    for (int i = 0; i < ND; ++i) acc[h][i] = 0.0f;
+  constexpr int NP = MODE == kOverlap ? 2 : 1;
+  float part[NP][ND];
+#pragma unroll
+  for (int p = 0; p < NP; ++p)
+#pragma unroll
+    for (int i = 0; i < ND; ++i) part[p][i] = 0.0f;
+  uint32_t areg[NP][4][4];
+#pragma unroll
+  for (int p = 0; p < NP; ++p)
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) areg[p][k][j] = 0;
+
+  auto a_desc = [&](int s, int k) {
+    return desc_sw128(smem_base + s * kStage + mwg * 8192 + k * 32);
+  };
+  auto b_desc = [&](int s, int h, int k) {
+    return desc_sw128(smem_base + s * kStage + kABytes + h * WN * kBlockK + k * 32);
+  };
+  auto load_a = [&](uint32_t (&a)[4][4], int s) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      ldsm_x4(a[k], smem_base + s * kStage + mwg * 8192 + (warp % 4) * 2048 + k * 512 + lane * 16);
+  };
+  // block b's wgmmas for column half h into d (fresh unless `accumulate`)
+  auto issue = [&](float (&d)[ND], const uint32_t (&a)[4][4], int s, int h, bool accumulate) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      mma_k32<WN, RS>(d, a_desc(s, k), a[k], b_desc(s, h, k), (accumulate || k > 0) ? 1 : 0);
+  };
+  auto promote = [&](float (&a)[ND], const float (&p)[ND], float sc) {
+#pragma unroll
+    for (int i = 0; i < ND; ++i) a[i] = fmaf(sc, p[i], a[i]);
+  };
+  auto wait_full = [&](int b) { mbar_wait(full + b % kStages, (b / kStages) & 1); };
+  auto release = [&](int b) {
+    if (lane == 0) mbar_arrive(empty + b % kStages);
+  };
+
+  if constexpr (MODE == kPlain) {
+    for (int b = 0; b < iters; ++b) {
+      wait_full(b);
+      if constexpr (RS) load_a(areg[0], b % kStages);
+      wg_fence();
+#pragma unroll
+      for (int h = 0; h < H; ++h) issue(acc[h], areg[0], b % kStages, h, true);
+      wg_commit();
+      wg_wait<0>();
+#pragma unroll
+      for (int h = 0; h < H; ++h) fence_regs(acc[h]);
+      release(b);
+    }
+  } else if constexpr (MODE == kSerial) {
+    for (int b = 0; b < iters; ++b) {
+      wait_full(b);
+      if constexpr (RS) load_a(areg[0], b % kStages);
+      const float sc = scales[b & 63];
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        wg_fence();
+        issue(part[0], areg[0], b % kStages, h, false);
+        wg_commit();
+        wg_wait<0>();
+        fence_regs(part[0]);
+        if (h == H - 1) release(b);
+        promote(acc[h], part[0], sc);
+        fence_regs(acc[h]);
+      }
+    }
+  } else {  // kOverlap, iters even
+    auto step = [&](int b, float (&p)[ND], uint32_t (&a)[4][4], float (&q)[ND]) {
+      wait_full(b);
+      if constexpr (RS) load_a(a, b % kStages);
+      wg_fence();
+      issue(p, a, b % kStages, 0, false);
+      wg_commit();
+      wg_wait<1>();
+      fence_regs(q);
+      release(b - 1);
+      promote(acc[0], q, scales[(b - 1) & 63]);
+      fence_regs(acc[0]);  // the FFMAs stay before the next block's wgmma.fence
+    };
+    wait_full(0);
+    if constexpr (RS) load_a(areg[0], 0);
+    wg_fence();
+    issue(part[0], areg[0], 0, 0, false);
+    wg_commit();
+    // do-while: a loop that may run zero times gives ptxas a merge of two paths with a wgmma in
+    // flight, and it then serializes every wgmma (C7514)
+    int b = 1;
+    do {
+      step(b, part[1], areg[1], part[0]);
+      step(b + 1, part[0], areg[0], part[1]);
+      b += 2;
+    } while (b + 1 < iters);
+    step(b, part[1], areg[1], part[0]);
+    wg_wait<0>();
+    fence_regs(part[1]);
+    release(b);
+    promote(acc[0], part[1], scales[b & 63]);
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int h = 0; h < H; ++h)
+#pragma unroll
+    for (int i = 0; i < ND; ++i) sum += acc[h][i];
+  out[blockIdx.x * 256 + threadIdx.x - 128] = sum;
+}
+
+struct Variant {
+  const char* name;
+  void (*kernel)(const uint8_t*, size_t, int, float*);
+  int nt;
+};
+
+#define V(name, NT, WN, MODE, RS) \
+  {name "/nofill", probe_kernel<NT, WN, MODE, RS, false>, NT}, \
+  {name "/fill", probe_kernel<NT, WN, MODE, RS, true>, NT}
+
+int main(int argc, char** argv) {
+  const int iters = argc > 1 ? std::atoi(argv[1]) : 8192;
+  const int reps = argc > 2 ? std::atoi(argv[2]) : 5;
+  if (iters < 4 || iters % 2) {
+    std::fprintf(stderr, "iters must be even and >= 4\n");
+    return 2;
+  }
+  cudaDeviceProp prop{};
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int grid = prop.multiProcessorCount;
+  const size_t src_bytes = size_t{32} << 20;
+  uint8_t* src = nullptr;
+  float* out = nullptr;
+  CHECK(cudaMalloc(&src, src_bytes));
+  CHECK(cudaMemset(src, 0x38, src_bytes));  // e4m3 1.0
+  CHECK(cudaMalloc(&out, static_cast<size_t>(grid) * 256 * sizeof(float)));
+  const Variant variants[] = {
+      V("plain_128x256_n256_ss", 256, 256, kPlain, false),
+      V("plain_128x256_n256_rs", 256, 256, kPlain, true),
+      V("plain_128x256_n128_ss", 256, 128, kPlain, false),
+      V("plain_128x128_n128_ss", 128, 128, kPlain, false),
+      V("plain_128x128_n128_rs", 128, 128, kPlain, true),
+      V("serial_128x128_n128_ss", 128, 128, kSerial, false),
+      V("serial_128x128_n128_rs", 128, 128, kSerial, true),
+      V("serial_128x256_n128_ss", 256, 128, kSerial, false),
+      V("serial_128x256_n128_rs", 256, 128, kSerial, true),
+      V("overlap_128x128_n128_rs", 128, 128, kOverlap, true),
+  };
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  std::printf("device: %s, %d SMs, %d CTAs x %d K blocks, %d reps (median)\n", prop.name, grid,
+              grid, iters, reps);
+  std::printf("%-34s %9s %9s\n", "variant", "ms", "TFLOP/s");
+  for (const Variant& v : variants) {
+    const int smem = kStages * (kABytes + v.nt * kBlockK) + 1024 + 2 * kStages * 8 + 256;
+    CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, iters, out);  // warm-up
+    CHECK(cudaGetLastError());
+    CHECK(cudaDeviceSynchronize());
+    std::vector<float> ms(reps);
+    for (int r = 0; r < reps; ++r) {
+      CHECK(cudaEventRecord(e0));
+      v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, iters, out);
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      CHECK(cudaEventElapsedTime(&ms[r], e0, e1));
+    }
+    std::sort(ms.begin(), ms.end());
+    const double t = ms[reps / 2];
+    const double flop = 2.0 * 128 * v.nt * kBlockK * double(iters) * grid;
+    std::printf("%-34s %9.3f %9.1f\n", v.name, t, flop / (t * 1e-3) / 1e12);
+    std::fflush(stdout);
+  }
+  return 0;
+}
