@@ -21,8 +21,14 @@
 //   ss / rs  A by shared-memory descriptor, or in registers (ldmatrix from the stage first).
 // Every variant reports TFLOP/s of the CTA tiles' math over the kernel's time (median of 5).
 //
+// Part 2 loads what a grouped GEMM loads: tensor-map TMA boxes (128-byte swizzle) of A
+// [groups * rows, K] and B [groups * N, K], operands far larger than L2, walked by a persistent
+// tile schedule (`Walk`: nmoe's m-major order, or bands of column tiles), at DeepGEMM's grouped
+// shape and dsv3-local's W13 -- the kernel's mainloop without its scales and epilogue.
+//
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a wgmma_probe.cu -o wgmma_probe
-// Run:   ./wgmma_probe [iters=8192] [reps=5]
+// Run:   ./wgmma_probe [iters=8192] [reps=5]   (part 1's K blocks per CTA)
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -47,6 +53,34 @@ constexpr int kThreads = 384;
 constexpr uint32_t kABytes = 128 * kBlockK;
 
 enum Mode { kPlain = 0, kSerial = 1, kOverlap = 2 };
+enum Fill { kNoFill = 0, kL2 = 1, kGemm = 2 };
+
+// A grouped GEMM's tile walk (FILL == kGemm): `groups` segments of `rows` rows, each against its
+// own B [n, k]; CTA c takes tiles c, c + grid, ... of the linear order (group, then within the
+// group either m-major -- every column tile of a row tile before the next row tile, nmoe's order
+// -- or, with band > 0, bands of `band` column tiles, every row tile of a band before the next).
+struct Walk {
+  int groups, rows, n, k, band;
+  __device__ int tiles_of(int cta, int grid, int nt) const {
+    const int total = groups * (rows / 128) * (n / nt);
+    return cta < total ? (total - cta + grid - 1) / grid : 0;
+  }
+  __device__ void coords(int tile, int nt, int* row, int* col) const {
+    const int tm = rows / 128, tn = n / nt, per = tm * tn;
+    const int g = tile / per, r = tile % per;
+    int m, c;
+    if (band == 0) {
+      m = r / tn;
+      c = r % tn;
+    } else {
+      const int in_band = tm * band, bi = r / in_band, w = r % in_band;
+      m = w / band;
+      c = bi * band + w % band;
+    }
+    *row = g * rows + m * 128;
+    *col = g * n + c * nt;
+  }
+};
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -90,6 +124,14 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t by
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
           "r"(smem_u32(dst)),
       "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+__device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int x, int y,
+                                       uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%2, %3}], [%4];" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
       : "memory");
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -163,10 +205,11 @@ __device__ __forceinline__ void mma_k32(float (&d)[WN / 2], uint64_t da, const u
   }
 }
 
-template <int NT, int WN, int MODE, bool RS, bool FILL>
+template <int NT, int WN, int MODE, bool RS, int FILL>
 __global__ void __launch_bounds__(kThreads, 1)
     probe_kernel(const uint8_t* __restrict__ src, size_t src_bytes, int iters,
-                 float* __restrict__ out) {
+                 float* __restrict__ out, const __grid_constant__ CUtensorMap tmap_a,
+                 const __grid_constant__ CUtensorMap tmap_b, Walk walk) {
   constexpr int H = NT / WN;  // wgmma column halves per block
   constexpr int ND = WN / 2;  // accumulator registers per thread per half
   constexpr uint32_t kStage = kABytes + NT * kBlockK;
@@ -178,6 +221,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = full + kStages;
   float* scales = reinterpret_cast<float*>(empty + kStages);
   const int wg = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if constexpr (FILL == kGemm) {  // this CTA's K blocks: its tiles of the walk, all of K
+    iters = walk.tiles_of(blockIdx.x, gridDim.x, NT) * (walk.k / kBlockK);
+  }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full + s, 1);
@@ -191,11 +237,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {  // producer
     regs_dec<40>();
     if (warp == 0 && lane == 0) {
+      const int kb_per_tile = walk.k / kBlockK;
+      int tile = blockIdx.x, kb = 0, row = 0, col = 0;
       for (int b = 0; b < iters; ++b) {
         const int s = b % kStages;
         if (b >= kStages) mbar_wait(empty + s, ((b / kStages) - 1) & 1);
         uint8_t* stage = smem + s * kStage;
-        if constexpr (FILL) {
+        if constexpr (FILL == kGemm) {
+          if (kb == 0) walk.coords(tile, NT, &row, &col);
+          mbar_expect_tx(full + s, kStage);
+          tma_2d(stage, &tmap_a, kb * kBlockK, row, full + s);
+          tma_2d(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s);
+          if (++kb == kb_per_tile) {
+            kb = 0;
+            tile += gridDim.x;
+          }
+        } else if constexpr (FILL == kL2) {
           const size_t off =
               (static_cast<size_t>(blockIdx.x * 131 + b) * kStage) % (src_bytes - kStage) &
               ~size_t{1023};
@@ -329,13 +386,64 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 struct Variant {
   const char* name;
-  void (*kernel)(const uint8_t*, size_t, int, float*);
+  void (*kernel)(const uint8_t*, size_t, int, float*, const CUtensorMap, const CUtensorMap, Walk);
   int nt;
 };
 
 #define V(name, NT, WN, MODE, RS) \
-  {name "/nofill", probe_kernel<NT, WN, MODE, RS, false>, NT}, \
-  {name "/fill", probe_kernel<NT, WN, MODE, RS, true>, NT}
+  {name "/nofill", probe_kernel<NT, WN, MODE, RS, kNoFill>, NT}, \
+  {name "/fill", probe_kernel<NT, WN, MODE, RS, kL2>, NT}
+#define G(name, NT, WN, MODE) {name, probe_kernel<NT, WN, MODE, false, kGemm>, NT}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// [rows, k] fp8, row-major, boxes of box_rows x 128 bytes with the 128-byte swizzle
+CUtensorMap make_map(EncodeTiled encode, void* base, uint64_t rows, uint64_t k,
+                     uint32_t box_rows) {
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {k, rows};
+  const cuuint64_t strides[1] = {k};
+  const cuuint32_t box[2] = {kBlockK, box_rows};
+  const cuuint32_t estr[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, base, dims, strides, box,
+                            estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    std::fprintf(stderr, "cuTensorMapEncodeTiled failed (%d)\n", static_cast<int>(r));
+    std::exit(1);
+  }
+  return map;
+}
+
+struct Timer {
+  cudaEvent_t e0, e1;
+  Timer() {
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
+  }
+  template <typename F>
+  double median_ms(F launch, int reps) {
+    launch();  // warm-up
+    CHECK(cudaGetLastError());
+    CHECK(cudaDeviceSynchronize());
+    std::vector<float> ms(reps);
+    for (int r = 0; r < reps; ++r) {
+      CHECK(cudaEventRecord(e0));
+      launch();
+      CHECK(cudaEventRecord(e1));
+      CHECK(cudaEventSynchronize(e1));
+      CHECK(cudaEventElapsedTime(&ms[r], e0, e1));
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[reps / 2];
+  }
+};
+
+int smem_bytes(int nt) { return kStages * (kABytes + nt * kBlockK) + 1024 + 2 * kStages * 8 + 256; }
 
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 8192;
@@ -353,7 +461,20 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&src, src_bytes));
   CHECK(cudaMemset(src, 0x38, src_bytes));  // e4m3 1.0
   CHECK(cudaMalloc(&out, static_cast<size_t>(grid) * 256 * sizeof(float)));
-  const Variant variants[] = {
+  EncodeTiled encode = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled",
+                                         reinterpret_cast<void**>(&encode), 12000,
+                                         cudaEnableDefault, &found));
+  if (found != cudaDriverEntryPointSuccess || encode == nullptr) {
+    std::fprintf(stderr, "no cuTensorMapEncodeTiled\n");
+    return 1;
+  }
+  Timer timer;
+  std::printf("device: %s, %d SMs, one CTA per SM, %d reps (median)\n", prop.name, grid, reps);
+
+  // 1. Stages filled from an L2-resident 32 MiB buffer (or not at all), `iters` K blocks per CTA.
+  const Variant l2_variants[] = {
       V("plain_128x256_n256_ss", 256, 256, kPlain, false),
       V("plain_128x256_n256_rs", 256, 256, kPlain, true),
       V("plain_128x256_n128_ss", 256, 128, kPlain, false),
@@ -363,33 +484,65 @@ int main(int argc, char** argv) {
       V("serial_128x128_n128_rs", 128, 128, kSerial, true),
       V("serial_128x256_n128_ss", 256, 128, kSerial, false),
       V("serial_128x256_n128_rs", 256, 128, kSerial, true),
-      V("overlap_128x128_n128_rs", 128, 128, kOverlap, true),
   };
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  std::printf("device: %s, %d SMs, %d CTAs x %d K blocks, %d reps (median)\n", prop.name, grid,
-              grid, iters, reps);
-  std::printf("%-34s %9s %9s\n", "variant", "ms", "TFLOP/s");
-  for (const Variant& v : variants) {
-    const int smem = kStages * (kABytes + v.nt * kBlockK) + 1024 + 2 * kStages * 8 + 256;
+  const Walk none{};
+  const CUtensorMap no_map{};
+  std::printf("\n%d K blocks per CTA\n%-40s %9s %9s\n", iters, "variant", "ms", "TFLOP/s");
+  for (const Variant& v : l2_variants) {
+    const int smem = smem_bytes(v.nt);
     CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, iters, out);  // warm-up
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
-    std::vector<float> ms(reps);
-    for (int r = 0; r < reps; ++r) {
-      CHECK(cudaEventRecord(e0));
-      v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, iters, out);
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      CHECK(cudaEventElapsedTime(&ms[r], e0, e1));
-    }
-    std::sort(ms.begin(), ms.end());
-    const double t = ms[reps / 2];
+    const double t = timer.median_ms(
+        [&] { v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, iters, out, no_map, no_map, none); },
+        reps);
     const double flop = 2.0 * 128 * v.nt * kBlockK * double(iters) * grid;
-    std::printf("%-34s %9.3f %9.1f\n", v.name, t, flop / (t * 1e-3) / 1e12);
+    std::printf("%-40s %9.3f %9.1f\n", v.name, t, flop / (t * 1e-3) / 1e12);
     std::fflush(stdout);
+  }
+
+  // 2. The GEMM's own loads: tensor-map TMA of A [G * Mg, K] and B [G * N, K] tiles, walked as
+  //    a grouped GEMM's persistent schedule (`Walk`), operands far larger than L2.
+  const Variant gemm_variants[] = {
+      G("serial_128x256_n128", 256, 128, kSerial),
+      G("plain_128x256_n256", 256, 256, kPlain),
+      G("serial_128x128_n128", 128, 128, kSerial),
+      G("plain_128x128_n128", 128, 128, kPlain),
+  };
+  struct Shape {
+    const char* name;
+    int groups, rows, n, k;
+  };
+  const Shape shapes[] = {{"deepgemm", 4, 8192, 4096, 7168}, {"dsv3-local", 32, 2048, 4096, 7168}};
+  for (const Shape& sh : shapes) {
+    const size_t a_bytes = size_t(sh.groups) * sh.rows * sh.k;
+    const size_t b_bytes = size_t(sh.groups) * sh.n * sh.k;
+    uint8_t *a = nullptr, *b = nullptr;
+    CHECK(cudaMalloc(&a, a_bytes));
+    CHECK(cudaMalloc(&b, b_bytes));
+    CHECK(cudaMemset(a, 0x38, a_bytes));
+    CHECK(cudaMemset(b, 0x38, b_bytes));
+    const CUtensorMap map_a = make_map(encode, a, uint64_t(sh.groups) * sh.rows, sh.k, 128);
+    std::printf("\n%s: %d groups x %d rows, N %d, K %d (A %.0f MB, B %.0f MB)\n%-40s %9s %9s\n",
+                sh.name, sh.groups, sh.rows, sh.n, sh.k, a_bytes / 1e6, b_bytes / 1e6,
+                "variant/raster", "ms", "TFLOP/s");
+    for (const Variant& v : gemm_variants) {
+      const CUtensorMap map_b = make_map(encode, b, uint64_t(sh.groups) * sh.n, sh.k, v.nt);
+      const int smem = smem_bytes(v.nt);
+      CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      for (int band : {0, 2, 4, 8}) {
+        if (band && (sh.n / v.nt) % band) continue;
+        const Walk walk{sh.groups, sh.rows, sh.n, sh.k, band};
+        const double t = timer.median_ms(
+            [&] { v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, 0, out, map_a, map_b, walk); },
+            reps);
+        const double flop = 2.0 * sh.groups * double(sh.rows) * sh.n * sh.k;
+        char name[96];
+        std::snprintf(name, sizeof name, "%s/%s%d", v.name, band ? "band" : "m-major", band);
+        std::printf("%-40s %9.3f %9.1f\n", name, t, flop / (t * 1e-3) / 1e12);
+        std::fflush(stdout);
+      }
+    }
+    CHECK(cudaFree(a));
+    CHECK(cudaFree(b));
   }
   return 0;
 }
