@@ -3,7 +3,7 @@
 // f32) under each way the kernel could be written, with and without a producer filling the
 // shared-memory stages the way TMA does?
 //
-// Each CTA (one per SM, persistent) runs `iters` K blocks of 128 through a 4-stage ring: one
+// Each CTA (one per SM, persistent) runs `iters` K blocks of 128 through a 4-stage ring ("@3": 3): one
 // producer thread arms a stage's "full" mbarrier and bulk-copies (cp.async.bulk) the stage's A
 // (128 rows x 128 B) and B (NT rows x 128 B) bytes from an L2-resident global buffer into it
 // ("fill"), or only arrives on the barrier ("nofill": the operands stay what they were). Two MMA
@@ -18,6 +18,9 @@
 //            (wait_group 1) and promoted, as nmoe's 128 x 128 tile does. Only with A in
 //            registers here: written with both operands by descriptor, ptxas serializes this
 //            probe's wgmmas (C7514; the CuTeDSL kernel's own overlapped loop compiles clean).
+//   scaled   serial, with the promotion's scales as a GEMM reads them (part 2 only): this
+//            thread's two rows' activation scales and each column half's weight scale, plain
+//            global loads one block ahead, acc += (s_a * s_b) * partial per row.
 //   ss / rs  A by shared-memory descriptor, or in registers (ldmatrix from the stage first).
 // Every variant reports TFLOP/s of the CTA tiles' math over the kernel's time (median of 5).
 //
@@ -27,7 +30,7 @@
 // shape and dsv3-local's W13 -- the kernel's mainloop without its scales and epilogue.
 //
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a wgmma_probe.cu -o wgmma_probe
-// Run:   ./wgmma_probe [iters=8192] [reps=5]   (part 1's K blocks per CTA)
+// Run:   ./wgmma_probe [iters=8192] [reps=5]   (part 1's K blocks per CTA; 0 skips part 1)
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -47,12 +50,11 @@
     }                                                                                       \
   } while (0)
 
-constexpr int kStages = 4;
 constexpr int kBlockK = 128;  // bytes (fp8 elements) of K per block
 constexpr int kThreads = 384;
 constexpr uint32_t kABytes = 128 * kBlockK;
 
-enum Mode { kPlain = 0, kSerial = 1, kOverlap = 2 };
+enum Mode { kPlain = 0, kSerial = 1, kOverlap = 2, kSerialScaled = 3 };
 enum Fill { kNoFill = 0, kL2 = 1, kGemm = 2 };
 
 // A grouped GEMM's tile walk (FILL == kGemm): `groups` segments of `rows` rows, each against its
@@ -61,6 +63,9 @@ enum Fill { kNoFill = 0, kL2 = 1, kGemm = 2 };
 // -- or, with band > 0, bands of `band` column tiles, every row tile of a band before the next).
 struct Walk {
   int groups, rows, n, k, band;
+  const float* sfa;  // [k / 128][m_al]: activation scales, MN-major (kSerialScaled)
+  const float* sfb;  // [groups * n / 128][k / 128]: weight scales
+  int m_al;
   __device__ int tiles_of(int cta, int grid, int nt) const {
     const int total = groups * (rows / 128) * (n / nt);
     return cta < total ? (total - cta + grid - 1) / grid : 0;
@@ -205,7 +210,7 @@ __device__ __forceinline__ void mma_k32(float (&d)[WN / 2], uint64_t da, const u
   }
 }
 
-template <int NT, int WN, int MODE, bool RS, int FILL>
+template <int NT, int WN, int MODE, bool RS, int FILL, int kStages = 4>
 __global__ void __launch_bounds__(kThreads, 1)
     probe_kernel(const uint8_t* __restrict__ src, size_t src_bytes, int iters,
                  float* __restrict__ out, const __grid_constant__ CUtensorMap tmap_a,
@@ -344,6 +349,49 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_regs(acc[h]);
       }
     }
+  } else if constexpr (MODE == kSerialScaled) {
+    // serial, with the GEMM's scales: per K block this thread's two rows' activation scales
+    // and the weight scale of each column half, plain global loads one block ahead (as nmoe's
+    // 128 x 256 tile loads them)
+    static_assert(FILL == kGemm, "scales need the GEMM walk");
+    const int kbt = walk.k / kBlockK;
+    const int r_lo = mwg * 64 + (warp % 4) * 16 + lane / 4;
+    int tile = blockIdx.x, kb = 0, row = 0, col = 0;
+    walk.coords(tile, NT, &row, &col);
+    auto load = [&](int kb_, int row_, int col_, float (&sa)[2], float (&sb)[H]) {
+      sa[0] = walk.sfa[size_t(kb_) * walk.m_al + row_ + r_lo];
+      sa[1] = walk.sfa[size_t(kb_) * walk.m_al + row_ + r_lo + 8];
+#pragma unroll
+      for (int h = 0; h < H; ++h) sb[h] = walk.sfb[size_t(col_ / 128 + h * WN / 128) * kbt + kb_];
+    };
+    float sa[2], sb[H], na[2], nb[H];
+    if (iters > 0) load(0, row, col, sa, sb);
+    for (int b = 0; b < iters; ++b) {
+      if (++kb == kbt) {  // the next block's tile
+        kb = 0;
+        tile += gridDim.x;
+        walk.coords(tile, NT, &row, &col);
+      }
+      if (b + 1 < iters) load(kb, row, col, na, nb);
+      wait_full(b);
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        wg_fence();
+        issue(part[0], areg[0], b % kStages, h, false);
+        wg_commit();
+        wg_wait<0>();
+        fence_regs(part[0]);
+        if (h == H - 1) release(b);
+        const float lo = sa[0] * sb[h], hi = sa[1] * sb[h];
+#pragma unroll
+        for (int i = 0; i < ND; ++i) acc[h][i] = fmaf((i / 2) % 2 ? hi : lo, part[0][i], acc[h][i]);
+        fence_regs(acc[h]);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) sa[j] = na[j];
+#pragma unroll
+      for (int h = 0; h < H; ++h) sb[h] = nb[h];
+    }
   } else {  // kOverlap, iters even
     auto step = [&](int b, float (&p)[ND], uint32_t (&a)[4][4], float (&q)[ND]) {
       wait_full(b);
@@ -388,12 +436,14 @@ struct Variant {
   const char* name;
   void (*kernel)(const uint8_t*, size_t, int, float*, const CUtensorMap, const CUtensorMap, Walk);
   int nt;
+  int stages = 4;
 };
 
 #define V(name, NT, WN, MODE, RS) \
   {name "/nofill", probe_kernel<NT, WN, MODE, RS, kNoFill>, NT}, \
   {name "/fill", probe_kernel<NT, WN, MODE, RS, kL2>, NT}
 #define G(name, NT, WN, MODE) {name, probe_kernel<NT, WN, MODE, false, kGemm>, NT}
+#define G3(name, NT, WN, MODE) {name "@3", probe_kernel<NT, WN, MODE, false, kGemm, 3>, NT, 3}
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                                  const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -443,13 +493,15 @@ struct Timer {
   }
 };
 
-int smem_bytes(int nt) { return kStages * (kABytes + nt * kBlockK) + 1024 + 2 * kStages * 8 + 256; }
+int smem_bytes(int nt, int stages = 4) {
+  return stages * (kABytes + nt * kBlockK) + 1024 + 2 * stages * 8 + 256;
+}
 
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 8192;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 5;
-  if (iters < 4 || iters % 2) {
-    std::fprintf(stderr, "iters must be even and >= 4\n");
+  if (iters != 0 && (iters < 4 || iters % 2)) {
+    std::fprintf(stderr, "iters must be even and >= 4 (0: skip part 1)\n");
     return 2;
   }
   cudaDeviceProp prop{};
@@ -487,8 +539,9 @@ int main(int argc, char** argv) {
   };
   const Walk none{};
   const CUtensorMap no_map{};
-  std::printf("\n%d K blocks per CTA\n%-40s %9s %9s\n", iters, "variant", "ms", "TFLOP/s");
+  if (iters) std::printf("\n%d K blocks per CTA\n%-40s %9s %9s\n", iters, "variant", "ms", "TFLOP/s");
   for (const Variant& v : l2_variants) {
+    if (!iters) break;
     const int smem = smem_bytes(v.nt);
     CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const double t = timer.median_ms(
@@ -503,8 +556,11 @@ int main(int argc, char** argv) {
   //    a grouped GEMM's persistent schedule (`Walk`), operands far larger than L2.
   const Variant gemm_variants[] = {
       G("serial_128x256_n128", 256, 128, kSerial),
+      G("scaled_128x256_n128", 256, 128, kSerialScaled),
+      G3("scaled_128x256_n128", 256, 128, kSerialScaled),
       G("plain_128x256_n256", 256, 256, kPlain),
       G("serial_128x128_n128", 128, 128, kSerial),
+      G("scaled_128x128_n128", 128, 128, kSerialScaled),
       G("plain_128x128_n128", 128, 128, kPlain),
   };
   struct Shape {
@@ -520,17 +576,23 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&b, b_bytes));
     CHECK(cudaMemset(a, 0x38, a_bytes));
     CHECK(cudaMemset(b, 0x38, b_bytes));
+    const int m_al = sh.groups * sh.rows, kbt = sh.k / kBlockK;
+    float *sfa = nullptr, *sfb = nullptr;
+    CHECK(cudaMalloc(&sfa, size_t(m_al) * kbt * sizeof(float)));
+    CHECK(cudaMalloc(&sfb, size_t(sh.groups) * (sh.n / 128) * kbt * sizeof(float)));
+    CHECK(cudaMemset(sfa, 0, size_t(m_al) * kbt * sizeof(float)));
+    CHECK(cudaMemset(sfb, 0, size_t(sh.groups) * (sh.n / 128) * kbt * sizeof(float)));
     const CUtensorMap map_a = make_map(encode, a, uint64_t(sh.groups) * sh.rows, sh.k, 128);
     std::printf("\n%s: %d groups x %d rows, N %d, K %d (A %.0f MB, B %.0f MB)\n%-40s %9s %9s\n",
                 sh.name, sh.groups, sh.rows, sh.n, sh.k, a_bytes / 1e6, b_bytes / 1e6,
                 "variant/raster", "ms", "TFLOP/s");
     for (const Variant& v : gemm_variants) {
       const CUtensorMap map_b = make_map(encode, b, uint64_t(sh.groups) * sh.n, sh.k, v.nt);
-      const int smem = smem_bytes(v.nt);
+      const int smem = smem_bytes(v.nt, v.stages);
       CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       for (int band : {0, 2, 4, 8}) {
         if (band && (sh.n / v.nt) % band) continue;
-        const Walk walk{sh.groups, sh.rows, sh.n, sh.k, band};
+        const Walk walk{sh.groups, sh.rows, sh.n, sh.k, band, sfa, sfb, m_al};
         const double t = timer.median_ms(
             [&] { v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, 0, out, map_a, map_b, walk); },
             reps);
@@ -541,6 +603,8 @@ int main(int argc, char** argv) {
         std::fflush(stdout);
       }
     }
+    CHECK(cudaFree(sfa));
+    CHECK(cudaFree(sfb));
     CHECK(cudaFree(a));
     CHECK(cudaFree(b));
   }
