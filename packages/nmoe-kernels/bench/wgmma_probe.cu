@@ -21,6 +21,9 @@
 //   scaled   serial, with the promotion's scales as a GEMM reads them (part 2 only): this
 //            thread's two rows' activation scales and each column half's weight scale, plain
 //            global loads one block ahead, acc += (s_a * s_b) * partial per row.
+//   smemscaled  scaled, but a warp of the producer warpgroup copies each block's scales into
+//            a slot of its stage (4-byte cp.async, arriving on the stage's full barrier when
+//            they land) and the MMA warps read them from shared memory.
 //   ss / rs  A by shared-memory descriptor, or in registers (ldmatrix from the stage first).
 // Every variant reports TFLOP/s of the CTA tiles' math over the kernel's time (median of 5).
 //
@@ -54,7 +57,7 @@ constexpr int kBlockK = 128;  // bytes (fp8 elements) of K per block
 constexpr int kThreads = 384;
 constexpr uint32_t kABytes = 128 * kBlockK;
 
-enum Mode { kPlain = 0, kSerial = 1, kOverlap = 2, kSerialScaled = 3 };
+enum Mode { kPlain = 0, kSerial = 1, kOverlap = 2, kSerialScaled = 3, kSmemScaled = 4 };
 enum Fill { kNoFill = 0, kL2 = 1, kGemm = 2 };
 
 // A grouped GEMM's tile walk (FILL == kGemm): `groups` segments of `rows` rows, each against its
@@ -138,6 +141,16 @@ __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int x,
       "{%2, %3}], [%4];" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
       : "memory");
+}
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(dst)), "l"(src)
+               : "memory");
+}
+// arrives on `bar` once this thread's earlier cp.async copies have landed (the barrier's count
+// includes the arrival: .noinc)
+__device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar))
+               : "memory");
 }
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -225,13 +238,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStage);
   uint64_t* empty = full + kStages;
   float* scales = reinterpret_cast<float*>(empty + kStages);
+  float* slots = scales + 64;  // kSmemScaled: [kStages][128 + 4] scales of each stage's block
   const int wg = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if constexpr (FILL == kGemm) {  // this CTA's K blocks: its tiles of the walk, all of K
     iters = walk.tiles_of(blockIdx.x, gridDim.x, NT) * (walk.k / kBlockK);
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + s, 1);
+      mbar_init(full + s, MODE == kSmemScaled ? 1 + 32 : 1);  // + the scale warp's lanes
       mbar_init(empty + s, 8);  // one arrival per MMA warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -267,6 +281,29 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
           mbar_arrive(full + s);
         }
+      }
+    }
+    if constexpr (MODE == kSmemScaled) {
+      if (warp == 1) {  // the scale warp: each block's scales into its stage's slot (cp.async)
+        const int kbt = walk.k / kBlockK;
+        int tile = blockIdx.x, kb = 0, row = 0, col = 0;
+        walk.coords(tile, NT, &row, &col);
+        for (int b = 0; b < iters; ++b) {
+          const int s = b % kStages;
+          if (b >= kStages) mbar_wait(empty + s, ((b / kStages) - 1) & 1);
+          float* slot = slots + s * 132;
+          const float* sa = walk.sfa + size_t(kb) * walk.m_al + row;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) cp_async_4(slot + lane + 32 * j, sa + lane + 32 * j);
+          if (lane < H) cp_async_4(slot + 128 + lane, walk.sfb + size_t(col / 128 + lane * WN / 128) * kbt + kb);
+          cp_async_arrive_noinc(full + s);
+          if (++kb == kbt) {
+            kb = 0;
+            tile += gridDim.x;
+            walk.coords(tile, NT, &row, &col);
+          }
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
       }
     }
     return;
@@ -392,6 +429,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int h = 0; h < H; ++h) sb[h] = nb[h];
     }
+  } else if constexpr (MODE == kSmemScaled) {
+    // serial, the scales read from the stage's slot (written by the scale warp)
+    const int r_lo = mwg * 64 + (warp % 4) * 16 + lane / 4;
+    for (int b = 0; b < iters; ++b) {
+      wait_full(b);
+      const float* slot = slots + (b % kStages) * 132;
+      const float a_lo = slot[r_lo], a_hi = slot[r_lo + 8];
+      float sb[H];
+#pragma unroll
+      for (int h = 0; h < H; ++h) sb[h] = slot[128 + h];
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        wg_fence();
+        issue(part[0], areg[0], b % kStages, h, false);
+        wg_commit();
+        wg_wait<0>();
+        fence_regs(part[0]);
+        if (h == H - 1) release(b);
+        const float lo = a_lo * sb[h], hi = a_hi * sb[h];
+#pragma unroll
+        for (int i = 0; i < ND; ++i) acc[h][i] = fmaf((i / 2) % 2 ? hi : lo, part[0][i], acc[h][i]);
+        fence_regs(acc[h]);
+      }
+    }
   } else {  // kOverlap, iters even
     auto step = [&](int b, float (&p)[ND], uint32_t (&a)[4][4], float (&q)[ND]) {
       wait_full(b);
@@ -494,7 +555,7 @@ struct Timer {
 };
 
 int smem_bytes(int nt, int stages = 4) {
-  return stages * (kABytes + nt * kBlockK) + 1024 + 2 * stages * 8 + 256;
+  return stages * (kABytes + nt * kBlockK) + 1024 + 2 * stages * 8 + 256 + stages * 132 * 4;
 }
 
 int main(int argc, char** argv) {
@@ -558,9 +619,11 @@ int main(int argc, char** argv) {
       G("serial_128x256_n128", 256, 128, kSerial),
       G("scaled_128x256_n128", 256, 128, kSerialScaled),
       G3("scaled_128x256_n128", 256, 128, kSerialScaled),
+      G("smemscaled_128x256_n128", 256, 128, kSmemScaled),
       G("plain_128x256_n256", 256, 256, kPlain),
       G("serial_128x128_n128", 128, 128, kSerial),
       G("scaled_128x128_n128", 128, 128, kSerialScaled),
+      G("smemscaled_128x128_n128", 128, 128, kSmemScaled),
       G("plain_128x128_n128", 128, 128, kPlain),
   };
   struct Shape {
