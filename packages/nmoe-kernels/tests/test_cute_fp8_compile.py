@@ -132,6 +132,15 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
     assert count(r"cp\.async\.bulk\.tensor\.2d" + a_load, ptx) == subs
     assert count(r"cp\.async\.bulk\.tensor\.3d" + b_load, ptx) == subs
     assert count(r"cp\.async\.bulk\.tensor", ptx) == 2 * subs
+    # the producer lanes' promotion scales (`_load_scales`): per K block, 4-byte copies of the
+    # tile's x scales (tile_m / 32 per lane) and its weight scales (one, on the first lanes),
+    # then one arrival per lane when they land; the full barriers count those 32 arrivals
+    scale_copies = (config.tile_m // 32 + 1) * subs
+    assert count(r"cp\.async\.ca\.shared\.global[^;]*, 4, 4;", ptx) == scale_copies
+    assert count(r"cp\.async\.mbarrier\.arrive\.noinc", ptx) == subs
+    assert count(r"ld\.global\.f32", ptx) == 0  # no scale loads left in the MMA warps
+    full_init = r"mov\.b32\s+(%r\d+), 33;(?s:.*?)mbarrier\.init\.shared\.b64\s+\[[^\]]+\], \1;"
+    assert re.search(full_init, ptx)
     # a consumer releases a stage to the other CTAs of the cluster through mapa'd barriers
     assert (count(r"mapa\.shared::cluster", ptx) >= 1) == (config.cluster_size > 1)
     assert count(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40", ptx) == 1

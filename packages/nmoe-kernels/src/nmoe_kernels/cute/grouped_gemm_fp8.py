@@ -33,14 +33,17 @@ Epilogues:
   q = E4M3_rne(clamp(a * (1 / scale), -448, 448)). Writes q [M, F] E4M3 and the scales
   [M, Fb] fp32 MN-major over storage [Fb, M_al] (the layout the next GEMM's A scales use).
 
-Kernel structure (warp specialized, persistent): warpgroup 0 is the TMA producer (one warp issues
-TMA loads of the A and B tiles of each 128-deep K block into a multi-stage smem ring);
-warpgroups 1-2 run WGMMA, each on a 64 x 128 sub-tile (so each warpgroup's columns sit in one
-128-wide weight-scale block). Each thread loads the A scales of its two accumulator rows and the
-warpgroup's weight scale with plain loads issued before the stage wait, so their latency hides
-behind the wait and the block's wgmma. (The scales are not loaded by TMA: a tile's first row is
-arbitrary, and a TMA box of the MN-major scale column starting at an inner coordinate that is
-not 16-byte aligned faults with "illegal instruction" on H200.)
+Kernel structure (warp specialized, persistent): warpgroup 0 is the producer -- one warp whose
+elected lane issues TMA loads of the A and B tiles of each 128-deep K block into a multi-stage
+smem ring, while all 32 lanes copy the block's promotion scales (the x scales of the tile's rows,
+the w scales of its weight-scale blocks) into a small slot beside the stage with 4-byte cp.async
+and arrive on the stage's full barrier once they land; warpgroups 1-2 run WGMMA, each on a
+64 x 128 sub-tile (so each warpgroup's columns sit in one 128-wide weight-scale block), and read
+a block's scales from its slot while the stage is held. (The scales are not loaded by TMA: a
+tile's first row is arbitrary, and a TMA box of the MN-major scale column starting at an inner
+coordinate that is not 16-byte aligned faults with "illegal instruction" on H200. Until
+2026-11-27 the MMA threads loaded them from global memory a block ahead; `bench/wgmma_probe.cu`
+showed those loads holding the 128 x 256 tile's mainloop at ~60% of its speed on H100.)
 
 Overlapped promotion (``KernelConfig.overlap``, the default): a warpgroup issues the wgmma of
 block kb into one of two register accumulators before it waits for block kb - 1 (wait_group 1)
@@ -192,8 +195,15 @@ class KernelConfig:
         """GEMM columns of one scheduled tile."""
         return self.tile_n * self.sub_tiles
 
+def _slot_words(tile_m: int) -> int:
+    """Scale slot of one stage: the K block's x scales of the tile's rows, then the w scales of
+    its (at most 2) weight-scale blocks, padded to 16 bytes."""
+    return tile_m + 4
+
+
 def _stage_bytes(tile_m: int, tile_n: int) -> int:
-    return tile_m * BLOCK_K + tile_n * BLOCK_K  # A and B tiles, fp8
+    # A and B tiles (fp8) and the scale slot (fp32)
+    return tile_m * BLOCK_K + tile_n * BLOCK_K + 4 * _slot_words(tile_m)
 
 
 def _epilogue_smem_bytes(epilogue: str, tile_m: int, tile_n: int) -> int:
@@ -322,6 +332,7 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         self.hooks = "_wide" if self.wide else "_narrow"  # the consumer's per-tile methods
         self.ab_dtype = cutlass.Float8E4M3FN
         self.acc_dtype = Float32
+        self.slot_words = _slot_words(self.tile_m)
 
     # ------------------------------------------------------------------ host side (traced)
 
@@ -436,6 +447,9 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
             s_out: cute.struct.Align[cute.struct.MemRange[out_dtype, cute.cosize(out_smem)], 128]
             s_amax: cute.struct.Align[cute.struct.MemRange[Float32, amax_words], 16]
             s_stash: cute.struct.Align[cute.struct.MemRange[Int32, stash_words], 16]
+            s_sc: cute.struct.Align[
+                cute.struct.MemRange[Float32, self.slot_words * self.num_stages], 16
+            ]
 
         self.shared_storage = SharedStorage
 
@@ -501,6 +515,10 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         s_amax = storage.s_amax.get_tensor(
             cute.make_layout((self.tile_m, 2), stride=(1, self.tile_m))
         )
+        # the scale slot of each stage: (slot word, stage)
+        s_sc = storage.s_sc.get_tensor(
+            cute.make_layout((self.slot_words, self.num_stages), stride=(1, self.slot_words))
+        )
         # paired swiglu_quant: word w of MMA thread t at w * threads + t (thread-private slots)
         stash_threads = self.num_mma_threads if const_expr(self.paired) else 1
         s_stash = storage.s_stash.get_tensor(
@@ -516,10 +534,12 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         # arrivals per warp on every such CTA's empty barrier). With a cluster, create() also
         # syncs the cluster after the barrier init, before any multicast or remote arrive.
         mcast_peers = self.cluster_m + self.cluster_n - 1
+        # A stage is full after the TMA thread's arrival (with its bytes) and one arrival per
+        # producer lane once that lane's scale copies have landed (`_load_scales`).
         mainloop = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.pipe_barriers.data_ptr(),
             num_stages=self.num_stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1 + 32),
             consumer_group=pipeline.CooperativeGroup(
                 pipeline.Agent.Thread, mcast_peers * self.num_mma_threads // 32
             ),
@@ -534,15 +554,15 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
             cute.arch.setmaxregister_decrease(self.producer_regs)
             if warp_idx == 0:
                 self._producer(
-                    tma_a, m_a_tma, tma_b, m_b_tma, s_a, s_b, mainloop, m_offsets, num_experts,
-                    num_rows, num_n_tiles, num_k_blocks,
+                    tma_a, m_a_tma, tma_b, m_b_tma, s_a, s_b, s_sc, mainloop, m_sfa, m_sfb,
+                    m_offsets, num_experts, num_rows, num_n_tiles, num_k_blocks, tidx % 32,
                 )  # fmt: skip
         else:
             cute.arch.setmaxregister_increase(self.mma_regs)
             self._consumer(
                 tidx - self.threads_per_wg, wg_idx - 1, tiled_mma, s_a, s_b, s_out, s_amax,
-                s_stash, mainloop, m_sfa, m_sfb, m_out, m_out_sf, m_offsets, num_experts,
-                num_rows, num_n_tiles, num_k_blocks,
+                s_stash, s_sc, mainloop, m_out, m_out_sf, m_offsets, num_experts, num_rows,
+                num_n_tiles, num_k_blocks,
             )  # fmt: skip
 
     @cute.jit
@@ -554,17 +574,23 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         m_b_tma: cute.Tensor,
         s_a: cute.Tensor,
         s_b: cute.Tensor,
+        s_sc: cute.Tensor,
         mainloop: pipeline.PipelineTmaAsync,
+        m_sfa: cute.Tensor,
+        m_sfb: cute.Tensor,
         m_offsets: cute.Tensor,
         num_experts: Int32,
         num_rows: Int32,
         num_n_tiles: Int32,
         num_k_blocks: Int32,
+        lane: Int32,
     ):
-        """One warp: TMA loads of the A and B tiles of every K block of this CTA's tiles.
+        """One warp: TMA loads of the A and B tiles of every K block of this CTA's tiles (one
+        elected lane), and every lane's share of the block's promotion scales (`_load_scales`).
 
         In a cluster, this CTA loads its slice of the A tile (1 / cluster_n of the rows) and of
-        the B tile (1 / cluster_m) and multicasts each to the CTAs that share it.
+        the B tile (1 / cluster_m) and multicasts each to the CTAs that share it; each CTA copies
+        its own scales.
         """
         tile_m = self.tile_m
         cluster_id, num_clusters, m_rank, n_rank = cluster_position(
@@ -613,6 +639,11 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                         tma_load(tma_b, t_b_g[(None, b_tile, kb, expert)],
                                  t_b_s[(None, state.index)], barrier, b_mcast_mask,
                                  self.cluster_m > 1)
+                        self._load_scales(
+                            s_sc, state.index, m_sfa, m_sfb, row0, kb,
+                            b_tile * (self.tile_n // SCALE_BLOCK_N), expert, num_rows, lane,
+                            barrier,
+                        )  # fmt: skip
                         mainloop.producer_commit(state)
                         state.advance()
             tile = tile + num_clusters
@@ -633,9 +664,8 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         s_out: cute.Tensor,
         s_amax: cute.Tensor,
         s_stash: cute.Tensor,
+        s_sc: cute.Tensor,
         mainloop: pipeline.PipelineTmaAsync,
-        m_sfa: cute.Tensor,
-        m_sfb: cute.Tensor,
         m_out: cute.Tensor,
         m_out_sf: cute.Tensor,
         m_offsets: cute.Tensor,
@@ -646,9 +676,9 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
     ):
         """Two MMA warpgroups: the persistent loop over this CTA's tiles. The K loop and the
         epilogue of a tile come from the tile shape's hooks (`_narrow_*` in `Fp8MainloopMixin`
-        for 128 x 128 and 64 x 256 tiles, `_wide_*` in `Fp8WideMixin` for 128 x 256), which
-        carry the promotion scales s0..s3 of a tile's in-flight first K block to the next tile
-        (the narrow tiles use two)."""
+        for 128 x 128 and 64 x 256 tiles, `_wide_*` in `Fp8WideMixin` for 128 x 256); the
+        promotion scales come from each stage's scale slot, so nothing but the pipeline state
+        carries from one tile to the next."""
         setup, first, pipelined, zero_tile, plain_tile = (
             getattr(self, self.hooks + name)
             for name in ("_setup", "_first", "_pipelined", "_zero_tile", "_plain_tile")
@@ -657,53 +687,45 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         num_n_groups = (num_n_tiles + self.cluster_n - 1) // self.cluster_n
         # mma: the K loop's fixed operands (tiled_mma is passed apart: the loops rebind it);
         # epi: everything the epilogue needs besides the accumulators and the tile
-        mma, epi, row_lo, row_hi, wg_n_idx = setup(
-            mma_tidx, mma_wg, tiled_mma, s_a, s_b, s_out, s_amax, s_stash, mainloop, m_sfa,
-            m_sfb, m_out, m_out_sf,
+        mma, epi = setup(
+            mma_tidx, mma_wg, tiled_mma, s_a, s_b, s_out, s_amax, s_stash, mainloop, s_sc, m_out,
+            m_out_sf,
         )  # fmt: skip
 
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.num_stages)
         release_state = pipeline.make_pipeline_state(
             pipeline.PipelineUserType.Consumer, self.num_stages
         )  # the overlapped mainloop releases one block behind `state`
-        s2 = Float32(0.0)
-        s3 = Float32(0.0)
         tile = Int32(cid)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._first_cursor(m_offsets)
         expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
             tile, num_n_groups, m_offsets, num_experts, num_rows,
             expert, tiles_before, seg_start, seg_end, expert_tiles,
         )  # fmt: skip
-        row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+        row0, n_tile, valid_rows = self._tile_coords(
             tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank, num_n_tiles,
-            expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
-        )  # fmt: skip
+            expert_tiles,
+        )
         if const_expr(self.config.epi_overlap):
             # Pipelined over tiles (module docstring): expert tiles come first in a CTA's order,
             # then padding tiles; the expert-tile loop is peeled (its last tile after it).
             if expert < num_experts:
-                state, tiled_mma, s0, s1, s2, s3 = first(
-                    mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, s2, s3
-                )
-                cur_expert = expert
+                state, tiled_mma = first(mma, tiled_mma, state)
                 tile = tile + num_clusters
                 expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
                     tile, num_n_groups, m_offsets, num_experts, num_rows,
                     expert, tiles_before, seg_start, seg_end, expert_tiles,
                 )  # fmt: skip
                 while expert < num_experts:
-                    nrow0, nn_tile, nvalid_rows, nn_block, nsfa_lo, nsfa_hi = self._tile_coords(
+                    nrow0, nn_tile, nvalid_rows = self._tile_coords(
                         tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                        num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                        num_n_tiles, expert_tiles,
                     )  # fmt: skip
-                    state, release_state, tiled_mma, s0, s1, s2, s3 = pipelined(
-                        mma, epi, tiled_mma, state, release_state, s0, s1, s2, s3, row0,
-                        n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi, cur_expert,
-                        num_k_blocks, True, nsfa_lo, nsfa_hi, nn_block, expert,
+                    state, release_state, tiled_mma = pipelined(
+                        mma, epi, tiled_mma, state, release_state, row0, n_tile, valid_rows,
+                        num_k_blocks, True,
                     )  # fmt: skip
                     row0, n_tile, valid_rows = nrow0, nn_tile, nvalid_rows
-                    n_block, sfa_row_lo, sfa_row_hi = nn_block, nsfa_lo, nsfa_hi
-                    cur_expert = expert
                     tile = tile + num_clusters
                     expert, tiles_before, seg_start, seg_end, expert_tiles = (
                         self._advance_cursor(
@@ -712,15 +734,14 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                         )
                     )  # fmt: skip
                 # the CTA's last expert tile
-                state, release_state, tiled_mma, s0, s1, s2, s3 = pipelined(
-                    mma, epi, tiled_mma, state, release_state, s0, s1, s2, s3, row0, n_tile,
-                    valid_rows, n_block, sfa_row_lo, sfa_row_hi, cur_expert, num_k_blocks,
-                    False, sfa_row_lo, sfa_row_hi, n_block, cur_expert,
+                state, release_state, tiled_mma = pipelined(
+                    mma, epi, tiled_mma, state, release_state, row0, n_tile, valid_rows,
+                    num_k_blocks, False,
                 )  # fmt: skip
             while expert <= num_experts:  # padding tiles: zero output, no mainloop
-                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+                row0, n_tile, valid_rows = self._tile_coords(
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                    num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                    num_n_tiles, expert_tiles,
                 )  # fmt: skip
                 zero_tile(mma, epi, row0, valid_rows, n_tile)
                 tile = tile + num_clusters
@@ -731,17 +752,17 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
         else:
             while expert <= num_experts:
                 state, release_state, tiled_mma = plain_tile(
-                    mma, epi, tiled_mma, state, release_state, row0, n_tile, valid_rows, n_block,
-                    sfa_row_lo, sfa_row_hi, expert, num_experts, num_k_blocks,
+                    mma, epi, tiled_mma, state, release_state, row0, n_tile, valid_rows, expert,
+                    num_experts, num_k_blocks,
                 )  # fmt: skip
                 tile = tile + num_clusters
                 expert, tiles_before, seg_start, seg_end, expert_tiles = self._advance_cursor(
                     tile, num_n_groups, m_offsets, num_experts, num_rows,
                     expert, tiles_before, seg_start, seg_end, expert_tiles,
                 )  # fmt: skip
-                row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi = self._tile_coords(
+                row0, n_tile, valid_rows = self._tile_coords(
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
-                    num_n_tiles, expert_tiles, wg_n_idx, row_lo, row_hi, num_rows,
+                    num_n_tiles, expert_tiles,
                 )  # fmt: skip
 
     @cute.jit

@@ -1,6 +1,6 @@
 """Tile schedule of the FP8 blockscaled grouped GEMM (`grouped_gemm_fp8`), as a mixin of its
 kernel class: the per-CTA segment cursor over the device offsets (`_first_cursor`,
-`_advance_cursor`), the CTA tile of a linear cluster tile (`_cta_tile`) and the K loop's
+`_advance_cursor`), the CTA tile of a linear cluster tile (`_cta_tile`) and the epilogue's
 coordinates of a tile (`_tile_coords`). The schedule is described in `grouped_gemm_fp8`'s module
 docstring; the mixin reads ``tile_m``, ``sched_n``, ``cluster_m``, ``cluster_rows`` and
 ``config`` from the kernel object.
@@ -11,8 +11,6 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, const_expr
-
-from .grouped_gemm_fp8_epilogue import SCALE_BLOCK_N
 
 # tile count given to the expert cursor once it passes the last expert
 _NO_MORE_TILES = 1 << 30
@@ -104,14 +102,9 @@ class Fp8ScheduleMixin:
         n_rank: Int32,
         num_n_tiles: Int32,
         expert_tiles: Int32,
-        wg_n_idx: Int32,
-        row_lo: Int32,
-        row_hi: Int32,
-        num_rows: Int32,
     ):
-        """(first row, scheduled n-tile, rows to store, weight-scale block of the first column
-        tile, A-scale rows lo / hi) of this CTA's tile in linear cluster tile ``tile``, for this
-        warpgroup and thread. Column tile h of a paired tile uses weight-scale block + h."""
+        """(first row, scheduled n-tile, rows to store) of this CTA's tile in linear cluster
+        tile ``tile``."""
         row0, n_tile = self._cta_tile(
             tile, num_n_groups, tiles_before, seg_start, m_rank, n_rank, expert_tiles
         )
@@ -120,8 +113,4 @@ class Fp8ScheduleMixin:
         if n_tile >= num_n_tiles:
             valid_rows = Int32(0)
             n_tile = num_n_tiles - 1  # the columns the producer loaded (never stored)
-        n_block = n_tile * (self.sched_n // SCALE_BLOCK_N) + wg_n_idx
-        # rows past M only feed rows that are never stored: clamp their scale reads
-        sfa_row_lo = cutlass.min(row0 + row_lo, num_rows - 1)
-        sfa_row_hi = cutlass.min(row0 + row_hi, num_rows - 1)
-        return row0, n_tile, valid_rows, n_block, sfa_row_lo, sfa_row_hi
+        return row0, n_tile, valid_rows

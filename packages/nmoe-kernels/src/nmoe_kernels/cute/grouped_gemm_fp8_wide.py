@@ -19,7 +19,8 @@ block a warpgroup runs, one after the other:
 
 with s_a the row's activation scale of block kb and s_b0 / s_b1 the weight scales of the two
 128-column blocks (each half sits in one weight-scale block, so a half's promotion needs one
-product per row). A warpgroup's own promotion does not overlap its wgmma (one block accumulator);
+product per row), read from the stage's scale slot (`Fp8MainloopMixin._load_scales`) before
+the first wait. A warpgroup's own promotion does not overlap its wgmma (one block accumulator);
 the two warpgroups share the tensor cores and take turns: while one promotes, the other's wgmma
 runs (DeepGEMM's sm90 FP8 kernels rely on the same). The promotion order per output element is
 the 128 x 128 tile's -- K blocks in order, ``acc += (s_a * s_b) * partial`` -- so every tile
@@ -41,7 +42,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
-from cutlass import Float32, Int32, const_expr
+from cutlass import Int32, const_expr
 
 from .grouped_gemm_fp8_epilogue import BLOCK_K, SCALE_BLOCK_N
 
@@ -50,61 +51,30 @@ class Fp8WideMixin:
     """The ``tile=(128, 256)`` methods of `grouped_gemm_fp8.GroupedGemmFp8Kernel`."""
 
     @cute.jit
-    def _wide_scales(self, m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb, expert):
-        """Promotion scales of K block ``kb``: (row lo, row hi) of half 0, then of half 1
-        (`_block_scales` of the halves' weight-scale blocks ``n_block`` and ``n_block + 1``)."""
-        s_lo0, s_hi0 = self._block_scales(m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb,
-                                          expert)
-        s_lo1, s_hi1 = self._block_scales(m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block + 1, kb,
-                                          expert)
-        return s_lo0, s_hi0, s_lo1, s_hi1
-
-    @cute.jit
-    def _wide_first(
-        self,
-        mma: tuple,
-        tiled_mma: cute.TiledMma,
-        state: pipeline.PipelineState,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
-        n_block: Int32,
-        expert: Int32,
-        s2: Float32,
-        s3: Float32,
-    ):
-        """Issue K block 0's first half into ``partial`` (not waited for; its stage stays
-        held) and return block 0's promotion scales (row lo / hi of half 0, of half 1), which
-        replace the carried s0..s3 (``s2`` / ``s3`` in: the tile loop's interface, unused)."""
-        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb = mma
-        s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_scales(
-            m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, 0, expert
-        )
+    def _wide_first(self, mma: tuple, tiled_mma: cute.TiledMma, state: pipeline.PipelineState):
+        """Issue K block 0's first half into ``partial`` (not waited for; its stage, scale slot
+        included, stays held until `_wide_finish_block`)."""
+        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc = mma
         mainloop.consumer_wait(state)
         tiled_mma = self._issue_block(
             tiled_mma, partial, t_c_ra, t_c_rb0, state.index, cute.size(t_c_ra, mode=[2])
         )
-        return state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1
+        return state, tiled_mma
 
     @cute.jit
-    def _wide_finish_block(
-        self,
-        k: tuple,
-        tiled_mma: cute.TiledMma,
-        state: pipeline.PipelineState,
-        s_lo0: Float32,
-        s_hi0: Float32,
-        s_lo1: Float32,
-        s_hi1: Float32,
-    ):
-        """Finish the K block at ``state`` whose first half is in flight in ``partial``:
-        promote it into ``acc0``, run the second half, release the stage, promote into
-        ``acc1``."""
-        t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop = k
+    def _wide_finish_block(self, k: tuple, tiled_mma: cute.TiledMma,
+                           state: pipeline.PipelineState):
+        """Finish the K block at ``state`` whose first half is in flight in ``partial``: promote
+        it into ``acc0``, run the second half, release the stage, promote into ``acc1`` (each
+        half's scales read from the stage's slot before its wait)."""
+        t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc = k
+        s_lo0, s_hi0 = self._block_scales(sc, state.index)
         cute.nvgpu.warpgroup.wait_group(0)
         self._promote(acc0, partial, s_lo0, s_hi0)
         tiled_mma = self._issue_block(
             tiled_mma, partial, t_c_ra, t_c_rb1, state.index, cute.size(t_c_ra, mode=[2])
         )
+        s_lo1, s_hi1 = self._block_scales(sc, state.index, 1)
         cute.nvgpu.warpgroup.wait_group(0)
         mainloop.consumer_release(state)
         state.advance()
@@ -112,40 +82,20 @@ class Fp8WideMixin:
         return state, tiled_mma
 
     @cute.jit
-    def _wide_rest(
-        self,
-        mma: tuple,
-        tiled_mma: cute.TiledMma,
-        state: pipeline.PipelineState,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
-        n_block: Int32,
-        expert: Int32,
-        num_k_blocks: Int32,
-        s_lo0: Float32,
-        s_hi0: Float32,
-        s_lo1: Float32,
-        s_hi1: Float32,
-    ):
+    def _wide_rest(self, mma: tuple, tiled_mma: cute.TiledMma, state: pipeline.PipelineState,
+                   num_k_blocks: Int32):
         """The K loop after `_wide_first`: every block promoted into ``acc0`` / ``acc1`` and
-        every stage released. The next block's scales load before the waits, so their latency
-        hides behind this block's wgmma."""
-        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb = mma
-        k = (t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop)
+        every stage released."""
+        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc = mma
+        k = (t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc)
         num_mma_k = cute.size(t_c_ra, mode=[2])
-        for kb in cutlass.range(1, num_k_blocks, 1, unroll=1):
-            n_lo0, n_hi0, n_lo1, n_hi1 = self._wide_scales(
-                m_sfa, m_sfb, sfa_row_lo, sfa_row_hi, n_block, kb, expert
-            )
-            state, tiled_mma = self._wide_finish_block(
-                k, tiled_mma, state, s_lo0, s_hi0, s_lo1, s_hi1
-            )
+        for _kb in cutlass.range(1, num_k_blocks, 1, unroll=1):
+            state, tiled_mma = self._wide_finish_block(k, tiled_mma, state)
             mainloop.consumer_wait(state)
             tiled_mma = self._issue_block(
                 tiled_mma, partial, t_c_ra, t_c_rb0, state.index, num_mma_k
             )
-            s_lo0, s_hi0, s_lo1, s_hi1 = n_lo0, n_hi0, n_lo1, n_hi1
-        state, tiled_mma = self._wide_finish_block(k, tiled_mma, state, s_lo0, s_hi0, s_lo1, s_hi1)
+        state, tiled_mma = self._wide_finish_block(k, tiled_mma, state)
         return state, tiled_mma
 
     @cute.jit
@@ -203,13 +153,12 @@ class Fp8WideMixin:
         s_amax: cute.Tensor,
         s_stash: cute.Tensor,
         mainloop: pipeline.PipelineTmaAsync,
-        m_sfa: cute.Tensor,
-        m_sfb: cute.Tensor,
+        s_sc: cute.Tensor,
         m_out: cute.Tensor,
         m_out_sf: cute.Tensor,
     ):
-        """(mma, epi, row lo, row hi, column block 0) of `_consumer` on 128 x 256 tiles: the B
-        tile's two 128-column halves, the two tile accumulators and the block accumulator."""
+        """(mma, epi) of `_consumer` on 128 x 256 tiles: the B tile's two 128-column halves,
+        the two tile accumulators, the block accumulator and the scale slots."""
         wg_tidx = mma_tidx - mma_wg * self.threads_per_wg
         thr_mma_wg = tiled_mma.get_slice(mma_wg * self.threads_per_wg)
         t_c_ra = tiled_mma.make_fragment_A(thr_mma_wg.partition_A(s_a))
@@ -228,8 +177,10 @@ class Fp8WideMixin:
         partial = cute.make_rmem_tensor(t_c_coord.shape, self.acc_dtype)
         wg_barrier = pipeline.NamedBarrier(barrier_id=1 + mma_wg, num_threads=self.threads_per_wg)
         epi = (thr_mma, t_c_coord, s_out, m_out, m_out_sf, mma_wg, wg_tidx, wg_barrier)
-        mma = (t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, m_sfa, m_sfb)
-        return mma, epi, t_c_coord[0][0], t_c_coord[2][0], 0
+        # scale slots at the thread's rows lo / hi; weight-scale block 0 (half 1: block 1)
+        sc = (s_sc, t_c_coord[0][0], t_c_coord[2][0], 0)
+        mma = (t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc)
+        return mma, epi
 
     @cute.jit
     def _wide_pipelined(
@@ -239,23 +190,11 @@ class Fp8WideMixin:
         tiled_mma: cute.TiledMma,
         state: pipeline.PipelineState,
         release_state: pipeline.PipelineState,
-        s_lo0: Float32,
-        s_hi0: Float32,
-        s_lo1: Float32,
-        s_hi1: Float32,
         row0: Int32,
         n_tile: Int32,
         valid_rows: Int32,
-        n_block: Int32,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
-        expert: Int32,
         num_k_blocks: Int32,
         issue_next: cutlass.Constexpr[bool],
-        next_sfa_lo: Int32,
-        next_sfa_hi: Int32,
-        next_n_block: Int32,
-        next_expert: Int32,
     ):
         """One tile of the epilogue-overlapped loop, its first half-block in flight: the rest
         of its K loop, then (with ``issue_next``) the next tile's first half-block, then its
@@ -263,17 +202,11 @@ class Fp8WideMixin:
         acc0, acc1 = mma[3], mma[4]
         acc0.fill(0.0)
         acc1.fill(0.0)
-        state, tiled_mma = self._wide_rest(
-            mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, num_k_blocks,
-            s_lo0, s_hi0, s_lo1, s_hi1,
-        )  # fmt: skip
+        state, tiled_mma = self._wide_rest(mma, tiled_mma, state, num_k_blocks)
         if const_expr(issue_next):
-            state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
-                mma, tiled_mma, state, next_sfa_lo, next_sfa_hi, next_n_block, next_expert,
-                s_lo1, s_hi1,
-            )  # fmt: skip
+            state, tiled_mma = self._wide_first(mma, tiled_mma, state)
         self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
-        return state, release_state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1
+        return state, release_state, tiled_mma
 
     @cute.jit
     def _wide_zero_tile(self, mma: tuple, epi: tuple, row0: Int32, valid_rows: Int32,
@@ -295,9 +228,6 @@ class Fp8WideMixin:
         row0: Int32,
         n_tile: Int32,
         valid_rows: Int32,
-        n_block: Int32,
-        sfa_row_lo: Int32,
-        sfa_row_hi: Int32,
         expert: Int32,
         num_experts: Int32,
         num_k_blocks: Int32,
@@ -308,13 +238,7 @@ class Fp8WideMixin:
         acc0.fill(0.0)
         acc1.fill(0.0)
         if expert < num_experts:  # padding rows get a zero product
-            state, tiled_mma, s_lo0, s_hi0, s_lo1, s_hi1 = self._wide_first(
-                mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, Float32(0.0),
-                Float32(0.0),
-            )  # fmt: skip
-            state, tiled_mma = self._wide_rest(
-                mma, tiled_mma, state, sfa_row_lo, sfa_row_hi, n_block, expert, num_k_blocks,
-                s_lo0, s_hi0, s_lo1, s_hi1,
-            )  # fmt: skip
+            state, tiled_mma = self._wide_first(mma, tiled_mma, state)
+            state, tiled_mma = self._wide_rest(mma, tiled_mma, state, num_k_blocks)
         self._epilogue_wide(epi, acc0, acc1, row0, valid_rows, n_tile)
         return state, release_state, tiled_mma
