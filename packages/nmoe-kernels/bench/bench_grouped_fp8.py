@@ -24,7 +24,8 @@ Rows:
   under the epilogue, ``f`` rcp.approx sigmoid, ``s`` no epilogue (diagnostic), ``w`` 64 x 256
   tiles (swiglu_quant's earlier layout), ``W`` 128 x 256 tiles (serial promotion), ``t`` an
   expert's row tiles of one column group first (``n_major``), ``l`` a cluster launch attribute
-  for one CTA (the launch before 2026-11-27), and optionally ``@S`` for S pipeline stages -- as
+  for one CTA (the launch before 2026-11-27), optionally ``@S`` for S pipeline stages and
+  ``%B`` for the tile order in bands of B column groups (`kernel_config`'s ``band``) -- as
   rows ``<op>[c<variant>]``, timed in the same run as the default kernel.
 
 Time is the median of per-call CUDA-event timings after warm-up, calls enqueued back to back
@@ -165,16 +166,18 @@ VARIANT_FLAGS = {
 
 def parse_variant(variant: str) -> tuple[tuple[int, int], dict, tuple[int, int] | None]:
     """"<M>x<N>[flags]" -> (cluster, kernel_config options, tile); absent flags are off."""
-    match = re.fullmatch(r"(\d+)x(\d+)([a-zA-Z]*)(?:@(\d))?", variant)
+    match = re.fullmatch(r"(\d+)x(\d+)([a-zA-Z]*)(?:@(\d))?(?:%(\d+))?", variant)
     if match is None or set(match[3]) - set(VARIANT_FLAGS):
         raise ValueError(f"variant {variant!r}: want <M>x<N> followed by flags from "
-                         f"{''.join(VARIANT_FLAGS)} and optionally @<stages>")
+                         f"{''.join(VARIANT_FLAGS)}, optionally @<stages> and %<band>")
     cluster = (int(match[1]), int(match[2]))
     flags = match[3]
     opts = {name: flag in flags for flag, name in VARIANT_FLAGS.items() if name != "wide"}
     tile = (64, 256) if "w" in flags else (128, 256) if "W" in flags else None
     if match[4]:  # "@S": S pipeline stages (diagnostic)
         opts["stages"] = int(match[4])
+    if match[5]:  # "%B": bands of B column groups (the tile order)
+        opts["band"] = int(match[5])
     return cluster, opts, tile
 
 

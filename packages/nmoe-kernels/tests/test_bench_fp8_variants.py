@@ -24,7 +24,11 @@ def test_parse_variant_flags(bench):
     assert opts == dict(overlap=False, epi_overlap=True, fast_silu=False, skip_epilogue=False,
                         n_major=False, cluster_launch=False)
     assert bench.parse_variant("1x1W@3")[1]["stages"] == 3
-    for bad in ("1x1q", "oe", "1x", "1x2 o", "1x1O"):
+    assert bench.parse_variant("2x1We%2")[1]["band"] == 2
+    assert bench.parse_variant("1x1o@4%3")[1] | {} == dict(
+        overlap=True, epi_overlap=False, fast_silu=False, skip_epilogue=False, n_major=False,
+        cluster_launch=False, stages=4, band=3)
+    for bad in ("1x1q", "oe", "1x", "1x2 o", "1x1O", "1x1%", "1x1%2@3"):
         with pytest.raises(ValueError, match="want <M>x<N> followed by flags from oefswWtl"):
             bench.parse_variant(bad)
 

@@ -84,6 +84,8 @@ def count(pattern: str, text: str) -> int:
         ("bf16", False, None, None, {"tile": (64, 256)}),
         ("bf16", False, None, None, {"n_major": True}),
         ("swiglu_quant", False, None, None, {"n_major": True}),
+        ("bf16", False, None, None, {"band": 4}),
+        ("bf16", False, (2, 1), None, {"tile": (128, 256), "band": 2}),
         # the 128 x 256 tile (`grouped_gemm_fp8_wide`); (2, 1) is LONG_TILE["bf16"]'s cluster
         ("bf16", False, (2, 1), None, {"tile": (128, 256)}),
         ("bf16", False, None, None, {"tile": (128, 256)}),
@@ -220,6 +222,17 @@ def test_wide_tile_config_rejects_the_overlapped_promotion_and_bad_stages():
     with pytest.raises(ValueError, match=r"stages must be in \[2, 3\]"):
         g.kernel_config("bf16", tile=(128, 256), stages=4)
     assert g.kernel_config("bf16", stages=2).num_stages == 2
+
+
+def test_tile_band_config():
+    from nmoe_kernels.cute import grouped_gemm_fp8 as g
+
+    assert g.kernel_config("bf16").tile_band == 0
+    assert g.kernel_config("bf16", n_major=True).tile_band == 1
+    assert g.kernel_config("bf16", band=3).tile_band == 3
+    for bad in ({"band": -1}, {"band": 2.0}, {"band": 2, "n_major": True}):
+        with pytest.raises(ValueError, match="band must be an int >= 0"):
+            g.kernel_config("bf16", **bad)
 
 
 def test_grid_size_bounds_the_tile_count():

@@ -165,6 +165,15 @@ class KernelConfig:
     # tile order inside an expert: its row tiles for one column group first (else the reverse)
     n_major: bool = False
     cluster_launch: bool = False  # diagnostic: a cluster launch attribute even for one CTA
+    # tile order inside an expert: bands of this many column groups, every row tile of a band
+    # before the next band (0: none; n_major is band 1)
+    band: int = 0
+
+    @property
+    def tile_band(self) -> int:
+        """Column groups per band of the tile order (0: every column group of a row tile
+        before the next row tile)."""
+        return 1 if self.n_major else self.band
 
     @property
     def cluster_size(self) -> int:
@@ -230,6 +239,7 @@ def kernel_config(
     n_major: bool = False,
     cluster_launch: bool = False,
     stages: int | None = None,
+    band: int = 0,
 ) -> KernelConfig:
     """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
 
@@ -251,12 +261,17 @@ def kernel_config(
     the next group (its weight column blocks are read once, its rows stay in L2), instead of all
     column groups of one row tile first (the default). Same bits; on one H100 it measured within
     noise of the default at every bench shape (bench/results/fp8_H100_tile_order.txt), so the
-    wrapper does not use it. ``cluster_launch`` (diagnostic) launches one CTA with a 1 x 1 x 1
+    wrapper does not use it. ``band`` = b > 0 generalizes it: bands of b column groups, all row
+    tiles of an expert's band before its next band (the last band may be narrower); the tiles
+    the CTAs work on at once then share fewer weight columns and rows. Same bits.
+    ``cluster_launch`` (diagnostic) launches one CTA with a 1 x 1 x 1
     cluster attribute, as the kernel did before 2026-11-27. ``stages`` (diagnostic) caps the
     pipeline stages below the most that fit in shared memory (None: the most, at most 8).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if not isinstance(band, int) or band < 0 or (band and n_major):
+        raise ValueError(f"band must be an int >= 0 (and 0 with n_major), got {band!r}")
     cluster_m, cluster_n = DEFAULT_CLUSTER[epilogue] if cluster is None else cluster
     if cluster_m not in (1, 2) or cluster_n not in (1, 2):
         raise ValueError(f"cluster must be (1 or 2, 1 or 2), got {cluster!r}")
@@ -301,6 +316,7 @@ def kernel_config(
         bool(skip_epilogue),
         bool(n_major),
         bool(cluster_launch),
+        int(band),
     )
 
 

@@ -74,16 +74,22 @@ class Fp8ScheduleMixin:
     ):
         """(first row, n-tile) of this CTA's tile in linear cluster tile ``tile`` of the segment
         whose cluster m-tiles start at ``tiles_before`` (``expert_tiles`` of them); the segment
-        owns linear tiles [tiles_before, tiles_before + expert_tiles) x num_n_groups, in either
-        order (``n_major``).
+        owns linear tiles [tiles_before, tiles_before + expert_tiles) x num_n_groups: every
+        column group of a cluster m-tile before the next m-tile, or (``tile_band`` b > 0) in
+        bands of b column groups, every m-tile of a band before the next band, column groups
+        first inside the band (b = 1: ``n_major``).
 
         The row may lie past the segment (its last cluster tile is partly empty) and the n-tile
         past N (an odd n-tile count); such CTA tiles run the mainloop but store nothing.
         """
         local = tile - tiles_before * num_n_groups
-        if const_expr(self.config.n_major):
-            n_group = local // expert_tiles
-            m_local = local - n_group * expert_tiles
+        if const_expr(self.config.tile_band > 0):
+            band = self.config.tile_band
+            band_idx = local // (expert_tiles * band)
+            in_band = local - band_idx * (expert_tiles * band)
+            width = cutlass.min(band, num_n_groups - band_idx * band)  # the last may be narrower
+            m_local = in_band // width
+            n_group = band_idx * band + in_band - m_local * width
         else:
             m_local = local // num_n_groups
             n_group = local - m_local * num_n_groups
