@@ -587,6 +587,7 @@ int main(int argc, char** argv) {
       G("scaled_128x256_n128", 256, 128, kSerialScaled),
       G3("scaled_128x256_n128", 256, 128, kSerialScaled),
       G("smemscaled_128x256_n128", 256, 128, kSmemScaled),
+      G3("smemscaled_128x256_n128", 256, 128, kSmemScaled),
       G("plain_128x256_n256", 256, 256, kPlain),
       G("serial_128x128_n128", 128, 128, kSerial),
       G("scaled_128x128_n128", 128, 128, kSerialScaled),
