@@ -42,8 +42,10 @@ and arrive on the stage's full barrier once they land; warpgroups 1-2 run WGMMA,
 a block's scales from its slot while the stage is held. (The scales are not loaded by TMA: a
 tile's first row is arbitrary, and a TMA box of the MN-major scale column starting at an inner
 coordinate that is not 16-byte aligned faults with "illegal instruction" on H200. Until
-2026-11-27 the MMA threads loaded them from global memory a block ahead; `bench/wgmma_probe.cu`
-showed those loads holding the 128 x 256 tile's mainloop at ~60% of its speed on H100.)
+2026-11-27 the MMA threads loaded them from global memory a block ahead and the tile loop carried
+the in-flight block's scales between tiles; `bench/wgmma_probe.cu` ran its version of those loads
+at ~60% of the slot path's speed, but in this kernel both measured the same on H100,
+bench/results/fp8_H100_smem_scales.txt. The slots stay for the simpler tile loop.)
 
 Overlapped promotion (``KernelConfig.overlap``, the default): a warpgroup issues the wgmma of
 block kb into one of two register accumulators before it waits for block kb - 1 (wait_group 1)

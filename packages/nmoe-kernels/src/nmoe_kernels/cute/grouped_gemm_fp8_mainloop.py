@@ -181,9 +181,7 @@ class Fp8MainloopMixin:
         -- the x scales of the tile's rows row0.. (rows past M clamped to the last: they feed
         only rows that are never stored) and the w scales of its weight-scale blocks b_block..
         -- as 4-byte cp.async copies, then an arrival on the stage's full barrier once they
-        have landed (the barrier counts one per lane besides the TMA arrival). Plain loads in
-        the MMA warps, issued a block ahead, held the 128 x 256 tile at ~60% of its speed
-        (bench/results/wgmma_probe_H100.txt)."""
+        have landed (the barrier counts one per lane besides the TMA arrival)."""
         atom = cute.make_copy_atom(
             cute.nvgpu.cpasync.CopyG2SOp(), Float32, num_bits_per_copy=32
         )
