@@ -29,7 +29,9 @@
 // Part 2 loads what a grouped GEMM loads: tensor-map TMA boxes (128-byte swizzle) of A
 // [groups * rows, K] and B [groups * N, K], operands far larger than L2, walked by a persistent
 // tile schedule (`Walk`: nmoe's m-major order, or bands of column tiles), at DeepGEMM's grouped
-// shape and dsv3-local's W13 -- the kernel's mainloop without its scales and epilogue.
+// shape and dsv3-local's W13 -- the kernel's mainloop without its scales and epilogue. Part 3
+// varies the TMA settings on the slot-scaled 128 x 256 loop: the tensor maps' L2 promotion (none,
+// 128 B, 256 B) and loads with an L2 cache hint of policy 0, as CuTeDSL's TMA copies carry.
 //
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a wgmma_probe.cu -o wgmma_probe
 // Run:   ./wgmma_probe [iters=8192] [reps=5]   (part 1's K blocks per CTA; 0 skips part 1)
@@ -65,6 +67,7 @@ enum Fill { kNoFill = 0, kL2 = 1, kGemm = 2 };
 // -- or, with band > 0, bands of `band` column tiles, every row tile of a band before the next).
 struct Walk {
   int groups, rows, n, k, band;
+  int hint;  // TMA loads with .L2::cache_hint and a zero policy (as CuTeDSL emits them)
   const float* sfa;  // [k / 128][m_al]: activation scales, MN-major (kSerialScaled)
   const float* sfb;  // [groups * n / 128][k / 128]: weight scales
   int m_al;
@@ -139,6 +142,14 @@ __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int x,
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
       "{%2, %3}], [%4];" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
+      : "memory");
+}
+__device__ __forceinline__ void tma_2d_hint(void* dst, const CUtensorMap* map, int x, int y,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
+      "[%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar)), "l"(uint64_t{0})
       : "memory");
 }
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
@@ -263,8 +274,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (FILL == kGemm) {
           if (kb == 0) walk.coords(tile, NT, &row, &col);
           mbar_expect_tx(full + s, kStage);
-          tma_2d(stage, &tmap_a, kb * kBlockK, row, full + s);
-          tma_2d(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s);
+          if (walk.hint) {
+            tma_2d_hint(stage, &tmap_a, kb * kBlockK, row, full + s);
+            tma_2d_hint(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s);
+          } else {
+            tma_2d(stage, &tmap_a, kb * kBlockK, row, full + s);
+            tma_2d(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s);
+          }
           if (++kb == kb_per_tile) {
             kb = 0;
             tile += gridDim.x;
@@ -480,7 +496,8 @@ using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, 
 
 // [rows, k] fp8, row-major, boxes of box_rows x 128 bytes with the 128-byte swizzle
 CUtensorMap make_map(EncodeTiled encode, void* base, uint64_t rows, uint64_t k,
-                     uint32_t box_rows) {
+                     uint32_t box_rows,
+                     CUtensorMapL2promotion promotion = CU_TENSOR_MAP_L2_PROMOTION_L2_256B) {
   CUtensorMap map{};
   const cuuint64_t dims[2] = {k, rows};
   const cuuint64_t strides[1] = {k};
@@ -488,7 +505,7 @@ CUtensorMap make_map(EncodeTiled encode, void* base, uint64_t rows, uint64_t k,
   const cuuint32_t estr[2] = {1, 1};
   const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, base, dims, strides, box,
                             estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            promotion,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     std::fprintf(stderr, "cuTensorMapEncodeTiled failed (%d)\n", static_cast<int>(r));
@@ -623,7 +640,7 @@ int main(int argc, char** argv) {
       CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       for (int band : {0, 2, 4, 8}) {
         if (band && (sh.n / v.nt) % band) continue;
-        const Walk walk{sh.groups, sh.rows, sh.n, sh.k, band, sfa, sfb, m_al};
+        const Walk walk{sh.groups, sh.rows, sh.n, sh.k, band, 0, sfa, sfb, m_al};
         const double t = timer.median_ms(
             [&] { v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, 0, out, map_a, map_b, walk); },
             reps);
@@ -633,6 +650,34 @@ int main(int argc, char** argv) {
         std::printf("%-40s %9.3f %9.1f\n", name, t, flop / (t * 1e-3) / 1e12);
         std::fflush(stdout);
       }
+    }
+    // 3. The TMA settings, on the slot-scaled 128 x 256 mainloop in m-major order: the tensor
+    //    maps' L2 promotion, and loads with an L2 cache hint of policy 0 (CuTeDSL's TMA copies).
+    const Variant& tv = gemm_variants[3];  // smemscaled_128x256_n128
+    const struct {
+      const char* name;
+      CUtensorMapL2promotion promotion;
+      int hint;
+    } settings[] = {{"promotion 256B", CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 0},
+                    {"promotion 128B", CU_TENSOR_MAP_L2_PROMOTION_L2_128B, 0},
+                    {"promotion none", CU_TENSOR_MAP_L2_PROMOTION_NONE, 0},
+                    {"promotion 256B, hint 0", CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 1},
+                    {"promotion none, hint 0", CU_TENSOR_MAP_L2_PROMOTION_NONE, 1}};
+    for (const auto& st : settings) {
+      const CUtensorMap ma = make_map(encode, a, uint64_t(sh.groups) * sh.rows, sh.k, 128,
+                                      st.promotion);
+      const CUtensorMap mb = make_map(encode, b, uint64_t(sh.groups) * sh.n, sh.k, tv.nt,
+                                      st.promotion);
+      const int smem = smem_bytes(tv.nt, tv.stages);
+      const Walk walk{sh.groups, sh.rows, sh.n, sh.k, 0, st.hint, sfa, sfb, m_al};
+      const double t = timer.median_ms(
+          [&] { tv.kernel<<<grid, kThreads, smem>>>(src, src_bytes, 0, out, ma, mb, walk); },
+          reps);
+      const double flop = 2.0 * sh.groups * double(sh.rows) * sh.n * sh.k;
+      char name[96];
+      std::snprintf(name, sizeof name, "%s/%s", tv.name, st.name);
+      std::printf("%-40s %9.3f %9.1f\n", name, t, flop / (t * 1e-3) / 1e12);
+      std::fflush(stdout);
     }
     CHECK(cudaFree(sfa));
     CHECK(cudaFree(sfb));
