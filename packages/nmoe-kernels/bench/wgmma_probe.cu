@@ -31,7 +31,8 @@
 // tile schedule (`Walk`: nmoe's m-major order, or bands of column tiles), at DeepGEMM's grouped
 // shape and dsv3-local's W13 -- the kernel's mainloop without its scales and epilogue. Part 3
 // varies the TMA settings on the slot-scaled 128 x 256 loop: the tensor maps' L2 promotion (none,
-// 128 B, 256 B) and loads with an L2 cache hint of policy 0, as CuTeDSL's TMA copies carry.
+// 128 B, 256 B), loads with an L2 cache hint of policy 0, as CuTeDSL's TMA copies carry, and
+// barrier waits with the suspend-time hint of CUTLASS's and CuTeDSL's waits.
 //
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a wgmma_probe.cu -o wgmma_probe
 // Run:   ./wgmma_probe [iters=8192] [reps=5]   (part 1's K blocks per CTA; 0 skips part 1)
@@ -67,7 +68,9 @@ enum Fill { kNoFill = 0, kL2 = 1, kGemm = 2 };
 // -- or, with band > 0, bands of `band` column tiles, every row tile of a band before the next).
 struct Walk {
   int groups, rows, n, k, band;
-  int hint;  // TMA loads with .L2::cache_hint and a zero policy (as CuTeDSL emits them)
+  // bit 0: TMA loads with .L2::cache_hint and a zero policy (as CuTeDSL emits them); bit 1:
+  // barrier waits with CUTLASS's suspend-time hint
+  int hint;
   const float* sfa;  // [k / 128][m_al]: activation scales, MN-major (kSerialScaled)
   const float* sfb;  // [groups * n / 128][k / 128]: weight scales
   int m_al;
@@ -117,15 +120,27 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+// Spins until the phase with `parity` completes; with `sleep`, each try carries the suspend-time
+// hint CUTLASS's and CuTeDSL's barrier waits use (0x989680 ns), which ptxas turns into a
+// NANOSLEEP.SYNCS between tries.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity, bool sleep = false) {
   uint32_t ok = 0;
   do {
-    asm volatile(
-        "{\n.reg .pred P1;\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
-        "selp.b32 %0, 1, 0, P1;\n}\n"
-        : "=r"(ok)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
+    if (sleep) {
+      asm volatile(
+          "{\n.reg .pred P1;\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2, %3;\n"
+          "selp.b32 %0, 1, 0, P1;\n}\n"
+          : "=r"(ok)
+          : "r"(smem_u32(bar)), "r"(parity), "r"(0x989680)
+          : "memory");
+    } else {
+      asm volatile(
+          "{\n.reg .pred P1;\nmbarrier.try_wait.parity.shared::cta.b64 P1, [%1], %2;\n"
+          "selp.b32 %0, 1, 0, P1;\n}\n"
+          : "=r"(ok)
+          : "r"(smem_u32(bar)), "r"(parity)
+          : "memory");
+    }
   } while (!ok);
 }
 __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t bytes,
@@ -269,12 +284,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       int tile = blockIdx.x, kb = 0, row = 0, col = 0;
       for (int b = 0; b < iters; ++b) {
         const int s = b % kStages;
-        if (b >= kStages) mbar_wait(empty + s, ((b / kStages) - 1) & 1);
+        if (b >= kStages) mbar_wait(empty + s, ((b / kStages) - 1) & 1, walk.hint & 2);
         uint8_t* stage = smem + s * kStage;
         if constexpr (FILL == kGemm) {
           if (kb == 0) walk.coords(tile, NT, &row, &col);
           mbar_expect_tx(full + s, kStage);
-          if (walk.hint) {
+          if (walk.hint & 1) {
             tma_2d_hint(stage, &tmap_a, kb * kBlockK, row, full + s);
             tma_2d_hint(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s);
           } else {
@@ -304,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         walk.coords(tile, NT, &row, &col);
         for (int b = 0; b < iters; ++b) {
           const int s = b % kStages;
-          if (b >= kStages) mbar_wait(empty + s, ((b / kStages) - 1) & 1);
+          if (b >= kStages) mbar_wait(empty + s, ((b / kStages) - 1) & 1, walk.hint & 2);
           float* slot = slots + s * 132;
           const float* sa = walk.sfa + size_t(kb) * walk.m_al + row;
 #pragma unroll
@@ -365,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < ND; ++i) a[i] = fmaf(sc, p[i], a[i]);
   };
-  auto wait_full = [&](int b) { mbar_wait(full + b % kStages, (b / kStages) & 1); };
+  auto wait_full = [&](int b) { mbar_wait(full + b % kStages, (b / kStages) & 1, walk.hint & 2); };
   auto release = [&](int b) {
     if (lane == 0) mbar_arrive(empty + b % kStages);
   };
@@ -662,7 +677,9 @@ int main(int argc, char** argv) {
                     {"promotion 128B", CU_TENSOR_MAP_L2_PROMOTION_L2_128B, 0},
                     {"promotion none", CU_TENSOR_MAP_L2_PROMOTION_NONE, 0},
                     {"promotion 256B, hint 0", CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 1},
-                    {"promotion none, hint 0", CU_TENSOR_MAP_L2_PROMOTION_NONE, 1}};
+                    {"promotion none, hint 0", CU_TENSOR_MAP_L2_PROMOTION_NONE, 1},
+                    {"promotion 256B, sleeping waits", CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 2},
+                    {"promotion 256B, hint 0, sleeping waits", CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 3}};
     for (const auto& st : settings) {
       const CUtensorMap ma = make_map(encode, a, uint64_t(sh.groups) * sh.rows, sh.k, 128,
                                       st.promotion);
