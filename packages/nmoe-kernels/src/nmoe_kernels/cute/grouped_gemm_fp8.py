@@ -120,7 +120,7 @@ from .grouped_gemm_fp8_mainloop import Fp8MainloopMixin
 from .grouped_gemm_fp8_schedule import Fp8ScheduleMixin
 from .grouped_gemm_fp8_wide import Fp8WideMixin
 from .occupancy import max_active_clusters
-from .scheduler import cluster_position, tma_load
+from .scheduler import cluster_position, producer_acquire, tma_load
 
 __all__ = [
     "EPILOGUES",
@@ -650,7 +650,7 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                 for h in cutlass.range_constexpr(self.sub_tiles):  # column tiles, in order
                     b_tile = n_tile * self.sub_tiles + h
                     for kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
-                        mainloop.producer_acquire(state)
+                        producer_acquire(mainloop, state)
                         barrier = mainloop.producer_get_barrier(state)
                         tma_load(tma_a, t_a_g[(None, kb)], t_a_s[(None, state.index)], barrier,
                                  a_mcast_mask, self.cluster_n > 1)

@@ -20,6 +20,7 @@ import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, const_expr
 
 from .grouped_gemm_fp8_epilogue import SCALE_BLOCK_N
+from .scheduler import consumer_wait
 
 
 class Fp8MainloopMixin:
@@ -217,7 +218,7 @@ class Fp8MainloopMixin:
         """The K loop without overlap: each block's wgmma is waited for before its promotion."""
         num_mma_k = cute.size(t_c_ra, mode=[2])
         for _kb in cutlass.range(0, num_k_blocks, 1, unroll=1):
-            mainloop.consumer_wait(state)
+            consumer_wait(mainloop, state)
             tiled_mma = self._issue_block(
                 tiled_mma, partial, t_c_ra, t_c_rb, state.index, num_mma_k
             )
@@ -270,7 +271,7 @@ class Fp8MainloopMixin:
         """Start of the overlapped K loop: issue block 0's wgmma into ``partial_a`` (not waited
         for; its stage, scale slot included, stays held until `_mainloop_rest` promotes it)."""
         num_mma_k = cute.size(t_c_ra, mode=[2])
-        mainloop.consumer_wait(state)
+        consumer_wait(mainloop, state)
         tiled_mma = self._issue_block(tiled_mma, partial_a, t_c_ra, t_c_rb, state.index, num_mma_k)
         state.advance()
         return state, tiled_mma
@@ -331,7 +332,7 @@ class Fp8MainloopMixin:
         (its stage is still held), wait for that block (wait_group 1), release its stage and
         promote it from ``promote_from``."""
         t_c_ra, t_c_rb, acc, mainloop, sc = k
-        mainloop.consumer_wait(state)
+        consumer_wait(mainloop, state)
         tiled_mma = self._issue_block(
             tiled_mma, issue_into, t_c_ra, t_c_rb, state.index, cute.size(t_c_ra, mode=[2])
         )

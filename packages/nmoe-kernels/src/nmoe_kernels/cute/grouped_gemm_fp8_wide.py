@@ -45,6 +45,7 @@ import cutlass.pipeline as pipeline
 from cutlass import Int32, const_expr
 
 from .grouped_gemm_fp8_epilogue import BLOCK_K, SCALE_BLOCK_N
+from .scheduler import consumer_wait
 
 
 class Fp8WideMixin:
@@ -55,7 +56,7 @@ class Fp8WideMixin:
         """Issue K block 0's first half into ``partial`` (not waited for; its stage, scale slot
         included, stays held until `_wide_finish_block`)."""
         t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc = mma
-        mainloop.consumer_wait(state)
+        consumer_wait(mainloop, state)
         tiled_mma = self._issue_block(
             tiled_mma, partial, t_c_ra, t_c_rb0, state.index, cute.size(t_c_ra, mode=[2])
         )
@@ -91,7 +92,7 @@ class Fp8WideMixin:
         num_mma_k = cute.size(t_c_ra, mode=[2])
         for _kb in cutlass.range(1, num_k_blocks, 1, unroll=1):
             state, tiled_mma = self._wide_finish_block(k, tiled_mma, state)
-            mainloop.consumer_wait(state)
+            consumer_wait(mainloop, state)
             tiled_mma = self._issue_block(
                 tiled_mma, partial, t_c_ra, t_c_rb0, state.index, num_mma_k
             )
