@@ -376,13 +376,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int k = 0; k < 4; ++k)
       mma_k32<WN, RS>(d, a_desc(s, k), a[k], b_desc(s, h, k), (accumulate || k > 0) ? 1 : 0);
   };
-  auto promote = [&](float (&a)[ND], const float (&p)[ND], float sc) {
+  // acc += scale * partial, with the scale of each value's row (lo: the thread's upper row,
+  // hi: 8 rows below; wgmma m64 accumulators hold them in groups of two)
+  auto promote = [&](float (&a)[ND], const float (&p)[ND], float lo, float hi) {
 #pragma unroll
-    for (int i = 0; i < ND; ++i) a[i] = fmaf(sc, p[i], a[i]);
+    for (int i = 0; i < ND; ++i) a[i] = fmaf((i / 2) % 2 ? hi : lo, p[i], a[i]);
   };
   auto wait_full = [&](int b) { mbar_wait(full + b % kStages, (b / kStages) & 1, walk.hint & 2); };
   auto release = [&](int b) {
     if (lane == 0) mbar_arrive(empty + b % kStages);
+  };
+  // the serial modes' column half h of block b: its wgmmas into the partial, wait, release the
+  // stage after the last half, promote with the row scales (lo, hi)
+  auto serial_half = [&](int b, int h, float lo, float hi) {
+    wg_fence();
+    issue(part[0], areg[0], b % kStages, h, false);
+    wg_commit();
+    wg_wait<0>();
+    fence_regs(part[0]);
+    if (h == H - 1) release(b);
+    promote(acc[h], part[0], lo, hi);
+    fence_regs(acc[h]);
   };
 
   if constexpr (MODE == kPlain) {
@@ -404,16 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (RS) load_a(areg[0], b % kStages);
       const float sc = scales[b & 63];
 #pragma unroll
-      for (int h = 0; h < H; ++h) {
-        wg_fence();
-        issue(part[0], areg[0], b % kStages, h, false);
-        wg_commit();
-        wg_wait<0>();
-        fence_regs(part[0]);
-        if (h == H - 1) release(b);
-        promote(acc[h], part[0], sc);
-        fence_regs(acc[h]);
-      }
+      for (int h = 0; h < H; ++h) serial_half(b, h, sc, sc);
     }
   } else if constexpr (MODE == kSerialScaled) {
     // serial, with the GEMM's scales: per K block this thread's two rows' activation scales
@@ -441,18 +446,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (b + 1 < iters) load(kb, row, col, na, nb);
       wait_full(b);
 #pragma unroll
-      for (int h = 0; h < H; ++h) {
-        wg_fence();
-        issue(part[0], areg[0], b % kStages, h, false);
-        wg_commit();
-        wg_wait<0>();
-        fence_regs(part[0]);
-        if (h == H - 1) release(b);
-        const float lo = sa[0] * sb[h], hi = sa[1] * sb[h];
-#pragma unroll
-        for (int i = 0; i < ND; ++i) acc[h][i] = fmaf((i / 2) % 2 ? hi : lo, part[0][i], acc[h][i]);
-        fence_regs(acc[h]);
-      }
+      for (int h = 0; h < H; ++h) serial_half(b, h, sa[0] * sb[h], sa[1] * sb[h]);
 #pragma unroll
       for (int j = 0; j < 2; ++j) sa[j] = na[j];
 #pragma unroll
@@ -469,18 +463,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int h = 0; h < H; ++h) sb[h] = slot[128 + h];
 #pragma unroll
-      for (int h = 0; h < H; ++h) {
-        wg_fence();
-        issue(part[0], areg[0], b % kStages, h, false);
-        wg_commit();
-        wg_wait<0>();
-        fence_regs(part[0]);
-        if (h == H - 1) release(b);
-        const float lo = a_lo * sb[h], hi = a_hi * sb[h];
-#pragma unroll
-        for (int i = 0; i < ND; ++i) acc[h][i] = fmaf((i / 2) % 2 ? hi : lo, part[0][i], acc[h][i]);
-        fence_regs(acc[h]);
-      }
+      for (int h = 0; h < H; ++h) serial_half(b, h, a_lo * sb[h], a_hi * sb[h]);
     }
   }
   float sum = 0.0f;
