@@ -58,7 +58,9 @@ from nmoe_kernels.cute.scheduler import (
     band_tile,
     build_expert_table,
     cluster_position,
+    consumer_wait,
     locate_tile,
+    producer_acquire,
     tma_load,
 )
 
@@ -559,7 +561,7 @@ class GroupedGemmBf16Sm90:
                     cute.group_modes(gB, 0, 2),
                 )
                 for k_tile in range(num_k_tiles):
-                    mainloop.producer_acquire(state)
+                    producer_acquire(mainloop, state)
                     barrier = mainloop.producer_get_barrier(state)
                     tma_load(tma_atom_a, tAgA[(None, k_tile)], tAsA[(None, state.index)],
                              barrier, a_mcast_mask, self.cluster_n > 1)
@@ -667,7 +669,7 @@ class GroupedGemmBf16Sm90:
         while is_valid:
             acc.fill(0.0)
             for k_tile in range(num_k_tiles):
-                mainloop.consumer_wait(read_state)
+                consumer_wait(mainloop, read_state)
                 if const_expr(self.grouped_k):
                     valid_k = row_end - k_start - k_tile * TILE_K
                     if valid_k < TILE_K:

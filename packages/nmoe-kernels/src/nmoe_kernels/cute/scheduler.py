@@ -49,7 +49,8 @@ def spin_wait(barrier: cute.Pointer, phase: Int32):
     without a suspend-time hint. The pipelines' own waits pass one (10 ms), which ptxas turns into
     a NANOSLEEP.SYNCS between tries: bench/wgmma_probe.cu's 128 x 256 FP8 mainloop ran 11-13%
     slower with it at DeepGEMM's shape on one H100 (bench/results/wgmma_probe_H100.txt); in the
-    FP8 kernel the two measured within noise (bench/results/fp8_H100_smem_scales.txt)."""
+    FP8 kernel the two measured within noise (bench/results/fp8_H100_smem_scales.txt). Both
+    grouped GEMMs (FP8 and BF16) wait through these."""
     done = cute.arch.mbarrier_try_wait(barrier, phase)
     while not done:
         done = cute.arch.mbarrier_try_wait(barrier, phase)
