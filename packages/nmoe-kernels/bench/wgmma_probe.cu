@@ -151,21 +151,24 @@ __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, uint32_t by
       "l"(src), "r"(bytes), "r"(smem_u32(bar))
       : "memory");
 }
+// A 2-D tensor-map load of box (x, y); `hint`: with .L2::cache_hint and a zero policy, as
+// CuTeDSL's TMA copies carry.
 __device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int x, int y,
-                                       uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
-      "{%2, %3}], [%4];" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
-      : "memory");
-}
-__device__ __forceinline__ void tma_2d_hint(void* dst, const CUtensorMap* map, int x, int y,
-                                            uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint "
-      "[%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar)), "l"(uint64_t{0})
-      : "memory");
+                                       uint64_t* bar, bool hint) {
+  const uint64_t m = reinterpret_cast<uint64_t>(map);
+  if (hint) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+        ".L2::cache_hint [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
+        "l"(m), "r"(x), "r"(y), "r"(smem_u32(bar)), "l"(uint64_t{0})
+        : "memory");
+  } else {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+        "{%2, %3}], [%4];" ::"r"(smem_u32(dst)),
+        "l"(m), "r"(x), "r"(y), "r"(smem_u32(bar))
+        : "memory");
+  }
 }
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(dst)), "l"(src)
@@ -289,13 +292,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (FILL == kGemm) {
           if (kb == 0) walk.coords(tile, NT, &row, &col);
           mbar_expect_tx(full + s, kStage);
-          if (walk.hint & 1) {
-            tma_2d_hint(stage, &tmap_a, kb * kBlockK, row, full + s);
-            tma_2d_hint(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s);
-          } else {
-            tma_2d(stage, &tmap_a, kb * kBlockK, row, full + s);
-            tma_2d(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s);
-          }
+          tma_2d(stage, &tmap_a, kb * kBlockK, row, full + s, walk.hint & 1);
+          tma_2d(stage + kABytes, &tmap_b, kb * kBlockK, col, full + s, walk.hint & 1);
           if (++kb == kb_per_tile) {
             kb = 0;
             tile += gridDim.x;
