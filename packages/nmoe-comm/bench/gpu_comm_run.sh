@@ -12,7 +12,7 @@ source ci/gpu_env.sh
 what=${1:-all}; shift || true
 PY=python3
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | sort | uniq -c
-if ! "$PY" -c 'import nmoe_comm._C as C, sys; sys.exit(0 if C.WITH_CUDA and C.ABI_VERSION >= 9 else 1)' \
+if ! "$PY" -c 'import nmoe_comm._C as C, sys; sys.exit(0 if C.WITH_CUDA and C.ABI_VERSION >= 10 else 1)' \
     2>/dev/null; then
   t0=$SECONDS
   NMOE_CUDA_ARCHS=90a "$PY" -m pip install -q --no-build-isolation --no-deps --no-index \

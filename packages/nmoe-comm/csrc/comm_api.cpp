@@ -46,7 +46,9 @@ namespace py = pybind11;
 //      flag per STREAM_FLAG_ROWS = 8 rows of capacity, which replaces STREAM_CHUNK_ROWS = 32).
 //   8: exports STREAM_CHUNK_ROWS_MAX (the largest chunk_rows), checked when a dispatcher attaches.
 //   9: zero-copy dispatch outputs: Rdep takes `view_off` (-1: none), dispatch_stream `direct`.
-constexpr int kAbiVersion = 9;
+//  10: the combine's token phases per dispatch: dispatch_stream and combine_stream take `phases`
+//      after phase_R; STREAM_PHASES_MAX (64) replaces STREAM_PHASES; 80 counter words.
+constexpr int kAbiVersion = 10;
 
 #if NMOE_WITH_CUDA
 namespace nmoe::comm {
@@ -198,7 +200,8 @@ class Rdep {
                        int64_t stride0, int64_t bytes0, Ptr src1, int64_t stride1, int64_t bytes1,
                        Ptr gates, Ptr info, bool dedup, Ptr head_N, int64_t num_rows, Ptr out0,
                        Ptr out1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
-                       Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, bool direct,
+                       Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, int phases,
+                       bool direct,
                        int blocks_per_sm, int send_percent, int chunk_rows, Ptr stream) {
     CudaDeviceGuard guard(device_, "dispatch_stream");
     DispatchStreamArgs a{};
@@ -227,6 +230,7 @@ class Rdep {
     a.head_R = as<int32_t>(head_R);
     a.row_of_land = as<int32_t>(row_of_land);
     a.phase_R = as<int32_t>(phase_R);
+    a.phases = phases;
     a.chunk_rows = chunk_rows;
     a.direct = direct;
     launch_dispatch_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
@@ -235,7 +239,8 @@ class Rdep {
   // The pipelined combine: return_rows + reduce_slots in one kernel (num_tokens 0: reduce none;
   // phase_tokens: T of the dispatch).
   void combine_stream(int dtype, int64_t num_rows, Ptr num_rows_dev, int64_t hidden, Ptr rows,
-                      Ptr src_rank_R, Ptr ret_index_R, Ptr phase_R, int64_t num_tokens,
+                      Ptr src_rank_R, Ptr ret_index_R, Ptr phase_R, int phases,
+                      int64_t num_tokens,
                       int64_t phase_tokens, int top_k, Ptr send_pos, Ptr gates, Ptr out,
                       int blocks_per_sm, int send_percent, Ptr stream) {
     CudaDeviceGuard guard(device_, "combine_stream");
@@ -248,6 +253,7 @@ class Rdep {
     a.src_rank_R = as<const int32_t>(src_rank_R);
     a.ret_index_R = as<const int32_t>(ret_index_R);
     a.phase_R = as<const int32_t>(phase_R);
+    a.phases = phases;
     a.num_tokens = num_tokens;
     a.phase_tokens = phase_tokens;
     a.top_k = top_k;
@@ -374,7 +380,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TRAILER_BYTES") = kTrailerBytes;
   m.attr("MAX_RANKS") = kMaxRanks;
   m.attr("STREAM_FLAG_ROWS") = kStreamFlagRows;
-  m.attr("STREAM_PHASES") = kStreamPhases;
+  m.attr("STREAM_PHASES_MAX") = kStreamPhasesMax;
   m.attr("COUNTER_WORDS") = kCounterWords;
   m.attr("STREAM_CHUNK_ROWS_MAX") = kStreamChunkRowsMax;
   py::class_<Rdep>(m, "Rdep")

@@ -28,11 +28,12 @@ constexpr int kTrailerPhaseOffset = 12;  // (pipelined) int32: the slot's token 
 // Pipelined transport (rdep_stream.cu): a dispatch moves rows in chunks of `chunk_rows`
 // consecutive send positions of one (source, owner) pair (a multiple of kStreamFlagRows, at most
 // kStreamChunkRowsMax; the flag region holds one flag per kStreamFlagRows rows of capacity),
-// each published by a flag; a combine returns rows in kStreamPhases token phases (token t of T
-// is in phase t * kStreamPhases / T), each published by one flag per (owner, source).
+// each published by a flag; a combine returns rows in P token phases (token t of T is in phase
+// t * P / T; P from 1 to kStreamPhasesMax, chosen per dispatch and kept in its handle), each
+// published by one flag per (owner, source).
 constexpr int kStreamFlagRows = 8;
 constexpr int kStreamChunkRowsMax = 256;
-constexpr int kStreamPhases = 16;
+constexpr int kStreamPhasesMax = 64;
 
 // Byte offsets of the regions of one rank's buffer (identical on every rank), and the groups's
 // shape. Passed to every kernel by value.
@@ -52,7 +53,8 @@ struct Layout {
   int64_t dots_off;           // float [max_send_rows], in send order
   int64_t dflags_off;         // uint64 [W][dflag_chunks]: pipelined dispatch, chunk c of source s
                               // published (the stream epoch) by s
-  int64_t cflags_off;         // uint64 [W][kStreamPhases]: pipelined combine, phase p of owner o
+  int64_t cflags_off;         // uint64 [W][kStreamPhasesMax]: pipelined combine, phase p of
+                              // owner o
                               // returned (the stream epoch) by o
   int64_t dflag_chunks;       // ceil(capacity / kStreamFlagRows): flags per source
   int64_t view_off;           // zero-copy dispatch outputs (-1: none): the first payload's rows
@@ -93,9 +95,9 @@ enum CounterSlot : int {
   kCounterClaimCombine = 11,    // next reduce item to claim
   kCounterRouteArrive = 12,     // route_plan's grid barrier: blocks arrived
   kCounterRouteGeneration = 13, // route_plan's grid barrier: barriers completed
-  kCounterPhaseBase = 16,       // [kStreamPhases]: sender blocks done with each combine phase
+  kCounterPhaseBase = 16,       // [kStreamPhasesMax]: sender blocks done with each combine phase
 };
-constexpr int kCounterWords = kCounterPhaseBase + kStreamPhases;
+constexpr int kCounterWords = kCounterPhaseBase + kStreamPhasesMax;
 // The counter region read as uint64: index of this rank's barrier epoch (the barriers it has
 // run; counted on the device so that CUDA graphs replay with fresh epochs), and of its stream
 // epoch (the pipelined kernels it has run; their flags carry it).
@@ -190,6 +192,7 @@ struct DispatchStreamArgs {
   int32_t* head_R;
   int32_t* row_of_land;
   int32_t* phase_R;
+  int phases;                   // token phases of the combine (1 to kStreamPhasesMax)
   int chunk_rows;               // rows per published chunk (see kStreamFlagRows)
   bool direct;                  // senders store payloads straight into the owner's zero-copy
                                 // outputs (g.view_off) at their contract rows; needs !dedup
@@ -214,6 +217,7 @@ struct CombineStreamArgs {
   const int32_t* phase_R;
   int64_t num_tokens;           // this rank's tokens to reduce (0: none)
   int64_t phase_tokens;         // T of this rank's dispatch (sets the phases)
+  int phases;                   // the dispatch's token phases (1 to kStreamPhasesMax)
   int top_k;
   const int32_t* send_pos;
   const float* gates;

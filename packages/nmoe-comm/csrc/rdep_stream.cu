@@ -106,7 +106,7 @@ __device__ __forceinline__ unsigned long long* dispatch_flag(char* base, const L
 
 __device__ __forceinline__ unsigned long long* combine_flag(char* base, const Layout& g,
                                                             int owner, int phase) {
-  return reinterpret_cast<unsigned long long*>(base + g.cflags_off) + owner * kStreamPhases +
+  return reinterpret_cast<unsigned long long*>(base + g.cflags_off) + owner * kStreamPhasesMax +
          phase;
 }
 
@@ -149,7 +149,7 @@ __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const Id
       *reinterpret_cast<int32_t*>(trailer + kTrailerNextOffset) = next_row;
     }
     *reinterpret_cast<int32_t*>(trailer + kTrailerPhaseOffset) =
-        static_cast<int32_t>(token * kStreamPhases / a.num_tokens);
+        static_cast<int32_t>(token * a.phases / a.num_tokens);
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
   }
 }
@@ -172,7 +172,7 @@ __device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const St
   if (lane == 0) {
     record_routing<true>(
         routing_of(a), r, a.gates[i], me, land, [&] { return static_cast<int32_t>(pos); },
-        [&] { return static_cast<int32_t>(token * kStreamPhases / a.num_tokens); },
+        [&] { return static_cast<int32_t>(token * a.phases / a.num_tokens); },
         [&] { return next_row; }, [&] { return payload_row == land; });
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
   }
@@ -309,9 +309,9 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
 
 // ------------------------------------------------------------------------------------- combine
 
-// Tokens of phase p for T tokens: [ceil(p T / P), ceil((p + 1) T / P)), i.e. t * P / T == p.
-__device__ __forceinline__ int64_t phase_begin(int p, int64_t num_tokens) {
-  return (static_cast<int64_t>(p) * num_tokens + kStreamPhases - 1) / kStreamPhases;
+// Tokens of phase p of P for T tokens: [ceil(p T / P), ceil((p + 1) T / P)), i.e. t P / T == p.
+__device__ __forceinline__ int64_t phase_begin(int p, int64_t num_tokens, int phases) {
+  return (static_cast<int64_t>(p) * num_tokens + phases - 1) / phases;
 }
 
 template <typename T, int kVec>
@@ -355,7 +355,7 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
     // a time, one row per lane, and the phase's rows picked by ballot (their routing loaded by
     // those lanes at once): no dependent load per row and phase.
     const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
-    for (int p = 0; p < kStreamPhases; ++p) {
+    for (int p = 0; p < a.phases; ++p) {
       for (int64_t k0 = 0; gw + k0 * num_warps < num_rows; k0 += kWarp) {
         const int64_t mine = gw + (k0 + lane) * num_warps;
         const bool here = mine < num_rows && a.phase_R[mine] == p;
@@ -388,17 +388,18 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
   }
 
   // Reducers: (phase, token group) items in phase order.
-  __shared__ int64_t phase_items[kStreamPhases + 1];
+  __shared__ int64_t phase_items[kStreamPhasesMax + 1];
   if (threadIdx.x == 0) {
     phase_items[0] = 0;
-    for (int p = 0; p < kStreamPhases; ++p) {
-      const int64_t n = phase_begin(p + 1, a.phase_tokens) - phase_begin(p, a.phase_tokens);
+    for (int p = 0; p < a.phases; ++p) {
+      const int64_t n = phase_begin(p + 1, a.phase_tokens, a.phases) -
+                        phase_begin(p, a.phase_tokens, a.phases);
       const int64_t mine = a.num_tokens > 0 ? (n + tokens_per_item - 1) / tokens_per_item : 0;
       phase_items[p + 1] = phase_items[p] + mine;
     }
   }
   __syncthreads();
-  const int64_t items = phase_items[kStreamPhases];
+  const int64_t items = phase_items[a.phases];
   for (int64_t q = claim_item(g, kCounterClaimCombine); q < items;
        q = claim_item(g, kCounterClaimCombine)) {
     int p = 0;
@@ -407,8 +408,9 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
       wait_flag(g, combine_flag(g.local_base, g, o, p), epoch, "a combine phase", o);
     }
     __syncthreads();
-    const int64_t t0 = phase_begin(p, a.phase_tokens) + (q - phase_items[p]) * tokens_per_item;
-    const int64_t t1 = min(phase_begin(p + 1, a.phase_tokens), t0 + tokens_per_item);
+    const int64_t t0 =
+        phase_begin(p, a.phase_tokens, a.phases) + (q - phase_items[p]) * tokens_per_item;
+    const int64_t t1 = min(phase_begin(p + 1, a.phase_tokens, a.phases), t0 + tokens_per_item);
     reduce_tokens<T, kVec>(g, a, t0, t1);
   }
   finish_stream(g, kCounterStreamCombine, kCounterClaimCombine, epoch);
@@ -441,6 +443,14 @@ void allow_stream_smem(int64_t smem) {
                   "dispatch_stream");
 }
 
+void check_phases(int phases, const char* op) {
+  if (phases < 1 || phases > kStreamPhasesMax) {
+    throw std::invalid_argument(std::string("nmoe_comm ") + op + ": phases must be from 1 to " +
+                                std::to_string(kStreamPhasesMax) + ", got " +
+                                std::to_string(phases) + " (RdepDispatcher.stream_phases)");
+  }
+}
+
 // Grid and sender blocks: `blocks_per_sm` blocks per SM (capped to residency), of which
 // `send_percent` percent (at least one, and at least one receiver) send.
 void split_grid(int resident, int blocks_per_sm, int send_percent, int sm_count, int* grid,
@@ -462,6 +472,7 @@ void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int bl
         "nmoe_comm dispatch_stream: direct stores need one row per slot (no dedup) and a "
         "buffer with zero-copy outputs (view_off)");
   }
+  check_phases(a.phases, "dispatch_stream");
   if (a.chunk_rows < kStreamFlagRows || a.chunk_rows > kStreamChunkRowsMax ||
       a.chunk_rows % kStreamFlagRows != 0) {
     throw std::invalid_argument(
@@ -492,6 +503,7 @@ void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int bl
 template <typename T>
 void combine_stream_typed(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
                           int send_percent, int sm_count, cudaStream_t stream) {
+  check_phases(a.phases, "combine_stream");
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vector = (a.hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   // About 16K elements per reduce item: enough work per claim, fine enough to overlap.

@@ -123,7 +123,7 @@ class EmulatedRdep:
 
     def scatter_slots(self, ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
                       stride0, bytes0, src1, stride1, bytes1, gates, info, dedup, head_N, epoch,
-                      stream, phase_tokens=0):
+                      stream, phase_tokens=0, phases=0):
         skip = info != 0 and int(_mem(info, 8, torch.int64)[0]) != 0
         if not skip:
             ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
@@ -154,7 +154,7 @@ class EmulatedRdep:
                     trailer[4:12] = torch.tensor([payload_row, next_row], dtype=torch.int32).view(
                         torch.uint8)
                 if phase_tokens:  # the pipelined dispatch: the token's phase at byte 12
-                    phase = token * rdep._STREAM_PHASES // phase_tokens
+                    phase = token * phases // phase_tokens
                     trailer[12:16] = torch.tensor([phase], dtype=torch.int32).view(torch.uint8)
                 if head_N:
                     _mem(head_N + 4 * i, 4, torch.int32)[0] = int(payload_row == int(land_N[i]))
@@ -314,14 +314,14 @@ class EmulatedRdep:
                             8, torch.int64)
 
     def _cflag(self, rank: int, owner: int, phase: int) -> torch.Tensor:
-        offset = self.g.cflags_off + 8 * (owner * rdep._STREAM_PHASES + phase)
+        offset = self.g.cflags_off + 8 * (owner * rdep._STREAM_PHASES_MAX + phase)
         return self._region(rank, offset, 8, torch.int64)
 
     def dispatch_stream(self, ids, ids_int64, num_slots, num_tokens, top_k, send_pos, land_index,
                         slot_of_send, src0, stride0, bytes0, src1, stride1, bytes1, gates, info,
                         dedup, head_N, num_rows, out0, out1, gates_R, src_rank_R, ret_index_R,
-                        land_row_R, chain_R, head_R, row_of_land, phase_R, direct, blocks_per_sm,
-                        send_percent, chunk_rows, stream):
+                        land_row_R, chain_R, head_R, row_of_land, phase_R, phases, direct,
+                        blocks_per_sm, send_percent, chunk_rows, stream):
         assert chunk_rows % rdep._STREAM_FLAG_ROWS == 0, chunk_rows
         assert not (direct and dedup) and (not direct or self.g.view_off >= 0)
         L, W, me = self.L, self.world, self.rank
@@ -331,7 +331,7 @@ class EmulatedRdep:
         if ok:
             self.scatter_slots(ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
                                stride0, bytes0, src1, stride1, bytes1, gates, info, dedup,
-                               head_N, 0, stream, phase_tokens=num_tokens)
+                               head_N, 0, stream, phase_tokens=num_tokens, phases=phases)
             if direct:
                 self._direct_rows(ids, ids_int64, num_slots, send_pos, land_index, bytes0,
                                   bytes1)
@@ -377,9 +377,10 @@ class EmulatedRdep:
                 landed[:stride - _TRAILER] = 0xFF  # the owner must not read it (NaN bytes)
 
     def combine_stream(self, dtype, num_rows, num_rows_dev, hidden, rows, src_rank_R,
-                       ret_index_R, phase_R, num_tokens, phase_tokens, top_k, send_pos, gates,
-                       out, blocks_per_sm, send_percent, stream):
-        phases, W, me = rdep._STREAM_PHASES, self.world, self.rank
+                       ret_index_R, phase_R, phases, num_tokens, phase_tokens, top_k, send_pos,
+                       gates, out, blocks_per_sm, send_percent, stream):
+        assert 1 <= phases <= rdep._STREAM_PHASES_MAX, phases
+        W, me = self.world, self.rank
         epoch = self._stream_epoch()
         item = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
         row_bytes = hidden * item
@@ -696,6 +697,68 @@ def test_bad_stream_grid_raises_before_anything_moves(gen, no_cuda_stream, dispa
         with pytest.raises(ValueError, match=match):
             dispatcher.dispatch(x, ids, gates)
         del dispatcher.dispatch_grid, dispatcher.combine_grid
+        testing.check_group_case(dispatcher, "random", cases["random"], torch.float32, seed,
+                                 gather, "cpu")
+
+    try:
+        _run_ranks(world, body, (group,))
+    except AssertionError as err:
+        raise AssertionError(f"{err} (seed {seed})") from err
+
+
+@pytest.mark.parametrize("phases", [1, 3, 16, 64])
+def test_stream_phases_of_the_dispatch_carry_to_its_combine(gen, no_cuda_stream, phases):
+    """`RdepDispatcher.stream_phases`: the pipelined combine returns and reduces in that many
+    token phases (1 to 64, more phases than tokens included), bitwise as the reference; the
+    dispatch keeps its value in the handle, so a combine after the attribute changed still runs
+    with the dispatch's phases (its rows carry phase numbers of that split)."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    world = 3
+    cases = {k: testing.GROUP_CASES[k] for k in ("random", "all_on_one")}
+    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases)
+        dispatcher.stream_phases = phases
+        for name, case in cases.items():
+            testing.check_group_case(dispatcher, name, case, torch.float32, seed, gather, "cpu")
+        x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
+                                            torch.float32, seed)
+        x = x * 3 - 1  # rows the earlier combines did not leave in the return buffer
+        received = dispatcher.dispatch(x, ids, gates)
+        assert received.handle.state.phases == phases
+        phase_R = received.handle.state.phase_R
+        assert phase_R.numel() == 0 or int(phase_R.max()) < phases
+        dispatcher.stream_phases = 1 if phases > 1 else 64  # the handle's value stays in force
+        out = dispatcher.combine(received.x_RD, received.handle)
+        expected = None  # rule 2 on the source's own rows: g0*x, + g1*x, ... in float32
+        for k in range(ids.shape[1]):
+            term = gates[:, k, None] * x
+            expected = term if expected is None else expected + term
+        assert torch.equal(out, expected), (rank, (out - expected).abs().max())
+
+    try:
+        _run_ranks(world, body, (group,))
+    except AssertionError as err:
+        raise AssertionError(f"{err} (seed {seed})") from err
+
+
+@pytest.mark.parametrize("phases", [0, 65, 16.0, True, None])
+def test_bad_stream_phases_raise_before_anything_moves(gen, no_cuda_stream, phases):
+    """``stream_phases`` outside 1-64 (or not an int) raises ValueError naming the attribute on
+    every rank before any row moves; the dispatcher works once it is valid again."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    world, cases = 2, {"random": testing.GROUP_CASES["random"]}
+    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
+
+    def body(rank, gather):
+        dispatcher = _make(group, world, rank, cases)
+        x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
+                                            torch.float32, seed)
+        dispatcher.stream_phases = phases
+        with pytest.raises(ValueError, match="stream_phases must be an int from 1 to 64"):
+            dispatcher.dispatch(x, ids, gates)
+        del dispatcher.stream_phases
         testing.check_group_case(dispatcher, "random", cases["random"], torch.float32, seed,
                                  gather, "cpu")
 

@@ -19,12 +19,12 @@ from nmoe_comm.rdep import BufferLayout, RdepDispatcher
 
 def test_compiled_module_reports_its_build():
     c_module = importlib.import_module("nmoe_comm._C")
-    assert c_module.ABI_VERSION == 9 and isinstance(c_module.WITH_CUDA, bool)
+    assert c_module.ABI_VERSION == 10 and isinstance(c_module.WITH_CUDA, bool)
     if c_module.WITH_CUDA:
         assert {"Rdep", "alloc", "ipc_handle", "ipc_open", "sum_slots"} <= set(dir(c_module))
         assert {"dispatch_stream", "combine_stream"} <= set(dir(c_module.Rdep))
-        assert (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS,
-                c_module.STREAM_CHUNK_ROWS_MAX) == (8, 16, 32, 256)
+        assert (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES_MAX, c_module.COUNTER_WORDS,
+                c_module.STREAM_CHUNK_ROWS_MAX) == (8, 64, 80, 256)
         assert _extension.slot_sum_kernel() is c_module.sum_slots
         assert _extension.missing_slot_sum() is None
     else:
@@ -62,11 +62,11 @@ def test_buffer_layout_regions(gen, dtype):
     assert layout.row_bytes % 16 == 0 and hidden * item <= layout.row_bytes < hidden * item + 16
     assert layout.recv_stride == layout.row_bytes + 16 and layout.ret_stride == layout.row_bytes
     regions = [  # (offset, bytes) in buffer order
-        (layout.signal_off, 8 * world), (layout.counter_off, 4 * 32),
+        (layout.signal_off, 8 * world), (layout.counter_off, 4 * 80),
         (layout.counts_off, 4 * world * (experts + 1)), (layout.counts_src_off, 4 * (experts + 1)),
         (layout.recv_off, capacity * layout.recv_stride), (layout.ret_off, send * layout.row_bytes),
         (layout.dots_off, 4 * send), (layout.dflags_off, 8 * world * layout.dflag_chunks),
-        (layout.cflags_off, 8 * world * 16)]
+        (layout.cflags_off, 8 * world * 64)]
     # The pipelined dispatch: one flag per 8 rows of capacity per source (chunks of 8 rows and up).
     assert layout.dflag_chunks == (capacity + 7) // 8
     for (offset, size), (next_offset, _) in zip(regions, regions[1:] + [(layout.total_bytes, 0)]):
@@ -174,7 +174,7 @@ def test_kernel_index_math_matches_the_reference(gen, world):
             assert ret_index[r] == int(send_pos[s][flat])
 
 
-@pytest.mark.parametrize("field", ["STREAM_FLAG_ROWS", "STREAM_PHASES", "COUNTER_WORDS",
+@pytest.mark.parametrize("field", ["STREAM_FLAG_ROWS", "STREAM_PHASES_MAX", "COUNTER_WORDS",
                                    "STREAM_CHUNK_ROWS_MAX"])
 def test_attach_refuses_a_build_with_other_transport_constants(monkeypatch, field):
     """A stale `nmoe_comm._C` whose transport constants differ from the Python side's is refused
@@ -183,8 +183,8 @@ def test_attach_refuses_a_build_with_other_transport_constants(monkeypatch, fiel
 
     from nmoe_comm import rdep
 
-    constants = dict(STREAM_FLAG_ROWS=rdep._STREAM_FLAG_ROWS, STREAM_PHASES=rdep._STREAM_PHASES,
-                     COUNTER_WORDS=rdep._COUNTER_WORDS,
+    constants = dict(STREAM_FLAG_ROWS=rdep._STREAM_FLAG_ROWS,
+                     STREAM_PHASES_MAX=rdep._STREAM_PHASES_MAX, COUNTER_WORDS=rdep._COUNTER_WORDS,
                      STREAM_CHUNK_ROWS_MAX=rdep._STREAM_CHUNK_ROWS_MAX)
     constants[field] *= 2
 

@@ -20,11 +20,12 @@ SLOT_SUM_ABI = 3
 #: The ABI whose kernels count barrier epochs on the device (the engine passes a flag where
 #: older builds took the host's epoch, so it must not run on them).
 DEVICE_EPOCH_ABI = 4
-#: The ABI this Python code drives: zero-copy outputs changed the Rdep constructor (view_off) and
-#: dispatch_stream (direct) (9); the module exports STREAM_CHUNK_ROWS_MAX (8);
+#: The ABI this Python code drives: the combine's token phases became a per-dispatch argument of
+#: dispatch_stream and combine_stream (10); zero-copy outputs changed the Rdep constructor
+#: (view_off) and dispatch_stream (direct) (9); the module exports STREAM_CHUNK_ROWS_MAX (8);
 #: dispatch_stream takes its chunk rows (7); the pipelined transport changed route_plan's
 #: signature and the Rdep constructor's (6).
-RDEP_ABI = 9
+RDEP_ABI = 10
 
 #: Row dtype codes of `nmoe_comm._C` (its ``RowDtype``).
 ROW_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -95,14 +95,14 @@ and for deduplicated rows only from 4 KiB; every peer mapped; csrc/rdep_stream.c
 written by ``route_plan``) in chunks of 32 rows of one owner (consecutive landing rows), store
 them and publish each chunk with a flag on the owner; receiver blocks copy each published chunk
 to contract order while later chunks cross, and also record each row's token phase
-(``phase_R``, 16 phases by token index at the source); rows a rank owns itself go straight to
-contract order. A synchronous dispatch's host sync then comes right after ``route_plan`` (the
-kernel needs its outputs sized). The combine of such a handle (not the owners' partial sums) is
-``combine_stream``: senders return rows phase by phase, the last sender block of a phase
-publishes it on every source, and reducer blocks sum a phase's tokens (as ``reduce_slots``)
-once all owners published it. Flags carry a per-rank stream epoch counted on the device; no
-barrier closes either kernel (a combine's completion implies every owner finished its dispatch
-kernel and its returns, which keeps the reuse rules below valid).
+(``phase_R``, ``stream_phases`` phases by token index at the source); rows a rank owns itself go
+straight to contract order. A synchronous dispatch's host sync then comes right after
+``route_plan`` (the kernel needs its outputs sized). The combine of such a handle (not the
+owners' partial sums) is ``combine_stream``: senders return rows phase by phase, the last sender
+block of a phase publishes it on every source, and reducer blocks sum a phase's tokens (as
+``reduce_slots``) once all owners published it. Flags carry a per-rank stream epoch counted on
+the device; no barrier closes either kernel (a combine's completion implies every owner finished
+its dispatch kernel and its returns, which keeps the reuse rules below valid).
 
 Zero-copy outputs (``zero_copy=True``, an option of ``ipc`` / ``nvshmem``): the buffer gains
 ``capacity`` rows of outputs and a dispatch returns ``x_RD`` (and FP8 ``x_scales_RG``) as views
@@ -151,9 +151,9 @@ _OK, _OVER_CAPACITY, _BAD_ID, _TOO_MANY_SLOTS, _ROW_TOO_WIDE = 0, 1, 2, 3, 4
 _FLAG_TOO_MANY_SLOTS, _FLAG_ROW_TOO_WIDE = 2, 4
 _ROUTE, _EXCHANGE, _PLAN = 1, 2, 4
 # The pipelined transport (csrc/rdep.h): rows of capacity per dispatch flag (a chunk is a
-# multiple of them), token phases of a combine, and the words of the counter region (checked
-# against the compiled module when attaching).
-_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS = 8, 16, 32
+# multiple of them), the most token phases of a combine, and the words of the counter region
+# (checked against the compiled module when attaching).
+_STREAM_FLAG_ROWS, _STREAM_PHASES_MAX, _COUNTER_WORDS = 8, 64, 80
 _STREAM_CHUNK_ROWS_MAX = 256
 
 
@@ -191,6 +191,16 @@ def check_stream_grids(dispatch_grid, combine_grid) -> None:
         raise ValueError(f"RdepDispatcher.dispatch_grid[2] (rows per dispatch chunk) must be a "
                          f"multiple of {_STREAM_FLAG_ROWS} from {_STREAM_FLAG_ROWS} to "
                          f"{_STREAM_CHUNK_ROWS_MAX}, got {chunk}")
+
+
+def check_stream_phases(phases) -> int:
+    """``phases`` (`RdepDispatcher.stream_phases`) as an int, or ValueError unless it is an int
+    from 1 to 64."""
+    if not isinstance(phases, int) or isinstance(phases, bool) or not (
+            1 <= phases <= _STREAM_PHASES_MAX):
+        raise ValueError(f"RdepDispatcher.stream_phases must be an int from 1 to "
+                         f"{_STREAM_PHASES_MAX}, got {phases!r}")
+    return phases
 
 
 def _capturing() -> bool:
@@ -269,7 +279,7 @@ class BufferLayout:
             ("ret_off", max_send_rows * row_bytes),
             ("dots_off", 4 * max_send_rows),
             ("dflags_off", 8 * world_size * dflag_chunks),
-            ("cflags_off", 8 * world_size * _STREAM_PHASES),
+            ("cflags_off", 8 * world_size * _STREAM_PHASES_MAX),
         ):
             offsets[name] = cursor
             cursor = _align(cursor + size)
@@ -315,6 +325,8 @@ class RdepRouting:
             row's head flag and the contract row of each landing row (``[R]`` each).
         phase_R: pipelined dispatches only (else None), int32 ``[R]``: each row's token phase
             at its source (the pipelined combine returns rows phase by phase).
+        phases: the token phases of a pipelined dispatch (``stream_phases`` when it ran; its
+            combine uses the same).
     """
 
     info_8: torch.Tensor
@@ -334,6 +346,7 @@ class RdepRouting:
     head_R: torch.Tensor | None = None
     row_of_land_R: torch.Tensor | None = None
     phase_R: torch.Tensor | None = None
+    phases: int = 0
 
 
 def _device_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -418,6 +431,11 @@ class RdepDispatcher(Dispatcher):
     #: it slower (bench ``--grids``; bench/results/dispatch_4xH200_blocks_per_sm.txt).
     dispatch_grid = (2, 75, 32)
     combine_grid = (4, 75)
+    #: Token phases of the pipelined combine (1 to 64): owners return a dispatch's rows in this
+    #: many groups by token index at the source, each published by one flag, and the sources
+    #: reduce a group as soon as every owner has published it. Read at each dispatch and kept in
+    #: its handle, so the combine uses the dispatch's; every rank must use the same value.
+    stream_phases = 16
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
                      timeout_s: float, dedup_rows: bool = False,
@@ -486,12 +504,12 @@ class RdepDispatcher(Dispatcher):
                 stage: int) -> None:
         """Build the kernels' view of the group once every rank's buffer is mapped here."""
         c_module = _extension.compiled_module()
-        compiled = (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES, c_module.COUNTER_WORDS,
-                    c_module.STREAM_CHUNK_ROWS_MAX)
-        expected = (_STREAM_FLAG_ROWS, _STREAM_PHASES, _COUNTER_WORDS, _STREAM_CHUNK_ROWS_MAX)
+        compiled = (c_module.STREAM_FLAG_ROWS, c_module.STREAM_PHASES_MAX,
+                    c_module.COUNTER_WORDS, c_module.STREAM_CHUNK_ROWS_MAX)
+        expected = (_STREAM_FLAG_ROWS, _STREAM_PHASES_MAX, _COUNTER_WORDS, _STREAM_CHUNK_ROWS_MAX)
         if compiled != expected:
-            raise RuntimeError(f"nmoe_comm._C was built with (flag rows, phases, counter words, "
-                               f"largest chunk rows) {compiled}, this Python code expects "
+            raise RuntimeError(f"nmoe_comm._C was built with (flag rows, most phases, counter "
+                               f"words, largest chunk rows) {compiled}, this Python code expects "
                                f"{expected}; rebuild with "
                                f"`pip install --no-build-isolation -e packages/nmoe-comm`")
         self.device = device
@@ -636,8 +654,10 @@ class RdepDispatcher(Dispatcher):
         dedup = self.dedup_rows and self._device_barriers
         owner_sums = self.owner_sums_active
         pipelined = self.pipelined_active
+        phases = 0
         if pipelined:  # before anything moves, so every rank raises alike
             check_stream_grids(self.dispatch_grid, self.combine_grid)
+            phases = check_stream_phases(self.stream_phases)
         # Payloads straight to the owners' contract rows: one row per slot, zero-copy outputs.
         direct = self.zero_copy and pipelined and not dedup
         # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
@@ -686,7 +706,7 @@ class RdepDispatcher(Dispatcher):
                 ids.data_ptr(), is64, num_slots, num_tokens, top_k, send_pos.data_ptr(),
                 land_index.data_ptr(), slot_of_send.data_ptr(), *rows_args, num_rows,
                 out.x_RD.data_ptr(), _ptr(out.scales_RG), *out.routing_ptrs(),
-                _ptr(out.phase_R), direct, *self.dispatch_grid, stream)
+                _ptr(out.phase_R), phases, direct, *self.dispatch_grid, stream)
         else:
             self._rdep.unpack(num_rows, _ptr(num_received), dedup, out.x_RD.data_ptr(),
                               widths[0], _ptr(out.scales_RG), widths[1] if fp8 else 0,
@@ -705,7 +725,7 @@ class RdepDispatcher(Dispatcher):
                               recv_chunks=recv_chunks, dispatcher_id=id(self), head_N=head_N,
                               gates_R=gates_R if owner_sums else None, chain_R=out.chain_R,
                               head_R=out.head_R, row_of_land_R=out.row_of_land_R,
-                              phase_R=out.phase_R))
+                              phase_R=out.phase_R, phases=phases))
         dispatched = Dispatched(x_RD=out.x_RD, counts_E=counts_E, gates_R=gates_R,
                                 handle=handle, x_scales_RG=out.scales_RG,
                                 num_received=num_received)
@@ -846,8 +866,8 @@ class RdepDispatcher(Dispatcher):
             self._rdep.combine_stream(
                 _DTYPE_CODE[y_RD.dtype], num_rows, _ptr(routing.num_received), y_RD.shape[1],
                 y_RD.data_ptr(), routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
-                routing.phase_R.data_ptr(), tokens, handle.num_tokens, handle.top_k,
-                routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK), out.data_ptr(),
+                routing.phase_R.data_ptr(), routing.phases, tokens, handle.num_tokens,
+                handle.top_k, routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK), out.data_ptr(),
                 *self.combine_grid, stream)
             self._consumed = _RET
             if hook is not None:
