@@ -38,11 +38,10 @@ rounding, the dispatch still bitwise).
 buffer and each row is stored by its source straight at its final row). ``--two-kernel`` adds
 ``backend/2k`` rows (``pipelined=False``: the two-kernel path, scatter -> barrier -> unpack and
 return -> barrier -> reduce) and ``backend/pl`` rows (``pipelined=True``), beside the dispatcher's
-own choice, in the same run; ``--grids DB,DP,CB,CP[,CR[,PH[,SH]]] ...`` adds ``ipc@...`` rows
-(with ``--zero-copy`` ``ipc/zc@...``) with other grids for the pipelined kernels (blocks per SM
-and percent of sender blocks, dispatch then combine, optionally the dispatch's rows per chunk,
-the combine's token phases and their share, `RdepDispatcher.stream_phases` and
-``stream_phase_share``).
+own choice, in the same run; ``--grids DB,DP,CB,CP[,CR[,PH]] ...`` adds ``ipc@...`` rows (with
+``--zero-copy`` ``ipc/zc@...``) with other grids for the pipelined kernels (blocks per SM and
+percent of sender blocks, dispatch then combine, optionally the dispatch's rows per chunk and the
+combine's token phases, `RdepDispatcher.stream_phases`).
 
 ``--breakdown`` (``ipc`` / ``nvshmem`` only; default shape the decode size) times each stage of
 one dispatch + combine instead, synchronous and sync-free: the dispatcher's ``stage_hook``
@@ -136,9 +135,9 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
     ``backend``: a registered name (``pipelined`` chosen by the dispatcher), ``NAME/2k``
     (``pipelined=False``: the two-kernel path), ``NAME/pl`` (``pipelined=True``), ``NAME/zc``
     (``zero_copy=True``: ``x_RD`` a view of the buffer, rows stored at their final row), or
-    ``NAME@DB,DP,CB,CP[,CR[,PH[,SH]]]`` (pipelined, with these grids: dispatch and combine
-    blocks per SM and percent of senders, the dispatch's rows per chunk, the combine's token
-    phases and their share; see `RdepDispatcher.dispatch_grid` and ``stream_phases``)."""
+    ``NAME@DB,DP,CB,CP[,CR[,PH]]`` (pipelined, with these grids: dispatch and combine blocks per
+    SM and percent of senders, the dispatch's rows per chunk and the combine's token phases; see
+    `RdepDispatcher.dispatch_grid` and ``stream_phases``)."""
     tokens, hidden, top_k = shape
     name, _, grid = backend.partition("@")
     name, _, mode = name.partition("/")
@@ -156,8 +155,6 @@ def _make(backend: str, shape, num_experts, world, rank, dedup: bool | str = Fal
         dispatcher.combine_grid = (cb, cp)
         if len(extra) > 1:
             dispatcher.stream_phases = extra[1]
-        if len(extra) > 2:
-            dispatcher.stream_phase_share = extra[2]
     return dispatcher
 
 
@@ -489,11 +486,11 @@ def main() -> None:
                         help="also time each ipc/nvshmem variant with zero_copy=True (rows "
                              "NAME/zc: x_RD a view of the buffer; one row per slot is stored "
                              "straight at its final row on the owner)")
-    parser.add_argument("--grids", nargs="*", default=[], metavar="DB,DP,CB,CP[,CR[,PH[,SH]]]",
+    parser.add_argument("--grids", nargs="*", default=[], metavar="DB,DP,CB,CP[,CR[,PH]]",
                         help="also time ipc (ipc/zc with --zero-copy) with these pipelined-kernel "
                              "grids (dispatch blocks per SM, percent senders, combine blocks per "
-                             "SM, percent senders, optionally the dispatch's rows per chunk, "
-                             "the combine's token phases and their share)")
+                             "SM, percent senders, optionally the dispatch's rows per chunk and "
+                             "the combine's token phases)")
     parser.add_argument("--breakdown", action="store_true",
                         help="per-stage host/GPU times of ipc/nvshmem dispatch + combine "
                              "(default shape: the decode size) instead of the table")

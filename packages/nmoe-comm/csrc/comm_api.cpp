@@ -47,8 +47,7 @@ namespace py = pybind11;
 //   8: exports STREAM_CHUNK_ROWS_MAX (the largest chunk_rows), checked when a dispatcher attaches.
 //   9: zero-copy dispatch outputs: Rdep takes `view_off` (-1: none), dispatch_stream `direct`.
 //  10: the combine's token phases per dispatch: dispatch_stream and combine_stream take `phases`
-//      and `phase_share` after phase_R; STREAM_PHASES_MAX (64) replaces STREAM_PHASES; 80
-//      counter words.
+//      after phase_R; STREAM_PHASES_MAX (64) replaces STREAM_PHASES; 80 counter words.
 constexpr int kAbiVersion = 10;
 
 #if NMOE_WITH_CUDA
@@ -202,7 +201,7 @@ class Rdep {
                        Ptr gates, Ptr info, bool dedup, Ptr head_N, int64_t num_rows, Ptr out0,
                        Ptr out1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
                        Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, int phases,
-                       int phase_share, bool direct,
+                       bool direct,
                        int blocks_per_sm, int send_percent, int chunk_rows, Ptr stream) {
     CudaDeviceGuard guard(device_, "dispatch_stream");
     DispatchStreamArgs a{};
@@ -232,7 +231,6 @@ class Rdep {
     a.row_of_land = as<int32_t>(row_of_land);
     a.phase_R = as<int32_t>(phase_R);
     a.phases = phases;
-    a.phase_share = phase_share;
     a.chunk_rows = chunk_rows;
     a.direct = direct;
     launch_dispatch_stream(g_, a, blocks_per_sm, send_percent, sm_count_, stream_of(stream));
@@ -242,7 +240,7 @@ class Rdep {
   // phase_tokens: T of the dispatch).
   void combine_stream(int dtype, int64_t num_rows, Ptr num_rows_dev, int64_t hidden, Ptr rows,
                       Ptr src_rank_R, Ptr ret_index_R, Ptr phase_R, int phases,
-                      int phase_share, int64_t num_tokens,
+                      int64_t num_tokens,
                       int64_t phase_tokens, int top_k, Ptr send_pos, Ptr gates, Ptr out,
                       int blocks_per_sm, int send_percent, Ptr stream) {
     CudaDeviceGuard guard(device_, "combine_stream");
@@ -256,7 +254,6 @@ class Rdep {
     a.ret_index_R = as<const int32_t>(ret_index_R);
     a.phase_R = as<const int32_t>(phase_R);
     a.phases = phases;
-    a.phase_share = phase_share;
     a.num_tokens = num_tokens;
     a.phase_tokens = phase_tokens;
     a.top_k = top_k;

@@ -28,9 +28,9 @@ constexpr int kTrailerPhaseOffset = 12;  // (pipelined) int32: the slot's token 
 // Pipelined transport (rdep_stream.cu): a dispatch moves rows in chunks of `chunk_rows`
 // consecutive send positions of one (source, owner) pair (a multiple of kStreamFlagRows, at most
 // kStreamChunkRowsMax; the flag region holds one flag per kStreamFlagRows rows of capacity),
-// each published by a flag; a combine returns rows in P token phases (P from 1 to
-// kStreamPhasesMax, an even split of the tokens or shrinking shares: rdep_stream.cu PhaseSplit;
-// chosen per dispatch and kept in its handle), each published by one flag per (owner, source).
+// each published by a flag; a combine returns rows in P token phases (token t of T is in phase
+// t * P / T; P from 1 to kStreamPhasesMax, chosen per dispatch and kept in its handle), each
+// published by one flag per (owner, source).
 constexpr int kStreamFlagRows = 8;
 constexpr int kStreamChunkRowsMax = 256;
 constexpr int kStreamPhasesMax = 64;
@@ -193,7 +193,6 @@ struct DispatchStreamArgs {
   int32_t* row_of_land;
   int32_t* phase_R;
   int phases;                   // token phases of the combine (1 to kStreamPhasesMax)
-  int phase_share;              // 0: even phases; 1-99: each takes that % of what is left
   int chunk_rows;               // rows per published chunk (see kStreamFlagRows)
   bool direct;                  // senders store payloads straight into the owner's zero-copy
                                 // outputs (g.view_off) at their contract rows; needs !dedup
@@ -219,7 +218,6 @@ struct CombineStreamArgs {
   int64_t num_tokens;           // this rank's tokens to reduce (0: none)
   int64_t phase_tokens;         // T of this rank's dispatch (sets the phases)
   int phases;                   // the dispatch's token phases (1 to kStreamPhasesMax)
-  int phase_share;              // and their split (DispatchStreamArgs::phase_share)
   int top_k;
   const int32_t* send_pos;
   const float* gates;

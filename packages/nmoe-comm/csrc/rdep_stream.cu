@@ -110,42 +110,6 @@ __device__ __forceinline__ unsigned long long* combine_flag(char* base, const La
          phase;
 }
 
-// The token phases of a pipelined combine: P phases of T tokens. share 0: an even split (token
-// t in phase t P / T, phase p from ceil(p T / P)); share s in 1-99: each phase but the last
-// takes s% of the tokens still left (rounded up), so the phases shrink toward the end and the
-// sources' last reduce is short (Python: rdep.phase_starts). Both kernels tabulate the starts
-// in shared memory once (`fill`, thread 0, before a __syncthreads).
-struct PhaseSplit {
-  int64_t tokens;
-  int phases;
-  int share;
-  int64_t* starts;  // shared [kStreamPhasesMax + 1]: starts[p], starts[P] = T
-
-  __device__ void fill() const {
-    starts[0] = 0;
-    for (int p = 1; p < phases; ++p) {
-      starts[p] = share == 0 ? (static_cast<int64_t>(p) * tokens + phases - 1) / phases
-                             : starts[p - 1] + ((tokens - starts[p - 1]) * share + 99) / 100;
-    }
-    starts[phases] = tokens;
-  }
-
-  // The phase of token t in [0, T).
-  __device__ int32_t of(int64_t t) const {
-    if (share == 0) return static_cast<int32_t>(t * phases / tokens);
-    int lo = 0, hi = phases - 1;  // the last phase whose start is at or before t
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (starts[mid] <= t) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return lo;
-  }
-};
-
 // ------------------------------------------------------------------------------------ dispatch
 
 // The routing outputs of a pipelined dispatch (record_routing writes them).
@@ -159,9 +123,9 @@ __device__ __forceinline__ RowRouting routing_of(const DispatchStreamArgs& a) {
 // payload goes straight to the owner's zero-copy outputs at `contract_row` (the trailer still to
 // the landing row, where the owner's receivers read it).
 template <typename IdT>
-__device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const PhaseSplit& split,
-                          const IdT* ids, int64_t p1_offset, int64_t i, int32_t land,
-                          int64_t contract_row, int owner, char* peer, int lane) {
+__device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const IdT* ids,
+                          int64_t p1_offset, int64_t i, int32_t land, int64_t contract_row,
+                          int owner, char* peer, int lane) {
   const int64_t token = i / a.top_k;
   char* row = peer + g.recv_off + static_cast<int64_t>(land) * g.recv_stride;
   int32_t payload_row, next_row;
@@ -184,7 +148,8 @@ __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const Ph
       *reinterpret_cast<int32_t*>(trailer + kTrailerRowOffset) = payload_row;
       *reinterpret_cast<int32_t*>(trailer + kTrailerNextOffset) = next_row;
     }
-    *reinterpret_cast<int32_t*>(trailer + kTrailerPhaseOffset) = split.of(token);
+    *reinterpret_cast<int32_t*>(trailer + kTrailerPhaseOffset) =
+        static_cast<int32_t>(token * a.phases / a.num_tokens);
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
   }
 }
@@ -193,8 +158,7 @@ __device__ void send_slot(const Layout& g, const DispatchStreamArgs& a, const Ph
 // routing unpack would record (no landing row, no flag; the receivers skip this rank's rows).
 template <typename IdT>
 __device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const StreamTables& t,
-                          const PhaseSplit& split, const IdT* ids, int64_t i, int32_t land,
-                          int64_t pos, int lane) {
+                          const IdT* ids, int64_t i, int32_t land, int64_t pos, int lane) {
   const int L = g.local_experts, W = g.world, me = g.rank;
   const int64_t token = i / a.top_k;
   const int e = static_cast<int>(static_cast<int64_t>(ids[i]) - static_cast<int64_t>(me) * L);
@@ -208,7 +172,7 @@ __device__ void keep_slot(const Layout& g, const DispatchStreamArgs& a, const St
   if (lane == 0) {
     record_routing<true>(
         routing_of(a), r, a.gates[i], me, land, [&] { return static_cast<int32_t>(pos); },
-        [&] { return split.of(token); },
+        [&] { return static_cast<int32_t>(token * a.phases / a.num_tokens); },
         [&] { return next_row; }, [&] { return payload_row == land; });
     if (a.head_N != nullptr) a.head_N[i] = payload_row == land ? 1 : 0;
   }
@@ -272,12 +236,7 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
   __shared__ unsigned long long epoch_s;
   const int W = g.world, me = g.rank;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  __shared__ int64_t phase_starts[kStreamPhasesMax + 1];
-  const PhaseSplit split{a.num_tokens, a.phases, a.phase_share, phase_starts};
-  if (threadIdx.x == 0) {
-    epoch_s = *stream_epoch_word(g) + 1;
-    split.fill();
-  }
+  if (threadIdx.x == 0) epoch_s = *stream_epoch_word(g) + 1;
   StreamTables t;
   t.build(g, smem, a.direct);  // ends in __syncthreads
   const unsigned long long epoch = epoch_s;
@@ -308,14 +267,13 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
         const int32_t land_u = __shfl_sync(kFullMask, land, u);
         if (owner == me) {  // local rows skip the landing area
           const int64_t pos = t.send_start[me] + first + warp + u * kWarpsPerBlock;
-          keep_slot(g, a, t, split, ids, i, land_u, pos, lane);
+          keep_slot(g, a, t, ids, i, land_u, pos, lane);
         } else {
           const int64_t contract_row =
               a.direct ? t.direct_base[static_cast<int64_t>(ids[i])] + first + warp +
                              u * kWarpsPerBlock
                        : -1;
-          send_slot(g, a, split, ids, p1_offset, i, land_u, contract_row, owner,
-                    peer_base(g, owner),
+          send_slot(g, a, ids, p1_offset, i, land_u, contract_row, owner, peer_base(g, owner),
                     lane);
         }
       }
@@ -351,6 +309,11 @@ __global__ void __launch_bounds__(kBlockThreads, kDispatchMinBlocks)
 
 // ------------------------------------------------------------------------------------- combine
 
+// Tokens of phase p of P for T tokens: [ceil(p T / P), ceil((p + 1) T / P)), i.e. t P / T == p.
+__device__ __forceinline__ int64_t phase_begin(int p, int64_t num_tokens, int phases) {
+  return (static_cast<int64_t>(p) * num_tokens + phases - 1) / phases;
+}
+
 template <typename T, int kVec>
 __device__ void reduce_tokens(const Layout& g, const CombineStreamArgs& a, int64_t t0,
                               int64_t t1) {
@@ -377,14 +340,9 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
                           int64_t tokens_per_item) {
   __shared__ unsigned long long epoch_s;
   __shared__ bool last_s;
-  __shared__ int64_t phase_starts[kStreamPhasesMax + 1];
   const int W = g.world, me = g.rank;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const PhaseSplit split{a.phase_tokens, a.phases, a.phase_share, phase_starts};
-  if (threadIdx.x == 0) {
-    epoch_s = *stream_epoch_word(g) + 1;
-    split.fill();
-  }
+  if (threadIdx.x == 0) epoch_s = *stream_epoch_word(g) + 1;
   __syncthreads();
   const unsigned long long epoch = epoch_s;
 
@@ -434,7 +392,8 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
   if (threadIdx.x == 0) {
     phase_items[0] = 0;
     for (int p = 0; p < a.phases; ++p) {
-      const int64_t n = phase_starts[p + 1] - phase_starts[p];
+      const int64_t n = phase_begin(p + 1, a.phase_tokens, a.phases) -
+                        phase_begin(p, a.phase_tokens, a.phases);
       const int64_t mine = a.num_tokens > 0 ? (n + tokens_per_item - 1) / tokens_per_item : 0;
       phase_items[p + 1] = phase_items[p] + mine;
     }
@@ -449,8 +408,9 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
       wait_flag(g, combine_flag(g.local_base, g, o, p), epoch, "a combine phase", o);
     }
     __syncthreads();
-    const int64_t t0 = phase_starts[p] + (q - phase_items[p]) * tokens_per_item;
-    const int64_t t1 = min(phase_starts[p + 1], t0 + tokens_per_item);
+    const int64_t t0 =
+        phase_begin(p, a.phase_tokens, a.phases) + (q - phase_items[p]) * tokens_per_item;
+    const int64_t t1 = min(phase_begin(p + 1, a.phase_tokens, a.phases), t0 + tokens_per_item);
     reduce_tokens<T, kVec>(g, a, t0, t1);
   }
   finish_stream(g, kCounterStreamCombine, kCounterClaimCombine, epoch);
@@ -483,12 +443,11 @@ void allow_stream_smem(int64_t smem) {
                   "dispatch_stream");
 }
 
-void check_phases(int phases, int share, const char* op) {
-  if (phases < 1 || phases > kStreamPhasesMax || share < 0 || share > 99) {
+void check_phases(int phases, const char* op) {
+  if (phases < 1 || phases > kStreamPhasesMax) {
     throw std::invalid_argument(std::string("nmoe_comm ") + op + ": phases must be from 1 to " +
-                                std::to_string(kStreamPhasesMax) + " and the phase share from 0 "
-                                "to 99, got " + std::to_string(phases) + " and " +
-                                std::to_string(share) + " (RdepDispatcher.stream_phases)");
+                                std::to_string(kStreamPhasesMax) + ", got " +
+                                std::to_string(phases) + " (RdepDispatcher.stream_phases)");
   }
 }
 
@@ -513,7 +472,7 @@ void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int bl
         "nmoe_comm dispatch_stream: direct stores need one row per slot (no dedup) and a "
         "buffer with zero-copy outputs (view_off)");
   }
-  check_phases(a.phases, a.phase_share, "dispatch_stream");
+  check_phases(a.phases, "dispatch_stream");
   if (a.chunk_rows < kStreamFlagRows || a.chunk_rows > kStreamChunkRowsMax ||
       a.chunk_rows % kStreamFlagRows != 0) {
     throw std::invalid_argument(
@@ -544,7 +503,7 @@ void launch_dispatch_stream(const Layout& g, const DispatchStreamArgs& a, int bl
 template <typename T>
 void combine_stream_typed(const Layout& g, const CombineStreamArgs& a, int blocks_per_sm,
                           int send_percent, int sm_count, cudaStream_t stream) {
-  check_phases(a.phases, a.phase_share, "combine_stream");
+  check_phases(a.phases, "combine_stream");
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   const bool vector = (a.hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   // About 16K elements per reduce item: enough work per claim, fine enough to overlap.

@@ -123,7 +123,7 @@ class EmulatedRdep:
 
     def scatter_slots(self, ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
                       stride0, bytes0, src1, stride1, bytes1, gates, info, dedup, head_N, epoch,
-                      stream, phase_tokens=0, phases=0, share=0):
+                      stream, phase_tokens=0, phases=0):
         skip = info != 0 and int(_mem(info, 8, torch.int64)[0]) != 0
         if not skip:
             ids_N = _mem(ids, num_slots * (8 if ids_int64 else 4),
@@ -154,8 +154,7 @@ class EmulatedRdep:
                     trailer[4:12] = torch.tensor([payload_row, next_row], dtype=torch.int32).view(
                         torch.uint8)
                 if phase_tokens:  # the pipelined dispatch: the token's phase at byte 12
-                    starts = rdep.phase_starts(phase_tokens, phases, share)
-                    phase = max(p for p in range(phases) if starts[p] <= token)
+                    phase = token * phases // phase_tokens
                     trailer[12:16] = torch.tensor([phase], dtype=torch.int32).view(torch.uint8)
                 if head_N:
                     _mem(head_N + 4 * i, 4, torch.int32)[0] = int(payload_row == int(land_N[i]))
@@ -321,8 +320,8 @@ class EmulatedRdep:
     def dispatch_stream(self, ids, ids_int64, num_slots, num_tokens, top_k, send_pos, land_index,
                         slot_of_send, src0, stride0, bytes0, src1, stride1, bytes1, gates, info,
                         dedup, head_N, num_rows, out0, out1, gates_R, src_rank_R, ret_index_R,
-                        land_row_R, chain_R, head_R, row_of_land, phase_R, phases, share,
-                        direct, blocks_per_sm, send_percent, chunk_rows, stream):
+                        land_row_R, chain_R, head_R, row_of_land, phase_R, phases, direct,
+                        blocks_per_sm, send_percent, chunk_rows, stream):
         assert chunk_rows % rdep._STREAM_FLAG_ROWS == 0, chunk_rows
         assert not (direct and dedup) and (not direct or self.g.view_off >= 0)
         L, W, me = self.L, self.world, self.rank
@@ -332,8 +331,7 @@ class EmulatedRdep:
         if ok:
             self.scatter_slots(ids, ids_int64, num_slots, top_k, send_pos, land_index, src0,
                                stride0, bytes0, src1, stride1, bytes1, gates, info, dedup,
-                               head_N, 0, stream, phase_tokens=num_tokens, phases=phases,
-                               share=share)
+                               head_N, 0, stream, phase_tokens=num_tokens, phases=phases)
             if direct:
                 self._direct_rows(ids, ids_int64, num_slots, send_pos, land_index, bytes0,
                                   bytes1)
@@ -379,10 +377,9 @@ class EmulatedRdep:
                 landed[:stride - _TRAILER] = 0xFF  # the owner must not read it (NaN bytes)
 
     def combine_stream(self, dtype, num_rows, num_rows_dev, hidden, rows, src_rank_R,
-                       ret_index_R, phase_R, phases, share, num_tokens, phase_tokens, top_k,
-                       send_pos, gates, out, blocks_per_sm, send_percent, stream):
-        assert 1 <= phases <= rdep._STREAM_PHASES_MAX and 0 <= share <= 99, (phases, share)
-        starts = rdep.phase_starts(phase_tokens, phases, share)
+                       ret_index_R, phase_R, phases, num_tokens, phase_tokens, top_k, send_pos,
+                       gates, out, blocks_per_sm, send_percent, stream):
+        assert 1 <= phases <= rdep._STREAM_PHASES_MAX, phases
         W, me = self.world, self.rank
         epoch = self._stream_epoch()
         item = torch.empty(0, dtype=_DTYPES[dtype]).element_size()
@@ -399,7 +396,8 @@ class EmulatedRdep:
             for s in range(W):
                 self._cflag(s, me, p)[0] = epoch
         for p in range(phases):
-            t0, t1 = starts[p], starts[p + 1]
+            t0 = -(-p * phase_tokens // phases)
+            t1 = -(-(p + 1) * phase_tokens // phases)
             if num_tokens == 0 or t0 == t1:
                 continue
             for o in range(W):
@@ -708,33 +706,12 @@ def test_bad_stream_grid_raises_before_anything_moves(gen, no_cuda_stream, dispa
         raise AssertionError(f"{err} (seed {seed})") from err
 
 
-def test_phase_starts_split_evenly_or_in_shrinking_shares(gen):
-    """`rdep.phase_starts`: P + 1 nondecreasing starts from 0 to T; share 0 puts token t in
-    phase t P / T; share s gives each phase but the last ceil(s% of the tokens left)."""
-    for _ in range(200):
-        tokens = int(torch.randint(0, 5000, (1,), generator=gen))
-        phases = int(torch.randint(1, 65, (1,), generator=gen))
-        share = int(torch.randint(1, 100, (1,), generator=gen))
-        even = rdep.phase_starts(tokens, phases, 0)
-        assert len(even) == phases + 1 and even[0] == 0 and even[-1] == tokens
-        for t in range(0, tokens, max(1, tokens // 50)):
-            assert even[t * phases // tokens] <= t < even[t * phases // tokens + 1]
-        shrink = rdep.phase_starts(tokens, phases, share)
-        assert len(shrink) == phases + 1 and shrink[0] == 0 and shrink[-1] == tokens
-        for p in range(phases - 1):
-            left = tokens - shrink[p]
-            assert shrink[p + 1] - shrink[p] == -(-left * share // 100), (tokens, phases, share)
-    assert rdep.phase_starts(4096, 4, 75) == [0, 3072, 3840, 4032, 4096]
-
-
-@pytest.mark.parametrize(("phases", "share"), [(1, 0), (3, 0), (16, 0), (64, 0), (5, 50),
-                                               (64, 30), (2, 99)])
-def test_stream_phases_of_the_dispatch_carry_to_its_combine(gen, no_cuda_stream, phases, share):
-    """`RdepDispatcher.stream_phases` / ``stream_phase_share``: the pipelined combine returns and
-    reduces in that many token phases (1 to 64, more phases than tokens included), split evenly
-    or in shrinking shares, bitwise as the reference; the dispatch keeps its values in the
-    handle, so a combine after the attributes changed still runs with the dispatch's split (its
-    rows carry phase numbers of that split)."""
+@pytest.mark.parametrize("phases", [1, 3, 16, 64])
+def test_stream_phases_of_the_dispatch_carry_to_its_combine(gen, no_cuda_stream, phases):
+    """`RdepDispatcher.stream_phases`: the pipelined combine returns and reduces in that many
+    token phases (1 to 64, more phases than tokens included), bitwise as the reference; the
+    dispatch keeps its value in the handle, so a combine after the attribute changed still runs
+    with the dispatch's phases (its rows carry phase numbers of that split)."""
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     world = 3
     cases = {k: testing.GROUP_CASES[k] for k in ("random", "all_on_one")}
@@ -742,19 +719,17 @@ def test_stream_phases_of_the_dispatch_carry_to_its_combine(gen, no_cuda_stream,
 
     def body(rank, gather):
         dispatcher = _make(group, world, rank, cases)
-        dispatcher.stream_phases, dispatcher.stream_phase_share = phases, share
+        dispatcher.stream_phases = phases
         for name, case in cases.items():
             testing.check_group_case(dispatcher, name, case, torch.float32, seed, gather, "cpu")
         x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
                                             torch.float32, seed)
         x = x * 3 - 1  # rows the earlier combines did not leave in the return buffer
         received = dispatcher.dispatch(x, ids, gates)
-        assert (received.handle.state.phases, received.handle.state.phase_share) == (phases, share)
+        assert received.handle.state.phases == phases
         phase_R = received.handle.state.phase_R
         assert phase_R.numel() == 0 or int(phase_R.max()) < phases
-        # The handle's split stays in force.
-        dispatcher.stream_phases, dispatcher.stream_phase_share = (1 if phases > 1 else 64,
-                                                                   0 if share else 50)
+        dispatcher.stream_phases = 1 if phases > 1 else 64  # the handle's value stays in force
         out = dispatcher.combine(received.x_RD, received.handle)
         expected = None  # rule 2 on the source's own rows: g0*x, + g1*x, ... in float32
         for k in range(ids.shape[1]):
@@ -768,16 +743,10 @@ def test_stream_phases_of_the_dispatch_carry_to_its_combine(gen, no_cuda_stream,
         raise AssertionError(f"{err} (seed {seed})") from err
 
 
-@pytest.mark.parametrize(("phases", "share", "match"), [
-    (0, 0, "stream_phases must be an int from 1 to 64"), (65, 0, "stream_phases"),
-    (16.0, 0, "stream_phases"), (True, 0, "stream_phases"), (None, 0, "stream_phases"),
-    (16, -1, "stream_phase_share must be an int from 0 to 99"), (16, 100, "stream_phase_share"),
-    (16, 0.5, "stream_phase_share")])
-def test_bad_stream_phases_raise_before_anything_moves(gen, no_cuda_stream, phases, share,
-                                                       match):
-    """``stream_phases`` outside 1-64 or ``stream_phase_share`` outside 0-99 (or not ints)
-    raise ValueError naming the attribute on every rank before any row moves; the dispatcher
-    works once they are valid again."""
+@pytest.mark.parametrize("phases", [0, 65, 16.0, True, None])
+def test_bad_stream_phases_raise_before_anything_moves(gen, no_cuda_stream, phases):
+    """``stream_phases`` outside 1-64 (or not an int) raises ValueError naming the attribute on
+    every rank before any row moves; the dispatcher works once it is valid again."""
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     world, cases = 2, {"random": testing.GROUP_CASES["random"]}
     group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
@@ -786,10 +755,10 @@ def test_bad_stream_phases_raise_before_anything_moves(gen, no_cuda_stream, phas
         dispatcher = _make(group, world, rank, cases)
         x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
                                             torch.float32, seed)
-        dispatcher.stream_phases, dispatcher.stream_phase_share = phases, share
-        with pytest.raises(ValueError, match=match):
+        dispatcher.stream_phases = phases
+        with pytest.raises(ValueError, match="stream_phases must be an int from 1 to 64"):
             dispatcher.dispatch(x, ids, gates)
-        del dispatcher.stream_phases, dispatcher.stream_phase_share
+        del dispatcher.stream_phases
         testing.check_group_case(dispatcher, "random", cases["random"], torch.float32, seed,
                                  gather, "cpu")
 

@@ -193,27 +193,14 @@ def check_stream_grids(dispatch_grid, combine_grid) -> None:
                          f"{_STREAM_CHUNK_ROWS_MAX}, got {chunk}")
 
 
-def check_stream_phases(phases, share) -> tuple[int, int]:
-    """``(phases, share)`` (`RdepDispatcher.stream_phases`, ``stream_phase_share``) as ints, or
-    ValueError unless ``phases`` is an int from 1 to 64 and ``share`` one from 0 to 99."""
-    for name, value, low, high in (("stream_phases", phases, 1, _STREAM_PHASES_MAX),
-                                   ("stream_phase_share", share, 0, 99)):
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise ValueError(f"RdepDispatcher.{name} must be an int from {low} to {high}, got "
-                             f"{value!r}")
-    return phases, share
-
-
-def phase_starts(num_tokens: int, phases: int, share: int) -> list[int]:
-    """The first token of each phase of a pipelined combine, then ``num_tokens``: ``phases + 1``
-    ints (csrc/rdep_stream.cu ``PhaseSplit``). ``share`` 0 splits the tokens evenly (phase p
-    starts at ceil(p T / P)); ``share`` s in 1-99 gives each phase but the last s% of the tokens
-    still left, rounded up, so that the phases shrink toward the end."""
-    starts = [0]
-    for p in range(1, phases):
-        starts.append(-(-p * num_tokens // phases) if share == 0 else
-                      starts[-1] + -(-(num_tokens - starts[-1]) * share // 100))
-    return starts + [num_tokens]
+def check_stream_phases(phases) -> int:
+    """``phases`` (`RdepDispatcher.stream_phases`) as an int, or ValueError unless it is an int
+    from 1 to 64."""
+    if not isinstance(phases, int) or isinstance(phases, bool) or not (
+            1 <= phases <= _STREAM_PHASES_MAX):
+        raise ValueError(f"RdepDispatcher.stream_phases must be an int from 1 to "
+                         f"{_STREAM_PHASES_MAX}, got {phases!r}")
+    return phases
 
 
 def _capturing() -> bool:
@@ -338,8 +325,8 @@ class RdepRouting:
             row's head flag and the contract row of each landing row (``[R]`` each).
         phase_R: pipelined dispatches only (else None), int32 ``[R]``: each row's token phase
             at its source (the pipelined combine returns rows phase by phase).
-        phases, phase_share: the token phases of a pipelined dispatch and their split
-            (``stream_phases`` and ``stream_phase_share`` when it ran; its combine uses them).
+        phases: the token phases of a pipelined dispatch (``stream_phases`` when it ran; its
+            combine uses the same).
     """
 
     info_8: torch.Tensor
@@ -360,7 +347,6 @@ class RdepRouting:
     row_of_land_R: torch.Tensor | None = None
     phase_R: torch.Tensor | None = None
     phases: int = 0
-    phase_share: int = 0
 
 
 def _device_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -447,13 +433,9 @@ class RdepDispatcher(Dispatcher):
     combine_grid = (4, 75)
     #: Token phases of the pipelined combine (1 to 64): owners return a dispatch's rows in this
     #: many groups by token index at the source, each published by one flag, and the sources
-    #: reduce a group as soon as every owner has published it. ``stream_phase_share`` 0 splits
-    #: the tokens evenly; s in 1-99 gives each phase but the last s% of the tokens still left
-    #: (`phase_starts`), so the phases shrink and the reduce after the last one is short. Read
-    #: at each dispatch and kept in its handle (the combine uses the dispatch's); every rank must
-    #: use the same values.
+    #: reduce a group as soon as every owner has published it. Read at each dispatch and kept in
+    #: its handle, so the combine uses the dispatch's; every rank must use the same value.
     stream_phases = 16
-    stream_phase_share = 0
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
                      timeout_s: float, dedup_rows: bool = False,
@@ -672,10 +654,10 @@ class RdepDispatcher(Dispatcher):
         dedup = self.dedup_rows and self._device_barriers
         owner_sums = self.owner_sums_active
         pipelined = self.pipelined_active
-        phases, share = 0, 0
+        phases = 0
         if pipelined:  # before anything moves, so every rank raises alike
             check_stream_grids(self.dispatch_grid, self.combine_grid)
-            phases, share = check_stream_phases(self.stream_phases, self.stream_phase_share)
+            phases = check_stream_phases(self.stream_phases)
         # Payloads straight to the owners' contract rows: one row per slot, zero-copy outputs.
         direct = self.zero_copy and pipelined and not dedup
         # One allocation for the per-call routing: int64 info [8] and counts_E [L], then int32
@@ -724,7 +706,7 @@ class RdepDispatcher(Dispatcher):
                 ids.data_ptr(), is64, num_slots, num_tokens, top_k, send_pos.data_ptr(),
                 land_index.data_ptr(), slot_of_send.data_ptr(), *rows_args, num_rows,
                 out.x_RD.data_ptr(), _ptr(out.scales_RG), *out.routing_ptrs(),
-                _ptr(out.phase_R), phases, share, direct, *self.dispatch_grid, stream)
+                _ptr(out.phase_R), phases, direct, *self.dispatch_grid, stream)
         else:
             self._rdep.unpack(num_rows, _ptr(num_received), dedup, out.x_RD.data_ptr(),
                               widths[0], _ptr(out.scales_RG), widths[1] if fp8 else 0,
@@ -743,7 +725,7 @@ class RdepDispatcher(Dispatcher):
                               recv_chunks=recv_chunks, dispatcher_id=id(self), head_N=head_N,
                               gates_R=gates_R if owner_sums else None, chain_R=out.chain_R,
                               head_R=out.head_R, row_of_land_R=out.row_of_land_R,
-                              phase_R=out.phase_R, phases=phases, phase_share=share))
+                              phase_R=out.phase_R, phases=phases))
         dispatched = Dispatched(x_RD=out.x_RD, counts_E=counts_E, gates_R=gates_R,
                                 handle=handle, x_scales_RG=out.scales_RG,
                                 num_received=num_received)
@@ -884,9 +866,9 @@ class RdepDispatcher(Dispatcher):
             self._rdep.combine_stream(
                 _DTYPE_CODE[y_RD.dtype], num_rows, _ptr(routing.num_received), y_RD.shape[1],
                 y_RD.data_ptr(), routing.src_rank_R.data_ptr(), routing.ret_index_R.data_ptr(),
-                routing.phase_R.data_ptr(), routing.phases, routing.phase_share, tokens,
-                handle.num_tokens, handle.top_k, routing.send_pos_N.data_ptr(),
-                _ptr(gates_f32_TK), out.data_ptr(), *self.combine_grid, stream)
+                routing.phase_R.data_ptr(), routing.phases, tokens, handle.num_tokens,
+                handle.top_k, routing.send_pos_N.data_ptr(), _ptr(gates_f32_TK), out.data_ptr(),
+                *self.combine_grid, stream)
             self._consumed = _RET
             if hook is not None:
                 hook("combine_stream")
