@@ -339,7 +339,6 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
     combine_stream_kernel(Layout g, CombineStreamArgs a, int send_blocks,
                           int64_t tokens_per_item) {
   __shared__ unsigned long long epoch_s;
-  __shared__ bool last_s;
   const int W = g.world, me = g.rank;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (threadIdx.x == 0) epoch_s = *stream_epoch_word(g) + 1;
@@ -353,12 +352,15 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
     const int64_t num_warps = static_cast<int64_t>(send_blocks) * kWarpsPerBlock;
     // This warp's rows are gw + k * num_warps. For each phase their phases are read 32 rows at
     // a time, one row per lane, and the phase's rows picked by ballot (their routing loaded by
-    // those lanes at once): no dependent load per row and phase.
+    // those lanes at once): no dependent load per row and phase. The first 32 rows' phases are
+    // read once, before the first phase (most warps have no more rows than that).
     const int64_t gw = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+    const int64_t first = gw + static_cast<int64_t>(lane) * num_warps;
+    const int32_t first_phase = first < num_rows ? a.phase_R[first] : -1;
     for (int p = 0; p < a.phases; ++p) {
       for (int64_t k0 = 0; gw + k0 * num_warps < num_rows; k0 += kWarp) {
         const int64_t mine = gw + (k0 + lane) * num_warps;
-        const bool here = mine < num_rows && a.phase_R[mine] == p;
+        const bool here = k0 == 0 ? first_phase == p : mine < num_rows && a.phase_R[mine] == p;
         const int32_t src = here ? a.src_rank_R[mine] : 0;
         const int32_t ret = here ? a.ret_index_R[mine] : 0;
         for (unsigned todo = __ballot_sync(kFullMask, here); todo != 0; todo &= todo - 1) {
@@ -372,16 +374,20 @@ __global__ void __launch_bounds__(kBlockThreads, kCombineMinBlocks)
       }
       __threadfence_system();
       __syncthreads();
-      if (threadIdx.x == 0) {
-        unsigned int* counter = counter_word(g, kCounterPhaseBase + p);
-        last_s = atomicAdd(counter, 1u) == static_cast<unsigned int>(send_blocks) - 1;
-        if (last_s) atomicExch(counter, 0u);
-      }
-      __syncthreads();
-      if (last_s) {  // every sender block has fenced its rows of phase p
-        __threadfence_system();
-        for (int s = threadIdx.x; s < W; s += blockDim.x) {
-          store_release_sys(combine_flag(peer_base(g, s), g, me, p), epoch);
+      // Warp 0 counts the block in and, in the last block, publishes the phase; the other warps
+      // go on with the next phase at once (every thread fenced its rows before the barrier).
+      if (warp == 0) {
+        bool last = false;
+        if (lane == 0) {
+          unsigned int* counter = counter_word(g, kCounterPhaseBase + p);
+          last = atomicAdd(counter, 1u) == static_cast<unsigned int>(send_blocks) - 1;
+          if (last) atomicExch(counter, 0u);
+        }
+        if (__shfl_sync(kFullMask, last, 0)) {  // every sender block has fenced phase p
+          __threadfence_system();
+          for (int s = lane; s < W; s += kWarp) {
+            store_release_sys(combine_flag(peer_base(g, s), g, me, p), epoch);
+          }
         }
       }
     }
