@@ -433,9 +433,15 @@ class RdepDispatcher(Dispatcher):
     combine_grid = (4, 75)
     #: Token phases of the pipelined combine (1 to 64): owners return a dispatch's rows in this
     #: many groups by token index at the source, each published by one flag, and the sources
-    #: reduce a group as soon as every owner has published it. Read at each dispatch and kept in
-    #: its handle, so the combine uses the dispatch's; every rank must use the same value.
-    stream_phases = 16
+    #: reduce a group as soon as every owner has published it. Each phase costs every sender
+    #: block a fence and a barrier (~3.5 us of combine per phase on 4 x H200), and the reduce
+    #: of the last one is the combine's tail. On 4 x H200 (CUDA-graph loop,
+    #: bench/results/dispatch_4xH200_phases.txt) 6-12 phases beat 16 on the three large
+    #: payloads (combine 498-508 against 524-536 us at (16384, 768, 8) and (8192, 2048, 6),
+    #: 1125-1135 against 1133-1146 at (4096, 7168, 8)); 32 and 64 were slower, and phases
+    #: shrinking toward the end (tried, not kept) slower still. Read at each dispatch and kept in
+    #: its handle (the combine uses the dispatch's); every rank must use the same value.
+    stream_phases = 8
 
     def _init_engine(self, *, hidden: int, dtype: torch.dtype, max_send_rows: int | None,
                      timeout_s: float, dedup_rows: bool = False,
