@@ -201,8 +201,8 @@ class Rdep {
                        Ptr gates, Ptr info, bool dedup, Ptr head_N, int64_t num_rows, Ptr out0,
                        Ptr out1, Ptr gates_R, Ptr src_rank_R, Ptr ret_index_R, Ptr land_row_R,
                        Ptr chain_R, Ptr head_R, Ptr row_of_land, Ptr phase_R, int phases,
-                       bool direct,
-                       int blocks_per_sm, int send_percent, int chunk_rows, Ptr stream) {
+                       bool direct, int blocks_per_sm, int send_percent, int chunk_rows,
+                       Ptr stream) {
     CudaDeviceGuard guard(device_, "dispatch_stream");
     DispatchStreamArgs a{};
     a.ids = as<const void>(ids);
@@ -240,9 +240,8 @@ class Rdep {
   // phase_tokens: T of the dispatch).
   void combine_stream(int dtype, int64_t num_rows, Ptr num_rows_dev, int64_t hidden, Ptr rows,
                       Ptr src_rank_R, Ptr ret_index_R, Ptr phase_R, int phases,
-                      int64_t num_tokens,
-                      int64_t phase_tokens, int top_k, Ptr send_pos, Ptr gates, Ptr out,
-                      int blocks_per_sm, int send_percent, Ptr stream) {
+                      int64_t num_tokens, int64_t phase_tokens, int top_k, Ptr send_pos,
+                      Ptr gates, Ptr out, int blocks_per_sm, int send_percent, Ptr stream) {
     CudaDeviceGuard guard(device_, "combine_stream");
     CombineStreamArgs a{};
     a.dtype = row_dtype(dtype, "row");

@@ -54,8 +54,7 @@ struct Layout {
   int64_t dflags_off;         // uint64 [W][dflag_chunks]: pipelined dispatch, chunk c of source s
                               // published (the stream epoch) by s
   int64_t cflags_off;         // uint64 [W][kStreamPhasesMax]: pipelined combine, phase p of
-                              // owner o
-                              // returned (the stream epoch) by o
+                              // owner o returned (the stream epoch) by o
   int64_t dflag_chunks;       // ceil(capacity / kStreamFlagRows): flags per source
   int64_t view_off;           // zero-copy dispatch outputs (-1: none): the first payload's rows
                               // [capacity][p0 bytes], then from view_p1_off the second's

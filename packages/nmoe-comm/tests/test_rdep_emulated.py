@@ -673,18 +673,20 @@ def test_pipelined_default_follows_size_and_row_width(max_send_rows, dedup, hidd
         make("yes")
 
 
-@pytest.mark.parametrize(("dispatch_grid", "combine_grid", "match"), [
-    ((2, 75, 12), (4, 75), r"dispatch_grid\[2\].*multiple of 8"),
-    ((2, 75, 512), (4, 75), r"dispatch_grid\[2\].*from 8 to 256"),
-    ((2, 75), (4, 75), "dispatch_grid must be a tuple of 3 ints"),
-    ((0, 75, 32), (4, 75), "blocks per SM must be >= 1"),
-    ((2, 75, 32), (4, 101), r"combine_grid = \(4, 101\)"),
-    ((2, 75, 32.0), (4, 75), "tuple of 3 ints")])
-def test_bad_stream_grid_raises_before_anything_moves(gen, no_cuda_stream, dispatch_grid,
-                                                       combine_grid, match):
-    """A pipelined dispatch checks `RdepDispatcher.dispatch_grid` and ``combine_grid`` before
-    any routing or row moves: every rank raises ValueError naming the attribute, and the same
-    dispatcher works once the grid is valid again."""
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"dispatch_grid": (2, 75, 12)}, r"dispatch_grid\[2\].*multiple of 8"),
+    ({"dispatch_grid": (2, 75, 512)}, r"dispatch_grid\[2\].*from 8 to 256"),
+    ({"dispatch_grid": (2, 75)}, "dispatch_grid must be a tuple of 3 ints"),
+    ({"dispatch_grid": (0, 75, 32)}, "blocks per SM must be >= 1"),
+    ({"combine_grid": (4, 101)}, r"combine_grid = \(4, 101\)"),
+    ({"dispatch_grid": (2, 75, 32.0)}, "tuple of 3 ints"),
+    ({"stream_phases": 0}, "stream_phases must be an int from 1 to 64"),
+    ({"stream_phases": 65}, "stream_phases"), ({"stream_phases": 16.0}, "stream_phases"),
+    ({"stream_phases": True}, "stream_phases"), ({"stream_phases": None}, "stream_phases")])
+def test_bad_stream_grid_raises_before_anything_moves(gen, no_cuda_stream, settings, match):
+    """A pipelined dispatch checks `RdepDispatcher.dispatch_grid`, ``combine_grid`` and
+    ``stream_phases`` before any routing or row moves: every rank raises ValueError naming the
+    attribute, and the same dispatcher works once the setting is valid again."""
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     world, cases = 2, {"random": testing.GROUP_CASES["random"]}
     group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
@@ -693,10 +695,12 @@ def test_bad_stream_grid_raises_before_anything_moves(gen, no_cuda_stream, dispa
         dispatcher = _make(group, world, rank, cases)
         x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
                                             torch.float32, seed)
-        dispatcher.dispatch_grid, dispatcher.combine_grid = dispatch_grid, combine_grid
+        for name, value in settings.items():
+            setattr(dispatcher, name, value)
         with pytest.raises(ValueError, match=match):
             dispatcher.dispatch(x, ids, gates)
-        del dispatcher.dispatch_grid, dispatcher.combine_grid
+        for name in settings:
+            delattr(dispatcher, name)
         testing.check_group_case(dispatcher, "random", cases["random"], torch.float32, seed,
                                  gather, "cpu")
 
@@ -736,31 +740,6 @@ def test_stream_phases_of_the_dispatch_carry_to_its_combine(gen, no_cuda_stream,
             term = gates[:, k, None] * x
             expected = term if expected is None else expected + term
         assert torch.equal(out, expected), (rank, (out - expected).abs().max())
-
-    try:
-        _run_ranks(world, body, (group,))
-    except AssertionError as err:
-        raise AssertionError(f"{err} (seed {seed})") from err
-
-
-@pytest.mark.parametrize("phases", [0, 65, 16.0, True, None])
-def test_bad_stream_phases_raise_before_anything_moves(gen, no_cuda_stream, phases):
-    """``stream_phases`` outside 1-64 (or not an int) raises ValueError naming the attribute on
-    every rank before any row moves; the dispatcher works once it is valid again."""
-    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
-    world, cases = 2, {"random": testing.GROUP_CASES["random"]}
-    group = _Group(world, _make(None, world, 0, cases).layout.total_bytes)
-
-    def body(rank, gather):
-        dispatcher = _make(group, world, rank, cases)
-        x, ids, gates = testing.rank_inputs(cases["random"], "random", rank, world,
-                                            torch.float32, seed)
-        dispatcher.stream_phases = phases
-        with pytest.raises(ValueError, match="stream_phases must be an int from 1 to 64"):
-            dispatcher.dispatch(x, ids, gates)
-        del dispatcher.stream_phases
-        testing.check_group_case(dispatcher, "random", cases["random"], torch.float32, seed,
-                                 gather, "cpu")
 
     try:
         _run_ranks(world, body, (group,))
