@@ -160,6 +160,7 @@ VARIANT_FLAGS = {
     "w": "wide",  # 64 x 256 tiles instead of 128 x 128 (swiglu_quant's earlier layout)
     "W": "wide",  # 128 x 256 tiles (serial promotion; needs no "o")
     "t": "n_major",  # tile order: an expert's row tiles of one column group first
+    "p": "pingpong",  # 128 x 256: the warpgroups issue their wgmma batches in turn
     "l": "cluster_launch",  # diagnostic: one CTA launched with a 1 x 1 x 1 cluster attribute
 }
 
