@@ -160,7 +160,6 @@ VARIANT_FLAGS = {
     "w": "wide",  # 64 x 256 tiles instead of 128 x 128 (swiglu_quant's earlier layout)
     "W": "wide",  # 128 x 256 tiles (serial promotion; needs no "o")
     "t": "n_major",  # tile order: an expert's row tiles of one column group first
-    "p": "pingpong",  # 128 x 256: the warpgroups issue their wgmma batches in turn
     "l": "cluster_launch",  # diagnostic: one CTA launched with a 1 x 1 x 1 cluster attribute
 }
 
@@ -417,8 +416,7 @@ def main() -> None:
         default="",
         help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o,1x1oef (CTAs along M x "
         "along N, then flags: o overlapped promotion, e epilogue under the next tile's first "
-        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles, W 128x256 tiles, p its "
-        "warpgroups issuing in turn, t n_major "
+        "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles, W 128x256 tiles, t n_major "
         "tile order, l one CTA with a cluster launch attribute; @S: S pipeline stages)",
     )
     parser.add_argument(

@@ -93,10 +93,6 @@ def count(pattern: str, text: str) -> int:
         ("swiglu_quant", False, None, None, {"tile": (128, 256)}),
         ("swiglu_quant", True, (2, 2), None, {"tile": (128, 256), "fast_silu": False}),
         ("swiglu_quant", False, None, None, {"tile": (128, 256), "epi_overlap": False}),
-        # the 128 x 256 tile's warpgroups taking turns (pingpong)
-        ("bf16", False, (2, 1), None, {"tile": (128, 256), "pingpong": True}),
-        ("bf16", False, None, None, {"tile": (128, 256), "pingpong": True, "epi_overlap": False}),
-        ("swiglu_quant", False, None, None, {"tile": (128, 256), "pingpong": True}),
     ],
 )
 def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_path):
@@ -128,12 +124,6 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
         waits1 = 3 * rests
         waits0 = 2 * rests if config.overlap else subs  # serial: promote after every block
     assert count(wgmma, ptx) == 4 * sites
-    # pingpong: every issue site takes the turn (bar.sync) and hands it on (bar.arrive) through
-    # the two 256-thread turn barriers, plus warpgroup 1's first hand-over and warpgroup 0's last
-    # take; otherwise no 256-thread named barrier at all
-    turns = sites + 1 if config.pingpong else 0
-    assert count(r"bar\.sync\s+%r\d+, 256;", ptx) == turns
-    assert count(r"bar\.arrive\s+%r\d+, 256;", ptx) == turns
     assert count(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx) == waits1
     assert count(r"wgmma\.wait_group\.sync\.aligned\s+0;", ptx) == waits0
     local = r"\.shared::cta\.global\.tile\.mbarrier::complete_tx::bytes\.L2"
@@ -195,11 +185,10 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
         assert "C7514" not in report and "serialized" not in report, report
         # Clusters of the paired swiglu_quant tile spill 8 bytes (a stack slot; LONG_CLUSTER's
         # (1, 2) still ran 14-16% faster than one CTA at K = 7168), and so does the one-CTA
-        # 128 x 256 bf16 tile with epi_overlap (4 bytes; the public ops run it as (2, 1)), and
-        # the (2, 1) one with pingpong (4 bytes); the rest spill nothing.
+        # 128 x 256 bf16 tile with epi_overlap (4 bytes; the public ops run it as (2, 1)); the
+        # rest spill nothing.
         wide_one_cta_bf16 = (
-            config.wide and epilogue == "bf16" and config.epi_overlap
-            and (config.cluster_size == 1 or config.pingpong)
+            config.wide and epilogue == "bf16" and config.cluster_size == 1 and config.epi_overlap
         )
         if not wide_one_cta_bf16 and (config.cluster_size == 1 or (
             epilogue, config.cluster_m, config.cluster_n

@@ -170,9 +170,6 @@ class KernelConfig:
     # tile order inside an expert: bands of this many column groups, every row tile of a band
     # before the next band (0: none; n_major is band 1)
     band: int = 0
-    # 128 x 256 tile: the two MMA warpgroups issue their wgmma batches in turn (a token passed
-    # through two named barriers), so one's batch runs while the other promotes
-    pingpong: bool = False
 
     @property
     def tile_band(self) -> int:
@@ -245,7 +242,6 @@ def kernel_config(
     cluster_launch: bool = False,
     stages: int | None = None,
     band: int = 0,
-    pingpong: bool = False,
 ) -> KernelConfig:
     """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
 
@@ -270,9 +266,6 @@ def kernel_config(
     wrapper does not use it. ``band`` = b > 0 generalizes it: bands of b column groups, all row
     tiles of an expert's band before its next band (the last band may be narrower); the tiles
     the CTAs work on at once then share fewer weight columns and rows. Same bits.
-    ``pingpong`` (the 128 x 256 tile only): its two MMA warpgroups issue their wgmma batches in
-    strict turn (`Fp8WideMixin`), so that the tensor cores run one warpgroup's batch while the
-    other promotes its last one. Same bits.
     ``cluster_launch`` (diagnostic) launches one CTA with a 1 x 1 x 1
     cluster attribute, as the kernel did before 2026-11-27. ``stages`` (diagnostic) caps the
     pipeline stages below the most that fit in shared memory (None: the most, at most 8).
@@ -288,8 +281,6 @@ def kernel_config(
     if (tile_m, tile_n) not in ((128, 128), (128, 256), (64, 256)):
         raise ValueError(f"tile must be (128, 128), (128, 256) or (64, 256), got {tile!r}")
     wide = (tile_m, tile_n) == (128, 256)
-    if pingpong and not wide:
-        raise ValueError("pingpong needs the (128, 256) tile (its warpgroups promote serially)")
     if wide and overlap:
         raise ValueError(
             "the (128, 256) tile promotes serially (its warpgroups take turns on the tensor "
@@ -328,7 +319,6 @@ def kernel_config(
         bool(n_major),
         bool(cluster_launch),
         int(band),
-        bool(pingpong),
     )
 
 
@@ -792,8 +782,6 @@ class GroupedGemmFp8Kernel(Fp8ScheduleMixin, Fp8MainloopMixin, Fp8WideMixin, Fp8
                     tile, num_n_groups, tiles_before, seg_start, seg_end, m_rank, n_rank,
                     num_n_tiles, expert_tiles,
                 )  # fmt: skip
-        if const_expr(self.config.wide):
-            self._wide_done(mma, mma_wg)
 
     @cute.jit
     def _epilogue(

@@ -26,14 +26,6 @@ runs (DeepGEMM's sm90 FP8 kernels rely on the same). The promotion order per out
 the 128 x 128 tile's -- K blocks in order, ``acc += (s_a * s_b) * partial`` -- so every tile
 shape writes the same bits.
 
-With ``pingpong`` the two warpgroups issue their half-block batches in strict turn: a token
-passes through two named barriers (warpgroup w waits on barrier 4 + w before it issues and
-arrives on the other's right after), so the tensor cores get one warpgroup's batch and then the
-other's, and each warpgroup's wait and promotion fall while the other's batch runs. Without it
-both issue at once and their wgmmas can interleave, finishing together and idling the tensor
-cores while both promote. Warpgroup 1 hands the token to warpgroup 0 at the start, and
-warpgroup 0 takes the last one back at the end (`_wide_done`), so every arrival is matched.
-
 With ``epi_overlap`` a warpgroup issues the first half-block (K block 0, columns 0-127) of its
 next tile before it runs the epilogue, as the 128 x 128 tile's loop does; that loop is peeled the
 same way (its last tile after it) so the in-flight ``partial`` never meets a branch merge.
@@ -60,35 +52,14 @@ class Fp8WideMixin:
     """The ``tile=(128, 256)`` methods of `grouped_gemm_fp8.GroupedGemmFp8Kernel`."""
 
     @cute.jit
-    def _wide_issue(self, k: tuple, tiled_mma: cute.TiledMma, t_c_rb: cute.Tensor, stage: Int32):
-        """One half-block's wgmma batch into ``partial`` (with ``pingpong`` in this warpgroup's
-        turn: take the token, issue, hand it on)."""
-        t_c_ra, partial, tokens = k[0], k[4], k[7]
-        if const_expr(self.config.pingpong):
-            tokens[0].arrive_and_wait()
-        tiled_mma = self._issue_block(
-            tiled_mma, partial, t_c_ra, t_c_rb, stage, cute.size(t_c_ra, mode=[2])
-        )
-        if const_expr(self.config.pingpong):
-            tokens[1].arrive()
-        return tiled_mma
-
-    @cute.jit
-    def _wide_done(self, mma: tuple, mma_wg: Int32):
-        """After the tile loop (``pingpong``): warpgroup 0 takes back the token warpgroup 1
-        handed on after its last batch (or at the start, if it issued none)."""
-        if const_expr(self.config.pingpong):
-            if mma_wg == 0:
-                mma[8][0].arrive_and_wait()
-
-    @cute.jit
     def _wide_first(self, mma: tuple, tiled_mma: cute.TiledMma, state: pipeline.PipelineState):
         """Issue K block 0's first half into ``partial`` (not waited for; its stage, scale slot
         included, stays held until `_wide_finish_block`)."""
-        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc, tokens = mma
+        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc = mma
         consumer_wait(mainloop, state)
-        k = (t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc, tokens)
-        tiled_mma = self._wide_issue(k, tiled_mma, t_c_rb0, state.index)
+        tiled_mma = self._issue_block(
+            tiled_mma, partial, t_c_ra, t_c_rb0, state.index, cute.size(t_c_ra, mode=[2])
+        )
         return state, tiled_mma
 
     @cute.jit
@@ -97,11 +68,13 @@ class Fp8WideMixin:
         """Finish the K block at ``state`` whose first half is in flight in ``partial``: promote
         it into ``acc0``, run the second half, release the stage, promote into ``acc1`` (each
         half's scales read from the stage's slot before its wait)."""
-        t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc, tokens = k
+        t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc = k
         s_lo0, s_hi0 = self._block_scales(sc, state.index)
         cute.nvgpu.warpgroup.wait_group(0)
         self._promote(acc0, partial, s_lo0, s_hi0)
-        tiled_mma = self._wide_issue(k, tiled_mma, t_c_rb1, state.index)
+        tiled_mma = self._issue_block(
+            tiled_mma, partial, t_c_ra, t_c_rb1, state.index, cute.size(t_c_ra, mode=[2])
+        )
         s_lo1, s_hi1 = self._block_scales(sc, state.index, 1)
         cute.nvgpu.warpgroup.wait_group(0)
         mainloop.consumer_release(state)
@@ -114,12 +87,15 @@ class Fp8WideMixin:
                    num_k_blocks: Int32):
         """The K loop after `_wide_first`: every block promoted into ``acc0`` / ``acc1`` and
         every stage released."""
-        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc, tokens = mma
-        k = (t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc, tokens)
+        t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc = mma
+        k = (t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc)
+        num_mma_k = cute.size(t_c_ra, mode=[2])
         for _kb in cutlass.range(1, num_k_blocks, 1, unroll=1):
             state, tiled_mma = self._wide_finish_block(k, tiled_mma, state)
             consumer_wait(mainloop, state)
-            tiled_mma = self._wide_issue(k, tiled_mma, t_c_rb0, state.index)
+            tiled_mma = self._issue_block(
+                tiled_mma, partial, t_c_ra, t_c_rb0, state.index, num_mma_k
+            )
         state, tiled_mma = self._wide_finish_block(k, tiled_mma, state)
         return state, tiled_mma
 
@@ -204,14 +180,7 @@ class Fp8WideMixin:
         epi = (thr_mma, t_c_coord, s_out, m_out, m_out_sf, mma_wg, wg_tidx, wg_barrier)
         # scale slots at the thread's rows lo / hi; weight-scale block 0 (half 1: block 1)
         sc = (s_sc, t_c_coord[0][0], t_c_coord[2][0], 0)
-        # pingpong: (this warpgroup's turn barrier, the other's); warpgroup 0 goes first
-        both = 2 * self.threads_per_wg
-        tokens = (pipeline.NamedBarrier(barrier_id=4 + mma_wg, num_threads=both),
-                  pipeline.NamedBarrier(barrier_id=5 - mma_wg, num_threads=both))
-        if const_expr(self.config.pingpong):
-            if mma_wg == 1:
-                tokens[1].arrive()
-        mma = (t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc, tokens)
+        mma = (t_c_ra, t_c_rb0, t_c_rb1, acc0, acc1, partial, mainloop, sc)
         return mma, epi
 
     @cute.jit
