@@ -49,6 +49,8 @@
 #                (COMM_TESTS), the bench on all GPUs against pipelined=False (BENCH_COMM_ARGS)
 #   ncu-fp8-source  per-instruction warp-stall samples (SASS page as CSV) of the FP8 grouped GEMM
 #                (NCU_SOURCE_CASES) for an offline breakdown of the mainloop
+#   ncu-probe    the same for bench/wgmma_probe.cu's part-2 mainloops (NCU_PROBE_CASES:
+#                "variant@shape" list), no Python packages needed
 #   comm-ab      the dispatch bench of this tree's nmoe-comm against a baseline copy of another
 #                commit's (AB_BASE), back to back on one machine: baseline, this tree, baseline
 #   ncu-bf16     the same for the BF16 grouped GEMMs and torch._grouped_mm (NCU_BF16_CASES:
@@ -390,6 +392,32 @@ stage_ncu_fp8_source() {
     ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.details.txt" 2>> "$OUT/$name.log"
     "$PY" packages/nmoe-kernels/bench/ncu_source_summary.py "$OUT/$name.sass.csv" \
       > "$OUT/$name.summary.txt" 2>> "$OUT/$name.log" || rc=1
+    echo "##### $case"; head -24 "$OUT/$name.summary.txt"
+  done
+  return $rc
+}
+
+stage_ncu_probe() {
+  # Per-instruction warp-stall samples of wgmma_probe's mainloops (NCU_PROBE_CASES, default the
+  # serial and slot-scaled 128 x 256 loops at dsv3-local's W13): the probe runs only that
+  # variant (its third argument), ncu samples the launch after the warm-up.
+  command -v ncu >/dev/null || { echo "ncu not found"; return 1; }
+  local rc=0 case name bin=/tmp/wgmma_probe
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+    packages/nmoe-kernels/bench/wgmma_probe.cu -o "$bin" || return 1
+  for case in ${NCU_PROBE_CASES:-serial_128x256_n128@dsv3-local smemscaled_128x256_n128@dsv3-local}; do
+    name=probe_${case//@/_}
+    "$bin" 0 5 "$case" | tail -1
+    timeout 200 ncu --clock-control none -k regex:probe_kernel --launch-skip 1 --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section SourceCounters --import-source no \
+      -f -o "$OUT/$name" "$bin" 0 1 "$case" > "$OUT/$name.log" 2>&1 \
+      || { echo "ncu failed: $case"; rc=1; continue; }
+    ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.sass.csv" \
+      2>> "$OUT/$name.log" || rc=1
+    ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.details.txt" 2>> "$OUT/$name.log"
+    "$PY" packages/nmoe-kernels/bench/ncu_source_summary.py "$OUT/$name.sass.csv" \
+      > "$OUT/$name.summary.txt" 2>> "$OUT/$name.log" || rc=1
+    rm -f "$OUT/$name.ncu-rep"
     echo "##### $case"; head -24 "$OUT/$name.summary.txt"
   done
   return $rc

@@ -35,7 +35,11 @@
 // barrier waits with the suspend-time hint of CUTLASS's and CuTeDSL's waits.
 //
 // Build: nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a wgmma_probe.cu -o wgmma_probe
-// Run:   ./wgmma_probe [iters=8192] [reps=5]   (part 1's K blocks per CTA; 0 skips part 1)
+// Run:   ./wgmma_probe [iters=8192] [reps=5] [only]   (part 1's K blocks per CTA; 0 skips part 1)
+//        `only` = "VARIANT@SHAPE" (e.g. smemscaled_128x256_n128@dsv3-local) runs just that part-2
+//        variant, m-major, on that shape, and skips part 3: one kernel, warm-up then `reps`
+//        launches, for a profiler (ncu --kernel-name regex:probe_kernel --launch-skip 1).
+#include <string>
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -541,6 +545,10 @@ int smem_bytes(int nt, int stages = 4) {
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 8192;
   const int reps = argc > 2 ? std::atoi(argv[2]) : 5;
+  const std::string only = argc > 3 ? argv[3] : "";
+  const std::string only_variant = only.substr(0, only.find('@'));
+  const std::string only_shape =
+      only.find('@') == std::string::npos ? "" : only.substr(only.find('@') + 1);
   if (iters < 0) {
     std::fprintf(stderr, "iters must be >= 0 (0: skip part 1)\n");
     return 2;
@@ -613,6 +621,7 @@ int main(int argc, char** argv) {
   };
   const Shape shapes[] = {{"deepgemm", 4, 8192, 4096, 7168}, {"dsv3-local", 32, 2048, 4096, 7168}};
   for (const Shape& sh : shapes) {
+    if (!only_shape.empty() && only_shape != sh.name) continue;
     const size_t a_bytes = size_t(sh.groups) * sh.rows * sh.k;
     const size_t b_bytes = size_t(sh.groups) * sh.n * sh.k;
     uint8_t *a = nullptr, *b = nullptr;
@@ -631,11 +640,12 @@ int main(int argc, char** argv) {
                 sh.name, sh.groups, sh.rows, sh.n, sh.k, a_bytes / 1e6, b_bytes / 1e6,
                 "variant/raster", "ms", "TFLOP/s");
     for (const Variant& v : gemm_variants) {
+      if (!only.empty() && only_variant != v.name) continue;
       const CUtensorMap map_b = make_map(encode, b, uint64_t(sh.groups) * sh.n, sh.k, v.nt);
       const int smem = smem_bytes(v.nt, v.stages);
       CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       for (int band : {0, 2, 4, 8}) {
-        if (band && (sh.n / v.nt) % band) continue;
+        if (band && ((sh.n / v.nt) % band || !only.empty())) continue;
         const Walk walk{sh.groups, sh.rows, sh.n, sh.k, band, 0, sfa, sfb, m_al};
         const double t = timer.median_ms(
             [&] { v.kernel<<<grid, kThreads, smem>>>(src, src_bytes, 0, out, map_a, map_b, walk); },
@@ -662,6 +672,7 @@ int main(int argc, char** argv) {
                     {"promotion 256B, sleeping waits", CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 2},
                     {"promotion 256B, hint 0, sleeping waits", CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 3}};
     for (const auto& st : settings) {
+      if (!only.empty()) break;
       const CUtensorMap ma = make_map(encode, a, uint64_t(sh.groups) * sh.rows, sh.k, 128,
                                       st.promotion);
       const CUtensorMap mb = make_map(encode, b, uint64_t(sh.groups) * sh.n, sh.k, tv.nt,
