@@ -372,6 +372,19 @@ stage_ncu_fp8() {
     moonlight:bf16:1x1oes moonlight:bf16:torch dsv3-local:bf16:1x1oe moonlight:swiglu_quant:1x1oef}
 }
 
+# The pages of the report $OUT/$1.ncu-rep that the source stages keep: the SASS page as CSV
+# ($1.sass.csv), the details ($1.details.txt) and the per-opcode stall summary ($1.summary.txt).
+ncu_source_pages() {
+  local name=$1 rc=0
+  ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.sass.csv" \
+    2>> "$OUT/$name.log" || ncu -i "$OUT/$name.ncu-rep" --page source --csv \
+    > "$OUT/$name.sass.csv" 2>> "$OUT/$name.log" || rc=1
+  ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.details.txt" 2>> "$OUT/$name.log"
+  "$PY" packages/nmoe-kernels/bench/ncu_source_summary.py "$OUT/$name.sass.csv" \
+    > "$OUT/$name.summary.txt" 2>> "$OUT/$name.log" || rc=1
+  return $rc
+}
+
 stage_ncu_fp8_source() {
   # Per-instruction warp-stall samples of the FP8 grouped GEMM (NCU_SOURCE_CASES, default the
   # moonlight and dsv3-local W13 kernels without the fused epilogue): one report per case, then
@@ -386,12 +399,7 @@ stage_ncu_fp8_source() {
       --launch-count 1 --section SpeedOfLight --section WarpStateStats --section SourceCounters \
       --import-source no -f -o "$OUT/$name" "$PY" packages/nmoe-kernels/bench/profile_fp8_variant.py \
       "$a" "$b" "$c" > "$OUT/$name.log" 2>&1 || { echo "ncu failed: $case"; rc=1; continue; }
-    ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.sass.csv" \
-      2>> "$OUT/$name.log" || ncu -i "$OUT/$name.ncu-rep" --page source --csv \
-      > "$OUT/$name.sass.csv" 2>> "$OUT/$name.log" || rc=1
-    ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.details.txt" 2>> "$OUT/$name.log"
-    "$PY" packages/nmoe-kernels/bench/ncu_source_summary.py "$OUT/$name.sass.csv" \
-      > "$OUT/$name.summary.txt" 2>> "$OUT/$name.log" || rc=1
+    ncu_source_pages "$name" || rc=1
     echo "##### $case"; head -24 "$OUT/$name.summary.txt"
   done
   return $rc
@@ -405,18 +413,15 @@ stage_ncu_probe() {
   local rc=0 case name bin=/tmp/wgmma_probe
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
     packages/nmoe-kernels/bench/wgmma_probe.cu -o "$bin" || return 1
-  for case in ${NCU_PROBE_CASES:-serial_128x256_n128@dsv3-local smemscaled_128x256_n128@dsv3-local}; do
+  local cases=${NCU_PROBE_CASES:-serial_128x256_n128@dsv3-local smemscaled_128x256_n128@dsv3-local}
+  for case in $cases; do
     name=probe_${case//@/_}
     "$bin" 0 5 "$case" | tail -1
     timeout 200 ncu --clock-control none -k regex:probe_kernel --launch-skip 1 --launch-count 1 \
       --section SpeedOfLight --section WarpStateStats --section SourceCounters --import-source no \
       -f -o "$OUT/$name" "$bin" 0 1 "$case" > "$OUT/$name.log" 2>&1 \
       || { echo "ncu failed: $case"; rc=1; continue; }
-    ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.sass.csv" \
-      2>> "$OUT/$name.log" || rc=1
-    ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/$name.details.txt" 2>> "$OUT/$name.log"
-    "$PY" packages/nmoe-kernels/bench/ncu_source_summary.py "$OUT/$name.sass.csv" \
-      > "$OUT/$name.summary.txt" 2>> "$OUT/$name.log" || rc=1
+    ncu_source_pages "$name" || rc=1
     rm -f "$OUT/$name.ncu-rep"
     echo "##### $case"; head -24 "$OUT/$name.summary.txt"
   done

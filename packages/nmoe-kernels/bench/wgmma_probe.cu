@@ -39,7 +39,6 @@
 //        `only` = "VARIANT@SHAPE" (e.g. smemscaled_128x256_n128@dsv3-local) runs just that part-2
 //        variant, m-major, on that shape, and skips part 3: one kernel, warm-up then `reps`
 //        launches, for a profiler (ncu --kernel-name regex:probe_kernel --launch-skip 1).
-#include <string>
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -47,6 +46,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CHECK(call)                                                                         \
