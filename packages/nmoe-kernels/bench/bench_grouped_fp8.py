@@ -161,6 +161,8 @@ VARIANT_FLAGS = {
     "W": "wide",  # 128 x 256 tiles (serial promotion; needs no "o")
     "t": "n_major",  # tile order: an expert's row tiles of one column group first
     "l": "cluster_launch",  # diagnostic: one CTA launched with a 1 x 1 x 1 cluster attribute
+    "h": "early_scales",  # 128 x 256: both halves' scales read before the block's first wait (the
+    # public ops' default; a variant without h reads the second half's after its wgmmas)
 }
 
 
@@ -417,7 +419,8 @@ def main() -> None:
         help="also time these kernel variants, e.g. 1x1,1x2,2x2,1x2o,1x1oef (CTAs along M x "
         "along N, then flags: o overlapped promotion, e epilogue under the next tile's first "
         "K block, f rcp.approx sigmoid, s no epilogue, w 64x256 tiles, W 128x256 tiles, t n_major "
-        "tile order, l one CTA with a cluster launch attribute; @S: S pipeline stages)",
+        "tile order, l one CTA with a cluster launch attribute, h (with W) both halves' scales "
+        "read before a K block's first wait; @S: S pipeline stages)",
     )
     parser.add_argument(
         "--deepgemm-k",

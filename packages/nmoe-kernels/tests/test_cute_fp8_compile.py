@@ -184,16 +184,16 @@ def test_kernel_compiles_for_sm90a(epilogue, ue8m0, cluster, overlap, opts, tmp_
         # and serialized every wgmma of the kernel
         assert "C7514" not in report and "serialized" not in report, report
         # Clusters of the paired swiglu_quant tile spill 8 bytes (a stack slot; LONG_CLUSTER's
-        # (1, 2) still ran 14-16% faster than one CTA at K = 7168), and so does the one-CTA
-        # 128 x 256 bf16 tile with epi_overlap (4 bytes; the public ops run it as (2, 1)); the
-        # rest spill nothing.
-        wide_one_cta_bf16 = (
-            config.wide and epilogue == "bf16" and config.cluster_size == 1 and config.epi_overlap
-        )
-        if not wide_one_cta_bf16 and (config.cluster_size == 1 or (
+        # (1, 2) still ran 14-16% faster than one CTA at K = 7168), and the 128 x 256 bf16 tile
+        # with epi_overlap 4 bytes (one stack slot: the public ops' kernel, measured fastest in
+        # spite of it, bench/results/fp8_H100_ab_wide.txt); the rest spill nothing.
+        spilled = int(re.search(r"(\d+) bytes spill stores", report)[1])
+        if config.wide and epilogue == "bf16" and config.epi_overlap:
+            assert spilled <= 4, report
+        elif config.cluster_size == 1 or (
             epilogue, config.cluster_m, config.cluster_n
-        ) == ("bf16", 2, 1)):
-            assert " 0 bytes spill stores" in report, report
+        ) == ("bf16", 2, 1):
+            assert spilled == 0, report
 
 
 def test_kernel_config_fits_shared_memory():
@@ -308,15 +308,23 @@ def test_choose_cluster_multicasts_long_reductions_and_long_segments():
         g.choose_cluster("fp8", 1, 128, 1)
 
 
-def test_choose_config_runs_long_bf16_gemms_on_wide_tiles_where_n_allows():
-    """(cluster, tile): the 128 x 256 tile with the long problems' cluster for bf16 when N % 256
-    == 0; 128 x 128 (None) for swiglu_quant, for short problems and for N = 128 mod 256."""
+def test_choose_config_runs_one_cta_on_wide_tiles_where_n_allows():
+    """(cluster, tile): one CTA on the 128 x 256 tile for both epilogues when N % 256 == 0;
+    otherwise 128 x 128 (None) with `choose_cluster`'s cluster."""
     from nmoe_kernels import grouped_gemm_fp8 as g
 
-    assert g.choose_config("bf16", 65536, 4096, 7168, 32) == ((2, 1), (128, 256))  # dsv3 W13
-    assert g.choose_config("bf16", 65536, 7168, 2048, 32) == ((2, 1), (128, 256))  # dsv3 W2
-    assert g.choose_config("bf16", 32768, 4096, 7168, 4) == ((2, 1), (128, 256))  # DeepGEMM
+    wide = ((1, 1), (128, 256))
+    assert g.WIDE_TILE == (128, 256)
+    for epilogue in ("bf16", "swiglu_quant"):
+        assert g.choose_config(epilogue, 65536, 4096, 7168, 32) == wide  # dsv3 W13
+        assert g.choose_config(epilogue, 98304, 2816, 2048, 64) == wide  # moonlight W13
+        assert g.choose_config(epilogue, 229376, 768, 768, 256) == wide  # super W13
+    assert g.choose_config("bf16", 65536, 7168, 2048, 32) == wide  # dsv3 W2
+    assert g.choose_config("bf16", 32768, 4096, 7168, 4) == wide  # DeepGEMM
+    assert g.choose_config("bf16", 98304, 2048, 1408, 64) == wide  # moonlight W2
     assert g.choose_config("bf16", 65536, 384, 7168, 32) == ((2, 1), None)  # N % 256 == 128
-    assert g.choose_config("bf16", 98304, 2816, 2048, 64) == ((1, 1), None)  # moonlight W13
-    assert g.choose_config("bf16", 229376, 768, 768, 256) == ((1, 1), None)  # super
-    assert g.choose_config("swiglu_quant", 65536, 4096, 7168, 32) == ((1, 2), None)
+    assert g.choose_config("bf16", 65536, 384, 2048, 32) == ((2, 1), None)  # 2048 rows/expert
+    assert g.choose_config("bf16", 98304, 384, 1408, 64) == ((1, 1), None)  # short
+    assert g.choose_config("swiglu_quant", 65536, 384, 7168, 32) == ((1, 2), None)
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        g.choose_config("fp8", 1, 256, 128, 1)

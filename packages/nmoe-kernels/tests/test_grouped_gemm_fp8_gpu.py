@@ -295,24 +295,26 @@ VARIANTS = [((1, 1), False, False, None, False), ((1, 2), False, False, None, Fa
 
 @functools.cache
 def compiled_variant(
-    epilogue, cluster, overlap, epi_overlap=False, fast_silu=None, tile=None, n_major=False
-):
+    epilogue, cluster, overlap, epi_overlap=False, fast_silu=None, tile=None, n_major=False,
+    early_scales=True,
+):  # fmt: skip
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     band = 0 if isinstance(n_major, bool) else n_major
     return g.compile_kernel(
         epilogue, False, cluster=cluster, overlap=overlap, epi_overlap=epi_overlap,
         fast_silu=fast_silu, tile=tile, n_major=n_major is True, band=band,
+        early_scales=early_scales,
     )  # fmt: skip
 
 
 def run_cluster_variant(
     epilogue, cluster, xq, xs, wq, ws, offsets, overlap=False, epi_overlap=False, fast_silu=None,
-    tile=None, n_major=False,
+    tile=None, n_major=False, early_scales=True,
 ):  # fmt: skip
     """Launch the kernel compiled for ``cluster`` (CTAs along M, N), ``overlap``,
-    ``epi_overlap``, ``fast_silu`` (None: the default) and ``tile`` (None: (128, 128)) on
-    poisoned outputs."""
+    ``epi_overlap``, ``fast_silu`` (None: the default), ``tile`` (None: (128, 128)) and
+    ``early_scales`` on poisoned outputs."""
     from nmoe_kernels.cute import grouped_gemm_fp8 as g
 
     num_rows, k = xq.shape
@@ -323,7 +325,8 @@ def run_cluster_variant(
         out_sf = out
     else:
         out, out_sf = poisoned_swiglu_out(num_rows, n // 2)
-    compiled = compiled_variant(epilogue, cluster, overlap, epi_overlap, fast_silu, tile, n_major)
+    compiled = compiled_variant(epilogue, cluster, overlap, epi_overlap, fast_silu, tile, n_major,
+                                early_scales)
     g.launch(
         compiled, epilogue, xq.data_ptr(), xs.data_ptr(), wq.data_ptr(), ws.data_ptr(),
         out.data_ptr(), out_sf.data_ptr(), offsets.data_ptr(), num_rows, n, k, num_experts,
@@ -373,9 +376,10 @@ def test_kernel_variants_agree_bitwise(case, epilogue, torch_seed):
             assert torch.equal(got[1], want[1]), f"{name}: scales differ"
 
 
-# (cluster, epi_overlap) of the 128 x 256 tile
-WIDE_VARIANTS = [((1, 1), True), ((1, 1), False), ((2, 1), True), ((1, 2), True), ((2, 2), True),
-                 ((2, 1), False)]  # fmt: skip
+# (cluster, epi_overlap, early_scales) of the 128 x 256 tile
+WIDE_VARIANTS = [((1, 1), True, True), ((1, 1), False, True), ((2, 1), True, True),
+                 ((1, 2), True, True), ((2, 2), True, True), ((2, 1), False, True),
+                 ((1, 1), True, False), ((2, 1), True, False)]  # fmt: skip
 
 
 @pytest.mark.parametrize("epilogue", ["bf16", "swiglu_quant"])
@@ -394,11 +398,13 @@ def test_wide_tile_agrees_bitwise(case, epilogue, torch_seed):
     xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
     want = run_cluster_variant(epilogue, (1, 1), xq, xs, wq, ws, offsets, overlap=True,
                                epi_overlap=True)
-    for cluster, epi_overlap in WIDE_VARIANTS:
+    for cluster, epi_overlap, early_scales in WIDE_VARIANTS:
         got = run_cluster_variant(
-            epilogue, cluster, xq, xs, wq, ws, offsets, None, epi_overlap, tile=(128, 256)
+            epilogue, cluster, xq, xs, wq, ws, offsets, None, epi_overlap, tile=(128, 256),
+            early_scales=early_scales,
         )
-        name = f"128 x 256 tile, cluster {cluster}, epi_overlap {epi_overlap}"
+        name = (f"128 x 256 tile, cluster {cluster}, epi_overlap {epi_overlap}, early_scales "
+                f"{early_scales}")
         if epilogue == "bf16":
             assert torch.equal(got, want), f"{name}: bf16 output differs from 128 x 128"
         else:
@@ -424,10 +430,10 @@ def test_wide_tile_long_k_matches_float64(torch_seed):
 @pytest.mark.parametrize(("epilogue", "n"), [("bf16", 384), ("bf16", 768), ("swiglu_quant", 768)])
 @pytest.mark.parametrize("case", ["E8_edges", "E32_random"])
 def test_public_ops_with_long_k_launch_the_cluster_and_agree_bitwise(case, epilogue, n, torch_seed):
-    """At K >= CLUSTER_MIN_K the public ops launch `LONG_CLUSTER` (TMA multicast between two
-    CTAs) on `LONG_TILE` where N allows (bf16: 128 x 256 at N = 768, 128 x 128 at N = 384); their
-    outputs must be the one-CTA default kernel's bits, poisoned outputs included. N is an odd
-    number of CTA tiles, so a cluster along N overhangs."""
+    """At K >= CLUSTER_MIN_K the public ops launch one CTA on `WIDE_TILE` where N % 256 == 0
+    (N = 768) and `LONG_CLUSTER` (TMA multicast between two CTAs) on 128 x 128 tiles otherwise
+    (bf16 at N = 384); their outputs must be the one-CTA 128 x 128 kernel's bits, poisoned
+    outputs included. N is an odd number of CTA tiles, so a cluster along N overhangs."""
     from nmoe_kernels import grouped_gemm_fp8 as ops
 
     gen = torch.Generator().manual_seed(torch_seed)
@@ -436,8 +442,10 @@ def test_public_ops_with_long_k_launch_the_cluster_and_agree_bitwise(case, epilo
     xq, xs, wq, ws, offsets = make_problem(counts, pad, k, n, gen)
     num_rows = xq.shape[0]
     cluster, tile = ops.choose_config(epilogue, num_rows, n, k, len(counts))
-    assert cluster == ops.LONG_CLUSTER[epilogue]
-    assert tile == (ops.LONG_TILE[epilogue] if n % 256 == 0 else None)
+    if n % 256 == 0:
+        assert (cluster, tile) == ((1, 1), ops.WIDE_TILE)
+    else:
+        assert (cluster, tile) == (ops.LONG_CLUSTER[epilogue], None)
     want = run_cluster_variant(epilogue, (1, 1), xq, xs, wq, ws, offsets, overlap=True,
                                epi_overlap=True)
     if epilogue == "bf16":

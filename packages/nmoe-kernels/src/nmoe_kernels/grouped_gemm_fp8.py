@@ -19,9 +19,9 @@ Formats (DeepSeek-V3 recipe):
 Accumulation: fp32, with per-128-K-block promotion (wgmma accumulates one K block in fresh
 registers, then ``acc += x_scale[m, kb] * w_scale[e, n // 128, kb] * partial``). Kernels compile
 on first use per (epilogue, ue8m0, cluster) with M, N, K, E symbolic, and are cached for the
-process; the cluster (TMA multicast between two CTAs) and the CTA tile (128 x 128 or 128 x 256)
-are chosen per call from K, N and the rows per expert (`choose_config`), the same bits either
-way.
+process; the CTA tile (128 x 256 wherever N % 256 == 0, else 128 x 128) and, on 128 x 128, the
+cluster (TMA multicast between two CTAs) are chosen per call from N, K and the rows per expert
+(`choose_config`), the same bits either way.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ __all__ = [
 _FP8 = torch.float8_e4m3fn
 
 
-# The public ops pick the cluster per call (`choose_cluster`): long reductions or long segments
-# run L2-bound on 128 x 128 tiles (32 KiB of operands per 4 MFLOP K block), and a cluster of two
-# CTAs that multicasts one operand cuts those reads by a quarter. On one H100, against one CTA
-# launched without a cluster attribute in the same 5 round-robin passes
+# On 128 x 128 tiles (N % 256 == 128) the public ops pick the cluster per call (`choose_cluster`):
+# long reductions or long segments run L2-bound there (32 KiB of operands per 4 MFLOP K block),
+# and a cluster of two CTAs that multicasts one operand cuts those reads by a quarter. On one
+# H100, against one CTA launched without a cluster attribute in the same 5 round-robin passes
 # (bench/results/fp8_H100_launch_fix_clusters.txt): (2, 1) ran 4-8% faster at DeepGEMM's shape
 # (4 x 8192 rows, N 4096) for K 2048-7168 and at dsv3-local's W2 (K 2048, 2048 rows per expert),
 # 3% at moonlight's W2 (K 1408, 1536 rows); one CTA was fastest or tied at moonlight's W13 (K 2048,
@@ -51,33 +51,35 @@ _FP8 = torch.float8_e4m3fn
 LONG_CLUSTER = {"bf16": (2, 1), "swiglu_quant": (1, 2)}
 CLUSTER_MIN_K = 4096
 CLUSTER_MIN_ROWS_PER_EXPERT = 2048
-# The CTA tile of the same long problems, where N allows it: the bf16 GEMM runs 128 x 256 tiles
-# (`cute.grouped_gemm_fp8_wide`: 25% fewer operand bytes per FLOP than 128 x 128, and with the
-# (2, 1) cluster's multicast of B half of them). On one H100, against (2, 1) on 128 x 128 in the
-# same round-robin passes of four runs (bench/results/fp8_H100_wide.txt): 6-15% faster at
-# dsv3-local's W13 in all four; at DeepGEMM's shape 11%, 8% and 3% faster, once 0.7% slower.
-# swiglu_quant keeps 128 x 128 (paired halves): 128 x 256 was 3% faster to 3% slower at
-# dsv3-local and 6-10% slower at moonlight.
-LONG_TILE = {"bf16": (128, 256), "swiglu_quant": None}
+# The CTA tile: wherever N % 256 == 0 both epilogues run one CTA on 128 x 256 tiles
+# (`cute.grouped_gemm_fp8_wide`, 25% fewer operand bytes per FLOP than 128 x 128) with both
+# column halves' scales read before a K block's first wait (`kernel_config(early_scales=True)`).
+# On one H100, in paired rounds (bench/ab_fp8.py, bench/results/fp8_H100_ab_wide.txt), one CTA
+# on 128 x 256 ran 4-7% faster than the (2, 1) cluster on it at every W13 and W2 shape and at
+# DeepGEMM's (40 of 40 rounds each), and 5-13% faster than one CTA on 128 x 128 at super's and
+# moonlight's W13; swiglu_quant on it was 2-3% faster than the 128 x 128 kernel at moonlight and
+# super and 5-6% faster at dsv3-local. (The clusters had won against a one-CTA launch that
+# carried a cluster attribute; the wide tile was not re-measured on one CTA after that fix.)
+WIDE_TILE = (128, 256)
 
 
 def choose_config(
     epilogue: str, num_rows: int, n: int, k: int, num_experts: int
 ) -> tuple[tuple[int, int], tuple[int, int] | None]:
-    """(cluster, tile) the public ops launch: `LONG_CLUSTER` and `LONG_TILE` where K >=
-    `CLUSTER_MIN_K` or the experts average at least `CLUSTER_MIN_ROWS_PER_EXPERT` rows (the
-    wide tile only where N % 256 == 0), else one CTA on 128 x 128 tiles (None). Every cluster
-    and tile writes the same bits (GPU tests), so the choice only moves time."""
-    cluster = choose_cluster(epilogue, num_rows, k, num_experts)
-    tile = LONG_TILE[epilogue] if cluster != (1, 1) else None
-    if tile is not None and n % tile[1]:
-        tile = None
-    return cluster, tile
+    """(cluster, tile) the public ops launch: one CTA on `WIDE_TILE` where N % 256 == 0;
+    otherwise 128 x 128 tiles (None) with `choose_cluster`'s cluster. Every cluster and tile
+    writes the same bits (GPU tests), so the choice only moves time."""
+    if epilogue not in LONG_CLUSTER:
+        raise ValueError(f"epilogue must be one of {tuple(LONG_CLUSTER)}, got {epilogue!r}")
+    if n % WIDE_TILE[1] == 0:
+        return (1, 1), WIDE_TILE
+    return choose_cluster(epilogue, num_rows, k, num_experts), None
 
 
 def choose_cluster(epilogue: str, num_rows: int, k: int, num_experts: int) -> tuple[int, int]:
-    """The cluster the public ops launch: `LONG_CLUSTER` where K >= `CLUSTER_MIN_K` or the
-    experts average at least `CLUSTER_MIN_ROWS_PER_EXPERT` rows, else one CTA. Every
+    """The cluster of the 128 x 128 tile (N % 256 == 128, `choose_config`): `LONG_CLUSTER`
+    where K >= `CLUSTER_MIN_K` or the experts average at least `CLUSTER_MIN_ROWS_PER_EXPERT`
+    rows, else one CTA. Every
     cluster shape writes the same bits (GPU test), so the choice only moves time."""
     if epilogue not in LONG_CLUSTER:
         raise ValueError(f"epilogue must be one of {tuple(LONG_CLUSTER)}, got {epilogue!r}")

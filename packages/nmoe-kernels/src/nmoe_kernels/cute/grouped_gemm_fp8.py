@@ -63,9 +63,11 @@ tile past its segment's rows or past N (odd tile counts) runs the mainloop and s
 On one H200, clusters of 2 stayed within run-to-run noise of 1 x 1 with the overlapped
 mainloop before the epilogue overlap (bench/results/fp8_H200_clusters.txt); with the current
 mainloop on one H100 (2, 1) gains 4-8% at long reductions or long segments and nothing at
-moonlight's W13 (bench/results/fp8_H100_launch_fix_clusters.txt), so the public ops choose per
-call (`nmoe_kernels.grouped_gemm_fp8.choose_cluster`); `kernel_config`'s default stays one CTA,
-launched without a cluster attribute (which cost up to 9%).
+moonlight's W13 on 128 x 128 tiles (bench/results/fp8_H100_launch_fix_clusters.txt), but one CTA
+on 128 x 256 tiles beats every cluster (bench/results/fp8_H100_ab_wide.txt), so the public ops
+(`nmoe_kernels.grouped_gemm_fp8.choose_config`) use clusters only on 128 x 128 tiles, where N %
+256 == 128; `kernel_config`'s default stays one CTA, launched without a cluster attribute (which
+cost up to 9%).
 
 Epilogue under the next column tile (``KernelConfig.epi_overlap``, the default): after a column
 tile's K loop, the warpgroups issue the first K block of the next column tile before they run
@@ -136,7 +138,7 @@ EPILOGUES = ("bf16", "swiglu_quant")
 # (CTAs along M, CTAs along N) of a cluster, per epilogue, and whether the mainloop promotes K
 # block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/
 # fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere;
-# the public ops choose a cluster per call (nmoe_kernels.grouped_gemm_fp8.LONG_CLUSTER).
+# the public ops choose a cluster and tile per call (nmoe_kernels.grouped_gemm_fp8.choose_config).
 # epi_overlap and fast_silu: bench/results/fp8_H100_epilogue_overlap.txt, fp8_H200.txt (rows: e
 # gains at super and moonlight on both cards and at K = 7168 on the H200; on the H100 it was 5-6%
 # slower at K = 7168, inside that shape's ~10% noise).
@@ -170,6 +172,9 @@ class KernelConfig:
     # tile order inside an expert: bands of this many column groups, every row tile of a band
     # before the next band (0: none; n_major is band 1)
     band: int = 0
+    # 128 x 256: read both column halves' scales of a K block before its first wait (else the
+    # second half's after its wgmmas are issued, where ptxas put the scale product between them)
+    early_scales: bool = True
 
     @property
     def tile_band(self) -> int:
@@ -242,6 +247,7 @@ def kernel_config(
     cluster_launch: bool = False,
     stages: int | None = None,
     band: int = 0,
+    early_scales: bool = True,
 ) -> KernelConfig:
     """The tile shape, stage count, cluster shape and mainloop used for ``epilogue``.
 
@@ -269,6 +275,11 @@ def kernel_config(
     ``cluster_launch`` (diagnostic) launches one CTA with a 1 x 1 x 1
     cluster attribute, as the kernel did before 2026-11-27. ``stages`` (diagnostic) caps the
     pipeline stages below the most that fit in shared memory (None: the most, at most 8).
+    ``early_scales`` (128 x 256 only; default on): read both column halves' scales of a K block
+    before the block's first wgmma wait. Off, the second half's are read after its wgmmas are
+    issued, and ptxas then waits on that shared-memory load between the wgmmas (Nsight Compute,
+    bench/results/fp8_H100_ncu_probe.txt); on is 0-2% faster (bench/results/fp8_H100_ab_wide.txt).
+    Same bits.
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
@@ -319,6 +330,7 @@ def kernel_config(
         bool(n_major),
         bool(cluster_launch),
         int(band),
+        bool(early_scales and wide),
     )
 
 

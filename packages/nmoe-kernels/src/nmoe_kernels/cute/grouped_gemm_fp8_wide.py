@@ -70,12 +70,15 @@ class Fp8WideMixin:
         half's scales read from the stage's slot before its wait)."""
         t_c_ra, t_c_rb1, acc0, acc1, partial, mainloop, sc = k
         s_lo0, s_hi0 = self._block_scales(sc, state.index)
+        if const_expr(self.config.early_scales):
+            s_lo1, s_hi1 = self._block_scales(sc, state.index, 1)
         cute.nvgpu.warpgroup.wait_group(0)
         self._promote(acc0, partial, s_lo0, s_hi0)
         tiled_mma = self._issue_block(
             tiled_mma, partial, t_c_ra, t_c_rb1, state.index, cute.size(t_c_ra, mode=[2])
         )
-        s_lo1, s_hi1 = self._block_scales(sc, state.index, 1)
+        if const_expr(not self.config.early_scales):
+            s_lo1, s_hi1 = self._block_scales(sc, state.index, 1)
         cute.nvgpu.warpgroup.wait_group(0)
         mainloop.consumer_release(state)
         state.advance()
