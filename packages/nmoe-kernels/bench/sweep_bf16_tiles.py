@@ -70,10 +70,11 @@ class Config:
 
     def run(self, fn):
         saved = (kmod.choose_tile_n, dict(grouped_gemm.RASTER), dict(grouped_gemm.CLUSTER),
-                 dict(grouped_gemm._compiled))
+                 dict(grouped_gemm._compiled), grouped_gemm.wgrad_tile_n)
         if self.module is not None:  # the public ops import compile_kernel at compile time
             sys.modules[kmod.__name__] = self.module
         kmod.choose_tile_n = lambda gemm_n, op: self.tile_n
+        grouped_gemm.wgrad_tile_n = lambda dim_n, num_rows, num_experts: self.tile_n
         for op in grouped_gemm.RASTER:
             grouped_gemm.RASTER[op] = self.raster
             grouped_gemm.CLUSTER[op] = self.cluster
@@ -85,6 +86,7 @@ class Config:
             sys.modules[kmod.__name__] = kmod
             self.cache.update(grouped_gemm._compiled)
             kmod.choose_tile_n = saved[0]
+            grouped_gemm.wgrad_tile_n = saved[4]
             grouped_gemm.RASTER.update(saved[1])
             grouped_gemm.CLUSTER.update(saved[2])
             grouped_gemm._compiled.clear()
@@ -93,8 +95,8 @@ class Config:
 
 def load_base_kernel(path: str):
     """The kernel module at ``path`` under a name of its own, wrapped so that the public ops can
-    compile from it: keyword arguments its ``compile_kernel`` lacks (``cluster``) must be at
-    their one-CTA defaults and are dropped."""
+    compile from it: keyword arguments its ``compile_kernel`` lacks (``cluster``, ``tile_n``)
+    must be at their defaults (one CTA, the kernel's own BN) and are dropped."""
     spec = importlib.util.spec_from_file_location("nmoe_base_grouped_gemm_bf16", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -102,8 +104,11 @@ def load_base_kernel(path: str):
     compile_base = module.compile_kernel
 
     def compile_kernel(*args, **kwargs):
+        defaults = {"cluster": (1, 1), "tile_n": None}
         for name in set(kwargs) - accepted:
-            if name != "cluster" or tuple(kwargs[name]) != (1, 1):
+            value = kwargs[name]
+            if name not in defaults or (tuple(value) if name == "cluster" else value) != (
+                    defaults[name]):
                 raise ValueError(f"--base-kernel: its compile_kernel has no {name!r}")
             del kwargs[name]
         return compile_base(*args, **kwargs)
@@ -192,7 +197,10 @@ def main() -> None:
     for shape, op in cases:
         ours, base, flops, gemm_n, default_raster, default_cluster = make_case(
             shape, op, torch.float32 if args.wgrad_dtype == "f32" else torch.bfloat16)
+        tokens, top_k, _, _, experts = SHAPES[shape]
         default_bn = kmod.choose_tile_n(gemm_n, KERNEL_OP[op])
+        if KERNEL_OP[op] == "wgrad":
+            default_bn = grouped_gemm.wgrad_tile_n(gemm_n, tokens * top_k, experts) or default_bn
         reference = ours()
         configs = [Config(t, r, c) for t in args.tile_n or [default_bn]
                    for r in args.rasters or [default_raster]

@@ -172,3 +172,26 @@ def test_cluster_rule():
     for op in ("fwd", "swiglu", "dgrad"):
         for shape in (sup, moon, dsv3):
             assert choose_cluster(op, 7168, 4096, *shape) == (1, 1)
+
+
+def test_wgrad_tile_rule_and_compile_kernel_takes_the_tile():
+    """wgrad runs BN 192 where 192 divides dw's N and the experts average < 1024 rows (super's
+    wgrads), else the kernel's own `choose_tile_n`; `compile_kernel(tile_n=...)` builds it."""
+    from nmoe_kernels.grouped_gemm import WGRAD_SHORT_MAX_ROWS_PER_EXPERT, wgrad_tile_n
+
+    sup, moon, dsv3 = (229376, 256), (98304, 64), (65536, 32)
+    assert wgrad_tile_n(768, *sup) == 192  # super wgrad W2 (dw 384 x 768) and W13 (768 x 768)
+    assert wgrad_tile_n(384, *sup) == 192
+    assert wgrad_tile_n(1000, *sup) is None  # 192 does not divide N
+    for n in (2048, 2816, 7168, 4096, 768):
+        assert wgrad_tile_n(n, *moon) is None and wgrad_tile_n(n, *dsv3) is None
+    rows = WGRAD_SHORT_MAX_ROWS_PER_EXPERT * 8
+    assert wgrad_tile_n(768, rows - 1, 8) == 192
+    assert wgrad_tile_n(768, rows, 8) is None
+    assert wgrad_tile_n(768, 0, 0) == 192
+    compiled = compile_kernel("wgrad", 768, 768, "sm_90a", keep_ptx=True, tile_n=192)
+    ptx = compiled.artifacts.PTX
+    if os.path.isfile(ptx):
+        ptx = open(ptx).read()
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n192k16\.f32\.bf16\.bf16", ptx)
+    assert "m64n256k16" not in ptx

@@ -52,6 +52,10 @@ WGRAD_RASTER_N_BYTES = 16 << 20
 CLUSTER = {"fwd": "auto", "swiglu": "auto", "dgrad": "auto", "wgrad": "auto"}
 # wgrad pairs dw row blocks (2 x 1) only where an expert's K loop (its rows) is at least this long.
 CLUSTER_MIN_ROWS_PER_EXPERT = 1024
+# wgrad takes BN 192 where it divides dw's N and the experts average fewer rows than this (short
+# K loops): more, smaller dw tiles (`wgrad_tile_n`).
+WGRAD_SHORT_TILE_N = 192
+WGRAD_SHORT_MAX_ROWS_PER_EXPERT = 1024
 _persistent_ctas: dict[tuple[int, int], int] = {}  # (device, cluster size) -> persistent CTAs
 
 
@@ -183,15 +187,31 @@ def choose_cluster(op: str, dim_k: int, dim_n: int, num_rows: int,
     return (1, 1)
 
 
+def wgrad_tile_n(dim_n: int, num_rows: int, num_experts: int) -> int | None:
+    """BN of the wgrad kernel: `WGRAD_SHORT_TILE_N` (192) where it divides dw's N and the
+    experts average fewer than `WGRAD_SHORT_MAX_ROWS_PER_EXPERT` rows, else None (the kernel's
+    own `choose_tile_n`: 256 wherever it pads N by <= 10%).
+
+    Same bits at any BN. Measured on one H100 at super's wgrads (896 rows per expert, dw blocks
+    384 x 768 and 768 x 768) in two sweeps of 15 and 21 round-robin passes
+    (`bench/results/bf16_H100_paired.txt`): BN 192 ran 2-5% faster than 256 in every pairing,
+    with a bf16 and with a float32 dw -- 4 column tiles per dw block instead of 3, so 33% more
+    and shorter tiles share the SMs and their non-overlapped epilogues."""
+    if (dim_n % WGRAD_SHORT_TILE_N == 0
+            and num_rows < WGRAD_SHORT_MAX_ROWS_PER_EXPERT * max(num_experts, 1)):
+        return WGRAD_SHORT_TILE_N
+    return None
+
+
 def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,
-            out_dtype: str, raster: str, cluster: tuple[int, int]):
+            out_dtype: str, raster: str, cluster: tuple[int, int], tile_n: int | None = None):
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: the BF16 grouped GEMM kernels are written for sm_90a (H100/H200); this GPU "
             f"is sm_{major}{minor}. Use nmoe_kernels.reference.grouped_gemm or torch._grouped_mm."
         )
-    key = (op, dim_k, dim_n, raster, weight_nk, out_dtype, cluster)
+    key = (op, dim_k, dim_n, raster, weight_nk, out_dtype, cluster, tile_n)
     kernel = _compiled.get(key)
     if kernel is None:
         with _compile_lock:
@@ -201,7 +221,7 @@ def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.devi
 
                 kernel = compile_kernel(
                     op, dim_k, dim_n, "sm_90a", raster=raster, weight_nk=weight_nk,
-                    out_dtype=out_dtype, cluster=cluster,
+                    out_dtype=out_dtype, cluster=cluster, tile_n=tile_n,
                 )
                 _compiled[key] = kernel
     return kernel
@@ -243,8 +263,9 @@ def _launch(
     cluster = CLUSTER[op]
     cluster = (choose_cluster(op, dim_k, dim_n, num_rows, num_experts) if cluster == "auto"
                else tuple(cluster))
+    tile_n = wgrad_tile_n(dim_n, num_rows, num_experts) if op == "wgrad" else None
     kernel = _kernel(op, dim_k, dim_n, weight_nk, device, "f32" if c_f32 else "bf16", raster,
-                     cluster)
+                     cluster, tile_n)
     index = device.index if device.index is not None else torch.cuda.current_device()
     num_ctas = _grid(index, cluster[0] * cluster[1])
     gmem = cute.AddressSpace.gmem

@@ -811,13 +811,14 @@ def compile_kernel(
     weight_nk: bool = False,
     out_dtype: str = "bf16",
     cluster: tuple[int, int] = (1, 1),
+    tile_n: int | None = None,
 ):
     """Compile the kernel for (op, K, N) for ``arch`` without touching a GPU.
 
     M (rows) and E (experts) stay runtime arguments, so one compile serves every token count
-    and routing (``raster``, ``weight_nk``, ``out_dtype`` and ``cluster`` as in
-    `GroupedGemmBf16Sm90`; launch a clustered kernel on a multiple of its cluster size).
-    Returns the compiled callable
+    and routing (``raster``, ``weight_nk``, ``out_dtype``, ``cluster`` and ``tile_n`` (None:
+    `choose_tile_n`) as in `GroupedGemmBf16Sm90`; launch a clustered kernel on a multiple of
+    its cluster size). Returns the compiled callable
     ``f(a_ptr, b_ptr, c_ptr, offsets_ptr, num_rows, num_experts, num_ctas, stream)``; with
     ``keep_ptx`` its ``artifacts.PTX`` holds the PTX text. CuTeDSL also keeps compiled binaries
     in its file cache (``CUTE_DSL_CACHE_DIR``), keyed by the generated IR, so a later process
@@ -825,8 +826,8 @@ def compile_kernel(
     """
     from cutlass.cute.runtime import make_fake_stream, make_ptr
 
-    kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, raster=raster, weight_nk=weight_nk,
-                                 out_dtype=out_dtype, cluster=cluster)
+    kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, tile_n=tile_n, raster=raster,
+                                 weight_nk=weight_nk, out_dtype=out_dtype, cluster=cluster)
     options = [cute.GPUArch(arch)]
     if keep_ptx:
         options.append(cute.KeepPTX(True))
