@@ -192,8 +192,8 @@ def wgrad_tile_n(dim_n: int, num_rows: int, num_experts: int) -> int | None:
     experts average fewer than `WGRAD_SHORT_MAX_ROWS_PER_EXPERT` rows, else None (the kernel's
     own `choose_tile_n`: 256 wherever it pads N by <= 10%).
 
-    Same bits at any BN. Measured on one H100 at super's wgrads (896 rows per expert, dw blocks
-    384 x 768 and 768 x 768) in two sweeps of 15 and 21 round-robin passes
+    Same bits at any BN. Measured on H100s at super's wgrads (896 rows per expert, dw blocks
+    384 x 768 and 768 x 768) in three sweeps of 15-21 round-robin passes on two machines
     (`bench/results/bf16_H100_paired.txt`): BN 192 ran 2-5% faster than 256 in every pairing,
     with a bf16 and with a float32 dw -- 4 column tiles per dw block instead of 3, so 33% more
     and shorter tiles share the SMs and their non-overlapped epilogues."""
