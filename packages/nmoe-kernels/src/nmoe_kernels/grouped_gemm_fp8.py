@@ -56,7 +56,7 @@ CLUSTER_MIN_ROWS_PER_EXPERT = 2048
 # column halves' scales read before a K block's first wait (`kernel_config(early_scales=True)`).
 # On one H100, in paired rounds (bench/ab_fp8.py, bench/results/fp8_H100_ab_wide.txt), one CTA
 # on 128 x 256 ran 4-7% faster than the (2, 1) cluster on it at every W13 and W2 shape and at
-# DeepGEMM's (40 of 40 rounds each), and 5-13% faster than one CTA on 128 x 128 at super's and
+# DeepGEMM's (40 of 40 rounds each), and 10-14% faster than one CTA on 128 x 128 at super's and
 # moonlight's W13; swiglu_quant on it was 2-3% faster than the 128 x 128 kernel at moonlight and
 # super and 5-6% faster at dsv3-local. (The clusters had won against a one-CTA launch that
 # carried a cluster attribute; the wide tile was not re-measured on one CTA after that fix.)
@@ -78,8 +78,8 @@ def choose_config(
 def choose_cluster(epilogue: str, num_rows: int, k: int, num_experts: int) -> tuple[int, int]:
     """The cluster of the 128 x 128 tile (N % 256 == 128, `choose_config`): `LONG_CLUSTER`
     where K >= `CLUSTER_MIN_K` or the experts average at least `CLUSTER_MIN_ROWS_PER_EXPERT`
-    rows, else one CTA. Every
-    cluster shape writes the same bits (GPU test), so the choice only moves time."""
+    rows, else one CTA. Every cluster shape writes the same bits (GPU test), so the choice only
+    moves time."""
     if epilogue not in LONG_CLUSTER:
         raise ValueError(f"epilogue must be one of {tuple(LONG_CLUSTER)}, got {epilogue!r}")
     if k >= CLUSTER_MIN_K or num_rows >= CLUSTER_MIN_ROWS_PER_EXPERT * max(num_experts, 1):
