@@ -286,7 +286,7 @@ def main() -> None:
         rows += [dict(r, **env) for r in bench_shape(
             name, args.iters, args.raster_experiment, args.rounds, ceilings)]
         torch.cuda.empty_cache()
-    verdicts = evaluate(rows, BF16_TARGETS)
+    verdicts = evaluate(rows, BF16_TARGETS, ceilings)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(rows=rows, ceilings=ceilings, targets=verdicts), f, indent=1)

@@ -514,7 +514,7 @@ def main() -> None:
               f"{floor_column(r):>8}")
     print("baselines: w13_* and deepgemm_shape vs torch._scaled_grouped_mm (rowwise scales); "
           "mlp_fwd_fp8 vs bf16 torch._grouped_mm W13 + silu*up + W2")
-    verdicts = evaluate(rows, FP8_TARGETS)
+    verdicts = evaluate(rows, FP8_TARGETS, CEILINGS)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(rows=rows, ceilings=CEILINGS, targets=verdicts), fh, indent=1)

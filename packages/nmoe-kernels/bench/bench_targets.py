@@ -10,8 +10,15 @@ the floor ("compute" or "bytes").
 
 `evaluate` turns rows into one verdict per target: the measured value, the target, met or missed
 and by how much. The bench scripts print them under their tables and add them to the JSON.
+
+The H100s here hold their 700 W power limit through any long dense GEMM: the SM clock falls from
+1980 MHz to ~1300 MHz within a fraction of a second (`clock_probe.py`), so a dsv3-local-sized op
+cannot run at the cool card's dense rate. `measure_ceilings` therefore also holds the dense
+product for 1.5 s, and a missed compute-bound target reports the TFLOP/s it needs as a share of
+that sustained rate.
+
 Imported by the sibling scripts, which run from this directory; the functions but
-`measure_ceilings` need no GPU (CPU tests: tests/test_bench_targets.py).
+`measure_ceilings` and `sustained_ms` need no GPU (CPU tests: tests/test_bench_targets.py).
 """
 
 from __future__ import annotations
@@ -76,10 +83,13 @@ def floor_column(row: dict) -> str:
     return f"{100 * row['of_floor']:.0f}% {row['bound'][0]}"
 
 
-def evaluate(rows: list[dict], targets) -> list[dict]:
+def evaluate(rows: list[dict], targets, ceilings: dict | None = None) -> list[dict]:
     """One verdict per target from the rows (``op``, ``case``, ``ratio``, ``tflops`` and, where
-    known, ``of_floor`` / ``bound``): measured value, met, and the shortfall in percent of the
-    target. A target whose row is absent (shape not run, op left out) is reported as such."""
+    known, ``of_floor`` / ``bound``, ``baseline_tflops``): measured value, met, and the
+    shortfall in percent of the target. A target whose row is absent (shape not run, op left
+    out) is reported as such. For a missed target on a compute-bound row, with ``ceilings``
+    holding the dense product's sustained rate: the TFLOP/s the target needs and that rate's
+    share of the sustained dense rate (above 1: more than the vendor's dense GEMM holds)."""
     verdicts = []
     for t in targets:
         row = next((r for r in rows if r.get("op") == t.op and r.get("case") == t.case), None)
@@ -93,8 +103,21 @@ def evaluate(rows: list[dict], targets) -> list[dict]:
             verdict.update(met=met, shortfall_pct=0.0 if met else 100 * (1 - value / t.threshold))
             if row.get("of_floor") is not None:
                 verdict.update(of_floor=row["of_floor"], bound=row["bound"])
+            needed = needed_tflops(t, row)
+            held = (ceilings or {}).get("dense_sustained_tflops")
+            if not met and needed and held and row.get("bound") == "compute":
+                verdict.update(needed_tflops=needed, needed_of_sustained=needed / held)
         verdicts.append(verdict)
     return verdicts
+
+
+def needed_tflops(t: Target, row: dict) -> float | None:
+    """The TFLOP/s at which ``row`` would meet ``t``: the threshold itself, or for a ratio the
+    threshold times the baseline's TFLOP/s in the same run (None if that is not in the row)."""
+    if t.metric == "tflops":
+        return t.threshold
+    base = row.get("baseline_tflops")
+    return t.threshold * base if base else None
 
 
 def format_verdict(v: dict) -> str:
@@ -105,6 +128,9 @@ def format_verdict(v: dict) -> str:
     line = f"{v['target']}: {value} {status}"
     if "of_floor" in v:
         line += f" (runs at {100 * v['of_floor']:.0f}% of its {v['bound']} floor)"
+    if "needed_tflops" in v:
+        line += (f"; meeting it needs {v['needed_tflops']:.0f} TFLOP/s, "
+                 f"{100 * v['needed_of_sustained']:.0f}% of the dense GEMM's sustained rate")
     return line
 
 
@@ -114,36 +140,62 @@ def print_verdicts(verdicts: list[dict], ceilings: dict | None) -> None:
         print(f"  ceilings measured in this run: {ceilings['dense']} "
               f"{ceilings['dense_tflops']:.0f} TFLOP/s, device copy "
               f"{ceilings['copy_gbs']:.0f} GB/s (read + write)")
+        if ceilings.get("dense_sustained_tflops"):
+            print(f"  the same dense product held back to back for 1.5 s (second half): "
+                  f"{ceilings['dense_sustained_tflops']:.0f} TFLOP/s (the card's power cap)")
     for v in verdicts:
         print("  " + format_verdict(v))
 
 
-def _dense_ms(dtype: str, size: int, timer, device: str) -> tuple[str, float]:
-    """(what, ms) of one dense ``size``-cubed product in ``dtype`` through torch."""
+def _dense_product(dtype: str, size: int, device: str):
+    """(what, callable) of one dense ``size``-cubed product in ``dtype`` through torch."""
     if dtype not in ("fp8", "bf16"):
         raise ValueError(f"measure_ceilings: dtype must be 'fp8' or 'bf16', got {dtype!r}")
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     if dtype == "bf16":
-        return f"torch.mm bf16 {size}^3", timer(lambda: torch.mm(a, b))
+        return f"torch.mm bf16 {size}^3", lambda: torch.mm(a, b)
     a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
     one = torch.ones((), device=device, dtype=torch.float32)
-    ms = timer(lambda: torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16))
-    return f"torch._scaled_mm fp8 {size}^3", ms
+    return (f"torch._scaled_mm fp8 {size}^3",
+            lambda: torch._scaled_mm(a8, b8.t(), one, one, out_dtype=torch.bfloat16))
+
+
+def sustained_ms(fn, seconds: float, first_ms: float) -> float:
+    """Median time of the second half of ``fn`` called back to back for about ``seconds``
+    (``first_ms``: one call's time, to size the run). On a power-capped card (the H100s here:
+    700 W, reached by every large FP8 GEMM within ~0.2 s, `bench/clock_probe.py`) the clock
+    falls during such a run, so this is the rate a long op can hold, not the cool card's."""
+    calls = max(20, int(seconds * 1e3 / max(first_ms, 1e-3)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(calls)]
+    torch.cuda.synchronize()
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events[calls // 2:])
+    return times[len(times) // 2]
 
 
 def measure_ceilings(dtype: str, timer, size: int = 8192, copy_bytes: int = 1 << 30,
-                     device: str = "cuda") -> dict:
+                     device: str = "cuda", sustain_s: float = 1.5) -> dict:
     """The card's two ceilings through torch on ``device``: the dense product of
     two ``size`` x ``size`` matrices in ``dtype`` ("fp8": `torch._scaled_mm` e4m3 with tensor
     scales, bf16 out; "bf16": `torch.mm`), and a copy of ``copy_bytes`` (read + write counted).
-    ``timer(fn) -> ms`` is the bench's median timer. Random inputs, never zeros."""
-    what, dense_ms = _dense_ms(dtype, size, timer, device)
+    ``timer(fn) -> ms`` is the bench's median timer. Random inputs, never zeros. Also the dense
+    product's rate held over ``sustain_s`` seconds (`sustained_ms`; 0 skips it): what a
+    compute-bound op as long as dsv3-local's can reach on a power-capped card."""
+    what, product = _dense_product(dtype, size, device)
+    dense_ms = timer(product)
+    held_ms = sustained_ms(product, sustain_s, dense_ms) if sustain_s > 0 else None
     src = torch.randn(copy_bytes // 4, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     copy_ms = timer(lambda: dst.copy_(src))
     return dict(
         dense=what,
         dense_tflops=2 * size**3 / dense_ms / 1e9,
+        dense_sustained_tflops=2 * size**3 / held_ms / 1e9 if held_ms else None,
         copy_gbs=2 * copy_bytes / copy_ms / 1e6,
     )

@@ -68,6 +68,35 @@ def test_evaluate_meets_misses_and_absent(targets):
     assert lines[2] == "mlp_fwd_fp8 at dsv3-local >= 1.5x baseline: not measured in this run"
 
 
+def test_missed_compute_target_reports_the_rate_it_needs(targets):
+    """A missed ratio target on a compute-bound row: threshold x the baseline's TFLOP/s, and
+    that as a share of the dense product's sustained rate; not for a bytes-bound row, a met
+    target, or without the sustained rate."""
+    rng = random.Random()
+    base_tf = rng.uniform(800, 1000)
+    held = rng.uniform(1100, 1300)
+    ceilings = dict(dense="x", dense_tflops=1400.0, copy_gbs=3000.0, dense_sustained_tflops=held)
+    t = targets.Target("w13_fp8", "dsv3-local", "ratio", 1.3)
+    ratio = rng.uniform(1.0, 1.2)
+    row = dict(op="w13_fp8", case="dsv3-local", ratio=ratio, tflops=ratio * base_tf,
+               baseline_tflops=base_tf, of_floor=0.7, bound="compute")
+    (v,) = targets.evaluate([row], [t], ceilings)
+    assert v["needed_tflops"] == pytest.approx(1.3 * base_tf)
+    assert v["needed_of_sustained"] == pytest.approx(1.3 * base_tf / held)
+    assert targets.format_verdict(v).endswith(
+        f"; meeting it needs {1.3 * base_tf:.0f} TFLOP/s, "
+        f"{100 * 1.3 * base_tf / held:.0f}% of the dense GEMM's sustained rate")
+    (v,) = targets.evaluate([dict(row, bound="bytes")], [t], ceilings)
+    assert "needed_tflops" not in v
+    (v,) = targets.evaluate([row], [t], dict(ceilings, dense_sustained_tflops=None))
+    assert "needed_tflops" not in v
+    (v,) = targets.evaluate([dict(row, ratio=1.31)], [t], ceilings)
+    assert v["met"] and "needed_tflops" not in v
+    tf = targets.Target("deepgemm_shape", "deepgemm K=7168", "tflops", 1150.0)
+    assert targets.needed_tflops(tf, {}) == 1150.0
+    assert targets.needed_tflops(t, {}) is None
+
+
 def test_issue_targets_listed(targets):
     fp8 = {(t.op, t.case): (t.metric, t.threshold) for t in targets.FP8_TARGETS}
     assert fp8[("w13_fp8", "super")] == ("ratio", 3.0)
@@ -91,8 +120,10 @@ def test_measure_ceilings_counts_flops_and_bytes(targets):
 
     size = 128 * random.randrange(1, 3)
     for dtype in ("fp8", "bf16"):
-        got = targets.measure_ceilings(dtype, timer, size=size, copy_bytes=1 << 12, device="cpu")
+        got = targets.measure_ceilings(dtype, timer, size=size, copy_bytes=1 << 12, device="cpu",
+                                       sustain_s=0)  # the sustained run needs CUDA events
         assert got["dense_tflops"] == pytest.approx(2 * size**3 / 2.0 / 1e9)
+        assert got["dense_sustained_tflops"] is None
         assert got["copy_gbs"] == pytest.approx(2 * (1 << 12) / 2.0 / 1e6)
         assert dtype in got["dense"]
         product, copied = calls[-2:]
