@@ -20,7 +20,8 @@ Workloads (`WORKLOADS`): the dense ceilings (``fp8_dense``: torch._scaled_mm 819
 scaled to amax 448 with rowwise scales, the grouped ops' data;
 ``bf16_dense``: torch.mm 8192^3), the FP8 W13 GEMM at dsv3-local and DeepGEMM's shape (ours:
 the public op; ``_torch``: torch._scaled_grouped_mm rowwise; ``_noepi``: our kernel without its
-epilogue, variant ``1x1eWhs``), and the BF16 expert MLP forward at dsv3-local (ours and torch).
+epilogue, variant ``1x1eWhs``; ``@<variant>``: any kernel variant, e.g. ``fp8_w13_dsv3@2x1eWh``),
+and the BF16 expert MLP forward at dsv3-local (ours and torch).
 Between workloads the card idles ``--gap`` seconds; ``--rounds`` repeats the list, odd rounds in
 reverse order.
 """
@@ -182,6 +183,12 @@ def build_workloads(names: list[str]) -> dict:
         if f"fp8_w13_{tag}_noepi" in wanted:
             out[f"fp8_w13_{tag}_noepi"] = (
                 fp8.cluster_variant("bf16", "1x1eWhs", xq, xs, wq, ws, offsets), flops)
+        for name in wanted:
+            if "@" in name:  # a kernel variant (bench_grouped_fp8.py --clusters syntax)
+                fn = fp8.cluster_variant("bf16", name.split("@", 1)[1], xq, xs, wq, ws, offsets)
+                if fn is None:
+                    raise SystemExit(f"--workloads: {name}: N is not a whole number of its tiles")
+                out[name] = (fn, flops)
         if f"fp8_w13_{tag}_torch" in wanted:
             x = torch.randn(xq.shape, device="cuda", dtype=torch.bfloat16)
             xr, xr_s = fp8.rowwise_quant(x)
@@ -218,6 +225,22 @@ def build_workloads(names: list[str]) -> dict:
 WORKLOADS = ("fp8_dense", "fp8_dense_scaled", "fp8_w13_dsv3", "fp8_w13_dsv3_noepi",
              "fp8_w13_dsv3_torch", "fp8_w13_deepgemm", "fp8_w13_deepgemm_torch", "bf16_dense",
              "bf16_mlp_dsv3", "bf16_mlp_dsv3_torch")
+
+
+def is_variant(name: str) -> bool:
+    """``fp8_w13_dsv3@<variant>`` / ``fp8_w13_deepgemm@<variant>``: that kernel variant
+    (`bench_grouped_fp8.parse_variant`, checked here) on the shape's W13 operands."""
+    shape, _, variant = name.partition("@")
+    if shape not in ("fp8_w13_dsv3", "fp8_w13_deepgemm") or not variant:
+        return False
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_grouped_fp8 as fp8
+
+    try:
+        fp8.parse_variant(variant)
+    except ValueError as err:
+        raise SystemExit(f"--workloads: {name}: {err}") from None
+    return True
 
 
 def run_sustained(fn, seconds: float) -> tuple[list[float], list[tuple[float, float]]]:
@@ -262,7 +285,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     names = [w for w in args.workloads.split(",") if w]
-    unknown = [w for w in names if w not in WORKLOADS]
+    unknown = [w for w in names if w not in WORKLOADS and not is_variant(w)]
     if unknown:
         raise SystemExit(f"--workloads: unknown {unknown}; known: {', '.join(WORKLOADS)}")
     import torch

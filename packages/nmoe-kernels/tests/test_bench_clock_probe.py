@@ -1,4 +1,5 @@
-"""clock_probe.py's nvidia-smi parsing and per-workload summary (CPU; no GPU, no nvidia-smi)."""
+"""clock_probe.py's nvidia-smi parsing and per-workload summary, and launch_overhead.py's host timer
+(CPU; no GPU, no nvidia-smi)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,26 @@ def test_unknown_workload_is_named(probe, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["clock_probe.py", "--workloads", "fp8_dense,nope"])
     with pytest.raises(SystemExit, match="nope"):
         probe.main()
+
+
+def test_variant_workloads_are_checked(probe):
+    assert probe.is_variant("fp8_w13_dsv3@2x1eWh")
+    assert probe.is_variant("fp8_w13_deepgemm@1x1eWh@3")
+    assert not probe.is_variant("fp8_w13_super@1x1eWh")
+    assert not probe.is_variant("fp8_w13_dsv3@")
+    with pytest.raises(SystemExit, match="want <M>x<N>"):
+        probe.is_variant("fp8_w13_dsv3@2x1q")
+
+
+def test_launch_overhead_host_timer(load_bench, monkeypatch):
+    """launch_overhead.host_us: the median host time per call, in microseconds (CPU: a sleeping
+    callable, the CUDA synchronisation stubbed out)."""
+    import time
+
+    import torch
+
+    bench = load_bench("launch_overhead")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    ms = random.uniform(0.5, 1.5)
+    us = bench.host_us(lambda: time.sleep(ms / 1e3), calls=15, warmup=1)
+    assert ms * 1e3 <= us < ms * 1e3 + 2000

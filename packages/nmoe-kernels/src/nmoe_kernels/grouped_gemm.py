@@ -30,6 +30,8 @@ import threading
 
 import torch
 
+from nmoe_kernels._launch import capability, cu_stream, device_index, ffi_function
+
 __all__ = [
     "grouped_gemm_bf16",
     "grouped_gemm_bf16_dgrad",
@@ -205,7 +207,7 @@ def wgrad_tile_n(dim_n: int, num_rows: int, num_experts: int) -> int | None:
 
 def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,
             out_dtype: str, raster: str, cluster: tuple[int, int], tile_n: int | None = None):
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability(device_index(device))
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: the BF16 grouped GEMM kernels are written for sm_90a (H100/H200); this GPU "
@@ -250,11 +252,6 @@ def _launch(
 ) -> None:
     """Run the (compiled on first use) kernel; C's dtype (bfloat16, or float32 for wgrad)
     selects the epilogue."""
-    import cutlass
-    import cutlass.cute as cute
-    from cuda.bindings import driver
-    from cutlass.cute.runtime import make_ptr
-
     device = a.device
     c_f32 = c.dtype == torch.float32
     raster = RASTER[op]
@@ -266,22 +263,41 @@ def _launch(
     tile_n = wgrad_tile_n(dim_n, num_rows, num_experts) if op == "wgrad" else None
     kernel = _kernel(op, dim_k, dim_n, weight_nk, device, "f32" if c_f32 else "bf16", raster,
                      cluster, tile_n)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     num_ctas = _grid(index, cluster[0] * cluster[1])
+    function = ffi_function(kernel)
+    if function is not None:  # TVM FFI: addresses, sizes and the stream as plain integers
+        kernel = function
+        args = (a.data_ptr(), b.data_ptr(), c.data_ptr(), offsets_E1.data_ptr(), num_rows,
+                num_experts, num_ctas, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        args = _cute_args(a, b, c, offsets_E1, num_rows, num_experts, num_ctas, device)
+    if index == torch.cuda.current_device():
+        kernel(*args)
+    else:  # the kernel launches into the current device's context
+        with torch.cuda.device(index):
+            kernel(*args)
+
+
+def _cute_args(a, b, c, offsets_E1, num_rows, num_experts, num_ctas, device) -> tuple:
+    """The compiled kernel's arguments as CuTeDSL objects (the default call path)."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    c_f32 = c.dtype == torch.float32
     gmem = cute.AddressSpace.gmem
-    stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
-    with torch.cuda.device(device):
-        kernel(
-            make_ptr(cutlass.BFloat16, a.data_ptr(), gmem, assumed_align=16),
-            make_ptr(cutlass.BFloat16, b.data_ptr(), gmem, assumed_align=16),
-            make_ptr(cutlass.Float32 if c_f32 else cutlass.BFloat16, c.data_ptr(), gmem,
-                     assumed_align=16),
-            make_ptr(cutlass.Int32, offsets_E1.data_ptr(), gmem, assumed_align=4),
-            cutlass.Int32(num_rows),
-            cutlass.Int32(num_experts),
-            cutlass.Int32(num_ctas),
-            stream,
-        )
+    return (
+        make_ptr(cutlass.BFloat16, a.data_ptr(), gmem, assumed_align=16),
+        make_ptr(cutlass.BFloat16, b.data_ptr(), gmem, assumed_align=16),
+        make_ptr(cutlass.Float32 if c_f32 else cutlass.BFloat16, c.data_ptr(), gmem,
+                 assumed_align=16),
+        make_ptr(cutlass.Int32, offsets_E1.data_ptr(), gmem, assumed_align=4),
+        cutlass.Int32(num_rows),
+        cutlass.Int32(num_experts),
+        cutlass.Int32(num_ctas),
+        cu_stream(torch.cuda.current_stream(device).cuda_stream),
+    )
 
 
 def _forward(op: str, x_MK, w_EKN, offsets_E1, out, out_cols_divisor: int):

@@ -30,6 +30,8 @@ import functools
 
 import torch
 
+from nmoe_kernels._launch import capability, device_index
+
 __all__ = [
     "grouped_gemm_fp8_blockscaled",
     "grouped_gemm_fp8_swiglu_quant",
@@ -114,7 +116,7 @@ def _check_device(op: str, **tensors: torch.Tensor) -> torch.device:
         elif t.device != device:
             raise ValueError(f"{op}: {name} is on {t.device} but the other inputs are on {device}")
     assert device is not None
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability(device_index(device))
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: needs an sm_90a GPU (H100/H200), got compute capability {major}.{minor}; "
@@ -209,6 +211,10 @@ def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dim
 
     num_rows, n, k, num_experts, aligned = dims
     cluster, tile = choose_config(epilogue, num_rows, n, k, num_experts)
+    index = device_index(device)
+    if index != torch.cuda.current_device():  # the kernel launches into the current context
+        with torch.cuda.device(index):
+            return _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dims)
     launch(
         _compiled(epilogue, ue8m0, cluster, tile),
         epilogue,
@@ -224,7 +230,7 @@ def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dim
         k,
         num_experts,
         aligned,
-        _num_sms(device.index if device.index is not None else torch.cuda.current_device()),
+        _num_sms(index),
         torch.cuda.current_stream(device).cuda_stream,
         cluster=cluster,
         tile=tile,

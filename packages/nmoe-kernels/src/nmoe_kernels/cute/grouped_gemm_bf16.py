@@ -826,11 +826,15 @@ def compile_kernel(
     """
     from cutlass.cute.runtime import make_fake_stream, make_ptr
 
+    from nmoe_kernels._launch import use_tvm_ffi
+
     kernel = GroupedGemmBf16Sm90(op, dim_k, dim_n, tile_n=tile_n, raster=raster,
                                  weight_nk=weight_nk, out_dtype=out_dtype, cluster=cluster)
     options = [cute.GPUArch(arch)]
     if keep_ptx:
         options.append(cute.KeepPTX(True))
+    if use_tvm_ffi():  # called with plain integers (nmoe_kernels._launch)
+        options.append(cute.EnableTVMFFI(True))
 
     def ptr(dtype):
         return make_ptr(dtype, 0, cute.AddressSpace.gmem, assumed_align=16)

@@ -101,6 +101,7 @@ zero fill); the epilogue stores only rows of the tile's own segment, via smem an
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cuda.bindings.driver as cuda
@@ -112,6 +113,7 @@ from cutlass import Float32, Int32, Int64, const_expr
 from cutlass.cute.runtime import make_ptr
 from cutlass.tensor_utils import LayoutEnum
 
+from .._launch import cu_stream, ffi_function, use_tvm_ffi
 from .grouped_gemm_fp8_epilogue import (
     BLOCK_K,
     SCALE_BLOCK_N,
@@ -898,6 +900,8 @@ def compile_kernel(
     options = "--gpu-arch=sm_90a"
     if ptx_dir is not None:
         options += f" --keep-ptx --dump-dir={ptx_dir}"
+    if use_tvm_ffi():  # `launch` then calls it with plain integers (nmoe_kernels._launch)
+        options += " --enable-tvm-ffi"
     return cute.compile(kernel, *pointers, *sizes, cuda.CUstream(0), options=options)
 
 
@@ -926,7 +930,8 @@ def launch(
 
     ``cluster`` and ``tile`` must be the ones the kernel was compiled with.
     """
-    config = kernel_config(epilogue, cluster=cluster, tile=tile)
+    config = _launch_config(epilogue, None if cluster is None else tuple(cluster),
+                            None if tile is None else tuple(tile))
     if n % config.sched_n:
         raise ValueError(
             f"N = {n} must be a multiple of {config.sched_n} for the {epilogue} kernel on "
@@ -938,6 +943,11 @@ def launch(
 
         max_clusters = max_active_clusters(config.cluster_size, torch.cuda.current_device())
     num_ctas = grid_size(num_rows, n, num_experts, config, num_sms, max_clusters)
+    function = ffi_function(compiled)
+    if function is not None:  # TVM FFI: addresses, sizes and the stream as plain integers
+        function(a, sfa, b, sfb, out, out_sf, offsets, num_rows, n, k, num_experts,
+                 rows_aligned, num_ctas, stream)
+        return
     compiled(
         *_pointer_args(epilogue, a, sfa, b, sfb, out, out_sf, offsets),
         Int32(num_rows),
@@ -946,5 +956,12 @@ def launch(
         Int32(num_experts),
         Int32(rows_aligned),
         Int32(num_ctas),
-        cuda.CUstream(stream),
+        cu_stream(stream),
     )
+
+
+@functools.cache
+def _launch_config(epilogue: str, cluster, tile) -> KernelConfig:
+    """`kernel_config` for `launch` (tile shape, cluster, scheduling width), computed once per
+    (epilogue, cluster, tile) instead of on every call."""
+    return kernel_config(epilogue, cluster=cluster, tile=tile)
