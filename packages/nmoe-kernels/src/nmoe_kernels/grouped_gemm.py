@@ -207,13 +207,16 @@ def wgrad_tile_n(dim_n: int, num_rows: int, num_experts: int) -> int | None:
 
 def _kernel(op: str, dim_k: int, dim_n: int, weight_nk: bool, device: torch.device,
             out_dtype: str, raster: str, cluster: tuple[int, int], tile_n: int | None = None):
-    major, minor = capability(device_index(device))
+    index = device_index(device)
+    major, minor = capability(index)
     if (major, minor) != (9, 0):
         raise RuntimeError(
             f"{op}: the BF16 grouped GEMM kernels are written for sm_90a (H100/H200); this GPU "
             f"is sm_{major}{minor}. Use nmoe_kernels.reference.grouped_gemm or torch._grouped_mm."
         )
-    key = (op, dim_k, dim_n, raster, weight_nk, out_dtype, cluster, tile_n)
+    # one compiled function per device: CuTeDSL loads its module into the context of the
+    # device it first runs on, and a function must not be called on several devices
+    key = (op, dim_k, dim_n, raster, weight_nk, out_dtype, cluster, tile_n, index)
     kernel = _compiled.get(key)
     if kernel is None:
         with _compile_lock:

@@ -90,7 +90,9 @@ def choose_cluster(epilogue: str, num_rows: int, k: int, num_experts: int) -> tu
 
 
 @functools.cache
-def _compiled(epilogue: str, ue8m0: bool, cluster: tuple[int, int], tile=None):
+def _compiled(epilogue: str, ue8m0: bool, cluster: tuple[int, int], tile=None, device: int = 0):
+    """The compiled kernel, one per device (CuTeDSL loads its module into the context of the
+    device it first runs on; a compiled function must not be called on several devices)."""
     from nmoe_kernels.cute.grouped_gemm_fp8 import compile_kernel
 
     return compile_kernel(epilogue, ue8m0, cluster=cluster, tile=tile)
@@ -216,7 +218,7 @@ def _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dim
         with torch.cuda.device(index):
             return _launch(epilogue, ue8m0, device, x, xs, w, ws, out, out_scales, offsets, dims)
     launch(
-        _compiled(epilogue, ue8m0, cluster, tile),
+        _compiled(epilogue, ue8m0, cluster, tile, index),
         epilogue,
         x.data_ptr(),
         xs.data_ptr(),
