@@ -141,9 +141,9 @@ EPILOGUES = ("bf16", "swiglu_quant")
 # block kb - 1 behind the wgmma of block kb. Chosen on one H200 (bench/results/
 # fp8_H200_clusters.txt, the module docstring): the overlapped promotion pays everywhere;
 # the public ops choose a cluster and tile per call (nmoe_kernels.grouped_gemm_fp8.choose_config).
-# epi_overlap and fast_silu: bench/results/fp8_H100_epilogue_overlap.txt, fp8_H200.txt (rows: e
-# gains at super and moonlight on both cards and at K = 7168 on the H200; on the H100 it was 5-6%
-# slower at K = 7168, inside that shape's ~10% noise).
+# epi_overlap and fast_silu: bench/results/fp8_H100_epilogue_overlap.txt,
+# fp8_H200_2026-11-26.txt (rows: e gains at super and moonlight on both cards and at K = 7168 on
+# the H200; on the H100 it was 5-6% slower at K = 7168, inside that shape's ~10% noise).
 DEFAULT_CLUSTER = {"bf16": (1, 1), "swiglu_quant": (1, 1)}
 DEFAULT_OVERLAP = {"bf16": True, "swiglu_quant": True}
 DEFAULT_EPI_OVERLAP = {"bf16": True, "swiglu_quant": True}
