@@ -142,7 +142,8 @@ def print_verdicts(verdicts: list[dict], ceilings: dict | None) -> None:
               f"{ceilings['copy_gbs']:.0f} GB/s (read + write)")
         if ceilings.get("dense_sustained_tflops"):
             print(f"  the same dense product held back to back for 1.5 s (second half): "
-                  f"{ceilings['dense_sustained_tflops']:.0f} TFLOP/s (the card's power cap)")
+                  f"{ceilings['dense_sustained_tflops']:.0f} TFLOP/s (below the cool rate where "
+                  "the card's power limit binds)")
     for v in verdicts:
         print("  " + format_verdict(v))
 

@@ -160,3 +160,16 @@ def test_bf16_byte_counts_are_each_operand_once(load_bench):
         want = sum(torch.empty(s, dtype=torch.bfloat16, device="meta").nbytes for s in shapes)
         assert bench.min_bytes(op, m, d, f, e) == want, op
         assert bench.min_bytes(op + "[nk]", m, d, f, e) == want, op
+
+
+def test_print_verdicts_shows_both_ceilings(targets, capsys):
+    rng = random.Random()
+    cool, held = rng.uniform(1300, 1500), rng.uniform(1100, 1290)
+    ceilings = dict(dense="torch._scaled_mm fp8 8192^3", dense_tflops=cool, copy_gbs=3000.0,
+                    dense_sustained_tflops=held)
+    targets.print_verdicts([], ceilings)
+    out = capsys.readouterr().out
+    assert f"torch._scaled_mm fp8 8192^3 {cool:.0f} TFLOP/s" in out
+    assert f"held back to back for 1.5 s (second half): {held:.0f} TFLOP/s" in out
+    targets.print_verdicts([], dict(ceilings, dense_sustained_tflops=None))
+    assert "held back to back" not in capsys.readouterr().out
